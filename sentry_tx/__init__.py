@@ -1,0 +1,5 @@
+"""
+sentry_tx: the Dapr certificate authority (Sentry) as a Twisted service.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,117 @@
+"""
+The seams of sentry_tx, as zope interfaces.
+
+Each interface has one real implementation and one verified fake in
+L{sentry_tx.testing}; both are checked with C{verifyObject}.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class ICertificateAuthority(Interface):
+    """
+    The certificate authority: it owns the current trust bundle and the gRPC
+    server that answers C{dapr.proto.sentry.v1.CA/SignCertificate}.
+    """
+
+    ready = Attribute(
+        "True once a trust bundle is loaded and the gRPC server listens."
+    )
+    bundle = Attribute(
+        "The L{sentry_tx.ca.bundle.TrustBundle} in service, or None before start."
+    )
+
+    def start(config):
+        """
+        Load (or generate) the trust bundle and start serving.
+
+        @param config: a L{sentry_tx.config.SentryConfig}.
+        @return: a Deferred that fires when the server listens; it fails if the
+            authority is already running or the bundle cannot be loaded.
+        """
+
+    def stop():
+        """
+        Stop taking calls, let calls in flight finish for a bounded grace
+        period, and release the port.
+
+        @return: a Deferred that fires when the server has stopped.
+        """
+
+    def restart(config):
+        """
+        Reload the trust bundle and swap it in without closing the listener.
+        Calls are serialised: a restart asked for while one runs is coalesced
+        into one more run after it.
+
+        @return: a Deferred that fires when the new bundle is in service, or
+            fails (leaving the old bundle in service) when it is refused.
+        """
+
+
+class ITrustStore(Interface):
+    """
+    Where the trust bundle (anchors, issuer chain, issuer key) lives.
+    """
+
+    watch_directories = Attribute(
+        "Directories whose changes may change the bundle (a tuple of bytes "
+        "or str paths); empty for stores that are not file-backed."
+    )
+
+    def load_or_generate(now):
+        """
+        Load the bundle; when none of its three parts exists, generate one,
+        store it and return it.  Never overwrites existing parts.
+
+        @param now: an aware L{datetime.datetime} (UTC).
+        @return: Deferred firing with a L{TrustBundle}, or failing with
+            L{sentry_tx.errors.BundleError}.
+        """
+
+    def load(now):
+        """
+        Load and verify the bundle; never generates.
+
+        @return: Deferred firing with a L{TrustBundle}, or failing with
+            L{sentry_tx.errors.BundleError}.
+        """
+
+
+class IIdentityValidator(Interface):
+    """
+    Proves who a caller of SignCertificate is.
+    """
+
+    name = Attribute(
+        "The C{TokenValidator} enum number this validator answers to "
+        "(1 INSECURE, 2 KUBERNETES, 3 JWKS)."
+    )
+
+    def validate(request):
+        """
+        Check the caller and the common request rules.
+
+        Called on the reactor thread.
+
+        @param request: a L{sentry_tx.identity.SignRequest}.
+        @return: Deferred firing with a L{sentry_tx.identity.CallerIdentity},
+            or failing with L{sentry_tx.errors.ValidationError} whose message
+            is sent to the caller as PERMISSION_DENIED.
+        """
+
+
+class IConfigurationSource(Interface):
+    """
+    Where the Dapr Configuration comes from at start: the file read while
+    options were parsed (standalone), or the API server (kubernetes).
+    """
+
+    def resolve(config):
+        """
+        Complete C{config} with the Configuration's C{spec.mtls}.
+
+        @param config: a L{sentry_tx.config.SentryConfig} built from flags.
+        @return: Deferred firing with the completed L{SentryConfig}, or
+            failing with L{sentry_tx.errors.ConfigError}.
+        """

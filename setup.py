@@ -1,0 +1,38 @@
+"""
+Packaging for sentry_tx.
+
+The twistd plugin lives in twisted/plugins/ (a namespace directory without
+__init__.py, as Twisted's plugin system wants); it is installed by listing
+it in py_modules' neighbour, package_data-free ``twisted.plugins``.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sentry_tx",
+    version="0.1.0",
+    description="The Dapr certificate authority (Sentry) as a Twisted service",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["sentry_tx", "sentry_tx.*"]) + ["twisted.plugins"],
+    package_data={"sentry_tx._proto": ["*.proto", "*.pyi"]},
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=24.7.0",
+        # The generated stubs in sentry_tx/_proto check these at import time.
+        "grpcio>=1.85.1",
+        "protobuf>=7.35.1",
+        "pyopenssl>=24.0.0",
+        "cryptography>=44.0.0",
+        "treq>=24.9.1",
+        "prometheus-client>=0.20.0",
+        "zope.interface>=6.0",
+        "PyYAML>=6.0",
+    ],
+    extras_require={
+        "test": ["hypothesis>=6.100"],
+        "proto": ["grpcio-tools==1.85.1"],
+    },
+    zip_safe=False,
+)
