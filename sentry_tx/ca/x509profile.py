@@ -1,0 +1,334 @@
+"""
+The X.509 profile of sentry_tx: the one module that builds certificates.
+
+It builds three kinds of certificate:
+
+  - the self-signed root of a generated trust bundle (L{build_root});
+  - the issuer that root signs (L{build_issuer});
+  - the short-lived workload ("leaf") certificates the issuer signs for
+    every caller of C{SignCertificate}, and for sentry_tx's own gRPC server
+    (L{build_leaf}).
+
+Everything here is a pure function: the current time is always a
+parameter, never read from the clock, so that tests can pin it.
+
+L{build_leaf} is on the hot path (it runs once per request, thousands of
+times a second under load): the extensions that never change are built
+once at import time, and what depends only on the issuer (its name, the
+authority key identifier, the signature hash) is computed once per
+L{sentry_tx.ca.bundle.TrustBundle}.
+"""
+
+from datetime import timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_LIFETIME = timedelta(days=365)
+"""
+How long a generated root and issuer are valid, counted from now.
+"""
+
+SENTRY_APP_ID = "dapr-sentry"
+"""
+The app id in sentry_tx's own SPIFFE id and in the generated issuer's subject.
+"""
+
+CLUSTER_DOMAIN = "cluster.local"
+"""
+The cluster domain in sentry_tx's server DNS names (as Dapr's).
+"""
+
+SCHEDULER_REPLICAS = 3
+"""
+How many C{dapr-scheduler-server-<n>} DNS names a scheduler certificate gets.
+"""
+
+_EMPTY_NAME = x509.Name([])
+
+_CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+_LEAF_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+_LEAF_BASIC_CONSTRAINTS = x509.BasicConstraints(ca=False, path_length=None)
+
+_LEAF_EXTENDED_KEY_USAGE = x509.ExtendedKeyUsage(
+    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+)
+
+_HASH_FOR_CURVE = {
+    ec.SECP256R1.name: hashes.SHA256,
+    ec.SECP384R1.name: hashes.SHA384,
+    ec.SECP521R1.name: hashes.SHA512,
+}
+
+MIN_RSA_KEY_BITS = 2048
+"""
+The smallest RSA key sentry_tx signs with or signs for.
+"""
+
+
+def signature_hash_for(private_key):
+    """
+    The hash a certificate signed by C{private_key} uses.
+
+    ECDSA P-256 signs with SHA-256, P-384 with SHA-384, P-521 with SHA-512;
+    RSA with SHA-256 (PKCS#1 v1.5); Ed25519 takes no separate hash.
+
+    @param private_key: a private key object from C{cryptography}.
+    @return: a C{hashes.HashAlgorithm} instance, or L{None} for Ed25519.
+    @raise ValueError: for any other key type or curve, or RSA below
+        L{MIN_RSA_KEY_BITS}.
+    """
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        hash_type = _HASH_FOR_CURVE.get(private_key.curve.name)
+        if hash_type is None:
+            raise ValueError(f"unsupported elliptic curve {private_key.curve.name}")
+        return hash_type()
+    if isinstance(private_key, ed25519.Ed25519PrivateKey):
+        return None
+    if isinstance(private_key, rsa.RSAPrivateKey):
+        if private_key.key_size < MIN_RSA_KEY_BITS:
+            raise ValueError(
+                f"RSA key of {private_key.key_size} bits is too small "
+                f"(at least {MIN_RSA_KEY_BITS})"
+            )
+        return hashes.SHA256()
+    raise ValueError(f"unsupported key type {type(private_key).__name__}")
+
+
+def spiffe_id(trust_domain, namespace, app_id):
+    """
+    The SPIFFE id of an app, as Dapr spells it.
+
+    @return: C{"spiffe://<trust_domain>/ns/<namespace>/<app_id>"}.
+    """
+    return f"spiffe://{trust_domain}/ns/{namespace}/{app_id}"
+
+
+def control_plane_dns_names(app_id, namespace, own_namespace, trust_domain):
+    """
+    The DNS names Dapr adds to a control-plane service's certificate.
+
+    They are added only for a caller in sentry_tx's own namespace: an app
+    elsewhere that calls itself C{dapr-operator} gets none.
+
+    @param app_id: the caller's app id.
+    @param namespace: the caller's namespace.
+    @param own_namespace: sentry_tx's namespace (C{$NAMESPACE}).
+    @param trust_domain: the trust domain of the caller's certificate.
+    @return: a list of DNS names, possibly empty.
+    """
+    if namespace != own_namespace:
+        return []
+    if app_id == "dapr-injector":
+        return [f"dapr-sidecar-injector.{namespace}.svc"]
+    if app_id == "dapr-operator":
+        return [f"dapr-webhook.{namespace}.svc"]
+    if app_id == "dapr-scheduler":
+        return [
+            f"dapr-scheduler-server-{index}.dapr-scheduler-server."
+            f"{namespace}.svc.{trust_domain}"
+            for index in range(SCHEDULER_REPLICAS)
+        ]
+    return []
+
+
+def server_dns_names(namespace):
+    """
+    The DNS names of sentry_tx's own gRPC server certificate.
+
+    C{cluster.local} alone is there because older sidecars dial with that
+    server name.
+
+    @param namespace: sentry_tx's namespace.
+    @return: a list of DNS names.
+    """
+    return [
+        SENTRY_APP_ID,
+        f"{SENTRY_APP_ID}.{namespace}.svc",
+        f"{SENTRY_APP_ID}.{namespace}.svc.{CLUSTER_DOMAIN}",
+        CLUSTER_DOMAIN,
+    ]
+
+
+def leaf_validity(now, ttl, allowed_clock_skew, chain_not_after):
+    """
+    The validity period of a workload certificate.
+
+    It starts C{allowed_clock_skew} before C{now} (a caller whose clock is a
+    little behind still accepts it) and lasts C{ttl} from C{now}, but it never
+    outlives the issuer chain (unlike Dapr, whose bug 8557 is to issue past
+    it).
+
+    Both are truncated to whole seconds, as X.509 stores them, so that the
+    returned NotAfter equals the certificate's (and C{valid_until}).
+
+    @param now: an aware L{datetime.datetime}.
+    @param ttl: the workload certificate TTL, a L{timedelta}.
+    @param allowed_clock_skew: a L{timedelta}.
+    @param chain_not_after: the earliest NotAfter of the issuer chain.
+    @return: C{(not_before, not_after)}, aware.
+    """
+    not_before = now - allowed_clock_skew
+    not_after = min(now + ttl, chain_not_after)
+    return not_before.replace(microsecond=0), not_after.replace(microsecond=0)
+
+
+def _ca_builder(subject, issuer, public_key, now, allowed_clock_skew, path_length):
+    """
+    What a generated root and issuer share: validity, serial, basic
+    constraints, key usage and subject key identifier.
+    """
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - allowed_clock_skew)
+        .not_valid_after(now + CA_LIFETIME)
+        .add_extension(
+            x509.BasicConstraints(ca=True, path_length=path_length), critical=True
+        )
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False
+        )
+    )
+
+
+def build_root(key, trust_domain, now, allowed_clock_skew):
+    """
+    Build the self-signed root of a generated trust bundle.
+
+    Subject C{O=<trust domain>}; CA without a path length limit;
+    keyCertSign, cRLSign and digitalSignature; valid from C{now} minus the
+    skew for L{CA_LIFETIME}.
+
+    @param key: the root's private key.
+    @param trust_domain: sentry_tx's trust domain.
+    @param now: an aware L{datetime.datetime}.
+    @param allowed_clock_skew: a L{timedelta}.
+    @return: the root certificate.
+    """
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)])
+    builder = _ca_builder(
+        name, name, key.public_key(), now, allowed_clock_skew, path_length=None
+    )
+    return builder.sign(key, signature_hash_for(key))
+
+
+def build_issuer(
+    issuer_public_key, root_cert, root_key, trust_domain, namespace, now, allowed_clock_skew
+):
+    """
+    Build the issuer certificate of a generated trust bundle, signed by the
+    root.
+
+    Subject C{O=spiffe://<trust domain>/ns/<namespace>/dapr-sentry}; CA with
+    path length 0 (it signs only workload certificates); the same usages as
+    the root; valid from C{now} minus the skew for L{CA_LIFETIME}; an
+    authority key identifier naming the root.
+
+    @param issuer_public_key: the issuer's public key.
+    @param root_cert: the root certificate, from L{build_root}.
+    @param root_key: the root's private key.
+    @return: the issuer certificate.
+    """
+    subject = x509.Name(
+        [
+            x509.NameAttribute(
+                NameOID.ORGANIZATION_NAME,
+                spiffe_id(trust_domain, namespace, SENTRY_APP_ID),
+            )
+        ]
+    )
+    builder = _ca_builder(
+        subject,
+        root_cert.subject,
+        issuer_public_key,
+        now,
+        allowed_clock_skew,
+        path_length=0,
+    ).add_extension(authority_key_identifier_for(root_cert), critical=False)
+    return builder.sign(root_key, signature_hash_for(root_key))
+
+
+def authority_key_identifier_for(issuer_cert):
+    """
+    The authority key identifier of certificates C{issuer_cert} signs.
+
+    It repeats the issuer's subject key identifier when it has one (so the
+    two match byte for byte), and is computed from its public key otherwise.
+
+    @param issuer_cert: the signing certificate.
+    @return: an L{x509.AuthorityKeyIdentifier}.
+    """
+    try:
+        ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            issuer_cert.public_key()
+        )
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+
+
+def build_leaf(bundle, public_key, spiffe_id, dns_names, not_before, not_after):
+    """
+    Build and sign a workload certificate.
+
+    Subject empty; a critical subject alternative name with the SPIFFE id
+    (URI) and C{dns_names}; basic constraints CA:FALSE (critical); key usage
+    digitalSignature (critical); extended key usage serverAuth and
+    clientAuth; the bundle's authority key identifier; a random positive
+    serial; signed by the bundle's issuer key with the hash that key calls
+    for.
+
+    @param bundle: the L{sentry_tx.ca.bundle.TrustBundle} in service.
+    @param public_key: the caller's public key (from its CSR).
+    @param spiffe_id: the certificate's SPIFFE id (a C{str} URI).
+    @param dns_names: DNS names to add (an iterable of C{str}).
+    @param not_before: an aware L{datetime.datetime}.
+    @param not_after: an aware L{datetime.datetime}, from L{leaf_validity}.
+    @return: the certificate.
+    """
+    names = [x509.UniformResourceIdentifier(spiffe_id)]
+    names.extend(x509.DNSName(name) for name in dns_names)
+    builder = (
+        x509.CertificateBuilder()
+        .issuer_name(bundle.issuer_name)
+        .subject_name(_EMPTY_NAME)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName(names), critical=True)
+        .add_extension(_LEAF_BASIC_CONSTRAINTS, critical=True)
+        .add_extension(_LEAF_KEY_USAGE, critical=True)
+        .add_extension(_LEAF_EXTENDED_KEY_USAGE, critical=False)
+        .add_extension(bundle.authority_key_identifier, critical=False)
+    )
+    return builder.sign(bundle.issuer_key, bundle.signature_hash)
