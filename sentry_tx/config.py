@@ -1,0 +1,556 @@
+"""
+The one frozen configuration object, and reading Dapr's Configuration.
+
+L{SentryConfig} is built once, by L{sentry_tx.tap.Options}, from the flags and
+the C{spec.mtls} part of the Dapr Configuration; everything else takes it.
+"""
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from fractions import Fraction
+
+import yaml
+
+from sentry_tx.errors import ConfigError
+
+DEFAULT_WORKLOAD_CERT_TTL = timedelta(hours=24)
+DEFAULT_ALLOWED_CLOCK_SKEW = timedelta(minutes=15)
+DEFAULT_NAMESPACE = "default"
+
+MODE_STANDALONE = "standalone"
+MODE_KUBERNETES = "kubernetes"
+
+
+@dataclass(frozen=True)
+class TokenValidatorConfig:
+    """
+    One entry of C{spec.mtls.tokenValidators}.
+
+    @ivar name: the validator's name (C{jwks}).
+    @ivar options: its options, as (key, value) pairs sorted by key.
+    """
+
+    name: str
+    options: tuple = ()
+
+
+@dataclass(frozen=True)
+class MTLSConfig:
+    """
+    The C{spec.mtls} part of a Dapr Configuration that Sentry reads.
+    """
+
+    workload_cert_ttl: timedelta = DEFAULT_WORKLOAD_CERT_TTL
+    allowed_clock_skew: timedelta = DEFAULT_ALLOWED_CLOCK_SKEW
+    token_validators: tuple = ()
+
+
+@dataclass(frozen=True)
+class SentryConfig:
+    """
+    Everything sentry_tx is told, from flags, environment and Configuration.
+    """
+
+    mode: str = MODE_STANDALONE
+    config: str = "daprsystem"
+    issuer_credentials: str = "/var/run/dapr/credentials"
+    issuer_ca_filename: str = "ca.crt"
+    issuer_certificate_filename: str = "issuer.crt"
+    issuer_key_filename: str = "issuer.key"
+    trust_domain: str = "localhost"
+    token_audiences: tuple = ()
+    kubeconfig: str = "~/.kube/config"
+    port: int = 50001
+    listen_address: str = ""
+    healthz_port: int = 8080
+    healthz_listen_address: str = ""
+    metrics_port: int = 9090
+    metrics_listen_address: str = ""
+    enable_metrics: bool = True
+    log_level: str = "info"
+    log_as_json: bool = False
+    namespace: str = DEFAULT_NAMESPACE
+    mtls: MTLSConfig = field(default_factory=MTLSConfig)
+
+    def _credential_path(self, filename):
+        return os.path.join(self.issuer_credentials, filename)
+
+    @property
+    def ca_path(self):
+        """
+        Path of the trust anchors (an absolute filename is used as is).
+        """
+        return self._credential_path(self.issuer_ca_filename)
+
+    @property
+    def issuer_certificate_path(self):
+        """
+        Path of the issuer chain (an absolute filename is used as is).
+        """
+        return self._credential_path(self.issuer_certificate_filename)
+
+    @property
+    def issuer_key_path(self):
+        """
+        Path of the issuer key (an absolute filename is used as is).
+        """
+        return self._credential_path(self.issuer_key_filename)
+
+
+# --- Go durations ----------------------------------------------------------
+
+_NANOSECONDS_PER_UNIT = {
+    "ns": 1,
+    "us": 1_000,
+    "\u00b5s": 1_000,  # MICRO SIGN, as Go accepts it
+    "\u03bcs": 1_000,  # GREEK SMALL LETTER MU, as Go accepts it
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60 * 1_000_000_000,
+    "h": 3600 * 1_000_000_000,
+}
+
+# Go's time.Duration is an int64 count of nanoseconds.
+_MAX_DURATION_NANOSECONDS = 2**63 - 1
+_MIN_DURATION_NANOSECONDS = -(2**63)
+
+# One "<number><unit>" component: digits with an optional fraction (at least
+# one digit on one side of the dot), then a unit made of non-digit, non-dot
+# characters (checked against the table afterwards, as Go does).
+_DURATION_COMPONENT = re.compile(r"(\d*)(?:\.(\d*))?([^\d.]*)")
+
+
+def parse_go_duration(text, field):
+    """
+    Parse a duration in the syntax of Go's C{time.ParseDuration}.
+
+    A duration is an optional sign followed by one or more components, each a
+    decimal number with an optional fraction and a unit (C{ns}, C{us}, C{µs},
+    C{ms}, C{s}, C{m}, C{h}): C{"1h30m"}, C{"90s"}, C{"1.5h"}, C{"-2m"}.  The
+    bare string C{"0"} is zero.  No spaces are allowed.  As in Go, the total
+    must fit in a signed 64-bit count of nanoseconds (about 292 years).
+
+    L{timedelta} has microsecond resolution: nanoseconds below a whole
+    microsecond are truncated toward zero.
+
+    @param text: the duration text.
+    @type text: L{str}
+
+    @param field: the flag or field the text came from, for the error.
+    @type field: L{str}
+
+    @return: the duration.
+    @rtype: L{timedelta}
+
+    @raise ConfigError: if C{text} is not a Go duration.
+    """
+    nanoseconds = _go_duration_nanoseconds(text) if isinstance(text, str) else None
+    if nanoseconds is None:
+        raise ConfigError(
+            field, f"not a duration: {text!r} (use e.g. 24h, 90m, 30s)"
+        )
+    whole_microseconds = abs(nanoseconds) // 1_000
+    return timedelta(
+        microseconds=-whole_microseconds if nanoseconds < 0 else whole_microseconds
+    )
+
+
+def _go_duration_nanoseconds(text):
+    """
+    The number of nanoseconds C{text} means in Go's duration syntax.
+
+    @param text: the duration text.
+    @type text: L{str}
+
+    @return: the signed count of nanoseconds, or L{None} if C{text} is not a
+        valid Go duration.
+    @rtype: L{int} or L{None}
+    """
+    rest = text
+    negative = False
+    if rest[:1] in ("-", "+"):
+        negative = rest[0] == "-"
+        rest = rest[1:]
+    if rest == "0":
+        return 0
+    if not rest:
+        return None
+    total = Fraction(0)
+    position = 0
+    while position < len(rest):
+        match = _DURATION_COMPONENT.match(rest, position)
+        whole, fraction, unit = match.groups()
+        if not whole and not fraction:
+            # Neither side of the dot has a digit: "", ".", ".s", "h".
+            return None
+        if unit not in _NANOSECONDS_PER_UNIT:
+            return None
+        number = Fraction(int(whole or "0"))
+        if fraction:
+            number += Fraction(int(fraction), 10 ** len(fraction))
+        total += number * _NANOSECONDS_PER_UNIT[unit]
+        position = match.end()
+    nanoseconds = int(total)  # truncates toward zero, like Go
+    if negative:
+        nanoseconds = -nanoseconds
+    if not _MIN_DURATION_NANOSECONDS <= nanoseconds <= _MAX_DURATION_NANOSECONDS:
+        return None
+    return nanoseconds
+
+
+# --- environment expansion -------------------------------------------------
+
+# Characters Go's os.Expand takes as a one-character "special" variable name.
+_SHELL_SPECIAL_NAMES = frozenset("*#$@!?-0123456789")
+
+
+def _is_shell_name_character(character):
+    return character == "_" or ("0" <= character <= "9") or (
+        "a" <= character.lower() <= "z"
+    )
+
+
+def _shell_name(text):
+    """
+    Read a variable reference at the start of C{text} (which follows a C{$}),
+    exactly as Go's C{os.Expand} does.
+
+    @param text: what follows the C{$}; not empty.
+    @type text: L{str}
+
+    @return: C{(name, width)}: the variable's name and how many characters
+        of C{text} the reference uses.  An empty name with a positive width
+        is bad syntax whose characters are dropped; an empty name with width
+        zero means the C{$} was not followed by a name and stays as it is.
+    @rtype: L{tuple} of (L{str}, L{int})
+    """
+    if text[0] == "{":
+        if len(text) > 2 and text[1] in _SHELL_SPECIAL_NAMES and text[2] == "}":
+            return text[1], 3
+        closing = text.find("}", 1)
+        if closing == -1:
+            return "", 1  # "${" never closed: Go drops the "${"
+        if closing == 1:
+            return "", 2  # "${}": Go drops it
+        return text[1:closing], closing + 1
+    if text[0] in _SHELL_SPECIAL_NAMES:
+        return text[0], 1
+    width = 0
+    while width < len(text) and _is_shell_name_character(text[width]):
+        width += 1
+    return text[:width], width
+
+
+def expand_environment(text, environ):
+    """
+    Replace C{${VAR}} and C{$VAR} in C{text} from C{environ}, as Go's
+    C{os.ExpandEnv} does (which Dapr applies to its Configuration file).
+
+    Like Go, a variable that is not set expands to the empty string, C{$$}
+    and C{$1} are (special) variable references, and a C{$} followed by
+    something that is not a name stays as it is.  Unlike Go, the names of the
+    variables that were not set are returned so that the caller can warn.
+
+    @param text: the text to expand.
+    @type text: L{str}
+
+    @param environ: the environment.
+    @type environ: L{Mapping} of L{str} to L{str}
+
+    @return: the expanded text, and the names referenced but not set in
+        C{environ} (each once, in order of first use).
+    @rtype: L{tuple} of (L{str}, L{list} of L{str})
+    """
+    pieces = []
+    unset = []
+    copied_up_to = 0
+    index = 0
+    while index < len(text):
+        if text[index] == "$" and index + 1 < len(text):
+            pieces.append(text[copied_up_to:index])
+            name, width = _shell_name(text[index + 1 :])
+            if name:
+                if name in environ:
+                    pieces.append(environ[name])
+                elif name not in unset:
+                    unset.append(name)
+            elif width == 0:
+                pieces.append("$")
+            index += width
+            copied_up_to = index + 1
+        index += 1
+    pieces.append(text[copied_up_to:])
+    return "".join(pieces), unset
+
+
+# --- the Dapr Configuration ------------------------------------------------
+
+CONFIGURATION_API_VERSION = "dapr.io/v1alpha1"
+CONFIGURATION_KIND = "Configuration"
+
+# The token validators a Configuration may name, and those this version can
+# run.  A known but unsupported validator stops the program: running without
+# a validator the operator asked for would accept callers it should refuse.
+KNOWN_TOKEN_VALIDATORS = ("jwks",)
+SUPPORTED_TOKEN_VALIDATORS = ()
+
+_WORKLOAD_CERT_TTL_FIELD = "spec.mtls.workloadCertTTL"
+_ALLOWED_CLOCK_SKEW_FIELD = "spec.mtls.allowedClockSkew"
+_TOKEN_VALIDATORS_FIELD = "spec.mtls.tokenValidators"
+
+
+def _type_name(value):
+    """
+    Describe the YAML type of C{value} for an error message.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _mapping_or_empty(document, key, field, source):
+    """
+    The mapping under C{key} in C{document}; a missing or null one is empty.
+
+    @raise ConfigError: naming C{field} if the value is not a mapping.
+    """
+    value = document.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            field, f"must be a mapping, not {_type_name(value)} (in {source})"
+        )
+    return value
+
+
+def _duration_field(mtls, key, field, default, source):
+    """
+    Read the Go duration under C{key} in C{mtls}, or C{default} when it is
+    missing, null or empty (as Dapr treats an empty string).
+
+    @raise ConfigError: naming C{field} if the value is not a duration string.
+    """
+    value = mtls.get(key)
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        raise ConfigError(
+            field,
+            f"must be a duration string such as '24h', not {_type_name(value)}"
+            f" ({value!r}) (in {source})",
+        )
+    try:
+        return parse_go_duration(value, field)
+    except ConfigError as error:
+        raise ConfigError(field, f"{error.problem} (in {source})") from None
+
+
+def _parse_token_validator(entry, index, source):
+    """
+    Read one entry of C{spec.mtls.tokenValidators}.
+
+    @raise ConfigError: naming the entry's field if it is malformed, names an
+        unknown validator, or one this version cannot run.
+    """
+    field = f"{_TOKEN_VALIDATORS_FIELD}[{index}]"
+    if not isinstance(entry, Mapping):
+        raise ConfigError(
+            field, f"must be a mapping, not {_type_name(entry)} (in {source})"
+        )
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(
+            f"{field}.name",
+            f"must be a non-empty string, not {_type_name(name)} (in {source})",
+        )
+    options = _mapping_or_empty(entry, "options", f"{field}.options", source)
+    for key, value in options.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ConfigError(
+                f"{field}.options.{key}",
+                f"must be a string, not {_type_name(value)} (in {source})",
+            )
+    if name not in KNOWN_TOKEN_VALIDATORS:
+        known = ", ".join(repr(each) for each in KNOWN_TOKEN_VALIDATORS)
+        raise ConfigError(
+            f"{field}.name",
+            f"unknown validator {name!r} (known: {known}) (in {source})",
+        )
+    if name not in SUPPORTED_TOKEN_VALIDATORS:
+        raise ConfigError(
+            f"{field}.name",
+            f"the {name} validator is not supported by this version of"
+            f" sentry_tx (in {source})",
+        )
+    return TokenValidatorConfig(name=name, options=tuple(sorted(options.items())))
+
+
+def parse_mtls(document, source):
+    """
+    Read the C{spec.mtls} settings Sentry uses from a Dapr Configuration.
+
+    Missing parts take their defaults (C{workloadCertTTL} 24h,
+    C{allowedClockSkew} 15m, no token validators); anything present must be
+    right.  C{apiVersion} and C{kind}, when present, must be Dapr's.
+
+    @param document: the parsed Configuration resource.
+    @type document: L{Mapping}
+
+    @param source: where the document came from (a path, or a resource
+        name), added to error messages.
+    @type source: L{str}
+
+    @return: the mTLS settings.
+    @rtype: L{MTLSConfig}
+
+    @raise ConfigError: naming the YAML path of the first wrong field.
+    """
+    if not isinstance(document, Mapping):
+        raise ConfigError(
+            source,
+            f"a Configuration must be a mapping, not {_type_name(document)}",
+        )
+    for key, expected in (
+        ("apiVersion", CONFIGURATION_API_VERSION),
+        ("kind", CONFIGURATION_KIND),
+    ):
+        if key in document and document[key] != expected:
+            raise ConfigError(
+                key, f"must be {expected!r}, not {document[key]!r} (in {source})"
+            )
+    spec = _mapping_or_empty(document, "spec", "spec", source)
+    mtls = _mapping_or_empty(spec, "mtls", "spec.mtls", source)
+
+    workload_cert_ttl = _duration_field(
+        mtls,
+        "workloadCertTTL",
+        _WORKLOAD_CERT_TTL_FIELD,
+        DEFAULT_WORKLOAD_CERT_TTL,
+        source,
+    )
+    if workload_cert_ttl <= timedelta(0):
+        raise ConfigError(
+            _WORKLOAD_CERT_TTL_FIELD,
+            f"must be longer than zero, not {mtls['workloadCertTTL']!r}"
+            f" (in {source})",
+        )
+    allowed_clock_skew = _duration_field(
+        mtls,
+        "allowedClockSkew",
+        _ALLOWED_CLOCK_SKEW_FIELD,
+        DEFAULT_ALLOWED_CLOCK_SKEW,
+        source,
+    )
+    if allowed_clock_skew < timedelta(0):
+        raise ConfigError(
+            _ALLOWED_CLOCK_SKEW_FIELD,
+            f"must not be negative, not {mtls['allowedClockSkew']!r}"
+            f" (in {source})",
+        )
+
+    entries = mtls.get("tokenValidators")
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list):
+        raise ConfigError(
+            _TOKEN_VALIDATORS_FIELD,
+            f"must be a list, not {_type_name(entries)} (in {source})",
+        )
+    token_validators = tuple(
+        _parse_token_validator(entry, index, source)
+        for index, entry in enumerate(entries)
+    )
+    return MTLSConfig(
+        workload_cert_ttl=workload_cert_ttl,
+        allowed_clock_skew=allowed_clock_skew,
+        token_validators=token_validators,
+    )
+
+
+def _yaml_error_detail(error):
+    """
+    A one-line description of a PyYAML error, with a 1-based line and column
+    when PyYAML knows them.
+    """
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    if context:
+        problem = f"{context}, {problem}"
+    mark = getattr(error, "problem_mark", None) or getattr(
+        error, "context_mark", None
+    )
+    detail = " ".join(str(problem).split())
+    if mark is not None:
+        detail += f" at line {mark.line + 1}, column {mark.column + 1}"
+    return detail
+
+
+def load_configuration_file(path, environ):
+    """
+    Read a Dapr Configuration file: expand the environment in it (as Dapr
+    does), parse it as YAML and read its C{spec.mtls}.
+
+    @param path: the file's path.
+    @type path: L{str}
+
+    @param environ: the environment used for C{${VAR}}.
+    @type environ: L{Mapping} of L{str} to L{str}
+
+    @return: the mTLS settings, and warnings for the operator (one for each
+        environment variable the file uses that is not set).
+    @rtype: L{tuple} of (L{MTLSConfig}, L{list} of L{str})
+
+    @raise FileNotFoundError: if there is no file at C{path}; the caller
+        decides what that means.
+    @raise ConfigError: if the file cannot be read, is not a YAML mapping,
+        or a field in it is wrong.
+    """
+    try:
+        with open(path, "rb") as configuration_file:
+            raw = configuration_file.read()
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise ConfigError(
+            path, f"cannot be read: {error.strerror or error}"
+        ) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            path, f"not valid UTF-8 (byte {error.start})"
+        ) from None
+    expanded, unset_names = expand_environment(text, environ)
+    warnings = [
+        f"configuration file '{path}': environment variable '{name}' is not"
+        f" set; it expands to an empty string"
+        for name in unset_names
+    ]
+    try:
+        document = yaml.safe_load(expanded)
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            path, f"not valid YAML: {_yaml_error_detail(error)}"
+        ) from None
+    if document is None:
+        raise ConfigError(path, "the file is empty; expected a Configuration")
+    if not isinstance(document, Mapping):
+        raise ConfigError(
+            path,
+            f"expected a Configuration mapping, not {_type_name(document)}",
+        )
+    return parse_mtls(document, path), warnings

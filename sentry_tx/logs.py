@@ -1,0 +1,366 @@
+"""
+Log output in Dapr's shape.
+
+L{make_observer} builds the one observer sentry_tx logs to: it drops events
+below the chosen level (Twisted's own events too) and writes each remaining
+event as one line of text, or as one JSON object per line with the fields
+Dapr's logger writes (C{time}, C{level}, C{msg}, C{scope}, C{type},
+C{instance}, C{ver}).
+
+L{open_twistd_log_file} picks where the lines go under C{twistd} exactly as
+twistd would have (stdout, C{--logfile}, or C{twistd.log}).
+"""
+
+import json
+import socket
+import string
+import sys
+import time
+from datetime import datetime, timezone
+
+from twisted.logger import ILogObserver, LogLevel, formatEvent
+from twisted.python import logfile
+from zope.interface import implementer
+
+import sentry_tx
+
+# The --log-level words and the Twisted level each one lets through.
+LOG_LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+    "fatal": LogLevel.critical,
+}
+
+# The word Dapr's logger writes for each Twisted level.
+_DAPR_LEVEL_NAMES = {
+    LogLevel.debug: "debug",
+    LogLevel.info: "info",
+    LogLevel.warn: "warning",
+    LogLevel.error: "error",
+    LogLevel.critical: "fatal",
+}
+
+# Dapr's logger scope for sentry_tx's namespaces: the longest prefix (ending
+# at a dot or the end) of the event's log_namespace wins.  Namespaces outside
+# sentry_tx (Twisted's, for instance) are written as they are.
+_SCOPES = (
+    ("sentry_tx.ca", "dapr.sentry.ca"),
+    ("sentry_tx.server", "dapr.sentry.server"),
+    ("sentry_tx.identity.kubernetes", "dapr.sentry.identity.kubernetes"),
+    ("sentry_tx.identity.jwks", "dapr.sentry.identity.jwks"),
+    ("sentry_tx.identity", "dapr.sentry.identity"),
+    ("sentry_tx.config", "dapr.sentry.config"),
+    ("sentry_tx", "dapr.sentry"),
+)
+
+# The scope written for an event that carries no log_namespace.
+_UNKNOWN_SCOPE = "-"
+
+# Keys of the JSON object that an event's own fields never overwrite.
+_JSON_RESERVED_KEYS = frozenset(
+    ("time", "level", "msg", "scope", "type", "instance", "ver", "error")
+)
+
+_DEFAULT_TWISTD_LOG_FILE = "twistd.log"
+
+
+def dapr_scope(namespace):
+    """
+    Dapr's logger scope for a Twisted log namespace.
+
+    @param namespace: an event's C{log_namespace}, or L{None}.
+    @type namespace: L{str} or L{None}
+
+    @return: C{dapr.sentry...} for sentry_tx's namespaces, the namespace
+        itself for others.
+    @rtype: L{str}
+    """
+    if not namespace:
+        return _UNKNOWN_SCOPE
+    for prefix, scope in _SCOPES:
+        if namespace == prefix or namespace.startswith(prefix + "."):
+            return scope
+    return namespace
+
+
+def _rfc3339(timestamp):
+    """
+    Format a POSIX timestamp as RFC 3339 in UTC with milliseconds.
+
+    @param timestamp: seconds since the epoch.
+    @type timestamp: L{float}
+
+    @rtype: L{str}
+    """
+    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _format_fields(event):
+    """
+    The names of the event fields its C{log_format} refers to (C{{id}},
+    C{{peer.host}} -> C{id}, C{peer}).
+
+    Only these fields are copied into the JSON object: they are already part
+    of the message, so the JSON output shows nothing the text does not.
+    """
+    log_format = event.get("log_format")
+    if not isinstance(log_format, str):
+        return []
+    names = []
+    try:
+        for _, field_name, _, _ in string.Formatter().parse(log_format):
+            if field_name:
+                name = field_name.split(".", 1)[0].split("[", 1)[0]
+                if name and name not in names:
+                    names.append(name)
+    except ValueError:
+        # A malformed format string; formatEvent says so in the message.
+        return []
+    return names
+
+
+def _json_value(value):
+    """
+    C{value} if it serialises to JSON, else its C{str()} (or C{repr()}).
+    """
+    try:
+        json.dumps(value)
+        return value
+    except Exception:
+        pass
+    try:
+        return str(value)
+    except Exception:
+        return object.__repr__(value)
+
+
+@implementer(ILogObserver)
+class SentryLogObserver:
+    """
+    Write events at or above a level to a text stream, one line each, as
+    text or as Dapr's JSON.
+
+    @ivar _minimum_level: the lowest level written.
+    @ivar _as_json: whether lines are JSON objects.
+    @ivar stream: the file-like object lines are written to (its owner
+        closes it).
+    @ivar _instance: the host name written as C{instance}.
+    @ivar _now: returns the current POSIX time, for events without a
+        C{log_time}.
+    """
+
+    def __init__(self, minimum_level, as_json, stream, instance, now):
+        """
+        @param minimum_level: the lowest level written.
+        @type minimum_level: L{LogLevel}
+
+        @param as_json: write JSON objects rather than text.
+        @type as_json: L{bool}
+
+        @param stream: where lines are written; it needs C{write} (and
+            C{flush}, which is used when present).
+
+        @param instance: the host name written as C{instance}.
+        @type instance: L{str}
+
+        @param now: returns the current POSIX time.
+        @type now: zero-argument callable returning L{float}
+        """
+        self._minimum_level = minimum_level
+        self._as_json = as_json
+        self.stream = stream
+        self._instance = instance
+        self._now = now
+
+    def __call__(self, event):
+        """
+        Write C{event} if its level is high enough.  Never raises: a broken
+        event is written as best it can be, and a stream that fails loses
+        the line.
+
+        @param event: a Twisted log event.
+        @type event: L{dict}
+        """
+        try:
+            level = event.get("log_level", LogLevel.info)
+            if level not in _DAPR_LEVEL_NAMES:
+                level = LogLevel.info
+            if level < self._minimum_level:
+                return
+            if self._as_json:
+                line = self._json_line(event, level)
+            else:
+                line = self._text_line(event, level)
+        except Exception:
+            line = self._emergency_line(event)
+        try:
+            self.stream.write(line + "\n")
+            flush = getattr(self.stream, "flush", None)
+            if flush is not None:
+                flush()
+        except Exception:
+            pass
+
+    def _time(self, event):
+        timestamp = event.get("log_time")
+        if not isinstance(timestamp, (int, float)):
+            timestamp = self._now()
+        return _rfc3339(timestamp)
+
+    def _failure_summary(self, failure):
+        """
+        C{"<ExceptionType>: <message>"} for a L{Failure}.
+        """
+        try:
+            return f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        except Exception:
+            return "unprintable failure"
+
+    def _failure_traceback(self, failure):
+        try:
+            return failure.getTraceback().rstrip("\n")
+        except Exception:
+            return self._failure_summary(failure)
+
+    def _text_line(self, event, level):
+        """
+        C{"<time> <level> <scope>: <message>"}, followed by the traceback of
+        an event that carries a failure.
+        """
+        message = formatEvent(event)
+        line = (
+            f"{self._time(event)} {_DAPR_LEVEL_NAMES[level]}"
+            f" {dapr_scope(event.get('log_namespace'))}: {message}"
+        )
+        failure = event.get("log_failure")
+        if failure is not None:
+            line += "\n" + self._failure_traceback(failure)
+        return line
+
+    def _json_line(self, event, level):
+        """
+        One JSON object in Dapr's shape; an event with a failure gets the
+        exception in C{msg} and its traceback in C{error}.
+        """
+        message = formatEvent(event)
+        record = {
+            "time": self._time(event),
+            "level": _DAPR_LEVEL_NAMES[level],
+            "type": "log",
+            "scope": dapr_scope(event.get("log_namespace")),
+            "instance": self._instance,
+            "ver": sentry_tx.__version__,
+        }
+        failure = event.get("log_failure")
+        if failure is not None:
+            summary = self._failure_summary(failure)
+            message = f"{message}: {summary}" if message else summary
+            record["error"] = self._failure_traceback(failure)
+        record["msg"] = message
+        for name in _format_fields(event):
+            if name not in _JSON_RESERVED_KEYS and name in event:
+                record[name] = _json_value(event[name])
+        return json.dumps(record, default=str, ensure_ascii=False)
+
+    def _emergency_line(self, event):
+        """
+        Something went wrong formatting C{event}: write what can be written.
+        """
+        namespace = event.get("log_namespace") if isinstance(event, dict) else None
+        text = f"unable to format a log event from {namespace!r}"
+        if self._as_json:
+            return json.dumps(
+                {
+                    "time": _rfc3339(self._now()),
+                    "level": "error",
+                    "type": "log",
+                    "scope": "dapr.sentry",
+                    "instance": self._instance,
+                    "ver": sentry_tx.__version__,
+                    "msg": text,
+                }
+            )
+        return f"{_rfc3339(self._now())} error dapr.sentry: {text}"
+
+
+def _host_name():
+    try:
+        return socket.gethostname()
+    except OSError:
+        return ""
+
+
+def make_observer(level, as_json, stream, now=None):
+    """
+    Build the observer sentry_tx logs to.
+
+    @param level: the lowest level written, as C{--log-level} spells it:
+        C{debug}, C{info}, C{warn}, C{error} or C{fatal} (Twisted's
+        C{critical}).
+    @type level: L{str}
+
+    @param as_json: write one JSON object per line rather than text.
+    @type as_json: L{bool}
+
+    @param stream: where lines are written (C{write}, optionally C{flush}).
+
+    @param now: returns the current POSIX time, for events without a
+        C{log_time}; L{time.time} by default.
+    @type now: zero-argument callable returning L{float}
+
+    @return: the observer.
+    @rtype: L{ILogObserver} provider
+
+    @raise ValueError: if C{level} is not one of the five words.
+    """
+    if level not in LOG_LEVELS:
+        raise ValueError(f"unknown log level {level!r}")
+    if now is None:
+        now = time.time
+    return SentryLogObserver(LOG_LEVELS[level], as_json, stream, _host_name(), now)
+
+
+def open_twistd_log_file(logfile_option, nodaemon):
+    """
+    Where twistd would have written its log, given its C{--logfile} and
+    C{--nodaemon} (mirrors C{UnixAppLogger._getLogObserver}, syslog aside).
+
+    C{-}, or no log file when not daemonising, is stdout; a path is opened
+    as a L{logfile.LogFile} (rotated on SIGUSR1 as twistd does, unless that
+    signal is already handled); a daemon without C{--logfile} writes to
+    C{twistd.log}.
+
+    @param logfile_option: twistd's C{--logfile} value, or L{None}.
+    @type logfile_option: L{str} or L{None}
+
+    @param nodaemon: twistd's C{--nodaemon}.
+    @type nodaemon: L{bool}
+
+    @return: a writable stream.
+    """
+    if logfile_option == "-" or (nodaemon and not logfile_option):
+        return sys.stdout
+    log_file = logfile.LogFile.fromFullPath(logfile_option or _DEFAULT_TWISTD_LOG_FILE)
+    _rotate_on_sigusr1(log_file)
+    return log_file
+
+
+def _rotate_on_sigusr1(log_file):
+    """
+    Rotate C{log_file} on SIGUSR1, as twistd does for its own log file,
+    unless the signal already has a handler.
+    """
+    import signal
+
+    if signal.getsignal(signal.SIGUSR1):
+        return
+
+    def rotate(signal_number, frame):
+        from twisted.internet import reactor
+
+        reactor.callFromThread(log_file.rotate)
+
+    signal.signal(signal.SIGUSR1, rotate)

@@ -1,0 +1,405 @@
+"""
+Tests for L{sentry_tx.logs}: level filtering, Dapr's JSON shape, text lines.
+"""
+
+import json
+import os
+import signal
+import socket
+import sys
+from io import StringIO
+
+from twisted.logger import ILogObserver, LogLevel, Logger, LogPublisher
+from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+import sentry_tx
+from sentry_tx.logs import dapr_scope, make_observer, open_twistd_log_file
+
+# 2023-11-14T22:13:20.123456Z
+EVENT_TIME = 1700000000.123456
+EVENT_TIME_TEXT = "2023-11-14T22:13:20.123Z"
+
+
+def _event(log_format="hello {who}", level=LogLevel.info, **fields):
+    """
+    A log event as twisted.logger makes them.
+    """
+    event = {
+        "log_format": log_format,
+        "log_level": level,
+        "log_namespace": "sentry_tx.ca.bundle",
+        "log_time": EVENT_TIME,
+        "who": "world",
+    }
+    event.update(fields)
+    return event
+
+
+def _failure():
+    """
+    A Failure with a traceback.
+    """
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        return Failure()
+
+
+class LevelFilterTests(SynchronousTestCase):
+    """
+    Events below the chosen level are dropped.
+    """
+
+    def written_levels(self, level):
+        """
+        The levels of the events an observer at C{level} writes, out of one
+        event at each level.
+        """
+        stream = StringIO()
+        observer = make_observer(level, True, stream)
+        for each in LogLevel.iterconstants():
+            observer(_event(level=each))
+        return [json.loads(line)["level"] for line in stream.getvalue().splitlines()]
+
+    def test_levels(self):
+        """
+        Each --log-level word lets through its level and those above.
+        """
+        self.assertEqual(
+            self.written_levels("debug"),
+            ["debug", "info", "warning", "error", "fatal"],
+        )
+        self.assertEqual(
+            self.written_levels("info"), ["info", "warning", "error", "fatal"]
+        )
+        self.assertEqual(self.written_levels("warn"), ["warning", "error", "fatal"])
+        self.assertEqual(self.written_levels("error"), ["error", "fatal"])
+        self.assertEqual(self.written_levels("fatal"), ["fatal"])
+
+    def test_twisted_events_filtered(self):
+        """
+        Twisted's own events are filtered too and keep their namespace as
+        scope.
+        """
+        stream = StringIO()
+        observer = make_observer("info", True, stream)
+        observer(_event(level=LogLevel.debug, log_namespace="twisted.internet"))
+        observer(_event(level=LogLevel.info, log_namespace="twisted.internet"))
+        (line,) = stream.getvalue().splitlines()
+        self.assertEqual(json.loads(line)["scope"], "twisted.internet")
+
+    def test_missing_level_is_info(self):
+        """
+        An event without a (known) log_level counts as info.
+        """
+        stream = StringIO()
+        observer = make_observer("info", False, stream)
+        event = _event()
+        del event["log_level"]
+        observer(event)
+        observer(_event(level="loud"))
+        self.assertEqual(len(stream.getvalue().splitlines()), 2)
+        self.assertEqual(make_observer("warn", False, stream)(event), None)
+        self.assertEqual(len(stream.getvalue().splitlines()), 2)
+
+    def test_unknown_level_word(self):
+        """
+        A level word outside the five is refused.
+        """
+        self.assertRaises(ValueError, make_observer, "trace", False, StringIO())
+
+
+class JSONTests(SynchronousTestCase):
+    """
+    --log-as-json writes one object per line in Dapr's shape.
+    """
+
+    def record(self, event, level="debug"):
+        """
+        The one JSON object written for C{event}.
+        """
+        stream = StringIO()
+        make_observer(level, True, stream)(event)
+        text = stream.getvalue()
+        self.assertTrue(text.endswith("\n"))
+        self.assertEqual(text.count("\n"), 1, text)
+        return json.loads(text)
+
+    def test_provides_interface(self):
+        """
+        The observer provides ILogObserver.
+        """
+        self.assertTrue(verifyObject(ILogObserver, make_observer("info", True, None)))
+
+    def test_fields(self):
+        """
+        An event gives time, level, msg, scope, type, instance and ver.
+        """
+        self.assertEqual(
+            self.record(_event()),
+            {
+                "time": EVENT_TIME_TEXT,
+                "level": "info",
+                "msg": "hello world",
+                "scope": "dapr.sentry.ca",
+                "type": "log",
+                "instance": socket.gethostname(),
+                "ver": sentry_tx.__version__,
+                "who": "world",
+            },
+        )
+
+    def test_level_words(self):
+        """
+        Levels are written with Dapr's words (warning, fatal).
+        """
+        words = {
+            LogLevel.debug: "debug",
+            LogLevel.info: "info",
+            LogLevel.warn: "warning",
+            LogLevel.error: "error",
+            LogLevel.critical: "fatal",
+        }
+        for level, word in words.items():
+            self.assertEqual(self.record(_event(level=level))["level"], word)
+
+    def test_scopes(self):
+        """
+        sentry_tx namespaces map to Dapr's scopes; others stay as they are.
+        """
+        for namespace, scope in (
+            ("sentry_tx.ca.bundle", "dapr.sentry.ca"),
+            ("sentry_tx.ca", "dapr.sentry.ca"),
+            ("sentry_tx.server.servicer.CAServicer", "dapr.sentry.server"),
+            ("sentry_tx.identity.kubernetes", "dapr.sentry.identity.kubernetes"),
+            ("sentry_tx.identity.insecure", "dapr.sentry.identity"),
+            ("sentry_tx.tap", "dapr.sentry"),
+            ("sentry_tx.healthz.HealthzResource", "dapr.sentry"),
+            ("sentry_tx", "dapr.sentry"),
+            ("sentry_txt.other", "sentry_txt.other"),
+            ("twisted.application.app.AppLogger", "twisted.application.app.AppLogger"),
+            ("log_legacy", "log_legacy"),
+        ):
+            self.assertEqual(
+                self.record(_event(log_namespace=namespace))["scope"], scope
+            )
+            self.assertEqual(dapr_scope(namespace), scope)
+        self.assertEqual(dapr_scope(None), "-")
+
+    def test_failure(self):
+        """
+        An event with a failure has the exception in msg and the traceback
+        in error.
+        """
+        record = self.record(
+            _event("signing failed", level=LogLevel.error, log_failure=_failure())
+        )
+        self.assertEqual(record["msg"], "signing failed: ValueError: boom")
+        self.assertIn("Traceback", record["error"])
+        self.assertIn("ValueError: boom", record["error"])
+
+    def test_failure_from_logger(self):
+        """
+        Logger.failure events, published as Twisted publishes them, are
+        written with the exception.
+        """
+        stream = StringIO()
+        publisher = LogPublisher(make_observer("info", True, stream))
+        log = Logger(namespace="sentry_tx.server.grpc", observer=publisher)
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("call {method} failed", method="SignCertificate")
+        record = json.loads(stream.getvalue())
+        self.assertEqual(record["level"], "fatal")
+        self.assertEqual(
+            record["msg"],
+            "call SignCertificate failed: ZeroDivisionError: division by zero",
+        )
+        self.assertEqual(record["scope"], "dapr.sentry.server")
+        self.assertEqual(record["method"], "SignCertificate")
+
+    def test_unserialisable_field(self):
+        """
+        A format field that JSON cannot hold is written as its str().
+        """
+
+        class Thing:
+            def __str__(self):
+                return "a thing"
+
+        record = self.record(_event("got {thing}", thing=Thing()))
+        self.assertEqual(record["thing"], "a thing")
+        self.assertEqual(record["msg"], "got a thing")
+
+    def test_only_format_fields(self):
+        """
+        Only fields the format names are copied, and never over Dapr's keys.
+        """
+        record = self.record(
+            _event("{msg} {scope} {peer.real}", msg="m", scope="s", peer=1,
+                   secret="x")
+        )  # fmt: skip
+        self.assertNotIn("secret", record)
+        self.assertEqual(record["scope"], "dapr.sentry.ca")
+        self.assertEqual(record["peer"], 1)
+        self.assertEqual(record["msg"], "m s 1")
+
+    def test_no_time(self):
+        """
+        An event without log_time is stamped with the observer's clock.
+        """
+        stream = StringIO()
+        make_observer("info", True, stream, now=lambda: 0.5)(
+            {"log_format": "x", "log_level": LogLevel.info}
+        )
+        record = json.loads(stream.getvalue())
+        self.assertEqual(record["time"], "1970-01-01T00:00:00.500Z")
+        self.assertEqual(record["scope"], "-")
+
+    def test_broken_format(self):
+        """
+        A format string that cannot be formatted still gives a line.
+        """
+        record = self.record(_event("{missing} and {"))
+        self.assertIn("Unable to format event", record["msg"])
+
+
+class NeverRaisesTests(SynchronousTestCase):
+    """
+    The observer never raises into the log publisher.
+    """
+
+    def test_broken_stream(self):
+        """
+        A stream whose write fails loses the line quietly.
+        """
+
+        class Broken:
+            def write(self, text):
+                raise OSError("disk full")
+
+        for as_json in (True, False):
+            make_observer("info", as_json, Broken())(_event())
+
+    def test_broken_event(self):
+        """
+        An event whose parts misbehave is written as an error line.
+        """
+
+        class Exploding:
+            def __str__(self):
+                raise RuntimeError("no")
+
+            __repr__ = __str__
+
+        stream = StringIO()
+        make_observer("info", True, stream, now=lambda: 0.0)(
+            _event(log_failure=Exploding(), log_time="soon", who=Exploding())
+        )
+        record = json.loads(stream.getvalue())
+        self.assertEqual(record["time"], "1970-01-01T00:00:00.000Z")
+        self.assertIn("unprintable failure", record["msg"])
+
+        stream = StringIO()
+        make_observer("info", False, stream, now=lambda: 0.0)(
+            _event(log_failure=Exploding(), log_time="soon")
+        )
+        self.assertEqual(
+            stream.getvalue(),
+            "1970-01-01T00:00:00.000Z info dapr.sentry.ca: hello world\n"
+            "unprintable failure\n",
+        )
+
+    def test_unhashable_level(self):
+        """
+        An event with an unhashable log_level still gives one line.
+        """
+        stream = StringIO()
+        make_observer("info", True, stream)(_event(level=[]))
+        self.assertIn("unable to format", stream.getvalue())
+
+
+class TextTests(SynchronousTestCase):
+    """
+    Without --log-as-json each event is one line of text.
+    """
+
+    def test_line(self):
+        """
+        A line is "<time> <level> <scope>: <message>".
+        """
+        stream = StringIO()
+        make_observer("info", False, stream)(_event(level=LogLevel.warn))
+        self.assertEqual(
+            stream.getvalue(),
+            f"{EVENT_TIME_TEXT} warning dapr.sentry.ca: hello world\n",
+        )
+
+    def test_failure(self):
+        """
+        An event with a failure is followed by its traceback.
+        """
+        stream = StringIO()
+        make_observer("info", False, stream)(
+            _event("failed", level=LogLevel.error, log_failure=_failure())
+        )
+        first, *rest = stream.getvalue().splitlines()
+        self.assertEqual(first, f"{EVENT_TIME_TEXT} error dapr.sentry.ca: failed")
+        self.assertIn("Traceback", rest[0])
+        self.assertEqual(rest[-1], "builtins.ValueError: boom")
+
+
+class OpenTwistdLogFileTests(SynchronousTestCase):
+    """
+    Tests for L{open_twistd_log_file}, which follows twistd's choice.
+    """
+
+    def setUp(self):
+        handler = signal.getsignal(signal.SIGUSR1)
+        self.addCleanup(signal.signal, signal.SIGUSR1, handler)
+
+    def test_stdout(self):
+        """
+        "-", or no log file when not daemonising, means stdout.
+        """
+        self.assertIs(open_twistd_log_file("-", True), sys.stdout)
+        self.assertIs(open_twistd_log_file(None, True), sys.stdout)
+        self.assertIs(open_twistd_log_file("", True), sys.stdout)
+
+    def test_path(self):
+        """
+        A path is opened as a rotating LogFile, rotated on SIGUSR1.
+        """
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        path = os.path.abspath(self.mktemp())
+        log_file = open_twistd_log_file(path, True)
+        self.addCleanup(log_file.close)
+        self.assertIsInstance(log_file, LogFile)
+        self.assertEqual(log_file.path, path)
+        self.assertNotEqual(signal.getsignal(signal.SIGUSR1), signal.SIG_DFL)
+
+    def test_existing_sigusr1_kept(self):
+        """
+        A SIGUSR1 handler already in place is not replaced.
+        """
+
+        def handler(number, frame):
+            pass
+
+        signal.signal(signal.SIGUSR1, handler)
+        log_file = open_twistd_log_file(os.path.abspath(self.mktemp()), False)
+        self.addCleanup(log_file.close)
+        self.assertIs(signal.getsignal(signal.SIGUSR1), handler)
+
+    def test_daemon_default(self):
+        """
+        A daemon without --logfile writes to twistd.log in the current
+        directory.
+        """
+        log_file = open_twistd_log_file(None, False)
+        self.addCleanup(log_file.close)
+        self.assertEqual(log_file.path, os.path.abspath("twistd.log"))
