@@ -1,0 +1,30 @@
+"""
+The INSECURE validator: it proves nothing about the caller beyond the common
+request rules.  Use it only where every caller is trusted (standalone mode).
+"""
+
+from twisted.internet.defer import fail, succeed
+from zope.interface import implementer
+
+from sentry_tx.errors import ValidationError
+from sentry_tx.identity import VALIDATOR_INSECURE
+from sentry_tx.identity.rules import check_request
+from sentry_tx.interfaces import IIdentityValidator
+
+
+@implementer(IIdentityValidator)
+class InsecureValidator:
+    """
+    Accepts any well-formed request as the identity it names.
+    """
+
+    name = VALIDATOR_INSECURE
+
+    def validate(self, request):
+        """
+        Apply the common rules only.
+        """
+        try:
+            return succeed(check_request(request))
+        except ValidationError:
+            return fail()

@@ -1,0 +1,96 @@
+"""
+The request rules every validator applies (SPEC section 5, step 2).
+
+The texts are Dapr's where Dapr has them; sentry_tx adds two rules (app-id
+and namespace characters) so that a caller's mistake is never reported as an
+internal error later on.
+"""
+
+import re
+
+from sentry_tx.errors import ValidationError
+from sentry_tx.identity import CallerIdentity
+
+MAX_APP_ID_LENGTH = 64
+MAX_NAMESPACE_LENGTH = 63
+MAX_TRUST_DOMAIN_BYTES = 255
+DEFAULT_WORKLOAD_TRUST_DOMAIN = "public"
+
+_APP_ID_CHARACTERS = re.compile(r"[A-Za-z0-9_-]*\Z")
+_NAMESPACE_CHARACTERS = re.compile(r"[A-Za-z0-9._-]+\Z")
+_TRUST_DOMAIN_CHARACTERS = re.compile(r"[a-z0-9._-]*\Z")
+
+
+def request_problems(request):
+    """
+    Every common rule the request breaks, in Dapr's order.
+
+    @param request: a L{sentry_tx.identity.SignRequest}.
+    @return: a list of messages, empty when the request is well formed.
+    """
+    problems = []
+    app_id = request.id
+    if not app_id:
+        problems.append("parameter app-id cannot be empty")
+    else:
+        if "." in app_id:
+            problems.append("parameter app-id cannot contain dots")
+        if len(app_id) > MAX_APP_ID_LENGTH:
+            problems.append(f"app ID must be {MAX_APP_ID_LENGTH} characters or less")
+        if not _APP_ID_CHARACTERS.match(app_id.replace(".", "")):
+            problems.append("parameter app-id contains invalid characters")
+    if not request.csr:
+        problems.append("CSR is required")
+    namespace = request.namespace
+    if not namespace:
+        problems.append("namespace is required")
+    elif not namespace_is_valid(namespace):
+        problems.append("parameter namespace is invalid")
+    return problems
+
+
+def namespace_is_valid(namespace):
+    """
+    Whether C{namespace} is a valid SPIFFE path segment of at most 63
+    characters.
+    """
+    return (
+        len(namespace) <= MAX_NAMESPACE_LENGTH
+        and namespace not in (".", "..")
+        and _NAMESPACE_CHARACTERS.match(namespace) is not None
+    )
+
+
+def trust_domain_problem(trust_domain):
+    """
+    The message for a requested trust domain that cannot be used, or None.
+    """
+    if not _TRUST_DOMAIN_CHARACTERS.match(trust_domain):
+        return (
+            "trust domain characters are limited to lowercase letters, "
+            "numbers, dots, dashes, and underscores"
+        )
+    if len(trust_domain.encode("utf-8")) > MAX_TRUST_DOMAIN_BYTES:
+        return "trust domain is too long"
+    return None
+
+
+def check_request(request):
+    """
+    Apply the common rules and the trust-domain rules.
+
+    @return: the L{CallerIdentity} the request asks for (trust domain
+        C{public} when it names none).
+    @raise ValidationError: with the joined C{invalid request:} message, or
+        the trust-domain message alone.
+    """
+    problems = request_problems(request)
+    if problems:
+        raise ValidationError("invalid request: " + "\n".join(problems))
+    trust_domain = request.trust_domain or DEFAULT_WORKLOAD_TRUST_DOMAIN
+    problem = trust_domain_problem(trust_domain)
+    if problem is not None:
+        raise ValidationError(problem)
+    return CallerIdentity(
+        trust_domain=trust_domain, namespace=request.namespace, app_id=request.id
+    )

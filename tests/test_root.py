@@ -1,0 +1,146 @@
+"""
+Tests for the service tree: the twistd plugin, the composition in
+L{sentry_tx.tap.build_service}, the root service's fatal path, and the fakes
+in L{sentry_tx.testing}.
+"""
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import IPlugin, getPlugins
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from sentry_tx.config import SentryConfig
+from sentry_tx.errors import BundleError
+from sentry_tx.interfaces import (
+    ICertificateAuthority,
+    IIdentityValidator,
+    ITrustStore,
+)
+from sentry_tx.server.service import CertificateAuthorityService
+from sentry_tx.service import SentryService, WebService
+from sentry_tx.tap import build_service
+from sentry_tx.testing import FakeCertificateAuthority, FakeTrustStore, FakeValidator
+
+
+class PluginTests(SynchronousTestCase):
+    """
+    twistd finds the plugin.
+    """
+
+    def test_found(self):
+        """
+        C{getPlugins} finds a C{sentry} service maker for L{sentry_tx.tap}.
+        """
+        import twisted.plugins
+
+        makers = {
+            plugin.tapname: plugin
+            for plugin in getPlugins(IServiceMaker, twisted.plugins)
+            if IPlugin.providedBy(plugin)
+        }
+        self.assertIn("sentry", makers)
+        self.assertEqual(makers["sentry"].module, "sentry_tx.tap")
+
+
+class BuildServiceTests(SynchronousTestCase):
+    """
+    Tests for L{build_service}.
+    """
+
+    def test_children(self):
+        """
+        The root holds the CA, then healthz, then metrics, and builds them
+        without opening anything.
+        """
+        reactor = MemoryReactorClock()
+        root = build_service(SentryConfig(issuer_credentials=self.mktemp()), reactor)
+        children = list(root)
+        self.assertIsInstance(children[0], CertificateAuthorityService)
+        verifyObject(ICertificateAuthority, children[0])
+        self.assertEqual(
+            [child.label for child in children[1:] if isinstance(child, WebService)],
+            ["healthz", "metrics"],
+        )
+        self.assertEqual(reactor.tcpServers, [])
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_metrics_disabled(self):
+        """
+        With C{--enable-metrics=false} there is no metrics server.
+        """
+        root = build_service(
+            SentryConfig(issuer_credentials=self.mktemp(), enable_metrics=False),
+            MemoryReactorClock(),
+        )
+        self.assertEqual(
+            [child.label for child in root if isinstance(child, WebService)],
+            ["healthz"],
+        )
+
+
+class SentryServiceTests(SynchronousTestCase):
+    """
+    Tests for L{SentryService}.
+    """
+
+    def test_fatal(self):
+        """
+        A fatal error logs why, stops the reactor, and exits 1 after the
+        reactor has shut down.
+        """
+        reactor = MemoryReactorClock()
+        reactor.running = True
+        exits = []
+        root = SentryService(reactor, exit=exits.append)
+        root.fatal(Failure(BundleError("/x/issuer.key", "missing")))
+        self.assertTrue(reactor.hasStopped)
+        self.assertEqual(exits, [])
+        [(call, args, kw)] = reactor.triggers["after"]["shutdown"]
+        call(*args, **kw)
+        self.assertEqual(exits, [1])
+        self.assertEqual(root.exit_status, 1)
+
+    def test_fatal_logs_reason(self):
+        """
+        The reason names the file and the problem, at critical level.
+        """
+        from twisted.logger import LogLevel, capturedLogs
+
+        reactor = MemoryReactorClock()
+        reactor.running = True
+        with capturedLogs() as events:
+            SentryService(reactor, exit=lambda status: None).fatal(
+                Failure(BundleError("/x/issuer.key", "missing"))
+            )
+        [event] = [e for e in events if e.get("log_level") == LogLevel.critical]
+        self.assertIn("/x/issuer.key: missing", event["error"])
+
+    def test_startup_warnings(self):
+        """
+        Warnings found while parsing options are logged at start.
+        """
+        from twisted.logger import LogLevel, capturedLogs
+
+        root = SentryService(MemoryReactorClock(), ["config file missing"])
+        with capturedLogs() as events:
+            root.startService()
+        self.assertIn(
+            ("config file missing", LogLevel.warn),
+            [(e.get("startup_warning"), e.get("log_level")) for e in events],
+        )
+
+
+class FakesTests(SynchronousTestCase):
+    """
+    The fakes provide the interfaces they stand for.
+    """
+
+    def test_interfaces(self):
+        """
+        Each fake passes C{verifyObject} for its interface.
+        """
+        verifyObject(ICertificateAuthority, FakeCertificateAuthority())
+        verifyObject(IIdentityValidator, FakeValidator())
+        verifyObject(ITrustStore, FakeTrustStore())
