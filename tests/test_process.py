@@ -1,0 +1,216 @@
+"""
+End-to-end: C{twistd -n sentry} as a child process on free loopback ports.
+"""
+
+import os
+import re
+import signal
+import sys
+
+from cryptography import x509
+from twisted.internet import error, reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+import sentry_tx
+from sentry_tx._proto import sentry_pb2
+from sentry_tx.testing import GrpcTestClient, make_csr
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(sentry_tx.__file__)))
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class _TwistdProtocol(ProcessProtocol):
+    """
+    Collects the output of twistd; C{wait_ready()} fires with the ports once
+    the gRPC server listens (or fails if twistd ends first), and C{ended}
+    with the exit reason.
+    """
+
+    _LISTENING = re.compile(
+        rb"(?P<name>healthz|metrics) server listening on port (?P<port>\d+)"
+        rb"|gRPC server listening on \S+:(?P<grpc>\d+)"
+    )
+
+    def __init__(self):
+        self.output = b""
+        self.ports = {}
+        self._ready_waiters = []
+        self._ready = False
+        self._end_reason = None
+        self.ended = Deferred()
+
+    def wait_ready(self):
+        d = Deferred()
+        if self._ready:
+            d.callback(self.ports)
+        elif self._end_reason is not None:
+            d.errback(self._end_reason)
+        else:
+            self._ready_waiters.append(d)
+        return d
+
+    def outReceived(self, data):
+        self.output += data
+        for match in self._LISTENING.finditer(self.output):
+            if match.group("grpc"):
+                self.ports["grpc"] = int(match.group("grpc"))
+            else:
+                self.ports[match.group("name").decode()] = int(match.group("port"))
+        if "grpc" in self.ports and not self._ready:
+            self._ready = True
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for d in waiters:
+                d.callback(self.ports)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self._end_reason = reason
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.errback(reason)
+        # The exception (ProcessDone or ProcessTerminated), not the Failure:
+        # tests read its exitCode and signal.
+        self.ended.callback(reason.value)
+
+
+def spawn_twistd(test, arguments, env=None):
+    """
+    Start C{twistd -n --pidfile= sentry ARGUMENTS}, killed at cleanup if it
+    is still running.
+    """
+    protocol = _TwistdProtocol()
+    environment = dict(os.environ)
+    environment.pop("KUBERNETES_SERVICE_HOST", None)
+    environment["PYTHONPATH"] = PROJECT_ROOT
+    environment.update(env or {})
+    transport = reactor.spawnProcess(
+        protocol,
+        sys.executable,
+        TWISTD + ["-n", "--pidfile=", "sentry"] + arguments,
+        env=environment,
+    )
+
+    def kill():
+        try:
+            transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            return None
+        return protocol.ended
+
+    test.addCleanup(kill)
+    return protocol
+
+
+class TwistdProcessTests(TestCase):
+    """
+    The plugin as an operator runs it.
+    """
+
+    timeout = 60
+
+    def setUp(self):
+        self.credentials = os.path.abspath(self.mktemp())
+
+    def _arguments(self, *extra):
+        return [
+            "--config",
+            os.path.abspath(self.mktemp()),
+            "--issuer-credentials",
+            self.credentials,
+            "--listen-address",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--healthz-listen-address",
+            "127.0.0.1",
+            "--healthz-port",
+            "0",
+            "--metrics-listen-address",
+            "127.0.0.1",
+            "--metrics-port",
+            "0",
+        ] + list(extra)
+
+    @inlineCallbacks
+    def test_serves_and_stops(self):
+        """
+        On a bare machine twistd warns about the missing configuration,
+        generates a bundle, reaches healthz 200, signs a CSR over TLS, and
+        exits on SIGTERM.
+        """
+        import treq
+
+        protocol = spawn_twistd(self, self._arguments())
+        ports = yield protocol.wait_ready()
+        self.assertIn(b"not found; using the defaults", protocol.output)
+        response = yield treq.get(
+            f"http://127.0.0.1:{ports['healthz']}/healthz", persistent=False
+        )
+        self.assertEqual(response.code, 200)
+        yield response.content()
+
+        with open(os.path.join(self.credentials, "ca.crt"), "rb") as f:
+            anchors_pem = f.read()
+        client = GrpcTestClient(f"127.0.0.1:{ports['grpc']}", anchors_pem)
+        self.addCleanup(client.close)
+        _, csr = make_csr()
+        reply = yield deferToThread(
+            client.sign,
+            sentry_pb2.SignCertificateRequest(
+                id="myapp", namespace="default", certificate_signing_request=csr
+            ),
+        )
+        leaf = x509.load_pem_x509_certificates(reply.workload_certificate)[0]
+        self.assertEqual(
+            leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            .value.get_values_for_type(x509.UniformResourceIdentifier),
+            ["spiffe://public/ns/default/myapp"],
+        )
+
+        metrics = yield treq.get(
+            f"http://127.0.0.1:{ports['metrics']}/metrics", persistent=False
+        )
+        text = yield metrics.text()
+        self.assertIn("dapr_sentry_cert_sign_success_total 1.0", text)
+
+        os.kill(protocol.transport.pid, signal.SIGTERM)
+        reason = yield protocol.ended
+        # twistd reports a SIGTERM either as exit 0 or as death by that signal.
+        self.assertIn(
+            (reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)]
+        )
+        self.assertNotIn(b"PRIVATE KEY", protocol.output)
+
+    @inlineCallbacks
+    def test_partial_bundle_refused(self):
+        """
+        A credentials directory holding only some of the three files makes
+        twistd exit 1, naming the missing file, and touches nothing.
+        """
+        os.makedirs(self.credentials)
+        ca_path = os.path.join(self.credentials, "ca.crt")
+        with open(ca_path, "wb") as f:
+            f.write(b"operator's file\n")
+        protocol = spawn_twistd(self, self._arguments())
+        reason = yield protocol.ended
+        self.assertEqual(reason.exitCode, 1)
+        self.assertIn(b"issuer.crt", protocol.output)
+        self.assertEqual(sorted(os.listdir(self.credentials)), ["ca.crt"])
+        with open(ca_path, "rb") as f:
+            self.assertEqual(f.read(), b"operator's file\n")
+
+    @inlineCallbacks
+    def test_bad_flag(self):
+        """
+        A bad flag value exits 1 with a one-line message naming the flag.
+        """
+        protocol = spawn_twistd(self, ["--port", "99999"])
+        reason = yield protocol.ended
+        self.assertEqual(reason.exitCode, 1)
+        lines = protocol.output.strip().splitlines()
+        self.assertEqual(len(lines), 1, protocol.output)
+        self.assertIn(b"--port", lines[0])
