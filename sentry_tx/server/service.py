@@ -14,14 +14,14 @@ from datetime import datetime, timezone
 
 import grpc
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.defer import fail, inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sentry_tx._proto import sentry_pb2_grpc
 from sentry_tx.interfaces import ICertificateAuthority
+from sentry_tx.server.serial import SerialReloads
 from sentry_tx.server.servicer import CAServicer
 from sentry_tx.server.tls import ServerCredentials, issue_server_certificate
 
@@ -131,9 +131,7 @@ class CertificateAuthorityService(Service):
         self._credentials = None
         self._renewal = None
         self._started = False
-        self._restarting = False
-        self._restart_waiters = []
-        self._restart_config = None
+        self._reloads = SerialReloads(self._reload)
 
     # IService
 
@@ -254,33 +252,7 @@ class CertificateAuthorityService(Service):
     def restart(self, config):
         if not self._started:
             return fail(NotRunningError("the certificate authority is not running"))
-        waiter = Deferred()
-        self._restart_config = config
-        self._restart_waiters.append(waiter)
-        if not self._restarting:
-            self._run_restarts()
-        return waiter
-
-    @inlineCallbacks
-    def _run_restarts(self):
-        # Serialised: one reload at a time; every restart asked for while one
-        # runs is served by one more reload after it (coalesced).
-        self._restarting = True
-        try:
-            while self._restart_waiters:
-                config, waiters = self._restart_config, self._restart_waiters
-                self._restart_waiters = []
-                try:
-                    yield self._reload(config)
-                except Exception:
-                    failure = Failure()
-                    for waiter in waiters:
-                        waiter.errback(failure)
-                else:
-                    for waiter in waiters:
-                        waiter.callback(None)
-        finally:
-            self._restarting = False
+        return self._reloads.request(config)
 
     @inlineCallbacks
     def _reload(self, config):
