@@ -542,6 +542,21 @@ class Options(usage.Options):
         parent.postOptions = post_options_then_set_logger
 
 
+def build_validators(config, reactor):
+    """
+    The validators enabled in C{config.mode}, and the one used for UNKNOWN.
+
+    Standalone: INSECURE only, and it is the default.
+
+    @return: C{(validators, default_validator)}: a dict from TokenValidator
+        numbers to L{IIdentityValidator}s, and a number or None.
+    """
+    from sentry_tx.identity import VALIDATOR_INSECURE
+    from sentry_tx.identity.insecure import InsecureValidator
+
+    return {VALIDATOR_INSECURE: InsecureValidator()}, VALIDATOR_INSECURE
+
+
 def build_service(config, reactor, startup_warnings=()):
     """
     Wire sentry_tx: the one place that chooses implementations and composes
@@ -555,8 +570,6 @@ def build_service(config, reactor, startup_warnings=()):
     """
     from sentry_tx.ca.store import FileTrustStore
     from sentry_tx.healthz import healthz_root
-    from sentry_tx.identity import VALIDATOR_INSECURE
-    from sentry_tx.identity.insecure import InsecureValidator
     from sentry_tx.metrics import SentryMetrics, metrics_root
     from sentry_tx.server.service import CertificateAuthorityService
     from sentry_tx.service import QuietSite, SentryService, WebService
@@ -572,13 +585,13 @@ def build_service(config, reactor, startup_warnings=()):
         config.namespace,
         config.mtls.allowed_clock_skew,
     )
-    validators = {VALIDATOR_INSECURE: InsecureValidator()}
+    validators, default_validator = build_validators(config, reactor)
     authority = CertificateAuthorityService(
         config,
         reactor,
         trust_store,
         validators,
-        VALIDATOR_INSECURE,
+        default_validator,
         metrics,
         on_start_failure=root.fatal,
     )

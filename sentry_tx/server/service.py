@@ -52,10 +52,14 @@ class NotRunningError(Exception):
     """
 
 
-def grpc_server_options():
+def grpc_server_options(reuse_port=False):
     """
     The channel arguments of the gRPC server: size, stream and connection
     limits.
+
+    @param reuse_port: share the port with other processes of this user
+        (worker processes); off otherwise, so that a second sentry_tx on the
+        same port fails to bind instead of silently sharing it.
     """
     return [
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
@@ -68,8 +72,7 @@ def grpc_server_options():
             "grpc.http2.min_recv_ping_interval_without_data_ms",
             MIN_CLIENT_PING_INTERVAL_MILLISECONDS,
         ),
-        # A second sentry_tx on the same port must fail to bind, not share it.
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
 
 
@@ -99,6 +102,8 @@ class CertificateAuthorityService(Service):
         start fails (the root service makes it fatal).
     @param configuration_source: an L{IConfigurationSource} that completes
         the config at start, or None when the config is complete already.
+    @param reuse_port: bind with SO_REUSEPORT (worker processes sharing
+        the port).
     """
 
     name = "ca"
@@ -114,8 +119,10 @@ class CertificateAuthorityService(Service):
         metrics,
         on_start_failure=None,
         configuration_source=None,
+        reuse_port=False,
     ):
         self.config = config
+        self._reuse_port = reuse_port
         self._configuration_source = configuration_source
         self.bundle = None
         self.ready = False
@@ -211,7 +218,7 @@ class CertificateAuthorityService(Service):
         )
         server = grpc.server(
             executor,
-            options=grpc_server_options(),
+            options=grpc_server_options(self._reuse_port),
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
         sentry_pb2_grpc.add_CAServicer_to_server(servicer, server)
