@@ -88,11 +88,19 @@ class IIdentityValidator(Interface):
         "(1 INSECURE, 2 KUBERNETES, 3 JWKS)."
     )
 
+    needs_reactor = Attribute(
+        "True when C{validate} waits on I/O through the reactor (it is then "
+        "called on the reactor thread and the gRPC worker waits for it); "
+        "False when it is pure computation on the request, safe to call in "
+        "any thread, whose Deferred has fired when C{validate} returns."
+    )
+
     def validate(request):
         """
         Check the caller and the common request rules.
 
-        Called on the reactor thread.
+        Called on the reactor thread when C{needs_reactor} is true, else in
+        the gRPC worker thread.
 
         @param request: a L{sentry_tx.identity.SignRequest}.
         @return: Deferred firing with a L{sentry_tx.identity.CallerIdentity},

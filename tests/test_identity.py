@@ -169,6 +169,7 @@ class InsecureValidatorTests(SynchronousTestCase):
         validator = InsecureValidator()
         verifyObject(IIdentityValidator, validator)
         self.assertEqual(validator.name, 1)
+        self.assertFalse(validator.needs_reactor)
 
     def test_accepts(self):
         """

@@ -143,6 +143,46 @@ class ServicerTests(SynchronousTestCase):
         self.assertEqual(self.counts()["validator"], 1)
         self.assertEqual(self.counts()["received"], 1)
 
+    def test_reactor_validator_crosses(self):
+        """
+        A validator that needs the reactor is called through
+        C{callFromThread}.
+        """
+        crossings = []
+        call_from_thread = self.reactor.callFromThread
+        self.reactor.callFromThread = lambda f, *a, **kw: (
+            crossings.append(f),
+            call_from_thread(f, *a, **kw),
+        )
+        self.servicer().sign(sign_request())
+        self.assertEqual(len(crossings), 1)
+
+    def test_computing_validator_stays_in_thread(self):
+        """
+        A validator that needs no reactor runs in the calling thread: the
+        reactor is not asked to run anything.
+        """
+        def refuse(f, *a, **kw):
+            raise AssertionError("crossed to the reactor")
+
+        self.reactor.callFromThread = refuse
+        validator = FakeValidator(INSECURE, needs_reactor=False)
+        response = self.servicer({INSECURE: validator}).sign(sign_request())
+        self.assertTrue(response.workload_certificate)
+        self.assertEqual(len(validator.requests), 1)
+
+    def test_computing_validator_refusal(self):
+        """
+        A refusal from a validator that needs no reactor is still
+        PERMISSION_DENIED with its message.
+        """
+        validator = FakeValidator(
+            INSECURE, error=ValidationError("nope"), needs_reactor=False
+        )
+        refusal = self.refusal(self.servicer({INSECURE: validator}), sign_request())
+        self.assertEqual(refusal.code, grpc.StatusCode.PERMISSION_DENIED)
+        self.assertEqual(refusal.message, "nope")
+
     def test_validator_not_enabled(self):
         """
         KUBERNETES, JWKS and enum numbers that do not exist are

@@ -19,6 +19,7 @@ class InsecureValidator:
     """
 
     name = VALIDATOR_INSECURE
+    needs_reactor = False
 
     def validate(self, request):
         """
