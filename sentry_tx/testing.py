@@ -451,10 +451,12 @@ class FakeValidator:
     @param error: when not None, every validation fails with it.
     @param pending: when True, C{validate} returns a Deferred that never
         fires by itself (for timeout tests); they are kept in C{pending}.
+    @param needs_reactor: whether the servicer must call it on the reactor.
     """
 
-    def __init__(self, name=1, error=None, pending=False):
+    def __init__(self, name=1, error=None, pending=False, needs_reactor=True):
         self.name = name
+        self.needs_reactor = needs_reactor
         self.error = error
         self.requests = []
         self._pending = pending
@@ -595,3 +597,1539 @@ class GrpcTestClient:
         Close the channel.
         """
         self._channel.close()
+
+
+# Rotation helpers: what the issuer watch, the expiry check and the rotation
+# tests share (tests/test_watcher.py, test_expiry.py, test_rotation.py).
+
+BUNDLE_FILE_NAMES = ("ca.crt", "issuer.crt", "issuer.key")
+"""
+The names of the three bundle files, in the order anchors, chain, key.
+"""
+
+PROJECTED_DATA_LINK = "..data"
+"""
+The symbolic link through which the kubelet publishes a projected volume's
+current version.
+"""
+
+
+def _bundle_file_contents(chain):
+    return (
+        chain.anchors_pem,
+        chain.issuer_chain_pem(),
+        chain.issuer_key_pem(),
+    )
+
+
+def reissue_chain(
+    chain,
+    key_type="ecdsa-p256",
+    not_before=_DEFAULT,
+    not_after=_DEFAULT,
+    **issuer_options,
+):
+    """
+    A new issuer with a new key, signed by the same CA that signed
+    C{chain}'s issuer: what an operator rotating the issuer (not the root)
+    deploys.
+
+    @param chain: a L{CertificateChain}.
+    @param key_type: the new issuer key's type (L{KEY_TYPES}).
+    @param not_before: when the new issuer starts (default: as the old).
+    @param not_after: when the new issuer ends (default: as the old).
+    @param issuer_options: more keyword arguments of L{make_certificate}.
+    @return: a L{CertificateChain} with the same root and intermediates.
+    """
+    if chain.intermediates:
+        signer, signer_key = chain.intermediates[0], chain.intermediate_keys[0]
+    else:
+        signer, signer_key = chain.root, chain.root_key
+    if not_before is _DEFAULT:
+        not_before = chain.issuer.not_valid_before_utc
+    if not_after is _DEFAULT:
+        not_after = chain.issuer.not_valid_after_utc
+    issuer_key = make_private_key(key_type)
+    issuer_options.setdefault("path_length", 0)
+    issuer = make_certificate(
+        issuer_key,
+        chain.issuer.subject,
+        signer=signer,
+        signer_key=signer_key,
+        not_before=not_before,
+        not_after=not_after,
+        **issuer_options,
+    )
+    return CertificateChain(
+        root=chain.root,
+        root_key=chain.root_key,
+        intermediates=chain.intermediates,
+        intermediate_keys=chain.intermediate_keys,
+        issuer=issuer,
+        issuer_key=issuer_key,
+    )
+
+
+def replace_bundle_files(chain, directory):
+    """
+    Replace C{ca.crt}, C{issuer.crt} and C{issuer.key} in C{directory} as
+    careful tools do: each is written to a temporary file in the same
+    directory, then renamed over the old one.
+
+    @return: the three paths.
+    """
+    paths = []
+    for name, data in zip(BUNDLE_FILE_NAMES, _bundle_file_contents(chain)):
+        path = os.path.join(directory, name)
+        temporary = os.path.join(directory, f".{name}.new")
+        with open(temporary, "wb") as f:
+            f.write(data)
+        os.chmod(temporary, 0o600)
+        os.rename(temporary, path)
+        paths.append(path)
+    return tuple(paths)
+
+
+def project_volume(directory, chain, version):
+    """
+    Lay C{directory} out as the kubelet projects a Secret: the files in a
+    version directory, C{..data} pointing at it, and each visible file a
+    symbolic link into C{..data/}.
+
+    @param directory: an existing, empty directory.
+    @param version: the version directory's name (C{"..2026_x"}).
+    """
+    chain.write(_make_version(directory, version))
+    os.symlink(version, os.path.join(directory, PROJECTED_DATA_LINK))
+    for name in BUNDLE_FILE_NAMES:
+        os.symlink(
+            os.path.join(PROJECTED_DATA_LINK, name), os.path.join(directory, name)
+        )
+
+
+def swap_projected_volume(directory, chain, version):
+    """
+    Publish C{chain} in a volume laid out by L{project_volume} as the kubelet
+    updates one: write a new version directory, point C{..data_tmp} at it,
+    rename C{..data_tmp} over C{..data}, remove the old version.
+
+    @param version: the new version directory's name (C{"..2026_y"}).
+    """
+    import shutil
+
+    data_link = os.path.join(directory, PROJECTED_DATA_LINK)
+    old_version = os.readlink(data_link)
+    chain.write(_make_version(directory, version))
+    temporary_link = data_link + "_tmp"
+    os.symlink(version, temporary_link)
+    os.rename(temporary_link, data_link)
+    shutil.rmtree(os.path.join(directory, old_version))
+
+
+def _make_version(directory, version):
+    path = os.path.join(directory, version)
+    os.mkdir(path, 0o700)
+    return path
+
+
+class SchedulingClock(Clock):
+    """
+    A L{Clock} that tells a test when something is scheduled on it, so a
+    test can wait for an event that arrives through the real reactor (an
+    inotify read) and then drive time itself.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._waiting = []
+
+    def when_scheduled(self):
+        """
+        @return: a Deferred that fires with the L{IDelayedCall} of the next
+            C{callLater}.
+        """
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def callLater(self, delay, f, *args, **kw):
+        call = super().callLater(delay, f, *args, **kw)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(call)
+        return call
+
+
+@implementer(ICertificateAuthority)
+class ObservedAuthority:
+    """
+    An authority that forwards everything to another and tells a test when a
+    restart it was asked for has finished.
+
+    @ivar outcomes: C{(succeeded, result or Failure)} of every finished
+        restart.
+    """
+
+    def __init__(self, authority):
+        self._authority = authority
+        self.outcomes = []
+        self._waiting = []
+
+    @property
+    def config(self):
+        return self._authority.config
+
+    @property
+    def bundle(self):
+        return self._authority.bundle
+
+    @property
+    def ready(self):
+        return self._authority.ready
+
+    def start(self, config):
+        return self._authority.start(config)
+
+    def stop(self):
+        return self._authority.stop()
+
+    def restart(self, config):
+        d = self._authority.restart(config)
+        d.addBoth(self._finished)
+        return d
+
+    def when_restarted(self):
+        """
+        @return: a Deferred that fires with the C{(succeeded, result or
+            Failure)} of the next restart to finish; it never fails.
+        """
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _finished(self, result):
+        outcome = (not isinstance(result, Failure), result)
+        self.outcomes.append(outcome)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(outcome)
+        return result
+
+
+class RefusingCertificateAuthority(FakeCertificateAuthority):
+    """
+    A L{FakeCertificateAuthority} whose every restart fails with C{error},
+    as a refused bundle does.
+    """
+
+    def __init__(self, error, bundle=None, config=None):
+        super().__init__(bundle, config)
+        self.error = error
+
+    def restart(self, config):
+        self.calls.append(("restart", config))
+        return fail(self.error)
+
+
+class FakeINotify:
+    """
+    An in-memory stand-in for Twisted's L{twisted.internet.inotify.INotify},
+    made by a L{FakeINotifyFactory}: it holds watches and delivers the events
+    a test makes, as the real one does.
+
+    @ivar connected: true until the connection is lost.
+    @ivar reading: whether C{startReading} was called.
+    @ivar watches: the watched paths (L{FilePath} in bytes mode) and their
+        C{(descriptor, mask, callbacks)}.
+    """
+
+    def __init__(self, missing):
+        self._missing = missing
+        self.connected = 1
+        self.reading = False
+        self.watches = {}
+        self._next_descriptor = 1
+
+    def startReading(self):
+        self.reading = True
+
+    def loseConnection(self):
+        self.connected = 0
+        self.reading = False
+
+    def watch(self, path, mask=None, autoAdd=False, callbacks=None, recursive=False):
+        """
+        Watch C{path}; raise L{INotifyError} when it is in the factory's
+        C{missing} set, or when the connection is lost.
+
+        @return: the watch descriptor, the same for a path watched already.
+        """
+        from twisted.internet import inotify
+
+        path = _as_file_path(path)
+        if path in self.watches:
+            return self.watches[path][0]
+        if not self.connected or path.path in self._missing:
+            raise inotify.INotifyError(f"Failed to add watch on '{path!r}' - (-1)")
+        if mask is None:
+            mask = inotify.IN_WATCH_MASK
+        descriptor = self._next_descriptor
+        self._next_descriptor += 1
+        self.watches[path] = (
+            descriptor,
+            mask | inotify.IN_DELETE_SELF,
+            list(callbacks or ()),
+        )
+        return descriptor
+
+    def ignore(self, path):
+        path = _as_file_path(path)
+        if path not in self.watches:
+            raise KeyError(f"{path!r} is not watched")
+        del self.watches[path]
+
+    def event(self, directory, mask, name=None):
+        """
+        Deliver an event on C{directory} (on its entry C{name}, when given)
+        to the callbacks of its watch, as the real one does when it reads
+        one from the kernel: only while reading, only for a watched path and
+        an event asked for (or one the kernel always reports); and after
+        C{IN_DELETE_SELF} it drops the watch and loses its connection.
+        """
+        from twisted.internet import inotify
+
+        if not (self.connected and self.reading):
+            return
+        directory = _as_file_path(directory)
+        if directory not in self.watches:
+            return
+        _, watched_mask, callbacks = self.watches[directory]
+        if not mask & (watched_mask | inotify.IN_IGNORED | inotify.IN_UNMOUNT):
+            return
+        path = directory
+        if name is not None:
+            path = directory.child(name.encode() if isinstance(name, str) else name)
+        watch = _FakeWatch(directory, watched_mask, callbacks)
+        for callback in callbacks:
+            callback(watch, path, mask)
+        if mask & inotify.IN_DELETE_SELF:
+            del self.watches[directory]
+            self.loseConnection()
+
+
+@dataclass
+class _FakeWatch:
+    """
+    What the callbacks of a L{FakeINotify} get first: a watch point with its
+    C{path}, as Twisted's C{_Watch}.
+    """
+
+    path: object
+    mask: int
+    callbacks: list
+
+
+class FakeINotifyFactory:
+    """
+    Makes L{FakeINotify}s, as the watcher's C{inotify_factory}.
+
+    @ivar notifiers: every L{FakeINotify} made, oldest first.
+    @ivar missing: the paths (C{bytes}) that cannot be watched now, as if
+        they did not exist; use L{remove} and L{restore}.
+    """
+
+    def __init__(self):
+        self.notifiers = []
+        self.missing = set()
+
+    def __call__(self):
+        notifier = FakeINotify(self.missing)
+        self.notifiers.append(notifier)
+        return notifier
+
+    @property
+    def current(self):
+        """
+        The last L{FakeINotify} made.
+        """
+        return self.notifiers[-1]
+
+    def remove(self, path):
+        """
+        Make C{path} unwatchable, as if it was deleted.
+        """
+        self.missing.add(_as_file_path(path).path)
+
+    def restore(self, path):
+        """
+        Make C{path} watchable again, as if it was created.
+        """
+        self.missing.discard(_as_file_path(path).path)
+
+
+def _as_file_path(path):
+    """
+    C{path} (C{str}, C{bytes} or L{FilePath}) as a L{FilePath} in bytes mode.
+    """
+    from twisted.python.filepath import FilePath
+
+    if not isinstance(path, FilePath):
+        path = FilePath(path)
+    return path.asBytesMode()
+
+
+# Fake Kubernetes API server
+#
+# A real twisted.web server (HTTPS on 127.0.0.1, or plain HTTP as kubectl
+# proxy serves) that answers the calls sentry_tx makes in kubernetes mode
+# with Kubernetes' own JSON shapes: TokenReview, Pods, Secrets, ConfigMaps
+# and Dapr Configurations, versioned with resourceVersion, and Status
+# objects for errors.  It checks sentry_tx's own credentials (bearer token
+# or client certificate), can add latency to TokenReviews and Pod reads
+# (used by the benchmark), can be made to fail or hang, and can hold
+# requests at a barrier so that races are deterministic.
+
+import copy as _copy
+import ipaddress as _ipaddress
+import itertools as _itertools
+import json as _json
+import secrets as _secrets
+
+import yaml as _yaml
+from twisted.internet.defer import DeferredList as _DeferredList
+from twisted.web import http as _http
+from twisted.web.resource import Resource as _Resource
+from twisted.web.server import NOT_DONE_YET as _NOT_DONE_YET
+from twisted.web.server import Site as _Site
+
+FAKE_API_TOKEN = "sentry-tx-fake-api-token"
+"""
+The bearer token the fake API server accepts from sentry_tx by default.
+"""
+
+FAKE_API_SERVER_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
+"""
+The audience of tokens reviewed without audiences (the API server's own).
+"""
+
+FAKE_API_DEFAULT_AUDIENCES = (
+    "dapr.io/sentry",
+    f"spiffe://{TEST_TRUST_DOMAIN}/ns/{TEST_NAMESPACE}/dapr-sentry",
+)
+"""
+The audiences a workload token gets by default: those sentry_tx reviews for
+with trust domain L{TEST_TRUST_DOMAIN} in L{TEST_NAMESPACE}.
+"""
+
+_API_GROUPS = {
+    "pods": ("v1", "Pod"),
+    "secrets": ("v1", "Secret"),
+    "configmaps": ("v1", "ConfigMap"),
+    "configurations": ("dapr.io/v1alpha1", "Configuration"),
+}
+
+
+def _base64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def make_service_account_token(
+    namespace,
+    service_account,
+    pod_name=None,
+    pod_uid=None,
+    audiences=FAKE_API_DEFAULT_AUDIENCES,
+):
+    """
+    A token shaped like a projected service-account token (a JWT whose
+    payload has the C{kubernetes.io} claims), with a random signature: only
+    L{FakeKubernetesAPI}'s TokenReview can vouch for it.
+
+    @param pod_name: the pod it is bound to, or None for a token bound to
+        no pod (as a legacy Secret token).
+    """
+    claims = {
+        "aud": list(audiences),
+        "exp": 4102444800,
+        "iat": 1767225600,
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "sub": f"system:serviceaccount:{namespace}:{service_account}",
+        "kubernetes.io": {
+            "namespace": namespace,
+            "serviceaccount": {"name": service_account, "uid": _secrets.token_hex(8)},
+        },
+    }
+    if pod_name is not None:
+        claims["kubernetes.io"]["pod"] = {"name": pod_name, "uid": pod_uid or ""}
+    header = {"alg": "RS256", "kid": "fake"}
+    return ".".join(
+        (
+            _base64url(_json.dumps(header).encode()),
+            _base64url(_json.dumps(claims).encode()),
+            _base64url(os.urandom(64)),
+        )
+    )
+
+
+@dataclass
+class FakeReviewedToken:
+    """
+    What the fake TokenReview knows about a token it vouches for.
+
+    @ivar pod_extra: whether the review names the pod in
+        C{status.user.extra}, as Kubernetes 1.30+ does.
+    @ivar username: the username the review reports, when not the service
+        account's.
+    @ivar authenticated: when False, the review answers "not
+        authenticated" without an error.
+    """
+
+    namespace: str
+    service_account: str
+    pod_name: str = None
+    pod_uid: str = None
+    audiences: tuple = FAKE_API_DEFAULT_AUDIENCES
+    pod_extra: bool = True
+    username: str = None
+    authenticated: bool = True
+
+
+def make_self_signed_server_certificate(hosts=("127.0.0.1", "localhost")):
+    """
+    A self-signed TLS server certificate for C{hosts} (IP addresses and DNS
+    names), valid around the current time.
+
+    @return: C{(certificate, private_key)}.
+    """
+    key = make_private_key("ecdsa-p256")
+    now = datetime.now(timezone.utc)
+    names = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(_ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    certificate = make_certificate(
+        key,
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-kube-apiserver")]),
+        not_before=now - timedelta(hours=1),
+        not_after=now + timedelta(days=1),
+        ca=False,
+        key_cert_sign=False,
+        extensions=((x509.SubjectAlternativeName(names), False),),
+    )
+    return certificate, key
+
+
+def kubeconfig_document(server, cluster=None, user=None, context="fake"):
+    """
+    A kubeconfig with one cluster, one user and one current context.
+
+    @param server: the cluster's C{server} URL.
+    @param cluster: more fields of the cluster (C{certificate-authority},
+        ...); C{bytes} values of C{*-data} fields are base64-encoded.
+    @param user: the user's fields (C{token}, C{tokenFile},
+        C{client-certificate-data}, ...), likewise.
+    """
+
+    def encoded(fields):
+        return {
+            name: (
+                base64.b64encode(value).decode("ascii")
+                if isinstance(value, bytes)
+                else value
+            )
+            for name, value in (fields or {}).items()
+        }
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": context,
+        "clusters": [
+            {
+                "name": f"{context}-cluster",
+                "cluster": {"server": server, **encoded(cluster)},
+            }
+        ],
+        "users": [{"name": f"{context}-user", "user": encoded(user)}],
+        "contexts": [
+            {
+                "name": context,
+                "context": {"cluster": f"{context}-cluster", "user": f"{context}-user"},
+            }
+        ],
+    }
+
+
+def write_kubeconfig(path, document):
+    """
+    Write a kubeconfig document (see L{kubeconfig_document}) as YAML.
+
+    @return: C{path}.
+    """
+    with open(path, "w", encoding="utf-8") as f:
+        _yaml.safe_dump(document, f)
+    return path
+
+
+def _status(code, reason, message, details=None):
+    """
+    A Kubernetes C{Status} object for an error.
+    """
+    status = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+    if details:
+        status["details"] = details
+    return status
+
+
+class _FakeAnswer(Exception):
+    """
+    Raised while handling a request to answer it with C{code} and C{body}.
+    """
+
+    def __init__(self, code, body):
+        super().__init__(code)
+        self.code = code
+        self.body = body
+
+
+class _TrackedChannel(_http.HTTPChannel):
+    """
+    An HTTP channel that tells its fake server when it opens and closes, so
+    that L{FakeKubernetesAPI.stop} can close every connection.
+    """
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.site.fake._channels[self] = Deferred()
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        closed = self.site.fake._channels.pop(self, None)
+        if closed is not None:
+            closed.callback(None)
+
+
+class _FakeSite(_Site):
+    protocol = _TrackedChannel
+    noisy = False
+
+    def __init__(self, fake):
+        super().__init__(_FakeKubernetesResource(fake))
+        self.fake = fake
+
+    def log(self, request):
+        pass
+
+
+class _FakeKubernetesResource(_Resource):
+    isLeaf = True
+
+    def __init__(self, fake):
+        super().__init__()
+        self._fake = fake
+
+    def render(self, request):
+        self._fake._receive(request)
+        return _NOT_DONE_YET
+
+
+class FakeKubernetesAPI:
+    """
+    A fake Kubernetes API server, listening for real on 127.0.0.1.
+
+    Objects live in C{objects}, keyed by C{(plural, namespace, name)}
+    (plurals: C{pods}, C{secrets}, C{configmaps}, C{configurations}); each
+    write gives them a new C{metadata.resourceVersion}, and a PUT naming a
+    stale one is answered 409 Conflict.
+
+    @ivar api_tokens: the bearer tokens accepted from sentry_tx.
+    @ivar client_common_names: the client certificate CNs accepted (the
+        certificate must be issued by L{issue_client_certificate}).
+    @ivar forbidden: C{(method, plural)} pairs answered 403 Forbidden
+        (C{"tokenreviews"} for TokenReview).
+    @ivar tokenreview_latency_seconds: added before each TokenReview answer.
+    @ivar pod_latency_seconds: added before each Pod GET answer.
+    @ivar audience_aware: when False, authenticated reviews carry no
+        C{status.audiences} (an authenticator that ignores audiences).
+    @ivar requests: C{(method, path)} of every request received.
+    @ivar conflicts: how many 409 answers were given.
+    @ivar reviews: the C{spec} of every TokenReview received.
+    @ivar before_write: None, or a callable given C{(method, plural,
+        namespace, name)} just before a POST or PUT is applied: a test
+        changes the stored objects there as another writer would.
+
+    @param reactor: listens and delays (C{IReactorTCP}, C{IReactorSSL},
+        C{IReactorTime}).
+    """
+
+    def __init__(self, reactor, api_tokens=(FAKE_API_TOKEN,)):
+        self._reactor = reactor
+        self.api_tokens = set(api_tokens)
+        self.client_common_names = set()
+        self.forbidden = set()
+        self.tokenreview_latency_seconds = 0.0
+        self.pod_latency_seconds = 0.0
+        self.audience_aware = True
+        self.requests = []
+        self.reviews = []
+        self.conflicts = 0
+        self.before_write = None
+        self.objects = {}
+        self.tokens = {}
+        self._failure = None
+        self._barriers = {}
+        self._versions = _itertools.count(1000)
+        self._channels = {}
+        self._delayed = set()
+        self._port = None
+        self.tls = None
+        self.server_certificate, self._server_key = (
+            make_self_signed_server_certificate()
+        )
+        self._client_ca_key = make_private_key("ecdsa-p256")
+        self._client_ca = make_certificate(
+            self._client_ca_key, "fake kubernetes client CA"
+        )
+
+    # Listening
+
+    @property
+    def server_certificate_pem(self):
+        """
+        The PEM of the server's self-signed certificate (its CA).
+        """
+        return certificate_pem(self.server_certificate)
+
+    def start(self, tls=True):
+        """
+        Listen on 127.0.0.1, a free port.
+
+        @param tls: HTTPS (default), or plain HTTP as C{kubectl proxy}.
+        @return: the server's base URL.
+        """
+        from OpenSSL import crypto
+        from twisted.internet import ssl
+
+        site = _FakeSite(self)
+        self.tls = tls
+        if tls:
+            options = ssl.CertificateOptions(
+                privateKey=crypto.PKey.from_cryptography_key(self._server_key),
+                certificate=crypto.X509.from_cryptography(self.server_certificate),
+                # Client certificates are optional (bearer tokens work too),
+                # which trustRoot cannot say; the older arguments can.
+                verify=True,
+                caCerts=[crypto.X509.from_cryptography(self._client_ca)],
+                requireCertificate=False,
+            )
+            self._port = self._reactor.listenSSL(
+                0, site, options, interface="127.0.0.1"
+            )
+        else:
+            self._port = self._reactor.listenTCP(0, site, interface="127.0.0.1")
+        return self.url
+
+    @property
+    def port(self):
+        """
+        The port listened on.
+        """
+        return self._port.getHost().port
+
+    @property
+    def url(self):
+        """
+        C{https://127.0.0.1:<port>} (or C{http://}).
+        """
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def stop(self):
+        """
+        Stop listening, drop pending answers and close every connection.
+
+        @return: Deferred firing when all is closed.
+        """
+        for delayed in list(self._delayed):
+            if delayed.active():
+                delayed.cancel()
+        self._delayed.clear()
+        waits = []
+        if self._port is not None:
+            waits.append(self._port.stopListening())
+            self._port = None
+        for channel, closed in list(self._channels.items()):
+            waits.append(closed)
+            channel.transport.abortConnection()
+        return _DeferredList(waits).addCallback(lambda _: None)
+
+    def issue_client_certificate(self, common_name="sentry-tx"):
+        """
+        A client certificate the server accepts once C{common_name} is in
+        C{client_common_names} (this adds it).
+
+        @return: C{(certificate_pem, key_pem)}.
+        """
+        self.client_common_names.add(common_name)
+        key = make_private_key("ecdsa-p256")
+        now = datetime.now(timezone.utc)
+        certificate = make_certificate(
+            key,
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
+            signer=self._client_ca,
+            signer_key=self._client_ca_key,
+            not_before=now - timedelta(hours=1),
+            not_after=now + timedelta(days=1),
+            ca=False,
+            key_cert_sign=False,
+            extensions=(
+                (
+                    x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                    False,
+                ),
+            ),
+        )
+        return certificate_pem(certificate), private_key_pem(key)
+
+    def kubeconfig(self, user=None, inline=True, directory=None):
+        """
+        A kubeconfig document for this server (see L{kubeconfig_document}).
+
+        @param user: the user's fields; C{{"token": FAKE_API_TOKEN}} by
+            default.
+        @param inline: the CA as C{certificate-authority-data}; when False,
+            as a file C{fake-ca.crt} written in C{directory}.
+        """
+        if not self.tls:
+            cluster = {}
+        elif inline:
+            cluster = {"certificate-authority-data": self.server_certificate_pem}
+        else:
+            ca_path = os.path.join(directory, "fake-ca.crt")
+            with open(ca_path, "wb") as f:
+                f.write(self.server_certificate_pem)
+            cluster = {"certificate-authority": ca_path}
+        if user is None:
+            user = {"token": FAKE_API_TOKEN}
+        return kubeconfig_document(self.url, cluster, user)
+
+    def write_service_account(self, directory, token=FAKE_API_TOKEN):
+        """
+        Write C{token} and C{ca.crt} into C{directory} (created if missing),
+        as Kubernetes mounts them in a pod.
+
+        @return: the environment a pod would have
+            (C{KUBERNETES_SERVICE_HOST}, C{KUBERNETES_SERVICE_PORT}).
+        """
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "token"), "w") as f:
+            f.write(token)
+        with open(os.path.join(directory, "ca.crt"), "wb") as f:
+            f.write(self.server_certificate_pem)
+        return {
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(self.port),
+        }
+
+    # Faults and races
+
+    def fail_with(
+        self,
+        code=503,
+        reason="ServiceUnavailable",
+        message="the server is currently unable to handle the request",
+    ):
+        """
+        Answer every request with a C{Status} error from now on.
+        """
+        self._failure = (code, reason, message)
+
+    def hang(self):
+        """
+        Answer no request from now on (they wait until the client gives up
+        or the server stops).
+        """
+        self._failure = "hang"
+
+    def recover(self):
+        """
+        Answer normally again.
+        """
+        self._failure = None
+
+    def hold(self, method, plural, count):
+        """
+        Park the next C{method} requests for C{plural} until C{count} of
+        them have arrived, then handle them all, in arrival order.
+        """
+        self._barriers[(method, plural)] = (count, [])
+
+    # Objects
+
+    def put_object(self, plural, namespace, name, document):
+        """
+        Store an object (its metadata filled in) and return a copy.
+        """
+        api_version, kind = _API_GROUPS[plural]
+        document = _copy.deepcopy(document)
+        document.setdefault("apiVersion", api_version)
+        document.setdefault("kind", kind)
+        metadata = document.setdefault("metadata", {})
+        metadata["name"] = name
+        metadata["namespace"] = namespace
+        metadata.setdefault("uid", _secrets.token_hex(16))
+        metadata.setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
+        metadata["resourceVersion"] = str(next(self._versions))
+        self.objects[(plural, namespace, name)] = document
+        return _copy.deepcopy(document)
+
+    def get_object(self, plural, namespace, name):
+        """
+        A copy of the stored object, or None.
+        """
+        document = self.objects.get((plural, namespace, name))
+        return _copy.deepcopy(document)
+
+    def add_pod(
+        self, namespace, name, service_account="default", annotations=None, uid=None
+    ):
+        """
+        Store a Pod.
+
+        @return: the stored Pod.
+        """
+        metadata = {"annotations": dict(annotations or {})}
+        if uid is not None:
+            metadata["uid"] = uid
+        return self.put_object(
+            "pods",
+            namespace,
+            name,
+            {
+                "metadata": metadata,
+                "spec": {"serviceAccountName": service_account, "containers": []},
+                "status": {"phase": "Running"},
+            },
+        )
+
+    def add_configuration(self, namespace, name, spec=None):
+        """
+        Store a Dapr Configuration with C{spec}.
+        """
+        return self.put_object("configurations", namespace, name, {"spec": spec or {}})
+
+    def add_secret(self, namespace, name, data=None):
+        """
+        Store a Secret; C{data} maps keys to C{bytes} (base64-encoded here).
+        """
+        document = {"type": "Opaque"}
+        if data is not None:
+            document["data"] = {
+                key: base64.b64encode(value).decode("ascii")
+                for key, value in data.items()
+            }
+        return self.put_object("secrets", namespace, name, document)
+
+    def add_config_map(self, namespace, name, data=None):
+        """
+        Store a ConfigMap with C{data} (strings).
+        """
+        document = {}
+        if data is not None:
+            document["data"] = dict(data)
+        return self.put_object("configmaps", namespace, name, document)
+
+    def secret_data(self, namespace, name):
+        """
+        The decoded data of a stored Secret, or None when there is none.
+        """
+        secret = self.objects.get(("secrets", namespace, name))
+        if secret is None:
+            return None
+        return {
+            key: base64.b64decode(value)
+            for key, value in (secret.get("data") or {}).items()
+        }
+
+    def issue_token(
+        self,
+        namespace,
+        service_account,
+        pod_name=None,
+        pod_uid=None,
+        audiences=FAKE_API_DEFAULT_AUDIENCES,
+        pod_claim=True,
+        pod_extra=True,
+    ):
+        """
+        A workload token the fake TokenReview authenticates.
+
+        @param pod_uid: the pod uid the token is bound to; by default that of
+            the stored pod C{pod_name}, if any.
+        @param pod_claim: whether the token's payload names the pod.
+        @param pod_extra: whether the review's C{user.extra} names it.
+        """
+        if pod_name is not None and pod_uid is None:
+            pod = self.objects.get(("pods", namespace, pod_name))
+            if pod is not None:
+                pod_uid = pod["metadata"]["uid"]
+        token = make_service_account_token(
+            namespace,
+            service_account,
+            pod_name if pod_claim else None,
+            pod_uid,
+            audiences,
+        )
+        self.tokens[token] = FakeReviewedToken(
+            namespace, service_account, pod_name, pod_uid, tuple(audiences), pod_extra
+        )
+        return token
+
+    # Serving
+
+    def _receive(self, request):
+        method = request.method.decode("ascii")
+        path = request.path.decode("utf-8")
+        self.requests.append((method, path))
+        segments = [segment for segment in path.split("/") if segment]
+        plural = self._plural(segments)
+        state = {"delayed": None, "lost": False}
+
+        def lost(_):
+            state["lost"] = True
+            delayed = state["delayed"]
+            if delayed is not None and delayed.active():
+                delayed.cancel()
+                self._delayed.discard(delayed)
+
+        request.notifyFinish().addErrback(lost)
+
+        def answer():
+            delayed = state["delayed"]
+            if delayed is not None:
+                self._delayed.discard(delayed)
+            if state["lost"]:
+                return
+            code, body = self._handle(request, method, segments, plural)
+            request.setResponseCode(code)
+            request.setHeader(b"content-type", b"application/json")
+            request.write(_json.dumps(body).encode("utf-8"))
+            request.finish()
+
+        def answer_later():
+            if self._failure == "hang":
+                return
+            latency = 0.0
+            if plural == "tokenreviews":
+                latency = self.tokenreview_latency_seconds
+            elif plural == "pods" and method == "GET":
+                latency = self.pod_latency_seconds
+            if latency > 0:
+                state["delayed"] = self._reactor.callLater(latency, answer)
+                self._delayed.add(state["delayed"])
+            else:
+                answer()
+
+        barrier = self._barriers.get((method, plural))
+        if barrier is not None:
+            count, parked = barrier
+            parked.append(answer_later)
+            if len(parked) >= count:
+                del self._barriers[(method, plural)]
+                for each in parked:
+                    each()
+            return
+        answer_later()
+
+    @staticmethod
+    def _plural(segments):
+        if segments[:4] == ["apis", "authentication.k8s.io", "v1", "tokenreviews"]:
+            return "tokenreviews"
+        if segments[:3] == ["api", "v1", "namespaces"] and len(segments) >= 5:
+            return segments[4]
+        if (
+            segments[:4] == ["apis", "dapr.io", "v1alpha1", "namespaces"]
+            and len(segments) >= 6
+        ):
+            return segments[5]
+        return None
+
+    def _handle(self, request, method, segments, plural):
+        try:
+            if isinstance(self._failure, tuple):
+                code, reason, message = self._failure
+                raise _FakeAnswer(code, _status(code, reason, message))
+            user = self._authenticate(request)
+            if (method, plural) in self.forbidden:
+                raise _FakeAnswer(
+                    403,
+                    _status(
+                        403,
+                        "Forbidden",
+                        f'{plural} is forbidden: User "{user}" cannot {method.lower()}'
+                        f' resource "{plural}"',
+                    ),
+                )
+            return self._route(request, method, segments, plural)
+        except _FakeAnswer as answer:
+            if answer.code == 409:
+                self.conflicts += 1
+            return answer.code, answer.body
+
+    def _authenticate(self, request):
+        header = request.getHeader(b"authorization") or b""
+        if (
+            header.startswith(b"Bearer ")
+            and header[7:].decode("latin-1") in self.api_tokens
+        ):
+            return "system:serviceaccount:dapr-system:dapr-sentry"
+        transport = request.channel.transport
+        get_peer_certificate = getattr(transport, "getPeerCertificate", None)
+        peer = get_peer_certificate() if get_peer_certificate is not None else None
+        if peer is not None:
+            names = peer.to_cryptography().subject.get_attributes_for_oid(
+                NameOID.COMMON_NAME
+            )
+            if names and names[0].value in self.client_common_names:
+                return names[0].value
+        if not self.api_tokens and not self.tls:
+            return "kubectl-proxy"
+        raise _FakeAnswer(401, _status(401, "Unauthorized", "Unauthorized"))
+
+    def _body(self, request):
+        try:
+            body = _json.loads(request.content.read() or b"null")
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise _FakeAnswer(
+                400, _status(400, "BadRequest", "the body is not a JSON object")
+            )
+        return body
+
+    def _route(self, request, method, segments, plural):
+        if plural == "tokenreviews" and len(segments) == 4:
+            if method != "POST":
+                raise self._not_allowed(method)
+            return 201, self._review(self._body(request))
+        if plural in _API_GROUPS:
+            namespace = segments[3] if segments[0] == "api" else segments[4]
+            depth = 5 if segments[0] == "api" else 6
+            if len(segments) == depth and method == "POST":
+                return 201, self._create(plural, namespace, self._body(request))
+            if len(segments) == depth + 1:
+                name = segments[depth]
+                if method == "GET":
+                    return 200, self._get(plural, namespace, name)
+                if method == "PUT":
+                    return 200, self._update(
+                        plural, namespace, name, self._body(request)
+                    )
+                raise self._not_allowed(method)
+        raise _FakeAnswer(
+            404,
+            _status(
+                404, "NotFound", "the server could not find the requested resource"
+            ),
+        )
+
+    @staticmethod
+    def _not_allowed(method):
+        return _FakeAnswer(
+            405,
+            _status(
+                405,
+                "MethodNotAllowed",
+                f"the server does not allow this method ({method})",
+            ),
+        )
+
+    @staticmethod
+    def _not_found(plural, name):
+        return _FakeAnswer(
+            404,
+            _status(
+                404,
+                "NotFound",
+                f'{plural} "{name}" not found',
+                {"name": name, "kind": plural},
+            ),
+        )
+
+    def _get(self, plural, namespace, name):
+        document = self.get_object(plural, namespace, name)
+        if document is None:
+            raise self._not_found(plural, name)
+        return document
+
+    def _create(self, plural, namespace, body):
+        name = (body.get("metadata") or {}).get("name")
+        if not name:
+            raise _FakeAnswer(
+                422, _status(422, "Invalid", f"{plural}: metadata.name: Required value")
+            )
+        if self.before_write is not None:
+            self.before_write("POST", plural, namespace, name)
+        if (plural, namespace, name) in self.objects:
+            raise _FakeAnswer(
+                409,
+                _status(
+                    409,
+                    "AlreadyExists",
+                    f'{plural} "{name}" already exists',
+                    {"name": name, "kind": plural},
+                ),
+            )
+        metadata = body.setdefault("metadata", {})
+        metadata.pop("resourceVersion", None)
+        metadata.pop("uid", None)
+        return self.put_object(plural, namespace, name, body)
+
+    def _update(self, plural, namespace, name, body):
+        metadata = body.get("metadata") or {}
+        if metadata.get("name") != name:
+            raise _FakeAnswer(
+                400,
+                _status(
+                    400, "BadRequest", "the name of the object does not match the URL"
+                ),
+            )
+        if self.before_write is not None:
+            self.before_write("PUT", plural, namespace, name)
+        current = self.objects.get((plural, namespace, name))
+        if current is None:
+            raise self._not_found(plural, name)
+        wanted = metadata.get("resourceVersion")
+        if wanted and wanted != current["metadata"]["resourceVersion"]:
+            raise _FakeAnswer(
+                409,
+                _status(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {plural} "{name}": the object'
+                    " has been modified; please apply your changes to the latest"
+                    " version and try again",
+                    {"name": name, "kind": plural},
+                ),
+            )
+        body["metadata"]["uid"] = current["metadata"]["uid"]
+        return self.put_object(plural, namespace, name, body)
+
+    def _review(self, body):
+        spec = body.get("spec") or {}
+        self.reviews.append(_copy.deepcopy(spec))
+        wanted = spec.get("audiences") or [FAKE_API_SERVER_AUDIENCE]
+        review = {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+        }
+        record = self.tokens.get(spec.get("token"))
+        if record is None:
+            review["status"] = {
+                "user": {},
+                "error": "[invalid bearer token, square/go-jose: error in"
+                " cryptographic primitive]",
+            }
+            return review
+        if not record.authenticated:
+            review["status"] = {"authenticated": False, "user": {}}
+            return review
+        matching = [audience for audience in wanted if audience in record.audiences]
+        if not matching:
+            review["status"] = {
+                "user": {},
+                "error": "[invalid bearer token, token audiences"
+                f" {list(record.audiences)} is invalid for the target audiences"
+                f" {list(wanted)}]",
+            }
+            return review
+        user = {
+            "username": record.username
+            or f"system:serviceaccount:{record.namespace}:{record.service_account}",
+            "uid": _secrets.token_hex(8),
+            "groups": [
+                "system:serviceaccounts",
+                f"system:serviceaccounts:{record.namespace}",
+                "system:authenticated",
+            ],
+        }
+        if record.pod_name is not None and record.pod_extra:
+            user["extra"] = {
+                "authentication.kubernetes.io/pod-name": [record.pod_name],
+                "authentication.kubernetes.io/pod-uid": [record.pod_uid or ""],
+            }
+        review["status"] = {"authenticated": True, "user": user}
+        if self.audience_aware:
+            review["status"]["audiences"] = matching
+        return review
+
+
+def kubernetes_client_for(test_case, fake, reactor=None, user=None, **client_options):
+    """
+    A L{sentry_tx.kube.KubernetesClient} for C{fake}, through a kubeconfig
+    in a temporary directory, closed at C{test_case}'s cleanup.
+
+    @param user: the kubeconfig user's fields (bearer L{FAKE_API_TOKEN} by
+        default).
+    @param client_options: more keyword arguments of the client.
+    """
+    from sentry_tx.kube import KubernetesClient, kubeconfig_connection
+
+    if reactor is None:
+        from twisted.internet import reactor
+    directory = test_case.mktemp()
+    os.makedirs(directory)
+    path = write_kubeconfig(
+        os.path.join(directory, "kubeconfig"), fake.kubeconfig(user=user)
+    )
+    client = KubernetesClient(
+        reactor, lambda: kubeconfig_connection(path, reactor), **client_options
+    )
+    test_case.addCleanup(client.close)
+    return client
+
+
+def start_fake_kubernetes(test_case, reactor=None, tls=True, **options):
+    """
+    Start a L{FakeKubernetesAPI} for C{test_case}, stopped at its cleanup.
+
+    @param reactor: the reactor; the global one by default.
+    @return: the fake, listening.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    fake = FakeKubernetesAPI(reactor, **options)
+    fake.start(tls=tls)
+    test_case.addCleanup(fake.stop)
+    return fake
+
+
+# End of the fake Kubernetes API server.
+
+
+# Hostile-input helpers
+#
+# Clients that misbehave on purpose, for the transport-limit and TLS tests
+# (tests/test_limits.py, test_tls.py): a TLS connection that speaks HTTP/2
+# frame by frame (grpcio's own client never pings too often nor opens
+# streams past the limit), and sockets that connect and never speak.  They
+# block: run them in a thread, never on the reactor.
+
+import socket as _socket
+import ssl as _ssl
+
+HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HTTP2_HEADERS = 0x1
+HTTP2_RST_STREAM = 0x3
+HTTP2_SETTINGS = 0x4
+HTTP2_PING = 0x6
+HTTP2_GOAWAY = 0x7
+HTTP2_FLAG_ACK = 0x1
+HTTP2_FLAG_END_HEADERS = 0x4
+HTTP2_SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
+HTTP2_NO_ERROR = 0x0
+HTTP2_REFUSED_STREAM = 0x7
+HTTP2_ENHANCE_YOUR_CALM = 0xB
+
+
+@dataclass(frozen=True)
+class HTTP2Frame:
+    """
+    One HTTP/2 frame as read off the wire (RFC 9113 section 4.1).
+    """
+
+    type: int
+    flags: int
+    stream_id: int
+    payload: bytes
+
+    def settings(self):
+        """
+        A SETTINGS frame's parameters, as a dict from identifier to value.
+        """
+        payload = self.payload
+        return {
+            int.from_bytes(payload[i : i + 2], "big"): int.from_bytes(
+                payload[i + 2 : i + 6], "big"
+            )
+            for i in range(0, len(payload) - 5, 6)
+        }
+
+    @property
+    def error_code(self):
+        """
+        The error code of a RST_STREAM or GOAWAY frame.
+        """
+        start = 4 if self.type == HTTP2_GOAWAY else 0
+        return int.from_bytes(self.payload[start : start + 4], "big")
+
+    @property
+    def debug_data(self):
+        """
+        The opaque debug data of a GOAWAY frame (gRPC puts its reason there).
+        """
+        return self.payload[8:]
+
+
+def http2_frame(frame_type, flags=0, stream_id=0, payload=b""):
+    """
+    The bytes of one HTTP/2 frame.
+    """
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes([frame_type, flags])
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+def _hpack_integer(value, prefix_bits):
+    # RFC 7541 section 5.1, with a zero first byte besides the prefix.
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([value])
+    out = bytearray([limit])
+    value -= limit
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _hpack_literal(name, value):
+    # "Literal header field without indexing, new name", no Huffman coding.
+    return (
+        b"\x00"
+        + _hpack_integer(len(name), 7)
+        + name
+        + _hpack_integer(len(value), 7)
+        + value
+    )
+
+
+def grpc_request_headers(stream_id, path, authority="dapr-sentry"):
+    """
+    A HEADERS frame opening a gRPC call on C{stream_id} that never sends its
+    message: the stream stays open.
+
+    @param path: the method, C{bytes} (C{b"/dapr.proto.sentry.v1.CA/..."}).
+    """
+    block = b"".join(
+        _hpack_literal(name, value)
+        for name, value in (
+            (b":method", b"POST"),
+            (b":scheme", b"https"),
+            (b":path", path),
+            (b":authority", authority.encode("ascii")),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        )
+    )
+    return http2_frame(HTTP2_HEADERS, HTTP2_FLAG_END_HEADERS, stream_id, block)
+
+
+class RawHTTP2Client:
+    """
+    A TLS connection (verified against C{anchors_pem}, ALPN h2) on which the
+    test writes HTTP/2 frames by hand.  It sends the client preface and an
+    empty SETTINGS frame at once; everything else is up to the test.
+
+    @param timeout: seconds any one read or write may block; a read that
+        times out raises L{TimeoutError}.
+    """
+
+    def __init__(self, host, port, anchors_pem, server_name, timeout=10.0):
+        context = _ssl.create_default_context(cadata=anchors_pem.decode("ascii"))
+        context.set_alpn_protocols(["h2"])
+        raw = _socket.create_connection((host, port), timeout=timeout)
+        try:
+            self._socket = context.wrap_socket(raw, server_hostname=server_name)
+        except BaseException:
+            raw.close()
+            raise
+        self._buffer = b""
+        self.send(HTTP2_CLIENT_PREFACE, http2_frame(HTTP2_SETTINGS))
+
+    def send(self, *chunks):
+        """
+        Write C{chunks} (frames from L{http2_frame}, or any bytes).
+        """
+        self._socket.sendall(b"".join(chunks))
+
+    def read_frame(self):
+        """
+        The next frame, or None when the server closed the connection.
+        """
+        while True:
+            if len(self._buffer) >= 9:
+                length = int.from_bytes(self._buffer[:3], "big")
+                if len(self._buffer) >= 9 + length:
+                    header, self._buffer = self._buffer[:9], self._buffer[9:]
+                    payload, self._buffer = (
+                        self._buffer[:length],
+                        self._buffer[length:],
+                    )
+                    return HTTP2Frame(
+                        type=header[3],
+                        flags=header[4],
+                        stream_id=int.from_bytes(header[5:9], "big") & 0x7FFFFFFF,
+                        payload=payload,
+                    )
+            try:
+                data = self._socket.recv(65536)
+            except (_ssl.SSLEOFError, ConnectionResetError):
+                return None
+            if not data:
+                return None
+            self._buffer += data
+
+    def read_until(self, frame_type, stream_id=None):
+        """
+        Read until a frame of C{frame_type} (on C{stream_id}, if given).
+
+        @return: that frame, or None when the connection closed first.
+        """
+        while True:
+            frame = self.read_frame()
+            if frame is None:
+                return None
+            if frame.type == frame_type and stream_id in (None, frame.stream_id):
+                return frame
+
+    def close(self):
+        """
+        Close the connection.
+        """
+        self._socket.close()
+
+
+def open_silent_connections(host, port, count, timeout=10.0):
+    """
+    Open C{count} TCP connections to C{host}:C{port} that never send a byte.
+
+    @return: the connected sockets; the caller closes them.
+    """
+    sockets = []
+    try:
+        for _ in range(count):
+            sockets.append(_socket.create_connection((host, port), timeout=timeout))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+# End of the hostile-input helpers.
