@@ -17,7 +17,14 @@ from sentry_tx.server.service import (
     NotRunningError,
     listen_target,
 )
-from sentry_tx.testing import FIXED_NOW, FakeTrustStore, ImmediateReactor, make_bundle
+from sentry_tx.ca.bundle import load_bundle
+from sentry_tx.testing import (
+    FIXED_NOW,
+    FakeTrustStore,
+    ImmediateReactor,
+    make_bundle,
+    make_chain,
+)
 
 
 class _ControlledTrustStore(FakeTrustStore):
@@ -47,7 +54,9 @@ class CertificateAuthorityServiceTests(SynchronousTestCase):
 
     def setUp(self):
         self.reactor = ImmediateReactor(FIXED_NOW.timestamp())
-        self.bundle = make_bundle()
+        chain = make_chain()
+        self.bundle = chain.load(FIXED_NOW)
+        self.key_pem = chain.issuer_key_pem()
         self.store = _ControlledTrustStore(self.bundle)
         self.metrics = SentryMetrics()
         self.config = SentryConfig(listen_address="127.0.0.1", port=0)
@@ -149,6 +158,57 @@ class CertificateAuthorityServiceTests(SynchronousTestCase):
         self.assertIs(self.ca.bundle, self.bundle)
         self.assertTrue(self.ca.ready)
         self.assertEqual(self.metrics.issuercert_reload_failed._value.get(), 1)
+
+    def test_restart_during_start_waits(self):
+        """
+        A restart asked for while the first load is still running waits for
+        the start to finish, then reloads.
+        """
+        pending = Deferred()
+        self.store.load_or_generate = lambda now: pending
+        started = self.ca.start(self.config)
+        self.addCleanup(lambda: self.successResultOf(self.ca.stop()))
+        restarted = self.ca.restart(self.config)
+        self.assertEqual(self.store.loads, 0)
+        pending.callback(self.bundle)
+        self.successResultOf(started)
+        self.assertEqual(self.store.loads, 1)
+        new = make_bundle()
+        self.store.waiting.pop().callback(new)
+        self.successResultOf(restarted)
+        self.assertIs(self.ca.bundle, new)
+
+    def test_restart_after_failed_start(self):
+        """
+        A restart waiting on a start that fails fails with
+        L{NotRunningError}.
+        """
+        pending = Deferred()
+        self.store.load_or_generate = lambda now: pending
+        started = self.ca.start(self.config)
+        restarted = self.ca.restart(self.config)
+        pending.errback(BundleError("ca.crt", "no certificate"))
+        self.failureResultOf(started, BundleError)
+        self.failureResultOf(restarted, NotRunningError)
+
+    def test_restart_unchanged(self):
+        """
+        A reload that finds the same credentials keeps the bundle in
+        service as it is.
+        """
+        self.start()
+        d = self.ca.restart(self.config)
+        self.store.waiting.pop().callback(
+            load_bundle(
+                self.bundle.anchors_pem,
+                self.bundle.issuer_chain_pem,
+                self.key_pem,
+                FIXED_NOW,
+            )
+        )
+        self.successResultOf(d)
+        self.assertIs(self.ca.bundle, self.bundle)
+        self.assertIsNone(self.ca._credentials._fetch())
 
     def test_restart_serialised_and_coalesced(self):
         """

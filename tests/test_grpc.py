@@ -13,7 +13,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from sentry_tx._proto import sentry_pb2, sentry_pb2_grpc
+from sentry_tx._proto import sentry_pb2
 from sentry_tx.ca.bundle import generate_bundle
 from sentry_tx.config import SentryConfig
 from sentry_tx.identity import VALIDATOR_INSECURE

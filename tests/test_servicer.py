@@ -336,6 +336,37 @@ class ServicerTests(SynchronousTestCase):
         )
         self.assertEqual(context.code, grpc.StatusCode.INVALID_ARGUMENT)
 
+    def test_malformed_message(self):
+        """
+        Bytes that are not a C{SignCertificateRequest} are INVALID_ARGUMENT
+        (a caller's mistake, never INTERNAL), counted as received and as a
+        validator failure.
+        """
+        for data in (b"\x0a\x01\xff", b"\xff", b"\x0a\x05ab"):
+            context = _AbortingContext()
+            self.assertRaises(
+                _AbortingContext.Aborted,
+                self.servicer().SignCertificateMessage,
+                data,
+                context,
+            )
+            self.assertEqual(context.code, grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertTrue(context.details.startswith("failed to parse request: "))
+        self.assertEqual(self.counts()["received"], 3)
+        self.assertEqual(self.counts()["validator"], 3)
+
+    def test_message_answers(self):
+        """
+        A well-formed message is parsed and signed.
+        """
+        request = sentry_pb2.SignCertificateRequest(
+            id="myapp", namespace="default", certificate_signing_request=make_csr()[1]
+        )
+        response = self.servicer().SignCertificateMessage(
+            request.SerializeToString(), _AbortingContext()
+        )
+        self.assertTrue(response.workload_certificate.startswith(b"-----BEGIN"))
+
     def test_grpc_method_answers(self):
         """
         The gRPC method returns the response of a successful sign.

@@ -25,6 +25,7 @@ No message ever includes key material.
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -93,13 +94,26 @@ class PEMBlock:
     line: int
 
 
+_PEM_LABEL = re.compile(rb"[\x21-\x2c\x2e-\x7e]+(?:[- ][\x21-\x2c\x2e-\x7e]+)*")
+"""
+An RFC 7468 label (C{CERTIFICATE}, C{EC PRIVATE KEY}).  Only such a label
+makes a line a BEGIN or END line: a whole PEM squeezed onto one line
+(newlines lost on the way) must not be taken for a BEGIN line, or messages
+about it would quote the key.
+"""
+
+MAX_PEM_LABEL_BYTES = 64
+
+
 def _pem_label(line, marker):
     """
     The label of a BEGIN or END line, or L{None} if C{line} is not one.
     """
     # The marker ends with a space, so it cannot overlap the closing dashes.
     if line.startswith(marker) and line.endswith(_PEM_DASHES):
-        return line[len(marker) : -len(_PEM_DASHES)].decode("ascii", "replace")
+        label = line[len(marker) : -len(_PEM_DASHES)]
+        if len(label) <= MAX_PEM_LABEL_BYTES and _PEM_LABEL.fullmatch(label):
+            return label.decode("ascii")
     return None
 
 

@@ -14,27 +14,96 @@ from datetime import datetime, timezone
 
 import grpc
 from twisted.application.service import Service
-from twisted.internet.defer import fail, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sentry_tx._proto import sentry_pb2_grpc
 from sentry_tx.interfaces import ICertificateAuthority
 from sentry_tx.server.serial import SerialReloads
-from sentry_tx.server.servicer import CAServicer
+from sentry_tx.server.servicer import CAServicer, rpc_handler
 from sentry_tx.server.tls import ServerCredentials, issue_server_certificate
 
-# Transport limits (see SECURITY.md).
+# Transport limits (SECURITY.md lists them; tests/test_limits.py pins them).
+# Every gRPC caller is untrusted until validated, so each of these bounds
+# what one caller can make sentry_tx hold.
+
 MAX_REQUEST_BYTES = 64 * 1024
-MAX_RESPONSE_BYTES = 64 * 1024
+"""
+The largest request message; a bigger one is refused by the transport with
+RESOURCE_EXHAUSTED before any of sentry_tx's code sees it.
+"""
+
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+"""
+The largest response message: the leaf, the issuer chain and the anchors.
+Only the leaf's public key comes from the caller (and it fits in a request);
+the rest is the operator's bundle, whose files may each be up to 1 MiB
+(L{sentry_tx.ca.store.MAX_BUNDLE_FILE_BYTES}), so this is not a defence but
+room: a bundle that loads must never make every answer fail.
+"""
+
 GRPC_WORKER_THREADS = 32
+"""
+The threads that run SignCertificate calls.
+"""
+
 MAX_CONCURRENT_RPCS = 1024
+"""
+Calls running or queued for a worker thread, over all connections; one more
+is refused at once with RESOURCE_EXHAUSTED, so a flood costs at most this
+many requests of memory.
+"""
+
 MAX_CONCURRENT_STREAMS_PER_CONNECTION = 100
+"""
+HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: open streams per connection; a stream
+beyond it is reset with REFUSED_STREAM.
+"""
+
 MAX_CONNECTION_IDLE_MILLISECONDS = 5 * 60 * 1000
+"""
+A connection without a call for this long is closed with GOAWAY.
+"""
+
+SERVER_HANDSHAKE_TIMEOUT_MILLISECONDS = 20 * 1000
+"""
+A connection that has not finished its TLS and HTTP/2 handshakes this long
+after it was accepted is closed (a socket that never speaks costs nothing
+for longer).
+"""
+
 KEEPALIVE_TIME_MILLISECONDS = 2 * 60 * 60 * 1000
+"""
+How often the server pings an idle client to check the connection.
+"""
+
 KEEPALIVE_TIMEOUT_MILLISECONDS = 20 * 1000
+"""
+How long the server waits for the answer to its ping before closing.
+"""
+
 MIN_CLIENT_PING_INTERVAL_MILLISECONDS = 5 * 60 * 1000
+"""
+The shortest interval between a client's pings that is not abuse, while it
+has calls in flight.
+"""
+
+PERMIT_CLIENT_PINGS_WITHOUT_CALLS = False
+"""
+Whether a client may ping a connection without calls; when not, such pings
+count as abuse too (gRPC then allows one per two hours).
+"""
+
+MAX_PING_STRIKES = 2
+"""
+Abusive pings tolerated per connection; the next one gets GOAWAY
+ENHANCE_YOUR_CALM "too_many_pings" and the connection is closed.
+"""
+
+# The minimum TLS version (1.2) is not here: grpcio 1.85 has no server option
+# or credential argument for it; gRPC core's SSL server credentials default to
+# TLS 1.2 minimum, which tests/test_tls.py pins.
 
 SHUTDOWN_GRACE_SECONDS = 5.0
 SERVER_CERT_RETRY_SECONDS = 60.0
@@ -52,26 +121,41 @@ class NotRunningError(Exception):
     """
 
 
-def grpc_server_options(reuse_port=False):
+def grpc_server_options(
+    reuse_port=False,
+    max_concurrent_streams_per_connection=MAX_CONCURRENT_STREAMS_PER_CONNECTION,
+    max_connection_idle_milliseconds=MAX_CONNECTION_IDLE_MILLISECONDS,
+    server_handshake_timeout_milliseconds=SERVER_HANDSHAKE_TIMEOUT_MILLISECONDS,
+):
     """
-    The channel arguments of the gRPC server: size, stream and connection
-    limits.
+    The channel arguments of the gRPC server: size, stream, connection and
+    ping limits.
 
     @param reuse_port: share the port with other processes of this user
         (worker processes); off otherwise, so that a second sentry_tx on the
         same port fails to bind instead of silently sharing it.
+    @param max_concurrent_streams_per_connection: see
+        L{MAX_CONCURRENT_STREAMS_PER_CONNECTION}; the other limits keyword
+        arguments likewise default to their constants (tests make them
+        small).
     """
     return [
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
         ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
-        ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS_PER_CONNECTION),
-        ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MILLISECONDS),
+        ("grpc.max_concurrent_streams", max_concurrent_streams_per_connection),
+        ("grpc.max_connection_idle_ms", max_connection_idle_milliseconds),
+        ("grpc.server_handshake_timeout_ms", server_handshake_timeout_milliseconds),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MILLISECONDS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MILLISECONDS),
         (
             "grpc.http2.min_recv_ping_interval_without_data_ms",
             MIN_CLIENT_PING_INTERVAL_MILLISECONDS,
         ),
+        (
+            "grpc.keepalive_permit_without_calls",
+            1 if PERMIT_CLIENT_PINGS_WITHOUT_CALLS else 0,
+        ),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
 
@@ -104,6 +188,9 @@ class CertificateAuthorityService(Service):
         the config at start, or None when the config is complete already.
     @param reuse_port: bind with SO_REUSEPORT (worker processes sharing
         the port).
+    @param max_concurrent_rpcs: see L{MAX_CONCURRENT_RPCS}; this and the
+        other transport limits default to their constants and are
+        parameters only so that tests can make them small.
     """
 
     name = "ca"
@@ -120,9 +207,21 @@ class CertificateAuthorityService(Service):
         on_start_failure=None,
         configuration_source=None,
         reuse_port=False,
+        max_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+        max_concurrent_streams_per_connection=MAX_CONCURRENT_STREAMS_PER_CONNECTION,
+        max_connection_idle_milliseconds=MAX_CONNECTION_IDLE_MILLISECONDS,
+        server_handshake_timeout_milliseconds=SERVER_HANDSHAKE_TIMEOUT_MILLISECONDS,
     ):
         self.config = config
         self._reuse_port = reuse_port
+        self._max_concurrent_rpcs = max_concurrent_rpcs
+        self._max_concurrent_streams_per_connection = (
+            max_concurrent_streams_per_connection
+        )
+        self._max_connection_idle_milliseconds = max_connection_idle_milliseconds
+        self._server_handshake_timeout_milliseconds = (
+            server_handshake_timeout_milliseconds
+        )
         self._configuration_source = configuration_source
         self.bundle = None
         self.ready = False
@@ -139,6 +238,7 @@ class CertificateAuthorityService(Service):
         self._renewal = None
         self._started = False
         self._reloads = SerialReloads(self._reload)
+        self._start_waiters = None
 
     # IService
 
@@ -170,13 +270,21 @@ class CertificateAuthorityService(Service):
             return fail(AlreadyRunningError("the certificate authority is running"))
         self._started = True
         self.config = config
+        self._start_waiters = []
         d = self._start(config)
         d.addErrback(self._reset_after_failed_start)
+        d.addBoth(self._release_start_waiters)
         return d
 
     def _reset_after_failed_start(self, failure):
         self._started = False
         return failure
+
+    def _release_start_waiters(self, result):
+        waiters, self._start_waiters = self._start_waiters, None
+        for waiter in waiters:
+            waiter.callback(None)
+        return result
 
     @inlineCallbacks
     def _start(self, config):
@@ -218,10 +326,15 @@ class CertificateAuthorityService(Service):
         )
         server = grpc.server(
             executor,
-            options=grpc_server_options(self._reuse_port),
-            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+            options=grpc_server_options(
+                self._reuse_port,
+                self._max_concurrent_streams_per_connection,
+                self._max_connection_idle_milliseconds,
+                self._server_handshake_timeout_milliseconds,
+            ),
+            maximum_concurrent_rpcs=self._max_concurrent_rpcs,
         )
-        sentry_pb2_grpc.add_CAServicer_to_server(servicer, server)
+        server.add_generic_rpc_handlers((rpc_handler(servicer),))
         try:
             port = server.add_secure_port(
                 listen_target(config.listen_address, config.port),
@@ -259,6 +372,14 @@ class CertificateAuthorityService(Service):
     def restart(self, config):
         if not self._started:
             return fail(NotRunningError("the certificate authority is not running"))
+        if self._start_waiters is not None:
+            # Still starting: reload once the start is over, so that a reload
+            # never runs beside the first load (nor writes back a config the
+            # start has not resolved yet).
+            waiter = Deferred()
+            self._start_waiters.append(waiter)
+            waiter.addCallback(lambda _: self.restart(config))
+            return waiter
         return self._reloads.request(config)
 
     @inlineCallbacks
@@ -281,6 +402,11 @@ class CertificateAuthorityService(Service):
             )
             raise
         self.config = config
+        if _same_bundle(bundle, self.bundle):
+            # The files were touched but say the same (for example the
+            # store's own writes when it generated them): nothing to swap.
+            self._log.info("issuer credentials unchanged")
+            return
         self._install(bundle)
         if self._credentials is not None:
             self._credentials.replace(key_pem, chain_pem)
@@ -338,3 +464,15 @@ class CertificateAuthorityService(Service):
 
         d.addCallbacks(renewed, failed)
         return d
+
+
+def _same_bundle(new, old):
+    """
+    Whether two bundles have the same anchors, issuer chain and issuer key.
+    """
+    return (
+        old is not None
+        and new.anchors_pem == old.anchors_pem
+        and new.issuer_chain_pem == old.issuer_chain_pem
+        and new.issuer_key.public_key() == old.issuer_key.public_key()
+    )

@@ -12,6 +12,7 @@ the reactor for it would cost a fifth of the throughput and buy nothing.
 from datetime import datetime, timezone
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
@@ -33,10 +34,14 @@ from sentry_tx.metrics import (
     FAILURE_REASON_VALIDATOR,
 )
 
+SERVICE_NAME = "dapr.proto.sentry.v1.CA"
+METHOD_NAME = "SignCertificate"
+
 VALIDATION_TIMEOUT_SECONDS = 10.0
 
 NO_DEFAULT_VALIDATOR = "a validator name must be specified in this environment"
 VALIDATOR_NOT_ENABLED = "the requested validator is not enabled"
+MALFORMED_REQUEST = "failed to parse request"
 SIGNING_FAILED = "failed to sign certificate"
 VALIDATION_FAILED = "failed to validate the caller"
 VALIDATION_TIMED_OUT = "timed out validating the caller"
@@ -99,6 +104,24 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
             return self.sign(SignRequest.from_proto(request))
         except Refusal as refusal:
             context.abort(refusal.code, refusal.message)
+
+    def SignCertificateMessage(self, data, context):
+        """
+        The gRPC method as served: the request arrives as bytes and is
+        parsed here, so that a message that is not a valid
+        C{SignCertificateRequest} is the caller's mistake (INVALID_ARGUMENT,
+        counted), not grpcio's "Exception deserializing request!" (INTERNAL,
+        uncounted).
+        """
+        try:
+            request = sentry_pb2.SignCertificateRequest.FromString(data)
+        except DecodeError as e:
+            self._metrics.sign_request_received.inc()
+            self._metrics.sign_failure.labels(reason=FAILURE_REASON_VALIDATOR).inc()
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{MALFORMED_REQUEST}: {e}"
+            )
+        return self.SignCertificate(request, context)
 
     def sign(self, request):
         """
@@ -203,6 +226,26 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
             onTimeoutCancel=_raise_unavailable,
         )
         return d
+
+
+def rpc_handler(servicer):
+    """
+    The grpcio handler of C{dapr.proto.sentry.v1.CA} for C{servicer}.
+
+    The request is handed over as bytes (see
+    L{CAServicer.SignCertificateMessage}); the response is serialised by
+    grpcio.
+    """
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            METHOD_NAME: grpc.unary_unary_rpc_method_handler(
+                servicer.SignCertificateMessage,
+                request_deserializer=None,
+                response_serializer=sentry_pb2.SignCertificateResponse.SerializeToString,
+            )
+        },
+    )
 
 
 def _fired_result(d):
