@@ -1,0 +1,472 @@
+"""
+The KUBERNETES validator: the caller proves who it is with the pod's
+service-account token, and the API server vouches for it.
+
+The checks, in order (each refusal is a L{ValidationError} whose message
+says which check failed; the caller gets it with PERMISSION_DENIED):
+
+  1. the common request rules (L{rules.check_request}, messages unchanged);
+  2. a token is present;
+  3. a TokenReview (C{POST /apis/authentication.k8s.io/v1/tokenreviews})
+     with the audiences C{dapr.io/sentry} and
+     C{spiffe://<sentry trust domain>/ns/<sentry namespace>/dapr-sentry}, or
+     those of C{--token-audience}; it must say C{authenticated}, without
+     error, and confirm one of those audiences in C{status.audiences};
+  4. the username is C{system:serviceaccount:<namespace>:<account>}, and
+     that namespace is the request's;
+  5. the pod: the C{kubernetes.io.pod.name} claim of the token (the
+     TokenReview proved its signature, so its payload is read without
+     verifying it again), or the review's
+     C{status.user.extra["authentication.kubernetes.io/pod-name"]}; a token
+     naming no pod (a legacy Secret token) is refused;
+  6. the pod exists in the request's namespace, runs as that service
+     account, and (when the token names a pod uid) is that very pod, not
+     one recreated under the same name;
+  7. the expected app id: the pod's C{dapr.io/app-id} annotation, else its
+     name; for a pod annotated C{dapr.io/control-plane: <x>}, C{dapr-<x>},
+     allowed only in sentry_tx's namespace, for Dapr's control-plane
+     services, and never together with C{dapr.io/app-id}; the request's id
+     must be it;
+  8. the trust domain: sentry_tx's for the control plane; else
+     C{spec.accessControl.trustDomain} of the Configuration named by the
+     pod's C{dapr.io/config} annotation, in the pod's namespace; else
+     C{public}.
+
+As Dapr does, the request's own C{trust_domain} is ignored beyond the common
+rules: the identity signed carries the trust domain derived in step 8, which
+only the cluster's operators control.
+
+An API server that cannot be reached, does not answer in time, answers 429
+or 5xx, or refuses sentry_tx's own requests (401, 403: a deployment fault,
+logged as an error) makes the call UNAVAILABLE
+(L{ValidatorUnavailableError}): the caller retries.  Nothing is cached: every
+call reviews the token and reads the pod and the Configuration again.
+"""
+
+import base64
+import binascii
+import json
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from sentry_tx.errors import ConfigError, ValidationError, ValidatorUnavailableError
+from sentry_tx.identity import VALIDATOR_KUBERNETES, CallerIdentity
+from sentry_tx.identity.rules import (
+    DEFAULT_WORKLOAD_TRUST_DOMAIN,
+    check_request,
+    trust_domain_problem,
+)
+from sentry_tx.interfaces import IIdentityValidator
+from sentry_tx.kube import (
+    TOKEN_REVIEW_PATH,
+    KubernetesAPIError,
+    KubernetesError,
+    configuration_path,
+    core_path,
+)
+
+LEGACY_SENTRY_AUDIENCE = "dapr.io/sentry"
+"""
+The audience older sidecars request for their token, as Dapr's.
+"""
+
+APP_ID_ANNOTATION = "dapr.io/app-id"
+CONFIG_ANNOTATION = "dapr.io/config"
+CONTROL_PLANE_ANNOTATION = "dapr.io/control-plane"
+
+CONTROL_PLANE_SERVICES = frozenset(
+    ("injector", "operator", "placement", "scheduler", "sentry")
+)
+"""
+The values of C{dapr.io/control-plane} that name one of Dapr's services.
+"""
+
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
+
+SERVICE_ACCOUNT_USERNAME_PREFIX = "system:serviceaccount:"
+
+MAX_TOKEN_BYTES = 16 * 1024
+"""
+The longest token sent for review (service-account tokens are about 1 KiB).
+"""
+
+# The refusals: what the caller reads after PERMISSION_DENIED.
+NO_TOKEN = "token is required for the KUBERNETES validator"
+TOKEN_TOO_LONG = f"token is longer than {MAX_TOKEN_BYTES} bytes"
+TOKEN_REVIEW_FAILED = "token review failed: {error}"
+TOKEN_NOT_AUTHENTICATED = "token review failed: the token is not authenticated"
+TOKEN_WRONG_AUDIENCE = (
+    "token review failed: the token is not for an audience of sentry ({audiences})"
+)
+BAD_USERNAME = (
+    "provided token is not a properly structured service account token"
+    " (username {username!r})"
+)
+NAMESPACE_MISMATCH = (
+    "namespace mismatch: the token's service account is in namespace"
+    " {token_namespace!r}, the request is for {namespace!r}"
+)
+NO_POD_CLAIM = (
+    "the token names no pod (kubernetes.io pod name claim missing): use a"
+    " projected service account token"
+)
+POD_CLAIM_MISMATCH = "the token's pod claims disagree ({claim!r}, {extra!r})"
+POD_NOT_FOUND = "pod {namespace}/{pod} of the token not found"
+POD_UID_MISMATCH = (
+    "pod {namespace}/{pod} is not the pod the token was issued for (uid mismatch)"
+)
+SERVICE_ACCOUNT_MISMATCH = (
+    "pod service account mismatch: pod {namespace}/{pod} runs as {pod_account!r},"
+    " the token is for {token_account!r}"
+)
+APP_ID_MISMATCH = "app-id mismatch: expected {expected!r}, received {received!r}"
+CONTROL_PLANE_NAMESPACE = (
+    "control plane service in namespace {namespace!r} is not allowed"
+)
+CONTROL_PLANE_UNKNOWN = "unknown control plane service {service!r} (pod {pod!r})"
+CONTROL_PLANE_WITH_APP_ID = (
+    "control plane service pod {pod!r} cannot have annotation " + APP_ID_ANNOTATION
+)
+CONFIGURATION_NOT_FOUND = (
+    "configuration {namespace}/{name} named by the pod's "
+    + CONFIG_ANNOTATION
+    + " annotation not found"
+)
+BAD_CONFIGURATION_TRUST_DOMAIN = (
+    "configuration {namespace}/{name} has an invalid"
+    " spec.accessControl.trustDomain: {problem}"
+)
+
+
+def default_audiences(trust_domain, namespace):
+    """
+    The audiences a sidecar's token is reviewed for: Dapr's legacy audience
+    and sentry_tx's SPIFFE ID.
+    """
+    return (
+        LEGACY_SENTRY_AUDIENCE,
+        f"spiffe://{trust_domain}/ns/{namespace}/dapr-sentry",
+    )
+
+
+def token_payload(token):
+    """
+    The claims of a JWT, decoded without verifying its signature.
+
+    Only for a token the API server has just authenticated.
+
+    @return: a dict, empty when the token is not a JWT with a JSON object
+        payload.
+    """
+    segments = token.split(".")
+    if len(segments) != 3:
+        return {}
+    payload = segments[1]
+    try:
+        decoded = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        claims = json.loads(decoded)
+    except (binascii.Error, ValueError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def _mapping(value):
+    return value if isinstance(value, dict) else {}
+
+
+def _first_string(values):
+    """
+    The first element of a TokenReview C{extra} value (a list of strings).
+    """
+    if isinstance(values, list) and values and isinstance(values[0], str):
+        return values[0]
+    return ""
+
+
+@implementer(IIdentityValidator)
+class KubernetesValidator:
+    """
+    Validates callers with the Kubernetes API (see the module docstring).
+    Runs on the reactor: C{validate} returns a Deferred.
+
+    @param client: the L{sentry_tx.kube.KubernetesClient}.
+    @param sentry_trust_domain: sentry_tx's trust domain (control plane).
+    @param sentry_namespace: sentry_tx's namespace (control plane).
+    @param audiences: the TokenReview audiences (C{--token-audience}); the
+        defaults of L{default_audiences} when empty.
+    """
+
+    name = VALIDATOR_KUBERNETES
+    needs_reactor = True
+    _log = Logger()
+
+    def __init__(self, client, sentry_trust_domain, sentry_namespace, audiences=()):
+        self._client = client
+        self._sentry_trust_domain = sentry_trust_domain
+        self._sentry_namespace = sentry_namespace
+        self.audiences = tuple(audiences) or default_audiences(
+            sentry_trust_domain, sentry_namespace
+        )
+
+    @inlineCallbacks
+    def validate(self, request):
+        """
+        Run every check, in order.
+
+        @param request: a L{sentry_tx.identity.SignRequest}.
+        @return: Deferred firing with the L{CallerIdentity} to sign, or
+            failing with L{ValidationError} or L{ValidatorUnavailableError}.
+        """
+        check_request(request)
+        token = request.token
+        if not token:
+            raise ValidationError(NO_TOKEN)
+        if len(token.encode("utf-8")) > MAX_TOKEN_BYTES:
+            raise ValidationError(TOKEN_TOO_LONG)
+        status = yield self._review(token)
+        _, account = self._service_account(status, request)
+        pod_name, pod_uid = self._pod_of_token(token, status)
+        pod = yield self._get(
+            core_path(request.namespace, "pods", pod_name),
+            POD_NOT_FOUND.format(namespace=request.namespace, pod=pod_name),
+        )
+        metadata = _mapping(pod.get("metadata"))
+        if pod_uid and metadata.get("uid") != pod_uid:
+            raise ValidationError(
+                POD_UID_MISMATCH.format(namespace=request.namespace, pod=pod_name)
+            )
+        pod_account = _mapping(pod.get("spec")).get("serviceAccountName") or "default"
+        if pod_account != account:
+            raise ValidationError(
+                SERVICE_ACCOUNT_MISMATCH.format(
+                    namespace=request.namespace,
+                    pod=pod_name,
+                    pod_account=pod_account,
+                    token_account=account,
+                )
+            )
+        annotations = _mapping(metadata.get("annotations"))
+        expected_id, is_control_plane = self._expected_id(
+            pod_name, request.namespace, annotations
+        )
+        if request.id != expected_id:
+            raise ValidationError(
+                APP_ID_MISMATCH.format(expected=expected_id, received=request.id)
+            )
+        if is_control_plane:
+            trust_domain = self._sentry_trust_domain
+        else:
+            trust_domain = yield self._workload_trust_domain(
+                request.namespace, annotations.get(CONFIG_ANNOTATION)
+            )
+        if request.trust_domain and request.trust_domain != trust_domain:
+            self._log.debug(
+                "{namespace}/{app_id} asked for trust domain {requested}; it"
+                " gets {trust_domain}",
+                namespace=request.namespace,
+                app_id=request.id,
+                requested=request.trust_domain,
+                trust_domain=trust_domain,
+            )
+        return CallerIdentity(
+            trust_domain=trust_domain, namespace=request.namespace, app_id=request.id
+        )
+
+    # The API calls
+
+    def _unavailable(self, error):
+        """
+        The L{ValidatorUnavailableError} for an API call that failed through
+        no fault of the caller's.  A refusal of sentry_tx's own request
+        (401, 403, 400...) is a deployment fault and is logged as an error.
+        """
+        if isinstance(error, KubernetesAPIError):
+            if not error.is_transient:
+                self._log.error(
+                    "the Kubernetes API refused a validation request: {error}",
+                    error=str(error),
+                )
+            return ValidatorUnavailableError(
+                f"cannot validate the caller: the Kubernetes API answered HTTP"
+                f" {error.status} {error.reason}"
+            )
+        if isinstance(error, ConfigError):
+            self._log.error(
+                "cannot reach the Kubernetes API to validate a caller: {error}",
+                error=str(error),
+            )
+            return ValidatorUnavailableError(
+                "cannot validate the caller: the Kubernetes API is unavailable"
+            )
+        return ValidatorUnavailableError(
+            f"cannot validate the caller: the Kubernetes API is unavailable ({error})"
+        )
+
+    @inlineCallbacks
+    def _get(self, path, not_found_message):
+        """
+        GET C{path}; a 404 is a refusal with C{not_found_message}.
+        """
+        try:
+            document = yield self._client.get(path)
+        except KubernetesAPIError as e:
+            if e.is_not_found:
+                raise ValidationError(not_found_message) from None
+            raise self._unavailable(e) from None
+        except (KubernetesError, ConfigError) as e:
+            raise self._unavailable(e) from None
+        return document
+
+    @inlineCallbacks
+    def _review(self, token):
+        """
+        The status of a TokenReview of C{token}.
+
+        @raise ValidationError: when it is not authenticated for one of
+            C{self.audiences}.
+        """
+        try:
+            review = yield self._client.create(
+                TOKEN_REVIEW_PATH,
+                {
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "TokenReview",
+                    "spec": {"token": token, "audiences": list(self.audiences)},
+                },
+                retry_lost_response=True,
+            )
+        except (KubernetesError, ConfigError) as e:
+            raise self._unavailable(e) from None
+        status = _mapping(review.get("status"))
+        if status.get("error"):
+            raise ValidationError(TOKEN_REVIEW_FAILED.format(error=status["error"]))
+        if status.get("authenticated") is not True:
+            raise ValidationError(TOKEN_NOT_AUTHENTICATED)
+        confirmed = status.get("audiences")
+        if not isinstance(confirmed, list) or not set(confirmed) & set(self.audiences):
+            # An empty list means the token is only good for the API server
+            # itself (or the authenticator ignores audiences): not for us.
+            raise ValidationError(
+                TOKEN_WRONG_AUDIENCE.format(audiences=", ".join(self.audiences))
+            )
+        return status
+
+    # The checks
+
+    def _service_account(self, status, request):
+        """
+        The namespace and name of the token's service account.
+
+        @raise ValidationError: for another kind of user, or another
+            namespace than the request's.
+        """
+        username = _mapping(status.get("user")).get("username") or ""
+        parts = username.split(":") if isinstance(username, str) else []
+        if (
+            len(parts) != 4
+            or not username.startswith(SERVICE_ACCOUNT_USERNAME_PREFIX)
+            or not parts[2]
+            or not parts[3]
+        ):
+            raise ValidationError(BAD_USERNAME.format(username=username))
+        if parts[2] != request.namespace:
+            raise ValidationError(
+                NAMESPACE_MISMATCH.format(
+                    token_namespace=parts[2], namespace=request.namespace
+                )
+            )
+        return parts[2], parts[3]
+
+    def _pod_of_token(self, token, status):
+        """
+        The name (and uid, or "") of the pod the token was issued for.
+
+        @raise ValidationError: when it names none, or its claim and the
+            review disagree.
+        """
+        pod_claim = _mapping(
+            _mapping(token_payload(token).get("kubernetes.io")).get("pod")
+        )
+        claim_name = (
+            pod_claim.get("name") if isinstance(pod_claim.get("name"), str) else ""
+        )
+        claim_uid = (
+            pod_claim.get("uid") if isinstance(pod_claim.get("uid"), str) else ""
+        )
+        extra = _mapping(_mapping(status.get("user")).get("extra"))
+        extra_name = _first_string(extra.get(POD_NAME_EXTRA))
+        extra_uid = _first_string(extra.get(POD_UID_EXTRA))
+        if claim_name and extra_name and claim_name != extra_name:
+            raise ValidationError(
+                POD_CLAIM_MISMATCH.format(claim=claim_name, extra=extra_name)
+            )
+        if claim_uid and extra_uid and claim_uid != extra_uid:
+            raise ValidationError(
+                POD_CLAIM_MISMATCH.format(claim=claim_uid, extra=extra_uid)
+            )
+        name = extra_name or claim_name
+        if not name:
+            raise ValidationError(NO_POD_CLAIM)
+        return name, extra_uid or claim_uid
+
+    def _expected_id(self, pod_name, namespace, annotations):
+        """
+        The app id the pod may ask for, and whether it is the control
+        plane's.
+
+        @raise ValidationError: for a misused control-plane annotation.
+        """
+        control_plane = annotations.get(CONTROL_PLANE_ANNOTATION)
+        app_id = annotations.get(APP_ID_ANNOTATION)
+        if control_plane is not None:
+            if namespace != self._sentry_namespace:
+                raise ValidationError(
+                    CONTROL_PLANE_NAMESPACE.format(namespace=namespace)
+                )
+            if control_plane not in CONTROL_PLANE_SERVICES:
+                raise ValidationError(
+                    CONTROL_PLANE_UNKNOWN.format(service=control_plane, pod=pod_name)
+                )
+            if app_id is not None:
+                raise ValidationError(CONTROL_PLANE_WITH_APP_ID.format(pod=pod_name))
+            return f"dapr-{control_plane}", True
+        if app_id:
+            return str(app_id), False
+        return pod_name, False
+
+    @inlineCallbacks
+    def _workload_trust_domain(self, namespace, config_name):
+        """
+        The trust domain of the Configuration C{config_name} in
+        C{namespace}, or C{public}.
+
+        @raise ValidationError: when the Configuration does not exist or its
+            trust domain is invalid.
+        """
+        if not config_name:
+            return DEFAULT_WORKLOAD_TRUST_DOMAIN
+        configuration = yield self._get(
+            configuration_path(namespace, config_name),
+            CONFIGURATION_NOT_FOUND.format(namespace=namespace, name=config_name),
+        )
+        access_control = _mapping(
+            _mapping(configuration.get("spec")).get("accessControl")
+        )
+        trust_domain = access_control.get("trustDomain")
+        if not trust_domain:
+            return DEFAULT_WORKLOAD_TRUST_DOMAIN
+        problem = (
+            trust_domain_problem(trust_domain)
+            if isinstance(trust_domain, str)
+            else "not a string"
+        )
+        if problem is not None:
+            raise ValidationError(
+                BAD_CONFIGURATION_TRUST_DOMAIN.format(
+                    namespace=namespace, name=config_name, problem=problem
+                )
+            )
+        return trust_domain

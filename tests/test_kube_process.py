@@ -1,0 +1,195 @@
+"""
+End-to-end: C{twistd -n sentry --mode kubernetes} as a child process,
+talking to the fake Kubernetes API server that runs in the test process.
+"""
+
+import os
+import signal
+
+import grpc
+from cryptography import x509
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from sentry_tx._proto import sentry_pb2
+from sentry_tx.testing import (
+    TEST_NAMESPACE,
+    TEST_TRUST_DOMAIN,
+    GrpcTestClient,
+    make_csr,
+    start_fake_kubernetes,
+    write_kubeconfig,
+)
+from tests.test_kube_deploy import ENTRYPOINT
+from tests.test_process import spawn_twistd
+
+APPS = "apps"
+TRUST_BUNDLE = "dapr-trust-bundle"
+KUBERNETES = sentry_pb2.SignCertificateRequest.KUBERNETES
+INSECURE = sentry_pb2.SignCertificateRequest.INSECURE
+
+
+class KubernetesModeProcessTests(TestCase):
+    """
+    kubernetes mode as an operator runs it, against a fake API server.
+    """
+
+    timeout = 60
+
+    def setUp(self):
+        self.fake = start_fake_kubernetes(self)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.kubeconfig = write_kubeconfig(
+            os.path.join(directory, "kubeconfig"), self.fake.kubeconfig()
+        )
+
+    def _spawn(self):
+        return spawn_twistd(
+            self,
+            [
+                "--mode",
+                "kubernetes",
+                "--kubeconfig",
+                self.kubeconfig,
+                "--trust-domain",
+                TEST_TRUST_DOMAIN,
+                "--listen-address",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--healthz-listen-address",
+                "127.0.0.1",
+                "--healthz-port",
+                "0",
+                "--metrics-listen-address",
+                "127.0.0.1",
+                "--metrics-port",
+                "0",
+            ],
+            env={"NAMESPACE": TEST_NAMESPACE},
+        )
+
+    @inlineCallbacks
+    def test_signs_for_a_pod(self):
+        """
+        twistd reads the Configuration resource, generates the bundle into
+        the Secret and ConfigMap, becomes healthy, signs a certificate for a
+        pod whose token the API server vouches for, refuses a bad token and
+        INSECURE, and exits on SIGTERM.
+        """
+        import treq
+
+        self.fake.add_configuration(
+            TEST_NAMESPACE, "daprsystem", {"mtls": {"workloadCertTTL": "1h"}}
+        )
+        self.fake.add_pod(APPS, "myapp-0", "myapp", {"dapr.io/app-id": "myapp"})
+        token = self.fake.issue_token(APPS, "myapp", "myapp-0")
+
+        protocol = self._spawn()
+        ports = yield protocol.wait_ready()
+        response = yield treq.get(
+            f"http://127.0.0.1:{ports['healthz']}/healthz", persistent=False
+        )
+        self.assertEqual(response.code, 200)
+        yield response.content()
+
+        anchors_pem = self.fake.secret_data(TEST_NAMESPACE, TRUST_BUNDLE)["ca.crt"]
+        config_map = self.fake.get_object("configmaps", TEST_NAMESPACE, TRUST_BUNDLE)
+        self.assertEqual(config_map["data"]["ca.crt"], anchors_pem.decode())
+
+        client = GrpcTestClient(
+            f"127.0.0.1:{ports['grpc']}",
+            anchors_pem,
+            server_name=f"dapr-sentry.{TEST_NAMESPACE}.svc",
+        )
+        self.addCleanup(client.close)
+        _, csr = make_csr()
+
+        def request(**fields):
+            values = {
+                "id": "myapp",
+                "namespace": APPS,
+                "token": token,
+                "certificate_signing_request": csr,
+            }
+            values.update(fields)
+            return sentry_pb2.SignCertificateRequest(**values)
+
+        for validator in (KUBERNETES, sentry_pb2.SignCertificateRequest.UNKNOWN):
+            reply = yield deferToThread(client.sign, request(token_validator=validator))
+            leaf = x509.load_pem_x509_certificates(reply.workload_certificate)[0]
+            self.assertEqual(
+                leaf.extensions.get_extension_for_class(
+                    x509.SubjectAlternativeName
+                ).value.get_values_for_type(x509.UniformResourceIdentifier),
+                ["spiffe://public/ns/apps/myapp"],
+            )
+            lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+            self.assertLessEqual(lifetime.total_seconds(), 3600 + 15 * 60)
+
+        error = yield self.assertFailure(
+            deferToThread(client.sign, request(token="not-a-token")), grpc.RpcError
+        )
+        self.assertEqual(error.code(), grpc.StatusCode.PERMISSION_DENIED)
+        self.assertIn("token review failed", error.details())
+
+        error = yield self.assertFailure(
+            deferToThread(client.sign, request(token_validator=INSECURE)), grpc.RpcError
+        )
+        self.assertEqual(error.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertEqual(error.details(), "the requested validator is not enabled")
+
+        self._assert_entrypoint(protocol.transport.pid)
+        os.kill(protocol.transport.pid, signal.SIGTERM)
+        reason = yield protocol.ended
+        self.assertIn(
+            (reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)]
+        )
+        self.assertNotIn(b"PRIVATE KEY", protocol.output)
+        self.assertNotIn(token.encode(), protocol.output)
+
+    def _assert_entrypoint(self, pid):
+        """
+        The process runs the image's ENTRYPOINT arguments (Linux only).
+        """
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [part.decode() for part in f.read().split(b"\0") if part]
+        except OSError:
+            return
+        start = argv.index(ENTRYPOINT[1])
+        self.assertEqual(argv[start : start + len(ENTRYPOINT) - 1], ENTRYPOINT[1:])
+
+    @inlineCallbacks
+    def test_missing_configuration(self):
+        """
+        A Configuration resource that does not exist makes twistd exit 1,
+        naming it.
+        """
+        protocol = self._spawn()
+        reason = yield protocol.ended
+        self.assertEqual(reason.exitCode, 1)
+        self.assertIn(
+            f"Configuration {TEST_NAMESPACE}/daprsystem not found".encode(),
+            protocol.output,
+        )
+        self.assertIsNone(self.fake.get_object("secrets", TEST_NAMESPACE, TRUST_BUNDLE))
+
+    @inlineCallbacks
+    def test_partial_secret(self):
+        """
+        A Secret holding only part of a bundle makes twistd exit 1, naming
+        the missing keys, and is left as it was.
+        """
+        self.fake.add_configuration(TEST_NAMESPACE, "daprsystem")
+        self.fake.add_secret(TEST_NAMESPACE, TRUST_BUNDLE, {"ca.crt": b"operator's"})
+        protocol = self._spawn()
+        reason = yield protocol.ended
+        self.assertEqual(reason.exitCode, 1)
+        self.assertIn(b"key 'issuer.crt'", protocol.output)
+        self.assertEqual(
+            self.fake.secret_data(TEST_NAMESPACE, TRUST_BUNDLE),
+            {"ca.crt": b"operator's"},
+        )
