@@ -72,6 +72,7 @@ class SentryConfig:
     enable_metrics: bool = True
     log_level: str = "info"
     log_as_json: bool = False
+    workers: int = 1
     namespace: str = DEFAULT_NAMESPACE
     mtls: MTLSConfig = field(default_factory=MTLSConfig)
 

@@ -1,0 +1,822 @@
+"""
+The certificate authority as a pool of worker processes sharing one port.
+
+grpcio's synchronous server holds the GIL for about 600 microseconds of
+Python per unary call, so one process uses one core however many threads it
+runs.  L{WorkerPoolAuthority} is the L{ICertificateAuthority} that uses
+more: it loads the trust bundle as the single-process authority does, then
+runs several worker processes (L{sentry_tx.server.worker}), each one a
+single-process authority on its own reactor, all bound to the same port with
+SO_REUSEPORT so that the kernel spreads connections over them.
+
+The parent keeps what is process-wide: the configuration, the trust store
+and the bundle (it alone reads, generates and verifies it), the readiness
+that C{/healthz} reads, and the metrics that C{/metrics} serves (it pulls
+every worker's counter increments every L{METRICS_PULL_INTERVAL_SECONDS}).
+It talks AMP to each worker over the worker's stdin and stdout
+(L{sentry_tx.server.ipc}); a worker's stderr is the parent's.  The parent
+never blocks: it makes no grpc call, and the only thread it uses checks a
+new bundle before reload.
+"""
+
+import os
+import sys
+from dataclasses import replace
+from datetime import datetime, timezone
+
+from twisted.application.service import Service
+from twisted.internet import error
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    FirstError,
+    TimeoutError,
+    fail,
+    gatherResults,
+    inlineCallbacks,
+)
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sentry_tx.interfaces import ICertificateAuthority
+from sentry_tx.server.ipc import (
+    Counters,
+    Reload,
+    Start,
+    Stop,
+    WorkerRefused,
+    add_counter_deltas,
+    bundle_from_pems,
+    bundle_to_pems,
+    config_to_json,
+)
+from sentry_tx.server.serial import SerialReloads
+from sentry_tx.server.service import (
+    SHUTDOWN_GRACE_SECONDS,
+    AlreadyRunningError,
+    NotRunningError,
+    listen_target,
+)
+from sentry_tx.server.tls import issue_server_certificate
+from sentry_tx.server.worker import WORKER_MODULE
+
+METRICS_PULL_INTERVAL_SECONDS = 1.0
+"""
+How often the parent adds the workers' counter increments to its metrics.
+"""
+
+COUNTERS_TIMEOUT_SECONDS = 5.0
+"""
+How long a worker may take to answer L{Counters} before that pull is given
+up (the next pull asks again; nothing is lost).
+"""
+
+RESPAWN_INITIAL_DELAY_SECONDS = 1.0
+"""
+How long after it ended a worker is started again the first time.  The
+delay doubles each time the same worker ends again, up to
+L{RESPAWN_MAX_DELAY_SECONDS}.
+"""
+
+RESPAWN_MAX_DELAY_SECONDS = 30.0
+"""
+The longest delay before a worker is started again; a worker that served
+this long or longer before it ended starts the count over.
+"""
+
+STOP_MARGIN_SECONDS = 2.0
+"""
+How long past the grace period a stopping worker may take to exit before
+it is killed (SIGKILL).
+"""
+
+KILL_WAIT_SECONDS = 2.0
+"""
+How long the parent waits for a killed worker to be reaped before it stops
+waiting (so that stopping never hangs).
+"""
+
+
+class WorkerError(Exception):
+    """
+    A worker process could not start, or ended before it answered.
+    """
+
+
+class WorkerProcess(ProcessProtocol):
+    """
+    The parent's end of one worker process: AMP over the worker's stdin
+    (written) and stdout (read).
+
+    @ivar index: the worker's place in the pool, from 0.
+    @ivar pid: the process id.
+    @ivar port: the port the worker bound, once it answered L{Start}.
+    @ivar serving: whether the worker answered L{Start} and was not told to
+        stop since.
+    @ivar started_at: the reactor time of its L{Start} answer, or None.
+    @ivar retiring: whether the parent told it to stop (or killed it), so
+        that its end is expected.
+    @ivar exit_reason: the exception (C{ProcessDone} or
+        C{ProcessTerminated}) it ended with, or None while it runs.
+    """
+
+    def __init__(self, index):
+        self.index = index
+        self.pid = None
+        self.port = None
+        self.serving = False
+        self.started_at = None
+        self.retiring = False
+        self.exit_reason = None
+        self._dispatcher = amp.BoxDispatcher(amp.CommandLocator())
+        self._wire = amp.BinaryBoxProtocol(self._dispatcher)
+        self._wire_lost = False
+        self._end_waiters = []
+
+    # ProcessProtocol
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+        self._wire.makeConnection(self.transport)
+
+    def childDataReceived(self, childFD, data):
+        if childFD == 1:
+            self._wire.dataReceived(data)
+
+    def childConnectionLost(self, childFD):
+        if childFD == 1:
+            self._lose_wire(
+                Failure(error.ConnectionDone("the worker closed its stdout"))
+            )
+
+    def processEnded(self, reason):
+        self._lose_wire(reason)
+        self.serving = False
+        self.exit_reason = reason.value
+        waiters, self._end_waiters = self._end_waiters, None
+        for waiter in waiters:
+            waiter.callback(reason.value)
+
+    def _lose_wire(self, reason):
+        if not self._wire_lost:
+            self._wire_lost = True
+            self._wire.connectionLost(reason)
+
+    # The parent's use
+
+    def call(self, command, **arguments):
+        """
+        Send C{command} to the worker.
+
+        @return: the Deferred of its answer; it fails if the worker refuses,
+            or ends before it answers.
+        """
+        return self._dispatcher.callRemote(command, **arguments)
+
+    def wait_ended(self):
+        """
+        @return: a Deferred that fires with the exit reason (the
+            C{ProcessDone} or C{ProcessTerminated} exception, as a result)
+            once the process has ended.
+        """
+        if self._end_waiters is None:
+            d = Deferred()
+            d.callback(self.exit_reason)
+            return d
+        waiter = Deferred()
+        self._end_waiters.append(waiter)
+        return waiter
+
+    @property
+    def ended(self):
+        """
+        Whether the process has ended.
+        """
+        return self.exit_reason is not None
+
+    def close_stdin(self):
+        """
+        Close the worker's stdin: it stops serving and exits.
+        """
+        if not self.ended:
+            self.transport.closeStdin()
+
+    def kill(self):
+        """
+        SIGKILL the worker, if it still runs.
+        """
+        try:
+            self.transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+
+def describe_exit(reason):
+    """
+    How a process ended, in words: C{"exit status 3"}, C{"signal 9"}.
+
+    @param reason: the exception (C{ProcessDone} or C{ProcessTerminated})
+        the process ended with.
+    """
+    value = reason
+    if getattr(value, "signal", None) is not None:
+        return f"signal {value.signal}"
+    if getattr(value, "exitCode", None) is not None:
+        return f"exit status {value.exitCode}"
+    return str(value)
+
+
+def check_bundle_for_workers(bundle, config, now):
+    """
+    Do with C{bundle} what every worker will do with it before it takes it:
+    rebuild it from its PEM documents and issue the server certificate.  A
+    bundle that fails here is refused in the parent, before any worker sees
+    it, instead of making every worker refuse it.
+
+    @raise Exception: whatever rebuilding or issuing raises.
+    """
+    rebuilt = bundle_from_pems(*bundle_to_pems(bundle))
+    issue_server_certificate(
+        rebuilt, config.trust_domain, config.namespace, now, config.mtls
+    )
+
+
+class _Slot:
+    """
+    One place in the pool: the process that fills it now, and its respawn
+    state.
+    """
+
+    def __init__(self, index, delay_seconds):
+        self.index = index
+        self.process = None
+        self.delay_seconds = delay_seconds
+        self.respawn_call = None
+
+
+@implementer(ICertificateAuthority)
+class WorkerPoolAuthority(Service):
+    """
+    The CA as a pool of worker processes, a child of sentry_tx's
+    MultiService in place of L{CertificateAuthorityService}.
+
+    Nothing is spawned before C{start} (twistd forks after C{makeService}).
+
+    @ivar config: the L{SentryConfig} in service.
+    @ivar bundle: the L{TrustBundle} every worker serves, or None before
+        start.
+    @ivar port: the gRPC port every worker bound, once started.
+
+    @param config: the L{SentryConfig} (C{port} 0 lets the first worker pick
+        a free port, which the others then share).
+    @param reactor: the reactor: processes, clock and thread pool.
+    @param trust_store: the L{ITrustStore} the bundle is loaded from.
+    @param metrics: the L{SentryMetrics} C{/metrics} serves; the workers'
+        sign counters are added to it.
+    @param workers: how many worker processes, at least 1.
+    @param on_start_failure: called with the Failure when C{startService}'s
+        start fails (the root service makes it fatal).
+    @param configuration_source: an L{IConfigurationSource} that completes
+        the config at start, or None when the config is complete already.
+    @param spawn: starts one worker: called with the L{WorkerProcess}, the
+        argument list and the environment, returns its process transport;
+        C{reactor.spawnProcess} with the worker's stdin and stdout as pipes
+        and the parent's stderr as its own by default.
+    @param worker_argv: the command that runs a worker, without its
+        options; C{[sys.executable, "-m", WORKER_MODULE]} by default.
+    @param environ: the workers' environment; L{os.environ} by default.
+    @param on_worker_serving: called with C{(index, pid)} each time a
+        worker answers its L{Start}, at start and after each respawn.
+    @param respawn_initial_delay_seconds: see L{RESPAWN_INITIAL_DELAY_SECONDS}.
+    @param respawn_max_delay_seconds: see L{RESPAWN_MAX_DELAY_SECONDS}.
+    @param metrics_pull_interval_seconds: see
+        L{METRICS_PULL_INTERVAL_SECONDS}.
+    """
+
+    name = "ca"
+    _log = Logger()
+
+    def __init__(
+        self,
+        config,
+        reactor,
+        trust_store,
+        metrics,
+        workers,
+        on_start_failure=None,
+        configuration_source=None,
+        spawn=None,
+        worker_argv=None,
+        environ=None,
+        on_worker_serving=None,
+        respawn_initial_delay_seconds=RESPAWN_INITIAL_DELAY_SECONDS,
+        respawn_max_delay_seconds=RESPAWN_MAX_DELAY_SECONDS,
+        metrics_pull_interval_seconds=METRICS_PULL_INTERVAL_SECONDS,
+    ):
+        if workers < 1:
+            raise ValueError(f"a worker pool needs at least one worker, not {workers}")
+        self.config = config
+        self.bundle = None
+        self.port = None
+        self._reactor = reactor
+        self._trust_store = trust_store
+        self._metrics = metrics
+        self._workers = workers
+        self._on_start_failure = on_start_failure
+        self._configuration_source = configuration_source
+        self._spawn_process = spawn if spawn is not None else self._spawn_with_reactor
+        self._worker_argv = list(
+            worker_argv
+            if worker_argv is not None
+            else [sys.executable, "-m", WORKER_MODULE]
+        )
+        self._environ = environ
+        self._on_worker_serving = on_worker_serving
+        self._respawn_initial_delay_seconds = respawn_initial_delay_seconds
+        self._respawn_max_delay_seconds = respawn_max_delay_seconds
+        self._metrics_pull_interval_seconds = metrics_pull_interval_seconds
+        self._slots = []
+        self._started = False
+        self._serving = False
+        self._stopping = False
+        self._pull = None
+        # While starting: Deferreds fired when the start is over.
+        self._start_waiters = None
+        self._reloads = SerialReloads(self._reload)
+
+    # IService
+
+    def startService(self):
+        super().startService()
+        d = self.start(self.config)
+        d.addErrback(self._start_failed)
+
+    def stopService(self):
+        super().stopService()
+        return self.stop()
+
+    def _start_failed(self, failure):
+        if self._stopping:
+            self._log.info(
+                "worker pool stopped while starting: {error}",
+                error=failure.getErrorMessage(),
+            )
+        elif self._on_start_failure is not None:
+            self._on_start_failure(failure)
+        else:
+            self._log.failure("worker pool failed to start", failure)
+
+    # ICertificateAuthority
+
+    @property
+    def ready(self):
+        """
+        True once every worker answered its first L{Start}, and then as long
+        as at least one worker serves.
+        """
+        return (
+            self._serving
+            and not self._stopping
+            and any(
+                slot.process is not None and slot.process.serving
+                for slot in self._slots
+            )
+        )
+
+    def processes(self):
+        """
+        The worker processes running now, by index (a worker waiting to be
+        respawned is missing).
+
+        @return: a L{list} of L{WorkerProcess}.
+        """
+        return [slot.process for slot in self._slots if slot.process is not None]
+
+    def _now(self):
+        return datetime.fromtimestamp(self._reactor.seconds(), timezone.utc)
+
+    def start(self, config):
+        if self._started:
+            return fail(AlreadyRunningError("the certificate authority is running"))
+        self._started = True
+        self._stopping = False
+        self._start_waiters = []
+        d = self._start(config)
+        d.addErrback(self._reset_after_failed_start)
+        d.addBoth(self._release_start_waiters)
+        return d
+
+    def _release_start_waiters(self, result):
+        waiters, self._start_waiters = self._start_waiters, None
+        for waiter in waiters:
+            waiter.callback(None)
+        return result
+
+    @inlineCallbacks
+    def _start(self, config):
+        if self._configuration_source is not None:
+            config = yield self._configuration_source.resolve(config)
+        self.config = config
+        bundle = yield self._trust_store.load_or_generate(self._now())
+        self._check_not_stopping()
+        self._install(bundle)
+        self._slots = [
+            _Slot(index, self._respawn_initial_delay_seconds)
+            for index in range(self._workers)
+        ]
+        # The first worker binds the port asked for (0 picks a free one);
+        # the others then bind the port it reports.
+        self.port = yield self._start_worker(self._spawn(self._slots[0]), config)
+        self._check_not_stopping()
+        others = [self._spawn(slot) for slot in self._slots[1:]]
+        try:
+            yield gatherResults(
+                [
+                    self._start_worker(process, self._bound_config())
+                    for process in others
+                ],
+                consumeErrors=True,
+            )
+        except FirstError as e:
+            e.subFailure.raiseException()
+        self._check_not_stopping()
+        self._serving = True
+        self._pull = LoopingCall(self.collect_counters)
+        self._pull.clock = self._reactor
+        self._pull.start(self._metrics_pull_interval_seconds, now=False)
+        self._log.info(
+            "gRPC server listening on {target} in {workers} worker processes;"
+            " issuer {issuer} valid until {not_after}",
+            target=listen_target(config.listen_address, self.port),
+            workers=self._workers,
+            issuer=bundle.issuer.subject.rfc4514_string(),
+            not_after=bundle.issuer.not_valid_after_utc.isoformat(),
+        )
+
+    def _check_not_stopping(self):
+        if self._stopping:
+            raise WorkerError("the worker pool was stopped while it started")
+
+    def _reset_after_failed_start(self, failure):
+        d = self._stop_workers()
+
+        def reset(_):
+            self._started = self._serving = False
+            return failure
+
+        return d.addCallback(reset)
+
+    def _bound_config(self):
+        """
+        The configuration every worker serves: the port bound by the first.
+        """
+        return replace(self.config, port=self.port)
+
+    def _install(self, bundle):
+        self.bundle = bundle
+        self._metrics.record_bundle(bundle)
+
+    def _in_thread(self, f, *args):
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+
+    # Processes
+
+    def _spawn_with_reactor(self, process, argv, environ):
+        return self._reactor.spawnProcess(
+            process,
+            argv[0],
+            argv,
+            env=environ,
+            childFDs={0: "w", 1: "r", 2: 2},
+        )
+
+    def _spawn(self, slot):
+        """
+        Start a worker process for C{slot}; it is not serving until its
+        L{Start} is answered.
+        """
+        process = WorkerProcess(slot.index)
+        argv = self._worker_argv + ["--log-level", self.config.log_level]
+        if self.config.log_as_json:
+            argv.append("--log-as-json")
+        environ = dict(os.environ if self._environ is None else self._environ)
+        self._spawn_process(process, argv, environ)
+        slot.process = process
+        self._log.debug(
+            "worker {index} started as pid {pid}", index=slot.index, pid=process.pid
+        )
+        process.wait_ended().addCallback(self._worker_ended, slot, process)
+        return process
+
+    @inlineCallbacks
+    def _start_worker(self, process, config):
+        """
+        Send L{Start} with C{config} and the current bundle.
+
+        @return: a Deferred firing with the port the worker bound, or
+            failing with L{WorkerError}.
+        """
+        bundle = self.bundle
+        anchors_pem, chain_pem, key_pem = bundle_to_pems(bundle)
+        try:
+            answer = yield process.call(
+                Start,
+                config_json=config_to_json(config),
+                anchors_pem=anchors_pem,
+                chain_pem=chain_pem,
+                key_pem=key_pem,
+            )
+        except (WorkerRefused, amp.RemoteAmpError) as e:
+            raise WorkerError(
+                f"worker {process.index} (pid {process.pid}) could not start: {e}"
+            ) from None
+        except Exception:
+            status = yield self._exit_status(process)
+            raise WorkerError(
+                f"worker {process.index} (pid {process.pid}) ended before it"
+                f" started ({status}); see its log above"
+            ) from None
+        if process.retiring or process.ended:
+            raise WorkerError(
+                f"worker {process.index} (pid {process.pid}) was stopped while it started"
+            )
+        process.port = answer["port"]
+        process.serving = True
+        process.started_at = self._reactor.seconds()
+        if self.bundle is not bundle:
+            # A reload ran while this worker started: give it the new bundle.
+            yield self._reload_worker(process)
+        if self._on_worker_serving is not None:
+            self._on_worker_serving(process.index, process.pid)
+        return process.port
+
+    def _exit_status(self, process):
+        """
+        @return: a Deferred firing with how C{process} ended, in words, once
+            it has (or C{"still running"} after L{KILL_WAIT_SECONDS}).
+        """
+        d = process.wait_ended()
+        d.addTimeout(KILL_WAIT_SECONDS, self._reactor)
+        return d.addCallbacks(describe_exit, lambda _: "still running")
+
+    def _worker_ended(self, reason, slot, process):
+        if slot.process is process:
+            slot.process = None
+        if process.retiring or self._stopping or not self._started:
+            self._log.info(
+                "worker {index} (pid {pid}) exited: {status}",
+                index=slot.index,
+                pid=process.pid,
+                status=describe_exit(reason),
+            )
+        else:
+            self._log.error(
+                "worker {index} (pid {pid}) ended unexpectedly: {status}",
+                index=slot.index,
+                pid=process.pid,
+                status=describe_exit(reason),
+            )
+        if self._serving and not self._stopping and slot.process is None:
+            self._schedule_respawn(slot, process)
+
+    def _schedule_respawn(self, slot, ended=None):
+        if ended is not None and ended.started_at is not None:
+            served_seconds = self._reactor.seconds() - ended.started_at
+            if served_seconds >= self._respawn_max_delay_seconds:
+                slot.delay_seconds = self._respawn_initial_delay_seconds
+        delay = slot.delay_seconds
+        slot.delay_seconds = min(delay * 2, self._respawn_max_delay_seconds)
+        self._log.info(
+            "starting worker {index} again in {delay} s", index=slot.index, delay=delay
+        )
+        slot.respawn_call = self._reactor.callLater(delay, self._respawn, slot)
+
+    def _respawn(self, slot):
+        slot.respawn_call = None
+        if self._stopping or not self._serving:
+            return
+        try:
+            process = self._spawn(slot)
+        except Exception:
+            self._log.failure("cannot start worker {index}", index=slot.index)
+            self._schedule_respawn(slot)
+            return
+        d = self._start_worker(process, self._bound_config())
+
+        def started(port):
+            self._log.info(
+                "worker {index} (pid {pid}) serves again on port {port}",
+                index=slot.index,
+                pid=process.pid,
+                port=port,
+            )
+
+        def failed(failure):
+            if self._stopping:
+                return
+            self._log.error(
+                "worker {index} (pid {pid}) did not start again: {error}",
+                index=slot.index,
+                pid=process.pid,
+                error=failure.getErrorMessage(),
+            )
+            # Its end schedules the next attempt, with a longer delay.
+            process.retiring = True
+            process.kill()
+
+        d.addCallbacks(started, failed)
+
+    def _retire(self, process):
+        """
+        Tell C{process} to stop, add its last counts, and close its stdin;
+        kill it if it has not exited L{STOP_MARGIN_SECONDS} after the grace
+        period.
+
+        @return: a Deferred that fires (never fails) once it has ended, or
+            once it could not be reaped L{KILL_WAIT_SECONDS} after the kill.
+        """
+        if not process.retiring and not process.ended:
+            process.retiring = True
+            process.serving = False
+            stopped = process.call(Stop)
+            stopped.addCallback(
+                lambda answer: add_counter_deltas(self._metrics, answer)
+            )
+            stopped.addErrback(
+                lambda failure: self._log.debug(
+                    "worker {index} did not answer Stop: {error}",
+                    index=process.index,
+                    error=failure.getErrorMessage(),
+                )
+            )
+            stopped.addBoth(lambda _: process.close_stdin())
+            kill = self._reactor.callLater(
+                SHUTDOWN_GRACE_SECONDS + STOP_MARGIN_SECONDS, self._kill, process
+            )
+            process.wait_ended().addCallback(
+                lambda _: kill.cancel() if kill.active() else None
+            )
+        ended = process.wait_ended()
+        ended.addTimeout(
+            SHUTDOWN_GRACE_SECONDS + STOP_MARGIN_SECONDS + KILL_WAIT_SECONDS,
+            self._reactor,
+        )
+        ended.addCallbacks(lambda _: None, self._not_reaped, errbackArgs=(process,))
+        return ended
+
+    def _kill(self, process):
+        self._log.warn(
+            "worker {index} (pid {pid}) did not exit {seconds} s after it was"
+            " told to stop; killing it",
+            index=process.index,
+            pid=process.pid,
+            seconds=SHUTDOWN_GRACE_SECONDS + STOP_MARGIN_SECONDS,
+        )
+        process.kill()
+
+    def _not_reaped(self, failure, process):
+        failure.trap(TimeoutError)
+        self._log.error(
+            "worker {index} (pid {pid}) was killed but has not ended; giving up on it",
+            index=process.index,
+            pid=process.pid,
+        )
+
+    # Metrics
+
+    def collect_counters(self):
+        """
+        Add every serving worker's counter increments to the metrics now
+        (done every L{METRICS_PULL_INTERVAL_SECONDS} while serving).
+
+        @return: a Deferred that fires (never fails) once every worker
+            answered or was given up on.
+        """
+        pulls = []
+        for process in self.processes():
+            if not process.serving:
+                continue
+            d = process.call(Counters)
+            d.addTimeout(COUNTERS_TIMEOUT_SECONDS, self._reactor)
+            d.addCallback(lambda answer: add_counter_deltas(self._metrics, answer))
+            d.addErrback(self._counters_failed, process)
+            pulls.append(d)
+        return DeferredList(pulls)
+
+    def _counters_failed(self, failure, process):
+        self._log.warn(
+            "could not read the counters of worker {index} (pid {pid}): {error}",
+            index=process.index,
+            pid=process.pid,
+            error=failure.getErrorMessage(),
+        )
+
+    # Stop
+
+    def stop(self):
+        self._stopping = True
+        if self._pull is not None and self._pull.running:
+            self._pull.stop()
+        self._pull = None
+        workers = len(self.processes())
+        if workers:
+            self._log.info(
+                "stopping {workers} worker processes; calls in flight have"
+                " {grace} s to finish",
+                workers=workers,
+                grace=SHUTDOWN_GRACE_SECONDS,
+            )
+        d = self._stop_workers()
+
+        def stopped(_):
+            self._started = self._serving = False
+
+        return d.addCallback(stopped)
+
+    def _stop_workers(self):
+        for slot in self._slots:
+            if slot.respawn_call is not None and slot.respawn_call.active():
+                slot.respawn_call.cancel()
+            slot.respawn_call = None
+        return DeferredList([self._retire(process) for process in self.processes()])
+
+    # Reload
+
+    def restart(self, config):
+        if self._start_waiters is not None:
+            # Still starting: reload once the start is over, as the
+            # single-process authority does.
+            waiter = Deferred()
+            self._start_waiters.append(waiter)
+            waiter.addCallback(lambda _: self.restart(config))
+            return waiter
+        if not self._serving or self._stopping:
+            return fail(NotRunningError("the certificate authority is not running"))
+        return self._reloads.request(config)
+
+    @inlineCallbacks
+    def _reload(self, config):
+        try:
+            bundle = yield self._trust_store.load(self._now())
+            yield self._in_thread(check_bundle_for_workers, bundle, config, self._now())
+        except Exception as e:
+            self._metrics.issuercert_reload_failed.inc()
+            self._log.error(
+                "issuer credentials refused; the previous bundle stays in service: {error}",
+                error=str(e),
+            )
+            raise
+        if config == self.config and bundle_to_pems(bundle) == bundle_to_pems(
+            self.bundle
+        ):
+            # The files were touched but say the same: nothing to push.
+            self._log.info("issuer credentials unchanged")
+            return
+        self.config = config
+        self._install(bundle)
+        targets = [process for process in self.processes() if process.serving]
+        yield DeferredList([self._reload_worker(process) for process in targets])
+        self._log.info(
+            "issuer credentials reloaded in {workers} worker processes; issuer"
+            " {issuer} valid until {not_after}",
+            workers=len(targets),
+            issuer=bundle.issuer.subject.rfc4514_string(),
+            not_after=bundle.issuer.not_valid_after_utc.isoformat(),
+        )
+
+    def _reload_worker(self, process):
+        """
+        Send L{Reload} with the current config and bundle; a worker that
+        does not take them is stopped (and, by its end, respawned with them)
+        so that no worker keeps serving another bundle.
+
+        @return: a Deferred that fires (never fails) once the worker took
+            the bundle or was told to stop.
+        """
+        anchors_pem, chain_pem, key_pem = bundle_to_pems(self.bundle)
+        d = process.call(
+            Reload,
+            config_json=config_to_json(self._bound_config()),
+            anchors_pem=anchors_pem,
+            chain_pem=chain_pem,
+            key_pem=key_pem,
+        )
+
+        def failed(failure):
+            if process.ended or process.retiring:
+                return None
+            self._log.error(
+                "worker {index} (pid {pid}) did not take the new trust bundle:"
+                " {error}; restarting it",
+                index=process.index,
+                pid=process.pid,
+                error=failure.getErrorMessage(),
+            )
+            self._retire(process)
+
+        return d.addCallbacks(lambda _: None, failed)
