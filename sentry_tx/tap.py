@@ -59,6 +59,11 @@ NAMESPACE_VARIABLE = "NAMESPACE"
 
 _DEFAULTS = SentryConfig()
 
+MAXIMUM_WORKERS = 64
+"""
+The most worker processes --workers may ask for.
+"""
+
 _STRING_FLAGS = (
     [
         "config",
@@ -155,6 +160,13 @@ _STRING_FLAGS = (
         None,
         None,
         "Prometheus metrics bind address (default: all interfaces).",
+    ],
+    [
+        "workers",
+        None,
+        str(_DEFAULTS.workers),
+        "Processes serving gRPC: 1 serves in the twistd process itself; N > 1"
+        f" starts N worker processes sharing --port (at most {MAXIMUM_WORKERS}).",
     ],
     [
         "log-level",
@@ -260,6 +272,21 @@ def _parse_port(flag, text):
         flag,
         f"not a port number: {text!r} (use {MINIMUM_PORT}-{MAXIMUM_PORT};"
         f" 0 picks a free port)",
+    )
+
+
+def _parse_workers(flag, text):
+    """
+    Read a worker process count (1 to L{MAXIMUM_WORKERS}).
+
+    @raise ConfigError: naming C{flag} if C{text} is not such a count.
+    """
+    if text.isdigit() and text.isascii():
+        workers = int(text)
+        if 1 <= workers <= MAXIMUM_WORKERS:
+            return workers
+    raise ConfigError(
+        flag, f"not a worker count: {text!r} (use 1-{MAXIMUM_WORKERS})"
     )
 
 
@@ -452,6 +479,7 @@ class Options(usage.Options):
             enable_metrics=_parse_bool("--enable-metrics", self["enable-metrics"]),
             log_level=log_level,
             log_as_json=_parse_bool("--log-as-json", self["log-as-json"]),
+            workers=_parse_workers("--workers", self["workers"]),
             namespace=_check_namespace(NAMESPACE_VARIABLE, namespace),
             mtls=self._load_mtls(mode, self["config"]),
         )
@@ -569,33 +597,70 @@ def build_service(config, reactor, startup_warnings=()):
     @return: the root L{SentryService}.
     """
     from sentry_tx.ca.store import FileTrustStore
+    from sentry_tx.expiry import ExpiryChecker
     from sentry_tx.healthz import healthz_root
     from sentry_tx.metrics import SentryMetrics, metrics_root
     from sentry_tx.server.service import CertificateAuthorityService
+    from sentry_tx.server.workers import WorkerPoolAuthority
     from sentry_tx.service import QuietSite, SentryService, WebService
+    from sentry_tx.watcher import IssuerWatcher
 
     root = SentryService(reactor, startup_warnings)
     metrics = SentryMetrics()
-    trust_store = FileTrustStore(
-        reactor,
-        config.ca_path,
-        config.issuer_certificate_path,
-        config.issuer_key_path,
-        config.trust_domain,
-        config.namespace,
-        config.mtls.allowed_clock_skew,
-    )
-    validators, default_validator = build_validators(config, reactor)
-    authority = CertificateAuthorityService(
-        config,
-        reactor,
-        trust_store,
-        validators,
-        default_validator,
-        metrics,
-        on_start_failure=root.fatal,
-    )
+    configuration_source = None
+    if config.mode == MODE_KUBERNETES:
+        from sentry_tx.kube import build_kubernetes_parts
+
+        kubernetes = build_kubernetes_parts(config, reactor, os.environ)
+        # Added before the authority, so that it stops after it: the API
+        # client's connections close once nothing uses them.
+        kubernetes.service.setServiceParent(root)
+        trust_store = kubernetes.trust_store
+        validators = kubernetes.validators
+        default_validator = kubernetes.default_validator
+        configuration_source = kubernetes.configuration_source
+    else:
+        trust_store = FileTrustStore(
+            reactor,
+            config.ca_path,
+            config.issuer_certificate_path,
+            config.issuer_key_path,
+            config.trust_domain,
+            config.namespace,
+            config.mtls.allowed_clock_skew,
+        )
+        validators, default_validator = build_validators(config, reactor)
+    if config.workers > 1:
+        # gRPC in worker processes sharing the port; each builds its own
+        # validators (sentry_tx.server.worker), this process keeps the
+        # bundle, the watch, health and metrics.
+        authority = WorkerPoolAuthority(
+            config,
+            reactor,
+            trust_store,
+            metrics,
+            config.workers,
+            on_start_failure=root.fatal,
+            configuration_source=configuration_source,
+        )
+    else:
+        authority = CertificateAuthorityService(
+            config,
+            reactor,
+            trust_store,
+            validators,
+            default_validator,
+            metrics,
+            on_start_failure=root.fatal,
+            configuration_source=configuration_source,
+        )
     authority.setServiceParent(root)
+    # After the authority: they start once it is starting and stop before it.
+    if trust_store.watch_directories:
+        IssuerWatcher(
+            authority, trust_store.watch_directories, reactor, metrics
+        ).setServiceParent(root)
+    ExpiryChecker(authority, reactor, metrics).setServiceParent(root)
     WebService(
         "healthz",
         config.healthz_port,

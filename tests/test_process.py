@@ -31,10 +31,13 @@ class _TwistdProtocol(ProcessProtocol):
 
     _LISTENING = re.compile(
         rb"(?P<name>healthz|metrics) server listening on port (?P<port>\d+)"
-        rb"|gRPC server listening on \S+:(?P<grpc>\d+)"
+        rb"|gRPC server listening on \S+:(?P<grpc>\d+)(?P<pool> in \d+ worker processes)?"
     )
 
-    def __init__(self):
+    def __init__(self, workers=False):
+        # With worker processes, each worker logs its own listening line
+        # first: only the pool's line means the parent is ready.
+        self._workers = workers
         self.output = b""
         self.ports = {}
         self._ready_waiters = []
@@ -56,6 +59,8 @@ class _TwistdProtocol(ProcessProtocol):
         self.output += data
         for match in self._LISTENING.finditer(self.output):
             if match.group("grpc"):
+                if self._workers and not match.group("pool"):
+                    continue
                 self.ports["grpc"] = int(match.group("grpc"))
             else:
                 self.ports[match.group("name").decode()] = int(match.group("port"))
@@ -82,7 +87,7 @@ def spawn_twistd(test, arguments, env=None):
     Start C{twistd -n --pidfile= sentry ARGUMENTS}, killed at cleanup if it
     is still running.
     """
-    protocol = _TwistdProtocol()
+    protocol = _TwistdProtocol(workers="--workers" in arguments)
     environment = dict(os.environ)
     environment.pop("KUBERNETES_SERVICE_HOST", None)
     environment["PYTHONPATH"] = PROJECT_ROOT
@@ -103,6 +108,34 @@ def spawn_twistd(test, arguments, env=None):
 
     test.addCleanup(kill)
     return protocol
+
+
+def _children(pid):
+    """
+    The pids of the direct children of C{pid}, from /proc.
+    """
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry))
+    return children
+
+
+def _alive(pid):
+    """
+    Whether process C{pid} still exists (and is not a zombie).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 class TwistdProcessTests(TestCase):
@@ -183,6 +216,45 @@ class TwistdProcessTests(TestCase):
         self.assertIn(
             (reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)]
         )
+        self.assertNotIn(b"PRIVATE KEY", protocol.output)
+
+    @inlineCallbacks
+    def test_workers(self):
+        """
+        With C{--workers 2}, two worker processes serve the port: healthz is
+        200 once both serve, calls are signed, and SIGTERM stops every
+        process.
+        """
+        import treq
+
+        protocol = spawn_twistd(self, self._arguments("--workers", "2"))
+        ports = yield protocol.wait_ready()
+        response = yield treq.get(
+            f"http://127.0.0.1:{ports['healthz']}/healthz", persistent=False
+        )
+        self.assertEqual(response.code, 200)
+        yield response.content()
+        with open(os.path.join(self.credentials, "ca.crt"), "rb") as f:
+            anchors_pem = f.read()
+        calls = 6
+        for _ in range(calls):
+            # A new channel each time, so that connections land on both
+            # workers (the kernel spreads them over the listeners).
+            client = GrpcTestClient(f"127.0.0.1:{ports['grpc']}", anchors_pem)
+            self.addCleanup(client.close)
+            _, csr = make_csr()
+            yield deferToThread(
+                client.sign,
+                sentry_pb2.SignCertificateRequest(
+                    id="myapp", namespace="default", certificate_signing_request=csr
+                ),
+            )
+        children = _children(protocol.transport.pid)
+        self.assertEqual(len(children), 2, children)
+        os.kill(protocol.transport.pid, signal.SIGTERM)
+        reason = yield protocol.ended
+        self.assertIn((reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)])
+        self.assertEqual([pid for pid in children if _alive(pid)], [])
         self.assertNotIn(b"PRIVATE KEY", protocol.output)
 
     @inlineCallbacks

@@ -18,7 +18,10 @@ from sentry_tx.interfaces import (
     IIdentityValidator,
     ITrustStore,
 )
+from sentry_tx.expiry import ExpiryChecker
 from sentry_tx.server.service import CertificateAuthorityService
+from sentry_tx.server.workers import WorkerPoolAuthority
+from sentry_tx.watcher import IssuerWatcher
 from sentry_tx.service import SentryService, WebService
 from sentry_tx.tap import build_service
 from sentry_tx.testing import FakeCertificateAuthority, FakeTrustStore, FakeValidator
@@ -51,20 +54,37 @@ class BuildServiceTests(SynchronousTestCase):
 
     def test_children(self):
         """
-        The root holds the CA, then healthz, then metrics, and builds them
-        without opening anything.
+        The root holds the CA, then the issuer watcher and the expiry
+        checker, then healthz and metrics, and builds them without opening
+        anything.
         """
         reactor = MemoryReactorClock()
         root = build_service(SentryConfig(issuer_credentials=self.mktemp()), reactor)
         children = list(root)
         self.assertIsInstance(children[0], CertificateAuthorityService)
         verifyObject(ICertificateAuthority, children[0])
+        self.assertIsInstance(children[1], IssuerWatcher)
+        self.assertIsInstance(children[2], ExpiryChecker)
         self.assertEqual(
-            [child.label for child in children[1:] if isinstance(child, WebService)],
+            [child.label for child in children[3:] if isinstance(child, WebService)],
             ["healthz", "metrics"],
         )
         self.assertEqual(reactor.tcpServers, [])
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_workers(self):
+        """
+        With more than one worker, the authority is a worker pool, spawning
+        nothing yet.
+        """
+        reactor = MemoryReactorClock()
+        root = build_service(
+            SentryConfig(issuer_credentials=self.mktemp(), workers=2), reactor
+        )
+        authority = list(root)[0]
+        self.assertIsInstance(authority, WorkerPoolAuthority)
+        verifyObject(ICertificateAuthority, authority)
+        self.assertEqual(reactor.tcpServers, [])
 
     def test_metrics_disabled(self):
         """

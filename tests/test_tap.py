@@ -846,3 +846,46 @@ class TwistdLoggingTests(SynchronousTestCase):
         self.assertIs(observer.stream, stream)
         self.assertEqual(options.parent["logLevel"], LogLevel.debug)
         self.assertNotIn("logger", options.parent)
+
+
+class WorkersFlagTests(SynchronousTestCase):
+    """
+    Tests for C{--workers}.
+    """
+
+    def parse(self, *arguments):
+        options = Options(environ={}, stdout=StringIO(), stderr=StringIO())
+        options.parseOptions(
+            ["--issuer-credentials", "/nonexistent", "--config", "/nonexistent.yaml"]
+            + list(arguments)
+        )
+        return options
+
+    def test_default(self):
+        """
+        By default gRPC is served in the twistd process itself (1).
+        """
+        self.assertEqual(self.parse().sentry_config.workers, 1)
+
+    def test_count(self):
+        """
+        C{--workers 2} asks for two worker processes.
+        """
+        self.assertEqual(self.parse("--workers", "2").sentry_config.workers, 2)
+
+    def test_bad(self):
+        """
+        Zero, a negative or non-numeric count, or more than the maximum,
+        exits 1 with one line naming the flag.
+        """
+        for value in ("0", "-1", "two", "65", "\u0662"):
+            options = Options(environ={}, stdout=StringIO(), stderr=StringIO())
+            error = self.assertRaises(
+                SystemExit,
+                options.parseOptions,
+                ["--config", "/nonexistent.yaml", "--workers", value],
+            )
+            self.assertEqual(error.code, 1)
+            line = options.stderr.getvalue()
+            self.assertEqual(line.count("\n"), 1, value)
+            self.assertIn("--workers", line)
