@@ -32,6 +32,8 @@ setup(
     ],
     extras_require={
         "test": ["hypothesis>=6.100"],
+        # bench/run.py draws its plot with matplotlib when it is installed.
+        "bench": ["matplotlib>=3.8"],
         "proto": ["grpcio-tools==1.85.1"],
     },
     zip_safe=False,
