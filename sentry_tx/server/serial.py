@@ -62,3 +62,44 @@ class SerialReloads:
                         waiter.callback(result)
         finally:
             self._running = False
+
+
+class StartGate:
+    """
+    Holds back what is asked for while a start runs (a restart must not run
+    beside the first load), and lets it go when the start ends, however it
+    ends.
+    """
+
+    def __init__(self):
+        self._waiters = None
+
+    @property
+    def starting(self):
+        """
+        Whether a start is running now.
+        """
+        return self._waiters is not None
+
+    def begin(self):
+        """
+        A start begins.
+        """
+        self._waiters = []
+
+    def end(self, result):
+        """
+        The start ended (use as C{addBoth}); release every waiter.
+        """
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters:
+            waiter.callback(None)
+        return result
+
+    def after_start(self):
+        """
+        A Deferred that fires with None once the running start has ended.
+        """
+        waiter = Deferred()
+        self._waiters.append(waiter)
+        return waiter

@@ -14,13 +14,13 @@ from datetime import datetime, timezone
 
 import grpc
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.defer import fail, inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from sentry_tx.interfaces import ICertificateAuthority
-from sentry_tx.server.serial import SerialReloads
+from sentry_tx.server.serial import SerialReloads, StartGate
 from sentry_tx.server.servicer import CAServicer, rpc_handler
 from sentry_tx.server.tls import ServerCredentials, issue_server_certificate
 
@@ -259,7 +259,7 @@ class CertificateAuthorityService(Service):
         self._renewal = None
         self._started = False
         self._reloads = SerialReloads(self._reload)
-        self._start_waiters = None
+        self._start_gate = StartGate()
 
     # IService
 
@@ -283,6 +283,22 @@ class CertificateAuthorityService(Service):
     def _now(self):
         return datetime.fromtimestamp(self._reactor.seconds(), timezone.utc)
 
+    def _issue_server_certificate(self, bundle, config):
+        """
+        Issue sentry_tx's serving certificate from C{bundle}, in a thread.
+
+        @return: Deferred firing with C{(key_pem, chain_pem, not_before,
+            not_after)}.
+        """
+        return self._in_thread(
+            issue_server_certificate,
+            bundle,
+            config.trust_domain,
+            config.namespace,
+            self._now(),
+            config.mtls,
+        )
+
     def _in_thread(self, f, *args):
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
 
@@ -291,21 +307,15 @@ class CertificateAuthorityService(Service):
             return fail(AlreadyRunningError("the certificate authority is running"))
         self._started = True
         self.config = config
-        self._start_waiters = []
+        self._start_gate.begin()
         d = self._start(config)
         d.addErrback(self._reset_after_failed_start)
-        d.addBoth(self._release_start_waiters)
+        d.addBoth(self._start_gate.end)
         return d
 
     def _reset_after_failed_start(self, failure):
         self._started = False
         return failure
-
-    def _release_start_waiters(self, result):
-        waiters, self._start_waiters = self._start_waiters, None
-        for waiter in waiters:
-            waiter.callback(None)
-        return result
 
     @inlineCallbacks
     def _start(self, config):
@@ -313,13 +323,8 @@ class CertificateAuthorityService(Service):
             config = yield self._configuration_source.resolve(config)
             self.config = config
         bundle = yield self._trust_store.load_or_generate(self._now())
-        key_pem, chain_pem, _, not_after = yield self._in_thread(
-            issue_server_certificate,
-            bundle,
-            config.trust_domain,
-            config.namespace,
-            self._now(),
-            config.mtls,
+        key_pem, chain_pem, _, not_after = yield self._issue_server_certificate(
+            bundle, config
         )
         self._install(bundle)
         self._credentials = ServerCredentials(key_pem, chain_pem)
@@ -394,27 +399,21 @@ class CertificateAuthorityService(Service):
     def restart(self, config):
         if not self._started:
             return fail(NotRunningError("the certificate authority is not running"))
-        if self._start_waiters is not None:
+        if self._start_gate.starting:
             # Still starting: reload once the start is over, so that a reload
             # never runs beside the first load (nor writes back a config the
             # start has not resolved yet).
-            waiter = Deferred()
-            self._start_waiters.append(waiter)
-            waiter.addCallback(lambda _: self.restart(config))
-            return waiter
+            return self._start_gate.after_start().addCallback(
+                lambda _: self.restart(config)
+            )
         return self._reloads.request(config)
 
     @inlineCallbacks
     def _reload(self, config):
         try:
             bundle = yield self._trust_store.load(self._now())
-            key_pem, chain_pem, _, not_after = yield self._in_thread(
-                issue_server_certificate,
-                bundle,
-                config.trust_domain,
-                config.namespace,
-                self._now(),
-                config.mtls,
+            key_pem, chain_pem, _, not_after = yield self._issue_server_certificate(
+                bundle, config
             )
         except Exception as e:
             self._metrics.issuercert_reload_failed.inc()
@@ -456,14 +455,7 @@ class CertificateAuthorityService(Service):
     def _renew_server_certificate(self):
         self._renewal = None
         bundle, config = self.bundle, self.config
-        d = self._in_thread(
-            issue_server_certificate,
-            bundle,
-            config.trust_domain,
-            config.namespace,
-            self._now(),
-            config.mtls,
-        )
+        d = self._issue_server_certificate(bundle, config)
 
         def renewed(result):
             key_pem, chain_pem, _, not_after = result

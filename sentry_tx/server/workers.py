@@ -55,7 +55,7 @@ from sentry_tx.server.ipc import (
     bundle_to_pems,
     config_to_json,
 )
-from sentry_tx.server.serial import SerialReloads
+from sentry_tx.server.serial import SerialReloads, StartGate
 from sentry_tx.server.service import (
     SHUTDOWN_GRACE_SECONDS,
     AlreadyRunningError,
@@ -346,7 +346,7 @@ class WorkerPoolAuthority(Service):
         self._stopping = False
         self._pull = None
         # While starting: Deferreds fired when the start is over.
-        self._start_waiters = None
+        self._start_gate = StartGate()
         self._reloads = SerialReloads(self._reload)
 
     # IService
@@ -405,17 +405,11 @@ class WorkerPoolAuthority(Service):
             return fail(AlreadyRunningError("the certificate authority is running"))
         self._started = True
         self._stopping = False
-        self._start_waiters = []
+        self._start_gate.begin()
         d = self._start(config)
         d.addErrback(self._reset_after_failed_start)
-        d.addBoth(self._release_start_waiters)
+        d.addBoth(self._start_gate.end)
         return d
-
-    def _release_start_waiters(self, result):
-        waiters, self._start_waiters = self._start_waiters, None
-        for waiter in waiters:
-            waiter.callback(None)
-        return result
 
     @inlineCallbacks
     def _start(self, config):
@@ -748,13 +742,12 @@ class WorkerPoolAuthority(Service):
     # Reload
 
     def restart(self, config):
-        if self._start_waiters is not None:
+        if self._start_gate.starting:
             # Still starting: reload once the start is over, as the
             # single-process authority does.
-            waiter = Deferred()
-            self._start_waiters.append(waiter)
-            waiter.addCallback(lambda _: self.restart(config))
-            return waiter
+            return self._start_gate.after_start().addCallback(
+                lambda _: self.restart(config)
+            )
         if not self._serving or self._stopping:
             return fail(NotRunningError("the certificate authority is not running"))
         return self._reloads.request(config)
