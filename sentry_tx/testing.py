@@ -532,6 +532,22 @@ class FakeTrustStore:
         return self.load(now)
 
 
+class AbortingContext:
+    """
+    The part of C{grpc.ServicerContext} the servicer uses: C{abort} records
+    the status and raises L{AbortingContext.Aborted}, as grpcio's raises.
+    """
+
+    class Aborted(Exception):
+        """
+        Raised by L{AbortingContext.abort}.
+        """
+
+    def abort(self, code, details):
+        self.code, self.details = code, details
+        raise self.Aborted()
+
+
 class GrpcTestClient:
     """
     A real grpcio client of C{dapr.proto.sentry.v1.CA} over TLS that trusts

@@ -60,6 +60,7 @@ from sentry_tx.server.service import MAX_REQUEST_BYTES, CertificateAuthorityServ
 from sentry_tx.server.servicer import CAServicer, Refusal
 from sentry_tx.testing import (
     FIXED_NOW,
+    AbortingContext,
     FakeCertificateAuthority,
     FakeTrustStore,
     GrpcTestClient,
@@ -890,28 +891,15 @@ class ServicerFuzzTests(SynchronousTestCase):
             VALIDATOR_INSECURE,
             metrics,
         )
-        context = _AbortingContext()
+        context = AbortingContext()
         self.assertRaises(
-            _AbortingContext.Aborted, servicer.SignCertificateMessage, wire, context
+            AbortingContext.Aborted, servicer.SignCertificateMessage, wire, context
         )
         EXAMPLES["servicer: wire messages"][context.code.name] += 1
         self.assertEqual(context.code, INVALID_ARGUMENT, context.details)
         self.assertTrue(context.details.startswith("failed to parse request: "))
         self.assertEqual(metrics.sign_request_received._value.get(), 1)
         self.assertEqual(metrics.sign_success._value.get(), 0)
-
-
-class _AbortingContext:
-    """
-    The part of C{grpc.ServicerContext} the servicer uses: C{abort} raises.
-    """
-
-    class Aborted(Exception):
-        pass
-
-    def abort(self, code, details):
-        self.code, self.details = code, details
-        raise self.Aborted()
 
 
 class GrpcFuzzTests(TestCase):

@@ -17,6 +17,7 @@ from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.servicer import CAServicer, Refusal
 from sentry_tx.testing import (
     FIXED_NOW,
+    AbortingContext,
     FakeCertificateAuthority,
     FakeValidator,
     ImmediateReactor,
@@ -42,19 +43,6 @@ def sign_request(**fields):
     )
     values.update(fields)
     return SignRequest(**values)
-
-
-class _AbortingContext:
-    """
-    The part of C{grpc.ServicerContext} the servicer uses: C{abort} raises.
-    """
-
-    class Aborted(Exception):
-        pass
-
-    def abort(self, code, details):
-        self.code, self.details = code, details
-        raise self.Aborted()
 
 
 class ServicerTests(SynchronousTestCase):
@@ -326,10 +314,10 @@ class ServicerTests(SynchronousTestCase):
         The gRPC method turns a refusal into C{context.abort} with its code
         and text.
         """
-        context = _AbortingContext()
+        context = AbortingContext()
         request = sentry_pb2.SignCertificateRequest(id="", namespace="default")
         self.assertRaises(
-            _AbortingContext.Aborted,
+            AbortingContext.Aborted,
             self.servicer().SignCertificate,
             request,
             context,
@@ -343,9 +331,9 @@ class ServicerTests(SynchronousTestCase):
         validator failure.
         """
         for data in (b"\x0a\x01\xff", b"\xff", b"\x0a\x05ab"):
-            context = _AbortingContext()
+            context = AbortingContext()
             self.assertRaises(
-                _AbortingContext.Aborted,
+                AbortingContext.Aborted,
                 self.servicer().SignCertificateMessage,
                 data,
                 context,
@@ -363,7 +351,7 @@ class ServicerTests(SynchronousTestCase):
             id="myapp", namespace="default", certificate_signing_request=make_csr()[1]
         )
         response = self.servicer().SignCertificateMessage(
-            request.SerializeToString(), _AbortingContext()
+            request.SerializeToString(), AbortingContext()
         )
         self.assertTrue(response.workload_certificate.startswith(b"-----BEGIN"))
 
@@ -374,7 +362,7 @@ class ServicerTests(SynchronousTestCase):
         request = sentry_pb2.SignCertificateRequest(
             id="myapp", namespace="default", certificate_signing_request=make_csr()[1]
         )
-        response = self.servicer().SignCertificate(request, _AbortingContext())
+        response = self.servicer().SignCertificate(request, AbortingContext())
         self.assertTrue(response.workload_certificate.startswith(b"-----BEGIN"))
 
 
