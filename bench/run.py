@@ -628,6 +628,44 @@ def plot(results, path):
     return True
 
 
+TARGET_SERVED_TO_BARE = 0.5
+TARGET_P99_MS = 25.0
+TARGET_READY_SECONDS = 1.5
+TARGET_RELOAD_SECONDS = 2.5
+TARGET_RSS_MIB = 120.0
+TARGET_KUBERNETES_PER_SECOND = 1000.0
+
+
+def judge_targets(results, bare, kube_row):
+    """
+    Each target of issue 5 against this run's figures: rows of (target,
+    processes, measured, met).
+    """
+    rows = []
+    for workers, result in results.items():
+        at_64 = result["throughput"][64]
+        ratio = at_64["rate"] / bare
+        rows.append((f"served/s at 64 in flight >= {TARGET_SERVED_TO_BARE} x bare pipeline",
+                     workers, f"{ratio:.2f} x", ratio >= TARGET_SERVED_TO_BARE))
+        rows.append((f"p99 <= {TARGET_P99_MS:g} ms at 64 in flight", workers,
+                     f"{fmt(at_64['p99'], 1)} ms",
+                     at_64["p99"] is not None and at_64["p99"] <= TARGET_P99_MS))
+        rows.append((f"exec to healthz 200 <= {TARGET_READY_SECONDS} s", workers,
+                     f"{result['ready']:.2f} s", result["ready"] <= TARGET_READY_SECONDS))
+        if "reload" in result:
+            delay, failed = result["reload"]
+            rows.append((f"issuer swap visible <= {TARGET_RELOAD_SECONDS} s, 0 failed calls",
+                         workers, f"{fmt(delay, 2)} s, {failed} failed",
+                         delay <= TARGET_RELOAD_SECONDS and failed == 0))
+        rows.append((f"peak RSS <= {TARGET_RSS_MIB:g} MB (all processes)", workers,
+                     f"{result['rss']:.0f} MiB", result["rss"] <= TARGET_RSS_MIB))
+    if kube_row:
+        rows.append((f"kubernetes mode >= {TARGET_KUBERNETES_PER_SECOND:,.0f} signed/s (20 ms API)",
+                     kube_row["workers"], f"{kube_row['rate']:,.0f}/s",
+                     kube_row["rate"] >= TARGET_KUBERNETES_PER_SECOND and kube_row["failed"] == 0))
+    return rows
+
+
 def fmt(value, digits=1):
     if value is None:
         return "n/a"
@@ -755,6 +793,10 @@ def write_report(out, results, bare, started, client, seconds, repeats):
                   f"p99 {fmt(kube_row['p99'], 2)} ms, failed {kube_row['failed']} of {kube_row['calls']:,}."]
     else:
         lines += ["", f"Kubernetes mode: not measured ({reason})."]
+    lines += ["", "## Targets (issue 5), judged from the figures above", "",
+              "| target | processes | measured | met |", "|---|---|---|---|"]
+    for target, processes, measured, met in judge_targets(results, bare, kube_row):
+        lines.append(f"| {target} | {processes} | {measured} | {'yes' if met else '**no**'} |")
     if png:
         lines += ["", "![throughput and p99 against calls in flight](results.png)"]
     with open(os.path.join(out, "RESULTS.md"), "w") as f:

@@ -291,3 +291,54 @@ class WorkerThreadsTests(SynchronousTestCase):
             GRPC_WAITING_WORKER_THREADS,
         )
         self.assertGreater(GRPC_WAITING_WORKER_THREADS, GRPC_WORKER_THREADS)
+
+
+class GarbageCollectorTuningTests(SynchronousTestCase):
+    """
+    Tests for the CA's garbage collector tuning.
+    """
+
+    def setUp(self):
+        import gc
+
+        threshold = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *threshold)
+        self.addCleanup(gc.unfreeze)
+
+    def start(self, **kw):
+        """
+        Start a CA on 127.0.0.1:0 with C{kw}, stopped at cleanup.
+        """
+        reactor = ImmediateReactor(FIXED_NOW.timestamp())
+        config = SentryConfig(listen_address="127.0.0.1", port=0)
+        ca = CertificateAuthorityService(
+            config, reactor, FakeTrustStore(make_bundle()), {}, None, SentryMetrics(), **kw
+        )
+        self.successResultOf(ca.start(config))
+        self.addCleanup(lambda: self.successResultOf(ca.stop()))
+
+    def test_tuned_once_serving(self):
+        """
+        Asked to, the CA freezes the objects alive at start and raises the
+        young-generation threshold once it serves.
+        """
+        import gc
+
+        from sentry_tx.server.service import GC_GENERATION0_THRESHOLD
+
+        gc.unfreeze()
+        self.start(tune_garbage_collector=True)
+        self.assertEqual(gc.get_threshold()[0], GC_GENERATION0_THRESHOLD)
+        self.assertGreater(gc.get_freeze_count(), 0)
+
+    def test_untouched_by_default(self):
+        """
+        By default (tests, embedding) the process's collector is left alone.
+        """
+        import gc
+
+        gc.unfreeze()
+        before = gc.get_threshold()
+        self.start()
+        self.assertEqual(gc.get_threshold(), before)
+        self.assertEqual(gc.get_freeze_count(), 0)
