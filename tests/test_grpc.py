@@ -9,7 +9,7 @@ import grpc
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -165,6 +165,67 @@ class CertificateAuthorityOverGrpcTests(TestCase):
         )
         self.assertEqual(error.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
         self.assertEqual(self.metrics.sign_request_received._value.get(), 0)
+
+    @inlineCallbacks
+    def test_stop_drains_calls_in_flight(self):
+        """
+        C{stop} lets a call in flight finish (here: its validator answers
+        during the grace period), refuses calls that start after it, and
+        then releases the port.
+        """
+        import socket
+
+        from sentry_tx.identity import CallerIdentity
+        from sentry_tx.testing import FakeValidator
+
+        validator = FakeValidator(VALIDATOR_INSECURE, pending=True)
+        ca = CertificateAuthorityService(
+            self.config,
+            reactor,
+            FakeTrustStore(self.generated.bundle),
+            {VALIDATOR_INSECURE: validator},
+            VALIDATOR_INSECURE,
+            SentryMetrics(),
+        )
+        yield ca.start(self.config)
+        client = GrpcTestClient(f"127.0.0.1:{ca.port}", self.generated.anchors_pem)
+        self.addCleanup(client.close)
+        _, csr = make_csr()
+        request = sentry_pb2.SignCertificateRequest(
+            id="myapp", namespace="default", certificate_signing_request=csr
+        )
+        asked = Deferred()
+        validate = validator.validate
+
+        def validate_and_tell(request):
+            d = validate(request)
+            if not asked.called:
+                asked.callback(None)
+            return d
+
+        validator.validate = validate_and_tell
+        in_flight = deferToThread(client.sign, request)
+        yield asked
+        port = ca.port
+        stopped = ca.stop()
+        self.assertFalse(ca.ready)
+        late = yield self.assertFailure(
+            deferToThread(client.sign, request, 5.0), grpc.RpcError
+        )
+        self.assertEqual(late.code(), grpc.StatusCode.UNAVAILABLE)
+        validator.pending[0].callback(
+            CallerIdentity(trust_domain="public", namespace="default", app_id="myapp")
+        )
+        response = yield in_flight
+        self.assertTrue(response.workload_certificate.startswith(b"-----BEGIN"))
+        yield stopped
+        # The listener is gone: a new one can bind the port (SO_REUSEADDR,
+        # as every server sets, ignores connections left in TIME_WAIT but
+        # not a listening socket).
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
 
     def test_start_twice(self):
         """

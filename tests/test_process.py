@@ -19,7 +19,13 @@ from sentry_tx._proto import sentry_pb2
 from sentry_tx.testing import GrpcTestClient, make_csr
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(sentry_tx.__file__)))
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+# The image's ENTRYPOINT runs the console script `twistd`; use the one of
+# the running Python (a venv's bin/), else the same code through -c.
+_TWISTD_SCRIPT = os.path.join(os.path.dirname(sys.executable), "twistd")
+if os.path.exists(_TWISTD_SCRIPT):
+    TWISTD = [sys.executable, _TWISTD_SCRIPT]
+else:
+    TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 class _TwistdProtocol(ProcessProtocol):
@@ -38,6 +44,7 @@ class _TwistdProtocol(ProcessProtocol):
         # With worker processes, each worker logs its own listening line
         # first: only the pool's line means the parent is ready.
         self._workers = workers
+        self._output_waiters = []
         self.output = b""
         self.ports = {}
         self._ready_waiters = []
@@ -55,8 +62,27 @@ class _TwistdProtocol(ProcessProtocol):
             self._ready_waiters.append(d)
         return d
 
+    def when_output(self, text):
+        """
+        A Deferred that fires once C{text} has appeared in the output.
+        """
+        d = Deferred()
+        self._output_waiters.append((text, d))
+        self._check_output_waiters()
+        return d
+
+    def _check_output_waiters(self):
+        waiting = []
+        for text, d in self._output_waiters:
+            if text in self.output:
+                d.callback(None)
+            else:
+                waiting.append((text, d))
+        self._output_waiters = waiting
+
     def outReceived(self, data):
         self.output += data
+        self._check_output_waiters()
         for match in self._LISTENING.finditer(self.output):
             if match.group("grpc"):
                 if self._workers and not match.group("pool"):
@@ -74,6 +100,9 @@ class _TwistdProtocol(ProcessProtocol):
 
     def processEnded(self, reason):
         self._end_reason = reason
+        for _, d in self._output_waiters:
+            d.errback(reason)
+        self._output_waiters = []
         waiters, self._ready_waiters = self._ready_waiters, []
         for d in waiters:
             d.errback(reason)
@@ -256,6 +285,45 @@ class TwistdProcessTests(TestCase):
         self.assertIn((reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)])
         self.assertEqual([pid for pid in children if _alive(pid)], [])
         self.assertNotIn(b"PRIVATE KEY", protocol.output)
+
+    @inlineCallbacks
+    def test_sigterm_during_reload(self):
+        """
+        SIGTERM while a reload is under way (the change seen, the window
+        open or the new bundle loading) exits cleanly and leaves the
+        operator's files exactly as written.
+        """
+        from datetime import datetime, timedelta, timezone
+
+        from sentry_tx.testing import make_chain, reissue_chain, replace_bundle_files
+
+        now = datetime.now(timezone.utc)
+        chain = make_chain(
+            trust_domain="localhost",
+            not_before=now - timedelta(days=1),
+            not_after=now + timedelta(days=30),
+        )
+        os.makedirs(self.credentials, mode=0o700)
+        chain.write(self.credentials)
+        protocol = spawn_twistd(self, self._arguments())
+        yield protocol.wait_ready()
+        changed = protocol.when_output(b"issuer credentials changed; reloading")
+        replace_bundle_files(reissue_chain(chain), self.credentials)
+        written = {}
+        for name in ("ca.crt", "issuer.crt", "issuer.key"):
+            with open(os.path.join(self.credentials, name), "rb") as f:
+                written[name] = f.read()
+        yield changed
+        os.kill(protocol.transport.pid, signal.SIGTERM)
+        reason = yield protocol.ended
+        self.assertIn((reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)])
+        self.assertEqual(
+            sorted(os.listdir(self.credentials)), ["ca.crt", "issuer.crt", "issuer.key"]
+        )
+        for name, data in written.items():
+            with open(os.path.join(self.credentials, name), "rb") as f:
+                self.assertEqual(f.read(), data, name)
+        self.assertNotIn(b"Traceback", protocol.output)
 
     @inlineCallbacks
     def test_partial_bundle_refused(self):

@@ -164,3 +164,43 @@ class FakesTests(SynchronousTestCase):
         verifyObject(ICertificateAuthority, FakeCertificateAuthority())
         verifyObject(IIdentityValidator, FakeValidator())
         verifyObject(ITrustStore, FakeTrustStore())
+
+
+class HelpImportsTests(SynchronousTestCase):
+    """
+    C{twistd --help} stays cheap.
+    """
+
+    def test_help_imports_nothing_heavy(self):
+        """
+        C{twistd --help} lists C{sentry} without importing grpc or
+        cryptography (the plugin line imports nothing heavy).
+        """
+        import os
+        import subprocess
+        import sys
+
+        import sentry_tx
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(sentry_tx.__file__)))
+        script = (
+            "import sys\n"
+            "from twisted.scripts.twistd import run\n"
+            "sys.argv = ['twistd', '--help']\n"
+            "try:\n"
+            "    run()\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "heavy = sorted(m for m in ('grpc', 'cryptography') if m in sys.modules)\n"
+            "print('HEAVY:' + ','.join(heavy))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dict(os.environ, PYTHONPATH=root),
+            cwd=root,
+        )
+        self.assertIn(" sentry ", result.stdout)
+        self.assertIn("HEAVY:\n", result.stdout)
