@@ -276,6 +276,20 @@ class Server:
                 pass
         return total_kib / 1024
 
+    def cpu_seconds(self):
+        """
+        User + system CPU seconds used so far by the server process and its
+        children (worker processes).
+        """
+        pids = [self.process.pid]
+        try:
+            pids += [int(p) for p in subprocess.run(
+                ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True
+            ).stdout.split()]
+        except OSError:
+            pass
+        return sum(process_cpu_seconds(pid) for pid in pids)
+
     def stop(self):
         """
         SIGTERM; return the exit status (killed after 15 s).
@@ -290,6 +304,18 @@ class Server:
             return self.process.wait()
         finally:
             self.log.close()
+
+
+def process_cpu_seconds(pid):
+    """
+    User + system CPU seconds of one live process (0 if it is gone).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # Load generators
@@ -423,18 +449,23 @@ def throughput(server, seconds, workdir, use_h2load, repeats):
     for in_flight in IN_FLIGHT:
         runs = []
         before = server.metrics()
+        cpu_before = server.cpu_seconds()
         for _ in range(repeats):
             if use_h2load:
                 runs.append(h2load_run(server, in_flight, seconds, body_path, workdir))
             else:
                 runs.append(python_client_run(server, in_flight, seconds))
+        cpu = server.cpu_seconds() - cpu_before
         time.sleep(1.5)  # let worker counters reach the parent
         after = server.metrics()
         failed = sum(
             after.get(k, 0) - before.get(k, 0)
             for k in after if k.startswith("dapr_sentry_cert_sign_failure_total")
         )
+        signed = after.get("dapr_sentry_cert_sign_success_total", 0) - before.get(
+            "dapr_sentry_cert_sign_success_total", 0)
         rows[in_flight] = dict(
+            cpu_ms=1000 * cpu / signed if signed else None,
             rate=statistics.median(r[0] for r in runs),
             p50=statistics.median(r[1] for r in runs),
             p99=statistics.median(r[2] for r in runs),
@@ -568,7 +599,9 @@ def kubernetes_rate(workdir, seconds, delay_seconds, workers, repeats, use_h2loa
                 namespace=info["namespace"], token=info["token"],
             )))
         before = server.metrics()
+        cpu_before, fake_before = server.cpu_seconds(), process_cpu_seconds(fake.pid)
         runs = [h2load_run(server, 64, seconds, body_path, server.workdir) for _ in range(repeats)]
+        cpu, fake_cpu = server.cpu_seconds() - cpu_before, process_cpu_seconds(fake.pid) - fake_before
         time.sleep(1.5)  # let worker counters reach the parent
         after = server.metrics()
         key = "dapr_sentry_cert_sign_success_total"
@@ -576,12 +609,15 @@ def kubernetes_rate(workdir, seconds, delay_seconds, workers, repeats, use_h2loa
             after.get(k, 0) - before.get(k, 0)
             for k in after if k.startswith("dapr_sentry_cert_sign_failure_total")
         )
+        signed = int(after.get(key, 0) - before.get(key, 0))
         return dict(
             rate=statistics.median(r[0] for r in runs),
             p50=statistics.median(r[1] for r in runs),
             p99=statistics.median(r[2] for r in runs),
             calls=sum(r[3] for r in runs),
-            signed=int(after.get(key, 0) - before.get(key, 0)),
+            signed=signed,
+            cpu_ms=1000 * cpu / signed if signed else None,
+            fake_cpu_ms=1000 * fake_cpu / signed if signed else None,
             failed=int(failed),
             workers=workers,
         ), None
@@ -728,7 +764,8 @@ def main(argv=None):
             for in_flight, row in result["throughput"].items():
                 print(f"  {in_flight:>3} in flight: {row['rate']:8,.0f} signed/s  "
                       f"p50 {fmt(row['p50'], 2)} ms  p99 {fmt(row['p99'], 2)} ms  "
-                      f"failed {row['failed']} of {row['calls']:,}")
+                      f"failed {row['failed']} of {row['calls']:,}  "
+                      f"server CPU {fmt(row['cpu_ms'], 2)} ms/cert")
             print(f"  served/bare at 64 in flight: {result['throughput'][64]['rate'] / bare:.2f}")
             if "reload" in result:
                 delay, failed = result["reload"]
@@ -743,7 +780,9 @@ def main(argv=None):
                 print(f"\nkubernetes mode, {kube_workers} process(es), 20 ms added to each "
                       f"TokenReview and Pod GET, 64 in flight: {kube['rate']:,.0f} signed/s  "
                       f"p50 {fmt(kube['p50'], 2)} ms  p99 {fmt(kube['p99'], 2)} ms  "
-                      f"failed {kube['failed']} of {kube['calls']:,}")
+                      f"failed {kube['failed']} of {kube['calls']:,}  "
+                      f"CPU per cert: sentry_tx {fmt(kube['cpu_ms'], 2)} ms, "
+                      f"fake API server {fmt(kube['fake_cpu_ms'], 2)} ms")
             else:
                 print(f"\nkubernetes mode: not measured ({reason})")
 
@@ -770,14 +809,15 @@ def write_report(out, results, bare, started, client, seconds, repeats):
         f"Bare issue pipeline (parse CSR, verify, build, sign, PEM), one process, one core: "
         f"**{bare:,.0f} certificates/s**.",
         "",
-        "| processes | in flight | signed/s | p50 ms | p99 ms | failed | served/bare |",
-        "|---|---|---|---|---|---|---|",
+        "| processes | in flight | signed/s | p50 ms | p99 ms | failed | served/bare | server CPU ms per certificate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for workers, result in results.items():
         for in_flight, row in result["throughput"].items():
             lines.append(
                 f"| {workers} | {in_flight} | {row['rate']:,.0f} | {fmt(row['p50'], 2)} | "
-                f"{fmt(row['p99'], 2)} | {row['failed']} of {row['calls']:,} | {row['rate'] / bare:.2f} |"
+                f"{fmt(row['p99'], 2)} | {row['failed']} of {row['calls']:,} | {row['rate'] / bare:.2f} | "
+                f"{fmt(row['cpu_ms'], 2)} |"
             )
     lines += ["", "| processes | exec to healthz 200 | peak RSS (all processes) | swap to new issuer | failed calls in swaps |",
               "|---|---|---|---|---|"]
@@ -790,7 +830,10 @@ def write_report(out, results, bare, started, client, seconds, repeats):
         lines += ["", f"Kubernetes mode ({kube_row['workers']} process(es)), fake API server in its own "
                   f"process with 20 ms added to each TokenReview and Pod GET, 64 in flight: "
                   f"**{kube_row['rate']:,.0f} signed/s**, p50 {fmt(kube_row['p50'], 2)} ms, "
-                  f"p99 {fmt(kube_row['p99'], 2)} ms, failed {kube_row['failed']} of {kube_row['calls']:,}."]
+                  f"p99 {fmt(kube_row['p99'], 2)} ms, failed {kube_row['failed']} of {kube_row['calls']:,}. "
+                  f"CPU per signed certificate: sentry_tx's processes {fmt(kube_row['cpu_ms'], 2)} ms, "
+                  f"the fake API server {fmt(kube_row['fake_cpu_ms'], 2)} ms; the bare pipeline needs "
+                  f"{1000 / bare:.2f} ms."]
     else:
         lines += ["", f"Kubernetes mode: not measured ({reason})."]
     lines += ["", "## Targets (issue 5), judged from the figures above", "",
