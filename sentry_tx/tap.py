@@ -653,7 +653,6 @@ def build_service(config, reactor, startup_warnings=()):
             metrics,
             on_start_failure=root.fatal,
             configuration_source=configuration_source,
-            tune_garbage_collector=True,
         )
     authority.setServiceParent(root)
     # After the authority: they start once it is starting and stop before it.

@@ -9,7 +9,6 @@ reactor thread, as a single attribute assignment that worker threads read
 once per call.
 """
 
-import gc
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
@@ -117,14 +116,6 @@ ENHANCE_YOUR_CALM "too_many_pings" and the connection is closed.
 # or credential argument for it; gRPC core's SSL server credentials default to
 # TLS 1.2 minimum, which tests/test_tls.py pins.
 
-GC_GENERATION0_THRESHOLD = 20000
-"""
-Allocations between two young-generation collections once serving (Python's
-default is 700).  Each call allocates a few hundred objects; with the
-default, collections run every few calls and the GIL-bound throughput drops
-by about a fifth (measured with h2load at 64 calls in flight on one process).
-"""
-
 SHUTDOWN_GRACE_SECONDS = 5.0
 SERVER_CERT_RETRY_SECONDS = 60.0
 
@@ -180,19 +171,6 @@ def grpc_server_options(
     ]
 
 
-def tune_gc_for_serving():
-    """
-    Tune the process's garbage collector for serving: move every object
-    alive now (modules, the bundle, the server) out of the collector's
-    sight with C{gc.freeze}, so that full collections no longer walk them,
-    and collect the young generation every L{GC_GENERATION0_THRESHOLD}
-    allocations instead of 700.
-    """
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_GENERATION0_THRESHOLD, middle, old)
-
-
 def grpc_worker_threads(validators):
     """
     How many threads should run calls for these validators: many when one of
@@ -231,9 +209,6 @@ class CertificateAuthorityService(Service):
         the config at start, or None when the config is complete already.
     @param reuse_port: bind with SO_REUSEPORT (worker processes sharing
         the port).
-    @param tune_garbage_collector: once serving, tune this process's
-        garbage collector for serving (see L{tune_gc_for_serving});
-        twistd and the worker processes ask for it, tests do not.
     @param max_concurrent_rpcs: see L{MAX_CONCURRENT_RPCS}; this and the
         other transport limits default to their constants and are
         parameters only so that tests can make them small.
@@ -257,11 +232,9 @@ class CertificateAuthorityService(Service):
         max_concurrent_streams_per_connection=MAX_CONCURRENT_STREAMS_PER_CONNECTION,
         max_connection_idle_milliseconds=MAX_CONNECTION_IDLE_MILLISECONDS,
         server_handshake_timeout_milliseconds=SERVER_HANDSHAKE_TIMEOUT_MILLISECONDS,
-        tune_garbage_collector=False,
     ):
         self.config = config
         self._reuse_port = reuse_port
-        self._tune_garbage_collector = tune_garbage_collector
         self._max_concurrent_rpcs = max_concurrent_rpcs
         self._max_concurrent_streams_per_connection = (
             max_concurrent_streams_per_connection
@@ -358,8 +331,6 @@ class CertificateAuthorityService(Service):
         yield self._in_thread(self._start_grpc, config)
         self._schedule_renewal(not_after)
         self.ready = True
-        if self._tune_garbage_collector:
-            tune_gc_for_serving()
         self._log.info(
             "gRPC server listening on {target}; issuer {issuer} valid until {not_after}",
             target=listen_target(config.listen_address, self.port),

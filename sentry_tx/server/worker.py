@@ -135,7 +135,6 @@ def build_authority(config, reactor, trust_store, validator_set, metrics):
         validator_set.default_validator,
         metrics,
         reuse_port=True,
-        tune_garbage_collector=True,
     )
 
 
