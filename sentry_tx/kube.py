@@ -1435,6 +1435,14 @@ def build_kubernetes_parts(
             os.path.basename(config.issuer_certificate_filename),
             os.path.basename(config.issuer_key_filename),
         ),
+        # Where the pod mounts the dapr-trust-bundle Secret (as Dapr's chart
+        # does): the kubelet's ..data swap there says the Secret changed.
+        # Only looked at, never read: the bundle comes from the API server.
+        watch_directories=(
+            (config.issuer_credentials,)
+            if os.path.isdir(config.issuer_credentials)
+            else ()
+        ),
     )
     validator = KubernetesValidator(
         client,

@@ -984,6 +984,7 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
 
     def _parts(self, **config):
         config.setdefault("kubeconfig", "/nonexistent/kubeconfig")
+        config.setdefault("issuer_credentials", "/nonexistent/credentials")
         return build_kubernetes_parts(
             SentryConfig(mode=MODE_KUBERNETES, namespace=NAMESPACE, **config),
             Clock(),
@@ -1019,6 +1020,23 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
         verifyObject(IConfigurationSource, parts.configuration_source)
         self.assertIsInstance(parts.service, KubernetesClientService)
         self.assertEqual(parts.trust_store.watch_directories, ())
+
+    def test_mounted_secret_watched(self):
+        """
+        When C{--issuer-credentials} exists (the Secret mounted in the pod),
+        the trust store asks for it to be watched: the kubelet's update there
+        means the Secret changed.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        parts = self._parts(issuer_credentials=directory)
+        self.assertEqual(parts.trust_store.watch_directories, (directory,))
+
+    def test_nothing_mounted(self):
+        """
+        When C{--issuer-credentials} does not exist, nothing is watched.
+        """
+        self.assertEqual(self._parts().trust_store.watch_directories, ())
 
     def test_audiences(self):
         """

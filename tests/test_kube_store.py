@@ -452,3 +452,84 @@ class KubernetesTrustStoreArgumentTests(SynchronousTestCase):
             SKEW,
             key_type="dsa",
         )
+
+
+class MountedSecretRotationTests(TestCase):
+    """
+    In kubernetes mode, the kubelet's update of the mounted Secret makes the
+    watcher reload the bundle from the API server, without a restart.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_rotation_through_mounted_secret(self):
+        """
+        After the Secret is changed and its mount directory sees the
+        kubelet's C{..data} swap, one reload puts the new issuer in service.
+        """
+        from twisted.internet import inotify
+        from twisted.internet.task import Clock
+
+        from sentry_tx.identity import VALIDATOR_KUBERNETES
+        from sentry_tx.metrics import SentryMetrics
+        from sentry_tx.server.service import CertificateAuthorityService
+        from sentry_tx.testing import FakeINotifyFactory, FakeValidator
+        from sentry_tx.watcher import ISSUER_CHANGE_WINDOW_SECONDS, IssuerWatcher
+
+        fake = start_fake_kubernetes(self)
+        first, second = make_chain(), make_chain()
+
+        def store_secret(chain):
+            fake.add_secret(
+                TEST_NAMESPACE,
+                NAME,
+                {
+                    "ca.crt": chain.anchors_pem,
+                    "issuer.crt": chain.issuer_chain_pem(),
+                    "issuer.key": chain.issuer_key_pem(),
+                },
+            )
+
+        store_secret(first)
+        fake.add_config_map(TEST_NAMESPACE, NAME, {"ca.crt": first.anchors_pem.decode()})
+        mount = self.mktemp()
+        store = KubernetesTrustStore(
+            reactor,
+            kubernetes_client_for(self, fake),
+            TEST_NAMESPACE,
+            TEST_TRUST_DOMAIN,
+            SKEW,
+            watch_directories=(mount,),
+        )
+        config = SentryConfig(
+            listen_address="127.0.0.1", port=0, namespace=TEST_NAMESPACE,
+            trust_domain=TEST_TRUST_DOMAIN, mtls=MTLSConfig(),
+        )
+        metrics = SentryMetrics()
+        ca = CertificateAuthorityService(
+            config, reactor, store, {VALIDATOR_KUBERNETES: FakeValidator(2)},
+            VALIDATOR_KUBERNETES, metrics,
+        )
+        yield ca.start(config)
+        self.addCleanup(ca.stop)
+        self.assertEqual(ca.bundle.issuer, first.issuer)
+
+        restarts = []
+        restart = ca.restart
+        ca.restart = lambda config: restarts.append(restart(config)) or restarts[-1]
+        clock = Clock()
+        notifiers = FakeINotifyFactory()
+        watcher = IssuerWatcher(
+            ca, store.watch_directories, clock, metrics, inotify_factory=notifiers
+        )
+        watcher.startService()
+        self.addCleanup(watcher.stopService)
+
+        store_secret(second)
+        notifiers.current.event(mount, inotify.IN_MOVED_TO, "..data")
+        clock.advance(ISSUER_CHANGE_WINDOW_SECONDS)
+        self.assertEqual(len(restarts), 1)
+        yield restarts[0]
+        self.assertEqual(ca.bundle.issuer, second.issuer)
+        self.assertEqual(metrics.issuercert_changed._value.get(), 1)

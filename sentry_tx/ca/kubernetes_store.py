@@ -102,11 +102,14 @@ class KubernetesTrustStore:
     @param keys: the Secret keys of the anchors, issuer chain and key.
     @param key_type: the key type of a generated bundle.
     @param name: the name of the Secret and the ConfigMap.
+    @param watch_directories: directories where the same Secret is mounted
+        (C{--issuer-credentials} in a pod): a change there is the kubelet
+        projecting a new Secret, and makes the watcher reload the bundle
+        from the API server.  Empty when nothing is mounted.
     @raise ConfigError: when a key cannot be a Secret key.
     @raise ValueError: for an unknown C{key_type}.
     """
 
-    watch_directories = ()
     _log = Logger()
 
     def __init__(
@@ -119,11 +122,13 @@ class KubernetesTrustStore:
         keys=("ca.crt", "issuer.crt", "issuer.key"),
         key_type=KEY_TYPE_ECDSA_P256,
         name=TRUST_BUNDLE_NAME,
+        watch_directories=(),
     ):
         if key_type not in KEY_TYPES:
             raise ValueError(
                 f"unknown key type {key_type!r}; expected one of {KEY_TYPES}"
             )
+        self.watch_directories = tuple(watch_directories)
         self._reactor = reactor
         self._client = client
         self._namespace = namespace
