@@ -107,7 +107,9 @@ def git_commit():
             cwd=ROOT, capture_output=True, text=True, check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # The benchmark's own outputs do not make the measured code dirty.
+            ["git", "status", "--porcelain", "--untracked-files=no", "--",
+             ".", ":!bench/RESULTS.md", ":!bench/results.png"],
             cwd=ROOT, capture_output=True, text=True, check=True,
         ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
