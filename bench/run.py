@@ -732,9 +732,10 @@ def main(argv=None):
     use_h2load = args.client == "h2load" or (args.client == "auto" and shutil.which("h2load"))
     client = "h2load (pre-encoded gRPC body, TLS)" if use_h2load else "multi-process Python grpc client"
     started = datetime.datetime.now(datetime.timezone.utc)
+    commit = git_commit()
 
     print(f"machine: {machine_description()}")
-    print(f"commit: {git_commit()}; date: {started:%Y-%m-%d %H:%M} UTC; client: {client}")
+    print(f"commit: {commit}; date: {started:%Y-%m-%d %H:%M} UTC; client: {client}")
     print(f"each load run: {seconds:g} s, {repeats} run(s) per point, medians quoted")
 
     bare = bare_pipeline_rate(3.0 if args.quick else 6.0)
@@ -791,17 +792,17 @@ def main(argv=None):
     if args.quick and not args.write:
         return 0
     out = args.write or HERE
-    write_report(out, results, bare, started, client, seconds, repeats)
+    write_report(out, results, bare, started, commit, client, seconds, repeats)
     return 0
 
 
-def write_report(out, results, bare, started, client, seconds, repeats):
+def write_report(out, results, bare, started, commit, client, seconds, repeats):
     kube = results.pop("kubernetes", (None, "not measured"))
     png = plot(results, os.path.join(out, "results.png"))
     lines = [
         "# sentry_tx benchmark results",
         "",
-        f"Written by `bench/run.py` on {started:%Y-%m-%d %H:%M} UTC at commit {git_commit()}.",
+        f"Written by `bench/run.py` on {started:%Y-%m-%d %H:%M} UTC at commit {commit}.",
         "",
         f"- Machine: {machine_description()}.",
         f"- Load: {client}, every request a real P-256 CSR signed for real; "
