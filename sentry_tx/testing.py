@@ -31,6 +31,13 @@ from sentry_tx.interfaces import (
     ITrustStore,
 )
 
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""
+The top of the source tree (where C{sentry_tx/} and C{twisted/plugins/}
+are): processes that tests start put it on their PYTHONPATH, since trial
+runs in a temporary directory.
+"""
+
 FIXED_NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 """
 The "now" tests inject, unless they need another.

@@ -12,13 +12,12 @@ import re
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
-import sentry_tx
 from sentry_tx.ca.kubernetes_store import TRUST_BUNDLE_NAME
 from sentry_tx.config import MODE_KUBERNETES, SentryConfig, parse_mtls
 from sentry_tx.kube import SERVICE_ACCOUNT_DIRECTORY
 from sentry_tx.tap import Options
+from sentry_tx.testing import PROJECT_ROOT
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(sentry_tx.__file__)))
 CONF = os.path.join(PROJECT_ROOT, "conf")
 MANIFESTS = os.path.join(CONF, "kubernetes")
 DOCKERFILE = os.path.join(CONF, "Dockerfile")

@@ -22,7 +22,7 @@ from sentry_tx.testing import (
     write_kubeconfig,
 )
 from tests.test_kube_deploy import ENTRYPOINT
-from tests.test_process import spawn_twistd
+from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
 
 APPS = "apps"
 TRUST_BUNDLE = "dapr-trust-bundle"
@@ -55,19 +55,8 @@ class KubernetesModeProcessTests(TestCase):
                 self.kubeconfig,
                 "--trust-domain",
                 TEST_TRUST_DOMAIN,
-                "--listen-address",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--healthz-listen-address",
-                "127.0.0.1",
-                "--healthz-port",
-                "0",
-                "--metrics-listen-address",
-                "127.0.0.1",
-                "--metrics-port",
-                "0",
-            ],
+            ]
+            + LOOPBACK_FREE_PORTS,
             env={"NAMESPACE": TEST_NAMESPACE},
         )
 

@@ -14,11 +14,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-import sentry_tx
 from sentry_tx._proto import sentry_pb2
-from sentry_tx.testing import GrpcTestClient, make_csr
+from sentry_tx.testing import PROJECT_ROOT, GrpcTestClient, make_csr
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(sentry_tx.__file__)))
 # The image's ENTRYPOINT runs the console script `twistd`; use the one of
 # the running Python (a venv's bin/), else the same code through -c.
 _TWISTD_SCRIPT = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -111,6 +109,26 @@ class _TwistdProtocol(ProcessProtocol):
         self.ended.callback(reason.value)
 
 
+LOOPBACK_FREE_PORTS = [
+    "--listen-address",
+    "127.0.0.1",
+    "--port",
+    "0",
+    "--healthz-listen-address",
+    "127.0.0.1",
+    "--healthz-port",
+    "0",
+    "--metrics-listen-address",
+    "127.0.0.1",
+    "--metrics-port",
+    "0",
+]
+"""
+Flags that put every listener of a spawned twistd on 127.0.0.1, on ports
+the kernel picks (the test reads them from the log).
+"""
+
+
 def spawn_twistd(test, arguments, env=None):
     """
     Start C{twistd -n --pidfile= sentry ARGUMENTS}, killed at cleanup if it
@@ -183,19 +201,7 @@ class TwistdProcessTests(TestCase):
             os.path.abspath(self.mktemp()),
             "--issuer-credentials",
             self.credentials,
-            "--listen-address",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--healthz-listen-address",
-            "127.0.0.1",
-            "--healthz-port",
-            "0",
-            "--metrics-listen-address",
-            "127.0.0.1",
-            "--metrics-port",
-            "0",
-        ] + list(extra)
+        ] + LOOPBACK_FREE_PORTS + list(extra)
 
     @inlineCallbacks
     def test_serves_and_stops(self):

@@ -180,9 +180,7 @@ class HelpImportsTests(SynchronousTestCase):
         import subprocess
         import sys
 
-        import sentry_tx
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(sentry_tx.__file__)))
+        from sentry_tx.testing import PROJECT_ROOT as root
         script = (
             "import sys\n"
             "from twisted.scripts.twistd import run\n"

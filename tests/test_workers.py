@@ -35,7 +35,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-import sentry_tx
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.ca.bundle import TrustBundle, generate_bundle
 from sentry_tx.config import MODE_KUBERNETES, SentryConfig
@@ -68,13 +67,13 @@ from sentry_tx.server.workers import (
 from sentry_tx.testing import (
     FIXED_NOW,
     FakeTrustStore,
+    PROJECT_ROOT,
     GrpcTestClient,
     ImmediateReactor,
     make_bundle,
     make_csr,
 )
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(sentry_tx.__file__)))
 FAKE_PORT = 4242
 
 
