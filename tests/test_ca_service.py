@@ -194,9 +194,12 @@ class CertificateAuthorityServiceTests(SynchronousTestCase):
     def test_restart_unchanged(self):
         """
         A reload that finds the same credentials keeps the bundle in
-        service as it is.
+        service as it is, and issues no new server certificate.
         """
         self.start()
+        issued = []
+        issue = self.ca._issue_server_certificate
+        self.ca._issue_server_certificate = lambda *a: issued.append(a) or issue(*a)
         d = self.ca.restart(self.config)
         self.store.waiting.pop().callback(
             load_bundle(
@@ -209,6 +212,7 @@ class CertificateAuthorityServiceTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertIs(self.ca.bundle, self.bundle)
         self.assertIsNone(self.ca._credentials._fetch())
+        self.assertEqual(issued, [])
 
     def test_restart_serialised_and_coalesced(self):
         """

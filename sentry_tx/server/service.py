@@ -412,6 +412,13 @@ class CertificateAuthorityService(Service):
     def _reload(self, config):
         try:
             bundle = yield self._trust_store.load(self._now())
+            if _same_bundle(bundle, self.bundle):
+                # The files were touched but say the same (for example the
+                # store's own writes when it generated them): nothing to
+                # swap, and no new server certificate to issue.
+                self.config = config
+                self._log.info("issuer credentials unchanged")
+                return
             key_pem, chain_pem, _, not_after = yield self._issue_server_certificate(
                 bundle, config
             )
@@ -423,11 +430,6 @@ class CertificateAuthorityService(Service):
             )
             raise
         self.config = config
-        if _same_bundle(bundle, self.bundle):
-            # The files were touched but say the same (for example the
-            # store's own writes when it generated them): nothing to swap.
-            self._log.info("issuer credentials unchanged")
-            return
         self._install(bundle)
         if self._credentials is not None:
             self._credentials.replace(key_pem, chain_pem)
