@@ -1,6 +1,7 @@
 """
 The health endpoint: C{GET /healthz} answers 503 until the authority is ready
-(bundle loaded, gRPC listening), then 200.  Other paths are 404.
+(bundle loaded, gRPC listening) and every other readiness source is too (for
+example a validator's cache or key set), then 200.  Other paths are 404.
 """
 
 from twisted.web.resource import NoResource, Resource
@@ -11,12 +12,13 @@ UNHEALTHY = b"not ready\n"
 
 class HealthzResource(Resource):
     """
-    Reports the readiness of an L{ICertificateAuthority}.
+    Reports the readiness of an L{ICertificateAuthority} and of any other
+    sources: objects with a boolean C{ready} attribute, read at each probe.
     """
 
-    def __init__(self, authority):
+    def __init__(self, authority, *sources):
         super().__init__()
-        self._authority = authority
+        self._sources = (authority,) + sources
 
     def getChild(self, path, request):
         # /healthz/ is /healthz; anything below it does not exist.
@@ -27,17 +29,18 @@ class HealthzResource(Resource):
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        if self._authority.ready:
+        if all(source.ready for source in self._sources):
             request.setResponseCode(200)
             return HEALTHY
         request.setResponseCode(503)
         return UNHEALTHY
 
 
-def healthz_root(authority):
+def healthz_root(authority, *sources):
     """
-    A web root with only C{/healthz}.
+    A web root with only C{/healthz}, healthy when C{authority} and every
+    one of C{sources} is ready.
     """
     root = Resource()
-    root.putChild(b"healthz", HealthzResource(authority))
+    root.putChild(b"healthz", HealthzResource(authority, *sources))
     return root

@@ -53,6 +53,22 @@ class HealthzTests(SynchronousTestCase):
         code, body = render(healthz_root(authority), b"/healthz")
         self.assertEqual((code, body), (200, b"ok\n"))
 
+    def test_other_source_not_ready(self):
+        """
+        C{/healthz} stays 503 while another readiness source (a validator's
+        cache, say) is not ready, and turns 200 once it is.
+        """
+
+        class Source:
+            ready = False
+
+        authority, source = FakeCertificateAuthority(), Source()
+        authority.ready = True
+        root = healthz_root(authority, source)
+        self.assertEqual(render(root, b"/healthz")[0], 503)
+        source.ready = True
+        self.assertEqual(render(root, b"/healthz")[0], 200)
+
     def test_other_paths(self):
         """
         Other paths are 404.
