@@ -21,12 +21,21 @@ descriptor the process has.  L{GuardedSite} adds two bounds:
     answered, is itself closed), so a probe that sends its request at once
     always gets through.
 
-The cap is well above the listening backlog (50 in Twisted): one read of
-the listening socket accepts at most about a backlog's worth of
-connections, so a connection accepted in one batch has its request read
-before enough newer ones arrive to make it the oldest.
+Connections that are closed and reconnect at once (a slowloris client
+does) make the listener accept and close connections as fast as it can.
+A probe must still get in and be read before it is the oldest:
+
+  - the listening backlog is L{LISTEN_BACKLOG} (Twisted's default is 50),
+    so a probe's SYN waits in the accept queue instead of being dropped
+    (a dropped SYN is retried after 1 s, past the kubelet's 1 s timeout);
+  - one read of the listening socket accepts at most
+    L{MAX_ACCEPTS_PER_READ} connections (Twisted's own batch grows without
+    bound under load), far below the cap, so a probe accepted in one batch
+    has its request read in the next turn of the reactor, long before
+    enough newer connections arrive to make it the oldest.
 """
 
+from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 
@@ -41,6 +50,17 @@ or from the end of the previous response).
 MAX_CONNECTIONS_PER_LISTENER = 128
 """
 Connections one HTTP listener holds at once.
+"""
+
+LISTEN_BACKLOG = 1024
+"""
+The listening backlog of an HTTP listener (the kernel caps it at
+C{net.core.somaxconn}).
+"""
+
+MAX_ACCEPTS_PER_READ = 16
+"""
+Connections accepted in one read of an HTTP listener's socket.
 """
 
 MAX_REQUEST_BYTES = 64 * 1024
@@ -186,6 +206,45 @@ class GuardedSite(QuietSite):
             del self._channels[channel]
 
 
+class _BoundedAcceptPort(tcp.Port):
+    """
+    A TCP port that accepts at most L{MAX_ACCEPTS_PER_READ} connections per
+    read (Twisted's L{tcp.Port} adds 20 to its batch each time it is used
+    up).
+    """
+
+    _number_accepts = MAX_ACCEPTS_PER_READ
+
+    @property
+    def numberAccepts(self):
+        return self._number_accepts
+
+    @numberAccepts.setter
+    def numberAccepts(self, value):
+        self._number_accepts = max(1, min(value, MAX_ACCEPTS_PER_READ))
+
+
+class GuardedWebService(WebService):
+    """
+    A L{WebService} listening with L{LISTEN_BACKLOG} and bounded accept
+    batches.
+    """
+
+    def _getPort(self):
+        from twisted.internet import reactor
+
+        port, factory = self.args
+        listening = _BoundedAcceptPort(
+            port,
+            factory,
+            backlog=LISTEN_BACKLOG,
+            interface=self.kwargs.get("interface", ""),
+            reactor=reactor,
+        )
+        listening.startListening()
+        return listening
+
+
 def http_listener(
     label,
     port,
@@ -201,7 +260,7 @@ def http_listener(
     Builds objects only; the port opens when the service starts.
 
     @param label: its name in the log (C{healthz}, C{metrics}).
-    @return: a L{WebService}.
+    @return: a L{GuardedWebService}.
     """
     site = GuardedSite(
         resource,
@@ -209,11 +268,14 @@ def http_listener(
         request_deadline_seconds=request_deadline_seconds,
         max_connections=max_connections,
     )
-    return WebService(label, port, site, interface=interface)
+    return GuardedWebService(label, port, site, interface=interface)
 
 
 __all__ = [
     "GuardedSite",
+    "GuardedWebService",
+    "LISTEN_BACKLOG",
+    "MAX_ACCEPTS_PER_READ",
     "MAX_CONNECTIONS_PER_LISTENER",
     "MAX_REQUEST_BYTES",
     "REQUEST_DEADLINE_SECONDS",

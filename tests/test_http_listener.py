@@ -6,10 +6,12 @@ bound and the connection cap of sentry_tx's HTTP listeners.
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentry_tx.healthz import healthz_root
 from sentry_tx.http_listener import (
+    LISTEN_BACKLOG,
+    MAX_ACCEPTS_PER_READ,
     MAX_CONNECTIONS_PER_LISTENER,
     MAX_REQUEST_BYTES,
     REQUEST_DEADLINE_SECONDS,
@@ -186,3 +188,27 @@ class HTTPListenerTests(SynchronousTestCase):
         self.assertIs(site.reactor, clock)
         self.assertEqual(service.kwargs, {"interface": "127.0.0.1"})
         self.assertFalse(service.running)
+
+
+class GuardedPortTests(TestCase):
+    """
+    The listening port: a deep backlog and bounded accept batches.
+    """
+
+    def test_backlog_and_accept_batch(self):
+        """The port listens with LISTEN_BACKLOG and never accepts more than MAX_ACCEPTS_PER_READ per read."""
+        from twisted.internet import reactor
+
+        service = http_listener(
+            "healthz", 0, healthz_root(FakeCertificateAuthority()), reactor, "127.0.0.1"
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = service._port
+        self.assertEqual(port.backlog, LISTEN_BACKLOG)
+        self.assertEqual(port.getHost().host, "127.0.0.1")
+        port.numberAccepts = port.numberAccepts + 20
+        self.assertEqual(port.numberAccepts, MAX_ACCEPTS_PER_READ)
+        port.numberAccepts = 0
+        self.assertEqual(port.numberAccepts, 1)
+        self.assertLess(2 * MAX_ACCEPTS_PER_READ, MAX_CONNECTIONS_PER_LISTENER)
