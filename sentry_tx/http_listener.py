@@ -36,7 +36,6 @@ A probe must still get in and be read before it is the oldest:
 """
 
 from twisted.internet import tcp
-from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 
 from sentry_tx.service import QuietSite, WebService
@@ -118,8 +117,6 @@ class GuardedSite(QuietSite):
         did not arrive in time.
     @ivar closed_for_room: connections closed to make room under the cap.
     """
-
-    _log = Logger()
 
     def __init__(
         self,

@@ -66,8 +66,6 @@ _TEMPORARY_MARKER = ".sentry-tx-"
 _TEMPORARY_SUFFIX = ".tmp"
 _TEMPORARY_RANDOM_HEX_DIGITS = 16
 
-_describe_os_error = describe_os_error
-
 
 def temporary_name(basename):
     """
@@ -274,7 +272,7 @@ class FileTrustStore:
         except FileNotFoundError:
             return False
         except OSError as e:
-            raise BundleError(path, f"cannot be checked: {_describe_os_error(e)}")
+            raise BundleError(path, f"cannot be checked: {describe_os_error(e)}")
         return True
 
     def _read(self, path, is_key=False):
@@ -462,7 +460,7 @@ class FileTrustStore:
             if isinstance(e, BundleError):
                 raise
             raise BundleError(
-                current, f"cannot write the generated bundle: {_describe_os_error(e)}"
+                current, f"cannot write the generated bundle: {describe_os_error(e)}"
             ) from None
 
     def _make_directory(self, directory):
