@@ -1,7 +1,7 @@
 """
 Attack a running sentry_tx from outside and print what held.
 
-    .venv/bin/python bench/chaos.py            # every fault, about 2 minutes
+    .venv/bin/python bench/chaos.py            # every fault, about 70 s
     .venv/bin/python bench/chaos.py --quick    # a smoke: FIFO, bad issuers, slowloris
     .venv/bin/python bench/chaos.py --only fifo-during-service,slowloris
 
@@ -261,7 +261,7 @@ def fault_fifo_during_service(workdir):
         stop = _stopped_in_bound(sentry)
         return (
             f"refused by name in {refused:.1f} s, counted ({failed:g}); rotation"
-            f" taken {taken:.1f} s later; SIGTERM {stop:.1f} s"
+            f" taken {taken:.1f} s later; SIGTERM {stop:.2f} s"
         )
     finally:
         sentry.kill()
@@ -600,7 +600,7 @@ def fault_kube_api_down(workdir):
         if before != "OK" or code != "UNAVAILABLE":
             raise FaultFailed(f"before {before}, with the API down {code}")
         stop = _stopped_in_bound(sentry)
-        return f"calls UNAVAILABLE in {seconds:.2f} s; healthz {health}; SIGTERM {stop:.1f} s"
+        return f"calls UNAVAILABLE in {seconds:.2f} s; healthz {health}; SIGTERM {stop:.2f} s"
     finally:
         sentry.kill()
         fake.kill()
@@ -615,7 +615,7 @@ def fault_kube_api_slow(workdir):
         if code in ("OK", "INTERNAL", "UNKNOWN", "CANCELLED") or seconds > 12:
             raise FaultFailed(f"{code} after {seconds:.1f} s")
         stop = _stopped_in_bound(sentry)
-        return f"API 15 s late: call {code} after {seconds:.1f} s; SIGTERM {stop:.1f} s"
+        return f"API 15 s late: call {code} after {seconds:.1f} s; SIGTERM {stop:.2f} s"
     finally:
         sentry.kill()
         fake.kill()
@@ -632,7 +632,7 @@ def fault_kube_api_refusing(workdir):
             status, seconds = sentry.wait_exit(40)
         except FaultFailed:
             stop = _stopped_in_bound(sentry)
-            return f"still waiting for the API after 40 s, healthz {sentry.healthz()}; SIGTERM {stop:.1f} s"
+            return f"still waiting for the API after 40 s, healthz {sentry.healthz()}; SIGTERM {stop:.2f} s"
         refusal = [l for l in sentry.log().splitlines() if "refusing to start" in l]
         if status != 1 or not refusal:
             raise FaultFailed(f"exit {status}: {sentry.tail()}")
