@@ -28,7 +28,7 @@ TRUST_BUNDLE = "dapr-trust-bundle"
 def main(workdir, delay_seconds):
     from twisted.internet import reactor
 
-    from sentry_tx.testing import FakeKubernetesAPI, write_kubeconfig
+    from sentry_tx.testing import FAKE_API_TOKEN, FakeKubernetesAPI, write_kubeconfig
 
     fake = FakeKubernetesAPI(reactor)
     fake.tokenreview_latency_seconds = delay_seconds
@@ -43,7 +43,18 @@ def main(workdir, delay_seconds):
     write_kubeconfig(kubeconfig, fake.kubeconfig())
     info = os.path.join(workdir, "fake-kube.json")
     with open(info + ".tmp", "w") as f:
-        json.dump({"kubeconfig": kubeconfig, "token": token, "namespace": APP_NAMESPACE}, f)
+        json.dump(
+            {
+                "kubeconfig": kubeconfig,
+                "token": token,
+                "namespace": APP_NAMESPACE,
+                # For bench/chaos.py, which reads the published anchors.
+                "url": fake.url,
+                "api_token": FAKE_API_TOKEN,
+                "ca_pem": fake.server_certificate_pem.decode("ascii"),
+            },
+            f,
+        )
     os.replace(info + ".tmp", info)
     reactor.run()
 

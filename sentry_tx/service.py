@@ -14,6 +14,7 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.web.server import Site
 
+from sentry_tx import open_files
 from sentry_tx.errors import BundleError, ConfigError
 
 FATAL_EXIT_STATUS = 1
@@ -34,20 +35,35 @@ class SentryService(MultiService):
         start (logging is not running while options are parsed).
     @param exit: called with the exit status after the reactor has shut down
         following a fatal error.
+    @param raise_open_file_limit: raises the soft open-file limit to the
+        hard one at start (L{open_files.raise_open_file_limit}).
     """
 
     _log = Logger()
 
-    def __init__(self, reactor, startup_warnings=(), exit=_exit_process):
+    def __init__(
+        self,
+        reactor,
+        startup_warnings=(),
+        exit=_exit_process,
+        raise_open_file_limit=open_files.raise_open_file_limit,
+    ):
         super().__init__()
         self._reactor = reactor
         self._startup_warnings = tuple(startup_warnings)
         self._exit = exit
+        self._raise_open_file_limit = raise_open_file_limit
         self.exit_status = None
 
     def startService(self):
         for warning in self._startup_warnings:
             self._log.warn("{startup_warning}", startup_warning=warning)
+        # Before any child opens a socket (worker processes inherit it).
+        limit = self._raise_open_file_limit()
+        if limit.error is not None:
+            self._log.warn("{open_file_limit}", open_file_limit=open_files.describe(limit))
+        else:
+            self._log.info("{open_file_limit}", open_file_limit=open_files.describe(limit))
         super().startService()
 
     def fatal(self, failure):

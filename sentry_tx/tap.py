@@ -599,10 +599,11 @@ def build_service(config, reactor, startup_warnings=()):
     from sentry_tx.ca.store import FileTrustStore
     from sentry_tx.expiry import ExpiryChecker
     from sentry_tx.healthz import healthz_root
+    from sentry_tx.http_listener import http_listener
     from sentry_tx.metrics import SentryMetrics, metrics_root
     from sentry_tx.server.service import CertificateAuthorityService
     from sentry_tx.server.workers import WorkerPoolAuthority
-    from sentry_tx.service import QuietSite, SentryService, WebService
+    from sentry_tx.service import SentryService
     from sentry_tx.watcher import IssuerWatcher
 
     root = SentryService(reactor, startup_warnings)
@@ -661,17 +662,21 @@ def build_service(config, reactor, startup_warnings=()):
             authority, trust_store.watch_directories, reactor, metrics
         ).setServiceParent(root)
     ExpiryChecker(authority, reactor, metrics).setServiceParent(root)
-    WebService(
+    # Every HTTP listener comes from http_listener: request deadline and
+    # connection cap (sentry_tx.http_listener).
+    http_listener(
         "healthz",
         config.healthz_port,
-        QuietSite(healthz_root(authority)),
+        healthz_root(authority),
+        reactor,
         interface=config.healthz_listen_address,
     ).setServiceParent(root)
     if config.enable_metrics:
-        WebService(
+        http_listener(
             "metrics",
             config.metrics_port,
-            QuietSite(metrics_root(metrics)),
+            metrics_root(metrics),
+            reactor,
             interface=config.metrics_listen_address,
         ).setServiceParent(root)
     return root

@@ -129,11 +129,23 @@ the kernel picks (the test reads them from the log).
 """
 
 
-def spawn_twistd(test, arguments, env=None):
+def spawn_twistd(test, arguments, env=None, open_files_limit=None):
     """
     Start C{twistd -n --pidfile= sentry ARGUMENTS}, killed at cleanup if it
     is still running.
+
+    @param open_files_limit: when given, twistd runs with this soft and hard
+        C{RLIMIT_NOFILE}, as under a container's limit.
     """
+    command = TWISTD
+    if open_files_limit is not None:
+        command = [
+            sys.executable,
+            "-c",
+            "import resource; resource.setrlimit(resource.RLIMIT_NOFILE,"
+            f" ({open_files_limit}, {open_files_limit}));"
+            " from twisted.scripts.twistd import run; run()",
+        ]
     protocol = _TwistdProtocol(workers="--workers" in arguments)
     environment = dict(os.environ)
     environment.pop("KUBERNETES_SERVICE_HOST", None)
@@ -142,7 +154,7 @@ def spawn_twistd(test, arguments, env=None):
     transport = reactor.spawnProcess(
         protocol,
         sys.executable,
-        TWISTD + ["-n", "--pidfile=", "sentry"] + arguments,
+        command + ["-n", "--pidfile=", "sentry"] + arguments,
         env=environment,
     )
 

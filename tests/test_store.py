@@ -42,7 +42,14 @@ class FileTrustStoreMixin:
     Build stores over a fresh directory.
     """
 
-    def make_store(self, directory=None, key_type="ecdsa-p256", _open=os.open, reactor=None):
+    def make_store(
+        self,
+        directory=None,
+        key_type="ecdsa-p256",
+        _open=os.open,
+        reactor=None,
+        **options,
+    ):
         """
         A L{FileTrustStore} over C{ca.crt}, C{issuer.crt} and C{issuer.key}
         in C{directory} (a new temporary path by default, not created).
@@ -59,6 +66,7 @@ class FileTrustStoreMixin:
             allowed_clock_skew=SKEW,
             key_type=key_type,
             _open=_open,
+            **options,
         )
 
 
@@ -316,11 +324,34 @@ class FailClosedTests(FileTrustStoreMixin, SynchronousTestCase):
     def test_unreadable(self):
         """A file that cannot be read is refused with its path and the OS error."""
         self.chain.write(self.directory)
+
+        def failing_open(path, flags):
+            if path == self.paths[1]:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return os.open(path, flags)
+
+        store = self.make_store(self.directory, _read_open=failing_open)
+        error = self.assertRaises(BundleError, store.load_sync, FIXED_NOW)
+        self.assertEqual(error.source, self.paths[1])
+        self.assertIn("(EIO)", error.problem)
+
+    def test_directory_refused(self):
+        """A directory in place of a bundle file is refused with its path."""
+        self.chain.write(self.directory)
         os.unlink(self.paths[1])
         os.mkdir(self.paths[1])
         error = self.assertRaises(BundleError, self.store.load_sync, FIXED_NOW)
         self.assertEqual(error.source, self.paths[1])
-        self.assertIn("Is a directory", error.problem)
+        self.assertIn("is a directory, not a regular file", error.problem)
+
+    def test_fifo_refused(self):
+        """A FIFO in place of the issuer chain is refused at once, naming it."""
+        self.chain.write(self.directory)
+        os.unlink(self.paths[1])
+        os.mkfifo(self.paths[1])
+        error = self.assertRaises(BundleError, self.store.load_sync, FIXED_NOW)
+        self.assertEqual(error.source, self.paths[1])
+        self.assertIn("FIFO", error.problem)
 
     def test_load_never_generates(self):
         """load_sync with no files fails and writes nothing."""

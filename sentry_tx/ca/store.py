@@ -10,15 +10,24 @@ operator's credentials (unlike Dapr, which regenerates).
 Generated files are written so that no reader ever sees a partial bundle:
 each goes to a temporary file in its own directory, is flushed to disk and
 renamed into place; if anything fails, every file this generation made is
-removed again.
+removed again.  A process killed while it writes leaves its temporary files
+(C{.issuer.key.sentry-tx-<16 hex digits>.tmp}); the next start removes
+those, and only those, and logs each removal.
+
+Every file is read through L{sentry_tx.ca.files.read_credential_file}, in a
+daemon thread with a time bound (L{BoundedFileWork}), never in the reactor's
+thread pool.  A credentials directory that group or others may write, or
+that another user owns, is warned about at start and at every reload: whoever
+can write there can swap in a whole CA.
 """
 
 import errno
 import os
+import re
 import secrets
 import stat
 
-from twisted.internet import threads
+from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -27,6 +36,13 @@ from sentry_tx.ca.bundle import (
     KEY_TYPES,
     generate_bundle,
     load_bundle,
+)
+from sentry_tx.ca.files import (
+    CREDENTIAL_GENERATION_TIMEOUT_SECONDS,
+    CREDENTIAL_READ_TIMEOUT_SECONDS,
+    BoundedFileWork,
+    describe_os_error,
+    read_credential_file,
 )
 from sentry_tx.errors import BundleError
 from sentry_tx.interfaces import ITrustStore
@@ -40,21 +56,36 @@ surely not a bundle).
 KEY_FILE_MODE = 0o600
 CERTIFICATE_FILE_MODE = 0o644
 CREDENTIALS_DIRECTORY_MODE = 0o700
+CREDENTIAL_DIRECTORY_MODE_TEXT = f"{CREDENTIALS_DIRECTORY_MODE:04o}"
 
 _LOOSE_KEY_MODE_BITS = stat.S_IRWXG | stat.S_IRWXO
 
+_LOOSE_DIRECTORY_MODE_BITS = stat.S_IWGRP | stat.S_IWOTH
+
+_TEMPORARY_MARKER = ".sentry-tx-"
 _TEMPORARY_SUFFIX = ".tmp"
+_TEMPORARY_RANDOM_HEX_DIGITS = 16
 
 
-def _describe_os_error(error):
+def temporary_name(basename):
     """
-    An L{OSError} in words, without the file name (the caller names the
-    file itself).
+    The name of a new temporary file for the bundle file C{basename}:
+    hidden, marked as sentry_tx's, random, C{.tmp}.
     """
-    if error.errno is not None:
-        name = errno.errorcode.get(error.errno, str(error.errno))
-        return f"{error.strerror or os.strerror(error.errno)} ({name})"
-    return str(error)
+    token = secrets.token_hex(_TEMPORARY_RANDOM_HEX_DIGITS // 2)
+    return f".{basename}{_TEMPORARY_MARKER}{token}{_TEMPORARY_SUFFIX}"
+
+
+def _temporary_pattern(basenames):
+    """
+    A regular expression matching L{temporary_name}'s names for
+    C{basenames}, and nothing else.
+    """
+    names = "|".join(re.escape(name) for name in sorted(basenames))
+    return re.compile(
+        rf"\.(?:{names}){re.escape(_TEMPORARY_MARKER)}"
+        rf"[0-9a-f]{{{_TEMPORARY_RANDOM_HEX_DIGITS}}}{re.escape(_TEMPORARY_SUFFIX)}"
+    )
 
 
 @implementer(ITrustStore)
@@ -79,6 +110,9 @@ class FileTrustStore:
         allowed_clock_skew,
         key_type=KEY_TYPE_ECDSA_P256,
         _open=os.open,
+        file_work=None,
+        _read_open=os.open,
+        _geteuid=os.geteuid,
     ):
         """
         @param reactor: provides C{getThreadPool} and C{callFromThread}; the
@@ -93,6 +127,11 @@ class FileTrustStore:
         @param key_type: key type of a generated bundle (C{"ecdsa-p256"} or
             C{"ed25519"}).
         @param _open: L{os.open}, or a test's stand-in to make writes fail.
+        @param file_work: the L{BoundedFileWork} that runs the file work
+            with a time bound; a new one over C{reactor} by default.
+        @param _read_open: L{os.open} for reads, or a test's stand-in to make
+            a read block.
+        @param _geteuid: L{os.geteuid}, or a test's stand-in.
         @raise ValueError: for an unknown C{key_type}.
         """
         if key_type not in KEY_TYPES:
@@ -106,6 +145,10 @@ class FileTrustStore:
         self._allowed_clock_skew = allowed_clock_skew
         self._key_type = key_type
         self._open = _open
+        self._read_open = _read_open
+        self._geteuid = _geteuid
+        self._file_work = file_work if file_work is not None else BoundedFileWork(reactor)
+        self._description = ", ".join(self._paths)
         directories = []
         for path in self._paths:
             directory = os.path.dirname(os.path.abspath(path))
@@ -115,48 +158,74 @@ class FileTrustStore:
 
     # ITrustStore
 
+    @inlineCallbacks
     def load_or_generate(self, now):
         """
-        L{load_or_generate_sync} in the reactor's thread pool.
+        L{load_or_generate_sync} off the reactor, with time bounds: the
+        reads and checks within L{CREDENTIAL_READ_TIMEOUT_SECONDS}, a
+        generation within L{CREDENTIAL_GENERATION_TIMEOUT_SECONDS}.
 
         @param now: an aware L{datetime.datetime}.
         @return: a Deferred firing with a L{TrustBundle}, or failing with
-            L{BundleError}.
+            L{BundleError} (naming the file a read is blocked on, when the
+            bound passes first).
         """
-        return threads.deferToThreadPool(
-            self._reactor,
-            self._reactor.getThreadPool(),
-            self.load_or_generate_sync,
+        bundle = yield self._file_work.run(
+            self._description,
+            CREDENTIAL_READ_TIMEOUT_SECONDS,
+            self._prepare_and_load_sync,
             now,
         )
+        if bundle is None:
+            bundle = yield self._file_work.run(
+                self._description,
+                CREDENTIAL_GENERATION_TIMEOUT_SECONDS,
+                self._generate,
+                now,
+            )
+        return bundle
 
     def load(self, now):
         """
-        L{load_sync} in the reactor's thread pool.
+        L{load_sync} off the reactor, within
+        L{CREDENTIAL_READ_TIMEOUT_SECONDS}.
 
         @param now: an aware L{datetime.datetime}.
         @return: a Deferred firing with a L{TrustBundle}, or failing with
             L{BundleError}.
         """
-        return threads.deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), self.load_sync, now
+        return self._file_work.run(
+            self._description, CREDENTIAL_READ_TIMEOUT_SECONDS, self.load_sync, now
         )
 
     # The synchronous work
 
     def load_or_generate_sync(self, now):
         """
-        Load the bundle; when none of the three files exists, generate one,
-        write it and return it.
+        Remove the temporary files a killed generation left, warn about
+        loose directories, then load the bundle; when none of the three
+        files exists, generate one, write it and return it.
 
         @param now: an aware L{datetime.datetime}.
         @return: a L{TrustBundle}.
         @raise BundleError: when only some files exist (naming the missing
             ones), when the files are invalid, or when writing fails.
         """
+        bundle = self._prepare_and_load_sync(now)
+        if bundle is None:
+            return self._generate(now)
+        return bundle
+
+    def _prepare_and_load_sync(self, now):
+        """
+        The start's checks, then the bundle, or None when none of the three
+        files exists.
+        """
+        self.remove_leftover_temporaries()
+        self.check_directories()
         present = [path for path in self._paths if self._exists(path)]
         if not present:
-            return self._generate(now)
+            return None
         if len(present) < len(self._paths):
             missing = [path for path in self._paths if path not in present]
             raise BundleError(
@@ -167,16 +236,21 @@ class FileTrustStore:
                 f"credentials (supply all three files, or remove all of them to "
                 f"have a new bundle generated)",
             )
-        return self.load_sync(now)
+        return self._load_files(now)
 
     def load_sync(self, now):
         """
-        Read and verify the three files; never generates.
+        Warn about loose directories, then read and verify the three files;
+        never generates.
 
         @param now: an aware L{datetime.datetime}.
         @return: a L{TrustBundle}.
         @raise BundleError: naming the file that cannot be read or is wrong.
         """
+        self.check_directories()
+        return self._load_files(now)
+
+    def _load_files(self, now):
         ca_path, issuer_path, key_path = self._paths
         anchors_pem = self._read(ca_path)
         issuer_pem = self._read(issuer_path)
@@ -198,36 +272,110 @@ class FileTrustStore:
         except FileNotFoundError:
             return False
         except OSError as e:
-            raise BundleError(path, f"cannot be checked: {_describe_os_error(e)}")
+            raise BundleError(path, f"cannot be checked: {describe_os_error(e)}")
         return True
 
     def _read(self, path, is_key=False):
         """
-        The contents of one bundle file.
+        The contents of one bundle file, through L{read_credential_file}.
 
         @param is_key: warn when the file is accessible to group or others.
-        @raise BundleError: when it cannot be read or is too large.
+        @raise BundleError: when it cannot be read, is not a regular file or
+            is too large.
         """
-        try:
-            with open(path, "rb") as f:
-                if is_key:
-                    mode = os.fstat(f.fileno()).st_mode
-                    if mode & _LOOSE_KEY_MODE_BITS:
-                        self._log.warn(
-                            "issuer key file {path} is accessible to group or "
-                            "others (mode {mode}); it should be {expected}",
-                            path=path,
-                            mode=f"{stat.S_IMODE(mode):04o}",
-                            expected=f"{KEY_FILE_MODE:04o}",
-                        )
-                data = f.read(MAX_BUNDLE_FILE_BYTES + 1)
-        except OSError as e:
-            raise BundleError(path, f"cannot be read: {_describe_os_error(e)}")
-        if len(data) > MAX_BUNDLE_FILE_BYTES:
-            raise BundleError(
-                path, f"is larger than {MAX_BUNDLE_FILE_BYTES} bytes; not a bundle file"
-            )
-        return data
+
+        def inspect(status):
+            if status.st_mode & _LOOSE_KEY_MODE_BITS:
+                self._log.warn(
+                    "issuer key file {path} is accessible to group or "
+                    "others (mode {mode}); it should be {expected}",
+                    path=path,
+                    mode=f"{stat.S_IMODE(status.st_mode):04o}",
+                    expected=f"{KEY_FILE_MODE:04o}",
+                )
+
+        return read_credential_file(
+            path,
+            MAX_BUNDLE_FILE_BYTES,
+            inspect=inspect if is_key else None,
+            _open=self._read_open,
+        )
+
+    def remove_leftover_temporaries(self):
+        """
+        Remove the temporary files of a generation that was killed before it
+        could clean up: in the bundle's directories, names made by
+        L{temporary_name} for the three files only.  Each removal is logged.
+        """
+        for directory, pattern in self._temporary_patterns():
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in sorted(names):
+                if not pattern.fullmatch(name):
+                    continue
+                path = os.path.join(directory, name)
+                try:
+                    if not stat.S_ISREG(os.lstat(path).st_mode):
+                        continue
+                    os.unlink(path)
+                except OSError as e:
+                    self._log.warn(
+                        "cannot remove the temporary file {path} left by an"
+                        " interrupted generation: {error}",
+                        path=path,
+                        error=describe_os_error(e),
+                    )
+                else:
+                    self._log.warn(
+                        "removed the temporary file {path} left by an"
+                        " interrupted generation",
+                        path=path,
+                    )
+
+    def _temporary_patterns(self):
+        by_directory = {}
+        for path in self._paths:
+            directory = os.path.dirname(os.path.abspath(path))
+            by_directory.setdefault(directory, set()).add(os.path.basename(path))
+        return [
+            (directory, _temporary_pattern(names))
+            for directory, names in by_directory.items()
+        ]
+
+    def check_directories(self):
+        """
+        Warn about each existing credentials directory that group or others
+        may write, or that a user other than this process's (or root) owns:
+        whoever can write there can replace the whole bundle.
+
+        @return: the warnings, as text (for tests).
+        """
+        warnings = []
+        uid = self._geteuid()
+        for directory in self.watch_directories:
+            try:
+                status = os.stat(directory)
+            except OSError:
+                continue
+            mode = stat.S_IMODE(status.st_mode)
+            if mode & _LOOSE_DIRECTORY_MODE_BITS:
+                warnings.append(
+                    f"credentials directory {directory} is writable by group or"
+                    f" others (mode {mode:04o}); anyone who can write there can"
+                    f" replace the trust bundle; it should be"
+                    f" {CREDENTIAL_DIRECTORY_MODE_TEXT}"
+                )
+            if status.st_uid not in (uid, 0):
+                warnings.append(
+                    f"credentials directory {directory} is owned by user"
+                    f" {status.st_uid}, not by this process's user {uid} (or"
+                    f" root); that user can replace the trust bundle"
+                )
+        for warning in warnings:
+            self._log.warn("{directory_warning}", directory_warning=warning)
+        return warnings
 
     def _generate(self, now):
         """
@@ -281,9 +429,7 @@ class FileTrustStore:
                 directory = os.path.dirname(os.path.abspath(path))
                 created_directories.extend(self._make_directory(directory))
                 temporary = os.path.join(
-                    directory,
-                    f".{os.path.basename(path)}.{secrets.token_hex(8)}"
-                    f"{_TEMPORARY_SUFFIX}",
+                    directory, temporary_name(os.path.basename(path))
                 )
                 fd = self._open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
                 temporaries.append(temporary)
@@ -314,7 +460,7 @@ class FileTrustStore:
             if isinstance(e, BundleError):
                 raise
             raise BundleError(
-                current, f"cannot write the generated bundle: {_describe_os_error(e)}"
+                current, f"cannot write the generated bundle: {describe_os_error(e)}"
             ) from None
 
     def _make_directory(self, directory):

@@ -1,0 +1,280 @@
+"""
+The one constructor of sentry_tx's HTTP listeners (healthz, metrics, and any
+later one such as OIDC discovery): L{http_listener}.
+
+A healthz port must answer the kubelet's probe every second, whatever else
+connects to it.  Twisted's own HTTP channel only has an idle timer that
+every byte restarts, so a client that sends one byte every 20 s holds its
+connection (and a file descriptor) for ever, and enough of them use every
+descriptor the process has.  L{GuardedSite} adds two bounds:
+
+  - a request deadline: a request must arrive whole (request line, headers
+    and body) within L{REQUEST_DEADLINE_SECONDS} of the connection, or of
+    the end of the previous response on a kept-alive connection; bytes
+    arriving meanwhile do not extend it;
+  - a request size bound: a request (line, headers and body) larger than
+    L{MAX_REQUEST_BYTES} closes the connection, so that no body is spooled
+    to disk;
+  - a connection cap: at most L{MAX_CONNECTIONS_PER_LISTENER} connections
+    at once; one more makes room by closing the oldest connection that has
+    not sent a whole request yet (or, when every connection is being
+    answered, is itself closed), so a probe that sends its request at once
+    always gets through.
+
+Connections that are closed and reconnect at once (a slowloris client
+does) make the listener accept and close connections as fast as it can.
+A probe must still get in and be read before it is the oldest:
+
+  - the listening backlog is L{LISTEN_BACKLOG} (Twisted's default is 50),
+    so a probe's SYN waits in the accept queue instead of being dropped
+    (a dropped SYN is retried after 1 s, past the kubelet's 1 s timeout);
+  - one read of the listening socket accepts at most
+    L{MAX_ACCEPTS_PER_READ} connections (Twisted's own batch grows without
+    bound under load), far below the cap, so a probe accepted in one batch
+    has its request read in the next turn of the reactor, long before
+    enough newer connections arrive to make it the oldest.
+"""
+
+from twisted.internet import tcp
+from twisted.web.http import HTTPChannel
+
+from sentry_tx.service import QuietSite, WebService
+
+REQUEST_DEADLINE_SECONDS = 10.0
+"""
+How long a connection has to send one whole request (from its connection,
+or from the end of the previous response).
+"""
+
+MAX_CONNECTIONS_PER_LISTENER = 128
+"""
+Connections one HTTP listener holds at once.
+"""
+
+LISTEN_BACKLOG = 1024
+"""
+The listening backlog of an HTTP listener (the kernel caps it at
+C{net.core.somaxconn}).
+"""
+
+MAX_ACCEPTS_PER_READ = 16
+"""
+Connections accepted in one read of an HTTP listener's socket.
+"""
+
+MAX_REQUEST_BYTES = 64 * 1024
+"""
+The largest request (request line, headers and body) a listener reads;
+healthz and metrics take no body at all.
+"""
+
+
+class _GuardedChannel(HTTPChannel):
+    """
+    An HTTP channel that tells its L{GuardedSite} when a request has arrived
+    whole and when it waits for the next one.
+    """
+
+    _request_bytes = 0
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.site._connection_made(self)
+
+    def dataReceived(self, data):
+        if not self._handlingRequest:
+            self._request_bytes += len(data)
+            if self._request_bytes > MAX_REQUEST_BYTES:
+                self.site._too_large(self)
+                return
+        super().dataReceived(data)
+
+    def allContentReceived(self):
+        self._request_bytes = 0
+        self.site._request_arrived(self)
+        super().allContentReceived()
+
+    def requestDone(self, request):
+        super().requestDone(request)
+        if self.persistent and self.site._tracks(self):
+            self.site._awaiting_request(self)
+
+    def connectionLost(self, reason):
+        self.site._connection_lost(self)
+        super().connectionLost(reason)
+
+
+class GuardedSite(QuietSite):
+    """
+    A L{QuietSite} with a request deadline and a connection cap.
+
+    @param resource: the root resource.
+    @param reactor: the L{IReactorTime} that times the deadlines.
+    @param request_deadline_seconds: see L{REQUEST_DEADLINE_SECONDS}.
+    @param max_connections: see L{MAX_CONNECTIONS_PER_LISTENER}.
+
+    @ivar closed_for_deadline: connections closed because their request
+        did not arrive in time.
+    @ivar closed_for_room: connections closed to make room under the cap.
+    """
+
+    def __init__(
+        self,
+        resource,
+        reactor,
+        request_deadline_seconds=REQUEST_DEADLINE_SECONDS,
+        max_connections=MAX_CONNECTIONS_PER_LISTENER,
+    ):
+        super().__init__(resource, reactor=reactor)
+        self._request_deadline_seconds = request_deadline_seconds
+        self._max_connections = max_connections
+        # Every open channel, oldest first, with its deadline call while it
+        # waits for a whole request (None while a request is answered).
+        self._channels = {}
+        self.closed_for_deadline = 0
+        self.closed_for_room = 0
+
+    def protocol(self):
+        return _GuardedChannel()
+
+    @property
+    def open_connections(self):
+        """
+        How many connections are open now.
+        """
+        return len(self._channels)
+
+    def _tracks(self, channel):
+        return channel in self._channels
+
+    def _connection_made(self, channel):
+        if len(self._channels) >= self._max_connections:
+            victim = next(
+                (c for c, deadline in self._channels.items() if deadline is not None),
+                None,
+            )
+            self.closed_for_room += 1
+            if victim is None:
+                # Every connection has a request being answered: refuse the
+                # newcomer instead.
+                channel.transport.abortConnection()
+                return
+            self._close(victim)
+        self._channels[channel] = None
+        self._awaiting_request(channel)
+
+    def _awaiting_request(self, channel):
+        self._cancel_deadline(channel)
+        self._channels[channel] = self.reactor.callLater(
+            self._request_deadline_seconds, self._deadline_passed, channel
+        )
+
+    def _request_arrived(self, channel):
+        if channel in self._channels:
+            self._cancel_deadline(channel)
+            self._channels[channel] = None
+
+    def _too_large(self, channel):
+        if channel in self._channels:
+            self._close(channel)
+        else:
+            channel.transport.abortConnection()
+
+    def _deadline_passed(self, channel):
+        if self._channels.get(channel) is None:
+            return
+        self._channels[channel] = None
+        self.closed_for_deadline += 1
+        self._close(channel)
+
+    def _close(self, channel):
+        self._cancel_deadline(channel)
+        del self._channels[channel]
+        channel.transport.abortConnection()
+
+    def _cancel_deadline(self, channel):
+        deadline = self._channels.get(channel)
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _connection_lost(self, channel):
+        if channel in self._channels:
+            self._cancel_deadline(channel)
+            del self._channels[channel]
+
+
+class _BoundedAcceptPort(tcp.Port):
+    """
+    A TCP port that accepts at most L{MAX_ACCEPTS_PER_READ} connections per
+    read (Twisted's L{tcp.Port} adds 20 to its batch each time it is used
+    up).
+    """
+
+    _number_accepts = MAX_ACCEPTS_PER_READ
+
+    @property
+    def numberAccepts(self):
+        return self._number_accepts
+
+    @numberAccepts.setter
+    def numberAccepts(self, value):
+        self._number_accepts = max(1, min(value, MAX_ACCEPTS_PER_READ))
+
+
+class GuardedWebService(WebService):
+    """
+    A L{WebService} listening with L{LISTEN_BACKLOG} and bounded accept
+    batches.
+    """
+
+    def _getPort(self):
+        from twisted.internet import reactor
+
+        port, factory = self.args
+        listening = _BoundedAcceptPort(
+            port,
+            factory,
+            backlog=LISTEN_BACKLOG,
+            interface=self.kwargs.get("interface", ""),
+            reactor=reactor,
+        )
+        listening.startListening()
+        return listening
+
+
+def http_listener(
+    label,
+    port,
+    resource,
+    reactor,
+    interface="",
+    request_deadline_seconds=REQUEST_DEADLINE_SECONDS,
+    max_connections=MAX_CONNECTIONS_PER_LISTENER,
+):
+    """
+    The service of one HTTP listener: C{resource} on C{interface}:C{port},
+    with the request deadline and the connection cap of L{GuardedSite}.
+    Builds objects only; the port opens when the service starts.
+
+    @param label: its name in the log (C{healthz}, C{metrics}).
+    @return: a L{GuardedWebService}.
+    """
+    site = GuardedSite(
+        resource,
+        reactor,
+        request_deadline_seconds=request_deadline_seconds,
+        max_connections=max_connections,
+    )
+    return GuardedWebService(label, port, site, interface=interface)
+
+
+__all__ = [
+    "GuardedSite",
+    "GuardedWebService",
+    "LISTEN_BACKLOG",
+    "MAX_ACCEPTS_PER_READ",
+    "MAX_CONNECTIONS_PER_LISTENER",
+    "MAX_REQUEST_BYTES",
+    "REQUEST_DEADLINE_SECONDS",
+    "http_listener",
+]

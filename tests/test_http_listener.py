@@ -1,0 +1,214 @@
+"""
+Tests for L{sentry_tx.http_listener}: the request deadline, the request size
+bound and the connection cap of sentry_tx's HTTP listeners.
+"""
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from sentry_tx.healthz import healthz_root
+from sentry_tx.http_listener import (
+    LISTEN_BACKLOG,
+    MAX_ACCEPTS_PER_READ,
+    MAX_CONNECTIONS_PER_LISTENER,
+    MAX_REQUEST_BYTES,
+    REQUEST_DEADLINE_SECONDS,
+    GuardedSite,
+    http_listener,
+)
+from sentry_tx.service import WebService
+from sentry_tx.testing import FakeCertificateAuthority
+
+PROBE = b"GET /healthz HTTP/1.1\r\nHost: sentry\r\nConnection: close\r\n\r\n"
+KEEP_ALIVE_PROBE = b"GET /healthz HTTP/1.1\r\nHost: sentry\r\n\r\n"
+
+
+class _Transport(StringTransport):
+    """
+    A StringTransport that delivers connectionLost when aborted or closed,
+    as a TCP transport does.
+    """
+
+    def __init__(self):
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.protocol = None
+        self.lost = False
+
+    def _lose(self):
+        if not self.lost:
+            self.lost = True
+            self.protocol.connectionLost(None)
+
+    def abortConnection(self):
+        super().abortConnection()
+        self._lose()
+
+
+class GuardedSiteTests(SynchronousTestCase):
+    """
+    L{GuardedSite} closes connections that do not send a request in time,
+    and makes room for new connections under its cap.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        authority = FakeCertificateAuthority()
+        authority.ready = True
+        self.site = GuardedSite(
+            healthz_root(authority), self.clock, request_deadline_seconds=10.0,
+            max_connections=3,
+        )
+
+    def connect(self):
+        protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = _Transport()
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_whole_request_answered(self):
+        """A request sent at once is answered 200."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(PROBE)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+
+    def test_deadline_not_reset_by_bytes(self):
+        """A request trickled one byte at a time is cut at the deadline from connect."""
+        protocol, transport = self.connect()
+        for byte in PROBE[:-2]:
+            self.clock.advance(1.0)
+            protocol.dataReceived(bytes([byte]))
+            if transport.lost:
+                break
+        self.assertTrue(transport.lost)
+        self.assertEqual(self.clock.seconds(), 10.0)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.site.closed_for_deadline, 1)
+        self.assertEqual(self.site.open_connections, 0)
+
+    def test_deadline_cancelled_once_request_arrives(self):
+        """A request that arrived whole is not cut by the deadline."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(KEEP_ALIVE_PROBE)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        self.assertFalse(transport.lost)
+
+    def test_keep_alive_deadline_restarts(self):
+        """After a response, a kept-alive connection has the deadline again for the next request."""
+        protocol, transport = self.connect()
+        self.clock.advance(9.0)
+        protocol.dataReceived(KEEP_ALIVE_PROBE)
+        self.clock.advance(9.0)
+        self.assertFalse(transport.lost)
+        self.clock.advance(1.0)
+        self.assertTrue(transport.lost)
+
+    def test_oldest_waiting_closed_for_room(self):
+        """Past the cap, the oldest connection without a whole request is closed."""
+        connections = [self.connect() for _ in range(3)]
+        connections[0][0].dataReceived(b"GET /healthz HTTP/1.1\r\n")
+        protocol, transport = self.connect()
+        self.assertEqual(
+            [t.lost for _, t in connections], [True, False, False]
+        )
+        self.assertEqual(self.site.closed_for_room, 1)
+        protocol.dataReceived(PROBE)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+
+    def test_answered_connections_kept(self):
+        """A connection whose request is being answered is not the one closed for room."""
+        self.site.resource.putChild(b"slow", _Pending())
+        busy, busy_transport = self.connect()
+        busy.dataReceived(b"GET /slow HTTP/1.1\r\nHost: sentry\r\n\r\n")
+        waiting = [self.connect() for _ in range(2)]
+        self.connect()
+        self.assertFalse(busy_transport.lost)
+        self.assertEqual([t.lost for _, t in waiting], [True, False])
+
+    def test_newcomer_refused_when_all_busy(self):
+        """When every connection is being answered, the new one is closed instead."""
+        self.site.resource.putChild(b"slow", _Pending())
+        busy = [self.connect() for _ in range(3)]
+        for protocol, _ in busy:
+            protocol.dataReceived(b"GET /slow HTTP/1.1\r\nHost: sentry\r\n\r\n")
+        _, transport = self.connect()
+        self.assertTrue(transport.lost)
+        self.assertEqual([t.lost for _, t in busy], [False, False, False])
+
+    def test_request_too_large(self):
+        """A request larger than MAX_REQUEST_BYTES closes the connection unanswered."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(
+            b"POST /healthz HTTP/1.1\r\nHost: s\r\nContent-Length: 999999\r\n\r\n"
+        )
+        for _ in range(MAX_REQUEST_BYTES // 4096 + 1):
+            if transport.lost:
+                break
+            protocol.dataReceived(b"x" * 4096)
+        self.assertTrue(transport.lost)
+        self.assertEqual(transport.value(), b"")
+
+    def test_defaults(self):
+        """The defaults: 10 s to send a request, a cap well above the backlog of 50."""
+        self.assertEqual(REQUEST_DEADLINE_SECONDS, 10.0)
+        self.assertGreaterEqual(MAX_CONNECTIONS_PER_LISTENER, 2 * 50)
+
+
+class _Pending:
+    """
+    A resource that never finishes its response.
+    """
+
+    isLeaf = True
+
+    def render(self, request):
+        from twisted.web.server import NOT_DONE_YET
+
+        return NOT_DONE_YET
+
+    def getChildWithDefault(self, name, request):
+        return self
+
+
+class HTTPListenerTests(SynchronousTestCase):
+    """
+    L{http_listener} builds the listener service around a L{GuardedSite}.
+    """
+
+    def test_builds_guarded_web_service(self):
+        """The service is a WebService on the port with a GuardedSite, not yet listening."""
+        clock = Clock()
+        service = http_listener("healthz", 0, healthz_root(FakeCertificateAuthority()), clock, "127.0.0.1")
+        self.assertIsInstance(service, WebService)
+        self.assertEqual(service.label, "healthz")
+        site = service.args[1]
+        self.assertIsInstance(site, GuardedSite)
+        self.assertIs(site.reactor, clock)
+        self.assertEqual(service.kwargs, {"interface": "127.0.0.1"})
+        self.assertFalse(service.running)
+
+
+class GuardedPortTests(TestCase):
+    """
+    The listening port: a deep backlog and bounded accept batches.
+    """
+
+    def test_backlog_and_accept_batch(self):
+        """The port listens with LISTEN_BACKLOG and never accepts more than MAX_ACCEPTS_PER_READ per read."""
+        from twisted.internet import reactor
+
+        service = http_listener(
+            "healthz", 0, healthz_root(FakeCertificateAuthority()), reactor, "127.0.0.1"
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = service._port
+        self.assertEqual(port.backlog, LISTEN_BACKLOG)
+        self.assertEqual(port.getHost().host, "127.0.0.1")
+        port.numberAccepts = port.numberAccepts + 20
+        self.assertEqual(port.numberAccepts, MAX_ACCEPTS_PER_READ)
+        port.numberAccepts = 0
+        self.assertEqual(port.numberAccepts, 1)
+        self.assertLess(2 * MAX_ACCEPTS_PER_READ, MAX_CONNECTIONS_PER_LISTENER)
