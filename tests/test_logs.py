@@ -339,6 +339,7 @@ class NeverRaisesTests(SynchronousTestCase):
         """
         stream = StringIO()
         make_observer("info", True, stream)(_event(level=[]))
+        self.assertEqual(len(stream.getvalue().splitlines()), 1, stream.getvalue())
         self.assertIn("unable to format", stream.getvalue())
 
 
@@ -391,7 +392,8 @@ class OpenTwistdLogFileTests(SynchronousTestCase):
 
     def test_path(self):
         """
-        A path is opened as a rotating LogFile, rotated on SIGUSR1.
+        A path is opened as a rotating LogFile, and a SIGUSR1 handler (to
+        rotate it) is installed.
         """
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         path = os.path.abspath(self.mktemp())
