@@ -364,8 +364,9 @@ class TwistdProcessTests(TestCase):
     @inlineCallbacks
     def test_sigterm_during_reload(self):
         """
-        SIGTERM once the window has closed and the new bundle is loading
-        exits cleanly and leaves the operator's files exactly as written.
+        SIGTERM once the window has closed and the reload has begun (the new
+        bundle loading, or just loaded) exits cleanly and leaves the
+        operator's files exactly as written.
         """
         protocol, written = yield self._replace_bundle_under_twistd()
         yield protocol.when_output(b"issuer credentials changed; reloading")
