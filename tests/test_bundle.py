@@ -403,7 +403,12 @@ class AcceptedTests(SynchronousTestCase):
         key_pem = pem_encode("EC PARAMETERS", P256_PARAMETERS_DER) + chain.issuer_key_pem(
             "sec1"
         )
-        load_bundle(chain.anchors_pem, chain.issuer_chain_pem(), key_pem, FIXED_NOW)
+        bundle = load_bundle(
+            chain.anchors_pem, chain.issuer_chain_pem(), key_pem, FIXED_NOW
+        )
+        self.assertEqual(
+            bundle.issuer_key.private_numbers(), chain.issuer_key.private_numbers()
+        )
 
     def test_pkcs1_key(self):
         """An RSA PRIVATE KEY (PKCS#1) loads and signs with SHA-256."""
@@ -467,10 +472,21 @@ class AcceptedTests(SynchronousTestCase):
         self.assertEqual(error.source, "/etc/c")
 
     def test_valid_at_edges(self):
-        """A chain loads at the very first and very last second of its validity."""
+        """
+        A chain loads at the very first and very last second of its validity,
+        and is refused one second before and one second after.
+        """
         chain = make_chain()
-        chain.load(chain.issuer.not_valid_before_utc)
-        chain.load(chain.issuer.not_valid_after_utc)
+        first = chain.issuer.not_valid_before_utc
+        last = chain.issuer.not_valid_after_utc
+        for now in (first, last):
+            bundle = chain.load(now)
+            self.assertEqual(bundle.issuer, chain.issuer)
+            self.assertEqual(bundle.anchors, (chain.root,))
+        early = self.assertRaises(BundleError, chain.load, first - timedelta(seconds=1))
+        self.assertIn("is not valid before", early.problem)
+        late = self.assertRaises(BundleError, chain.load, last + timedelta(seconds=1))
+        self.assertIn("expired at", late.problem)
 
     def test_naive_now_refused(self):
         """A naive C{now} is a programming error."""
@@ -758,14 +774,20 @@ class CorruptionTests(SynchronousTestCase):
     Whatever the bytes, L{load_bundle} refuses with L{BundleError} only.
     """
 
-    def _only_bundle_error(self, anchors, chain, key):
-        try:
-            load_bundle(anchors, chain, key, FIXED_NOW)
-        except BundleError:
-            pass
+    def _only_bundle_error(self, anchors, chain, key, broken):
+        """
+        Assert that L{load_bundle} refuses the three parts with a
+        L{BundleError} naming the part at index C{broken}: an accepted
+        bundle, or any other exception, fails.
+        """
+        sources = ("anchors", "chain", "key")
+        error = self.assertRaises(
+            BundleError, load_bundle, anchors, chain, key, FIXED_NOW, sources=sources
+        )
+        self.assertEqual(error.source, sources[broken], error.problem)
 
     def test_bit_flips(self):
-        """Bit flips anywhere in the anchors' or issuer's DER only raise BundleError."""
+        """Every bit flip in the anchors' or issuer's DER is refused with BundleError."""
         rng = random.Random(365)
         chain = make_chain()
         key_pem = chain.issuer_key_pem()
@@ -777,12 +799,14 @@ class CorruptionTests(SynchronousTestCase):
                 der[rng.randrange(len(der))] ^= 1 << rng.randrange(8)
                 flipped = pem_encode("CERTIFICATE", bytes(der))
                 if target == "root":
-                    self._only_bundle_error(flipped, chain.issuer_chain_pem(), key_pem)
+                    self._only_bundle_error(
+                        flipped, chain.issuer_chain_pem(), key_pem, broken=0
+                    )
                 else:
-                    self._only_bundle_error(chain.anchors_pem, flipped, key_pem)
+                    self._only_bundle_error(chain.anchors_pem, flipped, key_pem, broken=1)
 
     def test_random_parts(self):
-        """Random bytes in any part, bare or in PEM armour, only raise BundleError."""
+        """Random bytes in any part, bare or in PEM armour, are refused with BundleError."""
         rng = random.Random(8557)
         chain = make_chain()
         parts = [chain.anchors_pem, chain.issuer_chain_pem(), chain.issuer_key_pem()]
@@ -791,6 +815,6 @@ class CorruptionTests(SynchronousTestCase):
             blob = bytes(rng.getrandbits(8) for _ in range(length))
             for index in range(3):
                 for garbage in (blob, pem_encode(labels[index], blob)):
-                    broken = list(parts)
-                    broken[index] = garbage
-                    self._only_bundle_error(*broken)
+                    corrupted = list(parts)
+                    corrupted[index] = garbage
+                    self._only_bundle_error(*corrupted, broken=index)

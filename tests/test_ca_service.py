@@ -3,6 +3,8 @@ Tests for L{CertificateAuthorityService}'s lifecycle: start, stop and the
 serialised, coalesced restart.
 """
 
+import socket
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -94,6 +96,8 @@ class CertificateAuthorityServiceTests(SynchronousTestCase):
         self.assertTrue(self.ca.ready)
         self.assertIs(self.ca.bundle, self.bundle)
         self.assertGreater(self.ca.port, 0)
+        # Something accepts connections on the port reported.
+        socket.create_connection(("127.0.0.1", self.ca.port), timeout=5).close()
         self.assertEqual(
             self.metrics.issuercert_expiry_timestamp._value.get(),
             self.bundle.issuer.not_valid_after_utc.timestamp(),

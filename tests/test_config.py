@@ -459,9 +459,9 @@ class LoadConfigurationFileTests(SynchronousTestCase):
         """
         An empty file is refused, naming the file.
         """
-        error = self.assertRaises(
-            ConfigError, load_configuration_file, self.write(""), {}
-        )
+        path = self.write("")
+        error = self.assertRaises(ConfigError, load_configuration_file, path, {})
+        self.assertEqual(error.field, path)
         self.assertIn("empty", error.problem)
 
     def test_not_a_mapping(self):
@@ -506,7 +506,7 @@ class LoadConfigurationFileTests(SynchronousTestCase):
         """
         A file that is not UTF-8 is refused, naming it.
         """
-        error = self.assertRaises(
-            ConfigError, load_configuration_file, self.write(b"spec: \xff\n"), {}
-        )
+        path = self.write(b"spec: \xff\n")
+        error = self.assertRaises(ConfigError, load_configuration_file, path, {})
+        self.assertEqual(error.field, path)
         self.assertIn("UTF-8", error.problem)

@@ -171,17 +171,19 @@ class RefusedTests(SynchronousTestCase):
 
 class FuzzTests(SynchronousTestCase):
     """
-    Whatever the bytes, L{parse_csr} raises L{CSRError} and nothing else.
+    Whatever the bytes, L{parse_csr} refuses with L{CSRError} and nothing else.
     """
 
     def _only_csr_error(self, data):
-        try:
-            parse_csr(data)
-        except CSRError:
-            pass
+        """
+        Assert that L{parse_csr} refuses C{data} with a L{CSRError} carrying a
+        message for the caller: a parsed CSR, or any other exception, fails.
+        """
+        error = self.assertRaises(CSRError, parse_csr, data)
+        self.assertTrue(str(error), "a CSRError without a message")
 
     def test_random_bytes(self):
-        """Random bytes, bare or inside PEM armour, only ever raise CSRError."""
+        """Random bytes, bare or inside PEM armour, are refused with CSRError."""
         rng = random.Random(8557)
         for length in range(0, 400, 7):
             blob = bytes(rng.getrandbits(8) for _ in range(length))
@@ -190,12 +192,16 @@ class FuzzTests(SynchronousTestCase):
             self._only_csr_error(b"-----BEGIN CERTIFICATE REQUEST-----\n" + blob)
 
     def test_truncations_and_bit_flips(self):
-        """Every truncation and many bit flips of a real CSR only raise CSRError."""
+        """Every truncation and many bit flips of a real CSR are refused with CSRError."""
         rng = random.Random(50001)
         _, valid = make_csr()
         der = _der(valid)
         for cut in range(len(der)):
             self._only_csr_error(pem_encode("CERTIFICATE REQUEST", der[:cut]))
+        # Every cut of the PEM text that loses more than its final newline
+        # (without it the document is whole, and parses).
+        self.assertTrue(valid.endswith(b"-----\n"))
+        for cut in range(len(valid) - 1):
             self._only_csr_error(valid[:cut])
         for _ in range(300):
             flipped = bytearray(der)
@@ -204,6 +210,6 @@ class FuzzTests(SynchronousTestCase):
             self._only_csr_error(pem_encode("CERTIFICATE REQUEST", bytes(flipped)))
 
     def test_os_random(self):
-        """Bytes from the OS random source only raise CSRError."""
+        """Bytes from the OS random source are refused with CSRError."""
         for _ in range(50):
             self._only_csr_error(os.urandom(256))

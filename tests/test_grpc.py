@@ -19,7 +19,7 @@ from sentry_tx.config import SentryConfig
 from sentry_tx.identity import VALIDATOR_INSECURE
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
-from sentry_tx.server.service import CertificateAuthorityService
+from sentry_tx.server.service import AlreadyRunningError, CertificateAuthorityService
 from sentry_tx.testing import FakeTrustStore, GrpcTestClient, make_csr
 
 
@@ -229,6 +229,6 @@ class CertificateAuthorityOverGrpcTests(TestCase):
 
     def test_start_twice(self):
         """
-        C{start} on a running authority fails.
+        C{start} on a running authority fails with L{AlreadyRunningError}.
         """
-        return self.assertFailure(self.ca.start(self.config), Exception)
+        return self.assertFailure(self.ca.start(self.config), AlreadyRunningError)

@@ -880,7 +880,8 @@ class ClientTests(TestCase):
     @defer.inlineCallbacks
     def test_token_never_logged(self):
         """
-        No log event of a call, failed or not, carries the bearer token.
+        No log event of a call, failed or not, carries the bearer token, nor
+        does the error a failed call ends with.
         """
         events = []
         globalLogPublisher.addObserver(events.append)
@@ -888,7 +889,12 @@ class ClientTests(TestCase):
         client = kubernetes_client_for(self, self.fake)
         yield client.get(SECRET_PATH)
         self.fake.fail_with(500, "InternalError", "boom")
-        yield self.assertFailure(client.get(SECRET_PATH), KubernetesAPIError)
+        error = yield self.assertFailure(client.get(SECRET_PATH), KubernetesAPIError)
+        self.assertIn("boom", str(error))
+        self.assertNotIn(FAKE_API_TOKEN, str(error))
+        self.assertNotIn(FAKE_API_TOKEN, repr(error))
+        # The connection is logged when first made: there is something to check.
+        self.assertTrue(events)
         for event in events:
             self.assertNotIn(FAKE_API_TOKEN, formatEvent(event))
             self.assertNotIn(FAKE_API_TOKEN, repr(event))

@@ -222,6 +222,8 @@ class ManifestTests(SynchronousTestCase):
             ports["metrics"]["targetPort"], self._container_port("metrics")
         )
         labels = self.deployment["spec"]["template"]["metadata"]["labels"]
+        # An empty selector would select nothing in particular.
+        self.assertTrue(service["spec"]["selector"])
         for key, value in service["spec"]["selector"].items():
             self.assertEqual(labels[key], value)
 
@@ -289,7 +291,9 @@ class ManifestTests(SynchronousTestCase):
         No rule grants "*".
         """
         for kind in ("ClusterRole", "Role"):
-            for rule in self.documents[(kind, "dapr-sentry")]["rules"]:
+            rules = self.documents[(kind, "dapr-sentry")]["rules"]
+            self.assertTrue(rules, kind)
+            for rule in rules:
                 for field in ("apiGroups", "resources", "verbs"):
                     self.assertNotIn("*", rule[field])
 
@@ -385,8 +389,12 @@ class DockerfileTests(SynchronousTestCase):
         """
         Every path the image copies from the build context exists.
         """
-        for arguments in self._arguments("COPY"):
-            for source in arguments.split()[:-1]:
+        copies = self._arguments("COPY")
+        self.assertTrue(copies, "the Dockerfile copies nothing")
+        for arguments in copies:
+            sources = arguments.split()[:-1]
+            self.assertTrue(sources, arguments)
+            for source in sources:
                 self.assertTrue(
                     os.path.exists(os.path.join(PROJECT_ROOT, source)), source
                 )

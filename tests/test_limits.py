@@ -126,7 +126,7 @@ class LimitConstantsTests(SynchronousTestCase):
     """
 
     def test_values(self):
-        """The limits have the values SECURITY.md documents."""
+        """The limits keep their reviewed values (those SECURITY.md's table gives)."""
         self.assertEqual(
             (
                 service.MAX_REQUEST_BYTES,

@@ -275,15 +275,34 @@ class NeverRaisesTests(SynchronousTestCase):
 
     def test_broken_stream(self):
         """
-        A stream whose write fails loses the line quietly.
+        A stream whose write fails loses that line quietly: the observer
+        returns normally, and the next line is written once the stream
+        works again.
         """
 
-        class Broken:
+        class Flaky:
+            def __init__(self):
+                self.attempts = []
+                self.written = []
+                self.full = True
+
             def write(self, text):
-                raise OSError("disk full")
+                self.attempts.append(text)
+                if self.full:
+                    raise OSError("disk full")
+                self.written.append(text)
 
         for as_json in (True, False):
-            make_observer("info", as_json, Broken())(_event())
+            stream = Flaky()
+            observer = make_observer("info", as_json, stream, now=lambda: 0.0)
+            self.assertIsNone(observer(_event(who="lost")))
+            self.assertEqual(len(stream.attempts), 1)
+            self.assertIn("hello lost", stream.attempts[0])
+            stream.full = False
+            self.assertIsNone(observer(_event(who="kept")))
+            self.assertEqual(len(stream.written), 1)
+            self.assertIn("hello kept", stream.written[0])
+            self.assertNotIn("lost", stream.written[0])
 
     def test_broken_event(self):
         """
@@ -320,6 +339,7 @@ class NeverRaisesTests(SynchronousTestCase):
         """
         stream = StringIO()
         make_observer("info", True, stream)(_event(level=[]))
+        self.assertEqual(len(stream.getvalue().splitlines()), 1, stream.getvalue())
         self.assertIn("unable to format", stream.getvalue())
 
 
@@ -372,7 +392,8 @@ class OpenTwistdLogFileTests(SynchronousTestCase):
 
     def test_path(self):
         """
-        A path is opened as a rotating LogFile, rotated on SIGUSR1.
+        A path is opened as a rotating LogFile, and a SIGUSR1 handler (to
+        rotate it) is installed.
         """
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         path = os.path.abspath(self.mktemp())

@@ -304,12 +304,14 @@ class TwistdProcessTests(TestCase):
         self.assertEqual([pid for pid in children if _alive(pid)], [])
         self.assertNotIn(b"PRIVATE KEY", protocol.output)
 
-    @inlineCallbacks
-    def test_sigterm_during_reload(self):
+    def _replace_bundle_under_twistd(self, *extra):
         """
-        SIGTERM while a reload is under way (the change seen, the window
-        open or the new bundle loading) exits cleanly and leaves the
-        operator's files exactly as written.
+        Start twistd on a bundle in C{self.credentials}, wait until it is
+        ready, then replace the bundle with a reissued one.
+
+        @return: a Deferred firing with C{(protocol, written)}: the twistd
+            process protocol, and the bytes of each of the three files as
+            the replacement wrote them.
         """
         from datetime import datetime, timedelta, timezone
 
@@ -323,17 +325,24 @@ class TwistdProcessTests(TestCase):
         )
         os.makedirs(self.credentials, mode=0o700)
         chain.write(self.credentials)
-        protocol = spawn_twistd(self, self._arguments())
-        yield protocol.wait_ready()
-        changed = protocol.when_output(b"issuer credentials changed; reloading")
-        replace_bundle_files(reissue_chain(chain), self.credentials)
-        written = {}
-        for name in ("ca.crt", "issuer.crt", "issuer.key"):
-            with open(os.path.join(self.credentials, name), "rb") as f:
-                written[name] = f.read()
-        yield changed
-        os.kill(protocol.transport.pid, signal.SIGTERM)
-        reason = yield protocol.ended
+        protocol = spawn_twistd(self, self._arguments(*extra))
+        d = protocol.wait_ready()
+
+        def replace(_):
+            replace_bundle_files(reissue_chain(chain), self.credentials)
+            written = {}
+            for name in ("ca.crt", "issuer.crt", "issuer.key"):
+                with open(os.path.join(self.credentials, name), "rb") as f:
+                    written[name] = f.read()
+            return protocol, written
+
+        return d.addCallback(replace)
+
+    def _assert_stopped_cleanly(self, protocol, reason, written):
+        """
+        twistd ended on SIGTERM without a traceback, and left the operator's
+        three files exactly as C{written}.
+        """
         self.assertIn((reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)])
         self.assertEqual(
             sorted(os.listdir(self.credentials)), ["ca.crt", "issuer.crt", "issuer.key"]
@@ -342,6 +351,40 @@ class TwistdProcessTests(TestCase):
             with open(os.path.join(self.credentials, name), "rb") as f:
                 self.assertEqual(f.read(), data, name)
         self.assertNotIn(b"Traceback", protocol.output)
+
+    @inlineCallbacks
+    def test_sigterm_while_window_open(self):
+        """
+        SIGTERM after a change is seen, while the reload window is still
+        open, exits cleanly without reloading and leaves the operator's files
+        exactly as written.
+        """
+        protocol, written = yield self._replace_bundle_under_twistd(
+            "--log-level", "debug"
+        )
+        # The watcher logs each change at debug level as it opens the window
+        # (ISSUER_CHANGE_WINDOW_SECONDS); the signal goes out as soon as
+        # the first one is read.
+        yield protocol.when_output(b"issuer credentials event")
+        os.kill(protocol.transport.pid, signal.SIGTERM)
+        reason = yield protocol.ended
+        self._assert_stopped_cleanly(protocol, reason, written)
+        # The window was open when the signal arrived: stopping cancelled it,
+        # so the reload never began.
+        self.assertNotIn(b"issuer credentials changed; reloading", protocol.output)
+
+    @inlineCallbacks
+    def test_sigterm_during_reload(self):
+        """
+        SIGTERM once the window has closed and the reload has begun (the new
+        bundle loading, or just loaded) exits cleanly and leaves the
+        operator's files exactly as written.
+        """
+        protocol, written = yield self._replace_bundle_under_twistd()
+        yield protocol.when_output(b"issuer credentials changed; reloading")
+        os.kill(protocol.transport.pid, signal.SIGTERM)
+        reason = yield protocol.ended
+        self._assert_stopped_cleanly(protocol, reason, written)
 
     @inlineCallbacks
     def test_partial_bundle_refused(self):

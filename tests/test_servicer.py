@@ -323,6 +323,7 @@ class ServicerTests(SynchronousTestCase):
             context,
         )
         self.assertEqual(context.code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertEqual(context.details, "invalid certificate signing request")
 
     def test_malformed_message(self):
         """

@@ -7,6 +7,7 @@ import os
 import stat
 from datetime import timedelta
 
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -147,6 +148,8 @@ class GenerationTests(FileTrustStoreMixin, SynchronousTestCase):
     def test_ed25519(self):
         """The store generates Ed25519 bundles on request."""
         bundle = self.make_store(key_type="ed25519").load_or_generate_sync(FIXED_NOW)
+        self.assertIsInstance(bundle.issuer_key, ed25519.Ed25519PrivateKey)
+        self.assertIsInstance(bundle.anchors[0].public_key(), ed25519.Ed25519PublicKey)
         self.assertIsNone(bundle.signature_hash)
 
     def test_unknown_key_type(self):

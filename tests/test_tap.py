@@ -28,7 +28,10 @@ ALL_FLAGS = (
     "port",
     "listen-address",
     "healthz-port",
+    "healthz-listen-address",
     "metrics-port",
+    "metrics-listen-address",
+    "workers",
     "enable-metrics",
     "log-level",
     "log-as-json",
@@ -162,26 +165,35 @@ class FlagTests(OptionsTestCase):
         Every flag given a value ends up in its SentryConfig field.
         """
         path = self.write("kind: Configuration\n")
-        config = self.config(
-            [
-                "--config", path,
-                "--issuer-credentials", "/creds",
-                "--issuer-ca-filename", "/abs/roots.pem",
-                "--issuer-certificate-filename", "chain.pem",
-                "--issuer-key-filename", "key.pem",
-                "--trust-domain", "example.org",
-                "--token-audience", "a,b",
-                "--mode", "standalone",
-                "--kubeconfig", "/kube",
-                "--port", "1",
-                "--listen-address", "127.0.0.1",
-                "--healthz-port", "2",
-                "--metrics-port", "3",
-                "--enable-metrics=false",
-                "--log-level", "debug",
-                "--log-as-json",
-            ]
-        )  # fmt: skip
+        arguments = [
+            "--config", path,
+            "--issuer-credentials", "/creds",
+            "--issuer-ca-filename", "/abs/roots.pem",
+            "--issuer-certificate-filename", "chain.pem",
+            "--issuer-key-filename", "key.pem",
+            "--trust-domain", "example.org",
+            "--token-audience", "a,b",
+            "--mode", "standalone",
+            "--kubeconfig", "/kube",
+            "--port", "1",
+            "--listen-address", "127.0.0.1",
+            "--healthz-port", "2",
+            "--healthz-listen-address", "127.0.0.2",
+            "--metrics-port", "3",
+            "--metrics-listen-address", "127.0.0.3",
+            "--workers", "4",
+            "--enable-metrics=false",
+            "--log-level", "debug",
+            "--log-as-json",
+        ]  # fmt: skip
+        # The command line above gives every flag there is.
+        given = {
+            argument[2:].split("=")[0]
+            for argument in arguments
+            if argument.startswith("--")
+        }
+        self.assertEqual(given, {parameter[0] for parameter in Options.optParameters})
+        config = self.config(arguments)
         self.assertEqual(
             config,
             SentryConfig(
@@ -197,7 +209,10 @@ class FlagTests(OptionsTestCase):
                 port=1,
                 listen_address="127.0.0.1",
                 healthz_port=2,
+                healthz_listen_address="127.0.0.2",
                 metrics_port=3,
+                metrics_listen_address="127.0.0.3",
+                workers=4,
                 enable_metrics=False,
                 log_level="debug",
                 log_as_json=True,
@@ -494,7 +509,10 @@ class BadValueTests(OptionsTestCase):
         """
         Flags end at "--": what follows is an argument, and refused.
         """
-        self.fail_to_parse(["--", "--port", "5"])
+        self.assertEqual(
+            self.fail_to_parse(["--", "--port", "5"]),
+            "sentry: unexpected argument '--port' (flags look like --port 50001)",
+        )
 
 
 class HelpTests(OptionsTestCase):
@@ -512,7 +530,9 @@ class HelpTests(OptionsTestCase):
             exit = self.assertRaises(SystemExit, options.parseOptions, [spelling])
             self.assertEqual(exit.code, 0)
             usage = options.stdout.getvalue()
-            for flag in ALL_FLAGS:
+            flags = {parameter[0] for parameter in Options.optParameters}
+            self.assertLessEqual(set(ALL_FLAGS), flags)
+            for flag in flags:
                 self.assertIn(f"--{flag}=", usage)
             self.assertEqual(options.stderr.getvalue(), "")
 
@@ -815,11 +835,13 @@ class TwistdLoggingTests(SynchronousTestCase):
 
     def test_no_parent(self):
         """
-        Without a parent (tests, tools) nothing is handed anywhere.
+        Without a parent (tests, tools) nothing is handed anywhere: the
+        options parse and stay without a parent.
         """
         options = _options()
         options.parseOptions(["--config", "x"])
         self.assertIsInstance(options.sentry_config, SentryConfig)
+        self.assertIsNone(options.parent)
 
     def test_plain_mapping_parent(self):
         """

@@ -798,6 +798,8 @@ class WorkerPoolTests(SynchronousTestCase):
         self.clock.advance(1.0)
         self.pipes.pump()
         text = "\n".join(_messages(self.events))
+        # The logs checked hold the refusal, where a key would most likely leak.
+        self.assertIn("did not take the new trust bundle", text)
         for bundle in (self.bundle, self.store.bundle):
             key_pem = bundle_to_pems(bundle)[2]
             body = key_pem.splitlines()[1].decode("ascii")
@@ -1236,6 +1238,7 @@ class WorkerPoolProcessTests(TestCase):
         pool is not ready.
         """
         processes = self.pool.processes()
+        self.assertEqual(len(processes), 2)
         yield self.pool.stop()
         self.assertFalse(self.pool.ready)
         for process in processes:
