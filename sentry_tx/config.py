@@ -75,6 +75,25 @@ class SentryConfig:
     workers: int = 1
     namespace: str = DEFAULT_NAMESPACE
     mtls: MTLSConfig = field(default_factory=MTLSConfig)
+    # JWT-SVIDs and the OIDC server (SPEC section 11).  Plain types, so that
+    # the configuration crosses to worker processes as it is; an empty
+    # string means "not set".
+    jwt_enabled: bool = False
+    jwt_key_filename: str = "jwt.key"
+    jwks_filename: str = "jwks.json"
+    jwt_issuer: str = ""
+    jwt_signing_algorithm: str = "RS256"
+    jwt_key_id: str = ""
+    jwt_ttl_seconds: int = 24 * 3600
+    oidc_enabled: bool = False
+    oidc_server_listen_port: int = 9080
+    oidc_server_listen_address: str = "localhost"
+    oidc_server_tls_enabled: bool = True
+    oidc_server_tls_cert_file: str = ""
+    oidc_server_tls_key_file: str = ""
+    oidc_jwks_uri: str = ""
+    oidc_path_prefix: str = ""
+    oidc_allowed_hosts: tuple = ()
 
     def _credential_path(self, filename):
         return os.path.join(self.issuer_credentials, filename)
@@ -99,6 +118,20 @@ class SentryConfig:
         Path of the issuer key (an absolute filename is used as is).
         """
         return self._credential_path(self.issuer_key_filename)
+
+    @property
+    def jwt_key_path(self):
+        """
+        Path of the JWT signing key (an absolute filename is used as is).
+        """
+        return self._credential_path(self.jwt_key_filename)
+
+    @property
+    def jwks_path(self):
+        """
+        Path of the JWKS of the JWT signing key.
+        """
+        return self._credential_path(self.jwks_filename)
 
 
 # --- Go durations ----------------------------------------------------------

@@ -57,6 +57,43 @@ def _describe_os_error(error):
     return str(error)
 
 
+_log = Logger()
+
+
+def read_credential_file(path, is_key=False, log=None):
+    """
+    The contents of one credential file (a bundle file, the JWT key and
+    JWKS, a JWKS validator's source file): the one reader every credential
+    file goes through.  Blocking: call it in a thread.
+
+    @param is_key: warn when the file is accessible to group or others.
+    @param log: the L{Logger} that warns (the caller's); this module's by
+        default.
+    @raise BundleError: when it cannot be read or is larger than
+        L{MAX_BUNDLE_FILE_BYTES}.
+    """
+    try:
+        with open(path, "rb") as f:
+            if is_key:
+                mode = os.fstat(f.fileno()).st_mode
+                if mode & _LOOSE_KEY_MODE_BITS:
+                    (log or _log).warn(
+                        "key file {path} is accessible to group or "
+                        "others (mode {mode}); it should be {expected}",
+                        path=path,
+                        mode=f"{stat.S_IMODE(mode):04o}",
+                        expected=f"{KEY_FILE_MODE:04o}",
+                    )
+            data = f.read(MAX_BUNDLE_FILE_BYTES + 1)
+    except OSError as e:
+        raise BundleError(path, f"cannot be read: {_describe_os_error(e)}")
+    if len(data) > MAX_BUNDLE_FILE_BYTES:
+        raise BundleError(
+            path, f"is larger than {MAX_BUNDLE_FILE_BYTES} bytes; not a bundle file"
+        )
+    return data
+
+
 @implementer(ITrustStore)
 class FileTrustStore:
     """
@@ -203,31 +240,9 @@ class FileTrustStore:
 
     def _read(self, path, is_key=False):
         """
-        The contents of one bundle file.
-
-        @param is_key: warn when the file is accessible to group or others.
-        @raise BundleError: when it cannot be read or is too large.
+        The contents of one bundle file, through L{read_credential_file}.
         """
-        try:
-            with open(path, "rb") as f:
-                if is_key:
-                    mode = os.fstat(f.fileno()).st_mode
-                    if mode & _LOOSE_KEY_MODE_BITS:
-                        self._log.warn(
-                            "issuer key file {path} is accessible to group or "
-                            "others (mode {mode}); it should be {expected}",
-                            path=path,
-                            mode=f"{stat.S_IMODE(mode):04o}",
-                            expected=f"{KEY_FILE_MODE:04o}",
-                        )
-                data = f.read(MAX_BUNDLE_FILE_BYTES + 1)
-        except OSError as e:
-            raise BundleError(path, f"cannot be read: {_describe_os_error(e)}")
-        if len(data) > MAX_BUNDLE_FILE_BYTES:
-            raise BundleError(
-                path, f"is larger than {MAX_BUNDLE_FILE_BYTES} bytes; not a bundle file"
-            )
-        return data
+        return read_credential_file(path, is_key=is_key, log=self._log)
 
     def _generate(self, now):
         """
