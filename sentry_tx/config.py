@@ -329,7 +329,12 @@ CONFIGURATION_KIND = "Configuration"
 # run.  A known but unsupported validator stops the program: running without
 # a validator the operator asked for would accept callers it should refuse.
 KNOWN_TOKEN_VALIDATORS = ("jwks",)
-SUPPORTED_TOKEN_VALIDATORS = ()
+SUPPORTED_TOKEN_VALIDATORS = ("jwks",)
+BUILT_IN_TOKEN_VALIDATORS = ("kubernetes", "insecure")
+BUILT_IN_VALIDATOR_PROBLEM = (
+    "the built-in 'kubernetes' and 'insecure' validators cannot be configured"
+    " manually"
+)
 
 _WORKLOAD_CERT_TTL_FIELD = "spec.mtls.workloadCertTTL"
 _ALLOWED_CLOCK_SKEW_FIELD = "spec.mtls.allowedClockSkew"
@@ -418,6 +423,10 @@ def _parse_token_validator(entry, index, source):
                 f"{field}.options.{key}",
                 f"must be a string, not {_type_name(value)} (in {source})",
             )
+    if name.lower() in BUILT_IN_TOKEN_VALIDATORS:
+        raise ConfigError(
+            f"{field}.name", f"{BUILT_IN_VALIDATOR_PROBLEM} (in {source})"
+        )
     if name not in KNOWN_TOKEN_VALIDATORS:
         known = ", ".join(repr(each) for each in KNOWN_TOKEN_VALIDATORS)
         raise ConfigError(
@@ -430,6 +439,13 @@ def _parse_token_validator(entry, index, source):
             f"the {name} validator is not supported by this version of"
             f" sentry_tx (in {source})",
         )
+    if name == "jwks":
+        from sentry_tx.identity.jwks import parse_jwks_options
+
+        try:
+            parse_jwks_options(options.items(), field)
+        except ConfigError as error:
+            raise ConfigError(error.field, f"{error.problem} (in {source})") from None
     return TokenValidatorConfig(name=name, options=tuple(sorted(options.items())))
 
 
@@ -508,6 +524,13 @@ def parse_mtls(document, source):
         _parse_token_validator(entry, index, source)
         for index, entry in enumerate(entries)
     )
+    names = [validator.name for validator in token_validators]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ConfigError(
+                f"{_TOKEN_VALIDATORS_FIELD}[{index}].name",
+                f"the {name} validator is configured more than once (in {source})",
+            )
     return MTLSConfig(
         workload_cert_ttl=workload_cert_ttl,
         allowed_clock_skew=allowed_clock_skew,

@@ -557,6 +557,14 @@ class Options(usage.Options):
             mtls=self._load_mtls(mode, self["config"]),
             **self._jwt_settings(),
         )
+        if config.workers > 1 and any(
+            entry.name == "jwks" for entry in config.mtls.token_validators
+        ):
+            raise ConfigError(
+                "--workers",
+                "the jwks validator runs in one serving process in this version;"
+                " use --workers 1",
+            )
         self._hand_observer_to_parent(config)
         self.sentry_config = config
 
@@ -746,14 +754,27 @@ def build_validators(config, reactor):
     """
     The validators enabled in C{config.mode}, and the one used for UNKNOWN.
 
-    Standalone: INSECURE only, and it is the default.
+    Standalone: INSECURE, the default; or, when the Configuration names a
+    C{jwks} token validator, JWKS only and no default (as Dapr).
 
     @return: C{(validators, default_validator)}: a dict from TokenValidator
-        numbers to L{IIdentityValidator}s, and a number or None.
+        numbers to L{IIdentityValidator}s, and a number or None.  A validator
+        that is also an C{IService} (JWKS) must be started by the caller.
     """
-    from sentry_tx.identity import VALIDATOR_INSECURE
+    from sentry_tx.identity import VALIDATOR_INSECURE, VALIDATOR_JWKS
     from sentry_tx.identity.insecure import InsecureValidator
 
+    for index, entry in enumerate(config.mtls.token_validators):
+        if entry.name == "jwks":
+            from sentry_tx.identity.jwks import JWKSValidator, parse_jwks_options
+
+            options = parse_jwks_options(
+                entry.options, f"spec.mtls.tokenValidators[{index}]"
+            )
+            sentry_id = (
+                f"spiffe://{config.trust_domain}/ns/{config.namespace}/dapr-sentry"
+            )
+            return {VALIDATOR_JWKS: JWKSValidator(reactor, options, sentry_id)}, None
     return {VALIDATOR_INSECURE: InsecureValidator()}, VALIDATOR_INSECURE
 
 
@@ -768,6 +789,8 @@ def build_service(config, reactor, startup_warnings=()):
     @param startup_warnings: messages to log once logging runs.
     @return: the root L{SentryService}.
     """
+    from twisted.application.service import IService
+
     from sentry_tx.ca.store import FileTrustStore
     from sentry_tx.expiry import ExpiryChecker
     from sentry_tx.healthz import healthz_root
@@ -802,6 +825,13 @@ def build_service(config, reactor, startup_warnings=()):
             config.mtls.allowed_clock_skew,
         )
         validators, default_validator = build_validators(config, reactor)
+    # Validators that keep state (the JWKS key set) run as services, before
+    # the authority, and healthz waits for them to be ready.
+    readiness_sources = []
+    for validator in validators.values():
+        if IService.providedBy(validator):
+            validator.setServiceParent(root)
+            readiness_sources.append(validator)
     jwt_minter = None
     if config.jwt_enabled:
         from sentry_tx.jwt.minting import JWTMinter
@@ -858,7 +888,7 @@ def build_service(config, reactor, startup_warnings=()):
     WebService(
         "healthz",
         config.healthz_port,
-        QuietSite(healthz_root(authority)),
+        QuietSite(healthz_root(authority, *readiness_sources)),
         interface=config.healthz_listen_address,
     ).setServiceParent(root)
     if config.enable_metrics:

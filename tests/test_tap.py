@@ -649,10 +649,29 @@ class ConfigurationFileTests(OptionsTestCase):
             ["--config", path], "spec.mtls.tokenValidators[0].name", "'magic'"
         )
 
-    def test_jwks_refused(self):
+    def test_jwks_without_source_refused(self):
         """
-        A configured jwks validator stops the program rather than being
-        ignored.
+        A configured jwks validator without a source stops the program,
+        naming the option.
+        """
+        path = self.write(
+            "spec:\n"
+            "  mtls:\n"
+            "    tokenValidators:\n"
+            "      - name: jwks\n"
+            "        options:\n"
+            "          minRefreshInterval: 1m\n"
+        )
+        self.assertFailsNaming(
+            ["--config", path],
+            "spec.mtls.tokenValidators[0].options.source",
+            "is required",
+        )
+
+    def test_jwks_with_workers_refused(self):
+        """
+        The jwks validator with --workers above 1 stops the program, naming
+        --workers.
         """
         path = self.write(
             "spec:\n"
@@ -663,9 +682,7 @@ class ConfigurationFileTests(OptionsTestCase):
             "          source: https://example.org/jwks.json\n"
         )
         self.assertFailsNaming(
-            ["--config", path],
-            "spec.mtls.tokenValidators[0].name",
-            "the jwks validator is not supported by this version of sentry_tx",
+            ["--config", path, "--workers", "2"], "--workers", "one serving process"
         )
 
     def test_wrong_kinds(self):
