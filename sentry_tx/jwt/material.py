@@ -129,7 +129,8 @@ def parse_jwks(jwks_bytes, source):
 
     @param jwks_bytes: the JSON text.
     @param source: the file or Secret key it came from, for errors.
-    @return: a list of C{(member dict, joserfc key)}, in document order.
+    @return: a list of C{(member dict, joserfc key)}, in document order;
+        keys whose C{use} is not C{sig} are left out.
     @raise BundleError: naming C{source} when it is not a JWKS, is empty,
         or holds private key material.
     """
@@ -152,6 +153,8 @@ def parse_jwks(jwks_bytes, source):
     for index, member in enumerate(keys):
         if not isinstance(member, dict):
             raise BundleError(source, f"failed to parse JWKS: key {index} is not an object")
+        if member.get("use", "sig") != "sig":
+            continue
         private = sorted(_PRIVATE_JWK_MEMBERS.intersection(member))
         if private:
             raise BundleError(
@@ -206,9 +209,8 @@ def load_jwt_material(key_pem, jwks_bytes, algorithm, key_id, sources):
     own_thumbprint = signing_key.thumbprint()
     found = False
     key_id_found = False
+    matched_kid = None
     for member, key in parse_jwks(jwks_bytes, jwks_source):
-        if member.get("use", "sig") != "sig":
-            continue
         matches = key.thumbprint() == own_thumbprint
         if key_id is not None:
             if member.get("kid") != key_id:
@@ -216,6 +218,7 @@ def load_jwt_material(key_pem, jwks_bytes, algorithm, key_id, sources):
             key_id_found = True
         if matches:
             found = True
+            matched_kid = member.get("kid")
             break
     if not found:
         if key_id is not None and not key_id_found:
@@ -230,11 +233,24 @@ def load_jwt_material(key_pem, jwks_bytes, algorithm, key_id, sources):
         raise BundleError(jwks_source, f"failed to verify JWKS: {problem}")
     return JWTMaterial(
         signing_key=signing_key,
-        key_id=key_id if key_id is not None else thumbprint_key_id(signing_key),
+        key_id=_signing_key_id(key_id, matched_kid, signing_key),
         algorithm=algorithm,
         jwks_json=bytes(jwks_bytes),
         key_pem=bytes(key_pem),
     )
+
+
+def _signing_key_id(key_id, matched_kid, signing_key):
+    """
+    The kid tokens are signed with: C{--jwt-key-id}; else the kid of the
+    JWKS key that holds the signing key (so that relying parties find it
+    there; Dapr would use the thumbprint even then); else the thumbprint.
+    """
+    if key_id is not None:
+        return key_id
+    if isinstance(matched_kid, str) and matched_kid:
+        return matched_kid
+    return thumbprint_key_id(signing_key)
 
 
 def generate_jwt_material(algorithm=DEFAULT_JWT_SIGNING_ALGORITHM, key_id=None):
