@@ -90,7 +90,7 @@ class OIDCResource(Resource):
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             return self._error(request, 405, b"Method not allowed\n")
-        host = (request.getHeader(b"host") or "").strip()
+        host = (request.getHeader(b"host") or b"").decode("latin-1").strip()
         if not self._host_allowed(host):
             self._log.warn("OIDC request for a host not allowed: {host!r}", host=host)
             return self._error(request, 403, b"Forbidden: unauthorized domain\n")
@@ -206,7 +206,8 @@ class OIDCService(MultiService):
         d = deferToThreadPool(
             self._reactor, self._reactor.getThreadPool(), self._read_tls_files
         )
-        d.addCallbacks(self._serve_tls, self._failed)
+        d.addCallback(self._serve_tls)
+        d.addErrback(self._failed)
 
     def _read_tls_files(self):
         import os
