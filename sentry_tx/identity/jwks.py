@@ -7,8 +7,10 @@ The key set comes from one of three sources (C{options.source}):
 
   - an C{https://} or C{http://} URL, fetched on the reactor with treq
     (TLS verified against C{caCertificate} when given), within
-    C{requestTimeout}; fetched again every C{minRefreshInterval}, and when a
-    token names an unknown C{kid}, at most once per C{minRefreshInterval};
+    C{requestTimeout}; fetched again every L{PERIODIC_REFRESH_SECONDS}, and
+    when a token names an unknown C{kid}, at most once per
+    C{minRefreshInterval} (the call waits for that fetch, within its
+    deadline);
   - a path to a file, read through the credential reader and looked at
     every L{JWKS_FILE_CHECK_INTERVAL_SECONDS}: a changed file is used
     without a restart (a broken one is refused and the old set kept);
@@ -58,6 +60,12 @@ it at start instead.
 
 TOKEN_LEEWAY_SECONDS = 300
 JWKS_FILE_CHECK_INTERVAL_SECONDS = 5.0
+PERIODIC_REFRESH_SECONDS = 3600.0
+"""
+How often a URL source is fetched again without being asked (or every
+C{minRefreshInterval} if that is longer), so that a key removed from the set
+stops being accepted; a token with an unknown kid asks sooner.
+"""
 FETCH_RETRY_INITIAL_SECONDS = 1.0
 FETCH_RETRY_MAX_SECONDS = 60.0
 MAX_JWKS_BYTES = 1024 * 1024
@@ -349,6 +357,7 @@ class JWKSValidator(Service):
         self.loads = 0
         self._last_fetch = None
         self._fetching = None
+        self._waiters = []
         self._call = None
         self._retry_seconds = FETCH_RETRY_INITIAL_SECONDS
         self._file_stamp = None
@@ -484,6 +493,14 @@ class JWKSValidator(Service):
         agent = Agent(self._reactor, contextFactory=BrowserLikePolicyForHTTPS(trust))
         return treq.client.HTTPClient(agent)
 
+    def refresh(self):
+        """
+        Fetch a URL source's key set now (sharing a fetch under way).
+
+        @return: a Deferred firing with True when a key set was installed.
+        """
+        return self._fetch()
+
     def _fetch_and_reschedule(self):
         self._call = None
         if not self.running:
@@ -493,9 +510,12 @@ class JWKSValidator(Service):
         def done(ok):
             if not self.running:
                 return
+            periodic = max(
+                PERIODIC_REFRESH_SECONDS, self.options.min_refresh_interval_seconds
+            )
             if ok:
                 self._retry_seconds = FETCH_RETRY_INITIAL_SECONDS
-                delay = self.options.min_refresh_interval_seconds
+                delay = periodic
             elif self.key_set is None:
                 delay = self._retry_seconds
                 self._retry_seconds = min(self._retry_seconds * 2, FETCH_RETRY_MAX_SECONDS)
@@ -512,10 +532,10 @@ class JWKSValidator(Service):
         @return: a Deferred that fires with True when a key set was
             installed, False otherwise; it never fails.
         """
+        waiter = defer.Deferred()
+        self._waiters.append(waiter)
         if self._fetching is not None:
-            shared = defer.Deferred()
-            self._fetching.addBoth(lambda result: (shared.callback(result), result)[1])
-            return shared
+            return waiter
         self._last_fetch = self._reactor.seconds()
         timeout = self.options.request_timeout_seconds
         d = defer.maybeDeferred(self._http_client.get, self.options.source, timeout=timeout)
@@ -535,12 +555,14 @@ class JWKSValidator(Service):
 
         def finished(result):
             self._fetching = None
-            return result
+            waiters, self._waiters = self._waiters, []
+            for each in waiters:
+                each.callback(result)
 
         d.addBoth(finished)
         if not d.called:
             self._fetching = d
-        return d
+        return waiter
 
     @staticmethod
     def _read_body(response):
