@@ -813,7 +813,11 @@ def build_service(config, reactor, startup_warnings=()):
         trust_store = kubernetes.trust_store
         validators = kubernetes.validators
         default_validator = kubernetes.default_validator
-        configuration_source = kubernetes.configuration_source
+        from sentry_tx.identity.jwks import JWKSRefusingConfigurationSource
+
+        configuration_source = JWKSRefusingConfigurationSource(
+            kubernetes.configuration_source
+        )
     else:
         trust_store = FileTrustStore(
             reactor,

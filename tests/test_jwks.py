@@ -551,3 +551,43 @@ class BuildValidatorsTests(SynchronousTestCase):
         validators, default = build_validators(SentryConfig(), ImmediateReactor())
         self.assertEqual(default, 1)
         self.assertEqual(list(validators), [1])
+
+
+class KubernetesModeTests(SynchronousTestCase):
+    """
+    In kubernetes mode a Configuration asking for jwks stops the start.
+    """
+
+    def test_refused(self):
+        """
+        The resolved Configuration with a jwks entry fails with a
+        ConfigError naming it; one without passes through unchanged.
+        """
+        from zope.interface import implementer
+
+        from sentry_tx.errors import ConfigError
+        from sentry_tx.identity.jwks import JWKSRefusingConfigurationSource
+        from sentry_tx.interfaces import IConfigurationSource
+
+        @implementer(IConfigurationSource)
+        class Fixed:
+            def __init__(self, config):
+                self.config = config
+
+            def resolve(self, config):
+                return defer.succeed(self.config)
+
+        with_jwks = SentryConfig(
+            mtls=MTLSConfig(
+                token_validators=(TokenValidatorConfig("jwks", (("source", "https://x"),)),)
+            )
+        )
+        source = JWKSRefusingConfigurationSource(Fixed(with_jwks))
+        verifyObject(IConfigurationSource, source)
+        failure = self.failureResultOf(source.resolve(SentryConfig()), ConfigError)
+        self.assertEqual(failure.value.field, "spec.mtls.tokenValidators[0].name")
+        plain = SentryConfig(trust_domain="x.org")
+        self.assertIs(
+            self.successResultOf(JWKSRefusingConfigurationSource(Fixed(plain)).resolve(plain)),
+            plain,
+        )

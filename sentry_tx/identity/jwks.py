@@ -48,7 +48,7 @@ from sentry_tx.config import parse_go_duration
 from sentry_tx.errors import BundleError, ConfigError, ValidationError
 from sentry_tx.identity import VALIDATOR_JWKS
 from sentry_tx.identity.rules import check_request
-from sentry_tx.interfaces import IIdentityValidator
+from sentry_tx.interfaces import IConfigurationSource, IIdentityValidator
 
 DEFAULT_MIN_REFRESH_INTERVAL_SECONDS = 600.0
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 30.0
@@ -631,3 +631,33 @@ class JWKSValidator(Service):
         if stamp == self._file_stamp:
             return None
         return stamp, key_set_from_json(self._read_file(path))
+
+
+@implementer(IConfigurationSource)
+class JWKSRefusingConfigurationSource:
+    """
+    Kubernetes mode reads the Configuration at start, after the validators
+    are built: this version cannot add a JWKS validator then, so a
+    Configuration that asks for one stops the start rather than being
+    silently ignored.
+
+    @param inner: the L{IConfigurationSource} that reads the Configuration.
+    """
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def resolve(self, config):
+        d = self._inner.resolve(config)
+
+        def check(resolved):
+            for index, entry in enumerate(resolved.mtls.token_validators):
+                if entry.name == "jwks":
+                    raise ConfigError(
+                        f"spec.mtls.tokenValidators[{index}].name",
+                        "the jwks validator runs in standalone mode only in this"
+                        " version of sentry_tx",
+                    )
+            return resolved
+
+        return d.addCallback(check)
