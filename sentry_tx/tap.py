@@ -883,6 +883,11 @@ def build_service(config, reactor, startup_warnings=()):
             jwt_minter=jwt_minter,
         )
     authority.setServiceParent(root)
+    oidc = None
+    if config.oidc_enabled and jwt_minter is not None:
+        # Dapr's healthz waits for the OIDC listener too.
+        oidc = build_oidc_service(config, reactor, jwt_minter, root.fatal)
+        readiness_sources.append(oidc)
     # After the authority: they start once it is starting and stop before it.
     if trust_store.watch_directories:
         IssuerWatcher(
@@ -902,10 +907,8 @@ def build_service(config, reactor, startup_warnings=()):
             QuietSite(metrics_root(metrics)),
             interface=config.metrics_listen_address,
         ).setServiceParent(root)
-    if config.oidc_enabled and jwt_minter is not None:
-        build_oidc_service(config, reactor, jwt_minter, root.fatal).setServiceParent(
-            root
-        )
+    if oidc is not None:
+        oidc.setServiceParent(root)
     return root
 
 

@@ -199,3 +199,20 @@ class WiringTests(OptionsTestCase):
         self.assertFalse(
             [s for s in self.children(SentryConfig(jwt_enabled=True)) if isinstance(s, OIDCService)]
         )
+
+    def test_healthz_waits_for_oidc(self):
+        """
+        healthz counts the OIDC listener among its readiness sources, as
+        Dapr's healthz target does.
+        """
+        config = SentryConfig(
+            jwt_enabled=True,
+            oidc_enabled=True,
+            oidc_server_tls_cert_file="/nonexistent/c",
+            oidc_server_tls_key_file="/nonexistent/k",
+        )
+        children = self.children(config)
+        (oidc,) = [s for s in children if isinstance(s, OIDCService)]
+        healthz = [s for s in children if getattr(s, "label", None) == "healthz"][0]
+        resource = healthz.args[1].resource.children[b"healthz"]
+        self.assertIn(oidc, resource._sources)
