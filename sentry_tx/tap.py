@@ -557,6 +557,12 @@ class Options(usage.Options):
             mtls=self._load_mtls(mode, self["config"]),
             **self._jwt_settings(),
         )
+        if config.workers > 1 and config.jwt_enabled:
+            raise ConfigError(
+                "--jwt-enabled",
+                "JWT issuing runs in one serving process in this version; use"
+                " --workers 1",
+            )
         if config.workers > 1 and any(
             entry.name == "jwks" for entry in config.mtls.token_validators
         ):
@@ -637,13 +643,6 @@ class Options(usage.Options):
             self.startup_warnings.append(
                 "--oidc-enabled without --jwt-enabled: the OIDC server is"
                 " disabled, as in Dapr"
-            )
-        workers = self["workers"]
-        if jwt_enabled and workers not in ("1", None):
-            raise ConfigError(
-                "--jwt-enabled",
-                "JWT issuing runs in one serving process in this version; use"
-                " --workers 1",
             )
         return dict(
             jwt_enabled=jwt_enabled,

@@ -7,7 +7,6 @@ import json
 import os
 
 import treq
-from cryptography.hazmat.primitives import serialization
 from treq.testing import StubTreq
 from twisted.internet import defer, reactor, ssl
 from twisted.trial.unittest import SynchronousTestCase, TestCase
