@@ -563,14 +563,6 @@ class Options(usage.Options):
                 "JWT issuing runs in one serving process in this version; use"
                 " --workers 1",
             )
-        if config.workers > 1 and any(
-            entry.name == "jwks" for entry in config.mtls.token_validators
-        ):
-            raise ConfigError(
-                "--workers",
-                "the jwks validator runs in one serving process in this version;"
-                " use --workers 1",
-            )
         self._hand_observer_to_parent(config)
         self.sentry_config = config
 

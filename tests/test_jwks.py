@@ -591,3 +591,27 @@ class KubernetesModeTests(SynchronousTestCase):
             self.successResultOf(JWKSRefusingConfigurationSource(Fixed(plain)).resolve(plain)),
             plain,
         )
+
+
+class WorkerValidatorsTests(SynchronousTestCase):
+    """
+    Worker processes build the JWKS validator and start it as a service.
+    """
+
+    def test_worker_service(self):
+        """
+        The worker's ValidatorSet has the JWKS validator, no default, and
+        the validator as the service the worker starts and stops.
+        """
+        from sentry_tx.server.worker import build_validators as worker_validators
+
+        config = SentryConfig(
+            mtls=MTLSConfig(
+                token_validators=(
+                    TokenValidatorConfig("jwks", (("source", "/etc/jwks.json"),)),
+                )
+            ),
+        )
+        chosen = worker_validators(config, ImmediateReactor(), {})
+        self.assertIsNone(chosen.default_validator)
+        self.assertIs(chosen.service, chosen.validators[VALIDATOR_JWKS])

@@ -150,3 +150,96 @@ class JWTProcessTests(TestCase):
         self.assertEqual(new_kid, json.loads(jwks_json)["keys"][0]["kid"])
         _, body = yield self.get(f"http://127.0.0.1:{ports['oidc']}/jwks.json")
         self.assertEqual(body, jwks_json)
+
+
+class JWKSProcessTests(TestCase):
+    """
+    The JWKS validator with a file source, served by worker processes.
+    """
+
+    timeout = 90
+
+    @inlineCallbacks
+    def test_workers_validate_jwks_tokens(self):
+        """
+        With --workers 2 and a jwks validator reading a file, a token signed
+        by a key of the file is accepted and yields a certificate for its
+        SPIFFE ID; a request without a token is PERMISSION_DENIED and one
+        naming no validator INVALID_ARGUMENT (standalone has no default
+        validator then).
+        """
+        import grpc
+        from cryptography import x509
+
+        from tests.test_jwt import jwk_member, rsa_key
+
+        directory = os.path.abspath(self.mktemp())
+        os.mkdir(directory)
+        jwks_path = os.path.join(directory, "jwks.json")
+        with open(jwks_path, "w") as f:
+            json.dump({"keys": [jwk_member(rsa_key(), kid="k1")]}, f)
+        config_path = os.path.join(directory, "config.yaml")
+        with open(config_path, "w") as f:
+            f.write(
+                "apiVersion: dapr.io/v1alpha1\nkind: Configuration\n"
+                "spec:\n  mtls:\n    tokenValidators:\n      - name: jwks\n"
+                f"        options:\n          source: {jwks_path}\n"
+            )
+        credentials = os.path.join(directory, "credentials")
+        protocol = spawn_twistd(
+            self,
+            ["--config", config_path, "--issuer-credentials", credentials,
+             "--workers", "2"] + LOOPBACK_FREE_PORTS,
+        )
+        ports = yield protocol.wait_ready()
+        response = yield treq.get(
+            f"http://127.0.0.1:{ports['healthz']}/healthz", persistent=False
+        )
+        self.assertEqual(response.code, 200)
+        yield response.content()
+        with open(os.path.join(credentials, "ca.crt"), "rb") as f:
+            client = GrpcTestClient(f"127.0.0.1:{ports['grpc']}", f.read())
+        self.addCleanup(client.close)
+        import time
+
+        value = pyjwt.encode(
+            {
+                "sub": "spiffe://public/ns/default/myapp",
+                "aud": "spiffe://localhost/ns/default/dapr-sentry",
+                "iat": int(time.time()),
+                "exp": int(time.time()) + 600,
+            },
+            rsa_key(),
+            algorithm="RS256",
+            headers={"kid": "k1"},
+        )
+
+        def request(**fields):
+            _, csr = make_csr()
+            values = dict(
+                id="myapp",
+                namespace="default",
+                certificate_signing_request=csr,
+                token_validator=sentry_pb2.SignCertificateRequest.JWKS,
+                token=value,
+            )
+            values.update(fields)
+            return sentry_pb2.SignCertificateRequest(**values)
+
+        for _ in range(4):  # calls spread over both workers
+            reply = yield deferToThread(client.sign, request())
+            leaf = x509.load_pem_x509_certificates(reply.workload_certificate)[0]
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            self.assertEqual(
+                san.value.get_values_for_type(x509.UniformResourceIdentifier),
+                ["spiffe://public/ns/default/myapp"],
+            )
+        error = yield self.assertFailure(
+            deferToThread(client.sign, request(token="")), grpc.RpcError
+        )
+        self.assertEqual(error.code(), grpc.StatusCode.PERMISSION_DENIED)
+        self.assertEqual(error.details(), "the request does not contain a token")
+        error = yield self.assertFailure(
+            deferToThread(client.sign, request(token_validator=0)), grpc.RpcError
+        )
+        self.assertEqual(error.code(), grpc.StatusCode.INVALID_ARGUMENT)

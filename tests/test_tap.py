@@ -668,23 +668,6 @@ class ConfigurationFileTests(OptionsTestCase):
             "is required",
         )
 
-    def test_jwks_with_workers_refused(self):
-        """
-        The jwks validator with --workers above 1 stops the program, naming
-        --workers.
-        """
-        path = self.write(
-            "spec:\n"
-            "  mtls:\n"
-            "    tokenValidators:\n"
-            "      - name: jwks\n"
-            "        options:\n"
-            "          source: https://example.org/jwks.json\n"
-        )
-        self.assertFailsNaming(
-            ["--config", path, "--workers", "2"], "--workers", "one serving process"
-        )
-
     def test_wrong_kinds(self):
         """
         Fields of the wrong YAML type, or a resource of another kind, stop
