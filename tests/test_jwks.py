@@ -465,6 +465,17 @@ class HTTPSTests(TestCase):
         With caCertificate as PEM text, the key set is fetched from a server
         whose certificate that CA vouches for.
         """
+        yield self.fetch_with_ca(as_path=False)
+
+    @defer.inlineCallbacks
+    def test_https_with_ca_path(self):
+        """
+        caCertificate may be a path to the PEM file.
+        """
+        yield self.fetch_with_ca(as_path=True)
+
+    @defer.inlineCallbacks
+    def fetch_with_ca(self, as_path):
         from twisted.web.server import Site
 
         certificate, key = make_self_signed_server_certificate()
@@ -478,7 +489,7 @@ class HTTPSTests(TestCase):
             reactor,
             JWKSOptions(
                 source=f"https://127.0.0.1:{port.getHost().port}/jwks.json",
-                ca_certificate=certificate_pem(certificate).decode(),
+                ca_certificate=self.ca_option(certificate_pem(certificate), as_path),
                 request_timeout_seconds=5,
             ),
             SENTRY_ID,
@@ -488,6 +499,14 @@ class HTTPSTests(TestCase):
         loaded = yield validator.refresh()
         self.assertTrue(loaded)
         self.assertTrue(validator.ready)
+
+    def ca_option(self, pem, as_path):
+        if not as_path:
+            return pem.decode()
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(pem)
+        return path
 
     @defer.inlineCallbacks
     def test_untrusted_server(self):

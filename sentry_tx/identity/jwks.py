@@ -31,6 +31,7 @@ import base64
 import binascii
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import treq
@@ -330,7 +331,8 @@ class JWKSValidator(Service):
     @param options: L{JWKSOptions}.
     @param sentry_audience: Sentry's SPIFFE ID, the C{aud} tokens must hold.
     @param http_client: an object with treq's C{get(url, timeout=)}, or None
-        for a treq client built in C{startService} (with C{caCertificate}).
+        for a treq client built before the first fetch (trusting
+        C{caCertificate}, read in a thread, when given).
     @param read_file: the credential reader (a file source, and a
         C{caCertificate} path).
     """
@@ -378,8 +380,6 @@ class JWKSValidator(Service):
         elif self._kind == SOURCE_FILE:
             self._check_file()
         else:
-            if self._http_client is None:
-                self._http_client = self._make_http_client()
             self._fetch_and_reschedule()
 
     def stopService(self):
@@ -479,19 +479,38 @@ class JWKSValidator(Service):
                 count=len(key_set.keys),
             )
 
-    def _make_http_client(self):
+    def _http_client_for(self, ca_pem):
+        """
+        A treq client trusting the certificates in C{ca_pem} (or treq itself,
+        trusting the system's roots, when None).
+        """
         from twisted.internet import ssl
         from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
-        ca = self.options.ca_certificate
-        if not ca:
+        if ca_pem is None:
             return treq
-        pem = ca.encode("utf-8") if "-----BEGIN" in ca else self._read_file(ca)
+        blocks = re.findall(
+            rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", ca_pem, re.S
+        )
+        if not blocks:
+            raise ValueError("caCertificate holds no PEM certificate")
         trust = ssl.trustRootFromCertificates(
-            [ssl.Certificate.loadPEM(pem)]
+            [ssl.Certificate.loadPEM(block) for block in blocks]
         )
         agent = Agent(self._reactor, contextFactory=BrowserLikePolicyForHTTPS(trust))
         return treq.client.HTTPClient(agent)
+
+    def _ca_pem(self):
+        """
+        In a thread: C{caCertificate}'s PEM (read through the credential
+        reader when it is a path), or None.
+        """
+        ca = self.options.ca_certificate
+        if not ca:
+            return None
+        if "-----BEGIN" in ca:
+            return ca.encode("utf-8")
+        return self._read_file(ca)
 
     def refresh(self):
         """
@@ -538,7 +557,22 @@ class JWKSValidator(Service):
             return waiter
         self._last_fetch = self._reactor.seconds()
         timeout = self.options.request_timeout_seconds
-        d = defer.maybeDeferred(self._http_client.get, self.options.source, timeout=timeout)
+        if self._http_client is None:
+            d = deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), self._ca_pem
+            )
+            d.addCallback(self._http_client_for)
+
+            def keep(client):
+                self._http_client = client
+                return client
+
+            d.addCallback(keep)
+        else:
+            d = defer.succeed(self._http_client)
+        d.addCallback(
+            lambda client: client.get(self.options.source, timeout=timeout)
+        )
         d.addCallback(self._read_body)
         d.addTimeout(timeout, self._reactor)
         d.addCallback(lambda body: self._install(key_set_from_json(body)) or True)
@@ -553,14 +587,17 @@ class JWKSValidator(Service):
 
         d.addErrback(failed)
 
+        done = []
+
         def finished(result):
+            done.append(True)
             self._fetching = None
             waiters, self._waiters = self._waiters, []
             for each in waiters:
                 each.callback(result)
 
         d.addBoth(finished)
-        if not d.called:
+        if not done:
             self._fetching = d
         return waiter
 

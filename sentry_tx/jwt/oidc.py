@@ -87,8 +87,8 @@ class OIDCResource(Resource):
         path = request.path
         if path not in (self.discovery_path, self.jwks_path):
             return self._error(request, 404, b"404 page not found\n")
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
+        if request.method != b"GET":
+            request.setHeader(b"allow", b"GET")
             return self._error(request, 405, b"Method not allowed\n")
         host = (request.getHeader(b"host") or b"").decode("latin-1").strip()
         if not self._host_allowed(host):
