@@ -216,3 +216,26 @@ class WiringTests(OptionsTestCase):
         healthz = [s for s in children if getattr(s, "label", None) == "healthz"][0]
         resource = healthz.args[1].resource.children[b"healthz"]
         self.assertIn(oidc, resource._sources)
+
+    def test_jwks_validator_service_and_healthz(self):
+        """
+        A configured jwks validator is a child service started before the
+        authority, and a readiness source of healthz.
+        """
+        from sentry_tx.config import MTLSConfig, TokenValidatorConfig
+        from sentry_tx.identity.jwks import JWKSValidator
+
+        config = SentryConfig(
+            mtls=MTLSConfig(
+                token_validators=(
+                    TokenValidatorConfig("jwks", (("source", "https://x/jwks"),)),
+                )
+            )
+        )
+        children = self.children(config)
+        (validator,) = [s for s in children if isinstance(s, JWKSValidator)]
+        names = [getattr(s, "name", None) for s in children]
+        self.assertLess(children.index(validator), names.index("ca"))
+        healthz = [s for s in children if getattr(s, "label", None) == "healthz"][0]
+        resource = healthz.args[1].resource.children[b"healthz"]
+        self.assertIn(validator, resource._sources)
