@@ -29,9 +29,13 @@ setup(
         "prometheus-client>=0.20.0",
         "zope.interface>=6.0",
         "PyYAML>=6.0",
+        # JWT-SVIDs and the JWKS validator (README: "JWT-SVIDs and OIDC").
+        "joserfc>=1.8.0",
     ],
     extras_require={
-        "test": ["hypothesis>=6.100"],
+        # PyJWT verifies sentry_tx's tokens in the tests, independently of
+        # joserfc, which the code uses.
+        "test": ["hypothesis>=6.100", "PyJWT[crypto]>=2.10"],
         # bench/run.py draws its plot with matplotlib when it is installed.
         "bench": ["matplotlib>=3.8"],
         "proto": ["grpcio-tools==1.85.1"],

@@ -399,17 +399,18 @@ def _python_client_worker(target, anchors_pem, request_bytes, threads, seconds, 
     queue.put((latencies, failures[0]))
 
 
-def python_client_run(server, in_flight, seconds):
+def python_client_run(server, in_flight, seconds, request=None):
     """
-    Drive the server with processes of blocking grpc clients; return
-    (signed/s, p50 ms, p99 ms, sent).
+    Drive the server with processes of blocking grpc clients sending
+    C{request} (a fresh INSECURE one by default); return (signed/s, p50 ms,
+    p99 ms, sent).
     """
     import multiprocessing
 
     processes = min(in_flight, max(1, os.cpu_count() or 1))
     threads = max(1, in_flight // processes)
     queue = multiprocessing.Queue()
-    request_bytes = sign_request().SerializeToString()
+    request_bytes = (request or sign_request()).SerializeToString()
     started = time.perf_counter()
     procs = [
         multiprocessing.Process(
@@ -788,6 +789,10 @@ def main(argv=None):
                       f"fake API server {fmt(kube['fake_cpu_ms'], 2)} ms")
             else:
                 print(f"\nkubernetes mode: not measured ({reason})")
+            from jwt_cost import jwt_cost, report_lines
+
+            results["jwt"] = report_lines(jwt_cost(workdir, seconds, repeats, use_h2load))
+            print("\n" + "\n".join(results["jwt"]))
 
     if args.quick and not args.write:
         return 0
@@ -798,6 +803,7 @@ def main(argv=None):
 
 def write_report(out, results, bare, started, commit, client, seconds, repeats):
     kube = results.pop("kubernetes", (None, "not measured"))
+    jwt_lines = results.pop("jwt", [])
     png = plot(results, os.path.join(out, "results.png"))
     lines = [
         "# sentry_tx benchmark results",
@@ -845,6 +851,8 @@ def write_report(out, results, bare, started, commit, client, seconds, repeats):
         lines.append(f"| {target} | {processes} | {measured} | {'yes' if met else '**no**'} |")
     if png:
         lines += ["", "![throughput and p99 against calls in flight](results.png)"]
+    if jwt_lines:
+        lines += [""] + jwt_lines
     with open(os.path.join(out, "RESULTS.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"\nwrote {os.path.join(out, 'RESULTS.md')}" + (" and results.png" if png else ""))

@@ -75,6 +75,25 @@ class SentryConfig:
     workers: int = 1
     namespace: str = DEFAULT_NAMESPACE
     mtls: MTLSConfig = field(default_factory=MTLSConfig)
+    # JWT-SVIDs and the OIDC server (SPEC section 11).  Plain types, so that
+    # the configuration crosses to worker processes as it is; an empty
+    # string means "not set".
+    jwt_enabled: bool = False
+    jwt_key_filename: str = "jwt.key"
+    jwks_filename: str = "jwks.json"
+    jwt_issuer: str = ""
+    jwt_signing_algorithm: str = "RS256"
+    jwt_key_id: str = ""
+    jwt_ttl_seconds: int = 24 * 3600
+    oidc_enabled: bool = False
+    oidc_server_listen_port: int = 9080
+    oidc_server_listen_address: str = "localhost"
+    oidc_server_tls_enabled: bool = True
+    oidc_server_tls_cert_file: str = ""
+    oidc_server_tls_key_file: str = ""
+    oidc_jwks_uri: str = ""
+    oidc_path_prefix: str = ""
+    oidc_allowed_hosts: tuple = ()
 
     def _credential_path(self, filename):
         return os.path.join(self.issuer_credentials, filename)
@@ -99,6 +118,20 @@ class SentryConfig:
         Path of the issuer key (an absolute filename is used as is).
         """
         return self._credential_path(self.issuer_key_filename)
+
+    @property
+    def jwt_key_path(self):
+        """
+        Path of the JWT signing key (an absolute filename is used as is).
+        """
+        return self._credential_path(self.jwt_key_filename)
+
+    @property
+    def jwks_path(self):
+        """
+        Path of the JWKS of the JWT signing key.
+        """
+        return self._credential_path(self.jwks_filename)
 
 
 # --- Go durations ----------------------------------------------------------
@@ -296,7 +329,12 @@ CONFIGURATION_KIND = "Configuration"
 # run.  A known but unsupported validator stops the program: running without
 # a validator the operator asked for would accept callers it should refuse.
 KNOWN_TOKEN_VALIDATORS = ("jwks",)
-SUPPORTED_TOKEN_VALIDATORS = ()
+SUPPORTED_TOKEN_VALIDATORS = ("jwks",)
+BUILT_IN_TOKEN_VALIDATORS = ("kubernetes", "insecure")
+BUILT_IN_VALIDATOR_PROBLEM = (
+    "the built-in 'kubernetes' and 'insecure' validators cannot be configured"
+    " manually"
+)
 
 _WORKLOAD_CERT_TTL_FIELD = "spec.mtls.workloadCertTTL"
 _ALLOWED_CLOCK_SKEW_FIELD = "spec.mtls.allowedClockSkew"
@@ -385,6 +423,10 @@ def _parse_token_validator(entry, index, source):
                 f"{field}.options.{key}",
                 f"must be a string, not {_type_name(value)} (in {source})",
             )
+    if name.lower() in BUILT_IN_TOKEN_VALIDATORS:
+        raise ConfigError(
+            f"{field}.name", f"{BUILT_IN_VALIDATOR_PROBLEM} (in {source})"
+        )
     if name not in KNOWN_TOKEN_VALIDATORS:
         known = ", ".join(repr(each) for each in KNOWN_TOKEN_VALIDATORS)
         raise ConfigError(
@@ -397,6 +439,13 @@ def _parse_token_validator(entry, index, source):
             f"the {name} validator is not supported by this version of"
             f" sentry_tx (in {source})",
         )
+    if name == "jwks":
+        from sentry_tx.identity.jwks import parse_jwks_options
+
+        try:
+            parse_jwks_options(options.items(), field)
+        except ConfigError as error:
+            raise ConfigError(error.field, f"{error.problem} (in {source})") from None
     return TokenValidatorConfig(name=name, options=tuple(sorted(options.items())))
 
 
@@ -475,6 +524,13 @@ def parse_mtls(document, source):
         _parse_token_validator(entry, index, source)
         for index, entry in enumerate(entries)
     )
+    names = [validator.name for validator in token_validators]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ConfigError(
+                f"{_TOKEN_VALIDATORS_FIELD}[{index}].name",
+                f"the {name} validator is configured more than once (in {source})",
+            )
     return MTLSConfig(
         workload_cert_ttl=workload_cert_ttl,
         allowed_clock_skew=allowed_clock_skew,

@@ -174,6 +174,66 @@ _STRING_FLAGS = (
         _DEFAULTS.log_level,
         "Lowest level logged: debug, info, warn, error or fatal.",
     ],
+    # JWT-SVIDs and the OIDC discovery server (SPEC section 11).
+    [
+        "jwt-key-filename",
+        None,
+        _DEFAULTS.jwt_key_filename,
+        "JWT signing key (PEM), in --issuer-credentials unless absolute.",
+    ],
+    [
+        "jwks-filename",
+        None,
+        _DEFAULTS.jwks_filename,
+        "JWKS of the JWT signing key, in --issuer-credentials unless absolute.",
+    ],
+    ["jwt-issuer", None, None, "iss of issued JWTs (default: no iss claim)."],
+    [
+        "jwt-signing-algorithm",
+        None,
+        _DEFAULTS.jwt_signing_algorithm,
+        "JWT signing algorithm; must fit the key (RS*/PS* RSA, ES256/384/512,"
+        " EdDSA).",
+    ],
+    [
+        "jwt-key-id",
+        None,
+        None,
+        "kid of issued JWTs (default: base64 SHA-256 thumbprint of the key).",
+    ],
+    ["jwt-ttl", None, "24h", "Lifetime of issued JWTs (a Go duration)."],
+    [
+        "oidc-server-listen-port",
+        None,
+        str(_DEFAULTS.oidc_server_listen_port),
+        "OIDC discovery server port (0 picks a free port).",
+    ],
+    [
+        "oidc-server-listen-address",
+        None,
+        _DEFAULTS.oidc_server_listen_address,
+        "OIDC discovery server bind address.",
+    ],
+    [
+        "oidc-server-tls-cert-file",
+        None,
+        None,
+        "TLS certificate (PEM chain) of the OIDC server.",
+    ],
+    ["oidc-server-tls-key-file", None, None, "TLS key (PEM) of the OIDC server."],
+    [
+        "oidc-jwks-uri",
+        None,
+        None,
+        "jwks_uri published in the discovery document (default: derived).",
+    ],
+    ["oidc-path-prefix", None, None, "Path prefix of the OIDC endpoints."],
+    [
+        "oidc-allowed-hosts",
+        None,
+        None,
+        "Comma-separated Host values the OIDC server answers (default: any).",
+    ],
 )
 
 _BOOL_FLAGS = (
@@ -189,6 +249,19 @@ _BOOL_FLAGS = (
         None,
         "true" if _DEFAULTS.log_as_json else "false",
         "Log one JSON object per line; a bare --log-as-json means true.",
+    ],
+    ["jwt-enabled", None, "false", "Issue JWT-SVIDs with certificates."],
+    [
+        "oidc-enabled",
+        None,
+        "false",
+        "Serve OIDC discovery and the JWKS (needs --jwt-enabled).",
+    ],
+    [
+        "oidc-server-tls-enabled",
+        None,
+        "true",
+        "Serve OIDC over TLS (--oidc-server-tls-enabled=false: plain HTTP).",
     ],
 )
 
@@ -482,9 +555,107 @@ class Options(usage.Options):
             workers=_parse_workers("--workers", self["workers"]),
             namespace=_check_namespace(NAMESPACE_VARIABLE, namespace),
             mtls=self._load_mtls(mode, self["config"]),
+            **self._jwt_settings(),
         )
+        if config.workers > 1 and config.jwt_enabled:
+            raise ConfigError(
+                "--jwt-enabled",
+                "JWT issuing runs in one serving process in this version; use"
+                " --workers 1",
+            )
         self._hand_observer_to_parent(config)
         self.sentry_config = config
+
+    def _jwt_settings(self):
+        """
+        The JWT and OIDC flags, checked (Dapr's checks and messages, plus a
+        fitting algorithm, a positive TTL and absolute URLs).
+
+        @return: the L{SentryConfig} fields they set.
+        @raise ConfigError: naming the flag that is wrong.
+        """
+        from sentry_tx.config import parse_go_duration
+        from sentry_tx.jwt import JWT_SIGNING_ALGORITHMS
+
+        jwt_enabled = _parse_bool("--jwt-enabled", self["jwt-enabled"])
+        oidc_enabled = _parse_bool("--oidc-enabled", self["oidc-enabled"])
+        tls_enabled = _parse_bool(
+            "--oidc-server-tls-enabled", self["oidc-server-tls-enabled"]
+        )
+        issuer = self["jwt-issuer"]
+        if issuer is not None and not jwt_enabled:
+            raise ConfigError(
+                "--jwt-issuer", "cannot be set when --jwt-enabled is false"
+            )
+        algorithm = self["jwt-signing-algorithm"]
+        if algorithm not in JWT_SIGNING_ALGORITHMS:
+            raise ConfigError(
+                "--jwt-signing-algorithm",
+                f"unsupported signature algorithm: {algorithm!r} (use one of"
+                f" {', '.join(JWT_SIGNING_ALGORITHMS)})",
+            )
+        ttl = parse_go_duration(self["jwt-ttl"], "--jwt-ttl")
+        if ttl.total_seconds() < 1:
+            raise ConfigError(
+                "--jwt-ttl", f"must be at least 1s, not {self['jwt-ttl']!r}"
+            )
+        for name in ("jwt-key-filename", "jwks-filename"):
+            if not self[name]:
+                raise ConfigError(f"--{name}", "must not be empty")
+        if self["jwt-key-filename"] == self["jwks-filename"]:
+            raise ConfigError(
+                "--jwks-filename", "must differ from --jwt-key-filename"
+            )
+        cert_file = self["oidc-server-tls-cert-file"]
+        key_file = self["oidc-server-tls-key-file"]
+        if (cert_file is None) != (key_file is None):
+            raise ConfigError(
+                "--oidc-server-tls-cert-file" if cert_file is None
+                else "--oidc-server-tls-key-file",
+                "both OIDC TLS certificate and key must be provided if one is"
+                " specified",
+            )
+        if oidc_enabled and tls_enabled and cert_file is None:
+            raise ConfigError(
+                "--oidc-server-tls-cert-file",
+                "oidc-server-tls-cert-file is required when OIDC HTTP server is"
+                " enabled (unless oidc-server-tls-enabled is false)",
+            )
+        jwks_uri = self["oidc-jwks-uri"] or ""
+        if jwks_uri and not re.match(r"https?://[^/?#\s]+", jwks_uri):
+            raise ConfigError(
+                "--oidc-jwks-uri", f"not an absolute http(s) URL: {jwks_uri!r}"
+            )
+        prefix = (self["oidc-path-prefix"] or "").strip("/")
+        if prefix and not re.fullmatch(r"[A-Za-z0-9._~!$&'()*+,;=:@%/-]+", prefix):
+            raise ConfigError(
+                "--oidc-path-prefix", f"not a URL path: {self['oidc-path-prefix']!r}"
+            )
+        if oidc_enabled and not jwt_enabled:
+            self.startup_warnings.append(
+                "--oidc-enabled without --jwt-enabled: the OIDC server is"
+                " disabled, as in Dapr"
+            )
+        return dict(
+            jwt_enabled=jwt_enabled,
+            jwt_key_filename=self["jwt-key-filename"],
+            jwks_filename=self["jwks-filename"],
+            jwt_issuer=issuer or "",
+            jwt_signing_algorithm=algorithm,
+            jwt_key_id=self["jwt-key-id"] or "",
+            jwt_ttl_seconds=int(ttl.total_seconds()),
+            oidc_enabled=oidc_enabled and jwt_enabled,
+            oidc_server_listen_port=_parse_port(
+                "--oidc-server-listen-port", self["oidc-server-listen-port"]
+            ),
+            oidc_server_listen_address=self["oidc-server-listen-address"] or "",
+            oidc_server_tls_enabled=tls_enabled,
+            oidc_server_tls_cert_file=cert_file or "",
+            oidc_server_tls_key_file=key_file or "",
+            oidc_jwks_uri=jwks_uri,
+            oidc_path_prefix=f"/{prefix}" if prefix else "",
+            oidc_allowed_hosts=_split_audiences(self["oidc-allowed-hosts"] or ""),
+        )
 
     def _load_mtls(self, mode, path):
         """
@@ -574,14 +745,27 @@ def build_validators(config, reactor):
     """
     The validators enabled in C{config.mode}, and the one used for UNKNOWN.
 
-    Standalone: INSECURE only, and it is the default.
+    Standalone: INSECURE, the default; or, when the Configuration names a
+    C{jwks} token validator, JWKS only and no default (as Dapr).
 
     @return: C{(validators, default_validator)}: a dict from TokenValidator
-        numbers to L{IIdentityValidator}s, and a number or None.
+        numbers to L{IIdentityValidator}s, and a number or None.  A validator
+        that is also an C{IService} (JWKS) must be started by the caller.
     """
-    from sentry_tx.identity import VALIDATOR_INSECURE
+    from sentry_tx.identity import VALIDATOR_INSECURE, VALIDATOR_JWKS
     from sentry_tx.identity.insecure import InsecureValidator
 
+    for index, entry in enumerate(config.mtls.token_validators):
+        if entry.name == "jwks":
+            from sentry_tx.identity.jwks import JWKSValidator, parse_jwks_options
+
+            options = parse_jwks_options(
+                entry.options, f"spec.mtls.tokenValidators[{index}]"
+            )
+            sentry_id = (
+                f"spiffe://{config.trust_domain}/ns/{config.namespace}/dapr-sentry"
+            )
+            return {VALIDATOR_JWKS: JWKSValidator(reactor, options, sentry_id)}, None
     return {VALIDATOR_INSECURE: InsecureValidator()}, VALIDATOR_INSECURE
 
 
@@ -596,6 +780,8 @@ def build_service(config, reactor, startup_warnings=()):
     @param startup_warnings: messages to log once logging runs.
     @return: the root L{SentryService}.
     """
+    from twisted.application.service import IService
+
     from sentry_tx.ca.store import FileTrustStore
     from sentry_tx.expiry import ExpiryChecker
     from sentry_tx.healthz import healthz_root
@@ -619,7 +805,11 @@ def build_service(config, reactor, startup_warnings=()):
         trust_store = kubernetes.trust_store
         validators = kubernetes.validators
         default_validator = kubernetes.default_validator
-        configuration_source = kubernetes.configuration_source
+        from sentry_tx.identity.jwks import JWKSRefusingConfigurationSource
+
+        configuration_source = JWKSRefusingConfigurationSource(
+            kubernetes.configuration_source
+        )
     else:
         trust_store = FileTrustStore(
             reactor,
@@ -631,6 +821,34 @@ def build_service(config, reactor, startup_warnings=()):
             config.mtls.allowed_clock_skew,
         )
         validators, default_validator = build_validators(config, reactor)
+    # Validators that keep state (the JWKS key set) run as services, before
+    # the authority, and healthz waits for them to be ready.
+    readiness_sources = []
+    for validator in validators.values():
+        if IService.providedBy(validator):
+            validator.setServiceParent(root)
+            readiness_sources.append(validator)
+    jwt_minter = None
+    if config.jwt_enabled:
+        from sentry_tx.jwt.minting import JWTMinter
+        from sentry_tx.jwt.store import FileJWTStore, JWTTrustStore
+
+        jwt_minter = JWTMinter(config.jwt_issuer or None, config.jwt_ttl_seconds)
+        if config.mode == MODE_KUBERNETES:
+            from sentry_tx.jwt.kubernetes_store import KubernetesJWTStore
+
+            jwt_store = KubernetesJWTStore.for_config(
+                reactor, kubernetes.client, config
+            )
+        else:
+            jwt_store = FileJWTStore(
+                reactor,
+                config.jwt_key_path,
+                config.jwks_path,
+                config.jwt_signing_algorithm,
+                config.jwt_key_id or None,
+            )
+        trust_store = JWTTrustStore(trust_store, jwt_store, jwt_minter)
     if config.workers > 1:
         # gRPC in worker processes sharing the port; each builds its own
         # validators (sentry_tx.server.worker), this process keeps the
@@ -654,8 +872,14 @@ def build_service(config, reactor, startup_warnings=()):
             metrics,
             on_start_failure=root.fatal,
             configuration_source=configuration_source,
+            jwt_minter=jwt_minter,
         )
     authority.setServiceParent(root)
+    oidc = None
+    if config.oidc_enabled and jwt_minter is not None:
+        # Dapr's healthz waits for the OIDC listener too.
+        oidc = build_oidc_service(config, reactor, jwt_minter, root.fatal)
+        readiness_sources.append(oidc)
     # After the authority: they start once it is starting and stop before it.
     if trust_store.watch_directories:
         IssuerWatcher(
@@ -667,7 +891,7 @@ def build_service(config, reactor, startup_warnings=()):
     http_listener(
         "healthz",
         config.healthz_port,
-        healthz_root(authority),
+        healthz_root(authority, *readiness_sources),
         reactor,
         interface=config.healthz_listen_address,
     ).setServiceParent(root)
@@ -679,7 +903,48 @@ def build_service(config, reactor, startup_warnings=()):
             reactor,
             interface=config.metrics_listen_address,
         ).setServiceParent(root)
+    if oidc is not None:
+        oidc.setServiceParent(root)
     return root
+
+
+def build_oidc_service(config, reactor, jwt_minter, on_start_failure):
+    """
+    The OIDC discovery server, served as healthz and metrics are (the
+    request deadline and connection cap of L{sentry_tx.http_listener}),
+    inside TLS when it is on.
+    """
+    from sentry_tx.http_listener import GuardedSite, GuardedWebService
+    from sentry_tx.jwt.oidc import OIDCResource, OIDCService
+
+    tls = config.oidc_server_tls_enabled
+    site = GuardedSite(
+        OIDCResource(
+            jwt_minter,
+            config.jwt_issuer or None,
+            config.oidc_jwks_uri or None,
+            config.oidc_path_prefix,
+            config.oidc_allowed_hosts,
+            "https" if tls else "http",
+        ),
+        reactor,
+    )
+    return OIDCService(
+        reactor,
+        lambda factory: GuardedWebService(
+            "oidc",
+            config.oidc_server_listen_port,
+            factory,
+            interface=config.oidc_server_listen_address,
+        ),
+        site,
+        tls_files=(
+            (config.oidc_server_tls_cert_file, config.oidc_server_tls_key_file)
+            if tls
+            else None
+        ),
+        on_start_failure=on_start_failure,
+    )
 
 
 def makeService(options):

@@ -448,6 +448,17 @@ class ImmediateReactor(Clock):
         return self._pool
 
 
+def inline_file_work(reactor):
+    """
+    A L{sentry_tx.ca.files.BoundedFileWork} that runs its work at once in
+    the calling thread: with an L{ImmediateReactor}, code that reads
+    credential files answers synchronously, without a running reactor.
+    """
+    from sentry_tx.ca.files import BoundedFileWork
+
+    return BoundedFileWork(reactor, start_thread=lambda target, name: target())
+
+
 @implementer(IIdentityValidator)
 class FakeValidator:
     """

@@ -271,12 +271,11 @@ class ParseMTLSTests(SynchronousTestCase):
             "not a duration",
         )
 
-    def test_jwks_refused(self):
+    def test_jwks_accepted(self):
         """
-        A configured jwks validator stops the program rather than being
-        ignored: this version cannot run it.
+        A jwks validator with a source is read, with its options.
         """
-        self.assertConfigError(
+        mtls = parse_mtls(
             _document(
                 {
                     "tokenValidators": [
@@ -284,9 +283,73 @@ class ParseMTLSTests(SynchronousTestCase):
                     ]
                 }
             ),
-            "spec.mtls.tokenValidators[0].name",
-            "the jwks validator is not supported by this version of sentry_tx",
+            "conf.yaml",
         )
+        self.assertEqual(
+            [(v.name, v.options) for v in mtls.token_validators],
+            [("jwks", (("source", "https://x/jwks"),))],
+        )
+
+    def test_built_in_validators_refused(self):
+        """
+        The built-in kubernetes and insecure validators cannot be configured
+        (Dapr's message).
+        """
+        for name in ("kubernetes", "insecure"):
+            self.assertConfigError(
+                _document({"tokenValidators": [{"name": name}]}),
+                "spec.mtls.tokenValidators[0].name",
+                "the built-in 'kubernetes' and 'insecure' validators cannot be"
+                " configured manually",
+            )
+
+    def test_jwks_twice_refused(self):
+        """
+        A second jwks entry is refused, naming its index.
+        """
+        entry = {"name": "jwks", "options": {"source": "https://x/jwks"}}
+        self.assertConfigError(
+            _document({"tokenValidators": [entry, entry]}),
+            "spec.mtls.tokenValidators[1].name",
+            "configured more than once",
+        )
+
+    def test_jwks_options_checked(self):
+        """
+        A jwks entry without a source, with an unknown option, a bad
+        duration, a caCertificate for a non-URL source or broken inline JSON
+        is refused naming the option.
+        """
+        for options, field, problem in [
+            ({}, "source", "is required"),
+            ({"source": "https://x", "timeout": "5s"}, "timeout", "unknown option"),
+            (
+                {"source": "https://x", "minRefreshInterval": "soon"},
+                "minRefreshInterval",
+                "not a duration",
+            ),
+            (
+                {"source": "https://x", "requestTimeout": "0s"},
+                "requestTimeout",
+                "must be positive",
+            ),
+            (
+                {"source": "https://x", "minRefreshInterval": "500ms"},
+                "minRefreshInterval",
+                "at least 1s",
+            ),
+            (
+                {"source": "/etc/jwks.json", "caCertificate": "/ca.pem"},
+                "caCertificate",
+                "URL source only",
+            ),
+            ({"source": '{"keys": []}'}, "source", "no usable signing key"),
+        ]:
+            self.assertConfigError(
+                _document({"tokenValidators": [{"name": "jwks", "options": options}]}),
+                f"spec.mtls.tokenValidators[0].options.{field}",
+                problem,
+            )
 
     def test_unknown_validator(self):
         """

@@ -669,10 +669,10 @@ class ConfigurationFileTests(OptionsTestCase):
             ["--config", path], "spec.mtls.tokenValidators[0].name", "'magic'"
         )
 
-    def test_jwks_refused(self):
+    def test_jwks_without_source_refused(self):
         """
-        A configured jwks validator stops the program rather than being
-        ignored.
+        A configured jwks validator without a source stops the program,
+        naming the option.
         """
         path = self.write(
             "spec:\n"
@@ -680,12 +680,12 @@ class ConfigurationFileTests(OptionsTestCase):
             "    tokenValidators:\n"
             "      - name: jwks\n"
             "        options:\n"
-            "          source: https://example.org/jwks.json\n"
+            "          minRefreshInterval: 1m\n"
         )
         self.assertFailsNaming(
             ["--config", path],
-            "spec.mtls.tokenValidators[0].name",
-            "the jwks validator is not supported by this version of sentry_tx",
+            "spec.mtls.tokenValidators[0].options.source",
+            "is required",
         )
 
     def test_wrong_kinds(self):

@@ -88,6 +88,39 @@ def _temporary_pattern(basenames):
     )
 
 
+_log = Logger()
+
+
+def read_credential(path, is_key=False, log=None):
+    """
+    The contents of one credential file that is not a bundle file (the JWT
+    key and JWKS, a JWKS validator's source file, the OIDC server's TLS
+    files), through the same bounded reader as the bundle
+    (L{sentry_tx.ca.files.read_credential_file}).  Blocking: run it through
+    a L{BoundedFileWork}, never on the reactor or the gRPC loop.
+
+    @param is_key: warn when the file is accessible to group or others.
+    @param log: the L{Logger} that warns (the caller's); this module's by
+        default.
+    @raise BundleError: when it cannot be read, is not a regular file or is
+        larger than L{MAX_BUNDLE_FILE_BYTES}.
+    """
+
+    def inspect(status):
+        if status.st_mode & _LOOSE_KEY_MODE_BITS:
+            (log or _log).warn(
+                "key file {path} is accessible to group or others (mode"
+                " {mode}); it should be {expected}",
+                path=path,
+                mode=f"{stat.S_IMODE(status.st_mode):04o}",
+                expected=f"{KEY_FILE_MODE:04o}",
+            )
+
+    return read_credential_file(
+        path, MAX_BUNDLE_FILE_BYTES, inspect=inspect if is_key else None
+    )
+
+
 @implementer(ITrustStore)
 class FileTrustStore:
     """

@@ -209,6 +209,8 @@ class CertificateAuthorityService(Service):
         the config at start, or None when the config is complete already.
     @param reuse_port: bind with SO_REUSEPORT (worker processes sharing
         the port).
+    @param jwt_minter: the L{sentry_tx.jwt.minting.JWTMinter} that fills
+        the responses' JWTs, or None when JWTs are off.
     @param max_concurrent_rpcs: see L{MAX_CONCURRENT_RPCS}; this and the
         other transport limits default to their constants and are
         parameters only so that tests can make them small.
@@ -232,7 +234,9 @@ class CertificateAuthorityService(Service):
         max_concurrent_streams_per_connection=MAX_CONCURRENT_STREAMS_PER_CONNECTION,
         max_connection_idle_milliseconds=MAX_CONNECTION_IDLE_MILLISECONDS,
         server_handshake_timeout_milliseconds=SERVER_HANDSHAKE_TIMEOUT_MILLISECONDS,
+        jwt_minter=None,
     ):
+        self._jwt_minter = jwt_minter
         self.config = config
         self._reuse_port = reuse_port
         self._max_concurrent_rpcs = max_concurrent_rpcs
@@ -346,6 +350,7 @@ class CertificateAuthorityService(Service):
             self._validators,
             self._default_validator,
             self._metrics,
+            jwt_minter=self._jwt_minter,
         )
         executor = ThreadPoolExecutor(
             max_workers=grpc_worker_threads(self._validators.values()),

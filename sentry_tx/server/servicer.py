@@ -45,6 +45,7 @@ MALFORMED_REQUEST = "failed to parse request"
 SIGNING_FAILED = "failed to sign certificate"
 VALIDATION_FAILED = "failed to validate the caller"
 VALIDATION_TIMED_OUT = "timed out validating the caller"
+JWT_FAILED = "failed to generate JWT"
 
 
 class Refusal(Exception):
@@ -88,7 +89,9 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
         default_validator,
         metrics,
         validation_timeout_seconds=VALIDATION_TIMEOUT_SECONDS,
+        jwt_minter=None,
     ):
+        self._jwt_minter = jwt_minter
         self._reactor = reactor
         self._authority = authority
         self._validators = dict(validators)
@@ -173,11 +176,40 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
         )
         valid_until = Timestamp()
         valid_until.FromDatetime(issued.not_after)
-        return sentry_pb2.SignCertificateResponse(
+        response = sentry_pb2.SignCertificateResponse(
             workload_certificate=issued.certificate_chain_pem,
             trust_chain_certificates=[issued.trust_anchors_pem],
             valid_until=valid_until,
         )
+        if self._jwt_minter is not None:
+            self._fill_jwts(response, identity, request, now, config)
+        return response
+
+    def _fill_jwts(self, response, identity, request, now, config):
+        """
+        The JWT hook (issue 11): the minter fills C{jwt} and
+        C{per_audience_jwts}.
+        """
+        from sentry_tx.jwt.minting import JWTAudienceError
+
+        try:
+            self._jwt_minter.fill(
+                response,
+                identity,
+                request.jwt_audiences,
+                now.timestamp(),
+                config.mtls.allowed_clock_skew,
+            )
+        except JWTAudienceError as e:
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT, str(e), FAILURE_REASON_CERT_SIGN
+            )
+        except Exception:
+            self._log.failure(
+                "failed to generate a JWT for {spiffe_id}",
+                spiffe_id=identity.spiffe_id,
+            )
+            raise Refusal(grpc.StatusCode.INTERNAL, JWT_FAILED, FAILURE_REASON_CERT_SIGN)
 
     def _choose_validator(self, number):
         if number == VALIDATOR_UNKNOWN:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.application.service import IService
 from twisted.protocols import amp
 from zope.interface import implementer
 
@@ -96,7 +97,9 @@ def build_validators(config, reactor, environ):
     from sentry_tx.tap import build_validators as build_standalone_validators
 
     validators, default_validator = build_standalone_validators(config, reactor)
-    return ValidatorSet(validators, default_validator)
+    # A validator that keeps state (the JWKS key set) is a service of its own.
+    services = [v for v in validators.values() if IService.providedBy(v)]
+    return ValidatorSet(validators, default_validator, services[0] if services else None)
 
 
 @implementer(ITrustStore)

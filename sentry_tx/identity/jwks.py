@@ -1,0 +1,704 @@
+"""
+The JWKS validator (SPEC section 6, Dapr's
+C{pkg/sentry/server/validator/jwks/jwks.go}): the caller proves who it is
+with a JWT signed by a key of a JSON Web Key Set.
+
+The key set comes from one of three sources (C{options.source}):
+
+  - an C{https://} or C{http://} URL, fetched on the reactor with treq
+    (TLS verified against C{caCertificate} when given), within
+    C{requestTimeout}; fetched again every L{PERIODIC_REFRESH_SECONDS}, and
+    when a token names an unknown C{kid}, at most once per
+    C{minRefreshInterval} (the call waits for that fetch, within its
+    deadline);
+  - a path to a file, read through the credential reader and looked at
+    every L{JWKS_FILE_CHECK_INTERVAL_SECONDS}: a changed file is used
+    without a restart (a broken one is refused and the old set kept);
+  - the JWKS JSON itself, optionally base64.
+
+Until a key set has loaded once, C{ready} is False (healthz answers 503)
+and every call is refused with "jwks validator not ready".
+
+Refusals, in order, all PERMISSION_DENIED: no token; not ready; the common
+request rules; then "token validation failed: <why>" unless the JWT verifies
+with the key its C{kid} names (the algorithm fixed by that key: its C{alg},
+else its type; never C{none}, never HMAC), has C{aud} containing Sentry's
+SPIFFE ID, C{sub} equal to the caller's SPIFFE ID, and C{exp} (required),
+C{nbf} and C{iat} right within a 5 minute leeway.
+"""
+
+import base64
+import binascii
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import treq
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import JWKRegistry
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from sentry_tx.ca.files import CREDENTIAL_READ_TIMEOUT_SECONDS, BoundedFileWork
+from sentry_tx.ca.store import read_credential
+from sentry_tx.config import parse_go_duration
+from sentry_tx.errors import BundleError, ConfigError, ValidationError
+from sentry_tx.identity import VALIDATOR_JWKS
+from sentry_tx.identity.rules import check_request
+from sentry_tx.interfaces import IConfigurationSource, IIdentityValidator
+
+DEFAULT_MIN_REFRESH_INTERVAL_SECONDS = 600.0
+DEFAULT_REQUEST_TIMEOUT_SECONDS = 30.0
+MIN_MIN_REFRESH_INTERVAL_SECONDS = 1.0
+"""
+Dapr ignores a C{minRefreshInterval} of a second or less; sentry_tx refuses
+it at start instead.
+"""
+
+TOKEN_LEEWAY_SECONDS = 300
+JWKS_FILE_CHECK_INTERVAL_SECONDS = 5.0
+PERIODIC_REFRESH_SECONDS = 3600.0
+"""
+How often a URL source is fetched again without being asked (or every
+C{minRefreshInterval} if that is longer), so that a key removed from the set
+stops being accepted; a token with an unknown kid asks sooner.
+"""
+FETCH_RETRY_INITIAL_SECONDS = 1.0
+FETCH_RETRY_MAX_SECONDS = 60.0
+MAX_JWKS_BYTES = 1024 * 1024
+
+OPTION_SOURCE = "source"
+OPTION_CA_CERTIFICATE = "caCertificate"
+OPTION_MIN_REFRESH_INTERVAL = "minRefreshInterval"
+OPTION_REQUEST_TIMEOUT = "requestTimeout"
+KNOWN_OPTIONS = (
+    OPTION_SOURCE,
+    OPTION_CA_CERTIFICATE,
+    OPTION_MIN_REFRESH_INTERVAL,
+    OPTION_REQUEST_TIMEOUT,
+)
+
+NO_TOKEN = "the request does not contain a token"
+NOT_READY = "jwks validator not ready"
+VALIDATION_FAILED = "token validation failed"
+
+_RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+_EC_ALGORITHMS = {"P-256": ("ES256",), "P-384": ("ES384",), "P-521": ("ES512",)}
+_OKP_ALGORITHMS = {"Ed25519": ("EdDSA",)}
+ASYMMETRIC_ALGORITHMS = (
+    _RSA_ALGORITHMS
+    + tuple(a for each in _EC_ALGORITHMS.values() for a in each)
+    + ("EdDSA",)
+)
+"""
+Every algorithm a token may use; HMAC and C{none} are never among them.
+"""
+
+SOURCE_URL = "url"
+SOURCE_FILE = "file"
+SOURCE_INLINE = "inline"
+
+
+@dataclass(frozen=True)
+class JWKSOptions:
+    """
+    The options of a C{jwks} entry of C{spec.mtls.tokenValidators}.
+    """
+
+    source: str
+    ca_certificate: str = ""
+    min_refresh_interval_seconds: float = DEFAULT_MIN_REFRESH_INTERVAL_SECONDS
+    request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT_SECONDS
+
+    @property
+    def source_kind(self):
+        """
+        L{SOURCE_URL}, L{SOURCE_INLINE} or L{SOURCE_FILE}.
+        """
+        return source_kind(self.source)
+
+
+def source_kind(source):
+    """
+    What C{source} is: a URL, the JWKS itself (JSON or base64 JSON), or a
+    file path.
+    """
+    if source.startswith(("https://", "http://")):
+        return SOURCE_URL
+    if _inline_jwks(source) is not None:
+        return SOURCE_INLINE
+    return SOURCE_FILE
+
+
+def _inline_jwks(source):
+    text = source.strip()
+    if text.startswith("{"):
+        return text.encode("utf-8")
+    try:
+        decoded = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return decoded if decoded.lstrip().startswith(b"{") else None
+
+
+def parse_jwks_options(options, field):
+    """
+    Check the options of a C{jwks} validator entry.
+
+    @param options: C{(key, value)} pairs, as L{TokenValidatorConfig} holds.
+    @param field: the entry's YAML path, for errors.
+    @return: L{JWKSOptions}.
+    @raise ConfigError: naming the option that is missing or wrong.
+    """
+    values = dict(options)
+    for key in values:
+        if key not in KNOWN_OPTIONS:
+            raise ConfigError(
+                f"{field}.options.{key}",
+                f"unknown option (known: {', '.join(KNOWN_OPTIONS)})",
+            )
+    source = values.get(OPTION_SOURCE, "").strip()
+    if not source:
+        raise ConfigError(f"{field}.options.{OPTION_SOURCE}", "is required")
+    kind = source_kind(source)
+    if kind == SOURCE_INLINE:
+        try:
+            key_set_from_json(_inline_jwks(source))
+        except ValueError as e:
+            raise ConfigError(f"{field}.options.{OPTION_SOURCE}", str(e)) from None
+    ca_certificate = values.get(OPTION_CA_CERTIFICATE, "")
+    if ca_certificate and kind != SOURCE_URL:
+        raise ConfigError(
+            f"{field}.options.{OPTION_CA_CERTIFICATE}",
+            "applies to a URL source only",
+        )
+    durations = {}
+    for key, default in (
+        (OPTION_MIN_REFRESH_INTERVAL, DEFAULT_MIN_REFRESH_INTERVAL_SECONDS),
+        (OPTION_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_SECONDS),
+    ):
+        text = values.get(key, "")
+        if not text:
+            durations[key] = default
+            continue
+        seconds = parse_go_duration(text, f"{field}.options.{key}").total_seconds()
+        if seconds <= 0:
+            raise ConfigError(f"{field}.options.{key}", f"must be positive, not {text!r}")
+        durations[key] = seconds
+    if durations[OPTION_MIN_REFRESH_INTERVAL] < MIN_MIN_REFRESH_INTERVAL_SECONDS:
+        raise ConfigError(
+            f"{field}.options.{OPTION_MIN_REFRESH_INTERVAL}",
+            f"must be at least {MIN_MIN_REFRESH_INTERVAL_SECONDS:g}s",
+        )
+    return JWKSOptions(
+        source=source,
+        ca_certificate=ca_certificate,
+        min_refresh_interval_seconds=durations[OPTION_MIN_REFRESH_INTERVAL],
+        request_timeout_seconds=durations[OPTION_REQUEST_TIMEOUT],
+    )
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """
+    A verified, immutable key set: the usable keys by C{kid}.
+
+    @ivar keys: C{kid} to C{(joserfc key, allowed algorithms)}.
+    @ivar raw: the JSON it came from.
+    """
+
+    keys: dict = field(repr=False)
+    raw: bytes = field(repr=False)
+
+
+def _algorithms_for(member):
+    kty = member.get("kty")
+    if kty == "RSA":
+        allowed = _RSA_ALGORITHMS
+    elif kty == "EC":
+        allowed = _EC_ALGORITHMS.get(member.get("crv"), ())
+    elif kty == "OKP":
+        allowed = _OKP_ALGORITHMS.get(member.get("crv"), ())
+    else:
+        return ()
+    alg = member.get("alg")
+    if alg is None:
+        return allowed
+    return (alg,) if alg in allowed else ()
+
+
+def key_set_from_json(data):
+    """
+    Parse a JWKS into a L{KeySet}.  Keys without a C{kid}, with a C{use}
+    other than C{sig}, symmetric keys and keys whose C{alg} does not fit
+    their type are left out.
+
+    @param data: the JSON bytes.
+    @raise ValueError: when C{data} is not a JWKS or holds no usable key.
+    """
+    if len(data) > MAX_JWKS_BYTES:
+        raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"failed to parse JWKS: {e}") from None
+    members = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(members, list):
+        raise ValueError("failed to parse JWKS: expected an object with a 'keys' list")
+    keys = {}
+    for member in members:
+        if not isinstance(member, dict):
+            continue
+        kid = member.get("kid")
+        algorithms = _algorithms_for(member)
+        if not isinstance(kid, str) or not algorithms or member.get("use", "sig") != "sig":
+            continue
+        public = {k: v for k, v in member.items() if k not in ("d", "p", "q", "dp", "dq", "qi", "oth")}
+        try:
+            key = JWKRegistry.import_key(public)
+        except (JoseError, ValueError, TypeError, KeyError):
+            continue
+        keys[kid] = (key, algorithms)
+    if not keys:
+        raise ValueError("the JWKS holds no usable signing key")
+    return KeySet(keys=keys, raw=bytes(data))
+
+
+class _UnknownKeyID(Exception):
+    def __init__(self, kid):
+        super().__init__(kid)
+        self.kid = kid
+
+
+def verify_token(token, key_set, sentry_audience, subject, now_seconds):
+    """
+    Verify C{token} against C{key_set}.
+
+    @return: None.
+    @raise _UnknownKeyID: when the token's C{kid} is not in the set.
+    @raise ValidationError: "token validation failed: <why>".
+    """
+
+    def key_for(signature):
+        header = signature.headers()
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise ValidationError(f"{VALIDATION_FAILED}: the token has no kid")
+        entry = key_set.keys.get(kid)
+        if entry is None:
+            raise _UnknownKeyID(kid)
+        key, algorithms = entry
+        if header.get("alg") not in algorithms:
+            raise ValidationError(
+                f"{VALIDATION_FAILED}: algorithm {header.get('alg')!r} does not"
+                f" fit key {kid!r}"
+            )
+        return key
+
+    try:
+        decoded = jwt.decode(token, key_for, algorithms=ASYMMETRIC_ALGORITHMS)
+        registry = jwt.JWTClaimsRegistry(
+            now=int(now_seconds),
+            leeway=TOKEN_LEEWAY_SECONDS,
+            aud={"essential": True, "value": sentry_audience},
+            sub={"essential": True, "value": subject},
+            exp={"essential": True},
+        )
+        registry.validate(decoded.claims)
+    except (ValidationError, _UnknownKeyID):
+        raise
+    except JoseError as e:
+        raise ValidationError(f"{VALIDATION_FAILED}: {_describe(e)}") from None
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise ValidationError(f"{VALIDATION_FAILED}: malformed token ({type(e).__name__})") from None
+
+
+def _describe(error):
+    text = getattr(error, "description", None) or str(error) or type(error).__name__
+    return f"{getattr(error, 'error', type(error).__name__)}: {text}"
+
+
+@implementer(IIdentityValidator)
+class JWKSValidator(Service):
+    """
+    The JWKS validator, and the service that keeps its key set.
+
+    @param reactor: the reactor (clock, thread pool, treq).
+    @param options: L{JWKSOptions}.
+    @param sentry_audience: Sentry's SPIFFE ID, the C{aud} tokens must hold.
+    @param http_client: an object with treq's C{get(url, timeout=)}, or None
+        for a treq client built before the first fetch (trusting
+        C{caCertificate}, read in a thread, when given).
+    @param read_file: the credential reader (a file source, and a
+        C{caCertificate} path).
+    @param file_work: the L{BoundedFileWork} that runs file reads (a daemon
+        thread with a time bound per read by default).
+    """
+
+    name = VALIDATOR_JWKS
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        options,
+        sentry_audience,
+        http_client=None,
+        read_file=read_credential,
+        file_work=None,
+    ):
+        self._reactor = reactor
+        self._file_work = file_work if file_work is not None else BoundedFileWork(reactor)
+        self.options = options
+        self._sentry_audience = sentry_audience
+        self._http_client = http_client
+        self._read_file = read_file
+        self._kind = options.source_kind
+        self.needs_reactor = self._kind == SOURCE_URL
+        self.key_set = None
+        self.loads = 0
+        self._last_fetch = None
+        self._fetching = None
+        self._waiters = []
+        self._call = None
+        self._retry_seconds = FETCH_RETRY_INITIAL_SECONDS
+        self._file_stamp = None
+
+    @property
+    def ready(self):
+        """
+        Whether a key set has loaded (healthz is 503 until then).
+        """
+        return self.key_set is not None
+
+    # IService
+
+    def startService(self):
+        super().startService()
+        if self._kind == SOURCE_INLINE:
+            self._install(key_set_from_json(_inline_jwks(self.options.source)))
+        elif self._kind == SOURCE_FILE:
+            self._check_file()
+        else:
+            self._fetch_and_reschedule()
+
+    def stopService(self):
+        super().stopService()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if self._fetching is not None:
+            self._fetching.cancel()
+
+    # IIdentityValidator
+
+    def validate(self, request, deadline=None):
+        """
+        Check the caller's token (see the module's docstring).
+
+        With a file or inline source, it runs in the calling thread and the
+        returned Deferred has fired.  With a URL source it runs on the
+        reactor thread, and may wait (until C{deadline}, a reactor time, and
+        at most C{requestTimeout}) for a refetch of the key set when the
+        token names an unknown C{kid}.
+        """
+        try:
+            subject = self._check(request)
+            key_set = self.key_set
+            verify_token(
+                request.token,
+                key_set,
+                self._sentry_audience,
+                subject.spiffe_id,
+                self._reactor.seconds(),
+            )
+            return defer.succeed(subject)
+        except ValidationError:
+            return defer.fail()
+        except _UnknownKeyID as unknown:
+            if not self.needs_reactor or not self._may_refresh():
+                return defer.fail(self._unknown(unknown.kid))
+            return self._refresh_then_verify(request, subject, unknown.kid, deadline)
+
+    def _check(self, request):
+        if not request.token:
+            raise ValidationError(NO_TOKEN)
+        if self.key_set is None:
+            raise ValidationError(NOT_READY)
+        return check_request(request)
+
+    @staticmethod
+    def _unknown(kid):
+        return ValidationError(f"{VALIDATION_FAILED}: no key with kid {kid!r} in the key set")
+
+    def _may_refresh(self):
+        return (
+            self._fetching is not None
+            or self._last_fetch is None
+            or self._reactor.seconds() - self._last_fetch
+            >= self.options.min_refresh_interval_seconds
+        )
+
+    def _refresh_then_verify(self, request, subject, kid, deadline):
+        d = self._fetch()
+        wait = self.options.request_timeout_seconds
+        if deadline is not None:
+            wait = max(0.0, min(wait, deadline - self._reactor.seconds()))
+        waited = defer.Deferred()
+        d.addBoth(lambda result: waited.called or waited.callback(None))
+        timer = self._reactor.callLater(wait, lambda: waited.called or waited.callback(None))
+
+        def verify(_):
+            if timer.active():
+                timer.cancel()
+            try:
+                verify_token(
+                    request.token,
+                    self.key_set,
+                    self._sentry_audience,
+                    subject.spiffe_id,
+                    self._reactor.seconds(),
+                )
+            except _UnknownKeyID:
+                raise self._unknown(kid) from None
+            return subject
+
+        return waited.addCallback(verify)
+
+    # Loading
+
+    def _install(self, key_set):
+        first = self.key_set is None
+        changed = first or key_set.raw != self.key_set.raw
+        self.key_set = key_set
+        self.loads += 1
+        if changed:
+            self._log.info(
+                "jwks validator: {what} key set with {count} keys",
+                what="loaded the" if first else "loaded a new",
+                count=len(key_set.keys),
+            )
+
+    def _http_client_for(self, ca_pem):
+        """
+        A treq client trusting the certificates in C{ca_pem} (or treq itself,
+        trusting the system's roots, when None).
+        """
+        from twisted.internet import ssl
+        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+
+        if ca_pem is None:
+            return treq
+        blocks = re.findall(
+            rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", ca_pem, re.S
+        )
+        if not blocks:
+            raise ValueError("caCertificate holds no PEM certificate")
+        trust = ssl.trustRootFromCertificates(
+            [ssl.Certificate.loadPEM(block) for block in blocks]
+        )
+        agent = Agent(self._reactor, contextFactory=BrowserLikePolicyForHTTPS(trust))
+        return treq.client.HTTPClient(agent)
+
+    def _ca_pem(self):
+        """
+        In a thread: C{caCertificate}'s PEM (read through the credential
+        reader when it is a path), or None.
+        """
+        ca = self.options.ca_certificate
+        if not ca:
+            return None
+        if "-----BEGIN" in ca:
+            return ca.encode("utf-8")
+        return self._read_file(ca)
+
+    def refresh(self):
+        """
+        Fetch a URL source's key set now (sharing a fetch under way).
+
+        @return: a Deferred firing with True when a key set was installed.
+        """
+        return self._fetch()
+
+    def _fetch_and_reschedule(self):
+        self._call = None
+        if not self.running:
+            return
+        d = self._fetch()
+
+        def done(ok):
+            if not self.running:
+                return
+            periodic = max(
+                PERIODIC_REFRESH_SECONDS, self.options.min_refresh_interval_seconds
+            )
+            if ok:
+                self._retry_seconds = FETCH_RETRY_INITIAL_SECONDS
+                delay = periodic
+            elif self.key_set is None:
+                delay = self._retry_seconds
+                self._retry_seconds = min(self._retry_seconds * 2, FETCH_RETRY_MAX_SECONDS)
+            else:
+                delay = self.options.min_refresh_interval_seconds
+            self._call = self._reactor.callLater(delay, self._fetch_and_reschedule)
+
+        d.addCallback(done)
+
+    def _fetch(self):
+        """
+        Fetch the key set once (concurrent callers share one fetch).
+
+        @return: a Deferred that fires with True when a key set was
+            installed, False otherwise; it never fails.
+        """
+        waiter = defer.Deferred()
+        self._waiters.append(waiter)
+        if self._fetching is not None:
+            return waiter
+        self._last_fetch = self._reactor.seconds()
+        timeout = self.options.request_timeout_seconds
+        if self._http_client is None:
+            d = self._file_work.run(
+                "the jwks caCertificate", CREDENTIAL_READ_TIMEOUT_SECONDS, self._ca_pem
+            )
+            d.addCallback(self._http_client_for)
+
+            def keep(client):
+                self._http_client = client
+                return client
+
+            d.addCallback(keep)
+        else:
+            d = defer.succeed(self._http_client)
+        d.addCallback(
+            lambda client: client.get(self.options.source, timeout=timeout)
+        )
+        d.addCallback(self._read_body)
+        d.addTimeout(timeout, self._reactor)
+        d.addCallback(lambda body: self._install(key_set_from_json(body)) or True)
+
+        def failed(failure):
+            self._log.error(
+                "jwks validator: cannot load the key set from {url}: {error}",
+                url=self.options.source,
+                error=failure.getErrorMessage() or failure.type.__name__,
+            )
+            return False
+
+        d.addErrback(failed)
+
+        done = []
+
+        def finished(result):
+            done.append(True)
+            self._fetching = None
+            waiters, self._waiters = self._waiters, []
+            for each in waiters:
+                each.callback(result)
+
+        d.addBoth(finished)
+        if not done:
+            self._fetching = d
+        return waiter
+
+    @staticmethod
+    def _read_body(response):
+        if response.code != 200:
+            raise ValueError(f"HTTP status {response.code}")
+        length = response.length
+        if isinstance(length, int) and length > MAX_JWKS_BYTES:
+            raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
+        chunks = []
+        size = [0]
+
+        def collect(data):
+            size[0] += len(data)
+            if size[0] > MAX_JWKS_BYTES:
+                raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
+            chunks.append(data)
+
+        return treq.collect(response, collect).addCallback(lambda _: b"".join(chunks))
+
+    def _check_file(self):
+        self._call = None
+        if not self.running:
+            return
+        d = self._file_work.run(
+            self.options.source, CREDENTIAL_READ_TIMEOUT_SECONDS, self._read_if_changed
+        )
+
+        def loaded(result):
+            if result is not None:
+                stamp, key_set = result
+                self._file_stamp = stamp
+                self._install(key_set)
+
+        def failed(failure):
+            self._log.error(
+                "jwks validator: cannot load the key set from {path}; {kept}: {error}",
+                path=self.options.source,
+                kept="keeping the previous one" if self.key_set else "not ready",
+                error=failure.getErrorMessage(),
+            )
+
+        d.addCallbacks(loaded, failed)
+
+        def again(_):
+            if self.running:
+                self._call = self._reactor.callLater(
+                    JWKS_FILE_CHECK_INTERVAL_SECONDS, self._check_file
+                )
+
+        d.addBoth(again)
+
+    def _read_if_changed(self):
+        """
+        In a thread: the file's stamp and key set when it changed since the
+        last load, else None.
+
+        @raise BundleError: when it cannot be read.
+        @raise ValueError: when it is not a usable JWKS.
+        """
+        path = self.options.source
+        try:
+            info = os.stat(path)
+        except OSError as e:
+            raise BundleError(path, f"cannot be read: {e.strerror}") from None
+        stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+        if stamp == self._file_stamp:
+            return None
+        return stamp, key_set_from_json(self._read_file(path))
+
+
+@implementer(IConfigurationSource)
+class JWKSRefusingConfigurationSource:
+    """
+    Kubernetes mode reads the Configuration at start, after the validators
+    are built: this version cannot add a JWKS validator then, so a
+    Configuration that asks for one stops the start rather than being
+    silently ignored.
+
+    @param inner: the L{IConfigurationSource} that reads the Configuration.
+    """
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def resolve(self, config):
+        d = self._inner.resolve(config)
+
+        def check(resolved):
+            for index, entry in enumerate(resolved.mtls.token_validators):
+                if entry.name == "jwks":
+                    raise ConfigError(
+                        f"spec.mtls.tokenValidators[{index}].name",
+                        "the jwks validator runs in standalone mode only in this"
+                        " version of sentry_tx",
+                    )
+            return resolved
+
+        return d.addCallback(check)

@@ -1,0 +1,155 @@
+"""
+Minting JWT-SVIDs into SignCertificate responses (SPEC section 11).
+
+The servicer makes one call, L{JWTMinter.fill}, after the certificate is
+signed.  Audiences are the workload's trust domain then the request's
+C{jwt_audiences}: C{jwt} is one token for all of them and
+C{per_audience_jwts} one token per audience, keyed by it.  Claims: C{sub}
+(the SPIFFE ID), C{aud}, C{iat} now, C{nbf} now minus the allowed clock
+skew, C{exp} now plus C{--jwt-ttl}, a random C{jti}, C{use} C{sig}, and
+C{iss} only when C{--jwt-issuer} is set.
+"""
+
+import secrets
+
+from joserfc import jwt
+
+MAX_JWT_AUDIENCES = 16
+"""
+The most distinct audiences one request may ask for (each costs one
+signature, RSA-2048 by default: more would let one caller buy seconds of
+CPU with one call).
+"""
+
+MAX_JWT_AUDIENCE_BYTES = 1024
+"""
+The longest audience accepted.
+"""
+
+JTI_BYTES = 16
+
+
+class JWTMintingError(Exception):
+    """
+    No JWT could be made (INTERNAL "failed to generate JWT").
+    """
+
+
+class JWTAudienceError(Exception):
+    """
+    The request's C{jwt_audiences} cannot be served (the caller's mistake:
+    INVALID_ARGUMENT with this message).
+    """
+
+
+def audiences_for(trust_domain, requested):
+    """
+    The audiences of a request's tokens: C{trust_domain} first, then the
+    requested ones, each once, in order.
+
+    @raise JWTAudienceError: for an empty or overlong audience, or too many.
+    """
+    audiences = [trust_domain]
+    for audience in requested:
+        if not audience:
+            raise JWTAudienceError("a JWT audience must not be empty")
+        if len(audience.encode("utf-8")) > MAX_JWT_AUDIENCE_BYTES:
+            raise JWTAudienceError(
+                f"a JWT audience is longer than {MAX_JWT_AUDIENCE_BYTES} bytes"
+            )
+        if audience not in audiences:
+            audiences.append(audience)
+    if len(audiences) > MAX_JWT_AUDIENCES:
+        raise JWTAudienceError(
+            f"too many JWT audiences ({len(audiences)}; at most {MAX_JWT_AUDIENCES},"
+            " the trust domain included)"
+        )
+    return audiences
+
+
+class JWTMinter:
+    """
+    Signs JWT-SVIDs with the material in service.
+
+    @ivar material: the L{sentry_tx.jwt.material.JWTMaterial} in service, or
+        None before it is loaded; replaced whole on the reactor thread
+        (L{install}), read once per call.
+    @ivar issuer: C{--jwt-issuer}, or None.
+    @ivar ttl_seconds: C{--jwt-ttl} in seconds.
+    """
+
+    def __init__(self, issuer, ttl_seconds):
+        self.material = None
+        self.issuer = issuer
+        self.ttl_seconds = ttl_seconds
+
+    @property
+    def ready(self):
+        """
+        Whether material is loaded (a readiness source for healthz).
+        """
+        return self.material is not None
+
+    def install(self, material):
+        """
+        Put C{material} in service for every call that starts afterwards.
+        """
+        self.material = material
+
+    def mint(self, material, subject, audiences, now_seconds, clock_skew_seconds):
+        """
+        One signed token.
+
+        @param material: the L{JWTMaterial} to sign with.
+        @param subject: the SPIFFE ID.
+        @param audiences: a list of audiences (C{aud}).
+        @param now_seconds: the current time, POSIX seconds.
+        @param clock_skew_seconds: how far before now C{nbf} is.
+        @rtype: L{str}
+        """
+        now = int(now_seconds)
+        claims = {
+            "sub": subject,
+            "aud": list(audiences),
+            "iat": now,
+            "nbf": now - int(clock_skew_seconds),
+            "exp": now + int(self.ttl_seconds),
+            "jti": secrets.token_hex(JTI_BYTES),
+            "use": "sig",
+        }
+        if self.issuer is not None:
+            claims["iss"] = self.issuer
+        header = {"alg": material.algorithm, "kid": material.key_id, "typ": "JWT"}
+        return jwt.encode(
+            header, claims, material.signing_key, algorithms=[material.algorithm]
+        )
+
+    def fill(self, response, identity, requested_audiences, now_seconds, clock_skew):
+        """
+        Fill C{response.jwt} and C{response.per_audience_jwts} for
+        C{identity}: the servicer's one call after signing.
+
+        @param response: a C{SignCertificateResponse}.
+        @param identity: the validated L{CallerIdentity}.
+        @param requested_audiences: the request's C{jwt_audiences}.
+        @param now_seconds: the current time, POSIX seconds.
+        @param clock_skew: the allowed clock skew, a L{timedelta}.
+        @raise JWTAudienceError: for audiences that cannot be served.
+        @raise JWTMintingError: when no token can be signed.
+        """
+        audiences = audiences_for(identity.trust_domain, requested_audiences)
+        material = self.material
+        if material is None:
+            raise JWTMintingError("JWT signing key is not available")
+        skew_seconds = clock_skew.total_seconds()
+        subject = identity.spiffe_id
+        try:
+            response.jwt.value = self.mint(
+                material, subject, audiences, now_seconds, skew_seconds
+            )
+            for audience in audiences:
+                response.per_audience_jwts[audience].value = self.mint(
+                    material, subject, [audience], now_seconds, skew_seconds
+                )
+        except Exception as e:
+            raise JWTMintingError(f"error signing JWT token: {type(e).__name__}") from e

@@ -1,0 +1,215 @@
+"""
+Where the JWT signing material is kept (standalone mode: two files), and the
+trust store that loads it with the X.509 bundle.
+
+L{FileJWTStore} keeps C{jwt.key} (mode 0600) and C{jwks.json}: when neither
+exists it generates an RSA-2048 pair and writes both, all or nothing, with
+the bundle store's writer; when one exists without the other it refuses to
+start and names the missing one; it never overwrites.  Every read goes
+through L{sentry_tx.ca.store.read_credential}.
+
+L{JWTTrustStore} wraps the X.509 trust store, so that the JWT pair is
+loaded at start and reloaded whenever the issuer watch reloads the bundle:
+a broken pair fails the reload (the authority keeps the old bundle, logs and
+counts the refusal), a good one is put in service.
+"""
+
+import os
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from sentry_tx.ca.files import (
+    CREDENTIAL_GENERATION_TIMEOUT_SECONDS,
+    CREDENTIAL_READ_TIMEOUT_SECONDS,
+    BoundedFileWork,
+)
+from sentry_tx.ca.store import (
+    CERTIFICATE_FILE_MODE,
+    KEY_FILE_MODE,
+    FileTrustStore,
+    read_credential,
+)
+from sentry_tx.errors import BundleError
+from sentry_tx.interfaces import ITrustStore
+from sentry_tx.jwt.material import (
+    RSA_ALGORITHMS,
+    generate_jwt_material,
+    load_jwt_material,
+)
+
+
+def check_generation_algorithm(algorithm, source):
+    """
+    @raise BundleError: when no key may be generated for C{algorithm}
+        (generated keys are RSA keys, as Dapr's).
+    """
+    if algorithm not in RSA_ALGORITHMS:
+        raise BundleError(
+            source,
+            f"missing; sentry_tx generates RSA keys only, which cannot sign with"
+            f" --jwt-signing-algorithm {algorithm} (supply jwt.key and jwks.json,"
+            f" or use an RS*/PS* algorithm)",
+        )
+
+
+class FileJWTStore(FileTrustStore):
+    """
+    The JWT key pair in two files.  It shares the bundle store's file
+    handling (existence checks, the all-or-nothing writer); it is not itself
+    a trust store.
+
+    @ivar watch_directories: the directories of the two files.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self, reactor, key_path, jwks_path, algorithm, key_id, _open=os.open, file_work=None
+    ):
+        self._reactor = reactor
+        self._file_work = file_work if file_work is not None else BoundedFileWork(reactor)
+        self._paths = (key_path, jwks_path)
+        self._algorithm = algorithm
+        self._key_id = key_id
+        self._open = _open
+        directories = []
+        for path in self._paths:
+            directory = os.path.dirname(os.path.abspath(path))
+            if directory not in directories:
+                directories.append(directory)
+        self.watch_directories = tuple(directories)
+
+    def load_or_generate(self, now=None):
+        """
+        L{load_or_generate_sync} in a bounded file thread
+        (L{sentry_tx.ca.files.BoundedFileWork}), never the reactor's pool.
+
+        @return: Deferred firing with a L{JWTMaterial} or failing with
+            L{BundleError}.
+        """
+        return self._file_work.run(
+            "the JWT key pair",
+            CREDENTIAL_GENERATION_TIMEOUT_SECONDS,
+            self.load_or_generate_sync,
+        )
+
+    def load(self, now=None):
+        """
+        L{load_sync} in a bounded file thread.
+        """
+        return self._file_work.run(
+            "the JWT key pair", CREDENTIAL_READ_TIMEOUT_SECONDS, self.load_sync
+        )
+
+    def load_or_generate_sync(self):
+        """
+        Load the pair; generate and write one when neither file exists.
+
+        @raise BundleError: when one file exists without the other, when the
+            pair fails the start checks, or when writing fails.
+        """
+        key_path, jwks_path = self._paths
+        present = [path for path in self._paths if self._exists(path)]
+        if not present:
+            check_generation_algorithm(self._algorithm, key_path)
+            key_pem, jwks_json = generate_jwt_material(self._algorithm, self._key_id)
+            self._write_all(
+                [
+                    (key_path, key_pem, KEY_FILE_MODE),
+                    (jwks_path, jwks_json, CERTIFICATE_FILE_MODE),
+                ]
+            )
+            self._log.info(
+                "generated a new JWT signing key in {key_path} and its JWKS in"
+                " {jwks_path}",
+                key_path=key_path,
+                jwks_path=jwks_path,
+            )
+        elif len(present) == 1:
+            (missing,) = [path for path in self._paths if path not in present]
+            raise BundleError(
+                missing,
+                f"missing, while {present[0]} exists; refusing to generate a new"
+                " JWT key pair, which would overwrite existing credentials"
+                " (supply both files, or remove both to have a new pair"
+                " generated)",
+            )
+        return self.load_sync()
+
+    def load_sync(self):
+        """
+        Read and check both files; never generates.
+
+        @raise BundleError: naming the file that cannot be read or is wrong.
+        """
+        key_path, jwks_path = self._paths
+        key_pem = read_credential(key_path, is_key=True)
+        jwks_json = read_credential(jwks_path)
+        return load_jwt_material(
+            key_pem, jwks_json, self._algorithm, self._key_id, self._paths
+        )
+
+
+@implementer(ITrustStore)
+class JWTTrustStore:
+    """
+    An L{ITrustStore} that loads the X.509 bundle from C{inner} and then the
+    JWT pair from C{jwt_store}, installing the pair in C{minter}.
+
+    @param inner: the X.509 L{ITrustStore}.
+    @param jwt_store: a L{FileJWTStore} or a Kubernetes JWT store: its
+        C{load_or_generate()} and C{load()} return Deferreds of
+        L{JWTMaterial}.
+    @param minter: the L{JWTMinter} the material is installed in.
+    """
+
+    _log = Logger()
+
+    def __init__(self, inner, jwt_store, minter):
+        self._inner = inner
+        self._jwt_store = jwt_store
+        self._minter = minter
+        directories = list(inner.watch_directories)
+        for directory in getattr(jwt_store, "watch_directories", ()):
+            if directory not in directories:
+                directories.append(directory)
+        self.watch_directories = tuple(directories)
+
+    def __getattr__(self, name):
+        # The Kubernetes store's use_config and descriptions pass through.
+        return getattr(self._inner, name)
+
+    @inlineCallbacks
+    def load_or_generate(self, now):
+        bundle = yield self._inner.load_or_generate(now)
+        material = yield self._jwt_store.load_or_generate(now)
+        self._install(material)
+        return bundle
+
+    @inlineCallbacks
+    def load(self, now):
+        bundle = yield self._inner.load(now)
+        material = yield self._jwt_store.load(now)
+        self._install(material)
+        return bundle
+
+    def _install(self, material):
+        previous = self._minter.material
+        self._minter.install(material)
+        if previous is None:
+            self._log.info(
+                "JWT issuing enabled: {algorithm}, kid {key_id}",
+                algorithm=material.algorithm,
+                key_id=material.key_id,
+            )
+        elif (previous.key_pem, previous.jwks_json) != (
+            material.key_pem,
+            material.jwks_json,
+        ):
+            self._log.info(
+                "JWT signing key reloaded: {algorithm}, kid {key_id}",
+                algorithm=material.algorithm,
+                key_id=material.key_id,
+            )

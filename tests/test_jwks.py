@@ -1,0 +1,647 @@
+"""
+Tests for the JWKS validator (L{sentry_tx.identity.jwks}).
+
+Tokens are made with PyJWT (the code verifies with joserfc), and the hostile
+ones (C{alg: none}, HMAC keyed with the RSA public key) are put together by
+hand here, as an attacker would.
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+
+import jwt as pyjwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from treq.testing import StubTreq
+from twisted.internet import defer, reactor, ssl
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from zope.interface.verify import verifyObject
+
+from sentry_tx.config import MTLSConfig, SentryConfig, TokenValidatorConfig
+from sentry_tx.errors import ValidationError
+from sentry_tx.healthz import healthz_root
+from sentry_tx.identity import VALIDATOR_JWKS
+from sentry_tx.identity.jwks import (
+    JWKS_FILE_CHECK_INTERVAL_SECONDS,
+    PERIODIC_REFRESH_SECONDS,
+    JWKSOptions,
+    JWKSValidator,
+)
+from sentry_tx.interfaces import IIdentityValidator
+from sentry_tx.tap import build_validators
+from sentry_tx.testing import (
+    FakeCertificateAuthority,
+    ImmediateReactor,
+    inline_file_work,
+    certificate_pem,
+    make_self_signed_server_certificate,
+    private_key_pem,
+)
+from tests.test_jwt import jwk_member, rsa_key
+from tests.test_servicer import sign_request
+
+NOW = 1_800_000_000
+SENTRY_ID = "spiffe://example.org/ns/dapr-system/dapr-sentry"
+SUBJECT = "spiffe://public/ns/default/myapp"
+
+
+def jwks(*members):
+    return json.dumps({"keys": list(members)})
+
+
+def token(key=None, kid="k1", algorithm="RS256", **claims):
+    """
+    A token signed by PyJWT for myapp in default, audience Sentry.
+    """
+    values = {"sub": SUBJECT, "aud": [SENTRY_ID], "iat": NOW, "exp": NOW + 600}
+    values.update(claims)
+    values = {k: v for k, v in values.items() if v is not None}
+    headers = {"kid": kid} if kid is not None else {}
+    return pyjwt.encode(values, key or rsa_key(), algorithm=algorithm, headers=headers)
+
+
+def _b64(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def forged(header, claims, signature=b""):
+    """
+    A compact JWS put together by hand.
+    """
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    if callable(signature):
+        signature = signature(signing_input.encode("ascii"))
+    return f"{signing_input}.{_b64(signature)}"
+
+
+GOOD_CLAIMS = {"sub": SUBJECT, "aud": [SENTRY_ID], "iat": NOW, "exp": NOW + 600}
+
+
+class ValidationTests(SynchronousTestCase):
+    """
+    Every refusal and the acceptance, with an inline key set.
+    """
+
+    def setUp(self):
+        self.reactor = ImmediateReactor(NOW)
+        self.validator = self.make(
+            jwks(jwk_member(rsa_key(), kid="k1", alg="RS256"), jwk_member(rsa_key(1), kid="k2"))
+        )
+        self.validator.startService()
+        self.addCleanup(self.validator.stopService)
+
+    def make(self, source):
+        return JWKSValidator(
+            self.reactor,
+            JWKSOptions(source=source),
+            SENTRY_ID,
+            file_work=inline_file_work(self.reactor),
+        )
+
+    def identity(self, **fields):
+        return self.successResultOf(self.validator.validate(sign_request(**fields)))
+
+    def refused(self, **fields):
+        failure = self.failureResultOf(
+            self.validator.validate(sign_request(**fields)), ValidationError
+        )
+        return failure.getErrorMessage()
+
+    def test_interface(self):
+        """
+        It is an IIdentityValidator answering to JWKS; an inline source
+        needs no reactor.
+        """
+        verifyObject(IIdentityValidator, self.validator)
+        self.assertEqual(self.validator.name, VALIDATOR_JWKS)
+        self.assertFalse(self.validator.needs_reactor)
+
+    def test_accepts(self):
+        """
+        A token signed by a key of the set, for Sentry, naming the caller,
+        is accepted as the requested identity; any key of the set will do.
+        """
+        identity = self.identity(token=token())
+        self.assertEqual(identity.spiffe_id, SUBJECT)
+        identity = self.identity(token=token(rsa_key(1), kid="k2", algorithm="PS256"))
+        self.assertEqual(identity.spiffe_id, SUBJECT)
+
+    def test_trust_domain(self):
+        """
+        sub must use the requested trust domain.
+        """
+        identity = self.identity(
+            token=token(sub="spiffe://td1/ns/default/myapp"), trust_domain="td1"
+        )
+        self.assertEqual(identity.trust_domain, "td1")
+        self.assertIn("token validation failed", self.refused(token=token(), trust_domain="td1"))
+
+    def test_no_token(self):
+        """
+        No token comes first.
+        """
+        self.assertEqual(self.refused(token="", id=""), "the request does not contain a token")
+
+    def test_not_ready(self):
+        """
+        Before the key set loads: "jwks validator not ready", before the
+        common rules.
+        """
+        validator = self.make(jwks(jwk_member(rsa_key(), kid="k1")))
+        self.assertFalse(validator.ready)
+        failure = self.failureResultOf(
+            validator.validate(sign_request(token=token(), id="")), ValidationError
+        )
+        self.assertEqual(failure.getErrorMessage(), "jwks validator not ready")
+
+    def test_common_rules(self):
+        """
+        The common rules come before the token.
+        """
+        self.assertIn("parameter app-id cannot be empty", self.refused(token="x", id=""))
+
+    def test_refusals(self):
+        """
+        Tokens that do not verify, are for another audience or subject, are
+        out of time, lack exp or a kid, or name an unknown kid are refused
+        with "token validation failed: ...".
+        """
+        other = rsa_key(2)
+        cases = {
+            "wrong key": token(other),
+            "wrong audience": token(aud=["spiffe://example.org/ns/x/other"]),
+            "no audience": token(aud=None),
+            "wrong subject": token(sub="spiffe://public/ns/default/other"),
+            "no subject": token(sub=None),
+            "expired": token(exp=NOW - 301),
+            "not yet valid": token(nbf=NOW + 301),
+            "issued in the future": token(iat=NOW + 301),
+            "no exp": token(exp=None),
+            "no kid": token(kid=None),
+            "unknown kid": token(kid="k9"),
+            "algorithm not the key's": token(algorithm="PS256"),
+            "not a JWT": "a.b.c",
+            "garbage": "x" * 40,
+        }
+        for why, value in cases.items():
+            message = self.refused(token=value)
+            self.assertTrue(
+                message.startswith("token validation failed: "), f"{why}: {message}"
+            )
+
+    def test_leeway(self):
+        """
+        exp, nbf and iat have five minutes of leeway.
+        """
+        self.identity(token=token(exp=NOW - 299, nbf=NOW + 299, iat=NOW + 299))
+
+    def test_alg_none_refused(self):
+        """
+        An unsigned token (alg none) naming a known kid is refused.
+        """
+        value = forged({"alg": "none", "kid": "k1", "typ": "JWT"}, GOOD_CLAIMS)
+        self.assertIn("token validation failed", self.refused(token=value))
+        value = pyjwt.encode(GOOD_CLAIMS, None, algorithm="none", headers={"kid": "k1"})
+        self.assertIn("token validation failed", self.refused(token=value))
+
+    def test_hmac_with_public_key_refused(self):
+        """
+        An HS256 token keyed with the RSA public key (PEM, or the JWK's n) is
+        refused: the algorithm comes from the key, never from the token.
+        """
+        public_pem = rsa_key().public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        for secret in (public_pem, jwk_member(rsa_key())["n"].encode()):
+            value = forged(
+                {"alg": "HS256", "kid": "k1", "typ": "JWT"},
+                GOOD_CLAIMS,
+                lambda data, secret=secret: hmac.new(secret, data, hashlib.sha256).digest(),
+            )
+            self.assertIn("token validation failed", self.refused(token=value))
+
+    def test_base64_source(self):
+        """
+        The JWKS may be given base64-encoded.
+        """
+        source = base64.b64encode(jwks(jwk_member(rsa_key(), kid="k1")).encode()).decode()
+        validator = self.make(source)
+        validator.startService()
+        self.addCleanup(validator.stopService)
+        self.assertTrue(validator.ready)
+        self.successResultOf(validator.validate(sign_request(token=token())))
+
+    def test_ec_key(self):
+        """
+        An ES256 key of the set verifies ES256 tokens, and only those.
+        """
+        key = ec.generate_private_key(ec.SECP256R1())
+        validator = self.make(jwks(jwk_member(key, kid="e")))
+        validator.startService()
+        self.addCleanup(validator.stopService)
+        self.successResultOf(
+            validator.validate(sign_request(token=token(key, kid="e", algorithm="ES256")))
+        )
+        self.failureResultOf(
+            validator.validate(sign_request(token=token(kid="e"))), ValidationError
+        )
+
+
+class FileSourceTests(SynchronousTestCase):
+    """
+    A file source is read through the credential reader and watched.
+    """
+
+    def setUp(self):
+        self.reactor = ImmediateReactor(NOW)
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.path = os.path.abspath(os.path.join(directory, "jwks.json"))
+        self.validator = JWKSValidator(
+            self.reactor,
+            JWKSOptions(source=self.path),
+            SENTRY_ID,
+            file_work=inline_file_work(self.reactor),
+        )
+        self.addCleanup(self.validator.stopService)
+
+    def write(self, text):
+        with open(self.path + ".new", "w") as f:
+            f.write(text)
+        os.replace(self.path + ".new", self.path)
+
+    def accepts(self, value):
+        return self.validator.validate(sign_request(token=value))
+
+    def test_missing_then_present(self):
+        """
+        Not ready while the file is missing; ready once it appears.
+        """
+        self.validator.startService()
+        self.assertFalse(self.validator.ready)
+        self.flushLoggedErrors()
+        self.write(jwks(jwk_member(rsa_key(), kid="k1")))
+        self.reactor.advance(JWKS_FILE_CHECK_INTERVAL_SECONDS)
+        self.assertTrue(self.validator.ready)
+        self.successResultOf(self.accepts(token()))
+
+    def test_rotation(self):
+        """
+        A changed file is used without a restart; a broken one is refused
+        and the previous key set stays in service.
+        """
+        self.write(jwks(jwk_member(rsa_key(), kid="k1")))
+        self.validator.startService()
+        self.successResultOf(self.accepts(token()))
+        self.write(jwks(jwk_member(rsa_key(1), kid="k2")))
+        self.reactor.advance(JWKS_FILE_CHECK_INTERVAL_SECONDS)
+        self.failureResultOf(self.accepts(token()), ValidationError)
+        self.successResultOf(self.accepts(token(rsa_key(1), kid="k2")))
+        self.write("{broken")
+        self.reactor.advance(JWKS_FILE_CHECK_INTERVAL_SECONDS)
+        self.successResultOf(self.accepts(token(rsa_key(1), kid="k2")))
+        self.assertEqual(self.validator.loads, 2)
+
+    def test_unknown_kid_no_refetch(self):
+        """
+        With a file source an unknown kid is refused at once, without a read.
+        """
+        self.write(jwks(jwk_member(rsa_key(), kid="k1")))
+        self.validator.startService()
+        self.assertFalse(self.validator.needs_reactor)
+        failure = self.failureResultOf(self.accepts(token(kid="k9")), ValidationError)
+        self.assertIn("no key with kid 'k9'", failure.getErrorMessage())
+        self.assertEqual(self.validator.loads, 1)
+
+    def test_healthz(self):
+        """
+        healthz is 503 until the key set has loaded.
+        """
+        from treq.testing import StubTreq
+
+        authority = FakeCertificateAuthority()
+        authority.ready = True
+        client = StubTreq(healthz_root(authority, self.validator))
+        self.validator.startService()
+        self.flushLoggedErrors()
+        response = self.successResultOf(client.get("http://h/healthz"))
+        self.assertEqual(response.code, 503)
+        self.write(jwks(jwk_member(rsa_key(), kid="k1")))
+        self.reactor.advance(JWKS_FILE_CHECK_INTERVAL_SECONDS)
+        response = self.successResultOf(client.get("http://h/healthz"))
+        self.assertEqual(response.code, 200)
+
+
+class _JWKSResource(Resource):
+    isLeaf = True
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+        self.code = 200
+        self.requests = 0
+
+    def render_GET(self, request):
+        self.requests += 1
+        request.setResponseCode(self.code)
+        return self.body.encode()
+
+
+class URLSourceTests(SynchronousTestCase):
+    """
+    A URL source is fetched with a treq client, refreshed on an unknown kid
+    at most every minRefreshInterval.
+    """
+
+    def setUp(self):
+        self.reactor = ImmediateReactor(NOW)
+        self.server = _JWKSResource(jwks(jwk_member(rsa_key(), kid="k1")))
+        self.validator = JWKSValidator(
+            self.reactor,
+            JWKSOptions(source="https://idp.example.org/jwks", min_refresh_interval_seconds=60),
+            SENTRY_ID,
+            http_client=StubTreq(self.server),
+        )
+        self.addCleanup(self.validator.stopService)
+
+    def validate(self, value):
+        return self.validator.validate(sign_request(token=value))
+
+    def test_fetched_at_start(self):
+        """
+        It needs the reactor, fetches at start and is then ready.
+        """
+        self.assertTrue(self.validator.needs_reactor)
+        self.validator.startService()
+        self.assertTrue(self.validator.ready)
+        self.successResultOf(self.validate(token()))
+
+    def test_retry_until_loaded(self):
+        """
+        A failed first fetch is retried (backing off) until it succeeds;
+        meanwhile it is not ready.
+        """
+        self.server.code = 500
+        self.validator.startService()
+        self.assertFalse(self.validator.ready)
+        self.reactor.advance(1)
+        self.reactor.advance(2)
+        self.assertEqual(self.server.requests, 3)
+        self.server.code = 200
+        self.reactor.advance(4)
+        self.assertTrue(self.validator.ready)
+        self.flushLoggedErrors()
+
+    def test_unknown_kid_refresh_bounded(self):
+        """
+        An unknown kid refetches the set and is accepted when the new set
+        has it, but at most once per minRefreshInterval; without tokens the
+        set is refetched every PERIODIC_REFRESH_SECONDS.
+        """
+        self.validator.startService()
+        self.server.body = jwks(jwk_member(rsa_key(), kid="k1"), jwk_member(rsa_key(1), kid="k2"))
+        failure = self.failureResultOf(self.validate(token(rsa_key(1), kid="k2")), ValidationError)
+        self.assertIn("no key with kid 'k2'", failure.getErrorMessage())
+        self.assertEqual(self.server.requests, 1)
+        self.reactor.advance(60)
+        self.assertEqual(self.server.requests, 1)
+        self.successResultOf(self.validate(token(rsa_key(1), kid="k2")))
+        self.assertEqual(self.server.requests, 2)
+        self.failureResultOf(self.validate(token(kid="k3")), ValidationError)
+        self.assertEqual(self.server.requests, 2)
+        self.reactor.advance(PERIODIC_REFRESH_SECONDS - 60)
+        self.assertEqual(self.server.requests, 3)
+
+    def test_refresh_wait_bounded_by_deadline(self):
+        """
+        A refetch that hangs makes the call wait only until its deadline,
+        then the unknown kid is refused; the fetch itself ends at
+        requestTimeout.
+        """
+        hanging = _HangingClient()
+        validator = JWKSValidator(
+            self.reactor,
+            JWKSOptions(source="https://idp/jwks", request_timeout_seconds=30),
+            SENTRY_ID,
+            http_client=hanging,
+        )
+        validator.key_set = self.validator_key_set()
+        validator.startService()
+        self.addCleanup(validator.stopService)
+        self.reactor.advance(30)  # the first fetch times out
+        self.flushLoggedErrors()
+        self.reactor.advance(600)
+        d = validator.validate(sign_request(token=token(kid="k9")), NOW + 632)
+        self.assertNoResult(d)
+        self.reactor.advance(2)
+        failure = self.failureResultOf(d, ValidationError)
+        self.assertIn("no key with kid 'k9'", failure.getErrorMessage())
+        self.assertEqual(len(hanging.calls), 2)
+        self.reactor.advance(28)
+        self.flushLoggedErrors()
+
+    def validator_key_set(self):
+        from sentry_tx.identity.jwks import key_set_from_json
+
+        return key_set_from_json(jwks(jwk_member(rsa_key(), kid="k1")).encode())
+
+
+class _HangingClient:
+    """
+    An HTTP client whose requests never answer.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def get(self, url, timeout=None):
+        self.calls.append(url)
+        return defer.Deferred()
+
+
+class HTTPSTests(TestCase):
+    """
+    A real HTTPS fetch on 127.0.0.1, verified against caCertificate.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_https_with_ca(self):
+        """
+        With caCertificate as PEM text, the key set is fetched from a server
+        whose certificate that CA vouches for.
+        """
+        yield self.fetch_with_ca(as_path=False)
+
+    @defer.inlineCallbacks
+    def test_https_with_ca_path(self):
+        """
+        caCertificate may be a path to the PEM file.
+        """
+        yield self.fetch_with_ca(as_path=True)
+
+    @defer.inlineCallbacks
+    def fetch_with_ca(self, as_path):
+        from twisted.web.server import Site
+
+        certificate, key = make_self_signed_server_certificate()
+        options = ssl.PrivateCertificate.loadPEM(
+            certificate_pem(certificate) + private_key_pem(key)
+        ).options()
+        resource = _JWKSResource(jwks(jwk_member(rsa_key(), kid="k1")))
+        port = reactor.listenSSL(0, Site(resource), options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        validator = JWKSValidator(
+            reactor,
+            JWKSOptions(
+                source=f"https://127.0.0.1:{port.getHost().port}/jwks.json",
+                ca_certificate=self.ca_option(certificate_pem(certificate), as_path),
+                request_timeout_seconds=5,
+            ),
+            SENTRY_ID,
+        )
+        validator.startService()
+        self.addCleanup(validator.stopService)
+        loaded = yield validator.refresh()
+        self.assertTrue(loaded)
+        self.assertTrue(validator.ready)
+
+    def ca_option(self, pem, as_path):
+        if not as_path:
+            return pem.decode()
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(pem)
+        return path
+
+    @defer.inlineCallbacks
+    def test_untrusted_server(self):
+        """
+        Without the CA, a self-signed server is not trusted: nothing loads.
+        """
+        from twisted.web.server import Site
+
+        certificate, key = make_self_signed_server_certificate()
+        options = ssl.PrivateCertificate.loadPEM(
+            certificate_pem(certificate) + private_key_pem(key)
+        ).options()
+        port = reactor.listenSSL(
+            0, Site(_JWKSResource(jwks(jwk_member(rsa_key(), kid="k1")))), options,
+            interface="127.0.0.1",
+        )
+        self.addCleanup(port.stopListening)
+        validator = JWKSValidator(
+            reactor,
+            JWKSOptions(
+                source=f"https://127.0.0.1:{port.getHost().port}/jwks.json",
+                request_timeout_seconds=5,
+            ),
+            SENTRY_ID,
+        )
+        validator.startService()
+        self.addCleanup(validator.stopService)
+        loaded = yield validator.refresh()
+        self.assertFalse(loaded)
+        self.assertFalse(validator.ready)
+        self.flushLoggedErrors()
+
+
+class BuildValidatorsTests(SynchronousTestCase):
+    """
+    Standalone with jwks configured: JWKS only, no default validator.
+    """
+
+    def test_jwks_only(self):
+        """
+        The JWKS validator replaces INSECURE and there is no default.
+        """
+        config = SentryConfig(
+            trust_domain="example.org",
+            namespace="dapr-system",
+            mtls=MTLSConfig(
+                token_validators=(
+                    TokenValidatorConfig("jwks", (("source", "https://x/jwks"),)),
+                )
+            ),
+        )
+        validators, default = build_validators(config, ImmediateReactor())
+        self.assertEqual(list(validators), [VALIDATOR_JWKS])
+        self.assertIsNone(default)
+        self.assertEqual(validators[VALIDATOR_JWKS]._sentry_audience, SENTRY_ID)
+
+    def test_insecure_default(self):
+        """
+        Without jwks, INSECURE is the default.
+        """
+        validators, default = build_validators(SentryConfig(), ImmediateReactor())
+        self.assertEqual(default, 1)
+        self.assertEqual(list(validators), [1])
+
+
+class KubernetesModeTests(SynchronousTestCase):
+    """
+    In kubernetes mode a Configuration asking for jwks stops the start.
+    """
+
+    def test_refused(self):
+        """
+        The resolved Configuration with a jwks entry fails with a
+        ConfigError naming it; one without passes through unchanged.
+        """
+        from zope.interface import implementer
+
+        from sentry_tx.errors import ConfigError
+        from sentry_tx.identity.jwks import JWKSRefusingConfigurationSource
+        from sentry_tx.interfaces import IConfigurationSource
+
+        @implementer(IConfigurationSource)
+        class Fixed:
+            def __init__(self, config):
+                self.config = config
+
+            def resolve(self, config):
+                return defer.succeed(self.config)
+
+        with_jwks = SentryConfig(
+            mtls=MTLSConfig(
+                token_validators=(TokenValidatorConfig("jwks", (("source", "https://x"),)),)
+            )
+        )
+        source = JWKSRefusingConfigurationSource(Fixed(with_jwks))
+        verifyObject(IConfigurationSource, source)
+        failure = self.failureResultOf(source.resolve(SentryConfig()), ConfigError)
+        self.assertEqual(failure.value.field, "spec.mtls.tokenValidators[0].name")
+        plain = SentryConfig(trust_domain="x.org")
+        self.assertIs(
+            self.successResultOf(JWKSRefusingConfigurationSource(Fixed(plain)).resolve(plain)),
+            plain,
+        )
+
+
+class WorkerValidatorsTests(SynchronousTestCase):
+    """
+    Worker processes build the JWKS validator and start it as a service.
+    """
+
+    def test_worker_service(self):
+        """
+        The worker's ValidatorSet has the JWKS validator, no default, and
+        the validator as the service the worker starts and stops.
+        """
+        from sentry_tx.server.worker import build_validators as worker_validators
+
+        config = SentryConfig(
+            mtls=MTLSConfig(
+                token_validators=(
+                    TokenValidatorConfig("jwks", (("source", "/etc/jwks.json"),)),
+                )
+            ),
+        )
+        chosen = worker_validators(config, ImmediateReactor(), {})
+        self.assertIsNone(chosen.default_validator)
+        self.assertIs(chosen.service, chosen.validators[VALIDATOR_JWKS])
