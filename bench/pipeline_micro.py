@@ -1,0 +1,237 @@
+"""
+Micro-benchmark of the signing pipeline, step by step, in one process.
+
+    .venv/bin/python bench/pipeline_micro.py            # about 40 s
+    .venv/bin/python bench/pipeline_micro.py --quick    # about 15 s
+
+Two kinds of figures, each the median over several repeats of the mean
+time per call (microseconds):
+
+- "tree": the functions of the checked-out tree (``parse_csr``,
+  ``build_leaf``, ``issue_workload_certificate`` and the two together).
+  Run it on two commits to compare them.
+- "ref": each step's two ways side by side, whatever the tree holds: PEM
+  parsing (the bundle module's PEM reader + ``load_der_x509_csr`` against
+  ``load_pem_x509_csr``), the CSR signature check (``is_signature_valid``
+  against the public key's ``verify``) and building the leaf (the
+  ``CertificateBuilder`` method chain against its constructor).
+
+It prints the machine, the versions and the commit measured. The machine is
+shared: compare figures taken in the same run, or medians of several runs.
+"""
+
+import argparse
+import datetime
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding  # noqa: E402
+
+from sentry_tx.ca import x509profile  # noqa: E402
+from sentry_tx.ca.authority import issue_workload_certificate  # noqa: E402
+from sentry_tx.ca.bundle import iter_pem_blocks  # noqa: E402
+from sentry_tx.ca.csr import parse_csr  # noqa: E402
+from sentry_tx.config import MTLSConfig  # noqa: E402
+from sentry_tx.identity import CallerIdentity  # noqa: E402
+from sentry_tx.testing import make_bundle, make_csr  # noqa: E402
+
+
+def _bench_run_module():
+    # bench/run.py is a script, not a package module: load it by path for
+    # its machine and commit description.
+    spec = importlib.util.spec_from_file_location(
+        "_sentry_bench_run", os.path.join(HERE, "run.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure(function, repeats, seconds_per_repeat):
+    """
+    The median over C{repeats} of the mean microseconds per call of
+    C{function}, each repeat running for about C{seconds_per_repeat}.
+    """
+    # Calibrate the number of calls per repeat on a short warm-up.
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.05:
+        function()
+        calls += 1
+    per_call = (time.perf_counter() - start) / calls
+    number = max(1, int(seconds_per_repeat / per_call))
+    results = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            function()
+        results.append((time.perf_counter() - start) / number * 1e6)
+    return statistics.median(results)
+
+
+def _old_pem(data):
+    block = next(iter_pem_blocks(data, strict=False))
+    return x509.load_der_x509_csr(block.der)
+
+
+def _verify(csr, key):
+    # The key is loaded once by the caller: parse_csr loads it either way.
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        key.verify(
+            csr.signature,
+            csr.tbs_certrequest_bytes,
+            ec.ECDSA(csr.signature_hash_algorithm),
+        )
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        key.verify(csr.signature, csr.tbs_certrequest_bytes)
+    else:
+        key.verify(
+            csr.signature,
+            csr.tbs_certrequest_bytes,
+            padding.PKCS1v15(),
+            csr.signature_hash_algorithm,
+        )
+
+
+def _leaf_arguments(bundle, public_key, now):
+    names = x509.SubjectAlternativeName(
+        [x509.UniformResourceIdentifier("spiffe://public/ns/default/myapp")]
+    )
+    return names, now - datetime.timedelta(minutes=15), now + datetime.timedelta(hours=24)
+
+
+def _chain_builder(bundle, public_key, now):
+    names, not_before, not_after = _leaf_arguments(bundle, public_key, now)
+    return (
+        x509.CertificateBuilder()
+        .issuer_name(bundle.issuer_name)
+        .subject_name(x509.Name([]))
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(names, critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+            critical=False,
+        )
+        .add_extension(bundle.authority_key_identifier, critical=False)
+    )
+
+
+def _constructor_builder(bundle, public_key, now, fixed):
+    names, not_before, not_after = _leaf_arguments(bundle, public_key, now)
+    return x509.CertificateBuilder(
+        bundle.issuer_name,
+        fixed[0],
+        public_key,
+        x509.random_serial_number(),
+        not_before.replace(tzinfo=None),
+        not_after.replace(tzinfo=None),
+        [x509.Extension(names.oid, True, names), *fixed[1]],
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
+    args = parser.parse_args(argv)
+    repeats, seconds = (5, 0.1) if args.quick else (7, 0.25)
+
+    run = _bench_run_module()
+    print(f"machine: {run.machine_description()}")
+    print(f"commit:  {run.git_commit()}")
+    print(f"method:  median of {repeats} repeats of ~{seconds} s each, us per call")
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    bundle = make_bundle(now=now)
+    mtls = MTLSConfig()
+    identity = CallerIdentity("public", "default", "myapp")
+    csrs = {kind: make_csr(kind)[1] for kind in ("ecdsa-p256", "ed25519", "rsa-2048")}
+    csr_pem = csrs["ecdsa-p256"]
+    public_key = parse_csr(csr_pem)
+    not_before, not_after = x509profile.leaf_validity(
+        now, mtls.workload_cert_ttl, mtls.allowed_clock_skew, bundle.chain_not_after
+    )
+
+    rows = []
+
+    def row(kind, step, function):
+        figure = measure(function, repeats, seconds)
+        rows.append((kind, step, figure))
+        print(f"  {kind:4} {step:58} {figure:9.1f}")
+
+    print("tree (this commit's code), ECDSA P-256 caller, ECDSA P-256 issuer:")
+    row("tree", "parse_csr (PEM + signature + key check)", lambda: parse_csr(csr_pem))
+    for kind in ("ed25519", "rsa-2048"):
+        pem = csrs[kind]
+        row("tree", f"parse_csr, {kind} caller", lambda pem=pem: parse_csr(pem))
+    row(
+        "tree",
+        "build_leaf (build + sign)",
+        lambda: x509profile.build_leaf(
+            bundle, public_key, identity.spiffe_id, [], not_before, not_after
+        ),
+    )
+    row(
+        "tree",
+        "issue_workload_certificate (build + sign + PEM)",
+        lambda: issue_workload_certificate(
+            bundle, identity, public_key, now, mtls, "default"
+        ),
+    )
+    row(
+        "tree",
+        "pipeline: parse_csr + issue_workload_certificate",
+        lambda: issue_workload_certificate(
+            bundle, identity, parse_csr(csr_pem), now, mtls, "default"
+        ),
+    )
+
+    print("ref (both ways of each step, same run):")
+    row("ref", "PEM: iter_pem_blocks + load_der_x509_csr", lambda: _old_pem(csr_pem))
+    row("ref", "PEM: load_pem_x509_csr", lambda: x509.load_pem_x509_csr(csr_pem))
+    for kind, pem in csrs.items():
+        csr = x509.load_pem_x509_csr(pem)
+        row("ref", f"signature {kind}: is_signature_valid",
+            lambda csr=csr: csr.is_signature_valid)
+        key = csr.public_key()
+        row("ref", f"signature {kind}: public_key().verify",
+            lambda csr=csr, key=key: _verify(csr, key))
+    fixed = (
+        x509.Name([]),
+        [
+            x509.Extension(
+                x509.BasicConstraints.oid, True, x509.BasicConstraints(ca=False, path_length=None)
+            ),
+            x509.Extension(
+                x509.ExtendedKeyUsage.oid,
+                False,
+                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+            ),
+            x509.Extension(
+                bundle.authority_key_identifier.oid, False, bundle.authority_key_identifier
+            ),
+        ],
+    )
+    row("ref", "builder: method chain (no sign)",
+        lambda: _chain_builder(bundle, public_key, now))
+    row("ref", "builder: constructor, extensions prepared (no sign)",
+        lambda: _constructor_builder(bundle, public_key, now, fixed))
+    row("ref", "sign (ECDSA P-256 issuer)",
+        lambda: _constructor_builder(bundle, public_key, now, fixed).sign(
+            bundle.issuer_key, bundle.signature_hash
+        ))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
