@@ -3,6 +3,7 @@ Micro-benchmark of the signing pipeline, step by step, in one process.
 
     .venv/bin/python bench/pipeline_micro.py            # about 40 s
     .venv/bin/python bench/pipeline_micro.py --quick    # about 15 s
+    .venv/bin/python bench/pipeline_micro.py --base 21bcbc4   # and A/B
 
 Two kinds of figures, each the median over several repeats of the mean
 CPU time per call (microseconds of this process's CPU time, so that other
@@ -17,16 +18,29 @@ work on a shared machine counts less than in wall time):
   against the public key's ``verify``) and building the leaf (the
   ``CertificateBuilder`` method chain against its constructor).
 
+- "A/B" (with ``--base REV``): the tree's ``parse_csr``,
+  ``issue_workload_certificate`` and both together against the same
+  functions at commit REV (extracted with ``git archive`` into a temporary
+  package ``sentry_tx_base``), in short turns, alternately, in this one
+  process: the fairest before/after on a busy machine.
+
 It prints the machine, the versions and the commit measured. The machine is
 shared: compare figures taken in the same run, or medians of several runs.
 """
 
 import argparse
 import datetime
+import importlib
 import importlib.util
+import io
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -142,9 +156,99 @@ def _constructor_builder(bundle, public_key, now, fixed):
     )
 
 
+def _base_package(revision, directory):
+    """
+    Extract C{sentry_tx/} at C{revision} into C{directory} as the package
+    C{sentry_tx_base} (its own imports renamed), and put it on the path.
+    """
+    archive = subprocess.run(
+        ["git", "archive", revision, "sentry_tx"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        try:
+            tar.extractall(directory, filter="data")
+        except TypeError:
+            # Python before 3.11.4 has no filter; the archive is our own.
+            tar.extractall(directory)
+    package = os.path.join(directory, "sentry_tx_base")
+    os.rename(os.path.join(directory, "sentry_tx"), package)
+    pattern = re.compile(r"\bsentry_tx\b(?=[. ])")
+    for folder, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(pattern.sub("sentry_tx_base", text))
+    sys.path.insert(0, directory)
+
+
+def compare_with(revision, bundle, identity, mtls, csr_pem, now, turns, calls):
+    """
+    Print the A/B rows: this tree against C{revision}, alternately.
+    """
+    directory = tempfile.mkdtemp(prefix="pipeline-base-")
+    try:
+        _base_package(revision, directory)
+        base_csr = importlib.import_module("sentry_tx_base.ca.csr")
+        base_authority = importlib.import_module("sentry_tx_base.ca.authority")
+        base_bundle_module = importlib.import_module("sentry_tx_base.ca.bundle")
+    finally:
+        shutil.rmtree(directory)
+    base_bundle = base_bundle_module.TrustBundle.from_certificates(
+        bundle.anchors, bundle.issuer_chain, bundle.issuer_key
+    )
+    public_key = parse_csr(csr_pem)
+    cases = {
+        "parse_csr": (
+            lambda: base_csr.parse_csr(csr_pem),
+            lambda: parse_csr(csr_pem),
+        ),
+        "issue_workload_certificate": (
+            lambda: base_authority.issue_workload_certificate(
+                base_bundle, identity, public_key, now, mtls, "default"
+            ),
+            lambda: issue_workload_certificate(
+                bundle, identity, public_key, now, mtls, "default"
+            ),
+        ),
+        "pipeline (both)": (
+            lambda: base_authority.issue_workload_certificate(
+                base_bundle, identity, base_csr.parse_csr(csr_pem), now, mtls, "default"
+            ),
+            lambda: issue_workload_certificate(
+                bundle, identity, parse_csr(csr_pem), now, mtls, "default"
+            ),
+        ),
+    }
+
+    def turn(function):
+        start = time.process_time()
+        for _ in range(calls):
+            function()
+        return (time.process_time() - start) / calls * 1e6
+
+    print(f"A/B against {revision} ({turns} alternating turns of {calls} calls):")
+    for name, (base, head) in cases.items():
+        base_times, head_times = [], []
+        for _ in range(turns):
+            base_times.append(turn(base))
+            head_times.append(turn(head))
+        before = statistics.median(base_times)
+        after = statistics.median(head_times)
+        print(
+            f"  A/B  {name:28} {before:9.1f} -> {after:7.1f}"
+            f"  ({(after - before) / before * 100:+.1f} %)"
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
+    parser.add_argument("--base", metavar="REV",
+                        help="also compare with the pipeline at commit REV")
     args = parser.parse_args(argv)
     repeats, seconds = (5, 0.1) if args.quick else (7, 0.25)
 
@@ -232,6 +336,11 @@ def main(argv=None):
         lambda: _constructor_builder(bundle, public_key, now, fixed).sign(
             bundle.issuer_key, bundle.signature_hash
         ))
+    if args.base:
+        compare_with(
+            args.base, bundle, identity, mtls, csr_pem, now,
+            turns=9 if args.quick else 25, calls=100 if args.quick else 200,
+        )
     return rows
 
 
