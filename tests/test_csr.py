@@ -6,11 +6,12 @@ import base64
 import os
 import random
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from twisted.trial.unittest import SynchronousTestCase
 
-from sentry_tx.ca.csr import parse_csr
+from sentry_tx.ca.csr import is_canonical_csr_pem, is_signature_valid, parse_csr
 from sentry_tx.errors import CSRError
 from sentry_tx.testing import make_csr, make_private_key, pem_encode
 
@@ -213,3 +214,261 @@ class FuzzTests(SynchronousTestCase):
         """Bytes from the OS random source are refused with CSRError."""
         for _ in range(50):
             self._only_csr_error(os.urandom(256))
+
+
+def _der_length(length):
+    """
+    The DER encoding of a length.
+    """
+    if length < 0x80:
+        return bytes([length])
+    octets = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(octets)]) + octets
+
+
+def _der_elements(der):
+    """
+    The raw elements (tag, length and value) inside one DER SEQUENCE.
+    """
+    assert der[0] == 0x30
+    if der[1] < 0x80:
+        position = 2
+    else:
+        position = 2 + (der[1] & 0x7F)
+    elements = []
+    while position < len(der):
+        if der[position + 1] < 0x80:
+            header, length = 2, der[position + 1]
+        else:
+            count = der[position + 1] & 0x7F
+            header = 2 + count
+            length = int.from_bytes(der[position + 2 : position + 2 + count], "big")
+        elements.append(der[position : position + header + length])
+        position += header + length
+    return elements
+
+
+_ALGORITHM_IDENTIFIERS = {
+    "ecdsa-with-SHA256": bytes.fromhex("300a06082a8648ce3d040302"),
+    "sha256WithRSAEncryption": bytes.fromhex("300d06092a864886f70d01010b0500"),
+    "ed25519": bytes.fromhex("300506032b6570"),
+}
+
+
+def _with_signature_algorithm(pem, algorithm):
+    """
+    The CSR C{pem} with its signature algorithm identifier replaced by
+    C{algorithm} (a name of L{_ALGORITHM_IDENTIFIERS}); the signature bytes
+    are kept.
+    """
+    tbs, _, signature = _der_elements(_der(pem))
+    body = tbs + _ALGORITHM_IDENTIFIERS[algorithm] + signature
+    return pem_encode("CERTIFICATE REQUEST", b"\x30" + _der_length(len(body)) + body)
+
+
+def _signed_csr(key, hash_algorithm, **sign_options):
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hash_algorithm, **sign_options)
+    )
+    return pem_encode("CERTIFICATE REQUEST", csr.public_bytes(serialization.Encoding.DER))
+
+
+def _corrupt(pem):
+    der = _der(pem)
+    return pem_encode("CERTIFICATE REQUEST", der[:-1] + bytes([der[-1] ^ 0x01]))
+
+
+class SignatureAlgorithmTests(SynchronousTestCase):
+    """
+    The signature check reads the algorithm and its parameters from the CSR,
+    and agrees with C{is_signature_valid} on every pairing of key and
+    algorithm.
+    """
+
+    def setUp(self):
+        self.rsa_key = make_private_key("rsa-2048")
+
+    def assertAgreesWithCryptography(self, pem, valid):
+        """
+        Assert that L{is_signature_valid} and C{is_signature_valid} both
+        say C{valid} for C{pem}, and that L{parse_csr} accepts or refuses
+        it accordingly.
+        """
+        csr = x509.load_pem_x509_csr(pem)
+        self.assertEqual(csr.is_signature_valid, valid)
+        self.assertEqual(is_signature_valid(csr, csr.public_key()), valid)
+        if valid:
+            self.assertEqual(
+                _public_der(parse_csr(pem)), _public_der(csr.public_key())
+            )
+        else:
+            error = self.assertRaises(CSRError, parse_csr, pem)
+            self.assertEqual(str(error), "invalid signature")
+
+    def test_rsa_pss(self):
+        """An RSA-PSS CSR (MGF1 with the signature's hash) verifies with PSS."""
+        pem = _signed_csr(
+            self.rsa_key,
+            hashes.SHA256(),
+            rsa_padding=padding.PSS(
+                mgf=padding.MGF1(hashes.SHA256()),
+                salt_length=padding.PSS.DIGEST_LENGTH,
+            ),
+        )
+        self.assertAgreesWithCryptography(pem, True)
+
+    def test_rsa_pss_other_parameters(self):
+        """An RSA-PSS CSR with another MGF1 hash and salt length verifies with them."""
+        pem = _signed_csr(
+            self.rsa_key,
+            hashes.SHA256(),
+            rsa_padding=padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=20),
+        )
+        self.assertAgreesWithCryptography(pem, True)
+
+    def test_rsa_pss_bad_signature(self):
+        """An RSA-PSS CSR whose signature does not verify is refused."""
+        pem = _signed_csr(
+            self.rsa_key,
+            hashes.SHA256(),
+            rsa_padding=padding.PSS(
+                mgf=padding.MGF1(hashes.SHA256()), salt_length=32
+            ),
+        )
+        self.assertAgreesWithCryptography(_corrupt(pem), False)
+
+    def test_rsa_pkcs1_hashes(self):
+        """RSA PKCS#1 v1.5 CSRs verify with the hash they name."""
+        for hash_algorithm in (hashes.SHA384(), hashes.SHA512()):
+            pem = _signed_csr(self.rsa_key, hash_algorithm)
+            self.assertAgreesWithCryptography(pem, True)
+            self.assertAgreesWithCryptography(_corrupt(pem), False)
+
+    def test_ecdsa_hash_unlike_curve(self):
+        """A P-384 CSR signed with SHA-256 verifies with SHA-256."""
+        pem = _signed_csr(make_private_key("ecdsa-p384"), hashes.SHA256())
+        self.assertAgreesWithCryptography(pem, True)
+
+    def test_key_types_bad_signature(self):
+        """ECDSA and Ed25519 CSRs whose signature does not verify are refused."""
+        for key_type in ("ecdsa-p256", "ecdsa-p521", "ed25519"):
+            _, pem = make_csr(key_type, corrupt_signature=True)
+            self.assertAgreesWithCryptography(pem, False)
+
+    def test_algorithm_of_another_key_type(self):
+        """
+        A valid signature under the algorithm identifier of another key type
+        is refused, as C{is_signature_valid} refuses it.
+        """
+        cases = [
+            ("ed25519", "ecdsa-with-SHA256"),
+            ("ed25519", "sha256WithRSAEncryption"),
+            ("ecdsa-p256", "ed25519"),
+            ("ecdsa-p256", "sha256WithRSAEncryption"),
+        ]
+        for key_type, algorithm in cases:
+            _, pem = make_csr(key_type)
+            self.assertAgreesWithCryptography(
+                _with_signature_algorithm(pem, algorithm), False
+            )
+        _, pem = make_csr(self.rsa_key)
+        self.assertAgreesWithCryptography(
+            _with_signature_algorithm(pem, "ecdsa-with-SHA256"), False
+        )
+        self.assertAgreesWithCryptography(
+            _with_signature_algorithm(pem, "ed25519"), False
+        )
+
+
+class PEMShapeTests(SynchronousTestCase):
+    """
+    Which PEM documents take the short way (C{load_pem_x509_csr}), and that
+    every other shape reads as it always did.
+    """
+
+    def test_canonical_shape(self):
+        """A CSR as Go's pem.EncodeToMemory writes it is in the canonical shape."""
+        _, pem = make_csr()
+        self.assertTrue(is_canonical_csr_pem(pem))
+
+    def test_other_shapes(self):
+        """Any other label, text around the block or line ending is not."""
+        _, pem = make_csr()
+        for data in (
+            make_csr(label="CERTIFICATE")[1],
+            make_csr(label="NEW CERTIFICATE REQUEST")[1],
+            b"# my request\n" + pem,
+            pem + b"# trailer\n",
+            pem.rstrip(b"\n"),
+            pem.replace(b"\n", b"\r\n"),
+            pem + pem,
+            b"-----BEGIN CERTIFICATE REQUEST-----\n-----END CERTIFICATE REQUEST-----\n",
+        ):
+            self.assertFalse(is_canonical_csr_pem(data), data)
+
+    def test_comment_line_before_block(self):
+        """A # comment line before the block is skipped."""
+        key, pem = make_csr()
+        self.assertEqual(
+            _public_der(parse_csr(b"# a sidecar's request\n" + pem)),
+            _public_der(key.public_key()),
+        )
+
+    def test_certificate_label_rsa_pss(self):
+        """A CERTIFICATE-labelled RSA-PSS CSR is read and its signature checked."""
+        key = make_private_key("rsa-2048")
+        der = _der(
+            _signed_csr(
+                key,
+                hashes.SHA256(),
+                rsa_padding=padding.PSS(
+                    mgf=padding.MGF1(hashes.SHA256()), salt_length=32
+                ),
+            )
+        )
+        pem = pem_encode("CERTIFICATE", der)
+        self.assertEqual(_public_der(parse_csr(pem)), _public_der(key.public_key()))
+        error = self.assertRaises(
+            CSRError,
+            parse_csr,
+            pem_encode("CERTIFICATE", der[:-1] + bytes([der[-1] ^ 0x01])),
+        )
+        self.assertEqual(str(error), "invalid signature")
+
+    def test_crlf_line_endings(self):
+        """A CSR with CRLF line endings is accepted."""
+        key, pem = make_csr()
+        self.assertEqual(
+            _public_der(parse_csr(pem.replace(b"\n", b"\r\n"))),
+            _public_der(key.public_key()),
+        )
+
+    def test_csr_after_another_block(self):
+        """A CSR after a block of another kind is invalid: the first block counts."""
+        _, pem = make_csr()
+        other = pem_encode("PUBLIC KEY", b"\x30\x00")
+        error = self.assertRaises(CSRError, parse_csr, other + pem)
+        self.assertEqual(str(error), INVALID)
+
+    def test_space_inside_base64(self):
+        """Base64 with a space inside a line is invalid, as before."""
+        _, pem = make_csr()
+        lines = pem.split(b"\n")
+        lines[1] = lines[1][:10] + b" " + lines[1][10:]
+        error = self.assertRaises(CSRError, parse_csr, b"\n".join(lines))
+        self.assertEqual(str(error), INVALID)
+
+    def test_canonical_unparsable_der(self):
+        """A canonical block whose DER does not parse has the parser's detail."""
+        data = pem_encode("CERTIFICATE REQUEST", b"\x30\x03\x02\x01\x00")
+        self.assertTrue(is_canonical_csr_pem(data))
+        error = self.assertRaises(CSRError, parse_csr, data)
+        try:
+            x509.load_der_x509_csr(b"\x30\x03\x02\x01\x00")
+        except Exception as e:
+            detail = str(e)
+        self.assertEqual(
+            str(error), f"failed to parse certificate signing request: {detail}"
+        )

@@ -2,7 +2,7 @@
 Tests for L{sentry_tx.ca.x509profile}: the certificates sentry_tx builds.
 """
 
-from datetime import timedelta
+from datetime import timedelta, timezone
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -451,3 +451,85 @@ class CAProfileTests(SynchronousTestCase):
         root = x509profile.build_root(key, "example.org", FIXED_NOW, SKEW)
         self.assertEqual(root.signature_algorithm_oid, SignatureAlgorithmOID.ED25519)
         self.assertTrue(is_self_signed(root))
+
+
+class PreparedProfileTests(SynchronousTestCase):
+    """
+    Tests for L{x509profile.leaf_profile}: what is prepared once per bundle,
+    and that leaves built from it are the profile's.
+    """
+
+    def test_prepared_once_per_bundle(self):
+        """The same bundle gets the same profile; another bundle its own."""
+        first, second = make_bundle(), make_bundle()
+        profile = x509profile.leaf_profile(first)
+        self.assertIs(x509profile.leaf_profile(first), profile)
+        self.assertIs(profile.bundle, first)
+        other = x509profile.leaf_profile(second)
+        self.assertIs(other.bundle, second)
+        self.assertEqual(other.issuer_name, second.issuer.subject)
+        self.assertEqual(other.chain_not_after, second.chain_not_after)
+
+    def test_profile_immutable(self):
+        """A prepared profile cannot be changed."""
+        profile = x509profile.leaf_profile(make_bundle())
+        self.assertRaises(
+            AttributeError, setattr, profile, "issuer_name", x509.Name([])
+        )
+
+    def test_leaves_follow_bundle_swaps(self):
+        """Leaves signed alternately with two bundles each name their own issuer."""
+        bundles = [make_bundle(), make_bundle("ed25519")]
+        for bundle in bundles + bundles:
+            leaf = _leaf(bundle)
+            self.assertEqual(leaf.issuer, bundle.issuer.subject)
+            self.assertEqual(
+                leaf.extensions.get_extension_for_class(
+                    x509.AuthorityKeyIdentifier
+                ).value,
+                bundle.authority_key_identifier,
+            )
+            leaf.verify_directly_issued_by(bundle.issuer)
+
+    def test_extension_order(self):
+        """Extensions come in order: SAN, basic constraints, key usage, EKU, AKI."""
+        leaf = _leaf(make_bundle())
+        self.assertEqual(
+            [(ext.oid, ext.critical) for ext in leaf.extensions],
+            [
+                (ExtensionOID.SUBJECT_ALTERNATIVE_NAME, True),
+                (ExtensionOID.BASIC_CONSTRAINTS, True),
+                (ExtensionOID.KEY_USAGE, True),
+                (ExtensionOID.EXTENDED_KEY_USAGE, False),
+                (ExtensionOID.AUTHORITY_KEY_IDENTIFIER, False),
+            ],
+        )
+
+    def test_validity_in_another_time_zone(self):
+        """Bounds given in a time zone other than UTC are stored as the same instants."""
+        zone = timezone(timedelta(hours=2))
+        not_before = (FIXED_NOW - SKEW).astimezone(zone)
+        not_after = (FIXED_NOW + TTL).astimezone(zone)
+        leaf = x509profile.build_leaf(
+            make_bundle(),
+            make_private_key().public_key(),
+            SPIFFE_ID,
+            [],
+            not_before,
+            not_after,
+        )
+        self.assertEqual(leaf.not_valid_before_utc, FIXED_NOW - SKEW)
+        self.assertEqual(leaf.not_valid_after_utc, FIXED_NOW + TTL)
+
+    def test_not_after_before_not_before(self):
+        """A NotAfter before the NotBefore is refused, not signed."""
+        self.assertRaises(
+            ValueError,
+            x509profile.build_leaf,
+            make_bundle(),
+            make_private_key().public_key(),
+            SPIFFE_ID,
+            [],
+            FIXED_NOW,
+            FIXED_NOW - timedelta(seconds=1),
+        )

@@ -43,10 +43,11 @@ def issue_workload_certificate(
         names.
     @raise IssuerExpiredError: when the issuer chain is no longer valid.
     """
-    if now >= bundle.chain_not_after:
+    chain_not_after = x509profile.leaf_profile(bundle).chain_not_after
+    if now >= chain_not_after:
         raise IssuerExpiredError()
     not_before, not_after = x509profile.leaf_validity(
-        now, mtls.workload_cert_ttl, mtls.allowed_clock_skew, bundle.chain_not_after
+        now, mtls.workload_cert_ttl, mtls.allowed_clock_skew, chain_not_after
     )
     dns_names = x509profile.control_plane_dns_names(
         identity.app_id, identity.namespace, own_namespace, identity.trust_domain

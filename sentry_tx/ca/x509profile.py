@@ -15,11 +15,15 @@ parameter, never read from the clock, so that tests can pin it.
 L{build_leaf} is on the hot path (it runs once per request, thousands of
 times a second under load): the extensions that never change are built
 once at import time, and what depends only on the issuer (its name, the
-authority key identifier, the signature hash) is computed once per
-L{sentry_tx.ca.bundle.TrustBundle}.
+authority key identifier, the signature hash, the chain's end) is prepared
+once per L{sentry_tx.ca.bundle.TrustBundle} in an immutable L{LeafProfile}
+(L{leaf_profile}).  The leaf is built with the C{CertificateBuilder}
+constructor rather than its method chain, which copies the builder and
+checks every argument again at each step.
 """
 
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -296,6 +300,81 @@ def authority_key_identifier_for(issuer_cert):
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
 
 
+@dataclass(frozen=True)
+class LeafProfile:
+    """
+    What every leaf signed with one bundle shares, prepared once.
+
+    @ivar bundle: the L{sentry_tx.ca.bundle.TrustBundle} it was prepared
+        from (compared by identity).
+    @ivar issuer_name: the issuer name of the leaves.
+    @ivar extensions: the extensions after the SAN, in order: basic
+        constraints, key usage, extended key usage, authority key
+        identifier (a tuple of L{x509.Extension}).
+    @ivar chain_not_after: the earliest NotAfter of the issuer chain
+        (aware, UTC).
+    """
+
+    bundle: object
+    issuer_name: x509.Name
+    extensions: tuple
+    chain_not_after: datetime
+
+    @classmethod
+    def for_bundle(cls, bundle):
+        """
+        Prepare the profile of C{bundle}'s leaves.
+        """
+        return cls(
+            bundle=bundle,
+            issuer_name=bundle.issuer_name,
+            extensions=(
+                x509.Extension(
+                    _LEAF_BASIC_CONSTRAINTS.oid, True, _LEAF_BASIC_CONSTRAINTS
+                ),
+                x509.Extension(_LEAF_KEY_USAGE.oid, True, _LEAF_KEY_USAGE),
+                x509.Extension(
+                    _LEAF_EXTENDED_KEY_USAGE.oid, False, _LEAF_EXTENDED_KEY_USAGE
+                ),
+                x509.Extension(
+                    bundle.authority_key_identifier.oid,
+                    False,
+                    bundle.authority_key_identifier,
+                ),
+            ),
+            chain_not_after=bundle.chain_not_after,
+        )
+
+
+_last_leaf_profile = None
+"""
+The L{LeafProfile} of the bundle used last.  A bundle swap publishes a new
+bundle object, so one slot compared by identity is enough; the profile is
+immutable, so a thread that reads a stale slot still gets a consistent one.
+"""
+
+
+def leaf_profile(bundle):
+    """
+    The L{LeafProfile} of C{bundle}, prepared at its first use.
+
+    @param bundle: a L{sentry_tx.ca.bundle.TrustBundle}.
+    @return: a L{LeafProfile} whose C{bundle} is C{bundle}.
+    """
+    global _last_leaf_profile
+    profile = _last_leaf_profile
+    if profile is None or profile.bundle is not bundle:
+        profile = _last_leaf_profile = LeafProfile.for_bundle(bundle)
+    return profile
+
+
+def _naive_utc(moment):
+    # What CertificateBuilder's setters store: UTC without a tzinfo.
+    if moment.tzinfo is None:
+        return moment
+    return moment.replace(tzinfo=None) - moment.utcoffset()
+
+
 def build_leaf(bundle, public_key, spiffe_id, dns_names, not_before, not_after):
     """
     Build and sign a workload certificate.
@@ -314,21 +393,21 @@ def build_leaf(bundle, public_key, spiffe_id, dns_names, not_before, not_after):
     @param not_before: an aware L{datetime.datetime}.
     @param not_after: an aware L{datetime.datetime}, from L{leaf_validity}.
     @return: the certificate.
+    @raise ValueError: if C{not_after} is before C{not_before}.
     """
+    if not_after < not_before:
+        raise ValueError("the leaf's NotAfter is before its NotBefore")
+    profile = leaf_profile(bundle)
     names = [x509.UniformResourceIdentifier(spiffe_id)]
     names.extend(x509.DNSName(name) for name in dns_names)
-    builder = (
-        x509.CertificateBuilder()
-        .issuer_name(bundle.issuer_name)
-        .subject_name(_EMPTY_NAME)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(names), critical=True)
-        .add_extension(_LEAF_BASIC_CONSTRAINTS, critical=True)
-        .add_extension(_LEAF_KEY_USAGE, critical=True)
-        .add_extension(_LEAF_EXTENDED_KEY_USAGE, critical=False)
-        .add_extension(bundle.authority_key_identifier, critical=False)
+    san = x509.SubjectAlternativeName(names)
+    builder = x509.CertificateBuilder(
+        issuer_name=profile.issuer_name,
+        subject_name=_EMPTY_NAME,
+        public_key=public_key,
+        serial_number=x509.random_serial_number(),
+        not_valid_before=_naive_utc(not_before),
+        not_valid_after=_naive_utc(not_after),
+        extensions=[x509.Extension(san.oid, True, san), *profile.extensions],
     )
     return builder.sign(bundle.issuer_key, bundle.signature_hash)

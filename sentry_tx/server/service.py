@@ -132,6 +132,18 @@ class NotRunningError(Exception):
     """
 
 
+MAX_TCP_READ_BUFFER_BYTES = 64 * 1024
+"""
+The most grpc core reads from one connection at once
+(C{grpc.experimental.tcp_max_read_buffer_size}; its default is megabytes).
+This is what bounds the HTTP/2 CONTINUATION flood (a header block that never
+ends): with large reads, grpcio 1.85 grew by ~260 MiB in 8 s under 4 such
+connections, and the metadata size limits did not stop it; with 64 KiB
+reads it grows by ~4 MiB (bench/flood_continuation.py, tests/test_flood.py).
+Requests are at most MAX_REQUEST_BYTES (64 KiB) anyway.
+"""
+
+
 def grpc_server_options(
     reuse_port=False,
     max_concurrent_streams_per_connection=MAX_CONCURRENT_STREAMS_PER_CONNECTION,
@@ -139,8 +151,8 @@ def grpc_server_options(
     server_handshake_timeout_milliseconds=SERVER_HANDSHAKE_TIMEOUT_MILLISECONDS,
 ):
     """
-    The channel arguments of the gRPC server: size, stream, connection and
-    ping limits.
+    The channel arguments of the gRPC server: size, stream, connection,
+    ping and read-buffer limits.
 
     @param reuse_port: share the port with other processes of this user
         (worker processes); off otherwise, so that a second sentry_tx on the
@@ -168,6 +180,7 @@ def grpc_server_options(
         ),
         ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.experimental.tcp_max_read_buffer_size", MAX_TCP_READ_BUFFER_BYTES),
     ]
 
 
