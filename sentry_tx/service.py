@@ -10,11 +10,15 @@ import os
 import sys
 
 from twisted.application.internet import TCPServer
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import DeferredList, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from sentry_tx.errors import BundleError, ConfigError
+from sentry_tx.errors import BundleError, ConfigError, ListenError
+from sentry_tx.listen import listen_error
 
 FATAL_EXIT_STATUS = 1
 
@@ -44,17 +48,60 @@ class SentryService(MultiService):
         self._startup_warnings = tuple(startup_warnings)
         self._exit = exit
         self.exit_status = None
+        self._listen_failure = None
 
     def startService(self):
+        """
+        Log the start-up warnings, then start the children in order.  A
+        child whose port cannot be bound (L{ListenError}) is fatal: one line
+        naming the flag and the port, exit 1; the children after it are not
+        started.
+        """
         for warning in self._startup_warnings:
             self._log.warn("{startup_warning}", startup_warning=warning)
-        super().startService()
+        Service.startService(self)
+        if self._listen_failure is not None:
+            self.fatal(self._listen_failure)
+            return
+        for service in self:
+            try:
+                service.startService()
+            except ListenError:
+                self.fatal(Failure())
+                return
+
+    def privilegedStartService(self):
+        """
+        Let the children bind their ports (twistd calls this before
+        C{startService}); the first L{ListenError} is kept, and made fatal
+        by C{startService}, once logging runs.
+        """
+        Service.privilegedStartService(self)
+        for service in self:
+            try:
+                service.privilegedStartService()
+            except ListenError:
+                self._listen_failure = Failure()
+                return
+
+    def stopService(self):
+        """
+        Stop the children that were started, in reverse order.
+        """
+        Service.stopService(self)
+        return DeferredList(
+            [
+                maybeDeferred(service.stopService)
+                for service in reversed(list(self))
+                if service.running
+            ]
+        )
 
     def fatal(self, failure):
         """
         Log why sentry_tx cannot go on, stop the reactor and exit 1.
         """
-        if failure.check(BundleError, ConfigError):
+        if failure.check(BundleError, ConfigError, ListenError):
             self._log.critical(
                 "refusing to start: {error}", error=failure.getErrorMessage()
             )
@@ -80,9 +127,10 @@ class WebService(TCPServer):
 
     _log = Logger()
 
-    def __init__(self, label, port, site, interface=""):
+    def __init__(self, label, port, site, interface="", flag=None):
         super().__init__(port, site, interface=interface)
         self.label = label
+        self.flag = flag if flag is not None else f"--{label}-port"
 
     @property
     def port(self):
@@ -91,8 +139,25 @@ class WebService(TCPServer):
         """
         return self._port.getHost().port
 
+    def privilegedStartService(self):
+        """
+        Listen (twistd binds here); a port that cannot be bound raises
+        L{ListenError} naming C{flag}.
+        """
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise listen_error(self.flag, e.port, e.interface, e) from None
+
     def startService(self):
-        super().startService()
+        """
+        Listen, unless C{privilegedStartService} did; a port that cannot be
+        bound raises L{ListenError} naming C{flag}.
+        """
+        try:
+            super().startService()
+        except CannotListenError as e:
+            raise listen_error(self.flag, e.port, e.interface, e) from None
         self._log.info(
             "{label} server listening on port {port}", label=self.label, port=self.port
         )
