@@ -86,16 +86,21 @@ class SentryService(MultiService):
 
     def stopService(self):
         """
-        Stop the children that were started, in reverse order.
+        Stop the children that were started, in reverse order; a child
+        with a true C{stop_after_others} (the standard error capture) is
+        stopped once the others have finished stopping.
         """
         Service.stopService(self)
-        return DeferredList(
-            [
-                maybeDeferred(service.stopService)
-                for service in reversed(list(self))
-                if service.running
-            ]
+        started = [service for service in reversed(list(self)) if service.running]
+        last = [s for s in started if getattr(s, "stop_after_others", False)]
+        d = DeferredList(
+            [maybeDeferred(s.stopService) for s in started if s not in last]
         )
+        if last:
+            d.addCallback(
+                lambda _: DeferredList([maybeDeferred(s.stopService) for s in last])
+            )
+        return d
 
     def fatal(self, failure):
         """

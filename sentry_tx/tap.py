@@ -632,9 +632,13 @@ def build_service(config, reactor, startup_warnings=()):
     from sentry_tx.server.service import CertificateAuthorityService
     from sentry_tx.server.workers import WorkerPoolAuthority
     from sentry_tx.service import QuietSite, SentryService, WebService
+    from sentry_tx.stderr_capture import StandardErrorCapture
     from sentry_tx.watcher import IssuerWatcher
 
     root = SentryService(reactor, startup_warnings)
+    # First child: grpc core's own lines on fd 2 go through the log from
+    # the start, and it stops last, after worker processes.
+    StandardErrorCapture(reactor).setServiceParent(root)
     metrics = SentryMetrics()
     configuration_source = None
     if config.mode == MODE_KUBERNETES:
