@@ -11,6 +11,8 @@ import errno
 import os
 import socket
 
+from twisted.application.service import Service
+
 from sentry_tx.errors import ListenError
 
 
@@ -77,3 +79,24 @@ def check_port_free(flag, address, port):
             raise ListenError(flag, port, address, describe_socket_error(error))
         finally:
             probe.close()
+
+
+class PortCheck(Service):
+    """
+    At start, check that a port is free (L{check_port_free}), so that a
+    port in use is one line naming its flag before any server tries it;
+    added to the root before the service that binds the port (the gRPC
+    server, or its worker processes, which bind with SO_REUSEPORT and would
+    otherwise each fail on their own).
+
+    @raise ListenError: from C{startService}, which the root makes fatal.
+    """
+
+    def __init__(self, flag, address, port):
+        self.flag = flag
+        self.address = address
+        self.port = port
+
+    def startService(self):
+        super().startService()
+        check_port_free(self.flag, self.address, self.port)

@@ -627,6 +627,7 @@ def build_service(config, reactor, startup_warnings=()):
     from sentry_tx.ca.store import FileTrustStore
     from sentry_tx.expiry import ExpiryChecker
     from sentry_tx.healthz import healthz_root
+    from sentry_tx.listen import PortCheck
     from sentry_tx.metrics import SentryMetrics, metrics_root
     from sentry_tx.report import SettingsReport
     from sentry_tx.server.service import CertificateAuthorityService
@@ -668,6 +669,8 @@ def build_service(config, reactor, startup_warnings=()):
     configuration_source = SettingsReport(
         configuration_source, validators, default_validator
     )
+    # A gRPC port in use: one line naming --port, before anything binds it.
+    PortCheck("--port", config.listen_address, config.port).setServiceParent(root)
     if config.workers > 1:
         # gRPC in worker processes sharing the port; each builds its own
         # validators (sentry_tx.server.worker), this process keeps the

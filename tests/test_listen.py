@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from sentry_tx.errors import ListenError
-from sentry_tx.listen import check_port_free
+from sentry_tx.listen import PortCheck, check_port_free
 from sentry_tx.service import QuietSite, SentryService, WebService
 from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
 
@@ -204,9 +204,9 @@ class TwistdPortInUseTests(TestCase):
         return arguments
 
     @inlineCallbacks
-    def _assert_one_line(self, flag):
+    def _assert_one_line(self, flag, *extra):
         port = _occupied_port(self)
-        protocol = spawn_twistd(self, self._arguments(flag, port))
+        protocol = spawn_twistd(self, self._arguments(flag, port) + list(extra))
         reason = yield protocol.ended
         self.assertEqual(reason.exitCode, 1)
         lines = protocol.output.decode().splitlines()
@@ -242,3 +242,26 @@ class TwistdPortInUseTests(TestCase):
         no traceback), exit 1.
         """
         return self._assert_one_line("--port")
+
+    def test_grpc_port_workers(self):
+        """
+        With worker processes (which bind with SO_REUSEPORT), a taken --port
+        is still one line naming it, and no worker is left behind.
+        """
+        return self._assert_one_line("--port", "--workers", "2")
+
+
+class PortCheckTests(SynchronousTestCase):
+    """
+    L{PortCheck}, the root's child that checks the gRPC port at start.
+    """
+
+    def test_raises_at_start(self):
+        """
+        C{startService} raises L{ListenError} for a taken port, and building
+        it opens nothing.
+        """
+        port = _occupied_port(self)
+        check = PortCheck("--port", "127.0.0.1", port)
+        error = self.assertRaises(ListenError, check.startService)
+        self.assertEqual(error.flag, "--port")

@@ -61,8 +61,9 @@ class BuildServiceTests(SynchronousTestCase):
         """
         reactor = MemoryReactorClock()
         root = build_service(SentryConfig(issuer_credentials=self.mktemp()), reactor)
-        capture, *children = list(root)
+        capture, port_check, *children = list(root)
         self.assertIsInstance(capture, StandardErrorCapture)
+        self.assertEqual((port_check.flag, port_check.port), ("--port", 50001))
         self.assertFalse(capture.capturing)
         self.assertIsInstance(children[0], CertificateAuthorityService)
         verifyObject(ICertificateAuthority, children[0])
@@ -84,7 +85,7 @@ class BuildServiceTests(SynchronousTestCase):
         root = build_service(
             SentryConfig(issuer_credentials=self.mktemp(), workers=2), reactor
         )
-        authority = list(root)[1]
+        authority = list(root)[2]
         self.assertIsInstance(authority, WorkerPoolAuthority)
         verifyObject(ICertificateAuthority, authority)
         self.assertEqual(reactor.tcpServers, [])
