@@ -1351,7 +1351,9 @@ class KubernetesConfigurationSource:
             raise ConfigError("--config", f"cannot read {source}: {e}") from None
         mtls = parse_mtls(document, source)
         for warning in mtls_warnings(document, source):
-            self._log.warn("{warning}", warning=warning)
+            # Not "warning": legacy observers take that key for a Python
+            # warnings.warn() event.
+            self._log.warn("{configuration_warning}", configuration_warning=warning)
         resolved = replace(config, mtls=mtls)
         self._log.info(
             "read {source}: workload certificates live {ttl}, clock skew {skew}",
