@@ -45,7 +45,8 @@ def listen_error(flag, port, address, cannot_listen):
 def check_port_free(flag, address, port):
     """
     Bind (with SO_REUSEADDR, as grpc core does) and close a TCP socket on
-    C{address}:C{port}; port 0 is always free.
+    C{address}:C{port}; port 0 is always free, and an address that is a
+    host name rather than an IP address is not checked (no DNS lookup here).
 
     This is a diagnosis, not a reservation: another process may still take
     the port before the real bind, which then fails as it would have.
@@ -57,16 +58,19 @@ def check_port_free(flag, address, port):
         return
     host = address.strip("[]") if address else ""
     try:
+        # Numeric only: a host name would mean a DNS lookup, which may not
+        # block the caller; grpcio resolves and reports such an address
+        # itself.
         infos = socket.getaddrinfo(
             host or None,
             port,
             socket.AF_UNSPEC,
             socket.SOCK_STREAM,
             0,
-            socket.AI_PASSIVE,
+            socket.AI_PASSIVE | socket.AI_NUMERICHOST,
         )
-    except socket.gaierror as error:
-        raise ListenError(flag, port, address, f"bad address: {error.strerror}")
+    except socket.gaierror:
+        return
     if not host:
         # All interfaces: grpc core binds [::] (dual stack) when it can.
         infos = sorted(infos, key=lambda info: info[0] != socket.AF_INET6)[:1]

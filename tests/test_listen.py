@@ -64,6 +64,14 @@ class CheckPortFreeTests(SynchronousTestCase):
         check_port_free("--port", "127.0.0.1", free)
         check_port_free("--port", "127.0.0.1", free)
 
+    def test_host_name_not_resolved(self):
+        """
+        A host name is not looked up (that could block): it is left to the
+        real bind, even on a port in use.
+        """
+        port = _occupied_port(self)
+        check_port_free("--port", "sentry.invalid", port)
+
     def test_port_zero(self):
         """
         Port 0 (the kernel picks) is never reported.
