@@ -56,7 +56,9 @@ Go).
 import json
 import os
 import signal
+import sys
 
+from twisted.internet import error, reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -64,12 +66,14 @@ from twisted.trial.unittest import TestCase
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.config import SentryConfig
 from sentry_tx.testing import (
+    PROJECT_ROOT,
     GrpcTestClient,
     make_csr,
     start_fake_kubernetes,
     write_kubeconfig,
 )
-from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
+from tests.test_kube_deploy import ENTRYPOINT
+from tests.test_process import LOOPBACK_FREE_PORTS, _TwistdProtocol, spawn_twistd
 
 CHART_NAMESPACE = "dapr-system"
 CHART_TRUST_DOMAIN = "cluster.local"
@@ -120,6 +124,37 @@ The argument lists the template renders for the values named by each key.
 
 CHART_COMMAND = "/sentry"
 
+SENTRY_COMMAND = os.path.join(PROJECT_ROOT, "conf", "sentry")
+"""
+What the image installs as L{CHART_COMMAND}.
+"""
+
+
+def _spawn_sentry_command(test, arguments):
+    """
+    Run C{conf/sentry ARGUMENTS} (the image's C{/sentry}) with this
+    Python's bin directory first on the PATH, killed at cleanup.
+    """
+    protocol = _TwistdProtocol()
+    environment = dict(os.environ)
+    environment.pop("KUBERNETES_SERVICE_HOST", None)
+    environment["PYTHONPATH"] = PROJECT_ROOT
+    environment["NAMESPACE"] = CHART_NAMESPACE
+    environment["PATH"] = os.path.dirname(sys.executable) + os.pathsep + environment.get("PATH", "")
+    transport = reactor.spawnProcess(
+        protocol, SENTRY_COMMAND, [SENTRY_COMMAND] + arguments, env=environment
+    )
+
+    def kill():
+        try:
+            transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            return None
+        return protocol.ended
+
+    test.addCleanup(kill)
+    return protocol
+
 
 class ChartArgumentsTests(TestCase):
     """
@@ -154,7 +189,7 @@ class ChartArgumentsTests(TestCase):
         )
 
     @inlineCallbacks
-    def _serve(self, values):
+    def _serve(self, values, via_sentry_command=False):
         """
         Start sentry_tx with the list rendered for C{values} (plus the
         test's kubeconfig and loopback ports): it starts in kubernetes mode,
@@ -167,12 +202,21 @@ class ChartArgumentsTests(TestCase):
         import treq
 
         chart_args = CHART_ARGS[values]
-        protocol = spawn_twistd(
-            self,
-            chart_args + ["--kubeconfig", self.kubeconfig] + LOOPBACK_FREE_PORTS,
-            env={"NAMESPACE": CHART_NAMESPACE},
-        )
+        arguments = chart_args + ["--kubeconfig", self.kubeconfig] + LOOPBACK_FREE_PORTS
+        if via_sentry_command:
+            protocol = _spawn_sentry_command(self, arguments)
+        else:
+            protocol = spawn_twistd(self, arguments, env={"NAMESPACE": CHART_NAMESPACE})
         ports = yield protocol.wait_ready()
+        if via_sentry_command:
+            # /sentry exec'd twistd: the process is twistd itself, with the
+            # image's ENTRYPOINT arguments, then the chart's.
+            with open(f"/proc/{protocol.transport.pid}/cmdline", "rb") as f:
+                argv = [part.decode() for part in f.read().split(b"\0") if part]
+            start = argv.index("-n")
+            self.assertTrue(argv[start - 1].endswith("twistd"))
+            self.assertEqual(argv[start - 1 :][1 : len(ENTRYPOINT)], ENTRYPOINT[1:])
+            self.assertEqual(argv[start - 1 + len(ENTRYPOINT) :], arguments)
         response = yield treq.get(
             f"http://127.0.0.1:{ports['healthz']}/healthz", persistent=False
         )
@@ -217,9 +261,11 @@ class ChartArgumentsTests(TestCase):
 
     def test_defaults(self):
         """
-        The list for the chart's default values serves.
+        The list for the chart's default values serves, run as the chart
+        runs it: through C{/sentry} (C{conf/sentry}, with twistd found on
+        the PATH as in the image).
         """
-        return self._serve("defaults")
+        return self._serve("defaults", via_sentry_command=True)
 
     @inlineCallbacks
     def test_log_as_json(self):
