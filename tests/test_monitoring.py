@@ -194,3 +194,33 @@ class AlertRulesTests(SynchronousTestCase):
             path, _, anchor = rule["annotations"]["runbook"].partition("#")
             self.assertEqual(path, "docs/runbook.md")
             self.assertIn(anchor, headings, rule["alert"])
+
+
+class PromtoolTests(SynchronousTestCase):
+    """
+    Prometheus' own checker on the rules, where Debian's prometheus package
+    (promtool) is installed.
+    """
+
+    def test_check_and_unit_tests(self):
+        """
+        C{conf/monitoring/check-rules.sh}: C{promtool check rules} accepts
+        the rules and promtool's unit tests of every alert pass (each alert
+        fires on the series that should fire it, and not on the others).
+        """
+        import shutil
+        import subprocess
+
+        from twisted.trial.unittest import SkipTest
+
+        if shutil.which("promtool") is None:
+            raise SkipTest("promtool is not installed (apt-get install prometheus)")
+        result = subprocess.run(
+            [os.path.join(MONITORING, "check-rules.sh")],
+            capture_output=True,
+            timeout=60,
+        )
+        output = (result.stdout + result.stderr).decode()
+        self.assertEqual(result.returncode, 0, output)
+        self.assertIn("SUCCESS: 8 rules found", output)
+        self.assertIn("Unit Testing:  rules-test.yaml\n  SUCCESS", output)
