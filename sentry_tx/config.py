@@ -56,7 +56,7 @@ class SentryConfig:
 
     mode: str = MODE_STANDALONE
     config: str = "daprsystem"
-    issuer_credentials: str = "/var/run/dapr/credentials"
+    issuer_credentials: str = "/var/run/secrets/dapr.io/credentials"
     issuer_ca_filename: str = "ca.crt"
     issuer_certificate_filename: str = "issuer.crt"
     issuer_key_filename: str = "issuer.key"
@@ -538,6 +538,89 @@ def parse_mtls(document, source):
     )
 
 
+# The keys of Dapr's MTLSSpec (pkg/config/configuration.go).  Sentry reads
+# three of them; the others belong to sidecars and are accepted silently.
+KNOWN_MTLS_KEYS = (
+    "enabled",
+    "workloadCertTTL",
+    "allowedClockSkew",
+    "sentryAddress",
+    "controlPlaneTrustDomain",
+    "tokenValidators",
+)
+
+
+def mtls_warnings(document, source):
+    """
+    What an operator should hear about a Configuration that parsed: a
+    missing C{spec.mtls} (every setting is a default), and each key under
+    it that Dapr does not know (a misspelt C{workloadCertTTl} would
+    otherwise leave the TTL at its default without a word), with the known
+    key it most resembles.
+
+    @param document: the Configuration, already accepted by L{parse_mtls}.
+    @param source: where it came from (a path, or a resource name).
+    @return: the warnings, in the order of the keys.
+    @rtype: L{list} of L{str}
+    """
+    import difflib
+
+    spec = document.get("spec") if isinstance(document, Mapping) else None
+    mtls = spec.get("mtls") if isinstance(spec, Mapping) else None
+    if not isinstance(mtls, Mapping):
+        return [
+            f"{source} has no spec.mtls; using the defaults (workloadCertTTL"
+            f" {format_go_duration(DEFAULT_WORKLOAD_CERT_TTL)}, allowedClockSkew"
+            f" {format_go_duration(DEFAULT_ALLOWED_CLOCK_SKEW)})"
+        ]
+    warnings = []
+    for key in mtls:
+        if key in KNOWN_MTLS_KEYS:
+            continue
+        close = difflib.get_close_matches(
+            str(key), KNOWN_MTLS_KEYS, n=1, cutoff=0.6
+        ) or [
+            known for known in KNOWN_MTLS_KEYS if known.lower() == str(key).lower()
+        ]
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        warnings.append(
+            f"spec.mtls.{key}: unknown key, ignored{hint} (in {source})"
+        )
+    return warnings
+
+
+def format_go_duration(duration):
+    """
+    A L{timedelta} written as Go's C{time.Duration.String} writes it
+    (C{24h0m0s}, C{15m0s}, C{1.5s}, C{0s}), whole microseconds and above.
+    """
+    microseconds = (
+        duration.days * 86_400_000_000
+        + duration.seconds * 1_000_000
+        + duration.microseconds
+    )
+    sign = "-" if microseconds < 0 else ""
+    microseconds = abs(microseconds)
+    if microseconds == 0:
+        return "0s"
+    if microseconds < 1_000_000:
+        if microseconds % 1000 == 0:
+            return f"{sign}{microseconds // 1000}ms"
+        return f"{sign}{microseconds}\u00b5s"
+    hours, rest = divmod(microseconds, 3_600_000_000)
+    minutes, rest = divmod(rest, 60_000_000)
+    seconds, fraction = divmod(rest, 1_000_000)
+    text = f"{seconds}"
+    if fraction:
+        text += "." + f"{fraction:06d}".rstrip("0")
+    text += "s"
+    if hours:
+        return f"{sign}{hours}h{minutes}m{text}"
+    if minutes:
+        return f"{sign}{minutes}m{text}"
+    return f"{sign}{text}"
+
+
 def _yaml_error_detail(error):
     """
     A one-line description of a PyYAML error, with a 1-based line and column
@@ -610,4 +693,5 @@ def load_configuration_file(path, environ):
             path,
             f"expected a Configuration mapping, not {_type_name(document)}",
         )
-    return parse_mtls(document, path), warnings
+    mtls = parse_mtls(document, path)
+    return mtls, warnings + mtls_warnings(document, path)

@@ -60,3 +60,25 @@ class ValidatorUnavailableError(Exception):
     The validator could not reach what it checks against (the Kubernetes API
     is down or slow); the caller should retry (UNAVAILABLE).
     """
+
+
+class ListenError(Exception):
+    """
+    A listener cannot bind its port (in use, not permitted, no such
+    address).  The root service reports it as one line naming the flag and
+    the port, then exits 1; every listener (gRPC, healthz, metrics, and any
+    other) raises this type for a failed bind.
+
+    @ivar flag: the flag that chose the port (C{--healthz-port}).
+    @ivar port: the port number.
+    @ivar address: the bind address; empty for all interfaces.
+    @ivar problem: what is wrong, in words (C{address already in use}).
+    """
+
+    def __init__(self, flag, port, address, problem):
+        where = f"{address} port {port}" if address else f"port {port}"
+        super().__init__(f"{flag}: cannot listen on {where}: {problem}")
+        self.flag = flag
+        self.port = port
+        self.address = address
+        self.problem = problem

@@ -70,7 +70,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTT
 from zope.interface import implementer
 
 import sentry_tx
-from sentry_tx.config import DEFAULT_NAMESPACE, parse_mtls
+from sentry_tx.config import DEFAULT_NAMESPACE, mtls_warnings, parse_mtls
 from sentry_tx.errors import ConfigError
 from sentry_tx.interfaces import IConfigurationSource
 
@@ -1350,6 +1350,10 @@ class KubernetesConfigurationSource:
         except KubernetesUnavailableError as e:
             raise ConfigError("--config", f"cannot read {source}: {e}") from None
         mtls = parse_mtls(document, source)
+        for warning in mtls_warnings(document, source):
+            # Not "warning": legacy observers take that key for a Python
+            # warnings.warn() event.
+            self._log.warn("{configuration_warning}", configuration_warning=warning)
         resolved = replace(config, mtls=mtls)
         self._log.info(
             "read {source}: workload certificates live {ttl}, clock skew {skew}",

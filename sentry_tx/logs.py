@@ -65,6 +65,23 @@ _JSON_RESERVED_KEYS = frozenset(
 
 _DEFAULT_TWISTD_LOG_FILE = "twistd.log"
 
+PREFORMATTED_KEY = "sentry_preformatted_line"
+"""
+An event carrying this key is a line sentry_tx's observer already wrote in
+another process (a worker's, read back from standard error): it is written
+as it is.
+"""
+
+# The file descriptors the observers made here write to (see writes_to_fd).
+_OBSERVER_FDS = set()
+
+
+def writes_to_fd(fd):
+    """
+    Whether an observer made by L{make_observer} writes to descriptor C{fd}.
+    """
+    return fd in _OBSERVER_FDS
+
 
 def dapr_scope(namespace):
     """
@@ -190,7 +207,10 @@ class SentryLogObserver:
                 level = LogLevel.info
             if level < self._minimum_level:
                 return
-            if self._as_json:
+            preformatted = event.get(PREFORMATTED_KEY)
+            if isinstance(preformatted, str):
+                line = preformatted
+            elif self._as_json:
                 line = self._json_line(event, level)
             else:
                 line = self._text_line(event, level)
@@ -320,6 +340,10 @@ def make_observer(level, as_json, stream, now=None):
         raise ValueError(f"unknown log level {level!r}")
     if now is None:
         now = time.time
+    try:
+        _OBSERVER_FDS.add(stream.fileno())
+    except Exception:
+        pass
     return SentryLogObserver(LOG_LEVELS[level], as_json, stream, _host_name(), now)
 
 

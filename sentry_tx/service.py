@@ -10,12 +10,16 @@ import os
 import sys
 
 from twisted.application.internet import TCPServer
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import DeferredList, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from sentry_tx import open_files
-from sentry_tx.errors import BundleError, ConfigError
+from sentry_tx.errors import BundleError, ConfigError, ListenError
+from sentry_tx.listen import listen_error
 
 FATAL_EXIT_STATUS = 1
 
@@ -53,24 +57,82 @@ class SentryService(MultiService):
         self._startup_warnings = tuple(startup_warnings)
         self._exit = exit
         self._raise_open_file_limit = raise_open_file_limit
+        self._open_file_limit_raised = False
         self.exit_status = None
+        self._listen_failure = None
 
     def startService(self):
+        """
+        Log the start-up warnings, then start the children in order.  A
+        child whose port cannot be bound (L{ListenError}) is fatal: one line
+        naming the flag and the port, exit 1; the children after it are not
+        started.
+        """
         for warning in self._startup_warnings:
             self._log.warn("{startup_warning}", startup_warning=warning)
-        # Before any child opens a socket (worker processes inherit it).
+        self._raise_open_file_limit_once()
+        Service.startService(self)
+        if self._listen_failure is not None:
+            self.fatal(self._listen_failure)
+            return
+        for service in self:
+            try:
+                service.startService()
+            except ListenError:
+                self.fatal(Failure())
+                return
+
+    def privilegedStartService(self):
+        """
+        Let the children bind their ports (twistd calls this before
+        C{startService}); the first L{ListenError} is kept, and made fatal
+        by C{startService}, once logging runs.
+        """
+        self._raise_open_file_limit_once()
+        Service.privilegedStartService(self)
+        for service in self:
+            try:
+                service.privilegedStartService()
+            except ListenError:
+                self._listen_failure = Failure()
+                return
+
+    def stopService(self):
+        """
+        Stop the children that were started, in reverse order; a child
+        with a true C{stop_after_others} (the standard error capture) is
+        stopped once the others have finished stopping.
+        """
+        Service.stopService(self)
+        started = [service for service in reversed(list(self)) if service.running]
+        last = [s for s in started if getattr(s, "stop_after_others", False)]
+        d = DeferredList(
+            [maybeDeferred(s.stopService) for s in started if s not in last]
+        )
+        if last:
+            d.addCallback(
+                lambda _: DeferredList([maybeDeferred(s.stopService) for s in last])
+            )
+        return d
+
+    def _raise_open_file_limit_once(self):
+        # Before any child opens a socket (worker processes inherit it):
+        # twistd binds in privilegedStartService, tests may call only
+        # startService.
+        if self._open_file_limit_raised:
+            return
+        self._open_file_limit_raised = True
         limit = self._raise_open_file_limit()
         if limit.error is not None:
             self._log.warn("{open_file_limit}", open_file_limit=open_files.describe(limit))
         else:
             self._log.info("{open_file_limit}", open_file_limit=open_files.describe(limit))
-        super().startService()
 
     def fatal(self, failure):
         """
         Log why sentry_tx cannot go on, stop the reactor and exit 1.
         """
-        if failure.check(BundleError, ConfigError):
+        if failure.check(BundleError, ConfigError, ListenError):
             self._log.critical(
                 "refusing to start: {error}", error=failure.getErrorMessage()
             )
@@ -96,9 +158,10 @@ class WebService(TCPServer):
 
     _log = Logger()
 
-    def __init__(self, label, port, site, interface=""):
+    def __init__(self, label, port, site, interface="", flag=None):
         super().__init__(port, site, interface=interface)
         self.label = label
+        self.flag = flag if flag is not None else f"--{label}-port"
 
     @property
     def port(self):
@@ -107,8 +170,25 @@ class WebService(TCPServer):
         """
         return self._port.getHost().port
 
+    def privilegedStartService(self):
+        """
+        Listen (twistd binds here); a port that cannot be bound raises
+        L{ListenError} naming C{flag}.
+        """
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise listen_error(self.flag, e.port, e.interface, e) from None
+
     def startService(self):
-        super().startService()
+        """
+        Listen, unless C{privilegedStartService} did; a port that cannot be
+        bound raises L{ListenError} naming C{flag}.
+        """
+        try:
+            super().startService()
+        except CannotListenError as e:
+            raise listen_error(self.flag, e.port, e.interface, e) from None
         self._log.info(
             "{label} server listening on port {port}", label=self.label, port=self.port
         )

@@ -272,6 +272,25 @@ _BOOL_FLAG_NAMES = frozenset(flag[0] for flag in _BOOL_FLAGS)
 _BUILTIN_FLAGS = {"h": "help", "help": "help", "version": "version"}
 
 
+def version_text():
+    """
+    What C{twistd sentry --version} prints: sentry_tx's version, then those
+    of Twisted and grpcio, read from the installed metadata (so that
+    C{--version} imports no grpc).
+    """
+    from importlib import metadata
+
+    import sentry_tx
+
+    lines = [f"sentry_tx {sentry_tx.__version__}"]
+    for distribution in ("Twisted", "grpcio"):
+        try:
+            lines.append(f"{distribution} {metadata.version(distribution)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{distribution} (not installed)")
+    return "\n".join(lines) + "\n"
+
+
 def go_style_arguments(arguments):
     """
     Rewrite a command line written for Go's C{flag} package into the form
@@ -462,6 +481,15 @@ class Options(usage.Options):
         Display this help and exit.
         """
         self.stdout.write(str(self))
+        self.stdout.flush()
+        raise SystemExit(0)
+
+    def opt_version(self):
+        """
+        Display sentry_tx's version (and those of Twisted and grpcio) and
+        exit.
+        """
+        self.stdout.write(version_text())
         self.stdout.flush()
         raise SystemExit(0)
 
@@ -786,13 +814,19 @@ def build_service(config, reactor, startup_warnings=()):
     from sentry_tx.expiry import ExpiryChecker
     from sentry_tx.healthz import healthz_root
     from sentry_tx.http_listener import http_listener
+    from sentry_tx.listen import PortCheck
     from sentry_tx.metrics import SentryMetrics, metrics_root
+    from sentry_tx.report import SettingsReport
     from sentry_tx.server.service import CertificateAuthorityService
     from sentry_tx.server.workers import WorkerPoolAuthority
     from sentry_tx.service import SentryService
+    from sentry_tx.stderr_capture import StandardErrorCapture
     from sentry_tx.watcher import IssuerWatcher
 
     root = SentryService(reactor, startup_warnings)
+    # First child: grpc core's own lines on fd 2 go through the log from
+    # the start, and it stops last, after worker processes.
+    StandardErrorCapture(reactor).setServiceParent(root)
     metrics = SentryMetrics()
     configuration_source = None
     if config.mode == MODE_KUBERNETES:
@@ -849,6 +883,13 @@ def build_service(config, reactor, startup_warnings=()):
                 config.jwt_key_id or None,
             )
         trust_store = JWTTrustStore(trust_store, jwt_store, jwt_minter)
+    # Resolves the Configuration (kubernetes mode) and logs, once, the TTL,
+    # skew and validators in effect.
+    configuration_source = SettingsReport(
+        configuration_source, validators, default_validator
+    )
+    # A gRPC port in use: one line naming --port, before anything binds it.
+    PortCheck("--port", config.listen_address, config.port).setServiceParent(root)
     if config.workers > 1:
         # gRPC in worker processes sharing the port; each builds its own
         # validators (sentry_tx.server.worker), this process keeps the
@@ -936,6 +977,7 @@ def build_oidc_service(config, reactor, jwt_minter, on_start_failure):
             config.oidc_server_listen_port,
             factory,
             interface=config.oidc_server_listen_address,
+            flag="--oidc-server-listen-port",
         ),
         site,
         tls_files=(

@@ -207,7 +207,15 @@ class IssuerWatcher(Service):
                 )
         self._unwatched = still_unwatched
         if problems:
-            self._schedule_retry("; ".join(problems))
+            # At start, before the authority is ready, a directory that does
+            # not exist yet is expected: a first start generates the bundle
+            # into it.  Said at info level, not as a warning to act on.
+            expected = (
+                not self._rearm_after_watch
+                and not getattr(self._authority, "ready", True)
+                and not any(os.path.exists(d) for d in still_unwatched)
+            )
+            self._schedule_retry("; ".join(problems), expected)
             return
         self._retry_delay_seconds = REARM_RETRY_INITIAL_SECONDS
         if self._rearm_after_watch:
@@ -216,13 +224,15 @@ class IssuerWatcher(Service):
             # changed the bundle.
             self._change_seen()
 
-    def _schedule_retry(self, problem):
+    def _schedule_retry(self, problem, expected=False):
         """
-        Log C{problem} and try again to watch what is not watched, later
-        each time, up to L{REARM_RETRY_MAX_SECONDS}.
+        Log C{problem} (a warning, or at info level when C{expected}) and
+        try again to watch what is not watched, later each time, up to
+        L{REARM_RETRY_MAX_SECONDS}.
         """
         delay = self._retry_delay_seconds
-        self._log.warn(
+        log = self._log.info if expected else self._log.warn
+        log(
             "{problem}; changes to the issuer credentials there go unseen; "
             "trying again in {delay} s",
             problem=problem,

@@ -11,9 +11,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from sentry_tx.config import (
     DEFAULT_ALLOWED_CLOCK_SKEW,
     DEFAULT_WORKLOAD_CERT_TTL,
+    KNOWN_MTLS_KEYS,
     MTLSConfig,
     expand_environment,
+    format_go_duration,
     load_configuration_file,
+    mtls_warnings,
     parse_go_duration,
     parse_mtls,
 )
@@ -495,9 +498,11 @@ class LoadConfigurationFileTests(SynchronousTestCase):
                 allowed_clock_skew=timedelta(minutes=1),
             ),
         )
-        self.assertEqual(len(warnings), 1)
+        self.assertEqual(len(warnings), 2)
         self.assertIn("'NOT_SET'", warnings[0])
         self.assertIn(path, warnings[0])
+        # "extra" is not a key of Dapr's spec.mtls: warned by name.
+        self.assertIn("spec.mtls.extra: unknown key", warnings[1])
 
     def test_missing_file(self):
         """
@@ -573,3 +578,105 @@ class LoadConfigurationFileTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, load_configuration_file, path, {})
         self.assertEqual(error.field, path)
         self.assertIn("UTF-8", error.problem)
+
+
+class MTLSWarningsTests(SynchronousTestCase):
+    """
+    L{mtls_warnings}: what an operator should hear about a Configuration
+    that parsed.
+    """
+
+    def test_misspelt_key(self):
+        """
+        A misspelt key is warned about by name, with the key it resembles,
+        and its value is not used.
+        """
+        document = {"spec": {"mtls": {"workloadCertTTl": "1h"}}}
+        self.assertEqual(
+            mtls_warnings(document, "f.yaml"),
+            [
+                "spec.mtls.workloadCertTTl: unknown key, ignored (did you mean"
+                " 'workloadCertTTL'?) (in f.yaml)"
+            ],
+        )
+        self.assertEqual(
+            parse_mtls(document, "f.yaml").workload_cert_ttl, timedelta(hours=24)
+        )
+
+    def test_known_keys(self):
+        """
+        Every key of Dapr's MTLSSpec is known, including those only sidecars
+        read.
+        """
+        document = {"spec": {"mtls": {key: None for key in KNOWN_MTLS_KEYS}}}
+        self.assertEqual(mtls_warnings(document, "f"), [])
+
+    def test_unknown_key_without_hint(self):
+        """
+        A key like none of Dapr's is warned about without a hint.
+        """
+        self.assertEqual(
+            mtls_warnings({"spec": {"mtls": {"colour": "blue"}}}, "f"),
+            ["spec.mtls.colour: unknown key, ignored (in f)"],
+        )
+
+    def test_missing_mtls(self):
+        """
+        A Configuration without spec.mtls (or without spec) is warned about,
+        with the defaults in use.
+        """
+        for document in ({"spec": {}}, {}, {"spec": {"mtls": None}}):
+            [warning] = mtls_warnings(document, "f")
+            self.assertEqual(
+                warning,
+                "f has no spec.mtls; using the defaults (workloadCertTTL"
+                " 24h0m0s, allowedClockSkew 15m0s)",
+            )
+
+    def test_file_warnings(self):
+        """
+        L{load_configuration_file} returns the unknown-key warnings.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("spec:\n  mtls:\n    workloadCertTTl: 1h\n")
+        _, warnings = load_configuration_file(path, {})
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("workloadCertTTl", warnings[0])
+
+    def test_shipped_sample_has_no_warning(self):
+        """
+        conf/daprsystem.yaml, which the README's first command uses, loads
+        with no warning at all.
+        """
+        import os
+
+        from sentry_tx.testing import PROJECT_ROOT
+
+        _, warnings = load_configuration_file(
+            os.path.join(PROJECT_ROOT, "conf", "daprsystem.yaml"), {}
+        )
+        self.assertEqual(warnings, [])
+
+
+class FormatGoDurationTests(SynchronousTestCase):
+    """
+    L{format_go_duration} writes durations as Go's Duration.String does.
+    """
+
+    def test_examples(self):
+        """
+        Hours, minutes, seconds, fractions and sub-second values read as Go
+        writes them, and parse back to the same duration.
+        """
+        for duration, text in (
+            (timedelta(hours=24), "24h0m0s"),
+            (timedelta(minutes=15), "15m0s"),
+            (timedelta(seconds=90), "1m30s"),
+            (timedelta(seconds=1.5), "1.5s"),
+            (timedelta(milliseconds=500), "500ms"),
+            (timedelta(0), "0s"),
+            (timedelta(minutes=-2), "-2m0s"),
+        ):
+            self.assertEqual(format_go_duration(duration), text)
+            self.assertEqual(parse_go_duration(text, "f"), duration)

@@ -218,7 +218,13 @@ class CounterTests(SynchronousTestCase):
         deltas.take()
         self.assertEqual(
             deltas.take(),
-            {"received": 0, "success": 0, "servercert_issue_failed": 0, "failures": []},
+            {
+                "received": 0,
+                "success": 0,
+                "servercert_issue_failed": 0,
+                "failures": [],
+                "sign_durations": [],
+            },
         )
 
 

@@ -1077,3 +1077,39 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
         parts.service.startService()
         self.successResultOf(parts.service.stopService())
         self.assertTrue(parts.client._closed)
+
+
+class ConfigurationSourceWarningTests(TestCase):
+    """
+    L{KubernetesConfigurationSource} warns about what it ignores in the
+    resource.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_unknown_and_missing_mtls(self):
+        """
+        An unknown key under spec.mtls is warned about by name, with the
+        resource named; a resource without spec.mtls is warned about too.
+        """
+        from dataclasses import replace
+
+        from twisted.logger import LogLevel, capturedLogs
+
+        fake = start_fake_kubernetes(self)
+        source = KubernetesConfigurationSource(kubernetes_client_for(self, fake))
+        config = SentryConfig(mode=MODE_KUBERNETES, namespace=NAMESPACE)
+        fake.add_configuration(NAMESPACE, "misspelt", {"mtls": {"workloadCertTTl": "1h"}})
+        fake.add_configuration(NAMESPACE, "bare", {})
+        with capturedLogs() as events:
+            resolved = yield source.resolve(replace(config, config="misspelt"))
+            yield source.resolve(replace(config, config="bare"))
+        warnings = [
+            e["configuration_warning"] for e in events if e["log_level"] == LogLevel.warn
+        ]
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("spec.mtls.workloadCertTTl: unknown key", warnings[0])
+        self.assertIn(f"Configuration {NAMESPACE}/misspelt", warnings[0])
+        self.assertIn("has no spec.mtls", warnings[1])
+        self.assertEqual(resolved.mtls.workload_cert_ttl.total_seconds(), 24 * 3600)

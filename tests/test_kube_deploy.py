@@ -331,9 +331,16 @@ class DockerfileTests(SynchronousTestCase):
 
     def test_base_image(self):
         """
-        The base is python:3.11-slim.
+        The base is a build argument whose default is python:3.11-slim
+        (bookworm), to be pinned by digest as the comment above it says.
         """
-        self.assertEqual(self._arguments("FROM"), ["python:3.11-slim"])
+        self.assertEqual(self._arguments("FROM"), ["${BASE_IMAGE}"])
+        (argument,) = self._arguments("ARG")
+        self.assertEqual(argument, "BASE_IMAGE=python:3.11-slim-bookworm")
+        with open(DOCKERFILE, encoding="utf-8") as f:
+            text = f.read()
+        self.assertIn("--build-arg BASE_IMAGE=python:3.11-slim-bookworm@sha256:", text)
+        self.assertIn("To bump:", text)
 
     def test_entrypoint(self):
         """
@@ -367,7 +374,7 @@ class DockerfileTests(SynchronousTestCase):
         cache is written while still root.
         """
         runs = " ".join(self._arguments("RUN"))
-        self.assertIn("pip install .", runs)
+        self.assertIn("pip install -c conf/constraints.txt .", runs)
         self.assertNotIn("pip install -e", runs)
         self.assertIn("list(getPlugins(IPlugin))", runs)
         names = [name for name, _ in self.instructions]
@@ -377,13 +384,53 @@ class DockerfileTests(SynchronousTestCase):
 
     def test_healthcheck(self):
         """
-        The health check asks /healthz on the default healthz port with
-        Python (no curl in slim images).
+        The health check is sentry_tx's own probe, which follows
+        --healthz-port (no curl in slim images, no port written here).
         """
         (healthcheck,) = self._arguments("HEALTHCHECK")
-        self.assertIn("urllib.request", healthcheck)
-        self.assertIn(f"127.0.0.1:{SentryConfig().healthz_port}/healthz", healthcheck)
-        self.assertNotIn("curl", healthcheck)
+        command = json.loads(healthcheck.split("CMD", 1)[1])
+        self.assertEqual(command, ["python", "-m", "sentry_tx", "healthcheck"])
+        self.assertNotIn("8080", healthcheck)
+
+    def test_sentry_executable(self):
+        """
+        /sentry, the command Dapr's chart runs, is installed executable and
+        runs the ENTRYPOINT's command with the chart's arguments.
+        """
+        runs = " ".join(self._arguments("RUN"))
+        self.assertIn("install -m 0755 conf/sentry /sentry", runs)
+        path = os.path.join(CONF, "sentry")
+        self.assertTrue(os.access(path, os.X_OK))
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip() and not line.startswith("#")]
+        self.assertEqual(lines, [f'exec {" ".join(ENTRYPOINT)} "$@"\n'])
+
+    def test_default_credentials_directory_owned(self):
+        """
+        The default --issuer-credentials exists in the image, owned by the
+        unprivileged user (standalone mode generates a bundle there).
+        """
+        runs = " ".join(self._arguments("RUN"))
+        self.assertIn(
+            f"install -d -o sentry -g sentry -m 0700 {SentryConfig().issuer_credentials}",
+            runs,
+        )
+
+    def test_constraints_pin_every_dependency(self):
+        """
+        conf/constraints.txt pins (==) every distribution setup.py requires.
+        """
+        with open(os.path.join(CONF, "constraints.txt"), encoding="utf-8") as f:
+            pins = {
+                line.split("==")[0].lower().replace("_", "-"): line.split("==")[1]
+                for line in f.read().splitlines()
+                if line and not line.startswith("#")
+            }
+        for requirement in (
+            "twisted", "grpcio", "protobuf", "pyopenssl", "cryptography",
+            "treq", "prometheus-client", "zope-interface", "pyyaml",
+        ):
+            self.assertIn(requirement, {name.replace(".", "-") for name in pins})
 
     def test_copied_paths_exist(self):
         """

@@ -23,6 +23,7 @@ from sentry_tx.server.service import CertificateAuthorityService
 from sentry_tx.server.workers import WorkerPoolAuthority
 from sentry_tx.watcher import IssuerWatcher
 from sentry_tx.service import SentryService, WebService
+from sentry_tx.stderr_capture import StandardErrorCapture
 from sentry_tx.tap import build_service
 from sentry_tx.testing import FakeCertificateAuthority, FakeTrustStore, FakeValidator
 
@@ -54,13 +55,16 @@ class BuildServiceTests(SynchronousTestCase):
 
     def test_children(self):
         """
-        The root holds the CA, then the issuer watcher and the expiry
-        checker, then healthz and metrics, and builds them without opening
-        anything.
+        The root holds the standard error capture, the CA, then the issuer
+        watcher and the expiry checker, then healthz and metrics, and builds
+        them without opening anything.
         """
         reactor = MemoryReactorClock()
         root = build_service(SentryConfig(issuer_credentials=self.mktemp()), reactor)
-        children = list(root)
+        capture, port_check, *children = list(root)
+        self.assertIsInstance(capture, StandardErrorCapture)
+        self.assertEqual((port_check.flag, port_check.port), ("--port", 50001))
+        self.assertFalse(capture.capturing)
         self.assertIsInstance(children[0], CertificateAuthorityService)
         verifyObject(ICertificateAuthority, children[0])
         self.assertIsInstance(children[1], IssuerWatcher)
@@ -81,7 +85,7 @@ class BuildServiceTests(SynchronousTestCase):
         root = build_service(
             SentryConfig(issuer_credentials=self.mktemp(), workers=2), reactor
         )
-        authority = list(root)[0]
+        authority = list(root)[2]
         self.assertIsInstance(authority, WorkerPoolAuthority)
         verifyObject(ICertificateAuthority, authority)
         self.assertEqual(reactor.tcpServers, [])

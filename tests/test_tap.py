@@ -118,7 +118,7 @@ class DefaultsTests(OptionsTestCase):
         config = self.config(["--config", missing])
         self.assertEqual(config, SentryConfig(config=missing))
         self.assertEqual(config.mode, "standalone")
-        self.assertEqual(config.issuer_credentials, "/var/run/dapr/credentials")
+        self.assertEqual(config.issuer_credentials, "/var/run/secrets/dapr.io/credentials")
         self.assertEqual(config.issuer_ca_filename, "ca.crt")
         self.assertEqual(config.issuer_certificate_filename, "issuer.crt")
         self.assertEqual(config.issuer_key_filename, "issuer.key")
@@ -151,7 +151,12 @@ class DefaultsTests(OptionsTestCase):
         """
         A readable Configuration file gives no startup warnings.
         """
-        options = self.parse(["--config", self.write("kind: Configuration\n")])
+        options = self.parse(
+            [
+                "--config",
+                self.write("kind: Configuration\nspec:\n  mtls:\n    enabled: true\n"),
+            ]
+        )
         self.assertEqual(options.startup_warnings, [])
 
 
@@ -546,7 +551,7 @@ class HelpTests(OptionsTestCase):
         usage = " ".join(options.stdout.getvalue().split())
         for default in (
             "[default: daprsystem]",
-            "[default: /var/run/dapr/credentials]",
+            "[default: /var/run/secrets/dapr.io/credentials]",
             "[default: 50001]",
             "[default: 8080]",
             "[default: 9090]",
@@ -628,8 +633,10 @@ class ConfigurationFileTests(OptionsTestCase):
                 allowed_clock_skew=timedelta(minutes=1),
             ),
         )
-        self.assertEqual(len(options.startup_warnings), 1)
+        self.assertEqual(len(options.startup_warnings), 2)
         self.assertIn("'UNSET'", options.startup_warnings[0])
+        # "unused" is not a key of Dapr's spec.mtls: warned by name.
+        self.assertIn("spec.mtls.unused: unknown key", options.startup_warnings[1])
 
     def test_broken_yaml(self):
         """
@@ -911,3 +918,41 @@ class WorkersFlagTests(SynchronousTestCase):
             line = options.stderr.getvalue()
             self.assertEqual(line.count("\n"), 1, value)
             self.assertIn("--workers", line)
+
+
+class VersionTests(SynchronousTestCase):
+    """
+    C{twistd sentry --version} says which sentry_tx this is.
+    """
+
+    def test_version(self):
+        """
+        C{--version} (or Go's C{-version}) prints sentry_tx's version first,
+        then Twisted's and grpcio's, and exits 0.
+        """
+        import sentry_tx
+
+        for flag in ("--version", "-version"):
+            options = _options()
+            error = self.assertRaises(SystemExit, options.parseOptions, [flag])
+            self.assertEqual(error.code, 0)
+            lines = options.stdout.getvalue().splitlines()
+            self.assertEqual(lines[0], f"sentry_tx {sentry_tx.__version__}")
+            self.assertTrue(lines[1].startswith("Twisted "))
+            self.assertTrue(lines[2].startswith("grpcio "))
+
+    def test_under_twistd(self):
+        """
+        Through twistd's own parser, the subcommand's --version is ours.
+        """
+        import sentry_tx
+
+        stdout = StringIO()
+
+        class Parser(ServerOptions):
+            subCommands = [
+                ("sentry", None, lambda: Options(environ={}, stdout=stdout), "Sentry")
+            ]
+
+        self.assertRaises(SystemExit, Parser().parseOptions, ["sentry", "--version"])
+        self.assertTrue(stdout.getvalue().startswith(f"sentry_tx {sentry_tx.__version__}\n"))

@@ -126,6 +126,19 @@ _COUNTS_RESPONSE = [
     (b"success", amp.Integer()),
     (b"failures", amp.AmpList([(b"reason", amp.Unicode()), (b"count", amp.Integer())])),
     (b"servercert_issue_failed", amp.Integer()),
+    # The signing latency histogram's growth, per outcome: counts per
+    # bucket and the sum in nanoseconds (integers, so that sums are exact).
+    (
+        b"sign_durations",
+        amp.AmpList(
+            [
+                (b"outcome", amp.Unicode()),
+                (b"buckets", amp.ListOf(amp.Integer())),
+                (b"sum_ns", amp.Integer()),
+            ],
+            optional=True,
+        ),
+    ),
 ]
 
 
@@ -341,6 +354,7 @@ class CounterDeltas:
         self._metrics = metrics
         self._reported_totals = {}
         self._reported_failures = {}
+        self._reported_durations = {}
 
     def take(self):
         """
@@ -368,6 +382,18 @@ class CounterDeltas:
             if count != self._reported_failures.get(reason, 0)
         ]
         self._reported_totals, self._reported_failures = totals, failures
+        durations = metrics.sign_duration.snapshot()
+        answer["sign_durations"] = []
+        for outcome, (counts, sum_ns) in sorted(durations.items()):
+            old_counts, old_sum_ns = self._reported_durations.get(
+                outcome, ((0,) * len(counts), 0)
+            )
+            grown = [new - old for new, old in zip(counts, old_counts)]
+            if any(grown) or sum_ns != old_sum_ns:
+                answer["sign_durations"].append(
+                    {"outcome": outcome, "buckets": grown, "sum_ns": sum_ns - old_sum_ns}
+                )
+        self._reported_durations = durations
         return answer
 
 
@@ -401,3 +427,7 @@ def add_counter_deltas(metrics, answer):
     for failure in answer["failures"]:
         if failure["count"] > 0:
             metrics.sign_failure.labels(reason=failure["reason"]).inc(failure["count"])
+    for durations in answer.get("sign_durations") or ():
+        metrics.sign_duration.add(
+            durations["outcome"], durations["buckets"], durations["sum_ns"]
+        )

@@ -19,7 +19,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from sentry_tx.errors import ListenError
 from sentry_tx.interfaces import ICertificateAuthority
+from sentry_tx.listen import check_port_free
 from sentry_tx.server.serial import SerialReloads, StartGate
 from sentry_tx.server.servicer import CAServicer, rpc_handler
 from sentry_tx.server.tls import ServerCredentials, issue_server_certificate
@@ -115,6 +117,8 @@ ENHANCE_YOUR_CALM "too_many_pings" and the connection is closed.
 # The minimum TLS version (1.2) is not here: grpcio 1.85 has no server option
 # or credential argument for it; gRPC core's SSL server credentials default to
 # TLS 1.2 minimum, which tests/test_tls.py pins.
+
+GRPC_PORT_FLAG = "--port"
 
 SHUTDOWN_GRACE_SECONDS = 5.0
 SERVER_CERT_RETRY_SECONDS = 60.0
@@ -357,6 +361,9 @@ class CertificateAuthorityService(Service):
 
     def _start_grpc(self, config):
         # In a thread: binding and starting block.
+        if not self._reuse_port:
+            # A port in use becomes one line naming --port, not grpc core's.
+            check_port_free(GRPC_PORT_FLAG, config.listen_address, config.port)
         servicer = CAServicer(
             self._reactor,
             self,
@@ -387,8 +394,8 @@ class CertificateAuthorityService(Service):
             )
         except RuntimeError as e:
             executor.shutdown(wait=False)
-            raise RuntimeError(
-                f"cannot listen on {listen_target(config.listen_address, config.port)}: {e}"
+            raise ListenError(
+                GRPC_PORT_FLAG, config.port, config.listen_address, str(e)
             ) from None
         server.start()
         self._server, self._executor, self.port = server, executor, port

@@ -32,6 +32,7 @@ from sentry_tx.metrics import (
     FAILURE_REASON_CERT_PARSE,
     FAILURE_REASON_CERT_SIGN,
     FAILURE_REASON_VALIDATOR,
+    OUTCOME_SUCCESS,
 )
 
 SERVICE_NAME = "dapr.proto.sentry.v1.CA"
@@ -121,6 +122,7 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
         except DecodeError as e:
             self._metrics.sign_request_received.inc()
             self._metrics.sign_failure.labels(reason=FAILURE_REASON_VALIDATOR).inc()
+            self._metrics.sign_timer().done(FAILURE_REASON_VALIDATOR)
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{MALFORMED_REQUEST}: {e}"
             )
@@ -134,12 +136,15 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
         @raise Refusal: with the status the call ends with.
         """
         self._metrics.sign_request_received.inc()
+        timer = self._metrics.sign_timer()
         try:
             response = self._sign(request)
         except Refusal as refusal:
             self._metrics.sign_failure.labels(reason=refusal.reason).inc()
+            timer.done(refusal.reason)
             raise
         self._metrics.sign_success.inc()
+        timer.done(OUTCOME_SUCCESS)
         return response
 
     def _sign(self, request):

@@ -1,0 +1,184 @@
+"""
+C{python -m sentry_tx check-bundle DIR}: would sentry_tx start with the trust
+bundle in DIR?
+
+It runs exactly the start-up checks (L{FileTrustStore.load_or_generate_sync}
+over the same three paths, at the current time), never generates or writes
+anything, and prints what it found: the trust anchors and the issuer chain
+with their expiry dates and key types, which anchor the chain reaches, and
+whether the key matches the issuer.  Exit status 0 when the bundle would
+load; 1, with the message sentry_tx would log, when it would not.
+
+Operators run it on the files they are about to put in the
+C{dapr-trust-bundle} Secret (or a credentials directory) before they do.
+"""
+
+import argparse
+import os
+import sys
+from datetime import datetime, timezone
+
+from sentry_tx.config import SentryConfig
+
+CHECK_BUNDLE_COMMAND = "check-bundle"
+
+_DEFAULTS = SentryConfig()
+
+
+def _key_description(public_key):
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return f"ECDSA {public_key.curve.name}"
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return f"RSA {public_key.key_size}-bit"
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    return type(public_key).__name__
+
+
+def _expiry(certificate, now):
+    """
+    C{"expires <date> (in N days)"}, or C{"EXPIRED <date>"}.
+    """
+    from sentry_tx.expiry import EXPIRY_WARNING_DAYS
+
+    not_after = certificate.not_valid_after_utc
+    days = (not_after - now).total_seconds() / 86400
+    text = not_after.isoformat()
+    if days < 0:
+        return f"EXPIRED {text}"
+    warning = (
+        f"; WITHIN {EXPIRY_WARNING_DAYS} DAYS" if days < EXPIRY_WARNING_DAYS else ""
+    )
+    return f"expires {text} (in {int(days)} days{warning})"
+
+
+def describe_bundle(bundle, paths, now):
+    """
+    The report on a bundle that loads, as lines of text.
+
+    @param bundle: the L{TrustBundle} loaded.
+    @param paths: the anchors, issuer chain and key paths.
+    @param now: an aware L{datetime}.
+    """
+    from sentry_tx.ca.bundle import _is_signed_by
+
+    ca_path, chain_path, key_path = paths
+    lines = [f"trust anchors ({ca_path}): {len(bundle.anchors)}"]
+    for anchor in bundle.anchors:
+        lines.append(
+            f"  {anchor.subject.rfc4514_string()}: {_expiry(anchor, now)};"
+            f" key {_key_description(anchor.public_key())}"
+        )
+    lines.append(f"issuer chain ({chain_path}): {len(bundle.issuer_chain)}")
+    for certificate in bundle.issuer_chain:
+        lines.append(
+            f"  {certificate.subject.rfc4514_string()}, issued by"
+            f" {certificate.issuer.rfc4514_string()}: {_expiry(certificate, now)};"
+            f" key {_key_description(certificate.public_key())}"
+        )
+    top = bundle.issuer_chain[-1]
+    reached = [
+        anchor.subject.rfc4514_string()
+        for anchor in bundle.anchors
+        if anchor.subject == top.issuer and _is_signed_by(top, anchor)
+    ]
+    lines.append(
+        "the issuer chain verifies up to the anchor "
+        + (", ".join(reached) if reached else "(none)")
+    )
+    lines.append(
+        f"issuer key ({key_path}): {_key_description(bundle.issuer_key.public_key())},"
+        " matches the issuer certificate"
+    )
+    lines.append(
+        "workload certificates will not outlive"
+        f" {bundle.chain_not_after.isoformat()}"
+    )
+    return lines
+
+
+def check_bundle(paths, now, out, err):
+    """
+    Run the start-up checks on the three C{paths} and report to C{out}
+    (the findings) and C{err} (the refusal).
+
+    @return: the exit status: 0 if the bundle would load, 1 if not.
+    """
+    from sentry_tx.ca.store import FileTrustStore
+    from sentry_tx.errors import BundleError
+
+    if not any(os.path.lexists(path) for path in paths):
+        err.write(
+            f"none of {', '.join(paths)} exists: sentry_tx would generate a"
+            " new trust bundle there; there is nothing to check\n"
+        )
+        return 1
+    store = FileTrustStore(
+        None,
+        *paths,
+        trust_domain=_DEFAULTS.trust_domain,
+        namespace=_DEFAULTS.namespace,
+        allowed_clock_skew=_DEFAULTS.mtls.allowed_clock_skew,
+    )
+    try:
+        # Some file exists, so this never generates: it is the start's own
+        # code path, refusals included.
+        bundle = store.load_or_generate_sync(now)
+    except BundleError as error:
+        # The words sentry_tx logs when it refuses to start.
+        err.write(f"refusing to start: {error}\n")
+        return 1
+    for line in describe_bundle(bundle, paths, now):
+        out.write(line + "\n")
+    out.write("OK: sentry_tx would load this bundle\n")
+    return 0
+
+
+def main(argv, out=None, err=None, now=None):
+    """
+    The C{check-bundle} command line.
+
+    @param argv: the arguments after C{check-bundle}.
+    @return: the exit status.
+    """
+    from twisted.logger import globalLogPublisher
+
+    from sentry_tx import logs
+
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    parser = argparse.ArgumentParser(
+        prog=f"python -m sentry_tx {CHECK_BUNDLE_COMMAND}",
+        description="Run sentry_tx's start-up checks on a trust bundle directory.",
+    )
+    parser.add_argument("directory", help="the directory (as --issuer-credentials)")
+    for flag, default in (
+        ("--issuer-ca-filename", _DEFAULTS.issuer_ca_filename),
+        ("--issuer-certificate-filename", _DEFAULTS.issuer_certificate_filename),
+        ("--issuer-key-filename", _DEFAULTS.issuer_key_filename),
+    ):
+        parser.add_argument(flag, default=default, help=f"default: {default}")
+    arguments = parser.parse_args(argv)
+    config = SentryConfig(
+        issuer_credentials=arguments.directory,
+        issuer_ca_filename=arguments.issuer_ca_filename,
+        issuer_certificate_filename=arguments.issuer_certificate_filename,
+        issuer_key_filename=arguments.issuer_key_filename,
+    )
+    if now is None:
+        now = datetime.now(timezone.utc)
+    # The start's warnings (a key file readable by others) are shown too,
+    # while the check runs.
+    observer = logs.make_observer("warn", False, err)
+    globalLogPublisher.addObserver(observer)
+    try:
+        return check_bundle(
+            (config.ca_path, config.issuer_certificate_path, config.issuer_key_path),
+            now,
+            out,
+            err,
+        )
+    finally:
+        globalLogPublisher.removeObserver(observer)
