@@ -73,8 +73,18 @@ class _NotReady:
 
 
 class _Sleeper(ProcessProtocol):
+    """
+    A child that says C{up} once it runs its own program (so its command
+    line is its own, not the forking parent's), then waits to be killed.
+    """
+
     def __init__(self):
         self.ended = Deferred()
+        self.up = Deferred()
+
+    def outReceived(self, data):
+        if not self.up.called:
+            self.up.callback(None)
 
     def processEnded(self, reason):
         self.ended.callback(None)
@@ -121,7 +131,7 @@ class ProbeTests(TestCase):
             transport = reactor.spawnProcess(
                 sleeper,
                 sys.executable,
-                [sys.executable, "-c", "import time; time.sleep(30)", "sentry",
+                [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)", "sentry",
                  "--healthz-listen-address", "127.0.0.1", "--healthz-port", str(port)],
             )
 
@@ -133,6 +143,7 @@ class ProbeTests(TestCase):
                 return sleeper.ended
 
             self.addCleanup(kill)
+            yield sleeper.up
             out = StringIO()
             result = yield deferToThread(main, [str(transport.pid)], out=out)
             self.assertEqual(result, status, out.getvalue())
