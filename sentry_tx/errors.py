@@ -60,3 +60,18 @@ class ValidatorUnavailableError(Exception):
     The validator could not reach what it checks against (the Kubernetes API
     is down or slow); the caller should retry (UNAVAILABLE).
     """
+
+
+class ValidatorOverloadedError(Exception):
+    """
+    The validator is at its admission limit (or the call's deadline left no
+    time to work on it); the caller should retry after C{retry_after_ms}
+    (RESOURCE_EXHAUSTED, with the trailer C{grpc-retry-pushback-ms}).
+
+    @ivar retry_after_ms: how long the caller should wait before retrying,
+        in whole milliseconds.
+    """
+
+    def __init__(self, message, retry_after_ms):
+        super().__init__(message)
+        self.retry_after_ms = max(0, int(retry_after_ms))

@@ -466,11 +466,13 @@ class FakeValidator:
         self.needs_reactor = needs_reactor
         self.error = error
         self.requests = []
+        self.deadlines = []
         self._pending = pending
         self.pending = []
 
-    def validate(self, request):
+    def validate(self, request, deadline=None):
         self.requests.append(request)
+        self.deadlines.append(deadline)
         if self._pending:
             d = Deferred()
             self.pending.append(d)
@@ -549,6 +551,15 @@ class AbortingContext:
         """
         Raised by L{AbortingContext.abort}.
         """
+
+    trailing_metadata = ()
+    remaining = None
+
+    def time_remaining(self):
+        return self.remaining
+
+    def set_trailing_metadata(self, metadata):
+        self.trailing_metadata = tuple(metadata)
 
     def abort(self, code, details):
         self.code, self.details = code, details
