@@ -867,6 +867,7 @@ class _CallState:
     """
 
     expired = False
+    timeout_seconds = 0.0
 
 
 def _describe_failure(failure):
@@ -1027,6 +1028,13 @@ class KubernetesClient:
         self._closed = False
 
     @property
+    def reactor(self):
+        """
+        The reactor the client runs on (also the clock of its deadlines).
+        """
+        return self._reactor
+
+    @property
     def connection(self):
         """
         The L{ClusterConnection} in use, reading it on first use.
@@ -1068,23 +1076,27 @@ class KubernetesClient:
 
     # The calls.
 
-    def get(self, path):
+    def get(self, path, timeout_seconds=None):
         """
         C{GET path}.
 
+        @param timeout_seconds: this call's deadline, when not the client's.
         @return: Deferred firing with the decoded JSON object.
         """
-        return self.request("GET", path)
+        return self.request("GET", path, timeout_seconds=timeout_seconds)
 
-    def create(self, path, body, retry_lost_response=False):
+    def create(self, path, body, retry_lost_response=False, timeout_seconds=None):
         """
         C{POST path} with the JSON C{body}.
 
         @param retry_lost_response: resend once when the connection was cut
             before an answer came (for calls without side effects, like a
             TokenReview; a pooled connection the server had just closed).
+        @param timeout_seconds: this call's deadline, when not the client's.
         """
-        return self.request("POST", path, body, retry_lost_response)
+        return self.request(
+            "POST", path, body, retry_lost_response, timeout_seconds=timeout_seconds
+        )
 
     def replace(self, path, body):
         """
@@ -1093,13 +1105,17 @@ class KubernetesClient:
         """
         return self.request("PUT", path, body)
 
-    def request(self, method, path, body=None, retry_lost_response=False):
+    def request(
+        self, method, path, body=None, retry_lost_response=False, timeout_seconds=None
+    ):
         """
         Make one API call.
 
         @param method: C{"GET"}, C{"POST"}, C{"PUT"}.
         @param path: the API path, from C{/api} or C{/apis}.
         @param body: a JSON-serialisable object, or None.
+        @param timeout_seconds: the deadline of this call (a validation
+            passes what is left of its own); the client's by default.
         @return: Deferred firing with the decoded JSON object of a 2xx
             answer, or failing with L{KubernetesAPIError},
             L{KubernetesUnavailableError} or L{ConfigError}.
@@ -1114,6 +1130,9 @@ class KubernetesClient:
             return defer.fail()
         data = None if body is None else json.dumps(body).encode("utf-8")
         state = _CallState()
+        if timeout_seconds is None:
+            timeout_seconds = self._request_timeout_seconds
+        state.timeout_seconds = timeout_seconds
         d = self._request(method, path, data, retry_lost_response, state)
         self._in_flight.add(d)
 
@@ -1121,7 +1140,7 @@ class KubernetesClient:
             state.expired = True
             d.cancel()
 
-        deadline = self._reactor.callLater(self._request_timeout_seconds, expire)
+        deadline = self._reactor.callLater(max(0.0, timeout_seconds), expire)
 
         def finish(result):
             self._in_flight.discard(d)
@@ -1196,11 +1215,60 @@ class KubernetesClient:
             reactor=self._reactor,
         )
 
+    def open_stream(self, path, timeout_seconds=None):
+        """
+        C{GET path} for a streamed answer (a watch): fires with the treq
+        response once its headers have come, for the caller to read with
+        C{deliverBody} under its own bounds; an answer that is not 2xx is
+        read (bounded) and fails the Deferred as L{request} does.
+
+        @param timeout_seconds: how long the headers may take; the client's
+            request timeout by default.
+        @return: Deferred firing with the response; cancelling it closes the
+            connection.
+        """
+        if self._closed:
+            return defer.fail(
+                KubernetesUnavailableError(f"GET {path}: the client is closed")
+            )
+        try:
+            self._client()
+        except ConfigError:
+            return defer.fail()
+        state = _CallState()
+        state.timeout_seconds = (
+            self._request_timeout_seconds if timeout_seconds is None else timeout_seconds
+        )
+
+        @inlineCallbacks
+        def opened():
+            response = yield self._send("GET", path, None)
+            if not 200 <= response.code < 300:
+                body = yield _read_body(response, self._max_response_bytes)
+                raise _api_error(response.code, response.phrase, body, "GET", path)
+            return response
+
+        d = opened()
+
+        def expire():
+            state.expired = True
+            d.cancel()
+
+        deadline = self._reactor.callLater(max(0.0, state.timeout_seconds), expire)
+
+        def finish(result):
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        d.addBoth(finish)
+        d.addErrback(self._translate_failure, "GET", path, state)
+        return d
+
     def _translate_failure(self, failure, method, path, state):
         if state.expired:
             raise KubernetesUnavailableError(
-                f"{method} {path}: no answer within"
-                f" {self._request_timeout_seconds:g} s"
+                f"{method} {path}: no answer within {state.timeout_seconds:g} s"
             )
         if failure.check(KubernetesError, ConfigError):
             return failure
