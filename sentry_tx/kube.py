@@ -50,7 +50,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer, ssl
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -1445,8 +1445,12 @@ class KubernetesParts:
     @ivar configuration_source: the L{IConfigurationSource} to pass to the
         certificate authority.
     @ivar client: the shared L{KubernetesClient}.
-    @ivar service: a L{KubernetesClientService}; add it to the root before
-        the certificate authority so that the connections close after it.
+    @ivar service: the service to add to the root before the certificate
+        authority: it closes the connections after the authority has
+        stopped, and (when watching) runs the validator's informers, which
+        stop before the connections close.
+    @ivar readiness: healthz sources (objects with C{ready}): the validator,
+        ready once its caches have synced, when watching.
     """
 
     trust_store: object
@@ -1454,7 +1458,8 @@ class KubernetesParts:
     default_validator: int
     configuration_source: object
     client: KubernetesClient
-    service: KubernetesClientService
+    service: object
+    readiness: tuple = ()
 
 
 def build_kubernetes_parts(
@@ -1463,10 +1468,15 @@ def build_kubernetes_parts(
     environ,
     service_account_directory=SERVICE_ACCOUNT_DIRECTORY,
     token_check_interval_seconds=TOKEN_FILE_CHECK_INTERVAL_SECONDS,
+    watch=True,
 ):
     """
     Build (only build: nothing is read or opened) the parts of kubernetes
     mode.  The INSECURE validator is not enabled in this mode.
+
+    @param watch: whether this process validates callers, and so runs the
+        validator's Pod and Configuration informers (the twistd process of a
+        worker pool does not: each worker runs its own).
 
     @param config: the L{SentryConfig} from the flags.
     @param reactor: the reactor.
@@ -1478,7 +1488,13 @@ def build_kubernetes_parts(
     """
     from sentry_tx.ca.kubernetes_store import KubernetesTrustStore
     from sentry_tx.identity import VALIDATOR_KUBERNETES
+    from sentry_tx.identity.admission import ReviewAdmission
     from sentry_tx.identity.kubernetes import KubernetesValidator
+    from sentry_tx.kube_informer import (
+        InformerService,
+        configuration_informer,
+        pod_informer,
+    )
 
     environ = dict(environ)
 
@@ -1512,11 +1528,27 @@ def build_kubernetes_parts(
             else ()
         ),
     )
+    pods = configurations = None
+    service = KubernetesClientService(client)
+    if watch:
+        pods = pod_informer(reactor, client)
+        configurations = configuration_informer(reactor, client)
+        # Children start in order and stop in reverse: the informers stop
+        # before the client closes its connections.
+        client_service = service
+        service = MultiService()
+        service.setName(client_service.name)
+        client_service.setServiceParent(service)
+        InformerService((pods, configurations)).setServiceParent(service)
     validator = KubernetesValidator(
         client,
         sentry_trust_domain=config.trust_domain,
         sentry_namespace=config.namespace or DEFAULT_NAMESPACE,
         audiences=config.token_audiences,
+        reactor=reactor,
+        pods=pods,
+        configurations=configurations,
+        admission=ReviewAdmission(reactor),
     )
     source = KubernetesConfigurationSource(
         client, on_resolved=(trust_store.use_config,)
@@ -1527,5 +1559,6 @@ def build_kubernetes_parts(
         default_validator=VALIDATOR_KUBERNETES,
         configuration_source=source,
         client=client,
-        service=KubernetesClientService(client),
+        service=service,
+        readiness=(validator,) if watch else (),
     )

@@ -29,6 +29,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import ResponseDone
 
+from sentry_tx.errors import ConfigError
 from sentry_tx.kube import (
     MAX_KUBERNETES_RESPONSE_BYTES,
     KubernetesAPIError,
@@ -533,7 +534,7 @@ class Informer:
             self.resource_version = None
             self._list()
             return None
-        if failure.check(_WatchBroken, KubernetesError):
+        if failure.check(_WatchBroken, KubernetesError, ConfigError):
             reason = failure.getErrorMessage()
         else:
             self._log.failure(

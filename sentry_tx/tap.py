@@ -608,10 +608,14 @@ def build_service(config, reactor, startup_warnings=()):
     root = SentryService(reactor, startup_warnings)
     metrics = SentryMetrics()
     configuration_source = None
+    readiness = ()
     if config.mode == MODE_KUBERNETES:
         from sentry_tx.kube import build_kubernetes_parts
 
-        kubernetes = build_kubernetes_parts(config, reactor, os.environ)
+        # With worker processes, each worker watches for its own validator.
+        kubernetes = build_kubernetes_parts(
+            config, reactor, os.environ, watch=config.workers == 1
+        )
         # Added before the authority, so that it stops after it: the API
         # client's connections close once nothing uses them.
         kubernetes.service.setServiceParent(root)
@@ -619,6 +623,7 @@ def build_service(config, reactor, startup_warnings=()):
         validators = kubernetes.validators
         default_validator = kubernetes.default_validator
         configuration_source = kubernetes.configuration_source
+        readiness = kubernetes.readiness
     else:
         trust_store = FileTrustStore(
             reactor,
@@ -664,7 +669,7 @@ def build_service(config, reactor, startup_warnings=()):
     WebService(
         "healthz",
         config.healthz_port,
-        QuietSite(healthz_root(authority)),
+        QuietSite(healthz_root(authority, *readiness)),
         interface=config.healthz_listen_address,
     ).setServiceParent(root)
     if config.enable_metrics:

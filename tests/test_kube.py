@@ -1018,8 +1018,45 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
         parts = self._parts()
         verifyObject(ITrustStore, parts.trust_store)
         verifyObject(IConfigurationSource, parts.configuration_source)
-        self.assertIsInstance(parts.service, KubernetesClientService)
         self.assertEqual(parts.trust_store.watch_directories, ())
+
+    def test_services_when_watching(self):
+        """
+        When the process validates, its service runs the client's service
+        first and the informers after it (so they stop before the client
+        closes), and the validator is a healthz source, not ready before its
+        caches sync.
+        """
+        from sentry_tx.kube_informer import InformerService
+
+        parts = self._parts()
+        children = list(parts.service)
+        self.assertIsInstance(children[0], KubernetesClientService)
+        self.assertIsInstance(children[1], InformerService)
+        self.assertEqual(len(children[1].informers), 2)
+        validator = parts.validators[VALIDATOR_KUBERNETES]
+        self.assertEqual(parts.readiness, (validator,))
+        self.assertFalse(validator.ready)
+
+    def test_services_without_watching(self):
+        """
+        A process that does not validate (a worker pool's twistd process)
+        runs no informer and has no readiness source.
+        """
+        parts = build_kubernetes_parts(
+            SentryConfig(
+                mode=MODE_KUBERNETES,
+                namespace=NAMESPACE,
+                kubeconfig="/nonexistent/kubeconfig",
+                issuer_credentials="/nonexistent/credentials",
+            ),
+            Clock(),
+            {},
+            watch=False,
+        )
+        self.assertIsInstance(parts.service, KubernetesClientService)
+        self.assertEqual(parts.readiness, ())
+        self.assertTrue(parts.validators[VALIDATOR_KUBERNETES].ready)
 
     def test_mounted_secret_watched(self):
         """
