@@ -401,7 +401,8 @@ class InformerOverHTTPTests(TestCase):
         # Two pages of two (the watch's own GET may have arrived too).
         self.assertEqual(self.informer.lists, 1)
         self.assertGreaterEqual(self.fake.requests.count(("GET", PODS_PATH)), 2)
-        yield self._until(lambda: self.fake.watches)
+        # Whether the watch is open yet or not, it starts from the list's
+        # version and so sees this pod.
         self.fake.add_pod("apps", "p4", "late")
         yield self._until(lambda: self.informer.get("apps", "p4") is not None)
         self.assertEqual(self.informer.get("apps", "p4").service_account, "late")
