@@ -89,12 +89,9 @@ from sentry_tx.kube import (
 )
 from sentry_tx.kube_informer import PodRecord, configuration_trust_domain
 
-VALIDATION_TIMEOUT_SECONDS = 10.0
-"""
-How long a validation may take when the caller gives no deadline: the
-servicer's own validation timeout (L{sentry_tx.server.servicer}), which it
-passes as the deadline anyway.
-"""
+# One validation timeout: the servicer's, used here when a caller of
+# validate() passes no deadline (the servicer always passes one).
+from sentry_tx.server.servicer import VALIDATION_TIMEOUT_SECONDS
 
 ANSWER_MARGIN_SECONDS = 0.1
 """
