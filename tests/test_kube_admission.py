@@ -324,6 +324,26 @@ class ValidatorUnderLoadTests(SynchronousTestCase):
         self._reviews()[0][4].callback(review("p1", "u1"))
         self.successResultOf(busy)
 
+    def test_queue_pruned_when_latency_known(self):
+        """
+        Calls queued before any latency was measured are refused as soon as
+        a review shows they cannot be reviewed in time, not at their
+        deadline; the call whose turn has come is reviewed.
+        """
+        self._sync([pod("p1", "u1")])
+        first = self._validate()
+        second = self._validate()
+        third = self._validate()
+        self.clock.advance(8)
+        self._reviews()[0][4].callback(review("p1", "u1"))
+        self.successResultOf(first)
+        refused = self.failureResultOf(third, ValidatorOverloadedError)
+        self.assertEqual(str(refused.value), TOO_LATE)
+        self.assertNoResult(second)
+        self.assertEqual(len(self._reviews()), 1)
+        self._reviews()[0][4].callback(review("p1", "u1"))
+        self.successResultOf(second)
+
     def test_queued_until_deadline(self):
         """
         A queued call whose deadline comes before its turn leaves the queue

@@ -38,6 +38,12 @@ as the gRPC server's own bound on calls (MAX_CONCURRENT_RPCS), so that the
 queue, not a timeout, decides.
 """
 
+PRUNE_INTERVAL_SECONDS = 0.1
+"""
+How often, at most, the queue is checked for calls that can no longer be
+reviewed in time (each check walks the queue).
+"""
+
 LATENCY_SMOOTHING = 0.2
 """
 The weight of the newest TokenReview in the moving average of their latency.
@@ -56,9 +62,30 @@ TOO_LATE = (
 )
 
 
+class _Waiter:
+    """
+    A call in the queue.
+    """
+
+    __slots__ = ("deferred", "deadline", "timer")
+
+    def __init__(self, deferred, deadline):
+        self.deferred = deferred
+        self.deadline = deadline
+        self.timer = None
+
+
 class ReviewAdmission:
     """
     The admission queue (see the module docstring).  Reactor thread only.
+
+    When a call would have to wait, its turn is estimated from the start
+    times of the reviews in flight and the measured latency: the I{k}-th
+    call in the queue gets the slot of the I{(k mod limit)}-th oldest review
+    in flight, I{k div limit} latencies after that one ends.  When a review
+    ends and changes the latency, the queue is checked again (at most every
+    L{PRUNE_INTERVAL_SECONDS}) and calls that can no longer be reviewed in
+    time are refused then, not at their deadline.
 
     @param reactor: the clock.
     @param limit: how many reviews may be in flight.
@@ -82,6 +109,8 @@ class ReviewAdmission:
         self.peak_in_flight = 0
         self.latency_seconds = 0.0
         self._queue = deque()
+        self._starts = deque()
+        self._last_prune = None
 
     @property
     def queued(self):
@@ -97,6 +126,25 @@ class ReviewAdmission:
             max(MIN_RETRY_AFTER_MILLISECONDS, int(wait_seconds * 1000)),
         )
 
+    def _expected_finish(self, position, now):
+        """
+        When the call at C{position} in the queue should have its review
+        answered (0 when no latency has been measured yet: unknown).
+        """
+        if not self.latency_seconds:
+            return 0.0
+        if self.in_flight < self.limit or not self._starts:
+            start = now
+        else:
+            oldest = self._starts[position % len(self._starts)]
+            start = max(
+                now,
+                oldest
+                + self.latency_seconds
+                + (position // len(self._starts)) * self.latency_seconds,
+            )
+        return start + self.latency_seconds
+
     def acquire(self, deadline):
         """
         Wait for a slot, until C{deadline} at most.
@@ -104,7 +152,7 @@ class ReviewAdmission:
         @param deadline: when the review must have finished (reactor clock).
         @return: Deferred firing with a callable that gives the slot back
             (call it once, when the review has ended, with its duration in
-            seconds or None when it failed), or failing with
+            seconds or None when it was not measured), or failing with
             L{ValidatorOverloadedError}.  Cancelling it leaves the queue.
         """
         now = self._reactor.seconds()
@@ -115,39 +163,44 @@ class ReviewAdmission:
                 )
             )
         if self.in_flight < self.limit and not self._queue:
-            return succeed(self._take())
+            return succeed(self._take(now))
         ahead = len(self._queue)
         if ahead >= self.queue_limit:
             return fail(ValidatorOverloadedError(QUEUE_FULL, self._retry_after_ms(ahead)))
-        expected_wait = (ahead // self.limit + 1) * self.latency_seconds
-        if now + expected_wait + self.latency_seconds > deadline:
+        if self._expected_finish(ahead, now) > deadline:
             return fail(ValidatorOverloadedError(TOO_LATE, self._retry_after_ms(ahead)))
 
         def leave(d):
-            entry[1].cancel()
-            self._queue.remove(entry)
+            waiter.timer.cancel()
+            self._queue.remove(waiter)
 
-        waiter = Deferred(leave)
+        waiter = _Waiter(Deferred(leave), deadline)
+        waiter.timer = self._reactor.callLater(deadline - now, self._expire, waiter)
+        self._queue.append(waiter)
+        return waiter.deferred
 
-        def expire():
-            self._queue.remove(entry)
-            waiter.errback(
-                ValidatorOverloadedError(TOO_LATE, self._retry_after_ms(len(self._queue)))
-            )
+    def _expire(self, waiter):
+        self._queue.remove(waiter)
+        self._refuse(waiter)
 
-        entry = (waiter, self._reactor.callLater(deadline - now, expire))
-        self._queue.append(entry)
-        return waiter
+    def _refuse(self, waiter):
+        if waiter.timer.active():
+            waiter.timer.cancel()
+        waiter.deferred.errback(
+            ValidatorOverloadedError(TOO_LATE, self._retry_after_ms(len(self._queue)))
+        )
 
-    def _take(self):
+    def _take(self, now):
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        self._starts.append(now)
         released = []
 
         def release(duration_seconds=None):
             if released:
                 return
             released.append(True)
+            self._starts.remove(now)
             if duration_seconds is not None:
                 self._measured(duration_seconds)
             self.in_flight -= 1
@@ -164,7 +217,29 @@ class ReviewAdmission:
             )
 
     def _next(self):
+        now = self._reactor.seconds()
         while self._queue and self.in_flight < self.limit:
-            waiter, timer = self._queue.popleft()
-            timer.cancel()
-            waiter.callback(self._take())
+            waiter = self._queue.popleft()
+            waiter.timer.cancel()
+            waiter.deferred.callback(self._take(now))
+        if self._queue and (
+            self._last_prune is None
+            or now - self._last_prune >= PRUNE_INTERVAL_SECONDS
+        ):
+            self._last_prune = now
+            self._prune(now)
+
+    def _prune(self, now):
+        """
+        Refuse now the queued calls that can no longer be reviewed before
+        their deadline.
+        """
+        kept, late = deque(), []
+        for waiter in self._queue:
+            if self._expected_finish(len(kept), now) > waiter.deadline:
+                late.append(waiter)
+            else:
+                kept.append(waiter)
+        self._queue = kept
+        for waiter in late:
+            self._refuse(waiter)
