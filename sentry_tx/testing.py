@@ -1938,6 +1938,9 @@ class FakeKubernetesAPI:
         request.setHeader(b"content-type", b"application/json")
         request.watch_scope = (watch.plural, watch.namespace)
         request.watch_timer = None
+        # Headers go out at once, as the API server flushes them when a
+        # watch starts: a client waits for them, then for events.
+        request.write(b"")
         since = int(watch.resource_version or 0)
         if watch.resource_version and since < self._compacted:
             self._send_event(

@@ -8,6 +8,7 @@ import json
 from urllib.parse import parse_qs, urlsplit
 
 from twisted.internet import defer
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -341,6 +342,12 @@ class InformerTests(SynchronousTestCase):
         self.assertEqual(configurations.get("a", "c"), "example.org")
 
 
+class _Discard(Protocol):
+    """
+    Reads a body and drops it.
+    """
+
+
 class ObservedInformer(Informer):
     """
     An informer that tells the test when it has listed or applied an event.
@@ -408,6 +415,20 @@ class InformerOverHTTPTests(TestCase):
         self.assertEqual(self.informer.get("apps", "p4").service_account, "late")
         self.fake.delete_object("pods", "apps", "p1")
         yield self._until(lambda: self.informer.get("apps", "p1") is None)
+
+    @defer.inlineCallbacks
+    def test_watch_headers_before_events(self):
+        """
+        A watch's headers come before any event (the client's header
+        timeout must not end a quiet watch).
+        """
+        yield self._until(lambda: self.informer.ready)
+        response = yield self.client.open_stream(
+            PODS_PATH + "?watch=1&resourceVersion=999999", timeout_seconds=5
+        )
+        self.assertEqual(response.code, 200)
+        response.deliverBody(_Discard())
+        self.fake.break_watches()
 
     @defer.inlineCallbacks
     def test_gone_relists(self):
