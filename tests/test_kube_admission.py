@@ -331,18 +331,42 @@ class ValidatorUnderLoadTests(SynchronousTestCase):
         deadline; the call whose turn has come is reviewed.
         """
         self._sync([pod("p1", "u1")])
-        first = self._validate()
-        second = self._validate()
-        third = self._validate()
-        self.clock.advance(8)
+        self.admission.queue_limit = 3
+        first, second, third, fourth = [self._validate() for _ in range(4)]
+        self.clock.advance(3)
         self._reviews()[0][4].callback(review("p1", "u1"))
         self.successResultOf(first)
-        refused = self.failureResultOf(third, ValidatorOverloadedError)
+        # Reviews take 3 s: the second ends at 6 s, the third at 9 s (in
+        # time), the fourth would end at 12 s, past its 9.9 s.
+        refused = self.failureResultOf(fourth, ValidatorOverloadedError)
         self.assertEqual(str(refused.value), TOO_LATE)
-        self.assertNoResult(second)
+        self.assertNoResult(third)
+        for d in (second, third):
+            self.clock.advance(3)
+            self._reviews()[0][4].callback(review("p1", "u1"))
+            self.successResultOf(d)
+
+    def test_turn_too_late(self):
+        """
+        A queued call whose turn comes when less than a review's measured
+        latency is left is refused, and the slot goes to the next call.
+        """
+        self._sync([pod("p1", "u1")])
+        d = self._validate()
+        self.clock.advance(2)
+        self._reviews()[0][4].callback(review("p1", "u1"))
+        self.successResultOf(d)
+        busy = self._validate()
+        short = self._validate(deadline_in=5)
+        long = self._validate(deadline_in=9)
+        self.assertNoResult(short)
+        self.clock.advance(3.5)
+        self._reviews()[0][4].callback(review("p1", "u1"))
+        self.successResultOf(busy)
+        self.failureResultOf(short, ValidatorOverloadedError)
         self.assertEqual(len(self._reviews()), 1)
         self._reviews()[0][4].callback(review("p1", "u1"))
-        self.successResultOf(second)
+        self.successResultOf(long)
 
     def test_queued_until_deadline(self):
         """

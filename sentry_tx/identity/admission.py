@@ -220,6 +220,11 @@ class ReviewAdmission:
         now = self._reactor.seconds()
         while self._queue and self.in_flight < self.limit:
             waiter = self._queue.popleft()
+            if self.latency_seconds and now + self.latency_seconds > waiter.deadline:
+                # Its turn has come too late for a review to finish: a slot
+                # given to it would be wasted on the API server.
+                self._refuse(waiter)
+                continue
             waiter.timer.cancel()
             waiter.deferred.callback(self._take(now))
         if self._queue and (
