@@ -293,6 +293,8 @@ def storm(workdir, name, callers, pods, delay_seconds, deadlines, workers):
             f.write(fake.anchors_pem())
         out = os.path.join(server.workdir, "storm.json")
         requests_before = fake.requests()
+        cpu_before, fake_before = server.cpu_seconds(), fake.cpu_seconds()
+        began = time.monotonic()
         subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--storm-client",
              f"127.0.0.1:{server.port}", anchors_path,
@@ -300,6 +302,8 @@ def storm(workdir, name, callers, pods, delay_seconds, deadlines, workers):
              ",".join(str(d) for d in deadlines), out],
             check=True, timeout=120,
         )
+        wall = time.monotonic() - began
+        cpu, fake_cpu = server.cpu_seconds() - cpu_before, fake.cpu_seconds() - fake_before
         requests_after = fake.requests()
         with open(out) as f:
             results = json.load(f)
@@ -321,6 +325,8 @@ def storm(workdir, name, callers, pods, delay_seconds, deadlines, workers):
             late=late, pushbacks=pushbacks, rss=server.peak_rss_mib(),
             api_requests=_requests_per_certificate(requests_before, requests_after, signed),
             workers=workers,
+            results=results,
+            wall=wall, cpu=cpu, fake_cpu=fake_cpu,
         )
     finally:
         if server is not None:
@@ -350,7 +356,9 @@ def describe_storm(row):
             f"{row['slowest_ok'] or 0:.2f} s); answers later than min(deadline, "
             f"{VALIDATION_TIMEOUT_SECONDS:g} s) + {ANSWER_TOLERANCE_SECONDS:g} s: {row['late']}; "
             f"refusals with grpc-retry-pushback-ms: {row['pushbacks']}; peak RSS {row['rss']:.0f} MiB; "
-            f"API requests per cert: {_format_requests(row['api_requests'])}")
+            f"API requests per cert: {_format_requests(row['api_requests'])}; "
+            f"CPU over the storm's {row['wall']:.1f} s: sentry_tx {row['cpu']:.1f} s, "
+            f"fake API server {row['fake_cpu']:.1f} s")
 
 
 def storms(workdir, workers, quick=False):
