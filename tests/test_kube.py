@@ -1038,6 +1038,40 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
         self.assertEqual(parts.readiness, (validator,))
         self.assertFalse(validator.ready)
 
+    def test_healthz_waits_for_caches(self):
+        """
+        The composition root gives /healthz the validator as a readiness
+        source next to the authority: not ready until its caches have
+        synced.  With worker processes the twistd process watches nothing
+        and healthz has the authority only.
+        """
+        from sentry_tx.service import WebService
+        from sentry_tx.tap import build_service
+
+        def healthz_sources(**fields):
+            config = SentryConfig(
+                mode=MODE_KUBERNETES,
+                namespace=NAMESPACE,
+                kubeconfig="/nonexistent/kubeconfig",
+                issuer_credentials="/nonexistent/credentials",
+                **fields,
+            )
+            root = build_service(config, Clock())
+            (web,) = [
+                service
+                for service in root
+                if isinstance(service, WebService) and service.label == "healthz"
+            ]
+            return web.args[1].resource.children[b"healthz"]._sources
+
+        _, validator = healthz_sources()
+        self.assertEqual(validator.name, VALIDATOR_KUBERNETES)
+        self.assertFalse(validator.ready)
+        for informer in validator._informers:
+            informer.ready = True
+        self.assertTrue(validator.ready)
+        self.assertEqual(len(healthz_sources(workers=2)), 1)
+
     def test_services_without_watching(self):
         """
         A process that does not validate (a worker pool's twistd process)
