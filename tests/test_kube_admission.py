@@ -43,6 +43,7 @@ from sentry_tx.server.servicer import (
     RETRY_PUSHBACK_TRAILER,
     VALIDATION_TIMEOUT_SECONDS,
     CAServicer,
+    rpc_handler,
 )
 from sentry_tx.server.service import CertificateAuthorityService
 from sentry_tx.testing import (
@@ -467,6 +468,30 @@ class ServicerDeadlineTests(SynchronousTestCase):
             context.remaining = remaining
             servicer.SignCertificate(self._request(), context)
             self.assertEqual(validator.deadlines[-1], 500 + expected)
+
+    def test_deadline_from_arrival(self):
+        """
+        The call's arrival is stamped when grpcio looks up its handler, so
+        the time it then waits for a worker thread counts against the
+        validation timeout; the client's deadline is still honoured.
+        """
+        from collections import namedtuple
+
+        Details = namedtuple("Details", "method invocation_metadata")
+        validator = FakeValidator(VALIDATOR_INSECURE, needs_reactor=False)
+        servicer = self._servicer(validator)
+        generic = rpc_handler(servicer)
+        self.assertIsNone(generic.service(Details("/other.Service/Method", ())))
+        for remaining, expected in ((26.0, 510.0), (3.0, 507.0), (None, 510.0)):
+            handler = generic.service(
+                Details("/dapr.proto.sentry.v1.CA/SignCertificate", ())
+            )
+            arrived = self.clock.seconds()
+            self.clock.advance(4)
+            context = AbortingContext()
+            context.remaining = remaining
+            handler.unary_unary(self._request().SerializeToString(), context)
+            self.assertEqual(validator.deadlines[-1] - arrived, expected - 500.0)
 
     def test_overloaded(self):
         """

@@ -105,11 +105,24 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
         self._metrics = metrics
         self._validation_timeout_seconds = validation_timeout_seconds
 
-    def SignCertificate(self, request, context):
+    def SignCertificate(self, request, context, arrived=None):
         """
         The gRPC method: run the pipeline, or abort the call with its status.
+
+        @param arrived: when grpcio received the call (reactor clock), if
+            known: the time it then waited for a worker thread counts
+            against its validation timeout.
         """
-        deadline = self.deadline(self._reactor.seconds(), context.time_remaining())
+        now = self._reactor.seconds()
+        remaining = context.time_remaining()
+        if arrived is not None and arrived < now:
+            # The client's time left is read now; the validation timeout
+            # runs from the call's arrival.
+            remaining = (
+                (now - arrived) + remaining if remaining is not None else None
+            )
+            now = arrived
+        deadline = self.deadline(now, remaining)
         try:
             return self.sign(SignRequest.from_proto(request), deadline)
         except Refusal as refusal:
@@ -131,7 +144,7 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
             deadline = min(deadline, now + time_remaining)
         return deadline
 
-    def SignCertificateMessage(self, data, context):
+    def SignCertificateMessage(self, data, context, arrived=None):
         """
         The gRPC method as served: the request arrives as bytes and is
         parsed here, so that a message that is not a valid
@@ -147,7 +160,13 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{MALFORMED_REQUEST}: {e}"
             )
-        return self.SignCertificate(request, context)
+        return self.SignCertificate(request, context, arrived)
+
+    def clock_seconds(self):
+        """
+        The reactor clock's time (thread-safe to read).
+        """
+        return self._reactor.seconds()
 
     def sign(self, request, deadline=None):
         """
@@ -271,24 +290,40 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
         return d
 
 
+class _ArrivalStampingHandler(grpc.GenericRpcHandler):
+    """
+    grpcio's handler of C{dapr.proto.sentry.v1.CA}: grpcio asks it for the
+    method's handler in its serving thread as the call arrives, before the
+    call waits for a worker thread, so the arrival time is taken here.
+    """
+
+    _full_name = f"/{SERVICE_NAME}/{METHOD_NAME}"
+
+    def __init__(self, servicer):
+        self._servicer = servicer
+
+    def service(self, handler_call_details):
+        if handler_call_details.method != self._full_name:
+            return None
+        arrived = self._servicer.clock_seconds()
+        sign = self._servicer.SignCertificateMessage
+        return grpc.unary_unary_rpc_method_handler(
+            lambda data, context: sign(data, context, arrived),
+            request_deserializer=None,
+            response_serializer=sentry_pb2.SignCertificateResponse.SerializeToString,
+        )
+
+
 def rpc_handler(servicer):
     """
     The grpcio handler of C{dapr.proto.sentry.v1.CA} for C{servicer}.
 
     The request is handed over as bytes (see
     L{CAServicer.SignCertificateMessage}); the response is serialised by
-    grpcio.
+    grpcio.  The call's arrival time is passed along, so that the time it
+    waits for a worker thread counts against its validation timeout.
     """
-    return grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
-        {
-            METHOD_NAME: grpc.unary_unary_rpc_method_handler(
-                servicer.SignCertificateMessage,
-                request_deserializer=None,
-                response_serializer=sentry_pb2.SignCertificateResponse.SerializeToString,
-            )
-        },
-    )
+    return _ArrivalStampingHandler(servicer)
 
 
 def _fired_result(d):
