@@ -369,6 +369,26 @@ class ValidatorUnderLoadTests(SynchronousTestCase):
         self._reviews()[0][4].callback(review("p1", "u1"))
         self.successResultOf(long)
 
+    def test_cold_api_server(self):
+        """
+        Before any review has ended, the time the oldest one has run is the
+        latency planned with: a queued call that could not be reviewed in
+        time even so is refused as soon as that is known, well before its
+        deadline.
+        """
+        self._sync([pod("p1", "u1")])
+        first = self._validate()
+        queued = self._validate(deadline_in=5)
+        self.clock.advance(2.3)
+        self.assertNoResult(queued)
+        self.clock.advance(0.3)
+        refused = self.failureResultOf(queued, ValidatorOverloadedError)
+        self.assertEqual(str(refused.value), TOO_LATE)
+        self.assertGreaterEqual(refused.value.retry_after_ms, 2500)
+        self._reviews()[0][4].callback(review("p1", "u1"))
+        self.successResultOf(first)
+        self.assertEqual(self.admission.in_flight, 0)
+
     def test_queued_until_deadline(self):
         """
         A queued call whose deadline comes before its turn leaves the queue

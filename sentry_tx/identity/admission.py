@@ -8,10 +8,13 @@ RESOURCE_EXHAUSTED and the trailer C{grpc-retry-pushback-ms}) when:
   - its deadline has passed already (it is not worked on);
   - the queue holds L{MAX_QUEUED_TOKEN_REVIEWS} calls;
   - by the reviews' measured latency, its turn would come too late for a
-    review to finish before its deadline.
+    review to finish before its deadline (before any review has ended, the
+    time the oldest one in flight has run so far is the latency planned
+    with: a lower bound that grows while a cold API server is slow).
 
-A queued call whose deadline comes before its turn leaves the queue with the
-same refusal.  Nothing here waits without a bound: every queued call has a
+A queued call is checked again as time passes and reviews end, and refused
+as soon as it cannot make it; one whose deadline comes before its turn
+leaves the queue with the same refusal.  Nothing here waits without a bound: every queued call has a
 timer at its deadline.
 """
 
@@ -118,6 +121,7 @@ class ReviewAdmission:
         self._queue = deque()
         self._starts = deque()
         self._last_prune = None
+        self._prune_timer = None
 
     @property
     def queued(self):
@@ -127,18 +131,33 @@ class ReviewAdmission:
         return len(self._queue)
 
     def _retry_after_ms(self, ahead):
-        wait_seconds = (ahead / self.limit + 1) * self.latency_seconds
+        wait_seconds = (ahead / self.limit + 1) * self._latency(
+            self._reactor.seconds()
+        )
         return min(
             MAX_RETRY_AFTER_MILLISECONDS,
             max(MIN_RETRY_AFTER_MILLISECONDS, int(wait_seconds * 1000)),
         )
 
+    def _latency(self, now):
+        """
+        The review latency to plan with: the measured average; before any
+        review has ended, how long the oldest one in flight has run so far
+        (a lower bound, which grows while a cold API server is slow).
+        """
+        if self.latency_seconds:
+            return self.latency_seconds
+        if self._starts:
+            return now - self._starts[0]
+        return 0.0
+
     def _expected_finish(self, position, now):
         """
         When the call at C{position} in the queue should have its review
-        answered (0 when no latency has been measured yet: unknown).
+        answered (0 when nothing is known of the latency yet).
         """
-        if not self.latency_seconds:
+        latency = self._latency(now)
+        if not latency:
             return 0.0
         if self.in_flight < self.limit or not self._starts:
             start = now
@@ -146,11 +165,9 @@ class ReviewAdmission:
             oldest = self._starts[position % len(self._starts)]
             start = max(
                 now,
-                oldest
-                + self.latency_seconds
-                + (position // len(self._starts)) * self.latency_seconds,
+                oldest + latency + (position // len(self._starts)) * latency,
             )
-        return start + self.latency_seconds
+        return start + latency
 
     def acquire(self, deadline):
         """
@@ -184,7 +201,27 @@ class ReviewAdmission:
         waiter = _Waiter(Deferred(leave), deadline)
         waiter.timer = self._reactor.callLater(deadline - now, self._expire, waiter)
         self._queue.append(waiter)
+        if self._prune_timer is None:
+            self._prune_timer = self._reactor.callLater(
+                PRUNE_INTERVAL_SECONDS, self._prune_periodically
+            )
         return waiter.deferred
+
+    def _prune_periodically(self):
+        """
+        While calls wait, check every L{PRUNE_INTERVAL_SECONDS} whether the
+        latency now known rules some out (no review may end for a while:
+        a cold or slow API server).
+        """
+        self._prune_timer = None
+        if self._queue:
+            now = self._reactor.seconds()
+            self._last_prune = now
+            self._prune(now)
+        if self._queue:
+            self._prune_timer = self._reactor.callLater(
+                PRUNE_INTERVAL_SECONDS, self._prune_periodically
+            )
 
     def _expire(self, waiter):
         self._queue.remove(waiter)
@@ -227,7 +264,8 @@ class ReviewAdmission:
         now = self._reactor.seconds()
         while self._queue and self.in_flight < self.limit:
             waiter = self._queue.popleft()
-            if self.latency_seconds and now + self.latency_seconds > waiter.deadline:
+            latency = self._latency(now)
+            if latency and now + latency > waiter.deadline:
                 # Its turn has come too late for a review to finish: a slot
                 # given to it would be wasted on the API server.
                 self._refuse(waiter)
