@@ -10,7 +10,11 @@ from zope.interface.verify import verifyObject
 
 from sentry_tx.errors import ValidationError, ValidatorUnavailableError
 from sentry_tx.identity import VALIDATOR_KUBERNETES, SignRequest
-from sentry_tx.identity.kubernetes import KubernetesValidator, token_payload
+from sentry_tx.identity.kubernetes import (
+    ANSWER_MARGIN_SECONDS,
+    KubernetesValidator,
+    token_payload,
+)
 from sentry_tx.interfaces import IIdentityValidator
 from sentry_tx.testing import (
     FAKE_API_DEFAULT_AUDIENCES,
@@ -515,7 +519,9 @@ class KubernetesValidatorTests(TestCase):
         validator = KubernetesValidator(client, TEST_TRUST_DOMAIN, TEST_NAMESPACE)
         self.fake.hang()
         error = yield self.assertFailure(
-            validator.validate(self._request(), reactor.seconds() + 0.3),
+            validator.validate(
+                self._request(), reactor.seconds() + ANSWER_MARGIN_SECONDS + 0.2
+            ),
             ValidatorUnavailableError,
         )
         self.assertRegex(str(error), r"no answer within 0\.(19|2)\d* s")

@@ -93,10 +93,13 @@ from sentry_tx.kube_informer import PodRecord, configuration_trust_domain
 # validate() passes no deadline (the servicer always passes one).
 from sentry_tx.server.servicer import VALIDATION_TIMEOUT_SECONDS
 
-ANSWER_MARGIN_SECONDS = 0.1
+ANSWER_MARGIN_SECONDS = 0.5
 """
 The validator gives up this long before the call's deadline, so that a
-refusal (or the certificate) still reaches the caller in time.
+refusal (or the certificate) still reaches the caller in time.  Measured in
+the 2,000-caller storm (bench/kube_storm.py, today's threaded gRPC hosting
+on the loaded 2-core machine): an answer took up to 0.6 s to reach the
+caller after the validator gave up with a 0.1 s margin.
 """
 
 VALIDATOR_NOT_READY = "validator not ready"
