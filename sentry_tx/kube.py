@@ -868,6 +868,7 @@ class _CallState:
 
     expired = False
     timeout_seconds = 0.0
+    max_response_bytes = 0
 
 
 def _describe_failure(failure):
@@ -1076,14 +1077,21 @@ class KubernetesClient:
 
     # The calls.
 
-    def get(self, path, timeout_seconds=None):
+    def get(self, path, timeout_seconds=None, max_response_bytes=None):
         """
         C{GET path}.
 
         @param timeout_seconds: this call's deadline, when not the client's.
+        @param max_response_bytes: the largest answer read for this call (a
+            list page), when not the client's.
         @return: Deferred firing with the decoded JSON object.
         """
-        return self.request("GET", path, timeout_seconds=timeout_seconds)
+        return self.request(
+            "GET",
+            path,
+            timeout_seconds=timeout_seconds,
+            max_response_bytes=max_response_bytes,
+        )
 
     def create(self, path, body, retry_lost_response=False, timeout_seconds=None):
         """
@@ -1106,7 +1114,13 @@ class KubernetesClient:
         return self.request("PUT", path, body)
 
     def request(
-        self, method, path, body=None, retry_lost_response=False, timeout_seconds=None
+        self,
+        method,
+        path,
+        body=None,
+        retry_lost_response=False,
+        timeout_seconds=None,
+        max_response_bytes=None,
     ):
         """
         Make one API call.
@@ -1133,6 +1147,7 @@ class KubernetesClient:
         if timeout_seconds is None:
             timeout_seconds = self._request_timeout_seconds
         state.timeout_seconds = timeout_seconds
+        state.max_response_bytes = max_response_bytes or self._max_response_bytes
         d = self._request(method, path, data, retry_lost_response, state)
         self._in_flight.add(d)
 
@@ -1168,7 +1183,7 @@ class KubernetesClient:
                     lost_response_retries -= 1
                     continue
                 raise
-            body = yield _read_body(response, self._max_response_bytes)
+            body = yield _read_body(response, state.max_response_bytes)
             token = self.connection.token
             if response.code == 401 and token_retries and token is not None:
                 # The token may have rotated since the last check: re-read

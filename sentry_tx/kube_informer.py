@@ -39,11 +39,16 @@ from sentry_tx.kube import (
 PODS_PATH = "/api/v1/pods"
 CONFIGURATIONS_PATH = "/apis/dapr.io/v1alpha1/configurations"
 
-LIST_PAGE_SIZE = 250
+LIST_PAGE_SIZE = 100
 """
-Objects asked for per list page (C{limit}); with pods of up to 16 KiB of
-JSON each, a page stays under the client's response cap
-(L{MAX_KUBERNETES_RESPONSE_BYTES}).
+Objects asked for per list page (C{limit}).
+"""
+
+MAX_LIST_PAGE_BYTES = 32 * 1024 * 1024
+"""
+The largest list page read: L{LIST_PAGE_SIZE} pods of up to 320 KiB of JSON
+each (a pod with large managedFields and annotations); a page is parsed and
+reduced to what the validator needs, then dropped.
 """
 
 WATCH_SERVER_TIMEOUT_SECONDS = 240
@@ -425,7 +430,10 @@ class Informer:
             query = {"limit": str(self._page_size)}
             if continue_token:
                 query["continue"] = continue_token
-            page = yield self._client.get(f"{self._path}?{urlencode(query)}")
+            page = yield self._client.get(
+                f"{self._path}?{urlencode(query)}",
+                max_response_bytes=MAX_LIST_PAGE_BYTES,
+            )
             for document in page.get("items") or ():
                 if isinstance(document, dict):
                     kept = self._extract(document)

@@ -2200,11 +2200,13 @@ class ScriptedKubernetesClient:
 
     @ivar calls: C{(method, path, body, timeout_seconds, Deferred)} of every
         call, in order.
+    @ivar response_caps: the C{max_response_bytes} of every GET, in order.
     """
 
     def __init__(self, reactor):
         self.reactor = reactor
         self.calls = []
+        self.response_caps = []
 
     def _call(self, method, path, body=None, timeout_seconds=None):
         from sentry_tx.kube import KubernetesUnavailableError
@@ -2237,7 +2239,8 @@ class ScriptedKubernetesClient:
         self.calls.append((method, path, body, timeout_seconds, d))
         return d
 
-    def get(self, path, timeout_seconds=None):
+    def get(self, path, timeout_seconds=None, max_response_bytes=None):
+        self.response_caps.append(max_response_bytes)
         return self._call("GET", path, timeout_seconds=timeout_seconds)
 
     def create(self, path, body, retry_lost_response=False, timeout_seconds=None):

@@ -752,6 +752,17 @@ class ClientTests(TestCase):
         self.assertIn("larger than 64 bytes", str(error))
 
     @defer.inlineCallbacks
+    def test_response_cap_per_call(self):
+        """
+        A call may read a larger answer than the client's cap (a list page)
+        when it says so; the next call has the client's cap again.
+        """
+        client = kubernetes_client_for(self, self.fake, max_response_bytes=64)
+        secret = yield client.get(SECRET_PATH, max_response_bytes=64 * 1024)
+        self.assertEqual(secret["metadata"]["name"], "s")
+        yield self.assertFailure(client.get(SECRET_PATH), KubernetesUnavailableError)
+
+    @defer.inlineCallbacks
     def test_token_file_reread(self):
         """
         A rotated token file is used for the next call once the check

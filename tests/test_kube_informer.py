@@ -16,6 +16,7 @@ from sentry_tx.kube import KubernetesAPIError, KubernetesUnavailableError
 from sentry_tx.kube_informer import (
     CONFIGURATIONS_PATH,
     MAX_KEPT_STRING_CHARACTERS,
+    MAX_LIST_PAGE_BYTES,
     PODS_PATH,
     RELIST_BACKOFF_INITIAL_SECONDS,
     RELIST_BACKOFF_MAX_SECONDS,
@@ -98,6 +99,7 @@ class InformerTests(SynchronousTestCase):
         (second,) = self.client.pending("GET")
         self.assertEqual(query(second[1]), {"limit": "2", "continue": "next"})
         second[4].callback(page([pod("b", "p3", 7)], 10))
+        self.assertEqual(self.client.response_caps, [MAX_LIST_PAGE_BYTES] * 2)
         self.assertTrue(self.informer.ready)
         self.assertEqual(len(self.informer), 3)
         self.assertEqual(self.informer.get("b", "p3").uid, "uid-p3")
