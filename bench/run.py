@@ -27,7 +27,6 @@ times across runs.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
