@@ -227,8 +227,11 @@ async def _storm_client(target, anchors_pem, tokens, callers, deadlines, namespa
         grpc.aio.secure_channel(
             target,
             grpc.ssl_channel_credentials(root_certificates=anchors_pem),
+            # Each channel its own connection, as each sidecar has (grpc
+            # shares one between channels of the same target by default).
             options=[("grpc.ssl_target_name_override", "dapr-sentry.default.svc"),
-                     ("grpc.enable_retries", 0)],
+                     ("grpc.enable_retries", 0),
+                     ("grpc.use_local_subchannel_pool", 1)],
         )
         for _ in range((callers + CALLS_PER_CHANNEL - 1) // CALLS_PER_CHANNEL)
     ]
@@ -249,11 +252,11 @@ async def _storm_client(target, anchors_pem, tokens, callers, deadlines, namespa
         began = time.monotonic()
         try:
             await stubs[index % len(stubs)].SignCertificate(request, timeout=deadline)
-            code, pushback = "OK", None
+            code, pushback, details = "OK", None, ""
         except grpc.aio.AioRpcError as e:
-            code = e.code().name
+            code, details = e.code().name, e.details()
             pushback = dict(e.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
-        return code, time.monotonic() - began, deadline, pushback
+        return code, time.monotonic() - began, deadline, pushback, details
 
     tasks = [asyncio.ensure_future(caller(i)) for i in range(callers)]
     await asyncio.sleep(0.1)
@@ -310,7 +313,7 @@ def storm(workdir, name, callers, pods, delay_seconds, deadlines, workers):
         codes = {}
         late = 0
         pushbacks = 0
-        for code, seconds, deadline, pushback in results:
+        for code, seconds, deadline, pushback, _ in results:
             codes[code] = codes.get(code, 0) + 1
             if seconds > min(deadline, VALIDATION_TIMEOUT_SECONDS) + ANSWER_TOLERANCE_SECONDS:
                 late += 1
