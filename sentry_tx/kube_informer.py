@@ -343,6 +343,7 @@ class Informer:
         self._stream = None
         self._timer = None
         self._failures = 0
+        self._watching = False
         self._sync_waiters = []
 
     def __len__(self):
@@ -418,6 +419,7 @@ class Informer:
         if not self._running:
             return
         self.lists += 1
+        self._watching = False
         self._operation = self._list_pages()
         self._operation.addCallbacks(self._listed, self._failed)
 
@@ -472,6 +474,7 @@ class Informer:
         if not self._running:
             return
         self.watches += 1
+        self._watching = True
         query = {
             "watch": "1",
             "allowWatchBookmarks": "true",
@@ -534,7 +537,10 @@ class Informer:
         gone = failure.check(_WatchGone) or (
             failure.check(KubernetesAPIError) and failure.value.status == _GONE
         )
-        if gone:
+        if gone and self._watching:
+            # A watch from a version the server no longer has: list again
+            # now.  (A list answered 410, an expired continue token, backs
+            # off like any other failure, so it cannot loop.)
             self._log.info(
                 "{description} watch: resource version too old; listing again",
                 description=self.description,

@@ -167,6 +167,20 @@ class InformerTests(SynchronousTestCase):
         call[4].errback(KubernetesAPIError(410, "Gone", "too old"))
         self.assertEqual(len(self.client.pending("GET")), 1)
 
+    def test_gone_list_backs_off(self):
+        """
+        A list page answered 410 (an expired continue token) is retried
+        after the backoff, not at once, so that it cannot loop.
+        """
+        (call,) = self.client.pending("GET")
+        call[4].callback(page([pod("a", "p1", 5)], 10, "next"))
+        (call,) = self.client.pending("GET")
+        call[4].errback(KubernetesAPIError(410, "Expired", "continue token expired"))
+        self.assertEqual(self.client.pending(), [])
+        self.clock.advance(RELIST_BACKOFF_INITIAL_SECONDS)
+        (call,) = self.client.pending("GET")
+        self.assertNotIn("continue", query(call[1]))
+
     def test_broken_watch_relists_with_backoff(self):
         """
         A cut watch lists again after a backoff that doubles with each
