@@ -212,7 +212,8 @@ class _WatchStream(Protocol):
         self._finished = finished
         self._max_line_bytes = max_line_bytes
         self._idle_seconds = idle_seconds
-        self._buffer = b""
+        self._pending = []
+        self._pending_bytes = 0
         self._idle = None
         self._error = None
 
@@ -224,19 +225,31 @@ class _WatchStream(Protocol):
             return
         if self._idle is not None and self._idle.active():
             self._idle.reset(self._idle_seconds)
-        self._buffer += data
+        # The start of a line is kept as a list of pieces (no copying of a
+        # growing buffer); the lines of this piece are found by index.
+        start = 0
         while self._error is None:
-            end = self._buffer.find(b"\n")
+            end = data.find(b"\n", start)
             if end < 0:
                 break
-            line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+            line = data[start:end]
+            if self._pending:
+                line = b"".join(self._pending) + line
+                self._pending, self._pending_bytes = [], 0
+            start = end + 1
             if len(line) > self._max_line_bytes:
-                self._fail(_WatchBroken(f"an event longer than {self._max_line_bytes} bytes"))
+                self._fail(self._too_long())
                 return
             if line.strip():
                 self._event(line)
-        if self._error is None and len(self._buffer) > self._max_line_bytes:
-            self._fail(_WatchBroken(f"an event longer than {self._max_line_bytes} bytes"))
+        if self._error is None and start < len(data):
+            self._pending.append(data[start:])
+            self._pending_bytes += len(data) - start
+            if self._pending_bytes > self._max_line_bytes:
+                self._fail(self._too_long())
+
+    def _too_long(self):
+        return _WatchBroken(f"an event longer than {self._max_line_bytes} bytes")
 
     def _event(self, line):
         try:
@@ -263,7 +276,7 @@ class _WatchStream(Protocol):
 
     def _fail(self, error):
         self._error = error
-        self._buffer = b""
+        self._pending, self._pending_bytes = [], 0
         if self.transport is not None:
             self.transport.stopProducing()
         else:

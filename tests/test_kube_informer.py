@@ -242,7 +242,8 @@ class InformerTests(SynchronousTestCase):
 
     def test_event_split_across_reads(self):
         """
-        An event split across reads is applied once its line is complete.
+        An event split across reads is applied once its line is complete;
+        several events in one read are all applied.
         """
         self._answer_list(page([], 10))
         _, response = self._watch()
@@ -251,6 +252,18 @@ class InformerTests(SynchronousTestCase):
         self.assertIsNone(self.informer.get("a", "p"))
         response.protocol.dataReceived(line[20:] + b"\n")
         self.assertIsNotNone(self.informer.get("a", "p"))
+        # Several events in one read, the last cut in three.
+        lines = [
+            json.dumps({"type": "ADDED", "object": pod("a", f"q{i}", 12 + i)}).encode()
+            for i in range(3)
+        ]
+        response.protocol.dataReceived(lines[0] + b"\n" + lines[1] + b"\n" + lines[2][:5])
+        self.assertIsNotNone(self.informer.get("a", "q1"))
+        self.assertIsNone(self.informer.get("a", "q2"))
+        response.protocol.dataReceived(lines[2][5:30])
+        response.protocol.dataReceived(lines[2][30:] + b"\n")
+        self.assertEqual(self.informer.get("a", "q2").uid, "uid-q2")
+        self.assertEqual(self.informer.resource_version, "14")
 
     def test_silent_watch_broken(self):
         """
