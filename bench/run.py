@@ -27,7 +27,6 @@ times across runs.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -560,75 +559,7 @@ def reload_visibility(server, swaps, seconds_per_swap):
     return statistics.median(delays), state["failed"]
 
 
-# Kubernetes mode
-
-
-def kubernetes_rate(workdir, seconds, delay_seconds, workers, repeats, use_h2load):
-    """
-    signed/s, p50, p99 and failures at 64 in flight in kubernetes mode,
-    against the fake API server (bench/fake_kube.py, its own process) with
-    `delay_seconds` added to each TokenReview and Pod GET.
-
-    @return: (row, None), or (None, the reason it was not measured).
-    """
-    if not use_h2load:
-        return None, "needs h2load (apt-get install nghttp2-client)"
-    kube_dir = tempfile.mkdtemp(dir=workdir)
-    fake = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "fake_kube.py"), kube_dir, str(delay_seconds)],
-        stdout=subprocess.DEVNULL, stderr=open(os.path.join(kube_dir, "fake.log"), "wb"),
-    )
-    server = None
-    try:
-        info_path = os.path.join(kube_dir, "fake-kube.json")
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        while not os.path.exists(info_path):
-            if fake.poll() is not None or time.monotonic() > deadline:
-                return None, f"the fake API server did not start (see {kube_dir}/fake.log)"
-            time.sleep(0.05)
-        with open(info_path) as f:
-            info = json.load(f)
-        server = Server(
-            tempfile.mkdtemp(dir=workdir), workers,
-            extra=["--mode", "kubernetes", "--kubeconfig", info["kubeconfig"],
-                   "--config", "daprsystem"],
-            env={"NAMESPACE": "default"},
-        )
-        server.start()
-        body_path = os.path.join(server.workdir, "request.grpc")
-        with open(body_path, "wb") as f:
-            f.write(grpc_frame(sign_request(
-                token_validator=sentry_pb2.SignCertificateRequest.KUBERNETES,
-                namespace=info["namespace"], token=info["token"],
-            )))
-        before = server.metrics()
-        cpu_before, fake_before = server.cpu_seconds(), process_cpu_seconds(fake.pid)
-        runs = [h2load_run(server, 64, seconds, body_path, server.workdir) for _ in range(repeats)]
-        cpu, fake_cpu = server.cpu_seconds() - cpu_before, process_cpu_seconds(fake.pid) - fake_before
-        time.sleep(1.5)  # let worker counters reach the parent
-        after = server.metrics()
-        key = "dapr_sentry_cert_sign_success_total"
-        failed = sum(
-            after.get(k, 0) - before.get(k, 0)
-            for k in after if k.startswith("dapr_sentry_cert_sign_failure_total")
-        )
-        signed = int(after.get(key, 0) - before.get(key, 0))
-        return dict(
-            rate=statistics.median(r[0] for r in runs),
-            p50=statistics.median(r[1] for r in runs),
-            p99=statistics.median(r[2] for r in runs),
-            calls=sum(r[3] for r in runs),
-            signed=signed,
-            cpu_ms=1000 * cpu / signed if signed else None,
-            fake_cpu_ms=1000 * fake_cpu / signed if signed else None,
-            failed=int(failed),
-            workers=workers,
-        ), None
-    finally:
-        if server is not None:
-            server.stop()
-        fake.kill()
-        fake.wait()
+# Kubernetes mode: bench/kube_storm.py (the rate at 20 ms and the storms).
 
 
 # Report
@@ -776,19 +707,17 @@ def main(argv=None):
                 print(f"  issuer swap -> first new certificate: {fmt(delay, 2)} s; failed calls {failed}")
         if not args.quick:
             kube_workers = max(workers_list)
-            kube, reason = kubernetes_rate(
+            import kube_storm
+
+            kube, reason = kube_storm.kubernetes_rate(
                 workdir, seconds, 0.020, kube_workers, repeats, use_h2load
             )
             results["kubernetes"] = (kube, reason)
-            if kube:
-                print(f"\nkubernetes mode, {kube_workers} process(es), 20 ms added to each "
-                      f"TokenReview and Pod GET, 64 in flight: {kube['rate']:,.0f} signed/s  "
-                      f"p50 {fmt(kube['p50'], 2)} ms  p99 {fmt(kube['p99'], 2)} ms  "
-                      f"failed {kube['failed']} of {kube['calls']:,}  "
-                      f"CPU per cert: sentry_tx {fmt(kube['cpu_ms'], 2)} ms, "
-                      f"fake API server {fmt(kube['fake_cpu_ms'], 2)} ms")
-            else:
-                print(f"\nkubernetes mode: not measured ({reason})")
+            print("\n" + (kube_storm.describe_rate(kube) if kube
+                          else f"kubernetes mode: not measured ({reason})"))
+            results["storms"] = kube_storm.storms(workdir, kube_workers)
+            for row in results["storms"]:
+                print(kube_storm.describe_storm(row))
             from jwt_cost import jwt_cost, report_lines
 
             results["jwt"] = report_lines(jwt_cost(workdir, seconds, repeats, use_h2load))
@@ -804,6 +733,7 @@ def main(argv=None):
 def write_report(out, results, bare, started, commit, client, seconds, repeats):
     kube = results.pop("kubernetes", (None, "not measured"))
     jwt_lines = results.pop("jwt", [])
+    storm_rows = results.pop("storms", [])
     png = plot(results, os.path.join(out, "results.png"))
     lines = [
         "# sentry_tx benchmark results",
@@ -845,6 +775,11 @@ def write_report(out, results, bare, started, commit, client, seconds, repeats):
                   f"{1000 / bare:.2f} ms."]
     else:
         lines += ["", f"Kubernetes mode: not measured ({reason})."]
+    if storm_rows:
+        import kube_storm
+
+        lines += ["", "Storms (bench/kube_storm.py):", ""]
+        lines += [f"- {kube_storm.describe_storm(row)}" for row in storm_rows]
     lines += ["", "## Targets (issue 5), judged from the figures above", "",
               "| target | processes | measured | met |", "|---|---|---|---|"]
     for target, processes, measured, met in judge_targets(results, bare, kube_row):

@@ -82,3 +82,18 @@ class ListenError(Exception):
         self.port = port
         self.address = address
         self.problem = problem
+
+
+class ValidatorOverloadedError(Exception):
+    """
+    The validator is at its admission limit (or the call's deadline left no
+    time to work on it); the caller should retry after C{retry_after_ms}
+    (RESOURCE_EXHAUSTED, with the trailer C{grpc-retry-pushback-ms}).
+
+    @ivar retry_after_ms: how long the caller should wait before retrying,
+        in whole milliseconds.
+    """
+
+    def __init__(self, message, retry_after_ms):
+        super().__init__(message)
+        self.retry_after_ms = max(0, int(retry_after_ms))

@@ -95,7 +95,7 @@ class IIdentityValidator(Interface):
         "any thread, whose Deferred has fired when C{validate} returns."
     )
 
-    def validate(request):
+    def validate(request, deadline=None):
         """
         Check the caller and the common request rules.
 
@@ -103,9 +103,15 @@ class IIdentityValidator(Interface):
         the gRPC worker thread.
 
         @param request: a L{sentry_tx.identity.SignRequest}.
+        @param deadline: when the answer must come, on the reactor's clock
+            (the earlier of the client's deadline and the call's start plus
+            the validation timeout); a validator that waits gives up by it.
         @return: Deferred firing with a L{sentry_tx.identity.CallerIdentity},
             or failing with L{sentry_tx.errors.ValidationError} whose message
-            is sent to the caller as PERMISSION_DENIED.
+            is sent to the caller as PERMISSION_DENIED,
+            L{sentry_tx.errors.ValidatorUnavailableError} (UNAVAILABLE) or
+            L{sentry_tx.errors.ValidatorOverloadedError} (RESOURCE_EXHAUSTED
+            with C{grpc-retry-pushback-ms}).
         """
 
 

@@ -50,7 +50,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer, ssl
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -867,6 +867,8 @@ class _CallState:
     """
 
     expired = False
+    timeout_seconds = 0.0
+    max_response_bytes = 0
 
 
 def _describe_failure(failure):
@@ -1027,6 +1029,13 @@ class KubernetesClient:
         self._closed = False
 
     @property
+    def reactor(self):
+        """
+        The reactor the client runs on (also the clock of its deadlines).
+        """
+        return self._reactor
+
+    @property
     def connection(self):
         """
         The L{ClusterConnection} in use, reading it on first use.
@@ -1068,23 +1077,34 @@ class KubernetesClient:
 
     # The calls.
 
-    def get(self, path):
+    def get(self, path, timeout_seconds=None, max_response_bytes=None):
         """
         C{GET path}.
 
+        @param timeout_seconds: this call's deadline, when not the client's.
+        @param max_response_bytes: the largest answer read for this call (a
+            list page), when not the client's.
         @return: Deferred firing with the decoded JSON object.
         """
-        return self.request("GET", path)
+        return self.request(
+            "GET",
+            path,
+            timeout_seconds=timeout_seconds,
+            max_response_bytes=max_response_bytes,
+        )
 
-    def create(self, path, body, retry_lost_response=False):
+    def create(self, path, body, retry_lost_response=False, timeout_seconds=None):
         """
         C{POST path} with the JSON C{body}.
 
         @param retry_lost_response: resend once when the connection was cut
             before an answer came (for calls without side effects, like a
             TokenReview; a pooled connection the server had just closed).
+        @param timeout_seconds: this call's deadline, when not the client's.
         """
-        return self.request("POST", path, body, retry_lost_response)
+        return self.request(
+            "POST", path, body, retry_lost_response, timeout_seconds=timeout_seconds
+        )
 
     def replace(self, path, body):
         """
@@ -1093,13 +1113,23 @@ class KubernetesClient:
         """
         return self.request("PUT", path, body)
 
-    def request(self, method, path, body=None, retry_lost_response=False):
+    def request(
+        self,
+        method,
+        path,
+        body=None,
+        retry_lost_response=False,
+        timeout_seconds=None,
+        max_response_bytes=None,
+    ):
         """
         Make one API call.
 
         @param method: C{"GET"}, C{"POST"}, C{"PUT"}.
         @param path: the API path, from C{/api} or C{/apis}.
         @param body: a JSON-serialisable object, or None.
+        @param timeout_seconds: the deadline of this call (a validation
+            passes what is left of its own); the client's by default.
         @return: Deferred firing with the decoded JSON object of a 2xx
             answer, or failing with L{KubernetesAPIError},
             L{KubernetesUnavailableError} or L{ConfigError}.
@@ -1114,6 +1144,10 @@ class KubernetesClient:
             return defer.fail()
         data = None if body is None else json.dumps(body).encode("utf-8")
         state = _CallState()
+        if timeout_seconds is None:
+            timeout_seconds = self._request_timeout_seconds
+        state.timeout_seconds = timeout_seconds
+        state.max_response_bytes = max_response_bytes or self._max_response_bytes
         d = self._request(method, path, data, retry_lost_response, state)
         self._in_flight.add(d)
 
@@ -1121,7 +1155,7 @@ class KubernetesClient:
             state.expired = True
             d.cancel()
 
-        deadline = self._reactor.callLater(self._request_timeout_seconds, expire)
+        deadline = self._reactor.callLater(max(0.0, timeout_seconds), expire)
 
         def finish(result):
             self._in_flight.discard(d)
@@ -1149,7 +1183,7 @@ class KubernetesClient:
                     lost_response_retries -= 1
                     continue
                 raise
-            body = yield _read_body(response, self._max_response_bytes)
+            body = yield _read_body(response, state.max_response_bytes)
             token = self.connection.token
             if response.code == 401 and token_retries and token is not None:
                 # The token may have rotated since the last check: re-read
@@ -1196,11 +1230,60 @@ class KubernetesClient:
             reactor=self._reactor,
         )
 
+    def open_stream(self, path, timeout_seconds=None):
+        """
+        C{GET path} for a streamed answer (a watch): fires with the treq
+        response once its headers have come, for the caller to read with
+        C{deliverBody} under its own bounds; an answer that is not 2xx is
+        read (bounded) and fails the Deferred as L{request} does.
+
+        @param timeout_seconds: how long the headers may take; the client's
+            request timeout by default.
+        @return: Deferred firing with the response; cancelling it closes the
+            connection.
+        """
+        if self._closed:
+            return defer.fail(
+                KubernetesUnavailableError(f"GET {path}: the client is closed")
+            )
+        try:
+            self._client()
+        except ConfigError:
+            return defer.fail()
+        state = _CallState()
+        state.timeout_seconds = (
+            self._request_timeout_seconds if timeout_seconds is None else timeout_seconds
+        )
+
+        @inlineCallbacks
+        def opened():
+            response = yield self._send("GET", path, None)
+            if not 200 <= response.code < 300:
+                body = yield _read_body(response, self._max_response_bytes)
+                raise _api_error(response.code, response.phrase, body, "GET", path)
+            return response
+
+        d = opened()
+
+        def expire():
+            state.expired = True
+            d.cancel()
+
+        deadline = self._reactor.callLater(max(0.0, state.timeout_seconds), expire)
+
+        def finish(result):
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        d.addBoth(finish)
+        d.addErrback(self._translate_failure, "GET", path, state)
+        return d
+
     def _translate_failure(self, failure, method, path, state):
         if state.expired:
             raise KubernetesUnavailableError(
-                f"{method} {path}: no answer within"
-                f" {self._request_timeout_seconds:g} s"
+                f"{method} {path}: no answer within {state.timeout_seconds:g} s"
             )
         if failure.check(KubernetesError, ConfigError):
             return failure
@@ -1381,8 +1464,12 @@ class KubernetesParts:
     @ivar configuration_source: the L{IConfigurationSource} to pass to the
         certificate authority.
     @ivar client: the shared L{KubernetesClient}.
-    @ivar service: a L{KubernetesClientService}; add it to the root before
-        the certificate authority so that the connections close after it.
+    @ivar service: the service to add to the root before the certificate
+        authority: it closes the connections after the authority has
+        stopped, and (when watching) runs the validator's informers, which
+        stop before the connections close.
+    @ivar readiness: healthz sources (objects with C{ready}): the validator,
+        ready once its caches have synced, when watching.
     """
 
     trust_store: object
@@ -1390,7 +1477,8 @@ class KubernetesParts:
     default_validator: int
     configuration_source: object
     client: KubernetesClient
-    service: KubernetesClientService
+    service: object
+    readiness: tuple = ()
 
 
 def build_kubernetes_parts(
@@ -1399,10 +1487,15 @@ def build_kubernetes_parts(
     environ,
     service_account_directory=SERVICE_ACCOUNT_DIRECTORY,
     token_check_interval_seconds=TOKEN_FILE_CHECK_INTERVAL_SECONDS,
+    watch=True,
 ):
     """
     Build (only build: nothing is read or opened) the parts of kubernetes
     mode.  The INSECURE validator is not enabled in this mode.
+
+    @param watch: whether this process validates callers, and so runs the
+        validator's Pod and Configuration informers (the twistd process of a
+        worker pool does not: each worker runs its own).
 
     @param config: the L{SentryConfig} from the flags.
     @param reactor: the reactor.
@@ -1414,7 +1507,13 @@ def build_kubernetes_parts(
     """
     from sentry_tx.ca.kubernetes_store import KubernetesTrustStore
     from sentry_tx.identity import VALIDATOR_KUBERNETES
+    from sentry_tx.identity.admission import ReviewAdmission
     from sentry_tx.identity.kubernetes import KubernetesValidator
+    from sentry_tx.kube_informer import (
+        InformerService,
+        configuration_informer,
+        pod_informer,
+    )
 
     environ = dict(environ)
 
@@ -1448,11 +1547,27 @@ def build_kubernetes_parts(
             else ()
         ),
     )
+    pods = configurations = None
+    service = KubernetesClientService(client)
+    if watch:
+        pods = pod_informer(reactor, client)
+        configurations = configuration_informer(reactor, client)
+        # Children start in order and stop in reverse: the informers stop
+        # before the client closes its connections.
+        client_service = service
+        service = MultiService()
+        service.setName(client_service.name)
+        client_service.setServiceParent(service)
+        InformerService((pods, configurations)).setServiceParent(service)
     validator = KubernetesValidator(
         client,
         sentry_trust_domain=config.trust_domain,
         sentry_namespace=config.namespace or DEFAULT_NAMESPACE,
         audiences=config.token_audiences,
+        reactor=reactor,
+        pods=pods,
+        configurations=configurations,
+        admission=ReviewAdmission(reactor),
     )
     source = KubernetesConfigurationSource(
         client, on_resolved=(trust_store.use_config,)
@@ -1463,5 +1578,6 @@ def build_kubernetes_parts(
         default_validator=VALIDATOR_KUBERNETES,
         configuration_source=source,
         client=client,
-        service=KubernetesClientService(client),
+        service=service,
+        readiness=(validator,) if watch else (),
     )

@@ -829,10 +829,14 @@ def build_service(config, reactor, startup_warnings=()):
     StandardErrorCapture(reactor).setServiceParent(root)
     metrics = SentryMetrics()
     configuration_source = None
+    readiness = ()
     if config.mode == MODE_KUBERNETES:
         from sentry_tx.kube import build_kubernetes_parts
 
-        kubernetes = build_kubernetes_parts(config, reactor, os.environ)
+        # With worker processes, each worker watches for its own validator.
+        kubernetes = build_kubernetes_parts(
+            config, reactor, os.environ, watch=config.workers == 1
+        )
         # Added before the authority, so that it stops after it: the API
         # client's connections close once nothing uses them.
         kubernetes.service.setServiceParent(root)
@@ -844,6 +848,7 @@ def build_service(config, reactor, startup_warnings=()):
         configuration_source = JWKSRefusingConfigurationSource(
             kubernetes.configuration_source
         )
+        readiness = kubernetes.readiness
     else:
         trust_store = FileTrustStore(
             reactor,
@@ -932,7 +937,7 @@ def build_service(config, reactor, startup_warnings=()):
     http_listener(
         "healthz",
         config.healthz_port,
-        healthz_root(authority, *readiness_sources),
+        healthz_root(authority, *readiness, *readiness_sources),
         reactor,
         interface=config.healthz_listen_address,
     ).setServiceParent(root)

@@ -477,11 +477,13 @@ class FakeValidator:
         self.needs_reactor = needs_reactor
         self.error = error
         self.requests = []
+        self.deadlines = []
         self._pending = pending
         self.pending = []
 
-    def validate(self, request):
+    def validate(self, request, deadline=None):
         self.requests.append(request)
+        self.deadlines.append(deadline)
         if self._pending:
             d = Deferred()
             self.pending.append(d)
@@ -560,6 +562,15 @@ class AbortingContext:
         """
         Raised by L{AbortingContext.abort}.
         """
+
+    trailing_metadata = ()
+    remaining = None
+
+    def time_remaining(self):
+        return self.remaining
+
+    def set_trailing_metadata(self, metadata):
+        self.trailing_metadata = tuple(metadata)
 
     def abort(self, code, details):
         self.code, self.details = code, details
@@ -1225,6 +1236,18 @@ def _status(code, reason, message, details=None):
     return status
 
 
+@dataclass(frozen=True)
+class _WatchStart:
+    """
+    What the fake answers a watch request with: start streaming.
+    """
+
+    plural: str
+    namespace: str
+    resource_version: str
+    timeout_seconds: float
+
+
 class _FakeAnswer(Exception):
     """
     Raised while handling a request to answer it with C{code} and C{body}.
@@ -1302,6 +1325,17 @@ class FakeKubernetesAPI:
         namespace, name)} just before a POST or PUT is applied: a test
         changes the stored objects there as another writer would.
 
+    Collections are listed (C{GET} of a collection, cluster-wide as
+    C{/api/v1/pods} or in one namespace, with C{limit} and C{continue}) and
+    watched (C{?watch=1&resourceVersion=N}): a watch first sends the events
+    after version N still in the history (the last C{watch_history}
+    writes), then each write as it happens, one JSON object per line, until
+    C{timeoutSeconds} or L{break_watches}; a version older than the history
+    gets an C{ERROR} event with a C{410 Gone} Status, as Kubernetes sends.
+
+    @ivar watch_history: how many past events a watch may start from.
+    @ivar watches: the watches open now (C{twisted.web} requests).
+
     @param reactor: listens and delays (C{IReactorTCP}, C{IReactorSSL},
         C{IReactorTime}).
     """
@@ -1320,6 +1354,9 @@ class FakeKubernetesAPI:
         self.before_write = None
         self.objects = {}
         self.tokens = {}
+        self.watch_history = 1000
+        self.watches = []
+        self._history = []
         self._failure = None
         self._barriers = {}
         self._versions = _itertools.count(1000)
@@ -1523,8 +1560,91 @@ class FakeKubernetesAPI:
         metadata.setdefault("uid", _secrets.token_hex(16))
         metadata.setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
         metadata["resourceVersion"] = str(next(self._versions))
+        kind = "MODIFIED" if (plural, namespace, name) in self.objects else "ADDED"
         self.objects[(plural, namespace, name)] = document
+        self._record(kind, plural, document)
         return _copy.deepcopy(document)
+
+    def delete_object(self, plural, namespace, name):
+        """
+        Delete a stored object (watches see C{DELETED}).
+        """
+        document = self.objects.pop((plural, namespace, name))
+        document["metadata"]["resourceVersion"] = str(next(self._versions))
+        self._record("DELETED", plural, document)
+
+    def expire_history(self):
+        """
+        Forget every past event, as etcd compaction does: a watch from an
+        older version gets 410 Gone.
+        """
+        self._history = []
+        self._compacted = self._last_version()
+
+    def break_watches(self):
+        """
+        Cut the connection of every open watch.
+        """
+        for request in list(self.watches):
+            request.channel.transport.abortConnection()
+
+    def end_watches(self):
+        """
+        End every open watch normally, as its C{timeoutSeconds} would.
+        """
+        for request in list(self.watches):
+            self._end_watch(request)
+
+    _compacted = 0
+
+    def _last_version(self):
+        # itertools.count has no peek: the next version, less one.
+        version = next(self._versions)
+        self._versions = _itertools.count(version)
+        return version - 1
+
+    def _record(self, kind, plural, document):
+        version = int(document["metadata"]["resourceVersion"])
+        event = (version, kind, plural, _copy.deepcopy(document))
+        self._history.append(event)
+        if len(self._history) > self.watch_history:
+            dropped = self._history.pop(0)
+            self._compacted = dropped[0]
+        for request in list(self.watches):
+            if self._watch_matches(request, event):
+                self._send_event(request, kind, event[3])
+
+    @staticmethod
+    def _watch_matches(request, event):
+        plural, namespace = request.watch_scope
+        document = event[3]
+        return event[2] == plural and (
+            namespace is None or document["metadata"]["namespace"] == namespace
+        )
+
+    @staticmethod
+    def _send_event(request, kind, document):
+        line = _json.dumps({"type": kind, "object": document}).encode("utf-8")
+        request.write(line + b"\n")
+
+    def send_bookmark(self):
+        """
+        Send a C{BOOKMARK} event with the current version to every watch.
+        """
+        for request in list(self.watches):
+            self._send_event(
+                request,
+                "BOOKMARK",
+                {"metadata": {"resourceVersion": str(self._last_version())}},
+            )
+
+    def _end_watch(self, request):
+        if request in self.watches:
+            self.watches.remove(request)
+            timer = request.watch_timer
+            if timer is not None and timer.active():
+                timer.cancel()
+            request.finish()
 
     def get_object(self, plural, namespace, name):
         """
@@ -1654,6 +1774,9 @@ class FakeKubernetesAPI:
             if state["lost"]:
                 return
             code, body = self._handle(request, method, segments, plural)
+            if isinstance(body, _WatchStart):
+                self._start_watch(request, body)
+                return
             request.setResponseCode(code)
             request.setHeader(b"content-type", b"application/json")
             request.write(_json.dumps(body).encode("utf-8"))
@@ -1665,7 +1788,7 @@ class FakeKubernetesAPI:
             latency = 0.0
             if plural == "tokenreviews":
                 latency = self.tokenreview_latency_seconds
-            elif plural == "pods" and method == "GET":
+            elif plural == "pods" and method == "GET" and len(segments) == 6:
                 latency = self.pod_latency_seconds
             if latency > 0:
                 state["delayed"] = self._reactor.callLater(latency, answer)
@@ -1690,6 +1813,10 @@ class FakeKubernetesAPI:
             return "tokenreviews"
         if segments[:3] == ["api", "v1", "namespaces"] and len(segments) >= 5:
             return segments[4]
+        if segments[:2] == ["api", "v1"] and len(segments) == 3:
+            return segments[2]
+        if segments[:3] == ["apis", "dapr.io", "v1alpha1"] and len(segments) == 4:
+            return segments[3]
         if (
             segments[:4] == ["apis", "dapr.io", "v1alpha1", "namespaces"]
             and len(segments) >= 6
@@ -1755,9 +1882,14 @@ class FakeKubernetesAPI:
             if method != "POST":
                 raise self._not_allowed(method)
             return 201, self._review(self._body(request))
+        if plural in _API_GROUPS and len(segments) in (3, 4) and method == "GET":
+            # A cluster-wide collection: /api/v1/<plural>, /apis/.../<plural>.
+            return self._collection(request, plural, None)
         if plural in _API_GROUPS:
             namespace = segments[3] if segments[0] == "api" else segments[4]
             depth = 5 if segments[0] == "api" else 6
+            if len(segments) == depth and method == "GET":
+                return self._collection(request, plural, namespace)
             if len(segments) == depth and method == "POST":
                 return 201, self._create(plural, namespace, self._body(request))
             if len(segments) == depth + 1:
@@ -1775,6 +1907,72 @@ class FakeKubernetesAPI:
                 404, "NotFound", "the server could not find the requested resource"
             ),
         )
+
+    @staticmethod
+    def _argument(request, name):
+        values = request.args.get(name.encode("ascii"))
+        return values[0].decode("utf-8") if values else None
+
+    def _collection(self, request, plural, namespace):
+        if self._argument(request, "watch") in ("1", "true"):
+            timeout = self._argument(request, "timeoutSeconds")
+            return 200, _WatchStart(
+                plural,
+                namespace,
+                self._argument(request, "resourceVersion"),
+                float(timeout) if timeout else None,
+            )
+        return 200, self._list(request, plural, namespace)
+
+    def _list(self, request, plural, namespace):
+        keys = sorted(
+            key
+            for key in self.objects
+            if key[0] == plural and (namespace is None or key[1] == namespace)
+        )
+        start = int(self._argument(request, "continue") or 0)
+        limit = int(self._argument(request, "limit") or 0) or len(keys)
+        page = keys[start : start + limit]
+        metadata = {"resourceVersion": str(self._last_version())}
+        if start + limit < len(keys):
+            metadata["continue"] = str(start + limit)
+        api_version, kind = _API_GROUPS[plural]
+        return {
+            "apiVersion": api_version,
+            "kind": f"{kind}List",
+            "metadata": metadata,
+            "items": [_copy.deepcopy(self.objects[key]) for key in page],
+        }
+
+    def _start_watch(self, request, watch):
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json")
+        request.watch_scope = (watch.plural, watch.namespace)
+        request.watch_timer = None
+        # Headers go out at once, as the API server flushes them when a
+        # watch starts: a client waits for them, then for events.
+        request.write(b"")
+        since = int(watch.resource_version or 0)
+        if watch.resource_version and since < self._compacted:
+            self._send_event(
+                request,
+                "ERROR",
+                _status(410, "Expired", f"too old resource version: {since}"),
+            )
+            request.finish()
+            return
+        self.watches.append(request)
+        request.notifyFinish().addBoth(
+            lambda _: self.watches.remove(request) if request in self.watches else None
+        )
+        for event in list(self._history):
+            if event[0] > since and self._watch_matches(request, event):
+                self._send_event(request, event[1], event[3])
+        if watch.timeout_seconds:
+            request.watch_timer = self._reactor.callLater(
+                watch.timeout_seconds, self._end_watch, request
+            )
+            self._delayed.add(request.watch_timer)
 
     @staticmethod
     def _not_allowed(method):
@@ -1947,6 +2145,131 @@ def start_fake_kubernetes(test_case, reactor=None, tls=True, **options):
     fake.start(tls=tls)
     test_case.addCleanup(fake.stop)
     return fake
+
+
+class ScriptedResponse:
+    """
+    A streamed answer of L{ScriptedKubernetesClient.open_stream}: the test
+    drives the body with C{send}, C{end} and C{cut}.
+
+    @ivar protocol: the protocol given to C{deliverBody}, once it is.
+    @ivar stopped: whether the reader closed the connection.
+    """
+
+    code = 200
+
+    def __init__(self):
+        self.protocol = None
+        self.stopped = False
+
+    def deliverBody(self, protocol):
+        self.protocol = protocol
+        protocol.makeConnection(self)
+
+    def stopProducing(self):
+        from twisted.internet.error import ConnectionLost
+
+        if not self.stopped:
+            self.stopped = True
+            self.protocol.connectionLost(Failure(ConnectionLost("closed by reader")))
+
+    def send(self, *events):
+        """
+        Send watch events (dicts) as JSON lines.
+        """
+        for event in events:
+            self.protocol.dataReceived(_json.dumps(event).encode("utf-8") + b"\n")
+
+    def end(self):
+        """
+        End the body normally (the server's C{timeoutSeconds}).
+        """
+        from twisted.web.client import ResponseDone
+
+        self.stopped = True
+        self.protocol.connectionLost(Failure(ResponseDone()))
+
+    def cut(self):
+        """
+        Break the connection.
+        """
+        from twisted.internet.error import ConnectionLost
+
+        self.stopped = True
+        self.protocol.connectionLost(Failure(ConnectionLost("cut")))
+
+
+class ScriptedKubernetesClient:
+    """
+    An in-memory stand-in for L{sentry_tx.kube.KubernetesClient}'s calls
+    (C{get}, C{create}, C{open_stream}, C{reactor}): each call is recorded
+    with a Deferred the test fires, and, as the real client, fails with
+    L{sentry_tx.kube.KubernetesUnavailableError} when its C{timeout_seconds}
+    pass on C{reactor} (a L{Clock}).  The real client's timeouts are pinned
+    in C{tests/test_kube.py}; the informer and validator against the real
+    client and L{FakeKubernetesAPI} in C{tests/test_kube_informer.py}.
+
+    @ivar calls: C{(method, path, body, timeout_seconds, Deferred)} of every
+        call, in order.
+    @ivar response_caps: the C{max_response_bytes} of every GET, in order.
+    """
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.calls = []
+        self.response_caps = []
+
+    def _call(self, method, path, body=None, timeout_seconds=None):
+        from sentry_tx.kube import KubernetesUnavailableError
+
+        timer = []
+
+        def cancel(d):
+            if timer and timer[0].active():
+                timer[0].cancel()
+
+        d = Deferred(cancel)
+        if timeout_seconds is not None:
+
+            def expire():
+                if not d.called:
+                    d.errback(
+                        KubernetesUnavailableError(
+                            f"{method} {path}: no answer within {timeout_seconds:g} s"
+                        )
+                    )
+
+            timer.append(self.reactor.callLater(timeout_seconds, expire))
+
+            def stop_timer(result):
+                if timer[0].active():
+                    timer[0].cancel()
+                return result
+
+            d.addBoth(stop_timer)
+        self.calls.append((method, path, body, timeout_seconds, d))
+        return d
+
+    def get(self, path, timeout_seconds=None, max_response_bytes=None):
+        self.response_caps.append(max_response_bytes)
+        return self._call("GET", path, timeout_seconds=timeout_seconds)
+
+    def create(self, path, body, retry_lost_response=False, timeout_seconds=None):
+        return self._call("POST", path, body, timeout_seconds)
+
+    def open_stream(self, path, timeout_seconds=None):
+        return self._call("WATCH", path, timeout_seconds=timeout_seconds)
+
+    def pending(self, method=None):
+        """
+        The calls (as in C{calls}) whose Deferred has not fired, of
+        C{method} if given.
+        """
+        return [
+            call
+            for call in self.calls
+            if not call[4].called and (method is None or call[0] == method)
+        ]
 
 
 # End of the fake Kubernetes API server.

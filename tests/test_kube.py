@@ -752,6 +752,17 @@ class ClientTests(TestCase):
         self.assertIn("larger than 64 bytes", str(error))
 
     @defer.inlineCallbacks
+    def test_response_cap_per_call(self):
+        """
+        A call may read a larger answer than the client's cap (a list page)
+        when it says so; the next call has the client's cap again.
+        """
+        client = kubernetes_client_for(self, self.fake, max_response_bytes=64)
+        secret = yield client.get(SECRET_PATH, max_response_bytes=64 * 1024)
+        self.assertEqual(secret["metadata"]["name"], "s")
+        yield self.assertFailure(client.get(SECRET_PATH), KubernetesUnavailableError)
+
+    @defer.inlineCallbacks
     def test_token_file_reread(self):
         """
         A rotated token file is used for the next call once the check
@@ -1024,8 +1035,79 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
         parts = self._parts()
         verifyObject(ITrustStore, parts.trust_store)
         verifyObject(IConfigurationSource, parts.configuration_source)
-        self.assertIsInstance(parts.service, KubernetesClientService)
         self.assertEqual(parts.trust_store.watch_directories, ())
+
+    def test_services_when_watching(self):
+        """
+        When the process validates, its service runs the client's service
+        first and the informers after it (so they stop before the client
+        closes), and the validator is a healthz source, not ready before its
+        caches sync.
+        """
+        from sentry_tx.kube_informer import InformerService
+
+        parts = self._parts()
+        children = list(parts.service)
+        self.assertIsInstance(children[0], KubernetesClientService)
+        self.assertIsInstance(children[1], InformerService)
+        self.assertEqual(len(children[1].informers), 2)
+        validator = parts.validators[VALIDATOR_KUBERNETES]
+        self.assertEqual(parts.readiness, (validator,))
+        self.assertFalse(validator.ready)
+
+    def test_healthz_waits_for_caches(self):
+        """
+        The composition root gives /healthz the validator as a readiness
+        source next to the authority: not ready until its caches have
+        synced.  With worker processes the twistd process watches nothing
+        and healthz has the authority only.
+        """
+        from sentry_tx.service import WebService
+        from sentry_tx.tap import build_service
+
+        def healthz_sources(**fields):
+            config = SentryConfig(
+                mode=MODE_KUBERNETES,
+                namespace=NAMESPACE,
+                kubeconfig="/nonexistent/kubeconfig",
+                issuer_credentials="/nonexistent/credentials",
+                **fields,
+            )
+            root = build_service(config, Clock())
+            (web,) = [
+                service
+                for service in root
+                if isinstance(service, WebService) and service.label == "healthz"
+            ]
+            return web.args[1].resource.children[b"healthz"]._sources
+
+        _, validator = healthz_sources()
+        self.assertEqual(validator.name, VALIDATOR_KUBERNETES)
+        self.assertFalse(validator.ready)
+        for informer in validator._informers:
+            informer.ready = True
+        self.assertTrue(validator.ready)
+        self.assertEqual(len(healthz_sources(workers=2)), 1)
+
+    def test_services_without_watching(self):
+        """
+        A process that does not validate (a worker pool's twistd process)
+        runs no informer and has no readiness source.
+        """
+        parts = build_kubernetes_parts(
+            SentryConfig(
+                mode=MODE_KUBERNETES,
+                namespace=NAMESPACE,
+                kubeconfig="/nonexistent/kubeconfig",
+                issuer_credentials="/nonexistent/credentials",
+            ),
+            Clock(),
+            {},
+            watch=False,
+        )
+        self.assertIsInstance(parts.service, KubernetesClientService)
+        self.assertEqual(parts.readiness, ())
+        self.assertTrue(parts.validators[VALIDATOR_KUBERNETES].ready)
 
     def test_mounted_secret_watched(self):
         """

@@ -252,8 +252,8 @@ class ManifestTests(SynchronousTestCase):
 
     def test_cluster_role_least_privilege(self):
         """
-        Cluster-wide: create TokenReviews, get Pods, get Configurations;
-        nothing else.
+        Cluster-wide: create TokenReviews; get, list and watch Pods and
+        Configurations (the validator's watch); nothing else, as Dapr's chart.
         """
         rules = self.documents[("ClusterRole", "dapr-sentry")]["rules"]
         granted = {
@@ -268,7 +268,11 @@ class ManifestTests(SynchronousTestCase):
             {
                 ("authentication.k8s.io", "tokenreviews", "create"),
                 ("", "pods", "get"),
+                ("", "pods", "list"),
+                ("", "pods", "watch"),
                 ("dapr.io", "configurations", "get"),
+                ("dapr.io", "configurations", "list"),
+                ("dapr.io", "configurations", "watch"),
             },
         )
 

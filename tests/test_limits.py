@@ -98,8 +98,8 @@ class HoldingValidator(FakeValidator):
         self.all_held = Deferred()
         self._count = count
 
-    def validate(self, request):
-        d = super().validate(request)
+    def validate(self, request, deadline=None):
+        d = super().validate(request, deadline)
         if len(self.pending) == self._count:
             self.all_held.callback(None)
         return d

@@ -393,8 +393,8 @@ class ValidationTimeoutTests(SynchronousTestCase):
         asked = threading.Event()
         validate = validator.validate
 
-        def validate_and_signal(request):
-            d = validate(request)
+        def validate_and_signal(request, deadline=None):
+            d = validate(request, deadline)
             asked.set()
             return d
 

@@ -21,7 +21,7 @@ class InsecureValidator:
     name = VALIDATOR_INSECURE
     needs_reactor = False
 
-    def validate(self, request):
+    def validate(self, request, deadline=None):
         """
         Apply the common rules only.
         """

@@ -39,8 +39,23 @@ only the cluster's operators control.
 An API server that cannot be reached, does not answer in time, answers 429
 or 5xx, or refuses sentry_tx's own requests (401, 403: a deployment fault,
 logged as an error) makes the call UNAVAILABLE
-(L{ValidatorUnavailableError}): the caller retries.  Nothing is cached: every
-call reviews the token and reads the pod and the Configuration again.
+(L{ValidatorUnavailableError}): the caller retries.
+
+Every call makes exactly one TokenReview, never cached (the API server is the
+authority on revocation), and never resent.  Pods and Configurations come
+from informer caches (L{sentry_tx.kube_informer}) when given, as Dapr's
+validator reads them: a pod the cache has not seen yet (or has seen under
+another uid than the token's) is read with one GET, as is a Configuration
+the cache lacks.  Until the caches have synced once, a call waits for them
+(within its deadline) and then fails with "validator not ready"
+(UNAVAILABLE), as Dapr's does.
+
+Time: C{validate} takes the call's C{deadline}; it gives up
+L{ANSWER_MARGIN_SECONDS} before it, so that the answer can still be signed
+and sent.  Each API call's timeout is what is left of that; TokenReviews go
+through a L{ReviewAdmission} (at most so many in flight, a bounded queue),
+whose refusals are L{ValidatorOverloadedError} (RESOURCE_EXHAUSTED with a
+retry hint).
 """
 
 import base64
@@ -51,8 +66,14 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sentry_tx.errors import ConfigError, ValidationError, ValidatorUnavailableError
+from sentry_tx.errors import (
+    ConfigError,
+    ValidationError,
+    ValidatorOverloadedError,
+    ValidatorUnavailableError,
+)
 from sentry_tx.identity import VALIDATOR_KUBERNETES, CallerIdentity
+from sentry_tx.identity.admission import DEADLINE_PASSED, MIN_RETRY_AFTER_MILLISECONDS
 from sentry_tx.identity.rules import (
     DEFAULT_WORKLOAD_TRUST_DOMAIN,
     check_request,
@@ -66,6 +87,24 @@ from sentry_tx.kube import (
     configuration_path,
     core_path,
 )
+from sentry_tx.kube_informer import PodRecord, configuration_trust_domain
+
+# One validation timeout: the servicer's, used here when a caller of
+# validate() passes no deadline (the servicer always passes one).
+from sentry_tx.server.servicer import VALIDATION_TIMEOUT_SECONDS
+
+ANSWER_MARGIN_SECONDS = 0.5
+"""
+The validator gives up this long before the call's deadline, so that a
+refusal (or the certificate) still reaches the caller in time.  Measured in
+the 2,000-caller storm (bench/kube_storm.py, today's threaded gRPC hosting
+on the loaded 2-core machine): an answer took up to 0.6 s to reach the
+caller after the validator gave up with a 0.1 s margin.
+"""
+
+VALIDATOR_NOT_READY = "validator not ready"
+
+_MISSING = object()
 
 LEGACY_SENTRY_AUDIENCE = "dapr.io/sentry"
 """
@@ -197,48 +236,86 @@ class KubernetesValidator:
     @param sentry_namespace: sentry_tx's namespace (control plane).
     @param audiences: the TokenReview audiences (C{--token-audience}); the
         defaults of L{default_audiences} when empty.
+    @param reactor: the clock deadlines are read on; the client's by
+        default.
+    @param pods: the pod L{sentry_tx.kube_informer.Informer}, or None to GET
+        every pod.
+    @param configurations: the Configuration informer, or None to GET them.
+    @param admission: the L{ReviewAdmission} of TokenReviews, or None for
+        no limit.
+
+    @ivar ready: True once the informers (if any) have synced once.
     """
 
     name = VALIDATOR_KUBERNETES
     needs_reactor = True
     _log = Logger()
 
-    def __init__(self, client, sentry_trust_domain, sentry_namespace, audiences=()):
+    def __init__(
+        self,
+        client,
+        sentry_trust_domain,
+        sentry_namespace,
+        audiences=(),
+        reactor=None,
+        pods=None,
+        configurations=None,
+        admission=None,
+    ):
         self._client = client
+        self._reactor = client.reactor if reactor is None else reactor
+        self._pods = pods
+        self._configurations = configurations
+        self._informers = tuple(i for i in (pods, configurations) if i is not None)
+        self._admission = admission
         self._sentry_trust_domain = sentry_trust_domain
         self._sentry_namespace = sentry_namespace
         self.audiences = tuple(audiences) or default_audiences(
             sentry_trust_domain, sentry_namespace
         )
 
+    @property
+    def ready(self):
+        return all(informer.ready for informer in self._informers)
+
     @inlineCallbacks
-    def validate(self, request):
+    def validate(self, request, deadline=None):
         """
         Run every check, in order.
 
         @param request: a L{sentry_tx.identity.SignRequest}.
+        @param deadline: when the answer must come (reactor clock); by
+            default L{VALIDATION_TIMEOUT_SECONDS} from now.
         @return: Deferred firing with the L{CallerIdentity} to sign, or
-            failing with L{ValidationError} or L{ValidatorUnavailableError}.
+            failing with L{ValidationError}, L{ValidatorUnavailableError} or
+            L{ValidatorOverloadedError}.
         """
+        now = self._reactor.seconds()
+        if deadline is None:
+            deadline = now + VALIDATION_TIMEOUT_SECONDS
+        give_up_at = deadline - ANSWER_MARGIN_SECONDS
+        if give_up_at <= now:
+            raise ValidatorOverloadedError(DEADLINE_PASSED, MIN_RETRY_AFTER_MILLISECONDS)
         check_request(request)
         token = request.token
         if not token:
             raise ValidationError(NO_TOKEN)
         if len(token.encode("utf-8")) > MAX_TOKEN_BYTES:
             raise ValidationError(TOKEN_TOO_LONG)
-        status = yield self._review(token)
+        for informer in self._informers:
+            if not informer.ready:
+                synced = yield informer.wait_synced(give_up_at)
+                if not synced:
+                    raise ValidatorUnavailableError(VALIDATOR_NOT_READY)
+        status = yield self._review(token, give_up_at)
         _, account = self._service_account(status, request)
         pod_name, pod_uid = self._pod_of_token(token, status)
-        pod = yield self._get(
-            core_path(request.namespace, "pods", pod_name),
-            POD_NOT_FOUND.format(namespace=request.namespace, pod=pod_name),
-        )
-        metadata = _mapping(pod.get("metadata"))
-        if pod_uid and metadata.get("uid") != pod_uid:
+        pod = yield self._pod(request.namespace, pod_name, pod_uid, give_up_at)
+        if pod_uid and pod.uid != pod_uid:
             raise ValidationError(
                 POD_UID_MISMATCH.format(namespace=request.namespace, pod=pod_name)
             )
-        pod_account = _mapping(pod.get("spec")).get("serviceAccountName") or "default"
+        pod_account = pod.service_account
         if pod_account != account:
             raise ValidationError(
                 SERVICE_ACCOUNT_MISMATCH.format(
@@ -248,7 +325,7 @@ class KubernetesValidator:
                     token_account=account,
                 )
             )
-        annotations = _mapping(metadata.get("annotations"))
+        annotations = pod.annotations
         expected_id, is_control_plane = self._expected_id(
             pod_name, request.namespace, annotations
         )
@@ -260,7 +337,7 @@ class KubernetesValidator:
             trust_domain = self._sentry_trust_domain
         else:
             trust_domain = yield self._workload_trust_domain(
-                request.namespace, annotations.get(CONFIG_ANNOTATION)
+                request.namespace, annotations.get(CONFIG_ANNOTATION), give_up_at
             )
         if request.trust_domain and request.trust_domain != trust_domain:
             self._log.debug(
@@ -305,13 +382,44 @@ class KubernetesValidator:
             f"cannot validate the caller: the Kubernetes API is unavailable ({error})"
         )
 
+    def _time_left(self, give_up_at):
+        """
+        The seconds left until C{give_up_at}.
+
+        @raise ValidatorUnavailableError: when none are.
+        """
+        left = give_up_at - self._reactor.seconds()
+        if left <= 0:
+            raise ValidatorUnavailableError(
+                "cannot validate the caller: no time is left before the call's deadline"
+            )
+        return left
+
     @inlineCallbacks
-    def _get(self, path, not_found_message):
+    def _pod(self, namespace, name, uid, give_up_at):
+        """
+        The L{PodRecord} of C{namespace/name}: from the cache when it holds
+        that pod (with the token's uid), else from one GET.
+        """
+        if self._pods is not None:
+            record = self._pods.get(namespace, name)
+            if record is not None and (not uid or record.uid == uid):
+                return record
+        document = yield self._get(
+            core_path(namespace, "pods", name),
+            POD_NOT_FOUND.format(namespace=namespace, pod=name),
+            give_up_at,
+        )
+        return PodRecord.from_pod(document)
+
+    @inlineCallbacks
+    def _get(self, path, not_found_message, give_up_at):
         """
         GET C{path}; a 404 is a refusal with C{not_found_message}.
         """
+        timeout_seconds = self._time_left(give_up_at)
         try:
-            document = yield self._client.get(path)
+            document = yield self._client.get(path, timeout_seconds=timeout_seconds)
         except KubernetesAPIError as e:
             if e.is_not_found:
                 raise ValidationError(not_found_message) from None
@@ -321,13 +429,18 @@ class KubernetesValidator:
         return document
 
     @inlineCallbacks
-    def _review(self, token):
+    def _review(self, token, give_up_at):
         """
-        The status of a TokenReview of C{token}.
+        The status of the call's one TokenReview of C{token}, once admitted.
 
         @raise ValidationError: when it is not authenticated for one of
             C{self.audiences}.
         """
+        release = None
+        if self._admission is not None:
+            release = yield self._admission.acquire(give_up_at)
+        started = self._reactor.seconds()
+        duration = None
         try:
             review = yield self._client.create(
                 TOKEN_REVIEW_PATH,
@@ -336,10 +449,18 @@ class KubernetesValidator:
                     "kind": "TokenReview",
                     "spec": {"token": token, "audiences": list(self.audiences)},
                 },
-                retry_lost_response=True,
+                # Never resent: a review whose answer was lost may have been
+                # made, and each call costs the API server one review only.
+                retry_lost_response=False,
+                timeout_seconds=self._time_left(give_up_at),
             )
+            duration = self._reactor.seconds() - started
         except (KubernetesError, ConfigError) as e:
+            duration = self._reactor.seconds() - started
             raise self._unavailable(e) from None
+        finally:
+            if release is not None:
+                release(duration)
         status = _mapping(review.get("status"))
         if status.get("error"):
             raise ValidationError(TOKEN_REVIEW_FAILED.format(error=status["error"]))
@@ -438,24 +559,26 @@ class KubernetesValidator:
         return pod_name, False
 
     @inlineCallbacks
-    def _workload_trust_domain(self, namespace, config_name):
+    def _workload_trust_domain(self, namespace, config_name, give_up_at):
         """
         The trust domain of the Configuration C{config_name} in
-        C{namespace}, or C{public}.
+        C{namespace} (from the cache, else one GET), or C{public}.
 
         @raise ValidationError: when the Configuration does not exist or its
             trust domain is invalid.
         """
         if not config_name:
             return DEFAULT_WORKLOAD_TRUST_DOMAIN
-        configuration = yield self._get(
-            configuration_path(namespace, config_name),
-            CONFIGURATION_NOT_FOUND.format(namespace=namespace, name=config_name),
-        )
-        access_control = _mapping(
-            _mapping(configuration.get("spec")).get("accessControl")
-        )
-        trust_domain = access_control.get("trustDomain")
+        trust_domain = _MISSING
+        if self._configurations is not None:
+            trust_domain = self._configurations.get(namespace, config_name, _MISSING)
+        if trust_domain is _MISSING:
+            configuration = yield self._get(
+                configuration_path(namespace, config_name),
+                CONFIGURATION_NOT_FOUND.format(namespace=namespace, name=config_name),
+                give_up_at,
+            )
+            trust_domain = configuration_trust_domain(configuration)
         if not trust_domain:
             return DEFAULT_WORKLOAD_TRUST_DOMAIN
         problem = (

@@ -25,6 +25,7 @@ from sentry_tx.errors import (
     CSRError,
     IssuerExpiredError,
     ValidationError,
+    ValidatorOverloadedError,
     ValidatorUnavailableError,
 )
 from sentry_tx.identity import VALIDATOR_UNKNOWN, SignRequest
@@ -40,6 +41,13 @@ METHOD_NAME = "SignCertificate"
 
 VALIDATION_TIMEOUT_SECONDS = 10.0
 
+RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+"""
+The trailing metadata of a RESOURCE_EXHAUSTED refusal: how many milliseconds
+the caller should wait before retrying (grpc clients with a retry policy
+honour it).
+"""
+
 NO_DEFAULT_VALIDATOR = "a validator name must be specified in this environment"
 VALIDATOR_NOT_ENABLED = "the requested validator is not enabled"
 MALFORMED_REQUEST = "failed to parse request"
@@ -54,11 +62,12 @@ class Refusal(Exception):
     End the call with C{code} and C{message}, counted under C{reason}.
     """
 
-    def __init__(self, code, message, reason):
+    def __init__(self, code, message, reason, trailing_metadata=()):
         super().__init__(message)
         self.code = code
         self.message = message
         self.reason = reason
+        self.trailing_metadata = tuple(trailing_metadata)
 
 
 class CAServicer(sentry_pb2_grpc.CAServicer):
@@ -100,16 +109,46 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
         self._metrics = metrics
         self._validation_timeout_seconds = validation_timeout_seconds
 
-    def SignCertificate(self, request, context):
+    def SignCertificate(self, request, context, arrived=None):
         """
         The gRPC method: run the pipeline, or abort the call with its status.
+
+        @param arrived: when grpcio received the call (reactor clock), if
+            known: the time it then waited for a worker thread counts
+            against its validation timeout.
         """
+        now = self._reactor.seconds()
+        remaining = context.time_remaining()
+        if arrived is not None and arrived < now:
+            # The client's time left is read now; the validation timeout
+            # runs from the call's arrival.
+            remaining = (
+                (now - arrived) + remaining if remaining is not None else None
+            )
+            now = arrived
+        deadline = self.deadline(now, remaining)
         try:
-            return self.sign(SignRequest.from_proto(request))
+            return self.sign(SignRequest.from_proto(request), deadline)
         except Refusal as refusal:
+            if refusal.trailing_metadata:
+                context.set_trailing_metadata(refusal.trailing_metadata)
             context.abort(refusal.code, refusal.message)
 
-    def SignCertificateMessage(self, data, context):
+    def deadline(self, now, time_remaining):
+        """
+        When validation must have answered: the earlier of the client's
+        deadline and C{now} plus the validation timeout.
+
+        @param now: when the call started here (reactor clock).
+        @param time_remaining: the client's time left, in seconds, or None
+            when it set no deadline.
+        """
+        deadline = now + self._validation_timeout_seconds
+        if time_remaining is not None:
+            deadline = min(deadline, now + time_remaining)
+        return deadline
+
+    def SignCertificateMessage(self, data, context, arrived=None):
         """
         The gRPC method as served: the request arrives as bytes and is
         parsed here, so that a message that is not a valid
@@ -126,19 +165,29 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{MALFORMED_REQUEST}: {e}"
             )
-        return self.SignCertificate(request, context)
+        return self.SignCertificate(request, context, arrived)
 
-    def sign(self, request):
+    def clock_seconds(self):
+        """
+        The reactor clock's time (thread-safe to read).
+        """
+        return self._reactor.seconds()
+
+    def sign(self, request, deadline=None):
         """
         Run the pipeline for one L{SignRequest} in the calling thread.
 
+        @param deadline: when validation must have answered (reactor
+            clock); the validation timeout from now by default.
         @return: a C{SignCertificateResponse}.
         @raise Refusal: with the status the call ends with.
         """
         self._metrics.sign_request_received.inc()
+        if deadline is None:
+            deadline = self.deadline(self._reactor.seconds(), None)
         timer = self._metrics.sign_timer()
         try:
-            response = self._sign(request)
+            response = self._sign(request, deadline)
         except Refusal as refusal:
             self._metrics.sign_failure.labels(reason=refusal.reason).inc()
             timer.done(refusal.reason)
@@ -147,9 +196,9 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
         timer.done(OUTCOME_SUCCESS)
         return response
 
-    def _sign(self, request):
+    def _sign(self, request, deadline):
         validator = self._choose_validator(request.token_validator)
-        identity = self._validate(validator, request)
+        identity = self._validate(validator, request, deadline)
         try:
             public_key = parse_csr(request.csr)
         except CSRError as e:
@@ -234,16 +283,27 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
             )
         return validator
 
-    def _validate(self, validator, request):
+    def _validate(self, validator, request, deadline):
         try:
             if validator.needs_reactor:
                 return blockingCallFromThread(
-                    self._reactor, self._validate_on_reactor, validator, request
+                    self._reactor,
+                    self._validate_on_reactor,
+                    validator,
+                    request,
+                    deadline,
                 )
-            return _fired_result(validator.validate(request))
+            return _fired_result(validator.validate(request, deadline))
         except ValidationError as e:
             raise Refusal(
                 grpc.StatusCode.PERMISSION_DENIED, str(e), FAILURE_REASON_VALIDATOR
+            )
+        except ValidatorOverloadedError as e:
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                str(e),
+                FAILURE_REASON_VALIDATOR,
+                ((RETRY_PUSHBACK_TRAILER, str(e.retry_after_ms)),),
             )
         except ValidatorUnavailableError as e:
             raise Refusal(
@@ -255,14 +315,40 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
                 grpc.StatusCode.INTERNAL, VALIDATION_FAILED, FAILURE_REASON_VALIDATOR
             )
 
-    def _validate_on_reactor(self, validator, request):
-        d = validator.validate(request)
+    def _validate_on_reactor(self, validator, request, deadline):
+        d = validator.validate(request, deadline)
+        # The validator gives up by the deadline itself; this is the
+        # backstop for one that does not.
         d.addTimeout(
-            self._validation_timeout_seconds,
+            max(0.0, deadline - self._reactor.seconds()),
             self._reactor,
             onTimeoutCancel=_raise_unavailable,
         )
         return d
+
+
+class _ArrivalStampingHandler(grpc.GenericRpcHandler):
+    """
+    grpcio's handler of C{dapr.proto.sentry.v1.CA}: grpcio asks it for the
+    method's handler in its serving thread as the call arrives, before the
+    call waits for a worker thread, so the arrival time is taken here.
+    """
+
+    _full_name = f"/{SERVICE_NAME}/{METHOD_NAME}"
+
+    def __init__(self, servicer):
+        self._servicer = servicer
+
+    def service(self, handler_call_details):
+        if handler_call_details.method != self._full_name:
+            return None
+        arrived = self._servicer.clock_seconds()
+        sign = self._servicer.SignCertificateMessage
+        return grpc.unary_unary_rpc_method_handler(
+            lambda data, context: sign(data, context, arrived),
+            request_deserializer=None,
+            response_serializer=sentry_pb2.SignCertificateResponse.SerializeToString,
+        )
 
 
 def rpc_handler(servicer):
@@ -271,18 +357,10 @@ def rpc_handler(servicer):
 
     The request is handed over as bytes (see
     L{CAServicer.SignCertificateMessage}); the response is serialised by
-    grpcio.
+    grpcio.  The call's arrival time is passed along, so that the time it
+    waits for a worker thread counts against its validation timeout.
     """
-    return grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
-        {
-            METHOD_NAME: grpc.unary_unary_rpc_method_handler(
-                servicer.SignCertificateMessage,
-                request_deserializer=None,
-                response_serializer=sentry_pb2.SignCertificateResponse.SerializeToString,
-            )
-        },
-    )
+    return _ArrivalStampingHandler(servicer)
 
 
 def _fired_result(d):

@@ -1,0 +1,637 @@
+"""
+Informer caches of the Kubernetes API: what the KUBERNETES validator needs of
+every Pod and Dapr Configuration in the cluster, kept current by a watch, as
+Dapr's validator keeps them (controller-runtime's cache).
+
+An L{Informer} lists its resource (in pages), then watches it from the
+list's C{resourceVersion}; a watch the server ends normally is resumed from
+the last version seen; a C{410 Gone} (the version is too old) re-lists at
+once; any other failure (the API is down, the stream broke or went silent,
+an event too large) re-lists after a backoff that doubles up to
+L{RELIST_BACKOFF_MAX_SECONDS}.  Only the fields the validator reads are kept
+(L{pod_record}, L{configuration_record}), so memory grows with the number of
+objects, not with their size.
+
+Everything here runs on the reactor thread and never waits without a bound:
+each list page and the start of each watch are bounded by the client's
+request timeout, the server is asked to end each watch after
+L{WATCH_SERVER_TIMEOUT_SECONDS}, a watch that delivers no byte for
+L{WATCH_IDLE_TIMEOUT_SECONDS} is closed, and no event line may exceed
+L{MAX_WATCH_EVENT_BYTES}.
+"""
+
+import json
+from urllib.parse import urlencode
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.client import ResponseDone
+
+from sentry_tx.errors import ConfigError
+from sentry_tx.kube import (
+    MAX_KUBERNETES_RESPONSE_BYTES,
+    KubernetesAPIError,
+    KubernetesError,
+)
+
+PODS_PATH = "/api/v1/pods"
+CONFIGURATIONS_PATH = "/apis/dapr.io/v1alpha1/configurations"
+
+LIST_PAGE_SIZE = 100
+"""
+Objects asked for per list page (C{limit}).
+"""
+
+MAX_LIST_PAGE_BYTES = 32 * 1024 * 1024
+"""
+The largest list page read: L{LIST_PAGE_SIZE} pods of up to 320 KiB of JSON
+each (a pod with large managedFields and annotations); a page is parsed and
+reduced to what the validator needs, then dropped.
+"""
+
+WATCH_SERVER_TIMEOUT_SECONDS = 240
+"""
+The C{timeoutSeconds} asked of the API server for each watch: it then ends
+the watch, and the informer resumes it from the last version seen.
+"""
+
+WATCH_IDLE_TIMEOUT_SECONDS = 300.0
+"""
+A watch that delivers no byte for this long is taken as broken (the server
+should have ended it after L{WATCH_SERVER_TIMEOUT_SECONDS}), and the
+resource is listed again.
+"""
+
+MAX_WATCH_EVENT_BYTES = MAX_KUBERNETES_RESPONSE_BYTES
+"""
+The longest event line read from a watch; a longer one breaks the watch.
+"""
+
+MIN_WATCH_SECONDS = 1.0
+"""
+A watch that the server ends sooner than this after it started counts as a
+failure (backoff), so that a server that closes every watch at once is not
+called in a loop.
+"""
+
+RELIST_BACKOFF_INITIAL_SECONDS = 0.5
+RELIST_BACKOFF_MAX_SECONDS = 30.0
+"""
+After a failed list or a broken watch, the informer lists again after
+L{RELIST_BACKOFF_INITIAL_SECONDS}, doubled at each consecutive failure up to
+this.
+"""
+
+MAX_KEPT_STRING_CHARACTERS = 256
+"""
+The longest annotation value or trust domain kept; a longer value (none of
+the ones the validator reads can be valid at that length) is cut to this,
+so that it still fails the validator's checks but cannot grow the cache.
+"""
+
+APP_ID_ANNOTATION = "dapr.io/app-id"
+CONFIG_ANNOTATION = "dapr.io/config"
+CONTROL_PLANE_ANNOTATION = "dapr.io/control-plane"
+KEPT_POD_ANNOTATIONS = (APP_ID_ANNOTATION, CONFIG_ANNOTATION, CONTROL_PLANE_ANNOTATION)
+
+_GONE = 410
+
+
+def _mapping(value):
+    return value if isinstance(value, dict) else {}
+
+
+def _kept(value):
+    if not isinstance(value, str):
+        return None
+    return value[:MAX_KEPT_STRING_CHARACTERS]
+
+
+class PodRecord:
+    """
+    What the validator needs of a Pod.
+
+    @ivar uid: C{metadata.uid}.
+    @ivar service_account: C{spec.serviceAccountName} (C{default} when
+        unset, as Kubernetes does).
+    @ivar annotations: only the annotations in L{KEPT_POD_ANNOTATIONS}.
+    """
+
+    __slots__ = ("uid", "service_account", "annotations")
+
+    def __init__(self, uid, service_account, annotations):
+        self.uid = uid
+        self.service_account = service_account
+        self.annotations = annotations
+
+    @classmethod
+    def from_pod(cls, pod):
+        """
+        The record of a Pod object (from the cache or a GET).
+        """
+        metadata = _mapping(pod.get("metadata"))
+        annotations = _mapping(metadata.get("annotations"))
+        kept = {}
+        for key in KEPT_POD_ANNOTATIONS:
+            value = annotations.get(key)
+            if value is not None:
+                kept[key] = _kept(value) or ""
+        account = _mapping(pod.get("spec")).get("serviceAccountName")
+        return cls(
+            _kept(metadata.get("uid")) or "",
+            _kept(account) or "default",
+            kept,
+        )
+
+
+def _key(document):
+    metadata = _mapping(document.get("metadata"))
+    namespace, name = metadata.get("namespace"), metadata.get("name")
+    if not isinstance(namespace, str) or not isinstance(name, str):
+        return None
+    return (namespace, name)
+
+
+def pod_record(document):
+    """
+    C{((namespace, name), PodRecord)} of a Pod, or None if it has no name.
+    """
+    key = _key(document)
+    return None if key is None else (key, PodRecord.from_pod(document))
+
+
+def configuration_trust_domain(document):
+    """
+    A Configuration's C{spec.accessControl.trustDomain}: None when unset or
+    empty; a string (cut to L{MAX_KEPT_STRING_CHARACTERS}, still too long to
+    be valid when it was longer); True for any other value, which the
+    validator refuses as "not a string".
+    """
+    access_control = _mapping(_mapping(document.get("spec")).get("accessControl"))
+    value = access_control.get("trustDomain")
+    if not value:
+        return None
+    if isinstance(value, str):
+        return value[:MAX_KEPT_STRING_CHARACTERS]
+    return True
+
+
+def configuration_record(document):
+    """
+    C{((namespace, name), trust domain)} of a Configuration, or None.
+    """
+    key = _key(document)
+    return None if key is None else (key, configuration_trust_domain(document))
+
+
+class _WatchBroken(Exception):
+    """
+    The watch stream broke: the connection failed, it went silent, or it sent
+    something unreadable.
+    """
+
+
+class _WatchGone(Exception):
+    """
+    The server answered C{410 Gone}: the version watched from is too old.
+    """
+
+
+class _WatchStream(Protocol):
+    """
+    Reads a watch's body: one JSON event per line, each handed to
+    C{on_event} as it arrives.  C{finished} fires when the server ends the
+    stream, or fails with L{_WatchBroken} / L{_WatchGone}.
+    """
+
+    def __init__(self, reactor, on_event, finished, max_line_bytes, idle_seconds):
+        self._reactor = reactor
+        self._on_event = on_event
+        self._finished = finished
+        self._max_line_bytes = max_line_bytes
+        self._idle_seconds = idle_seconds
+        self._pending = []
+        self._pending_bytes = 0
+        self._idle = None
+        self._error = None
+
+    def connectionMade(self):
+        self._idle = self._reactor.callLater(self._idle_seconds, self._went_idle)
+
+    def dataReceived(self, data):
+        if self._error is not None:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_seconds)
+        # The start of a line is kept as a list of pieces (no copying of a
+        # growing buffer); the lines of this piece are found by index.
+        start = 0
+        while self._error is None:
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            line = data[start:end]
+            if self._pending:
+                line = b"".join(self._pending) + line
+                self._pending, self._pending_bytes = [], 0
+            start = end + 1
+            if len(line) > self._max_line_bytes:
+                self._fail(self._too_long())
+                return
+            if line.strip():
+                self._event(line)
+        if self._error is None and start < len(data):
+            self._pending.append(data[start:])
+            self._pending_bytes += len(data) - start
+            if self._pending_bytes > self._max_line_bytes:
+                self._fail(self._too_long())
+
+    def _too_long(self):
+        return _WatchBroken(f"an event longer than {self._max_line_bytes} bytes")
+
+    def _event(self, line):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            self._fail(_WatchBroken("an event that is not JSON"))
+            return
+        if not isinstance(event, dict):
+            self._fail(_WatchBroken("an event that is not a JSON object"))
+            return
+        kind = event.get("type")
+        document = _mapping(event.get("object"))
+        if kind == "ERROR":
+            if document.get("code") == _GONE:
+                self._fail(_WatchGone(str(document.get("message") or "Gone")))
+            else:
+                self._fail(_WatchBroken(f"an ERROR event: {document.get('message')}"))
+            return
+        self._on_event(kind, document)
+
+    def _went_idle(self):
+        self._idle = None
+        self._fail(_WatchBroken(f"no byte for {self._idle_seconds:g} s"))
+
+    def _fail(self, error):
+        self._error = error
+        self._pending, self._pending_bytes = [], 0
+        if self.transport is not None:
+            self.transport.stopProducing()
+        else:
+            self._finish()
+
+    def abort(self):
+        """
+        Stop reading (the informer stops): the connection is closed.
+        """
+        self._finished = None
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason):
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        if self._error is None and not reason.check(ResponseDone):
+            self._error = _WatchBroken(reason.getErrorMessage())
+        self._finish()
+
+    def _finish(self):
+        finished, self._finished = self._finished, None
+        if finished is None:
+            return
+        if self._error is not None:
+            finished.errback(self._error)
+        else:
+            finished.callback(None)
+
+
+class Informer:
+    """
+    A cache of one resource, kept by list and watch (see the module
+    docstring).
+
+    @param reactor: the clock (C{IReactorTime}).
+    @param client: the L{sentry_tx.kube.KubernetesClient} (C{get},
+        C{open_stream}).
+    @param path: the collection's path, for all namespaces.
+    @param extract: gives C{(key, value)} to keep for an object, or None to
+        keep nothing.
+    @param description: what is cached, for logs.
+
+    @ivar ready: True once a list has completed (the cache has synced once);
+        it stays True while later watches and lists go on.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        client,
+        path,
+        extract,
+        description,
+        page_size=LIST_PAGE_SIZE,
+        max_event_bytes=MAX_WATCH_EVENT_BYTES,
+        idle_seconds=WATCH_IDLE_TIMEOUT_SECONDS,
+    ):
+        self._reactor = reactor
+        self._client = client
+        self._path = path
+        self._extract = extract
+        self.description = description
+        self._page_size = page_size
+        self._max_event_bytes = max_event_bytes
+        self._idle_seconds = idle_seconds
+        self.ready = False
+        self.resource_version = None
+        self.lists = 0
+        self.watches = 0
+        self._items = {}
+        self._running = False
+        self._operation = None
+        self._stream = None
+        self._timer = None
+        self._failures = 0
+        self._watching = False
+        self._sync_waiters = []
+
+    def __len__(self):
+        return len(self._items)
+
+    def get(self, namespace, name, default=None):
+        """
+        The cached value of C{namespace/name}, or C{default} when the cache
+        holds no such object.
+        """
+        return self._items.get((namespace, name), default)
+
+    def start(self):
+        """
+        Start listing and watching (once).
+        """
+        if self._running:
+            return
+        self._running = True
+        self._list()
+
+    def stop(self):
+        """
+        Stop: the list or watch in progress is cancelled, no retry is
+        scheduled, and callers waiting for the first sync are told it will
+        not come (their Deferreds fire with False).
+        """
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            stream.abort()
+        if self._operation is not None:
+            operation, self._operation = self._operation, None
+            operation.cancel()
+        waiters, self._sync_waiters = self._sync_waiters, []
+        for waiter, timer in waiters:
+            if timer.active():
+                timer.cancel()
+            waiter.callback(False)
+
+    def wait_synced(self, deadline):
+        """
+        Wait until the cache has synced once, at most until C{deadline} (on
+        the reactor's clock).
+
+        @return: Deferred firing with True once synced, or with False at
+            C{deadline} or when the informer stops.
+        """
+        d = Deferred()
+        if self.ready:
+            d.callback(True)
+            return d
+        if not self._running or deadline <= self._reactor.seconds():
+            d.callback(False)
+            return d
+
+        def give_up():
+            self._sync_waiters.remove(entry)
+            d.callback(False)
+
+        timer = self._reactor.callLater(deadline - self._reactor.seconds(), give_up)
+        entry = (d, timer)
+        self._sync_waiters.append(entry)
+        return d
+
+    # Listing
+
+    def _list(self):
+        self._timer = None
+        if not self._running:
+            return
+        self.lists += 1
+        self._watching = False
+        self._operation = self._list_pages()
+        self._operation.addCallbacks(self._listed, self._failed)
+
+    @inlineCallbacks
+    def _list_pages(self):
+        items = {}
+        continue_token = None
+        version = None
+        while True:
+            query = {"limit": str(self._page_size)}
+            if continue_token:
+                query["continue"] = continue_token
+            page = yield self._client.get(
+                f"{self._path}?{urlencode(query)}",
+                max_response_bytes=MAX_LIST_PAGE_BYTES,
+            )
+            for document in page.get("items") or ():
+                if isinstance(document, dict):
+                    kept = self._extract(document)
+                    if kept is not None:
+                        items[kept[0]] = kept[1]
+            metadata = _mapping(page.get("metadata"))
+            version = metadata.get("resourceVersion") or version
+            continue_token = metadata.get("continue")
+            if not continue_token:
+                return items, version
+
+    def _listed(self, result):
+        self._operation = None
+        items, version = result
+        self._items = items
+        self.resource_version = version
+        first = not self.ready
+        self.ready = True
+        self._failures = 0
+        if first:
+            self._log.info(
+                "{description} cache synced: {count} objects",
+                description=self.description,
+                count=len(items),
+            )
+        waiters, self._sync_waiters = self._sync_waiters, []
+        for waiter, timer in waiters:
+            if timer.active():
+                timer.cancel()
+            waiter.callback(True)
+        self._watch()
+
+    # Watching
+
+    def _watch(self):
+        if not self._running:
+            return
+        self.watches += 1
+        self._watching = True
+        query = {
+            "watch": "1",
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(WATCH_SERVER_TIMEOUT_SECONDS),
+        }
+        if self.resource_version:
+            query["resourceVersion"] = self.resource_version
+        started = self._reactor.seconds()
+        self._operation = self._client.open_stream(f"{self._path}?{urlencode(query)}")
+        self._operation.addCallback(self._read_stream)
+        self._operation.addCallbacks(
+            lambda _: self._watch_ended(started), self._failed
+        )
+
+    def _read_stream(self, response):
+        finished = Deferred(lambda d: stream.abort())
+        stream = _WatchStream(
+            self._reactor,
+            self._apply,
+            finished,
+            self._max_event_bytes,
+            self._idle_seconds,
+        )
+        self._stream = stream
+        response.deliverBody(stream)
+        return finished
+
+    def _apply(self, kind, document):
+        version = _mapping(document.get("metadata")).get("resourceVersion")
+        if isinstance(version, str) and version:
+            self.resource_version = version
+        if kind == "BOOKMARK":
+            return
+        if kind in ("ADDED", "MODIFIED"):
+            kept = self._extract(document)
+            if kept is not None:
+                self._items[kept[0]] = kept[1]
+        elif kind == "DELETED":
+            key = _key(document)
+            if key is not None:
+                self._items.pop(key, None)
+
+    def _watch_ended(self, started):
+        self._operation = None
+        self._stream = None
+        if not self._running:
+            return
+        if self._reactor.seconds() - started < MIN_WATCH_SECONDS:
+            self._retry_later("the watch ended at once")
+        else:
+            self._watch()
+
+    # Failures
+
+    def _failed(self, failure):
+        self._operation = None
+        self._stream = None
+        if not self._running or failure.check(CancelledError):
+            return None
+        gone = failure.check(_WatchGone) or (
+            failure.check(KubernetesAPIError) and failure.value.status == _GONE
+        )
+        if gone and self._watching:
+            # A watch from a version the server no longer has: list again
+            # now.  (A list answered 410, an expired continue token, backs
+            # off like any other failure, so it cannot loop.)
+            self._log.info(
+                "{description} watch: resource version too old; listing again",
+                description=self.description,
+            )
+            self.resource_version = None
+            self._list()
+            return None
+        if failure.check(_WatchBroken, KubernetesError, ConfigError):
+            reason = failure.getErrorMessage()
+        else:
+            self._log.failure(
+                "{description} informer failed", failure, description=self.description
+            )
+            reason = failure.getErrorMessage()
+        self._retry_later(reason)
+        return None
+
+    def _retry_later(self, reason):
+        self._failures += 1
+        delay = min(
+            RELIST_BACKOFF_MAX_SECONDS,
+            RELIST_BACKOFF_INITIAL_SECONDS * 2 ** (self._failures - 1),
+        )
+        self._log.warn(
+            "{description} list/watch failed ({reason}); listing again in"
+            " {delay:g} s",
+            description=self.description,
+            reason=reason,
+            delay=delay,
+        )
+        self._timer = self._reactor.callLater(delay, self._list)
+
+
+class InformerService(Service):
+    """
+    Starts informers with sentry_tx and stops them before the API client
+    closes.
+
+    @ivar ready: True once every informer has synced once (a healthz
+        source).
+    """
+
+    name = "kubernetes-informers"
+
+    def __init__(self, informers):
+        self.informers = tuple(informers)
+
+    @property
+    def ready(self):
+        return all(informer.ready for informer in self.informers)
+
+    def startService(self):
+        super().startService()
+        for informer in self.informers:
+            informer.start()
+
+    def stopService(self):
+        super().stopService()
+        for informer in self.informers:
+            informer.stop()
+
+
+def pod_informer(reactor, client, **options):
+    """
+    The informer of every Pod in the cluster (L{PodRecord}s).
+    """
+    return Informer(reactor, client, PODS_PATH, pod_record, "pod", **options)
+
+
+def configuration_informer(reactor, client, **options):
+    """
+    The informer of every Dapr Configuration (their trust domains).
+    """
+    return Informer(
+        reactor,
+        client,
+        CONFIGURATIONS_PATH,
+        configuration_record,
+        "configuration",
+        **options,
+    )
