@@ -60,3 +60,19 @@ class ValidatorUnavailableError(Exception):
     The validator could not reach what it checks against (the Kubernetes API
     is down or slow); the caller should retry (UNAVAILABLE).
     """
+
+
+class ValidatorOverloadedError(Exception):
+    """
+    The validator cannot take more work now (its queue to the Kubernetes API
+    is full); the caller should retry after C{retry_after_ms} milliseconds
+    (RESOURCE_EXHAUSTED with the C{grpc-retry-pushback-ms} trailer).
+
+    @ivar message: sent to the caller.
+    @ivar retry_after_ms: how long the caller should wait, in milliseconds.
+    """
+
+    def __init__(self, message, retry_after_ms):
+        super().__init__(message)
+        self.message = message
+        self.retry_after_ms = retry_after_ms

@@ -197,8 +197,8 @@ class CertificateAuthorityOverGrpcTests(TestCase):
         asked = Deferred()
         validate = validator.validate
 
-        def validate_and_tell(request):
-            d = validate(request)
+        def validate_and_tell(request, deadline):
+            d = validate(request, deadline)
             if not asked.called:
                 asked.callback(None)
             return d

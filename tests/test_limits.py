@@ -23,7 +23,7 @@ from sentry_tx.config import SentryConfig
 from sentry_tx.identity import VALIDATOR_INSECURE, CallerIdentity
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
-from sentry_tx.server import service
+from sentry_tx.server import service, servicer
 from sentry_tx.server.service import CertificateAuthorityService, grpc_server_options
 from sentry_tx.testing import (
     HTTP2_ENHANCE_YOUR_CALM,
@@ -98,8 +98,8 @@ class HoldingValidator(FakeValidator):
         self.all_held = Deferred()
         self._count = count
 
-    def validate(self, request):
-        d = super().validate(request)
+    def validate(self, request, deadline=None):
+        d = super().validate(request, deadline)
         if len(self.pending) == self._count:
             self.all_held.callback(None)
         return d
@@ -131,7 +131,7 @@ class LimitConstantsTests(SynchronousTestCase):
             (
                 service.MAX_REQUEST_BYTES,
                 service.MAX_RESPONSE_BYTES,
-                service.GRPC_WORKER_THREADS,
+                servicer.REQUEST_ARRIVAL_TIMEOUT_SECONDS,
                 service.MAX_CONCURRENT_RPCS,
                 service.MAX_CONCURRENT_STREAMS_PER_CONNECTION,
                 service.MAX_CONNECTION_IDLE_MILLISECONDS,
@@ -145,7 +145,7 @@ class LimitConstantsTests(SynchronousTestCase):
             (
                 64 * 1024,
                 4 * 1024 * 1024,
-                32,
+                10.0,
                 1024,
                 100,
                 5 * 60 * 1000,

@@ -21,9 +21,9 @@ class InsecureValidator:
     name = VALIDATOR_INSECURE
     needs_reactor = False
 
-    def validate(self, request):
+    def validate(self, request, deadline=None):
         """
-        Apply the common rules only.
+        Apply the common rules only (at once: C{deadline} cannot be missed).
         """
         try:
             return succeed(check_request(request))

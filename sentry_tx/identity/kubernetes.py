@@ -212,11 +212,14 @@ class KubernetesValidator:
         )
 
     @inlineCallbacks
-    def validate(self, request):
+    def validate(self, request, deadline=None):
         """
         Run every check, in order.
 
         @param request: a L{sentry_tx.identity.SignRequest}.
+        @param deadline: when the answer is due, on the reactor's clock; the
+            servicer cancels the returned Deferred then, which cancels the
+            API request in flight.
         @return: Deferred firing with the L{CallerIdentity} to sign, or
             failing with L{ValidationError} or L{ValidatorUnavailableError}.
         """
