@@ -32,22 +32,29 @@ class SentryService(MultiService):
     @param reactor: stopped on a fatal error.
     @param startup_warnings: messages found while parsing options, logged at
         start (logging is not running while options are parsed).
+    @param startup_notes: information found while parsing options (how
+        many processes serve, and why), logged at start.
     @param exit: called with the exit status after the reactor has shut down
         following a fatal error.
     """
 
     _log = Logger()
 
-    def __init__(self, reactor, startup_warnings=(), exit=_exit_process):
+    def __init__(
+        self, reactor, startup_warnings=(), exit=_exit_process, startup_notes=()
+    ):
         super().__init__()
         self._reactor = reactor
         self._startup_warnings = tuple(startup_warnings)
+        self._startup_notes = tuple(startup_notes)
         self._exit = exit
         self.exit_status = None
 
     def startService(self):
         for warning in self._startup_warnings:
             self._log.warn("{startup_warning}", startup_warning=warning)
+        for note in self._startup_notes:
+            self._log.info("{startup_note}", startup_note=note)
         super().startService()
 
     def fatal(self, failure):
