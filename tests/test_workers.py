@@ -59,6 +59,7 @@ from sentry_tx.server.worker import (
 )
 from sentry_tx.server.workers import (
     KILL_WAIT_SECONDS,
+    RESPAWN_INITIAL_DELAY_SECONDS,
     STOP_MARGIN_SECONDS,
     WorkerError,
     WorkerPoolAuthority,
@@ -454,6 +455,36 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(len(self.spawned), 1)
         self.assertEqual(self.spawned[0].authority.config.port, FAKE_PORT)
         self.assertTrue(self.pool.ready)
+
+    def test_local_ready_before_workers(self):
+        """
+        With a local authority, the pool is ready (and started) as soon as
+        this process serves; a worker joins when it answers its Start.
+        """
+        held = Deferred()
+        self.scripts[0] = _Script(start_result=held)
+        self.pool = self.local_pool(1)
+        self.start()
+        self.assertTrue(self.pool.ready)
+        self.assertEqual(self.serving, [])
+        held.callback(None)
+        self.pipes.pump()
+        self.assertEqual(self.serving, [(0, 1000)])
+
+    def test_local_worker_start_failure_respawned(self):
+        """
+        With a local authority, a worker that cannot start does not fail
+        the start: it is killed and started again after the respawn delay.
+        """
+        self.scripts[0] = _Script(start_error=RuntimeError("cannot bind"))
+        self.pool = self.local_pool(1)
+        self.start()
+        self.assertTrue(self.pool.ready)
+        self.assertEqual(self.live(), [])
+        self.clock.advance(RESPAWN_INITIAL_DELAY_SECONDS)
+        self.pipes.pump()
+        self.assertEqual(len(self.spawned), 2)
+        self.assertEqual(self.serving, [(0, 1001)])
 
     def test_local_keeps_pool_ready(self):
         """

@@ -445,22 +445,27 @@ class WorkerPoolAuthority(Service):
             self._local = self._local_factory(config, self._local_store)
             yield self._local.start(config)
             self.port = self._local.port
-            others = self._slots
+            self._check_not_stopping()
+            # This process serves: the pool is ready now, and the workers
+            # join the port as they start (one that cannot start is
+            # started again, as after a crash).
+            self._serving = True
+            for slot in self._slots:
+                self._start_in_background(slot)
         else:
             self.port = yield self._start_worker(self._spawn(self._slots[0]), config)
-            others = self._slots[1:]
-        self._check_not_stopping()
-        others = [self._spawn(slot) for slot in others]
-        try:
-            yield gatherResults(
-                [
-                    self._start_worker(process, self._bound_config())
-                    for process in others
-                ],
-                consumeErrors=True,
-            )
-        except FirstError as e:
-            e.subFailure.raiseException()
+            self._check_not_stopping()
+            others = [self._spawn(slot) for slot in self._slots[1:]]
+            try:
+                yield gatherResults(
+                    [
+                        self._start_worker(process, self._bound_config())
+                        for process in others
+                    ],
+                    consumeErrors=True,
+                )
+            except FirstError as e:
+                e.subFailure.raiseException()
         self._check_not_stopping()
         self._serving = True
         self._pull = LoopingCall(self.collect_counters)
@@ -621,6 +626,13 @@ class WorkerPoolAuthority(Service):
         slot.respawn_call = None
         if self._stopping or not self._serving:
             return
+        self._start_in_background(slot, again=True)
+
+    def _start_in_background(self, slot, again=False):
+        """
+        Spawn and start a worker for C{slot} while the pool serves; one that
+        cannot start is killed, and its end schedules the next attempt.
+        """
         try:
             process = self._spawn(slot)
         except Exception:
@@ -631,17 +643,18 @@ class WorkerPoolAuthority(Service):
 
         def started(port):
             self._log.info(
-                "worker {index} (pid {pid}) serves again on port {port}",
+                "worker {index} (pid {pid}) serves{again} on port {port}",
                 index=slot.index,
                 pid=process.pid,
                 port=port,
+                again=" again" if again else "",
             )
 
         def failed(failure):
             if self._stopping:
                 return
             self._log.error(
-                "worker {index} (pid {pid}) did not start again: {error}",
+                "worker {index} (pid {pid}) did not start: {error}",
                 index=slot.index,
                 pid=process.pid,
                 error=failure.getErrorMessage(),
