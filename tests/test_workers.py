@@ -486,6 +486,32 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(len(self.spawned), 2)
         self.assertEqual(self.serving, [(0, 1001)])
 
+    def test_port_shared_by_another_refused(self):
+        """
+        A port another process holds, even with SO_REUSEPORT (another
+        sentry_tx of this user), fails the start with one line naming
+        --port; nothing is spawned.
+        """
+        import socket
+
+        from sentry_tx.errors import ConfigError
+
+        other = socket.socket()
+        self.addCleanup(other.close)
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        self.config = SentryConfig(listen_address="127.0.0.1", port=port)
+        self.pool = self.local_pool(1)
+        d = self.pool.start(self.config)
+        self.pipes.pump()
+        failure = self.failureResultOf(d, ConfigError)
+        self.assertEqual(failure.value.field, "--port")
+        self.assertIn(f"port {port} is already in use", failure.getErrorMessage())
+        self.assertEqual(self.spawned, [])
+        self.assertEqual(self.locals, [])
+
     def test_local_keeps_pool_ready(self):
         """
         While this process serves, the pool stays ready when its worker

@@ -169,27 +169,44 @@ def listen_error(config, target, error):
     The error a gRPC port that cannot be bound stops sentry_tx with: one line
     naming C{--port} (and the port) when it is in use.
     """
-    if _port_in_use(config.port):
-        return ConfigError(
-            "--port", f"port {config.port} is already in use (cannot listen on {target})"
-        )
+    if port_in_use(config.listen_address, config.port):
+        return port_in_use_error(config)
     return ConfigError("--port", f"cannot listen on {target}: {error}")
 
 
-def _port_in_use(port):
+def port_in_use_error(config):
     """
-    Whether C{port} is taken on this host (grpcio says only "failed to
-    bind"): try binding it on all interfaces.
+    The one-line error for a gRPC port that another process holds.
+    """
+    target = listen_target(config.listen_address, config.port)
+    return ConfigError(
+        "--port", f"port {config.port} is already in use (cannot listen on {target})"
+    )
+
+
+def port_in_use(address, port):
+    """
+    Whether C{port} is taken on C{address} (all interfaces when empty) by
+    another socket, including one that shares it with SO_REUSEPORT: a bind
+    without SO_REUSEPORT is tried (grpcio says only "failed to bind", and
+    would share a port with another sentry_tx of the same user).  Binding
+    does not block.
     """
     import socket
 
     if port == 0:
         return False
-    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+    address = address.strip("[]")
+    if address:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        probes = ((family, address),)
+    else:
+        probes = ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0"))
+    for family, probe_address in probes:
         try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind((address, port))
+                probe.bind((probe_address, port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 return True

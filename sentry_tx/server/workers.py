@@ -62,6 +62,8 @@ from sentry_tx.server.service import (
     AlreadyRunningError,
     NotRunningError,
     listen_target,
+    port_in_use,
+    port_in_use_error,
 )
 from sentry_tx.server.tls import issue_server_certificate
 from sentry_tx.server.worker import WORKER_MODULE
@@ -435,6 +437,11 @@ class WorkerPoolAuthority(Service):
             _Slot(index, self._respawn_initial_delay_seconds)
             for index in range(self._workers)
         ]
+        # Every serving process binds with SO_REUSEPORT, which would share
+        # the port with another sentry_tx of this user: refuse a port that
+        # is taken, as a single process would.
+        if port_in_use(config.listen_address, config.port):
+            raise port_in_use_error(config)
         # The first to serve binds the port asked for (0 picks a free one):
         # this process when it serves, else the first worker; the others
         # then bind the port it reports.
