@@ -387,8 +387,10 @@ class WorkerPoolAuthority(Service):
     @property
     def ready(self):
         """
-        True once every worker answered its first L{Start}, and then as long
-        as at least one worker serves.
+        With a local authority: True once it serves (workers join as they
+        start), and while it or a worker serves.  Without: True once every
+        worker answered its first L{Start}, and then as long as at least one
+        worker serves.
         """
         return (
             self._serving
