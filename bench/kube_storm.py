@@ -338,9 +338,9 @@ def storm(workdir, name, callers, pods, delay_seconds, deadlines, workers):
 
 
 def describe_rate(row):
-    from run import fmt
+    from run import fmt, process_label
 
-    return (f"kubernetes mode, {row['workers']} process(es), 20 ms added to each "
+    return (f"kubernetes mode, {process_label(row['workers'])} process(es), 20 ms added to each "
             f"TokenReview and Pod GET, 64 in flight: {row['rate']:,.0f} signed/s  "
             f"p50 {fmt(row['p50'], 2)} ms  p99 {fmt(row['p99'], 2)} ms  "
             f"failed {row['failed']} of {row['calls']:,}  "
@@ -350,10 +350,12 @@ def describe_rate(row):
 
 
 def describe_storm(row):
+    from run import process_label
+
     codes = ", ".join(f"{code} {count}" for code, count in sorted(row["codes"].items()))
     return (f"{row['name']}: {row['callers']} callers of {row['pods']} pods, "
             f"{row['delay']:g} s per TokenReview, deadlines {'/'.join(f'{d:g}' for d in row['deadlines'])} s, "
-            f"{row['workers']} process(es): {row['signed']} certificates "
+            f"{process_label(row['workers'])} process(es): {row['signed']} certificates "
             f"({100 * row['signed'] / row['callers']:.0f} %); codes: {codes}; "
             f"slowest answer {row['slowest']:.2f} s (slowest certificate "
             f"{row['slowest_ok'] or 0:.2f} s); answers later than min(deadline, "
@@ -377,7 +379,8 @@ def storms(workdir, workers, quick=False):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short rate run, one small storm")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="serving processes (default: sentry_tx's own default, one per core)")
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--skip-rate", action="store_true")
     parser.add_argument("--skip-storms", action="store_true")

@@ -96,4 +96,5 @@ class ValidatorOverloadedError(Exception):
 
     def __init__(self, message, retry_after_ms):
         super().__init__(message)
+        self.message = message
         self.retry_after_ms = max(0, int(retry_after_ms))

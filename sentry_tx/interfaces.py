@@ -90,22 +90,25 @@ class IIdentityValidator(Interface):
 
     needs_reactor = Attribute(
         "True when C{validate} waits on I/O through the reactor (it is then "
-        "called on the reactor thread and the gRPC worker waits for it); "
-        "False when it is pure computation on the request, safe to call in "
-        "any thread, whose Deferred has fired when C{validate} returns."
+        "called on the reactor thread and the gRPC loop awaits it); "
+        "False when it is pure computation on the request, called inline on "
+        "the gRPC loop, whose Deferred has fired when C{validate} returns."
     )
 
     def validate(request, deadline=None):
         """
         Check the caller and the common request rules.
 
-        Called on the reactor thread when C{needs_reactor} is true, else in
-        the gRPC worker thread.
+        Called on the reactor thread when C{needs_reactor} is true, else
+        inline on the gRPC loop (it must not block).
 
         @param request: a L{sentry_tx.identity.SignRequest}.
-        @param deadline: when the answer must come, on the reactor's clock
-            (the earlier of the client's deadline and the call's start plus
-            the validation timeout); a validator that waits gives up by it.
+        @param deadline: the absolute time, on the reactor's clock
+            (C{reactor.seconds()}), by which the answer must come: the
+            earlier of the client's deadline and the call's arrival plus
+            L{sentry_tx.server.servicer.VALIDATION_TIMEOUT_SECONDS}.  A
+            validator that waits must give up by then; the servicer cancels
+            its Deferred at that time.
         @return: Deferred firing with a L{sentry_tx.identity.CallerIdentity},
             or failing with L{sentry_tx.errors.ValidationError} whose message
             is sent to the caller as PERMISSION_DENIED,

@@ -37,6 +37,8 @@ class SentryService(MultiService):
     @param reactor: stopped on a fatal error.
     @param startup_warnings: messages found while parsing options, logged at
         start (logging is not running while options are parsed).
+    @param startup_notes: information found while parsing options (how
+        many processes serve, and why), logged at start.
     @param exit: called with the exit status after the reactor has shut down
         following a fatal error.
     @param raise_open_file_limit: raises the soft open-file limit to the
@@ -51,10 +53,12 @@ class SentryService(MultiService):
         startup_warnings=(),
         exit=_exit_process,
         raise_open_file_limit=open_files.raise_open_file_limit,
+        startup_notes=(),
     ):
         super().__init__()
         self._reactor = reactor
         self._startup_warnings = tuple(startup_warnings)
+        self._startup_notes = tuple(startup_notes)
         self._exit = exit
         self._raise_open_file_limit = raise_open_file_limit
         self._open_file_limit_raised = False
@@ -70,6 +74,8 @@ class SentryService(MultiService):
         """
         for warning in self._startup_warnings:
             self._log.warn("{startup_warning}", startup_warning=warning)
+        for note in self._startup_notes:
+            self._log.info("{startup_note}", startup_note=note)
         self._raise_open_file_limit_once()
         Service.startService(self)
         if self._listen_failure is not None:

@@ -164,9 +164,11 @@ _STRING_FLAGS = (
     [
         "workers",
         None,
-        str(_DEFAULTS.workers),
-        "Processes serving gRPC: 1 serves in the twistd process itself; N > 1"
-        f" starts N worker processes sharing --port (at most {MAXIMUM_WORKERS}).",
+        None,
+        "Processes serving gRPC, the twistd process included: N > 1 starts"
+        " N - 1 worker processes sharing --port (at most"
+        f" {MAXIMUM_WORKERS}; default: one per core this process may use, by"
+        " the cgroup CPU quota, else the CPU affinity, at most 4).",
     ],
     [
         "log-level",
@@ -454,7 +456,9 @@ class Options(usage.Options):
 
     sentry_config = None
 
-    def __init__(self, environ=None, stdout=None, stderr=None):
+    def __init__(
+        self, environ=None, stdout=None, stderr=None, default_processes=None
+    ):
         """
         @param environ: the environment (C{KUBERNETES_SERVICE_HOST},
             C{NAMESPACE}, and variables the Configuration file refers to);
@@ -465,12 +469,22 @@ class Options(usage.Options):
 
         @param stderr: where the one-line error goes; L{sys.stderr} by
             default.
+
+        @param default_processes: returns C{(count, reason)}, the serving
+            processes when C{--workers} is not given;
+            L{sentry_tx.server.cores.default_serving_processes} by default.
         """
         super().__init__()
         self.environ = os.environ if environ is None else environ
         self.stdout = sys.stdout if stdout is None else stdout
         self.stderr = sys.stderr if stderr is None else stderr
         self.startup_warnings = []
+        self.startup_notes = []
+        if default_processes is None:
+            from sentry_tx.server.cores import default_serving_processes
+
+            default_processes = default_serving_processes
+        self._default_processes = default_processes
         if self.environ.get(KUBERNETES_SERVICE_HOST_VARIABLE):
             self["mode"] = MODE_KUBERNETES
         else:
@@ -580,7 +594,7 @@ class Options(usage.Options):
             enable_metrics=_parse_bool("--enable-metrics", self["enable-metrics"]),
             log_level=log_level,
             log_as_json=_parse_bool("--log-as-json", self["log-as-json"]),
-            workers=_parse_workers("--workers", self["workers"]),
+            workers=self._serving_processes(),
             namespace=_check_namespace(NAMESPACE_VARIABLE, namespace),
             mtls=self._load_mtls(mode, self["config"]),
             **self._jwt_settings(),
@@ -684,6 +698,22 @@ class Options(usage.Options):
             oidc_path_prefix=f"/{prefix}" if prefix else "",
             oidc_allowed_hosts=_split_audiences(self["oidc-allowed-hosts"] or ""),
         )
+
+    def _serving_processes(self):
+        """
+        How many processes serve gRPC: C{--workers}, else one per usable
+        core (at most 4); the choice and its reason go to C{startup_notes}.
+        """
+        if self["workers"] is None:
+            count, reason = self._default_processes()
+        else:
+            count = _parse_workers("--workers", self["workers"])
+            reason = "--workers"
+        self.startup_notes.append(
+            f"serving gRPC from {count} process{'es' if count > 1 else ''}"
+            f" ({reason})"
+        )
+        return count
 
     def _load_mtls(self, mode, path):
         """
@@ -797,7 +827,7 @@ def build_validators(config, reactor):
     return {VALIDATOR_INSECURE: InsecureValidator()}, VALIDATOR_INSECURE
 
 
-def build_service(config, reactor, startup_warnings=()):
+def build_service(config, reactor, startup_warnings=(), startup_notes=()):
     """
     Wire sentry_tx: the one place that chooses implementations and composes
     services.  Builds objects only; sockets, threads and fds are opened by
@@ -806,6 +836,7 @@ def build_service(config, reactor, startup_warnings=()):
     @param config: the L{SentryConfig}.
     @param reactor: the reactor (also the clock) every service uses.
     @param startup_warnings: messages to log once logging runs.
+    @param startup_notes: information to log once logging runs.
     @return: the root L{SentryService}.
     """
     from twisted.application.service import IService
@@ -823,7 +854,7 @@ def build_service(config, reactor, startup_warnings=()):
     from sentry_tx.stderr_capture import StandardErrorCapture
     from sentry_tx.watcher import IssuerWatcher
 
-    root = SentryService(reactor, startup_warnings)
+    root = SentryService(reactor, startup_warnings, startup_notes=startup_notes)
     # First child: grpc core's own lines on fd 2 go through the log from
     # the start, and it stops last, after worker processes.
     StandardErrorCapture(reactor).setServiceParent(root)
@@ -896,17 +927,30 @@ def build_service(config, reactor, startup_warnings=()):
     # A gRPC port in use: one line naming --port, before anything binds it.
     PortCheck("--port", config.listen_address, config.port).setServiceParent(root)
     if config.workers > 1:
-        # gRPC in worker processes sharing the port; each builds its own
-        # validators (sentry_tx.server.worker), this process keeps the
-        # bundle, the watch, health and metrics.
+        # gRPC in this process and N - 1 worker processes sharing the port;
+        # each worker builds its own validators (sentry_tx.server.worker),
+        # this process keeps the bundle, the watch, health and metrics.
+        def local_authority(local_config, local_store):
+            return CertificateAuthorityService(
+                local_config,
+                reactor,
+                local_store,
+                validators,
+                default_validator,
+                metrics,
+                reuse_port=True,
+                jwt_minter=jwt_minter,
+            )
+
         authority = WorkerPoolAuthority(
             config,
             reactor,
             trust_store,
             metrics,
-            config.workers,
+            config.workers - 1,
             on_start_failure=root.fatal,
             configuration_source=configuration_source,
+            local_factory=local_authority,
         )
     else:
         authority = CertificateAuthorityService(
@@ -1001,4 +1045,9 @@ def makeService(options):
     """
     from twisted.internet import reactor
 
-    return build_service(options.sentry_config, reactor, options.startup_warnings)
+    return build_service(
+        options.sentry_config,
+        reactor,
+        options.startup_warnings,
+        getattr(options, "startup_notes", ()),
+    )

@@ -432,8 +432,9 @@ class ImmediateThreadPool:
 class ImmediateReactor(Clock):
     """
     A L{Clock} whose C{callFromThread} runs the call at once and whose thread
-    pool is an L{ImmediateThreadPool}: code written for worker threads
-    (C{blockingCallFromThread}, C{deferToThreadPool}) runs synchronously.
+    pool is an L{ImmediateThreadPool}: code that crosses to the reactor
+    (C{callFromThread} from the gRPC loop, C{deferToThreadPool}) runs
+    synchronously.
     """
 
     def __init__(self, seconds=0.0):
@@ -511,6 +512,15 @@ class FakeCertificateAuthority:
         self.ready = False
         self.calls = []
 
+    @property
+    def in_service(self):
+        """
+        The bundle and config, as the servicer reads them.
+        """
+        from sentry_tx.server.servicer import InService
+
+        return InService(self.bundle, self.config)
+
     def start(self, config):
         self.calls.append(("start", config))
         self.config = config
@@ -554,8 +564,11 @@ class FakeTrustStore:
 
 class AbortingContext:
     """
-    The part of C{grpc.ServicerContext} the servicer uses: C{abort} records
-    the status and raises L{AbortingContext.Aborted}, as grpcio's raises.
+    The part of C{grpc.aio.ServicerContext} the servicer uses: C{abort}
+    records the status and trailing metadata and raises
+    L{AbortingContext.Aborted}, as grpcio's raises; C{read} answers with
+    C{message} (C{grpc.aio.EOF} when None); C{time_remaining} with
+    C{remaining}.
     """
 
     class Aborted(Exception):
@@ -563,18 +576,74 @@ class AbortingContext:
         Raised by L{AbortingContext.abort}.
         """
 
-    trailing_metadata = ()
-    remaining = None
+    def __init__(self, message=None, remaining=None):
+        self.message = message
+        self.remaining = remaining
+        self.trailing_metadata = None
+
+    async def abort(self, code, details, trailing_metadata=None):
+        self.code, self.details = code, details
+        self.trailing_metadata = trailing_metadata
+        raise self.Aborted()
+
+    async def read(self):
+        import grpc
+
+        return grpc.aio.EOF if self.message is None else self.message
 
     def time_remaining(self):
         return self.remaining
 
-    def set_trailing_metadata(self, metadata):
-        self.trailing_metadata = tuple(metadata)
 
-    def abort(self, code, details):
-        self.code, self.details = code, details
-        raise self.Aborted()
+def run_now(coroutine):
+    """
+    Run C{coroutine} to its end at once, with no event loop: for pipeline
+    code that must not wait (the INSECURE path).
+
+    @return: its result (its exception is raised).
+    @raise AssertionError: if it waited for something.
+    """
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coroutine.close()
+    raise AssertionError("the coroutine waited instead of finishing at once")
+
+
+class SynchronousGrpcLoop:
+    """
+    A stand-in for L{sentry_tx.server.loop.GrpcLoop} whose asyncio loop runs
+    in the calling thread, only while L{run} runs: a coroutine handed to it
+    runs to its end at once and the returned Deferred has fired.  For
+    lifecycle tests with a fake reactor (a server started on it binds and
+    stops, but serves no call between runs).
+    """
+
+    def __init__(self, reactor=None):
+        self.loop = None
+
+    @property
+    def running(self):
+        return self.loop is not None
+
+    def start(self):
+        import asyncio
+
+        self.loop = asyncio.new_event_loop()
+
+    def run(self, coroutine_function, *args):
+        try:
+            result = self.loop.run_until_complete(coroutine_function(*args))
+        except Exception:
+            return fail()
+        return succeed(result)
+
+    def stop(self):
+        if self.loop is not None:
+            self.loop.close()
+            self.loop = None
+        return succeed(None)
 
 
 class GrpcTestClient:
@@ -2293,10 +2362,12 @@ HTTP2_SETTINGS = 0x4
 HTTP2_PING = 0x6
 HTTP2_GOAWAY = 0x7
 HTTP2_FLAG_ACK = 0x1
+HTTP2_FLAG_END_STREAM = 0x1
 HTTP2_FLAG_END_HEADERS = 0x4
 HTTP2_SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
 HTTP2_NO_ERROR = 0x0
 HTTP2_REFUSED_STREAM = 0x7
+HTTP2_CANCEL = 0x8
 HTTP2_ENHANCE_YOUR_CALM = 0xB
 
 

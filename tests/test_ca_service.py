@@ -24,6 +24,7 @@ from sentry_tx.testing import (
     FIXED_NOW,
     FakeTrustStore,
     ImmediateReactor,
+    SynchronousGrpcLoop,
     make_bundle,
     make_chain,
 )
@@ -71,6 +72,7 @@ class CertificateAuthorityServiceTests(SynchronousTestCase):
             None,
             self.metrics,
             on_start_failure=self.failures.append,
+            grpc_loop_factory=SynchronousGrpcLoop,
         )
 
     def start(self):
@@ -268,35 +270,3 @@ class ListenTargetTests(SynchronousTestCase):
         self.assertEqual(listen_target("127.0.0.1", 0), "127.0.0.1:0")
         self.assertEqual(listen_target("::1", 5), "[::1]:5")
         self.assertEqual(listen_target("[::1]", 5), "[::1]:5")
-
-
-class WorkerThreadsTests(SynchronousTestCase):
-    """
-    Tests for L{grpc_worker_threads}.
-    """
-
-    def test_sizes(self):
-        """
-        Validators that wait on the reactor get the large pool; pure
-        computation (or no validator) gets the small one.
-        """
-        from sentry_tx.server.service import (
-            GRPC_WAITING_WORKER_THREADS,
-            GRPC_WORKER_THREADS,
-            grpc_worker_threads,
-        )
-        from sentry_tx.testing import FakeValidator
-
-        self.assertEqual(grpc_worker_threads([]), GRPC_WORKER_THREADS)
-        self.assertEqual(
-            grpc_worker_threads([FakeValidator(needs_reactor=False)]),
-            GRPC_WORKER_THREADS,
-        )
-        self.assertEqual(
-            grpc_worker_threads(
-                [FakeValidator(needs_reactor=False), FakeValidator(2, needs_reactor=True)]
-            ),
-            GRPC_WAITING_WORKER_THREADS,
-        )
-        self.assertGreater(GRPC_WAITING_WORKER_THREADS, GRPC_WORKER_THREADS)
-

@@ -69,6 +69,7 @@ from sentry_tx.testing import (
     make_chain,
     make_csr,
     pem_encode,
+    run_now,
 )
 from tests import hypothesis_profiles
 from tests.hypothesis_profiles import show_notes
@@ -791,7 +792,7 @@ class ServicerFuzzTests(SynchronousTestCase):
         )
         note(f"request: {_describe(request)}")
         try:
-            response = servicer.sign(request)
+            response = run_now(servicer.sign(request, FIXED_NOW.timestamp() + 10))
         except Refusal as refusal:
             check_refused(
                 self,
@@ -893,7 +894,9 @@ class ServicerFuzzTests(SynchronousTestCase):
         )
         context = AbortingContext()
         self.assertRaises(
-            AbortingContext.Aborted, servicer.SignCertificateMessage, wire, context
+            AbortingContext.Aborted,
+            run_now,
+            servicer.SignCertificateMessage(wire, context),
         )
         EXAMPLES["servicer: wire messages"][context.code.name] += 1
         self.assertEqual(context.code, INVALID_ARGUMENT, context.details)

@@ -1,6 +1,6 @@
 """
 Tests of the CA service over real gRPC: a server on 127.0.0.1 port 0 with
-TLS, and a real grpcio client in a worker thread.
+TLS, and a real grpcio client in a thread of the test.
 """
 
 from datetime import datetime, timedelta, timezone
@@ -197,7 +197,7 @@ class CertificateAuthorityOverGrpcTests(TestCase):
         asked = Deferred()
         validate = validator.validate
 
-        def validate_and_tell(request, deadline=None):
+        def validate_and_tell(request, deadline):
             d = validate(request, deadline)
             if not asked.called:
                 asked.callback(None)

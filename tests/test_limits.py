@@ -9,6 +9,7 @@ that misbehave on purpose (L{RawHTTP2Client}) and the real grpcio client
 block, so they run in threads.
 """
 
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -23,11 +24,14 @@ from sentry_tx.config import SentryConfig
 from sentry_tx.identity import VALIDATOR_INSECURE, CallerIdentity
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
-from sentry_tx.server import service
+from sentry_tx.server import service, servicer
 from sentry_tx.server.service import CertificateAuthorityService, grpc_server_options
 from sentry_tx.testing import (
     HTTP2_ENHANCE_YOUR_CALM,
     HTTP2_FLAG_ACK,
+    HTTP2_FLAG_END_STREAM,
+    HTTP2_HEADERS,
+    HTTP2_CANCEL,
     HTTP2_GOAWAY,
     HTTP2_PING,
     HTTP2_REFUSED_STREAM,
@@ -57,6 +61,10 @@ FLOOD_CALLS = 20
 REFUSED_WITHIN_SECONDS = 1.0
 LARGE_BUNDLE_EXTRA_ROOTS = 120
 HOLD_TIMEOUT_SECONDS = 5.0
+SILENT_STREAMS = 200
+SILENT_STREAM_CONNECTIONS = 4
+SMALL_ARRIVAL_TIMEOUT_SECONDS = 0.3
+RAPID_RESETS = 2000
 
 
 def valid_request(**fields):
@@ -131,7 +139,7 @@ class LimitConstantsTests(SynchronousTestCase):
             (
                 service.MAX_REQUEST_BYTES,
                 service.MAX_RESPONSE_BYTES,
-                service.GRPC_WORKER_THREADS,
+                servicer.REQUEST_ARRIVAL_TIMEOUT_SECONDS,
                 service.MAX_CONCURRENT_RPCS,
                 service.MAX_CONCURRENT_STREAMS_PER_CONNECTION,
                 service.MAX_CONNECTION_IDLE_MILLISECONDS,
@@ -145,7 +153,7 @@ class LimitConstantsTests(SynchronousTestCase):
             (
                 64 * 1024,
                 4 * 1024 * 1024,
-                32,
+                10.0,
                 1024,
                 100,
                 5 * 60 * 1000,
@@ -462,6 +470,204 @@ class TransportLimitTests(TestCase):
         validator.release()
         responses = yield Deferred.fromCoroutine(_gather(held))
         self.assertEqual(len([r for r in responses if r.workload_certificate]), bound)
+
+
+    def open_silent_streams(self, connections, streams_per_connection):
+        """
+        Open C{connections} raw connections, each with
+        C{streams_per_connection} calls that send their headers and never a
+        message (in a thread; the connections close at cleanup).
+
+        @return: a Deferred firing with the L{RawHTTP2Client}s.
+        """
+
+        def open_all():
+            clients = []
+            for _ in range(connections):
+                client = RawHTTP2Client(
+                    "127.0.0.1", self.ca.port, self.anchors_pem, SERVER_NAME
+                )
+                clients.append(client)
+                client.read_until(HTTP2_SETTINGS)
+                client.send(
+                    http2_frame(HTTP2_SETTINGS, HTTP2_FLAG_ACK),
+                    *(
+                        grpc_request_headers(1 + 2 * index, SIGN_PATH)
+                        for index in range(streams_per_connection)
+                    ),
+                )
+            return clients
+
+        d = deferToThread(open_all)
+
+        def close_later(clients):
+            for client in clients:
+                self.addCleanup(client.close)
+            return clients
+
+        return d.addCallback(close_later)
+
+    def timed_sign(self):
+        """
+        Sign a valid request with the real client (in a thread).
+
+        @return: a Deferred firing with C{(status code, seconds taken)}.
+        """
+
+        def sign():
+            started = time.monotonic()
+            try:
+                self.client.sign(valid_request(), timeout=HOLD_TIMEOUT_SECONDS)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                code = error.code()
+            return code, time.monotonic() - started
+
+        return deferToThread(sign)
+
+    @inlineCallbacks
+    def test_silent_streams_do_not_delay(self):
+        """200 streams that never send their message, over 4 connections, do not delay an honest call past 1 s."""
+        yield self.start_ca()
+        yield self.open_silent_streams(
+            SILENT_STREAM_CONNECTIONS, SILENT_STREAMS // SILENT_STREAM_CONNECTIONS
+        )
+        code, elapsed = yield self.timed_sign()
+        self.assertEqual(code, grpc.StatusCode.OK)
+        self.assertLess(elapsed, SERVED_WITHIN_SECONDS)
+
+    @inlineCallbacks
+    def test_request_arrival_timeout(self):
+        """A call whose message has not arrived within the arrival bound ends with DEADLINE_EXCEEDED, uncounted."""
+        yield self.start_ca(
+            request_arrival_timeout_seconds=SMALL_ARRIVAL_TIMEOUT_SECONDS
+        )
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def never_sends():
+            # A client stream that sends no message until released.
+            release.wait(HOLD_TIMEOUT_SECONDS)
+            return
+            yield
+
+        def call():
+            channel_call = self.client._channel.stream_unary(
+                SIGN_PATH.decode("ascii"),
+                request_serializer=None,
+                response_deserializer=sentry_pb2.SignCertificateResponse.FromString,
+            )
+            started = time.monotonic()
+            try:
+                channel_call(never_sends(), timeout=HOLD_TIMEOUT_SECONDS)
+            except grpc.RpcError as error:
+                return error.code(), error.details(), time.monotonic() - started
+            return grpc.StatusCode.OK, "", time.monotonic() - started
+
+        code, details, elapsed = yield deferToThread(call)
+        release.set()
+        self.assertEqual(
+            (code, details),
+            (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the request message did not arrive in time",
+            ),
+        )
+        self.assertGreaterEqual(elapsed, SMALL_ARRIVAL_TIMEOUT_SECONDS)
+        self.assertLess(elapsed, HOLD_TIMEOUT_SECONDS)
+        self.assertEqual(self.received(), 0)
+
+    @inlineCallbacks
+    def test_silent_stream_freed(self):
+        """Silent streams hold call slots only until the arrival bound: then they end and honest calls get the slots."""
+        bound = 2
+        yield self.start_ca(
+            max_concurrent_rpcs=bound,
+            request_arrival_timeout_seconds=SMALL_ARRIVAL_TIMEOUT_SECONDS,
+        )
+        (client,) = yield self.open_silent_streams(1, bound)
+        code, _ = yield self.timed_sign()
+        self.assertEqual(code, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+        def read_stream_ends():
+            ended = set()
+            while ended != {1, 3}:
+                frame = client.read_frame()
+                if frame is None:
+                    break
+                if frame.type in (HTTP2_HEADERS, HTTP2_RST_STREAM) and (
+                    frame.type == HTTP2_RST_STREAM or frame.flags & HTTP2_FLAG_END_STREAM
+                ):
+                    ended.add(frame.stream_id)
+            return ended
+
+        ended = yield deferToThread(read_stream_ends)
+        self.assertEqual(ended, {1, 3})
+        code, _ = yield self.timed_sign()
+        self.assertEqual(code, grpc.StatusCode.OK)
+
+    @inlineCallbacks
+    def test_rapid_reset(self):
+        """Thousands of streams opened and reset at once (HEADERS then RST_STREAM) leave the CA answering."""
+        yield self.start_ca()
+        client = yield self.raw_client()
+
+        def reset_flood():
+            client.read_until(HTTP2_SETTINGS)
+            client.send(http2_frame(HTTP2_SETTINGS, HTTP2_FLAG_ACK))
+            batch = []
+            for index in range(RAPID_RESETS):
+                stream_id = 1 + 2 * index
+                batch.append(grpc_request_headers(stream_id, SIGN_PATH))
+                batch.append(
+                    http2_frame(
+                        HTTP2_RST_STREAM, 0, stream_id, HTTP2_CANCEL.to_bytes(4, "big")
+                    )
+                )
+                if len(batch) >= 200:
+                    try:
+                        client.send(*batch)
+                    except OSError:
+                        return
+                    batch = []
+
+        yield deferToThread(reset_flood)
+        code, elapsed = yield self.timed_sign()
+        self.assertEqual(code, grpc.StatusCode.OK)
+        self.assertLess(elapsed, SERVED_WITHIN_SECONDS)
+        self.assertEqual(self.received(), 1)
+
+    @inlineCallbacks
+    def test_port_in_use(self):
+        """A gRPC port in use fails the start with one line naming --port and the port."""
+        import socket
+
+        from sentry_tx.errors import ListenError
+
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        from twisted.internet import reactor
+
+        bundle = generate_bundle(
+            "cluster.local", "default", datetime.now(timezone.utc), timedelta(minutes=15)
+        ).bundle
+        config = SentryConfig(listen_address="127.0.0.1", port=port)
+        ca = CertificateAuthorityService(
+            config,
+            reactor,
+            FakeTrustStore(bundle),
+            {VALIDATOR_INSECURE: InsecureValidator()},
+            VALIDATOR_INSECURE,
+            SentryMetrics(),
+        )
+        error = yield self.assertFailure(ca.start(config), ListenError)
+        self.assertEqual((error.flag, error.port), ("--port", port))
+        self.assertIn(f"port {port}: address already in use", str(error))
+        self.assertNotIn("\n", str(error))
+        self.assertFalse(ca.ready)
 
 
 async def _gather(deferreds):

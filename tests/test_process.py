@@ -35,8 +35,9 @@ class _TwistdProtocol(ProcessProtocol):
 
     _LISTENING = re.compile(
         rb"(?P<name>healthz|metrics) server listening on port (?P<port>\d+)"
-        rb"|gRPC server listening on \S+:(?P<grpc>\d+)(?P<pool> in \d+ worker processes)?"
+        rb"|gRPC server listening on \S+:(?P<grpc>\d+)(?P<pool> in \d+ serving processes)?"
     )
+    _PROCESSES = re.compile(rb"serving gRPC from (?P<count>\d+) process")
 
     def __init__(self, workers=False):
         # With worker processes, each worker logs its own listening line
@@ -81,6 +82,11 @@ class _TwistdProtocol(ProcessProtocol):
     def outReceived(self, data):
         self.output += data
         self._check_output_waiters()
+        processes = self._PROCESSES.search(self.output)
+        if processes is not None:
+            # Logged before anything listens: with several serving
+            # processes, only the pool's line means every one serves.
+            self._workers = int(processes.group("count")) > 1
         for match in self._LISTENING.finditer(self.output):
             if match.group("grpc"):
                 if self._workers and not match.group("pool"):
@@ -268,9 +274,9 @@ class TwistdProcessTests(TestCase):
     @inlineCallbacks
     def test_workers(self):
         """
-        With C{--workers 2}, two worker processes serve the port: healthz is
-        200 once both serve, calls are signed, and SIGTERM stops every
-        process.
+        With C{--workers 2}, two processes serve the port, twistd's own and
+        one worker: healthz is 200 once both serve, calls are signed, and
+        SIGTERM stops every process.
         """
         import treq
 
@@ -297,7 +303,7 @@ class TwistdProcessTests(TestCase):
                 ),
             )
         children = _children(protocol.transport.pid)
-        self.assertEqual(len(children), 2, children)
+        self.assertEqual(len(children), 1, children)
         os.kill(protocol.transport.pid, signal.SIGTERM)
         reason = yield protocol.ended
         self.assertIn((reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)])

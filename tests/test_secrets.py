@@ -203,8 +203,14 @@ class ServicerSecretsTests(SecretsAssertions, SynchronousTestCase):
             token_validator=0,
         )
         values.update(fields)
+        import asyncio
+
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
         try:
-            response = servicer.sign(SignRequest(**values))
+            response = loop.run_until_complete(
+                servicer.sign(SignRequest(**values), FIXED_NOW.timestamp() + 10)
+            )
         except Refusal as refusal:
             self.assert_no_key(str(refusal), self.keys, "a refusal")
             self.assert_no_key(refusal.message, self.keys, "a refusal")

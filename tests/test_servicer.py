@@ -3,6 +3,7 @@ Tests for the SignCertificate pipeline (L{sentry_tx.server.servicer}) with a
 fake authority, fake validators and a clock.
 """
 
+import asyncio
 from datetime import timedelta
 
 import grpc
@@ -11,10 +12,21 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.config import MTLSConfig, SentryConfig
-from sentry_tx.errors import ValidationError, ValidatorUnavailableError
+from sentry_tx.errors import (
+    CSRError,
+    IssuerExpiredError,
+    ValidationError,
+    ValidatorOverloadedError,
+    ValidatorUnavailableError,
+)
 from sentry_tx.identity import SignRequest
 from sentry_tx.metrics import SentryMetrics
-from sentry_tx.server.servicer import CAServicer, Refusal
+from sentry_tx.server.servicer import (
+    VALIDATION_TIMEOUT_SECONDS,
+    CAServicer,
+    Refusal,
+    refusal_for,
+)
 from sentry_tx.testing import (
     FIXED_NOW,
     AbortingContext,
@@ -23,6 +35,7 @@ from sentry_tx.testing import (
     ImmediateReactor,
     make_bundle,
     make_csr,
+    run_now,
 )
 
 INSECURE, KUBERNETES, JWKS = 1, 2, 3
@@ -45,12 +58,22 @@ def sign_request(**fields):
     return SignRequest(**values)
 
 
+def loop_for(test_case):
+    """
+    A new asyncio loop standing for the gRPC loop, closed at cleanup.
+    """
+    loop = asyncio.new_event_loop()
+    test_case.addCleanup(loop.close)
+    return loop
+
+
 class ServicerTests(SynchronousTestCase):
     """
     Tests for L{CAServicer.sign}.
     """
 
     def setUp(self):
+        self.loop = loop_for(self)
         self.reactor = ImmediateReactor(FIXED_NOW.timestamp())
         self.bundle = make_bundle()
         self.config = SentryConfig(
@@ -70,11 +93,20 @@ class ServicerTests(SynchronousTestCase):
             self.reactor, self.authority, validators, default, self.metrics, **kw
         )
 
+    def sign(self, servicer, request):
+        """
+        Run C{request} through C{servicer} on the loop, with the default
+        deadline.
+        """
+        return self.loop.run_until_complete(
+            servicer.sign(request, self.reactor.seconds() + VALIDATION_TIMEOUT_SECONDS)
+        )
+
     def refusal(self, servicer, request):
         """
         The L{Refusal} C{servicer} ends C{request} with.
         """
-        return self.assertRaises(Refusal, servicer.sign, request)
+        return self.assertRaises(Refusal, self.sign, servicer, request)
 
     def counts(self):
         """
@@ -95,7 +127,7 @@ class ServicerTests(SynchronousTestCase):
         anchors as one element, and valid_until equal to the leaf's NotAfter;
         it counts as received and successful.
         """
-        response = self.servicer().sign(sign_request())
+        response = self.sign(self.servicer(), sign_request())
         chain = x509.load_pem_x509_certificates(response.workload_certificate)
         self.assertEqual(chain[1:], list(self.bundle.issuer_chain))
         self.assertEqual(
@@ -115,7 +147,7 @@ class ServicerTests(SynchronousTestCase):
         """
         UNKNOWN selects the mode's default validator.
         """
-        self.servicer().sign(sign_request(token_validator=0))
+        self.sign(self.servicer(), sign_request(token_validator=0))
         self.assertEqual(len(self.validator.requests), 1)
 
     def test_no_default_validator(self):
@@ -134,7 +166,7 @@ class ServicerTests(SynchronousTestCase):
     def test_reactor_validator_crosses(self):
         """
         A validator that needs the reactor is called through
-        C{callFromThread}.
+        C{callFromThread}, with the deadline of the call.
         """
         crossings = []
         call_from_thread = self.reactor.callFromThread
@@ -142,22 +174,29 @@ class ServicerTests(SynchronousTestCase):
             crossings.append(f),
             call_from_thread(f, *a, **kw),
         )
-        self.servicer().sign(sign_request())
+        self.sign(self.servicer(), sign_request())
         self.assertEqual(len(crossings), 1)
+        self.assertEqual(
+            self.validator.deadlines,
+            [self.reactor.seconds() + VALIDATION_TIMEOUT_SECONDS],
+        )
 
-    def test_computing_validator_stays_in_thread(self):
+    def test_computing_validator_stays_on_loop(self):
         """
-        A validator that needs no reactor runs in the calling thread: the
-        reactor is not asked to run anything.
+        A validator that needs no reactor runs inline: the pipeline finishes
+        without waiting once, and the reactor is not asked to run anything.
         """
         def refuse(f, *a, **kw):
             raise AssertionError("crossed to the reactor")
 
         self.reactor.callFromThread = refuse
         validator = FakeValidator(INSECURE, needs_reactor=False)
-        response = self.servicer({INSECURE: validator}).sign(sign_request())
+        response = run_now(
+            self.servicer({INSECURE: validator}).sign(sign_request(), 12345.0)
+        )
         self.assertTrue(response.workload_certificate)
         self.assertEqual(len(validator.requests), 1)
+        self.assertEqual(validator.deadlines, [12345.0])
 
     def test_computing_validator_refusal(self):
         """
@@ -265,7 +304,7 @@ class ServicerTests(SynchronousTestCase):
         self.reactor.advance(
             (self.bundle.chain_not_after - FIXED_NOW).total_seconds() - 60
         )
-        response = self.servicer().sign(sign_request())
+        response = self.sign(self.servicer(), sign_request())
         leaf = x509.load_pem_x509_certificates(response.workload_certificate)[0]
         self.assertEqual(leaf.not_valid_after_utc, self.bundle.chain_not_after)
 
@@ -288,7 +327,7 @@ class ServicerTests(SynchronousTestCase):
         """
         servicer = self.servicer()
         self.authority.bundle = make_bundle()
-        response = servicer.sign(sign_request())
+        response = self.sign(servicer, sign_request())
         leaf = x509.load_pem_x509_certificates(response.workload_certificate)[0]
         aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
         self.assertEqual(aki.value, self.authority.bundle.authority_key_identifier)
@@ -299,14 +338,24 @@ class ServicerTests(SynchronousTestCase):
         A control-plane caller in sentry_tx's own namespace gets Dapr's DNS
         names beside its SPIFFE ID.
         """
-        response = self.servicer().sign(
-            sign_request(id="dapr-injector", trust_domain="cluster.local")
+        response = self.sign(
+            self.servicer(),
+            sign_request(id="dapr-injector", trust_domain="cluster.local"),
         )
         leaf = x509.load_pem_x509_certificates(response.workload_certificate)[0]
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         self.assertEqual(
             san.value.get_values_for_type(x509.DNSName),
             ["dapr-sidecar-injector.default.svc"],
+        )
+
+    def call(self, data, context):
+        """
+        Run the gRPC method on C{data} (bytes) with C{context}, on the loop.
+        """
+        context.message = data
+        return self.loop.run_until_complete(
+            self.servicer().SignCertificateStream(None, context)
         )
 
     def test_grpc_method_aborts(self):
@@ -317,10 +366,7 @@ class ServicerTests(SynchronousTestCase):
         context = AbortingContext()
         request = sentry_pb2.SignCertificateRequest(id="", namespace="default")
         self.assertRaises(
-            AbortingContext.Aborted,
-            self.servicer().SignCertificate,
-            request,
-            context,
+            AbortingContext.Aborted, self.call, request.SerializeToString(), context
         )
         self.assertEqual(context.code, grpc.StatusCode.INVALID_ARGUMENT)
         self.assertEqual(context.details, "invalid certificate signing request")
@@ -333,16 +379,27 @@ class ServicerTests(SynchronousTestCase):
         """
         for data in (b"\x0a\x01\xff", b"\xff", b"\x0a\x05ab"):
             context = AbortingContext()
-            self.assertRaises(
-                AbortingContext.Aborted,
-                self.servicer().SignCertificateMessage,
-                data,
-                context,
-            )
+            self.assertRaises(AbortingContext.Aborted, self.call, data, context)
             self.assertEqual(context.code, grpc.StatusCode.INVALID_ARGUMENT)
             self.assertTrue(context.details.startswith("failed to parse request: "))
         self.assertEqual(self.counts()["received"], 3)
         self.assertEqual(self.counts()["validator"], 3)
+
+    def test_no_message(self):
+        """
+        A call that ends its stream without a message is INVALID_ARGUMENT,
+        not counted (nothing was asked).
+        """
+        context = AbortingContext()
+        self.assertRaises(AbortingContext.Aborted, self.call, None, context)
+        self.assertEqual(
+            (context.code, context.details),
+            (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "failed to parse request: no request message",
+            ),
+        )
+        self.assertEqual(self.counts()["received"], 0)
 
     def test_message_answers(self):
         """
@@ -351,34 +408,103 @@ class ServicerTests(SynchronousTestCase):
         request = sentry_pb2.SignCertificateRequest(
             id="myapp", namespace="default", certificate_signing_request=make_csr()[1]
         )
-        response = self.servicer().SignCertificateMessage(
-            request.SerializeToString(), AbortingContext()
-        )
+        response = self.call(request.SerializeToString(), AbortingContext())
         self.assertTrue(response.workload_certificate.startswith(b"-----BEGIN"))
 
-    def test_grpc_method_answers(self):
+    def test_client_deadline_shortens_validation(self):
         """
-        The gRPC method returns the response of a successful sign.
+        The validator's deadline is the client's when that comes before
+        VALIDATION_TIMEOUT_SECONDS, else arrival plus that timeout.
         """
         request = sentry_pb2.SignCertificateRequest(
             id="myapp", namespace="default", certificate_signing_request=make_csr()[1]
         )
-        response = self.servicer().SignCertificate(request, AbortingContext())
-        self.assertTrue(response.workload_certificate.startswith(b"-----BEGIN"))
+        now = self.reactor.seconds()
+        for remaining, expected in (
+            (2.5, now + 2.5),
+            (None, now + VALIDATION_TIMEOUT_SECONDS),
+            (60.0, now + VALIDATION_TIMEOUT_SECONDS),
+        ):
+            self.call(request.SerializeToString(), AbortingContext(remaining=remaining))
+            self.assertEqual(self.validator.deadlines[-1], expected)
+
+    def test_overloaded_validator(self):
+        """
+        A validator that is overloaded makes the call RESOURCE_EXHAUSTED with
+        its message and the grpc-retry-pushback-ms trailer, counted as a
+        validator failure.
+        """
+        self.validator.error = ValidatorOverloadedError("too many reviews", 250)
+        request = sentry_pb2.SignCertificateRequest(
+            id="myapp", namespace="default", certificate_signing_request=make_csr()[1]
+        )
+        context = AbortingContext()
+        self.assertRaises(
+            AbortingContext.Aborted, self.call, request.SerializeToString(), context
+        )
+        self.assertEqual(
+            (context.code, context.details, tuple(context.trailing_metadata)),
+            (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many reviews",
+                (("grpc-retry-pushback-ms", "250"),),
+            ),
+        )
+        self.assertEqual(self.counts()["validator"], 1)
+
+
+class ErrorStatusTests(SynchronousTestCase):
+    """
+    Tests for L{refusal_for}, the one table from pipeline errors to
+    statuses.
+    """
+
+    def test_table(self):
+        """
+        Each expected error maps to its status, reason and message; a
+        subclass maps as its base; anything else maps to None.
+        """
+
+        class SpecificValidationError(ValidationError):
+            pass
+
+        cases = [
+            (ValidationError("no"), grpc.StatusCode.PERMISSION_DENIED, "validator"),
+            (SpecificValidationError("sub"), grpc.StatusCode.PERMISSION_DENIED, "validator"),
+            (ValidatorUnavailableError("down"), grpc.StatusCode.UNAVAILABLE, "validator"),
+            (
+                ValidatorOverloadedError("busy", 100),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "validator",
+            ),
+            (CSRError("bad csr"), grpc.StatusCode.INVALID_ARGUMENT, "cert_parse"),
+            (IssuerExpiredError(), grpc.StatusCode.FAILED_PRECONDITION, "cert_sign"),
+        ]
+        for error, code, reason in cases:
+            refusal = refusal_for(error)
+            self.assertEqual(
+                (refusal.code, refusal.reason, refusal.message), (code, reason, str(error))
+            )
+        self.assertEqual(
+            refusal_for(ValidatorOverloadedError("busy", 100)).trailing_metadata,
+            (("grpc-retry-pushback-ms", "100"),),
+        )
+        self.assertEqual(refusal_for(ValidationError("no")).trailing_metadata, ())
+        self.assertIsNone(refusal_for(KeyError("x")))
 
 
 class ValidationTimeoutTests(SynchronousTestCase):
     """
-    A validator that does not answer is bounded by the servicer's timeout.
+    A validator that does not answer is bounded by the call's deadline.
     """
 
     def test_timeout(self):
         """
-        When the validator has not answered within the timeout, the call is
-        UNAVAILABLE "timed out validating the caller".
+        When the validator has not answered by the deadline, the call is
+        UNAVAILABLE "timed out validating the caller", and the validator's
+        Deferred is cancelled.
         """
-        import threading
-
+        loop = loop_for(self)
         reactor = ImmediateReactor(FIXED_NOW.timestamp())
         validator = FakeValidator(INSECURE, pending=True)
         servicer = CAServicer(
@@ -387,35 +513,16 @@ class ValidationTimeoutTests(SynchronousTestCase):
             {INSECURE: validator},
             INSECURE,
             SentryMetrics(),
-            validation_timeout_seconds=5.0,
         )
-        outcome = []
-        asked = threading.Event()
-        validate = validator.validate
-
-        def validate_and_signal(request, deadline=None):
-            d = validate(request, deadline)
-            asked.set()
-            return d
-
-        validator.validate = validate_and_signal
-
-        def call():
-            try:
-                servicer.sign(sign_request())
-            except Refusal as refusal:
-                outcome.append(refusal)
-
-        worker = threading.Thread(target=call)
-        worker.start()
-        # The worker blocks until the validator answers; pass time on the
-        # clock (from this thread, standing for the reactor) until it has
-        # asked, then past the timeout.
-        self.assertTrue(asked.wait(5))
+        task = loop.create_task(servicer.sign(sign_request(), reactor.seconds() + 5.0))
+        # Let the call reach the validator (the loop runs until idle).
+        loop.run_until_complete(asyncio.sleep(0))
+        self.assertEqual(len(validator.pending), 1)
         reactor.advance(4.9)
-        self.assertTrue(worker.is_alive())
+        loop.run_until_complete(asyncio.sleep(0))
+        self.assertFalse(task.done())
         reactor.advance(0.2)
-        worker.join(5)
-        self.assertFalse(worker.is_alive())
-        self.assertEqual(outcome[0].code, grpc.StatusCode.UNAVAILABLE)
-        self.assertEqual(outcome[0].message, "timed out validating the caller")
+        refusal = self.assertRaises(Refusal, loop.run_until_complete, task)
+        self.assertEqual(refusal.code, grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(refusal.message, "timed out validating the caller")
+        self.assertTrue(validator.pending[0].called)

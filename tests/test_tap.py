@@ -46,6 +46,7 @@ def _options(environ=None):
         environ={} if environ is None else environ,
         stdout=StringIO(),
         stderr=StringIO(),
+        default_processes=lambda: (1, "one core in these tests"),
     )
 
 
@@ -882,8 +883,13 @@ class WorkersFlagTests(SynchronousTestCase):
     Tests for C{--workers}.
     """
 
-    def parse(self, *arguments):
-        options = Options(environ={}, stdout=StringIO(), stderr=StringIO())
+    def parse(self, *arguments, default_processes=lambda: (3, "a fake reason")):
+        options = Options(
+            environ={},
+            stdout=StringIO(),
+            stderr=StringIO(),
+            default_processes=default_processes,
+        )
         options.parseOptions(
             ["--issuer-credentials", "/nonexistent", "--config", "/nonexistent.yaml"]
             + list(arguments)
@@ -892,15 +898,38 @@ class WorkersFlagTests(SynchronousTestCase):
 
     def test_default(self):
         """
-        By default gRPC is served in the twistd process itself (1).
+        Without --workers, the count is the default one (one per usable
+        core) and the note to log at start says how many and why.
         """
-        self.assertEqual(self.parse().sentry_config.workers, 1)
+        options = self.parse()
+        self.assertEqual(options.sentry_config.workers, 3)
+        self.assertEqual(
+            options.startup_notes, ["serving gRPC from 3 processes (a fake reason)"]
+        )
+
+    def test_real_default(self):
+        """
+        The default count comes from the cores this process may use, at
+        most 4.
+        """
+        from sentry_tx.server.cores import default_serving_processes
+
+        options = Options(environ={}, stdout=StringIO(), stderr=StringIO())
+        options.parseOptions(["--config", "/nonexistent.yaml"])
+        self.assertEqual(
+            options.sentry_config.workers, default_serving_processes()[0]
+        )
+        self.assertLessEqual(options.sentry_config.workers, 4)
 
     def test_count(self):
         """
-        C{--workers 2} asks for two worker processes.
+        C{--workers 2} asks for two serving processes, and says so.
         """
-        self.assertEqual(self.parse("--workers", "2").sentry_config.workers, 2)
+        options = self.parse("--workers", "2")
+        self.assertEqual(options.sentry_config.workers, 2)
+        self.assertEqual(
+            options.startup_notes, ["serving gRPC from 2 processes (--workers)"]
+        )
 
     def test_bad(self):
         """

@@ -59,6 +59,7 @@ from sentry_tx.server.worker import (
 )
 from sentry_tx.server.workers import (
     KILL_WAIT_SECONDS,
+    RESPAWN_INITIAL_DELAY_SECONDS,
     STOP_MARGIN_SECONDS,
     WorkerError,
     WorkerPoolAuthority,
@@ -421,6 +422,159 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(
             [process.port for process in self.pool.processes()], [FAKE_PORT] * 3
         )
+
+    def local_pool(self, workers=1):
+        """
+        A pool of C{workers} worker processes that also serves in this
+        process, with a L{_FakeWorkerAuthority} as the local authority
+        (in C{self.locals}).
+        """
+        self.locals = []
+
+        def local_factory(config, trust_store):
+            local = _FakeWorkerAuthority(
+                _Script(), config, self.clock, trust_store, None, self.metrics
+            )
+            self.locals.append(local)
+            return local
+
+        return self.make_pool(workers, local_factory=local_factory)
+
+    def test_local_serves_first(self):
+        """
+        With a local authority, this process binds the port asked for (0
+        picks one) and serves the bundle; the workers then bind the port it
+        reports, and N serving processes are N - 1 workers and this one.
+        """
+        self.pool = self.local_pool(1)
+        self.start()
+        [local] = self.locals
+        self.assertEqual(local.config.port, 0)
+        self.assertEqual(self.pool.port, FAKE_PORT)
+        self.assertIs(local.bundle, self.bundle)
+        self.assertEqual(len(self.spawned), 1)
+        self.assertEqual(self.spawned[0].authority.config.port, FAKE_PORT)
+        self.assertTrue(self.pool.ready)
+
+    def test_local_ready_before_workers(self):
+        """
+        With a local authority, the pool is ready (and started) as soon as
+        this process serves; a worker joins when it answers its Start.
+        """
+        held = Deferred()
+        self.scripts[0] = _Script(start_result=held)
+        self.pool = self.local_pool(1)
+        self.start()
+        self.assertTrue(self.pool.ready)
+        self.assertEqual(self.serving, [])
+        held.callback(None)
+        self.pipes.pump()
+        self.assertEqual(self.serving, [(0, 1000)])
+
+    def test_local_worker_start_failure_respawned(self):
+        """
+        With a local authority, a worker that cannot start does not fail
+        the start: it is killed and started again after the respawn delay.
+        """
+        self.scripts[0] = _Script(start_error=RuntimeError("cannot bind"))
+        self.pool = self.local_pool(1)
+        self.start()
+        self.assertTrue(self.pool.ready)
+        self.assertEqual(self.live(), [])
+        self.clock.advance(RESPAWN_INITIAL_DELAY_SECONDS)
+        self.pipes.pump()
+        self.assertEqual(len(self.spawned), 2)
+        self.assertEqual(self.serving, [(0, 1001)])
+
+    def test_port_shared_by_another_refused(self):
+        """
+        A port another process holds, even with SO_REUSEPORT (another
+        sentry_tx of this user), fails the start with one line naming
+        --port; nothing is spawned.
+        """
+        import socket
+
+        from sentry_tx.errors import ConfigError
+
+        other = socket.socket()
+        self.addCleanup(other.close)
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        self.config = SentryConfig(listen_address="127.0.0.1", port=port)
+        self.pool = self.local_pool(1)
+        d = self.pool.start(self.config)
+        self.pipes.pump()
+        failure = self.failureResultOf(d, ConfigError)
+        self.assertEqual(failure.value.field, "--port")
+        self.assertIn(f"port {port} is already in use", failure.getErrorMessage())
+        self.assertEqual(self.spawned, [])
+        self.assertEqual(self.locals, [])
+
+    def test_local_keeps_pool_ready(self):
+        """
+        While this process serves, the pool stays ready when its worker
+        ends.
+        """
+        self.pool = self.local_pool(1)
+        self.start()
+        self.spawned[0].exit(ProcessTerminated(signal=9))
+        self.pipes.pump()
+        self.assertEqual(self.live(), [])
+        self.assertTrue(self.pool.ready)
+
+    def test_local_reloaded(self):
+        """
+        A reload puts the new bundle in service in this process too.
+        """
+        self.pool = self.local_pool(1)
+        self.start()
+        new = make_bundle()
+        self.store.bundle = new
+        d = self.pool.restart(self.config)
+        self.pipes.pump()
+        self.successResultOf(d)
+        [local] = self.locals
+        self.assertIs(local.bundle, new)
+        self.assertEqual(local.restarts[-1].port, FAKE_PORT)
+        self.assertEqual(self.spawned[0].authority.bundle.issuer, new.issuer)
+
+    def test_local_stopped(self):
+        """
+        Stopping the pool stops this process's server as well as the
+        workers.
+        """
+        self.pool = self.local_pool(1)
+        self.start()
+        d = self.pool.stop()
+        self.pipes.pump()
+        self.successResultOf(d)
+        self.assertEqual(self.locals[0].stops, 1)
+        self.assertEqual(self.live(), [])
+        self.assertFalse(self.pool.ready)
+
+    def test_local_start_failure(self):
+        """
+        When this process cannot serve (the port is taken), the start fails
+        with that reason and no worker is spawned.
+        """
+        def refusing_factory(config, trust_store):
+            return _FakeWorkerAuthority(
+                _Script(start_error=RuntimeError("port in use")),
+                config,
+                self.clock,
+                trust_store,
+                None,
+                self.metrics,
+            )
+
+        self.pool = self.make_pool(1, local_factory=refusing_factory)
+        d = self.pool.start(self.config)
+        self.pipes.pump()
+        self.failureResultOf(d, RuntimeError)
+        self.assertEqual(self.spawned, [])
+        self.assertFalse(self.pool.ready)
 
     def test_ready_once_every_worker_answered(self):
         """

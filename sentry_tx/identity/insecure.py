@@ -23,7 +23,7 @@ class InsecureValidator:
 
     def validate(self, request, deadline=None):
         """
-        Apply the common rules only.
+        Apply the common rules only (at once: C{deadline} cannot be missed).
         """
         try:
             return succeed(check_request(request))

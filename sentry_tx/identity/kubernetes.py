@@ -285,7 +285,10 @@ class KubernetesValidator:
 
         @param request: a L{sentry_tx.identity.SignRequest}.
         @param deadline: when the answer must come (reactor clock); by
-            default L{VALIDATION_TIMEOUT_SECONDS} from now.
+            default L{VALIDATION_TIMEOUT_SECONDS} from now.  The validator
+            gives up L{ANSWER_MARGIN_SECONDS} before it; the servicer also
+            cancels the returned Deferred at the deadline, which cancels the
+            API request in flight.
         @return: Deferred firing with the L{CallerIdentity} to sign, or
             failing with L{ValidationError}, L{ValidatorUnavailableError} or
             L{ValidatorOverloadedError}.

@@ -1,20 +1,20 @@
 """
 The certificate authority service: it owns the trust bundle in service and the
-grpcio server, and is the L{ICertificateAuthority} the rest of sentry_tx talks
-to.
+C{grpc.aio} server, and is the L{ICertificateAuthority} the rest of sentry_tx
+talks to.
 
-Every grpcio call that blocks (bind and start, graceful stop) runs in the
-reactor's thread pool through C{deferToThreadPool}; bundle swaps happen on the
-reactor thread, as a single attribute assignment that worker threads read
-once per call.
+The server runs on the gRPC loop (L{sentry_tx.server.loop.GrpcLoop}), a
+thread this service starts when it starts and joins when it stops; binding,
+starting and the graceful stop run there as coroutines, so the reactor never
+waits for grpcio.  Bundle swaps happen on the reactor thread, as the
+assignment of one immutable L{InService} that calls read once each.
 """
 
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import grpc
 from twisted.application.service import Service
-from twisted.internet.defer import fail, inlineCallbacks
+from twisted.internet.defer import fail, inlineCallbacks, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -22,8 +22,14 @@ from zope.interface import implementer
 from sentry_tx.errors import ListenError
 from sentry_tx.interfaces import ICertificateAuthority
 from sentry_tx.listen import check_port_free
+from sentry_tx.server.loop import GrpcLoop
 from sentry_tx.server.serial import SerialReloads, StartGate
-from sentry_tx.server.servicer import CAServicer, rpc_handler
+from sentry_tx.server.servicer import (
+    REQUEST_ARRIVAL_TIMEOUT_SECONDS,
+    CAServicer,
+    InService,
+    rpc_handler,
+)
 from sentry_tx.server.tls import ServerCredentials, issue_server_certificate
 
 # Transport limits (SECURITY.md lists them; tests/test_limits.py pins them).
@@ -45,27 +51,12 @@ the rest is the operator's bundle, whose files may each be up to 1 MiB
 room: a bundle that loads must never make every answer fail.
 """
 
-GRPC_WORKER_THREADS = 32
-"""
-The threads that run SignCertificate calls when no enabled validator waits
-on I/O (standalone): the work is CPU-bound, and more runnable threads only
-fight over the GIL.
-"""
-
-GRPC_WAITING_WORKER_THREADS = 128
-"""
-The threads that run SignCertificate calls when a validator waits on the
-Kubernetes API (about two round trips per call): a waiting thread holds no
-GIL, and at 1,000 calls/s with 40 ms of waiting each, 40 are waiting at any
-time; this leaves room for bursts and a slow API server, and is still
-bounded.
-"""
-
 MAX_CONCURRENT_RPCS = 1024
 """
-Calls running or queued for a worker thread, over all connections; one more
-is refused at once with RESOURCE_EXHAUSTED, so a flood costs at most this
-many requests of memory.
+Calls open at once in one serving process, over all connections (including
+calls whose request has not arrived yet, for at most
+L{REQUEST_ARRIVAL_TIMEOUT_SECONDS}); one more is refused at once with
+RESOURCE_EXHAUSTED, so a flood costs at most this many requests of memory.
 """
 
 MAX_CONCURRENT_STREAMS_PER_CONNECTION = 100
@@ -188,16 +179,6 @@ def grpc_server_options(
     ]
 
 
-def grpc_worker_threads(validators):
-    """
-    How many threads should run calls for these validators: many when one of
-    them waits on the reactor (the threads mostly wait), few otherwise.
-    """
-    if any(validator.needs_reactor for validator in validators):
-        return GRPC_WAITING_WORKER_THREADS
-    return GRPC_WORKER_THREADS
-
-
 def listen_target(address, port):
     """
     The grpcio address for C{address} (all interfaces when empty) and C{port}.
@@ -229,8 +210,11 @@ class CertificateAuthorityService(Service):
     @param jwt_minter: the L{sentry_tx.jwt.minting.JWTMinter} that fills
         the responses' JWTs, or None when JWTs are off.
     @param max_concurrent_rpcs: see L{MAX_CONCURRENT_RPCS}; this and the
-        other transport limits default to their constants and are
-        parameters only so that tests can make them small.
+        other transport limits (and C{request_arrival_timeout_seconds}, see
+        L{REQUEST_ARRIVAL_TIMEOUT_SECONDS}) default to their constants and
+        are parameters only so that tests can make them small.
+    @param grpc_loop_factory: builds the L{GrpcLoop} from the reactor
+        (tests with a fake reactor pass a synchronous one).
     """
 
     name = "ca"
@@ -252,9 +236,13 @@ class CertificateAuthorityService(Service):
         max_connection_idle_milliseconds=MAX_CONNECTION_IDLE_MILLISECONDS,
         server_handshake_timeout_milliseconds=SERVER_HANDSHAKE_TIMEOUT_MILLISECONDS,
         jwt_minter=None,
+        request_arrival_timeout_seconds=REQUEST_ARRIVAL_TIMEOUT_SECONDS,
+        grpc_loop_factory=GrpcLoop,
     ):
         self._jwt_minter = jwt_minter
         self.config = config
+        self._grpc_loop_factory = grpc_loop_factory
+        self._request_arrival_timeout_seconds = request_arrival_timeout_seconds
         self._reuse_port = reuse_port
         self._max_concurrent_rpcs = max_concurrent_rpcs
         self._max_concurrent_streams_per_connection = (
@@ -266,6 +254,7 @@ class CertificateAuthorityService(Service):
         )
         self._configuration_source = configuration_source
         self.bundle = None
+        self.in_service = None
         self.ready = False
         self.port = None
         self._reactor = reactor
@@ -275,7 +264,7 @@ class CertificateAuthorityService(Service):
         self._metrics = metrics
         self._on_start_failure = on_start_failure
         self._server = None
-        self._executor = None
+        self._grpc_loop = None
         self._credentials = None
         self._renewal = None
         self._started = False
@@ -347,9 +336,16 @@ class CertificateAuthorityService(Service):
         key_pem, chain_pem, _, not_after = yield self._issue_server_certificate(
             bundle, config
         )
-        self._install(bundle)
+        self._install(bundle, config)
         self._credentials = ServerCredentials(key_pem, chain_pem)
-        yield self._in_thread(self._start_grpc, config)
+        grpc_loop = self._grpc_loop = self._grpc_loop_factory(self._reactor)
+        grpc_loop.start()
+        try:
+            self._server, self.port = yield grpc_loop.run(self._serve, config)
+        except BaseException:
+            self._grpc_loop = None
+            yield grpc_loop.stop()
+            raise
         self._schedule_renewal(not_after)
         self.ready = True
         self._log.info(
@@ -359,10 +355,12 @@ class CertificateAuthorityService(Service):
             not_after=bundle.issuer.not_valid_after_utc.isoformat(),
         )
 
-    def _start_grpc(self, config):
-        # In a thread: binding and starting block.
+    async def _serve(self, config):
+        # On the gRPC loop: grpc.aio binds its server to the running loop.
         if not self._reuse_port:
             # A port in use becomes one line naming --port, not grpc core's.
+            # (With SO_REUSEPORT the root's PortCheck has checked it before
+            # any process bound it.)
             check_port_free(GRPC_PORT_FLAG, config.listen_address, config.port)
         servicer = CAServicer(
             self._reactor,
@@ -371,13 +369,9 @@ class CertificateAuthorityService(Service):
             self._default_validator,
             self._metrics,
             jwt_minter=self._jwt_minter,
+            request_arrival_timeout_seconds=self._request_arrival_timeout_seconds,
         )
-        executor = ThreadPoolExecutor(
-            max_workers=grpc_worker_threads(self._validators.values()),
-            thread_name_prefix="sentry-grpc",
-        )
-        server = grpc.server(
-            executor,
+        server = grpc.aio.server(
             options=grpc_server_options(
                 self._reuse_port,
                 self._max_concurrent_streams_per_connection,
@@ -387,39 +381,40 @@ class CertificateAuthorityService(Service):
             maximum_concurrent_rpcs=self._max_concurrent_rpcs,
         )
         server.add_generic_rpc_handlers((rpc_handler(servicer),))
+        target = listen_target(config.listen_address, config.port)
         try:
-            port = server.add_secure_port(
-                listen_target(config.listen_address, config.port),
-                self._credentials.credentials,
-            )
+            port = server.add_secure_port(target, self._credentials.credentials)
         except RuntimeError as e:
-            executor.shutdown(wait=False)
+            await server.stop(None)
             raise ListenError(
                 GRPC_PORT_FLAG, config.port, config.listen_address, str(e)
             ) from None
-        server.start()
-        self._server, self._executor, self.port = server, executor, port
+        await server.start()
+        return server, port
 
     def stop(self):
         self.ready = False
         if self._renewal is not None and self._renewal.active():
             self._renewal.cancel()
         self._renewal = None
-        server, executor = self._server, self._executor
-        self._server = self._executor = None
+        server, grpc_loop = self._server, self._grpc_loop
+        self._server = self._grpc_loop = None
         self._started = False
-        if server is None:
-            return self._in_thread(lambda: None)
-        self._log.info(
-            "stopping gRPC server; calls in flight have {grace} s to finish",
-            grace=SHUTDOWN_GRACE_SECONDS,
+        if grpc_loop is None:
+            return succeed(None)
+        if server is not None:
+            self._log.info(
+                "stopping gRPC server; calls in flight have {grace} s to finish",
+                grace=SHUTDOWN_GRACE_SECONDS,
+            )
+            d = grpc_loop.run(server.stop, SHUTDOWN_GRACE_SECONDS)
+        else:
+            d = succeed(None)
+        d.addErrback(
+            lambda failure: self._log.failure("the gRPC server did not stop cleanly", failure)
         )
-        return self._in_thread(self._stop_grpc, server, executor)
-
-    @staticmethod
-    def _stop_grpc(server, executor):
-        server.stop(SHUTDOWN_GRACE_SECONDS).wait()
-        executor.shutdown(wait=False, cancel_futures=True)
+        d.addBoth(lambda _: grpc_loop.stop())
+        return d
 
     def restart(self, config):
         if not self._started:
@@ -442,6 +437,7 @@ class CertificateAuthorityService(Service):
                 # store's own writes when it generated them): nothing to
                 # swap, and no new server certificate to issue.
                 self.config = config
+                self._install(self.bundle, config)
                 self._log.info("issuer credentials unchanged")
                 return
             key_pem, chain_pem, _, not_after = yield self._issue_server_certificate(
@@ -455,7 +451,7 @@ class CertificateAuthorityService(Service):
             )
             raise
         self.config = config
-        self._install(bundle)
+        self._install(bundle, config)
         if self._credentials is not None:
             self._credentials.replace(key_pem, chain_pem)
         self._schedule_renewal(not_after)
@@ -465,8 +461,9 @@ class CertificateAuthorityService(Service):
             not_after=bundle.issuer.not_valid_after_utc.isoformat(),
         )
 
-    def _install(self, bundle):
+    def _install(self, bundle, config):
         self.bundle = bundle
+        self.in_service = InService(bundle, config)
         self._metrics.record_bundle(bundle)
 
     # Server certificate renewal, at half its life.

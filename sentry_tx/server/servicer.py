@@ -1,24 +1,29 @@
 """
-The SignCertificate pipeline (SPEC section 5), as a grpcio servicer.
+The SignCertificate pipeline (SPEC section 5), served by C{grpc.aio} on the
+gRPC loop (L{sentry_tx.server.loop}).
 
-grpcio calls L{CAServicer.SignCertificate} in one of its worker threads.  A
-validator that needs the reactor (it talks to the Kubernetes API with treq)
-runs there: the worker waits for it with C{blockingCallFromThread}, bounded by
-L{VALIDATION_TIMEOUT_SECONDS}.  A validator that is pure computation
-(INSECURE) runs in the worker thread, as parsing and signing do: crossing to
-the reactor for it would cost a fifth of the throughput and buy nothing.
+The pipeline runs inline on the loop: parsing and signing take less time
+than a hop to a thread pool would cost.  A validator that needs the reactor
+(it talks to the Kubernetes API with treq) is handed to the reactor thread
+with C{callFromThread} and awaited as a future the reactor completes; a
+validator that is pure computation (INSECURE) is called inline and must
+answer at once.
+
+Every error the pipeline ends a call with is mapped to its status in one
+table, L{ERROR_STATUS}.
 """
 
+import asyncio
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
-from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sentry_tx._proto import sentry_pb2, sentry_pb2_grpc
+from sentry_tx._proto import sentry_pb2
 from sentry_tx.ca.authority import issue_workload_certificate
 from sentry_tx.ca.csr import parse_csr
 from sentry_tx.errors import (
@@ -35,31 +40,57 @@ from sentry_tx.metrics import (
     FAILURE_REASON_VALIDATOR,
     OUTCOME_SUCCESS,
 )
+from sentry_tx.server.loop import on_reactor
 
 SERVICE_NAME = "dapr.proto.sentry.v1.CA"
 METHOD_NAME = "SignCertificate"
 
 VALIDATION_TIMEOUT_SECONDS = 10.0
+"""
+The longest a validator may take, from the call's arrival; a client's
+earlier deadline shortens it.
+"""
 
-RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
+REQUEST_ARRIVAL_TIMEOUT_SECONDS = 10.0
 """
-The trailing metadata of a RESOURCE_EXHAUSTED refusal: how many milliseconds
-the caller should wait before retrying (grpc clients with a retry policy
-honour it).
+How long a call may wait for its request message once its headers arrived;
+a call whose request has not arrived by then is ended with
+DEADLINE_EXCEEDED and its stream freed (a silent stream holds nothing
+longer).
 """
+
+RETRY_PUSHBACK_METADATA_KEY = "grpc-retry-pushback-ms"
 
 NO_DEFAULT_VALIDATOR = "a validator name must be specified in this environment"
 VALIDATOR_NOT_ENABLED = "the requested validator is not enabled"
 MALFORMED_REQUEST = "failed to parse request"
+NO_REQUEST = "failed to parse request: no request message"
+REQUEST_NOT_ARRIVED = "the request message did not arrive in time"
 SIGNING_FAILED = "failed to sign certificate"
 VALIDATION_FAILED = "failed to validate the caller"
 VALIDATION_TIMED_OUT = "timed out validating the caller"
 JWT_FAILED = "failed to generate JWT"
 
 
+@dataclass(frozen=True)
+class InService:
+    """
+    What a call signs with, published as one immutable object: a call reads
+    it once, so a call that started before a swap finishes with what it
+    started with.
+
+    @ivar bundle: the L{TrustBundle}.
+    @ivar config: the L{SentryConfig} (TTL, clock skew, own namespace).
+    """
+
+    bundle: object
+    config: object
+
+
 class Refusal(Exception):
     """
-    End the call with C{code} and C{message}, counted under C{reason}.
+    End the call with C{code} and C{message}, counted under C{reason}, with
+    C{trailing_metadata} (a tuple of key/value pairs).
     """
 
     def __init__(self, code, message, reason, trailing_metadata=()):
@@ -70,23 +101,74 @@ class Refusal(Exception):
         self.trailing_metadata = tuple(trailing_metadata)
 
 
-class CAServicer(sentry_pb2_grpc.CAServicer):
+@dataclass(frozen=True)
+class ErrorStatus:
     """
-    Answers C{dapr.proto.sentry.v1.CA/SignCertificate}.
+    How one kind of pipeline error ends a call: its status code, the failure
+    reason it is counted under, and the trailing metadata it adds (a
+    function of the error, or None).  The message is the error's own.
+    """
 
-    @param reactor: the reactor validators run on; also the clock (its
-        C{seconds()} is read from worker threads, which is thread-safe).
-    @param authority: the L{ICertificateAuthority} whose C{bundle} signs; the
-        bundle is read once per call, so a call that started before a swap
-        finishes with the bundle it started with.
+    code: grpc.StatusCode
+    reason: str
+    trailers: object = None
+
+
+def _retry_pushback(error):
+    return ((RETRY_PUSHBACK_METADATA_KEY, str(int(error.retry_after_ms))),)
+
+
+ERROR_STATUS = {
+    ValidationError: ErrorStatus(
+        grpc.StatusCode.PERMISSION_DENIED, FAILURE_REASON_VALIDATOR
+    ),
+    ValidatorUnavailableError: ErrorStatus(
+        grpc.StatusCode.UNAVAILABLE, FAILURE_REASON_VALIDATOR
+    ),
+    ValidatorOverloadedError: ErrorStatus(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, FAILURE_REASON_VALIDATOR, _retry_pushback
+    ),
+    CSRError: ErrorStatus(grpc.StatusCode.INVALID_ARGUMENT, FAILURE_REASON_CERT_PARSE),
+    IssuerExpiredError: ErrorStatus(
+        grpc.StatusCode.FAILED_PRECONDITION, FAILURE_REASON_CERT_SIGN
+    ),
+}
+"""
+Every error the pipeline expects, by class, and the status it ends a call
+with.  Anything else is INTERNAL with a fixed message (its cause is logged).
+"""
+
+
+def refusal_for(error):
+    """
+    The L{Refusal} that C{error} ends a call with, by L{ERROR_STATUS}, or
+    None when it is not an error the pipeline expects.
+    """
+    for cls in type(error).__mro__:
+        status = ERROR_STATUS.get(cls)
+        if status is not None:
+            trailers = () if status.trailers is None else status.trailers(error)
+            return Refusal(status.code, str(error), status.reason, trailers)
+    return None
+
+
+class CAServicer:
+    """
+    Answers C{dapr.proto.sentry.v1.CA/SignCertificate} on the gRPC loop.
+
+    @param reactor: the reactor validators that need it run on; also the
+        clock (its C{seconds()} is read on the loop, which is thread-safe).
+    @param authority: an object whose C{in_service} attribute is the
+        L{InService} to sign with, read once per call.
     @param validators: a mapping from C{TokenValidator} numbers to enabled
         L{IIdentityValidator}s.
     @param default_validator: the number used for C{UNKNOWN}, or None when
         this environment has no default.
     @param metrics: the L{SentryMetrics}.
-
-    The TTL, clock skew and sentry_tx's own namespace are read from the
-    authority's C{config} at each call, so that a restart can change them.
+    @param request_arrival_timeout_seconds: see
+        L{REQUEST_ARRIVAL_TIMEOUT_SECONDS}.
+    @param jwt_minter: the L{sentry_tx.jwt.minting.JWTMinter} that fills
+        C{jwt} and C{per_audience_jwts} (C{--jwt-enabled}), or None.
     """
 
     _log = Logger()
@@ -99,6 +181,7 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
         default_validator,
         metrics,
         validation_timeout_seconds=VALIDATION_TIMEOUT_SECONDS,
+        request_arrival_timeout_seconds=REQUEST_ARRIVAL_TIMEOUT_SECONDS,
         jwt_minter=None,
     ):
         self._jwt_minter = jwt_minter
@@ -108,86 +191,71 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
         self._default_validator = default_validator
         self._metrics = metrics
         self._validation_timeout_seconds = validation_timeout_seconds
+        self._request_arrival_timeout_seconds = request_arrival_timeout_seconds
 
-    def SignCertificate(self, request, context, arrived=None):
+    async def SignCertificateStream(self, request_iterator, context):
         """
-        The gRPC method: run the pipeline, or abort the call with its status.
-
-        @param arrived: when grpcio received the call (reactor clock), if
-            known: the time it then waited for a worker thread counts
-            against its validation timeout.
+        The gRPC method as served: called when the call's headers arrive,
+        it waits at most C{request_arrival_timeout_seconds} for the request
+        message, as bytes, then answers it (L{SignCertificateMessage}).
+        The validation timeout runs from the headers' arrival: time spent
+        waiting for the message counts against it.
         """
-        now = self._reactor.seconds()
-        remaining = context.time_remaining()
-        if arrived is not None and arrived < now:
-            # The client's time left is read now; the validation timeout
-            # runs from the call's arrival.
-            remaining = (
-                (now - arrived) + remaining if remaining is not None else None
-            )
-            now = arrived
-        deadline = self.deadline(now, remaining)
+        arrival = self._reactor.seconds()
         try:
-            return self.sign(SignRequest.from_proto(request), deadline)
-        except Refusal as refusal:
-            if refusal.trailing_metadata:
-                context.set_trailing_metadata(refusal.trailing_metadata)
-            context.abort(refusal.code, refusal.message)
+            async with asyncio.timeout(self._request_arrival_timeout_seconds):
+                data = await context.read()
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, REQUEST_NOT_ARRIVED)
+        if data is grpc.aio.EOF:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
+        return await self.SignCertificateMessage(data, context, arrival)
 
-    def deadline(self, now, time_remaining):
+    async def SignCertificateMessage(self, data, context, arrival=None):
         """
-        When validation must have answered: the earlier of the client's
-        deadline and C{now} plus the validation timeout.
+        Parse C{data} and answer it, or abort the call with its status.  A
+        message that is not a valid C{SignCertificateRequest} is the
+        caller's mistake (INVALID_ARGUMENT, counted), not grpcio's
+        "Exception deserializing request!" (INTERNAL, uncounted).
 
-        @param now: when the call started here (reactor clock).
-        @param time_remaining: the client's time left, in seconds, or None
-            when it set no deadline.
+        @param arrival: when the call's headers arrived (reactor clock);
+            now by default.
         """
-        deadline = now + self._validation_timeout_seconds
-        if time_remaining is not None:
-            deadline = min(deadline, now + time_remaining)
-        return deadline
-
-    def SignCertificateMessage(self, data, context, arrived=None):
-        """
-        The gRPC method as served: the request arrives as bytes and is
-        parsed here, so that a message that is not a valid
-        C{SignCertificateRequest} is the caller's mistake (INVALID_ARGUMENT,
-        counted), not grpcio's "Exception deserializing request!" (INTERNAL,
-        uncounted).
-        """
+        if arrival is None:
+            arrival = self._reactor.seconds()
         try:
             request = sentry_pb2.SignCertificateRequest.FromString(data)
         except DecodeError as e:
             self._metrics.sign_request_received.inc()
             self._metrics.sign_failure.labels(reason=FAILURE_REASON_VALIDATOR).inc()
             self._metrics.sign_timer().done(FAILURE_REASON_VALIDATOR)
-            context.abort(
+            await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{MALFORMED_REQUEST}: {e}"
             )
-        return self.SignCertificate(request, context, arrived)
+        deadline = arrival + self._validation_timeout_seconds
+        remaining = context.time_remaining()
+        if remaining is not None:
+            deadline = min(deadline, arrival + remaining)
+        try:
+            return await self.sign(SignRequest.from_proto(request), deadline)
+        except Refusal as refusal:
+            await context.abort(
+                refusal.code, refusal.message, refusal.trailing_metadata
+            )
 
-    def clock_seconds(self):
+    async def sign(self, request, deadline):
         """
-        The reactor clock's time (thread-safe to read).
-        """
-        return self._reactor.seconds()
+        Run the pipeline for one L{SignRequest}.
 
-    def sign(self, request, deadline=None):
-        """
-        Run the pipeline for one L{SignRequest} in the calling thread.
-
-        @param deadline: when validation must have answered (reactor
-            clock); the validation timeout from now by default.
+        @param deadline: when validation must be over, on the reactor's
+            clock.
         @return: a C{SignCertificateResponse}.
         @raise Refusal: with the status the call ends with.
         """
         self._metrics.sign_request_received.inc()
-        if deadline is None:
-            deadline = self.deadline(self._reactor.seconds(), None)
         timer = self._metrics.sign_timer()
         try:
-            response = self._sign(request, deadline)
+            response = await self._sign(request, deadline)
         except Refusal as refusal:
             self._metrics.sign_failure.labels(reason=refusal.reason).inc()
             timer.done(refusal.reason)
@@ -196,38 +264,28 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
         timer.done(OUTCOME_SUCCESS)
         return response
 
-    def _sign(self, request, deadline):
+    async def _sign(self, request, deadline):
         validator = self._choose_validator(request.token_validator)
-        identity = self._validate(validator, request, deadline)
+        identity = await self._validate(validator, request, deadline)
+        in_service = self._authority.in_service
         try:
             public_key = parse_csr(request.csr)
-        except CSRError as e:
-            raise Refusal(
-                grpc.StatusCode.INVALID_ARGUMENT, str(e), FAILURE_REASON_CERT_PARSE
-            )
-        bundle, config = self._authority.bundle, self._authority.config
-        now = datetime.fromtimestamp(self._reactor.seconds(), timezone.utc)
-        try:
+            now = datetime.fromtimestamp(self._reactor.seconds(), timezone.utc)
+            config = in_service.config
             issued = issue_workload_certificate(
-                bundle, identity, public_key, now, config.mtls, config.namespace
+                in_service.bundle, identity, public_key, now, config.mtls, config.namespace
             )
-        except IssuerExpiredError as e:
-            raise Refusal(
-                grpc.StatusCode.FAILED_PRECONDITION, str(e), FAILURE_REASON_CERT_SIGN
-            )
-        except Exception:
-            self._log.failure(
-                "failed to sign a certificate for {spiffe_id}",
-                spiffe_id=identity.spiffe_id,
-            )
-            raise Refusal(
-                grpc.StatusCode.INTERNAL, SIGNING_FAILED, FAILURE_REASON_CERT_SIGN
-            )
-        self._log.debug(
-            "signed certificate for {spiffe_id}, valid until {not_after}",
-            spiffe_id=identity.spiffe_id,
-            not_after=issued.not_after.isoformat(),
-        )
+        except Exception as e:
+            refusal = refusal_for(e)
+            if refusal is None:
+                self._log.failure(
+                    "failed to sign a certificate for {spiffe_id}",
+                    spiffe_id=identity.spiffe_id,
+                )
+                refusal = Refusal(
+                    grpc.StatusCode.INTERNAL, SIGNING_FAILED, FAILURE_REASON_CERT_SIGN
+                )
+            raise refusal from None
         valid_until = Timestamp()
         valid_until.FromDatetime(issued.not_after)
         response = sentry_pb2.SignCertificateResponse(
@@ -241,8 +299,10 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
 
     def _fill_jwts(self, response, identity, request, now, config):
         """
-        The JWT hook (issue 11): the minter fills C{jwt} and
-        C{per_audience_jwts}.
+        Fill C{jwt} and C{per_audience_jwts} (SPEC section 11) through the
+        minter.  Too many or empty audiences are the caller's mistake
+        (INVALID_ARGUMENT); any other failure is INTERNAL "failed to
+        generate JWT", its cause logged.
         """
         from sentry_tx.jwt.minting import JWTAudienceError
 
@@ -257,13 +317,15 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
         except JWTAudienceError as e:
             raise Refusal(
                 grpc.StatusCode.INVALID_ARGUMENT, str(e), FAILURE_REASON_CERT_SIGN
-            )
+            ) from None
         except Exception:
             self._log.failure(
                 "failed to generate a JWT for {spiffe_id}",
                 spiffe_id=identity.spiffe_id,
             )
-            raise Refusal(grpc.StatusCode.INTERNAL, JWT_FAILED, FAILURE_REASON_CERT_SIGN)
+            raise Refusal(
+                grpc.StatusCode.INTERNAL, JWT_FAILED, FAILURE_REASON_CERT_SIGN
+            ) from None
 
     def _choose_validator(self, number):
         if number == VALIDATOR_UNKNOWN:
@@ -283,84 +345,59 @@ class CAServicer(sentry_pb2_grpc.CAServicer):
             )
         return validator
 
-    def _validate(self, validator, request, deadline):
+    async def _validate(self, validator, request, deadline):
         try:
             if validator.needs_reactor:
-                return blockingCallFromThread(
+                return await on_reactor(
                     self._reactor,
+                    asyncio.get_running_loop(),
                     self._validate_on_reactor,
                     validator,
                     request,
                     deadline,
                 )
             return _fired_result(validator.validate(request, deadline))
-        except ValidationError as e:
-            raise Refusal(
-                grpc.StatusCode.PERMISSION_DENIED, str(e), FAILURE_REASON_VALIDATOR
-            )
-        except ValidatorOverloadedError as e:
-            raise Refusal(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                str(e),
-                FAILURE_REASON_VALIDATOR,
-                ((RETRY_PUSHBACK_TRAILER, str(e.retry_after_ms)),),
-            )
-        except ValidatorUnavailableError as e:
-            raise Refusal(
-                grpc.StatusCode.UNAVAILABLE, str(e), FAILURE_REASON_VALIDATOR
-            )
-        except Exception:
-            self._log.failure("validator {name} failed", name=validator.name)
-            raise Refusal(
-                grpc.StatusCode.INTERNAL, VALIDATION_FAILED, FAILURE_REASON_VALIDATOR
-            )
+        except Exception as e:
+            refusal = refusal_for(e)
+            if refusal is None or refusal.reason != FAILURE_REASON_VALIDATOR:
+                self._log.failure(
+                    "validator {name} failed", Failure(e), name=validator.name
+                )
+                refusal = Refusal(
+                    grpc.StatusCode.INTERNAL, VALIDATION_FAILED, FAILURE_REASON_VALIDATOR
+                )
+            raise refusal from None
 
     def _validate_on_reactor(self, validator, request, deadline):
         d = validator.validate(request, deadline)
-        # The validator gives up by the deadline itself; this is the
-        # backstop for one that does not.
         d.addTimeout(
-            max(0.0, deadline - self._reactor.seconds()),
+            max(deadline - self._reactor.seconds(), 0.0),
             self._reactor,
             onTimeoutCancel=_raise_unavailable,
         )
         return d
 
 
-class _ArrivalStampingHandler(grpc.GenericRpcHandler):
-    """
-    grpcio's handler of C{dapr.proto.sentry.v1.CA}: grpcio asks it for the
-    method's handler in its serving thread as the call arrives, before the
-    call waits for a worker thread, so the arrival time is taken here.
-    """
-
-    _full_name = f"/{SERVICE_NAME}/{METHOD_NAME}"
-
-    def __init__(self, servicer):
-        self._servicer = servicer
-
-    def service(self, handler_call_details):
-        if handler_call_details.method != self._full_name:
-            return None
-        arrived = self._servicer.clock_seconds()
-        sign = self._servicer.SignCertificateMessage
-        return grpc.unary_unary_rpc_method_handler(
-            lambda data, context: sign(data, context, arrived),
-            request_deserializer=None,
-            response_serializer=sentry_pb2.SignCertificateResponse.SerializeToString,
-        )
-
-
 def rpc_handler(servicer):
     """
     The grpcio handler of C{dapr.proto.sentry.v1.CA} for C{servicer}.
 
-    The request is handed over as bytes (see
-    L{CAServicer.SignCertificateMessage}); the response is serialised by
-    grpcio.  The call's arrival time is passed along, so that the time it
-    waits for a worker thread counts against its validation timeout.
+    The method is served as a client stream (see
+    L{CAServicer.SignCertificateStream}) so that the servicer sees the call
+    before its message arrives and can bound the wait; on the wire it is the
+    unary call every client makes.  The request is handed over as bytes; the
+    response is serialised by grpcio.
     """
-    return _ArrivalStampingHandler(servicer)
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            METHOD_NAME: grpc.stream_unary_rpc_method_handler(
+                servicer.SignCertificateStream,
+                request_deserializer=None,
+                response_serializer=sentry_pb2.SignCertificateResponse.SerializeToString,
+            )
+        },
+    )
 
 
 def _fired_result(d):

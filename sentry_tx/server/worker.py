@@ -3,8 +3,8 @@ One worker process of a worker pool: C{python -m sentry_tx.server.worker}.
 
 A worker serves SignCertificate exactly as the single-process authority
 does (it runs a L{CertificateAuthorityService} on its own reactor, with
-grpcio handlers in worker threads), on the port it shares with the other
-workers through SO_REUSEPORT.  It owns no files and reads no bundle: its
+grpc.aio on its own gRPC loop thread), on the port it shares with the
+twistd process and the other workers through SO_REUSEPORT.  It owns no files and reads no bundle: its
 parent (L{sentry_tx.server.workers}) sends the configuration and the trust
 bundle over AMP on the worker's stdin and stdout (L{sentry_tx.server.ipc}).
 The worker logs to its stderr, which is its parent's.

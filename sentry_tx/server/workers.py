@@ -1,13 +1,14 @@
 """
-The certificate authority as a pool of worker processes sharing one port.
+The certificate authority as several serving processes sharing one port.
 
-grpcio's synchronous server holds the GIL for about 600 microseconds of
-Python per unary call, so one process uses one core however many threads it
-runs.  L{WorkerPoolAuthority} is the L{ICertificateAuthority} that uses
-more: it loads the trust bundle as the single-process authority does, then
-runs several worker processes (L{sentry_tx.server.worker}), each one a
-single-process authority on its own reactor, all bound to the same port with
-SO_REUSEPORT so that the kernel spreads connections over them.
+One Python process signs on one core (the pipeline holds the GIL).
+L{WorkerPoolAuthority} is the L{ICertificateAuthority} that uses more: it
+loads the trust bundle as the single-process authority does, serves in this
+process too (a local L{CertificateAuthorityService}, when given), and runs
+worker processes (L{sentry_tx.server.worker}), each one a single-process
+authority on its own reactor, all bound to the same port with SO_REUSEPORT
+so that the kernel spreads connections over them.  N serving processes are
+this one and N - 1 workers.
 
 The parent keeps what is process-wide: the configuration, the trust store
 and the bundle (it alone reads, generates and verifies it), the readiness
@@ -56,7 +57,9 @@ from sentry_tx.server.ipc import (
     config_to_json,
 )
 from sentry_tx.server.serial import SerialReloads, StartGate
+from sentry_tx.listen import check_port_free
 from sentry_tx.server.service import (
+    GRPC_PORT_FLAG,
     SHUTDOWN_GRACE_SECONDS,
     AlreadyRunningError,
     NotRunningError,
@@ -292,6 +295,10 @@ class WorkerPoolAuthority(Service):
     @param environ: the workers' environment; L{os.environ} by default.
     @param on_worker_serving: called with C{(index, pid)} each time a
         worker answers its L{Start}, at start and after each respawn.
+    @param local_factory: builds the authority that serves in this process
+        beside the workers, from C{(config, trust_store)} (a
+        L{CertificateAuthorityService} binding with SO_REUSEPORT, counting
+        in this process's metrics), or None when only workers serve.
     @param respawn_initial_delay_seconds: see L{RESPAWN_INITIAL_DELAY_SECONDS}.
     @param respawn_max_delay_seconds: see L{RESPAWN_MAX_DELAY_SECONDS}.
     @param metrics_pull_interval_seconds: see
@@ -317,9 +324,13 @@ class WorkerPoolAuthority(Service):
         respawn_initial_delay_seconds=RESPAWN_INITIAL_DELAY_SECONDS,
         respawn_max_delay_seconds=RESPAWN_MAX_DELAY_SECONDS,
         metrics_pull_interval_seconds=METRICS_PULL_INTERVAL_SECONDS,
+        local_factory=None,
     ):
         if workers < 1:
             raise ValueError(f"a worker pool needs at least one worker, not {workers}")
+        self._local_factory = local_factory
+        self._local = None
+        self._local_store = None
         self.config = config
         self.bundle = None
         self.port = None
@@ -376,15 +387,20 @@ class WorkerPoolAuthority(Service):
     @property
     def ready(self):
         """
-        True once every worker answered its first L{Start}, and then as long
-        as at least one worker serves.
+        With a local authority: True once it serves (workers join as they
+        start), and while it or a worker serves.  Without: True once every
+        worker answered its first L{Start}, and then as long as at least one
+        worker serves.
         """
         return (
             self._serving
             and not self._stopping
-            and any(
-                slot.process is not None and slot.process.serving
-                for slot in self._slots
+            and (
+                (self._local is not None and self._local.ready)
+                or any(
+                    slot.process is not None and slot.process.serving
+                    for slot in self._slots
+                )
             )
         )
 
@@ -423,30 +439,54 @@ class WorkerPoolAuthority(Service):
             _Slot(index, self._respawn_initial_delay_seconds)
             for index in range(self._workers)
         ]
-        # The first worker binds the port asked for (0 picks a free one);
-        # the others then bind the port it reports.
-        self.port = yield self._start_worker(self._spawn(self._slots[0]), config)
-        self._check_not_stopping()
-        others = [self._spawn(slot) for slot in self._slots[1:]]
-        try:
-            yield gatherResults(
-                [
-                    self._start_worker(process, self._bound_config())
-                    for process in others
-                ],
-                consumeErrors=True,
-            )
-        except FirstError as e:
-            e.subFailure.raiseException()
+        # Every serving process binds with SO_REUSEPORT, which would share
+        # the port with another sentry_tx of this user: refuse a port that
+        # is taken, as a single process would (the root's PortCheck did so
+        # at start; a restart of the pool checks again).
+        check_port_free(GRPC_PORT_FLAG, config.listen_address, config.port)
+        # The first to serve binds the port asked for (0 picks a free one):
+        # this process when it serves, else the first worker; the others
+        # then bind the port it reports.
+        if self._local_factory is not None:
+            from sentry_tx.server.worker import PushedTrustStore
+
+            self._local_store = PushedTrustStore(bundle)
+            self._local = self._local_factory(config, self._local_store)
+            yield self._local.start(config)
+            self.port = self._local.port
+            self._check_not_stopping()
+            # This process serves: the pool is ready now, and the workers
+            # join the port as they start (one that cannot start is
+            # started again, as after a crash).
+            self._serving = True
+            for slot in self._slots:
+                self._start_in_background(slot)
+        else:
+            self.port = yield self._start_worker(self._spawn(self._slots[0]), config)
+            self._check_not_stopping()
+            others = [self._spawn(slot) for slot in self._slots[1:]]
+            try:
+                yield gatherResults(
+                    [
+                        self._start_worker(process, self._bound_config())
+                        for process in others
+                    ],
+                    consumeErrors=True,
+                )
+            except FirstError as e:
+                e.subFailure.raiseException()
         self._check_not_stopping()
         self._serving = True
         self._pull = LoopingCall(self.collect_counters)
         self._pull.clock = self._reactor
         self._pull.start(self._metrics_pull_interval_seconds, now=False)
         self._log.info(
-            "gRPC server listening on {target} in {workers} worker processes;"
+            "gRPC server listening on {target} in {processes} serving processes"
+            " ({workers} worker processes{and_this_one});"
             " issuer {issuer} valid until {not_after}",
             target=listen_target(config.listen_address, self.port),
+            processes=self._workers + (self._local is not None),
+            and_this_one=" and this one" if self._local is not None else "",
             workers=self._workers,
             issuer=bundle.issuer.subject.rfc4514_string(),
             not_after=bundle.issuer.not_valid_after_utc.isoformat(),
@@ -458,6 +498,7 @@ class WorkerPoolAuthority(Service):
 
     def _reset_after_failed_start(self, failure):
         d = self._stop_workers()
+        d.addCallback(lambda _: self._stop_local())
 
         def reset(_):
             self._started = self._serving = False
@@ -594,6 +635,13 @@ class WorkerPoolAuthority(Service):
         slot.respawn_call = None
         if self._stopping or not self._serving:
             return
+        self._start_in_background(slot, again=True)
+
+    def _start_in_background(self, slot, again=False):
+        """
+        Spawn and start a worker for C{slot} while the pool serves; one that
+        cannot start is killed, and its end schedules the next attempt.
+        """
         try:
             process = self._spawn(slot)
         except Exception:
@@ -604,17 +652,18 @@ class WorkerPoolAuthority(Service):
 
         def started(port):
             self._log.info(
-                "worker {index} (pid {pid}) serves again on port {port}",
+                "worker {index} (pid {pid}) serves{again} on port {port}",
                 index=slot.index,
                 pid=process.pid,
                 port=port,
+                again=" again" if again else "",
             )
 
         def failed(failure):
             if self._stopping:
                 return
             self._log.error(
-                "worker {index} (pid {pid}) did not start again: {error}",
+                "worker {index} (pid {pid}) did not start: {error}",
                 index=slot.index,
                 pid=process.pid,
                 error=failure.getErrorMessage(),
@@ -725,12 +774,32 @@ class WorkerPoolAuthority(Service):
                 workers=workers,
                 grace=SHUTDOWN_GRACE_SECONDS,
             )
-        d = self._stop_workers()
+        d = DeferredList([self._stop_workers(), self._stop_local()])
 
         def stopped(_):
             self._started = self._serving = False
 
         return d.addCallback(stopped)
+
+    def _stop_local(self):
+        """
+        Stop the authority serving in this process (its calls in flight have
+        the grace period), if there is one.
+
+        @return: a Deferred that fires (never fails) once it stopped.
+        """
+        local, self._local = self._local, None
+        if local is None:
+            d = Deferred()
+            d.callback(None)
+            return d
+        d = local.stop()
+        d.addErrback(
+            lambda failure: self._log.failure(
+                "the gRPC server of this process did not stop cleanly", failure
+            )
+        )
+        return d
 
     def _stop_workers(self):
         for slot in self._slots:
@@ -773,7 +842,10 @@ class WorkerPoolAuthority(Service):
         self.config = config
         self._install(bundle)
         targets = [process for process in self.processes() if process.serving]
-        yield DeferredList([self._reload_worker(process) for process in targets])
+        yield DeferredList(
+            [self._reload_local()]
+            + [self._reload_worker(process) for process in targets]
+        )
         self._log.info(
             "issuer credentials reloaded in {workers} worker processes; issuer"
             " {issuer} valid until {not_after}",
@@ -781,6 +853,26 @@ class WorkerPoolAuthority(Service):
             issuer=bundle.issuer.subject.rfc4514_string(),
             not_after=bundle.issuer.not_valid_after_utc.isoformat(),
         )
+
+    def _reload_local(self):
+        """
+        Put the current config and bundle in service in this process.
+
+        @return: a Deferred that fires (never fails) once done; a refusal is
+            logged (the bundle was checked before, so it means a fault).
+        """
+        if self._local is None:
+            d = Deferred()
+            d.callback(None)
+            return d
+        self._local_store.bundle = self.bundle
+        d = self._local.restart(self._bound_config())
+        d.addErrback(
+            lambda failure: self._log.failure(
+                "this process did not take the new trust bundle", failure
+            )
+        )
+        return d
 
     def _reload_worker(self, process):
         """
