@@ -599,12 +599,6 @@ class Options(usage.Options):
             mtls=self._load_mtls(mode, self["config"]),
             **self._jwt_settings(),
         )
-        if config.workers > 1 and config.jwt_enabled:
-            raise ConfigError(
-                "--jwt-enabled",
-                "JWT issuing runs in one serving process in this version; use"
-                " --workers 1",
-            )
         self._hand_observer_to_parent(config)
         self.sentry_config = config
 
@@ -951,6 +945,7 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
             on_start_failure=root.fatal,
             configuration_source=configuration_source,
             local_factory=local_authority,
+            jwt_minter=jwt_minter,
         )
     else:
         authority = CertificateAuthorityService(

@@ -2356,6 +2356,7 @@ import socket as _socket
 import ssl as _ssl
 
 HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HTTP2_DATA = 0x0
 HTTP2_HEADERS = 0x1
 HTTP2_RST_STREAM = 0x3
 HTTP2_SETTINGS = 0x4
@@ -2541,6 +2542,54 @@ class RawHTTP2Client:
         Close the connection.
         """
         self._socket.close()
+
+
+def sign_on_new_connection(host, port, anchors_pem, server_name, request, path=None):
+    """
+    Make one SignCertificate call on a connection of its own, by hand, and
+    say which serving process answered: with several processes sharing the
+    port, each connection is accepted by one of them, and each serves with
+    a server certificate of its own.
+
+    @param request: a C{SignCertificateRequest}.
+    @return: C{(server certificate DER, SignCertificateResponse or None)};
+        None when the call ended without a message (a refusal).
+    """
+    from sentry_tx._proto import sentry_pb2
+
+    message = request.SerializeToString()
+    client = RawHTTP2Client(host, port, anchors_pem, server_name)
+    try:
+        client.read_until(HTTP2_SETTINGS)
+        client.send(
+            http2_frame(HTTP2_SETTINGS, HTTP2_FLAG_ACK),
+            grpc_request_headers(1, path or b"/dapr.proto.sentry.v1.CA/SignCertificate"),
+            http2_frame(
+                HTTP2_DATA,
+                HTTP2_FLAG_END_STREAM,
+                1,
+                b"\x00" + len(message).to_bytes(4, "big") + message,
+            ),
+        )
+        certificate = client._socket.getpeercert(binary_form=True)
+        body = b""
+        while True:
+            frame = client.read_frame()
+            if frame is None:
+                break
+            if frame.stream_id != 1:
+                continue
+            if frame.type == HTTP2_DATA:
+                body += frame.payload
+            if frame.type in (HTTP2_HEADERS, HTTP2_DATA) and frame.flags & HTTP2_FLAG_END_STREAM:
+                break
+            if frame.type == HTTP2_RST_STREAM:
+                break
+    finally:
+        client.close()
+    if len(body) < 5:
+        return certificate, None
+    return certificate, sentry_pb2.SignCertificateResponse.FromString(body[5:])
 
 
 def open_silent_connections(host, port, count, timeout=10.0):

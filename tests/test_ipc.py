@@ -150,6 +150,28 @@ class CommandTests(SynchronousTestCase):
             "chain_pem": chain_pem,
             "key_pem": key_pem,
         }
+        # Without JWT material the optional arguments arrive as None.
+        self.assertEqual(
+            _round_trip_arguments(Start, arguments),
+            dict(arguments, jwt_key_pem=None, jwks_json=None),
+        )
+
+    def test_start_arguments_with_jwt(self):
+        """
+        L{Start} carries the JWT signing key and its JWKS when JWTs are on.
+        """
+        from sentry_tx.jwt.material import generate_jwt_material
+
+        anchors_pem, chain_pem, key_pem = bundle_to_pems(make_bundle())
+        jwt_key_pem, jwks_json = generate_jwt_material()
+        arguments = {
+            "config_json": config_to_json(SentryConfig(jwt_enabled=True)),
+            "anchors_pem": anchors_pem,
+            "chain_pem": chain_pem,
+            "key_pem": key_pem,
+            "jwt_key_pem": jwt_key_pem,
+            "jwks_json": jwks_json,
+        }
         self.assertEqual(_round_trip_arguments(Start, arguments), arguments)
 
     def test_long_unicode(self):

@@ -41,6 +41,7 @@ from sentry_tx.testing import (
     FakeCertificateAuthority,
     FakeValidator,
     ImmediateReactor,
+    run_now,
     inline_file_work,
     make_bundle,
     make_chain,
@@ -457,18 +458,25 @@ class ServicerHookTests(SynchronousTestCase):
         self.servicer = CAServicer(
             self.reactor,
             self.authority,
-            {1: FakeValidator(1)},
+            {1: FakeValidator(1, needs_reactor=False)},
             1,
             SentryMetrics(),
             jwt_minter=self.minter,
         )
+
+    def sign(self, request, servicer=None):
+        """
+        Run the pipeline (INSECURE-like: it never waits) to its end.
+        """
+        servicer = servicer or self.servicer
+        return run_now(servicer.sign(request, self.reactor.seconds() + 10))
 
     def test_response_has_tokens(self):
         """
         The response carries jwt and per_audience_jwts for the signed
         identity, nbf at now minus the configured skew.
         """
-        response = self.servicer.sign(sign_request(jwt_audiences=("x",)))
+        response = self.sign(sign_request(jwt_audiences=("x",)))
         claims = verify(response.jwt.value, rsa_key(), "x")
         self.assertEqual(claims["sub"], "spiffe://public/ns/default/myapp")
         self.assertEqual(claims["nbf"], int(FIXED_NOW.timestamp()) - 60)
@@ -480,9 +488,13 @@ class ServicerHookTests(SynchronousTestCase):
         Without a minter (JWTs off), the response has no jwt.
         """
         servicer = CAServicer(
-            self.reactor, self.authority, {1: FakeValidator(1)}, 1, SentryMetrics()
+            self.reactor,
+            self.authority,
+            {1: FakeValidator(1, needs_reactor=False)},
+            1,
+            SentryMetrics(),
         )
-        response = servicer.sign(sign_request(jwt_audiences=("x",)))
+        response = self.sign(sign_request(jwt_audiences=("x",)), servicer)
         self.assertFalse(response.HasField("jwt"))
         self.assertEqual(len(response.per_audience_jwts), 0)
 
@@ -491,7 +503,7 @@ class ServicerHookTests(SynchronousTestCase):
         A minting failure is INTERNAL "failed to generate JWT".
         """
         self.minter.material = None
-        refusal = self.assertRaises(Refusal, self.servicer.sign, sign_request())
+        refusal = self.assertRaises(Refusal, self.sign, sign_request())
         self.assertEqual(refusal.code, grpc.StatusCode.INTERNAL)
         self.assertEqual(refusal.message, "failed to generate JWT")
         self.flushLoggedErrors()
@@ -502,7 +514,7 @@ class ServicerHookTests(SynchronousTestCase):
         """
         audiences = tuple(f"a{n}" for n in range(MAX_JWT_AUDIENCES + 1))
         refusal = self.assertRaises(
-            Refusal, self.servicer.sign, sign_request(jwt_audiences=audiences)
+            Refusal, self.sign, sign_request(jwt_audiences=audiences)
         )
         self.assertEqual(refusal.code, grpc.StatusCode.INVALID_ARGUMENT)
         self.assertIn("too many JWT audiences", refusal.message)

@@ -165,13 +165,13 @@ class JWTFlagTests(OptionsTestCase):
         self.assertFalse(options.sentry_config.oidc_enabled)
         self.assertIn("OIDC server is disabled", " ".join(options.startup_warnings))
 
-    def test_workers_refused(self):
+    def test_workers_accepted(self):
         """
-        --jwt-enabled with --workers above 1 is refused in this version.
+        --jwt-enabled works with several serving processes: the parent sends
+        the JWT material to the workers with the bundle.
         """
-        self.assertFailsNaming(
-            ["--jwt-enabled", "--workers", "3"], "--jwt-enabled", "--workers 1"
-        )
+        config = self.parse(["--jwt-enabled", "--workers", "3"]).sentry_config
+        self.assertEqual((config.jwt_enabled, config.workers), (True, 3))
 
 
 class WiringTests(OptionsTestCase):

@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.jwt.material import generate_jwt_material
-from sentry_tx.testing import GrpcTestClient, make_csr
+from sentry_tx.testing import GrpcTestClient, make_csr, sign_on_new_connection
 from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
 
 ISSUER = "https://oidc.example.org"
@@ -34,7 +34,7 @@ class JWTProcessTests(TestCase):
         self.credentials = os.path.abspath(self.mktemp())
 
     @inlineCallbacks
-    def start(self):
+    def start(self, extra=()):
         protocol = spawn_twistd(
             self,
             [
@@ -49,6 +49,7 @@ class JWTProcessTests(TestCase):
                 "--oidc-server-tls-enabled=false",
                 "--oidc-server-listen-address=127.0.0.1",
                 "--oidc-server-listen-port=0",
+                *extra,
             ]
             + LOOPBACK_FREE_PORTS,
         )
@@ -150,6 +151,65 @@ class JWTProcessTests(TestCase):
         self.assertEqual(new_kid, json.loads(jwks_json)["keys"][0]["kid"])
         _, body = yield self.get(f"http://127.0.0.1:{ports['oidc']}/jwks.json")
         self.assertEqual(body, jwks_json)
+
+    @inlineCallbacks
+    def kids_by_process(self, ports):
+        """
+        Sign on fresh connections until two serving processes (told apart by
+        their own server certificates) have answered; the JWT kid each one
+        signed with.
+        """
+        with open(os.path.join(self.credentials, "ca.crt"), "rb") as f:
+            anchors_pem = f.read()
+        kids = {}
+        for _ in range(32):
+            _, csr = make_csr()
+            certificate, reply = yield deferToThread(
+                sign_on_new_connection,
+                "127.0.0.1",
+                ports["grpc"],
+                anchors_pem,
+                "cluster.local",
+                sentry_pb2.SignCertificateRequest(
+                    id="myapp",
+                    namespace="prod",
+                    certificate_signing_request=csr,
+                    token_validator=sentry_pb2.SignCertificateRequest.INSECURE,
+                ),
+            )
+            self.assertIsNotNone(reply)
+            kids.setdefault(certificate, set()).add(
+                pyjwt.get_unverified_header(reply.jwt.value)["kid"]
+            )
+            if len(kids) == 2:
+                break
+        self.assertEqual(len(kids), 2, "one process answered 32 connections")
+        return list(kids.values())
+
+    @inlineCallbacks
+    def test_workers_mint_and_rotate(self):
+        """
+        With --workers 2 both serving processes (twistd's and the worker)
+        mint JWTs with the generated key, and a replaced key pair reaches
+        both without a restart.
+        """
+        protocol, ports, _ = yield self.start(["--workers", "2"])
+        yield protocol.when_output(b"for issuer credential changes")
+        with open(os.path.join(self.credentials, "jwks.json"), "rb") as f:
+            old_kid = json.loads(f.read())["keys"][0]["kid"]
+        kids = yield self.kids_by_process(ports)
+        self.assertEqual(kids, [{old_kid}, {old_kid}])
+        key_pem, jwks_json = generate_jwt_material()
+        for name, data in (("jwt.key", key_pem), ("jwks.json", jwks_json)):
+            path = os.path.join(self.credentials, name)
+            with open(path + ".new", "wb") as f:
+                f.write(data)
+            os.chmod(path + ".new", 0o600)
+            os.replace(path + ".new", path)
+        yield protocol.when_output(b"reloaded in 1 worker processes")
+        new_kid = json.loads(jwks_json)["keys"][0]["kid"]
+        kids = yield self.kids_by_process(ports)
+        self.assertEqual(kids, [{new_kid}, {new_kid}])
 
 
 class JWKSProcessTests(TestCase):

@@ -191,6 +191,22 @@ class FlagTests(OptionsTestCase):
             "--enable-metrics=false",
             "--log-level", "debug",
             "--log-as-json",
+            "--jwt-enabled=true",
+            "--jwt-key-filename", "/abs/jwt.pem",
+            "--jwks-filename", "keys.json",
+            "--jwt-issuer", "https://issuer.example.org",
+            "--jwt-signing-algorithm", "ES256",
+            "--jwt-key-id", "kid-1",
+            "--jwt-ttl", "1h",
+            "--oidc-enabled",
+            "--oidc-server-listen-port", "5",
+            "--oidc-server-listen-address", "127.0.0.5",
+            "--oidc-server-tls-enabled=true",
+            "--oidc-server-tls-cert-file", "/tls/tls.crt",
+            "--oidc-server-tls-key-file", "/tls/tls.key",
+            "--oidc-jwks-uri", "https://keys.example.org/jwks.json",
+            "--oidc-path-prefix", "/dapr",
+            "--oidc-allowed-hosts", "a.example.org,b.example.org",
         ]  # fmt: skip
         # The command line above gives every flag there is.
         given = {
@@ -222,9 +238,26 @@ class FlagTests(OptionsTestCase):
                 enable_metrics=False,
                 log_level="debug",
                 log_as_json=True,
+                jwt_enabled=True,
+                jwt_key_filename="/abs/jwt.pem",
+                jwks_filename="keys.json",
+                jwt_issuer="https://issuer.example.org",
+                jwt_signing_algorithm="ES256",
+                jwt_key_id="kid-1",
+                jwt_ttl_seconds=3600,
+                oidc_enabled=True,
+                oidc_server_listen_port=5,
+                oidc_server_listen_address="127.0.0.5",
+                oidc_server_tls_enabled=True,
+                oidc_server_tls_cert_file="/tls/tls.crt",
+                oidc_server_tls_key_file="/tls/tls.key",
+                oidc_jwks_uri="https://keys.example.org/jwks.json",
+                oidc_path_prefix="/dapr",
+                oidc_allowed_hosts=("a.example.org", "b.example.org"),
             ),
         )
         self.assertEqual(config.ca_path, "/abs/roots.pem")
+        self.assertEqual(config.jwt_key_path, "/abs/jwt.pem")
         self.assertEqual(config.issuer_key_path, "/creds/key.pem")
 
     def test_go_spellings(self):

@@ -253,7 +253,7 @@ class _FakeWorker:
         self._child_connected = True
         protocol.makeConnection(self)
 
-    def _authority_factory(self, *arguments):
+    def _authority_factory(self, *arguments, jwt_minter=None):
         self.authority = _FakeWorkerAuthority(self.script, *arguments)
         return self.authority
 
@@ -494,7 +494,7 @@ class WorkerPoolTests(SynchronousTestCase):
         """
         import socket
 
-        from sentry_tx.errors import ConfigError
+        from sentry_tx.errors import ListenError
 
         other = socket.socket()
         self.addCleanup(other.close)
@@ -506,9 +506,9 @@ class WorkerPoolTests(SynchronousTestCase):
         self.pool = self.local_pool(1)
         d = self.pool.start(self.config)
         self.pipes.pump()
-        failure = self.failureResultOf(d, ConfigError)
-        self.assertEqual(failure.value.field, "--port")
-        self.assertIn(f"port {port} is already in use", failure.getErrorMessage())
+        failure = self.failureResultOf(d, ListenError)
+        self.assertEqual((failure.value.flag, failure.value.port), ("--port", port))
+        self.assertIn("address already in use", failure.getErrorMessage())
         self.assertEqual(self.spawned, [])
         self.assertEqual(self.locals, [])
 
@@ -979,7 +979,7 @@ class WorkerCommandsTests(SynchronousTestCase):
             on_stopped=lambda: self.stopped.append(True),
         )
 
-    def _authority_factory(self, *arguments):
+    def _authority_factory(self, *arguments, jwt_minter=None):
         authority = _FakeWorkerAuthority(self.script, *arguments)
         self.authorities.append(authority)
         return authority

@@ -56,6 +56,7 @@ class LongBytes(amp.Argument):
     A C{bytes} argument of any length up to L{LONG_BYTES_MAX_BYTES}: AMP
     caps one value at 64 KiB, so the value is split over the keys
     C{<name>.0}, C{<name>.1}, ..., and C{<name>} holds how many there are.
+    An optional one that is None is not sent, and arrives as None.
     """
 
     def to_bytes(self, value):
@@ -73,7 +74,10 @@ class LongBytes(amp.Argument):
         return data
 
     def toBox(self, name, strings, objects, proto):
-        value = self.to_bytes(self.retrieve(objects, name.decode("ascii"), proto))
+        value = self.retrieve(objects, name.decode("ascii"), proto)
+        if value is None and self.optional:
+            return
+        value = self.to_bytes(value)
         if len(value) > LONG_BYTES_MAX_BYTES:
             raise ValueError(
                 f"{name!r} is {len(value)} bytes long; at most"
@@ -88,6 +92,9 @@ class LongBytes(amp.Argument):
             strings[_chunk_key(name, index)] = chunk
 
     def fromBox(self, name, strings, objects, proto):
+        if self.optional and name not in strings:
+            objects[name.decode("ascii")] = None
+            return
         count = int(strings[name])
         if not 0 <= count <= -(-LONG_BYTES_MAX_BYTES // AMP_VALUE_MAX_BYTES):
             raise ValueError(f"{name!r} claims {count} chunks")
@@ -119,6 +126,10 @@ _BUNDLE_ARGUMENTS = [
     (b"anchors_pem", LongBytes()),
     (b"chain_pem", LongBytes()),
     (b"key_pem", LongBytes()),
+    # The JWT signing key and its JWKS (--jwt-enabled), as stored: the
+    # parent loaded and checked them; absent when JWTs are off.
+    (b"jwt_key_pem", LongBytes(optional=True)),
+    (b"jwks_json", LongBytes(optional=True)),
 ]
 
 _COUNTS_RESPONSE = [

@@ -123,10 +123,12 @@ class PushedTrustStore:
         return succeed(self.bundle)
 
 
-def build_authority(config, reactor, trust_store, validator_set, metrics):
+def build_authority(
+    config, reactor, trust_store, validator_set, metrics, jwt_minter=None
+):
     """
     The certificate authority a worker serves with: the single-process one,
-    binding with SO_REUSEPORT.
+    binding with SO_REUSEPORT, minting JWTs with C{jwt_minter} when given.
     """
     from sentry_tx.server.service import CertificateAuthorityService
 
@@ -138,7 +140,42 @@ def build_authority(config, reactor, trust_store, validator_set, metrics):
         validator_set.default_validator,
         metrics,
         reuse_port=True,
+        jwt_minter=jwt_minter,
     )
+
+
+def jwt_minter_for(config, key_pem, jwks_json):
+    """
+    A L{JWTMinter} for C{config} with the JWT material the parent sent, or
+    None when it sent none (JWTs off).  The material is checked again as at
+    start, so a worker never signs with a key its JWKS does not publish.
+
+    @raise WorkerRefused: when the material does not load (the message
+        names what is wrong, never the key).
+    """
+    if key_pem is None or jwks_json is None:
+        return None
+    from sentry_tx.jwt.minting import JWTMinter
+
+    minter = JWTMinter(config.jwt_issuer or None, config.jwt_ttl_seconds)
+    minter.install(_jwt_material(config, key_pem, jwks_json))
+    return minter
+
+
+def _jwt_material(config, key_pem, jwks_json):
+    from sentry_tx.errors import BundleError
+    from sentry_tx.jwt.material import load_jwt_material
+
+    try:
+        return load_jwt_material(
+            key_pem,
+            jwks_json,
+            config.jwt_signing_algorithm,
+            config.jwt_key_id or None,
+            ("the JWT key sent by the parent", "the JWKS sent by the parent"),
+        )
+    except BundleError as e:
+        raise WorkerRefused(f"the JWT material cannot be used: {e}") from None
 
 
 class WorkerCommands(amp.CommandLocator):
@@ -179,6 +216,7 @@ class WorkerCommands(amp.CommandLocator):
         self._on_stopped = on_stopped
         self._deltas = CounterDeltas(metrics)
         self._authority = None
+        self._jwt_minter = None
         self._trust_store = None
         self._validator_service = None
         self._start_asked = False
@@ -199,13 +237,17 @@ class WorkerCommands(amp.CommandLocator):
         return config, bundle
 
     @Start.responder
-    def start(self, config_json, anchors_pem, chain_pem, key_pem):
+    def start(
+        self, config_json, anchors_pem, chain_pem, key_pem, jwt_key_pem=None, jwks_json=None
+    ):
         """
-        Serve the configuration and bundle given; answer the port bound.
+        Serve the configuration and bundle given (and the JWT material, when
+        JWTs are on); answer the port bound.
         """
         if self._start_asked or self._stopped is not None:
             raise WorkerRefused("this worker has been started already")
         config, bundle = self._decode(config_json, anchors_pem, chain_pem, key_pem)
+        self._jwt_minter = jwt_minter_for(config, jwt_key_pem, jwks_json)
         self._start_asked = True
         self._starting = []
         d = maybeDeferred(self._start_serving, config, bundle)
@@ -228,7 +270,12 @@ class WorkerCommands(amp.CommandLocator):
         validator_set = self._validators_factory(config, self._reactor, self._environ)
         self._trust_store = PushedTrustStore(bundle)
         self._authority = self._authority_factory(
-            config, self._reactor, self._trust_store, validator_set, self._metrics
+            config,
+            self._reactor,
+            self._trust_store,
+            validator_set,
+            self._metrics,
+            jwt_minter=self._jwt_minter,
         )
         self._validator_service = validator_set.service
         if self._validator_service is not None:
@@ -236,9 +283,12 @@ class WorkerCommands(amp.CommandLocator):
         return self._authority.start(config)
 
     @Reload.responder
-    def reload(self, config_json, anchors_pem, chain_pem, key_pem):
+    def reload(
+        self, config_json, anchors_pem, chain_pem, key_pem, jwt_key_pem=None, jwks_json=None
+    ):
         """
-        Put the configuration and bundle given in service.
+        Put the configuration and bundle given (and the JWT material, when
+        JWTs are on) in service.
         """
         if (
             self._authority is None
@@ -247,15 +297,24 @@ class WorkerCommands(amp.CommandLocator):
         ):
             raise WorkerRefused("this worker is not serving")
         config, bundle = self._decode(config_json, anchors_pem, chain_pem, key_pem)
+        material = None
+        if self._jwt_minter is not None and jwt_key_pem is not None:
+            material = _jwt_material(config, jwt_key_pem, jwks_json)
         previous = self._trust_store.bundle
         self._trust_store.bundle = bundle
         d = maybeDeferred(self._authority.restart, config)
+
+        def restarted(_):
+            if material is not None:
+                # One immutable object, read once per call.
+                self._jwt_minter.install(material)
+            return {}
 
         def failed(failure):
             self._trust_store.bundle = previous
             raise self._refusal(failure, "refused the new trust bundle")
 
-        return d.addCallbacks(lambda _: {}, failed)
+        return d.addCallbacks(restarted, failed)
 
     @Counters.responder
     def counters(self):

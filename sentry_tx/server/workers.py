@@ -303,6 +303,9 @@ class WorkerPoolAuthority(Service):
     @param respawn_max_delay_seconds: see L{RESPAWN_MAX_DELAY_SECONDS}.
     @param metrics_pull_interval_seconds: see
         L{METRICS_PULL_INTERVAL_SECONDS}.
+    @param jwt_minter: the L{sentry_tx.jwt.minting.JWTMinter} the trust
+        store installs the JWT signing material in (C{--jwt-enabled}), or
+        None: its material is pushed to the workers with the bundle.
     """
 
     name = "ca"
@@ -325,10 +328,14 @@ class WorkerPoolAuthority(Service):
         respawn_max_delay_seconds=RESPAWN_MAX_DELAY_SECONDS,
         metrics_pull_interval_seconds=METRICS_PULL_INTERVAL_SECONDS,
         local_factory=None,
+        jwt_minter=None,
     ):
         if workers < 1:
             raise ValueError(f"a worker pool needs at least one worker, not {workers}")
         self._local_factory = local_factory
+        self._jwt_minter = jwt_minter
+        # The JWT material the workers serve: (key PEM, JWKS) or None.
+        self._pushed_jwt = None
         self._local = None
         self._local_store = None
         self.config = config
@@ -512,6 +519,26 @@ class WorkerPoolAuthority(Service):
         """
         return replace(self.config, port=self.port)
 
+    def _jwt_material(self):
+        """
+        The JWT signing key and JWKS in service here, as stored, or None.
+        """
+        if self._jwt_minter is None or self._jwt_minter.material is None:
+            return None
+        material = self._jwt_minter.material
+        return material.key_pem, material.jwks_json
+
+    def _jwt_arguments(self):
+        """
+        The L{Start} and L{Reload} arguments that carry the JWT material
+        (none when JWTs are off); remembered as what the workers serve.
+        """
+        self._pushed_jwt = self._jwt_material()
+        if self._pushed_jwt is None:
+            return {}
+        key_pem, jwks_json = self._pushed_jwt
+        return {"jwt_key_pem": key_pem, "jwks_json": jwks_json}
+
     def _install(self, bundle):
         self.bundle = bundle
         self._metrics.record_bundle(bundle)
@@ -565,6 +592,7 @@ class WorkerPoolAuthority(Service):
                 anchors_pem=anchors_pem,
                 chain_pem=chain_pem,
                 key_pem=key_pem,
+                **self._jwt_arguments(),
             )
         except (WorkerRefused, amp.RemoteAmpError) as e:
             raise WorkerError(
@@ -833,8 +861,10 @@ class WorkerPoolAuthority(Service):
                 error=str(e),
             )
             raise
-        if config == self.config and bundle_to_pems(bundle) == bundle_to_pems(
-            self.bundle
+        if (
+            config == self.config
+            and bundle_to_pems(bundle) == bundle_to_pems(self.bundle)
+            and self._jwt_material() == self._pushed_jwt
         ):
             # The files were touched but say the same: nothing to push.
             self._log.info("issuer credentials unchanged")
@@ -890,6 +920,7 @@ class WorkerPoolAuthority(Service):
             anchors_pem=anchors_pem,
             chain_pem=chain_pem,
             key_pem=key_pem,
+            **self._jwt_arguments(),
         )
 
         def failed(failure):
