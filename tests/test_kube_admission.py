@@ -6,6 +6,7 @@ refuses connections.  Also the servicer's side: the deadline it passes and
 RESOURCE_EXHAUSTED with C{grpc-retry-pushback-ms}, over real gRPC too.
 """
 
+import asyncio
 from datetime import timedelta
 
 import grpc
@@ -40,10 +41,9 @@ from sentry_tx.kube import TOKEN_REVIEW_PATH, KubernetesUnavailableError
 from sentry_tx.kube_informer import configuration_informer, pod_informer
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.servicer import (
-    RETRY_PUSHBACK_TRAILER,
+    RETRY_PUSHBACK_METADATA_KEY,
     VALIDATION_TIMEOUT_SECONDS,
     CAServicer,
-    rpc_handler,
 )
 from sentry_tx.server.service import CertificateAuthorityService
 from sentry_tx.testing import (
@@ -56,6 +56,7 @@ from sentry_tx.testing import (
     make_bundle,
     make_csr,
     make_service_account_token,
+    run_now,
 )
 
 NAMESPACE = "apps"
@@ -472,6 +473,17 @@ class ServicerDeadlineTests(SynchronousTestCase):
             token_validator=VALIDATOR_INSECURE,
         )
 
+    def _answer(self, servicer, context, arrival=None):
+        """
+        Run the served pipeline for one request to its end (the validator
+        answers at once); the abort, if any, is raised.
+        """
+        return run_now(
+            servicer.SignCertificateMessage(
+                self._request().SerializeToString(), context, arrival
+            )
+        )
+
     def test_deadline(self):
         """
         The deadline is the earlier of the client's and the validation
@@ -484,34 +496,33 @@ class ServicerDeadlineTests(SynchronousTestCase):
             (3.0, 3.0),
             (60.0, VALIDATION_TIMEOUT_SECONDS),
         ):
-            context = AbortingContext()
-            context.remaining = remaining
-            servicer.SignCertificate(self._request(), context)
+            self._answer(servicer, AbortingContext(remaining=remaining))
             self.assertEqual(validator.deadlines[-1], 500 + expected)
 
     def test_deadline_from_arrival(self):
         """
-        The call's arrival is stamped when grpcio looks up its handler, so
-        the time it then waits for a worker thread counts against the
-        validation timeout; the client's deadline is still honoured.
+        The validation timeout runs from the arrival of the call's headers:
+        time spent waiting for the request message counts against it; the
+        client's deadline (its time left, read once the message is here) is
+        still honoured.
         """
-        from collections import namedtuple
-
-        Details = namedtuple("Details", "method invocation_metadata")
         validator = FakeValidator(VALIDATOR_INSECURE, needs_reactor=False)
         servicer = self._servicer(validator)
-        generic = rpc_handler(servicer)
-        self.assertIsNone(generic.service(Details("/other.Service/Method", ())))
-        for remaining, expected in ((26.0, 510.0), (3.0, 507.0), (None, 510.0)):
-            handler = generic.service(
-                Details("/dapr.proto.sentry.v1.CA/SignCertificate", ())
+        clock, message = self.clock, self._request().SerializeToString()
+
+        class SlowMessage(AbortingContext):
+            async def read(self):
+                clock.advance(4)
+                return message
+
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        for remaining, expected in ((26.0, 10.0), (3.0, 7.0), (None, 10.0)):
+            arrived = clock.seconds()
+            loop.run_until_complete(
+                servicer.SignCertificateStream(None, SlowMessage(remaining=remaining))
             )
-            arrived = self.clock.seconds()
-            self.clock.advance(4)
-            context = AbortingContext()
-            context.remaining = remaining
-            handler.unary_unary(self._request().SerializeToString(), context)
-            self.assertEqual(validator.deadlines[-1] - arrived, expected - 500.0)
+            self.assertEqual(validator.deadlines[-1] - arrived, expected)
 
     def test_overloaded(self):
         """
@@ -526,12 +537,12 @@ class ServicerDeadlineTests(SynchronousTestCase):
         )
         servicer = self._servicer(validator)
         context = AbortingContext()
-        self.assertRaises(
-            AbortingContext.Aborted, servicer.SignCertificate, self._request(), context
-        )
+        self.assertRaises(AbortingContext.Aborted, self._answer, servicer, context)
         self.assertEqual(context.code, grpc.StatusCode.RESOURCE_EXHAUSTED)
         self.assertEqual(context.details, "busy")
-        self.assertEqual(context.trailing_metadata, ((RETRY_PUSHBACK_TRAILER, "1234"),))
+        self.assertEqual(
+            tuple(context.trailing_metadata), ((RETRY_PUSHBACK_METADATA_KEY, "1234"),)
+        )
 
 
 class OverloadOverGrpcTests(TestCase):
@@ -578,4 +589,4 @@ class OverloadOverGrpcTests(TestCase):
             deferToThread(client.sign, request), grpc.RpcError
         )
         self.assertEqual(error.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
-        self.assertIn((RETRY_PUSHBACK_TRAILER, "250"), tuple(error.trailing_metadata()))
+        self.assertIn((RETRY_PUSHBACK_METADATA_KEY, "250"), tuple(error.trailing_metadata()))

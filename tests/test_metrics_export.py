@@ -20,6 +20,7 @@ from sentry_tx.testing import (
     FakeCertificateAuthority,
     FakeValidator,
     ImmediateReactor,
+    run_now,
     make_bundle,
 )
 from tests.test_ipc import _round_trip_response
@@ -80,12 +81,17 @@ class SignDurationTests(SynchronousTestCase):
         servicer = CAServicer(
             ImmediateReactor(FIXED_NOW.timestamp()),
             FakeCertificateAuthority(make_bundle()),
-            {INSECURE: FakeValidator(INSECURE)},
+            {INSECURE: FakeValidator(INSECURE, needs_reactor=False)},
             INSECURE,
             metrics,
         )
-        servicer.sign(sign_request())
-        self.assertRaises(Refusal, servicer.sign, sign_request(csr=b"not a CSR"))
+        deadline = FIXED_NOW.timestamp() + 10
+
+        def sign(request):
+            return run_now(servicer.sign(request, deadline))
+
+        sign(sign_request())
+        self.assertRaises(Refusal, sign, sign_request(csr=b"not a CSR"))
         samples, _ = _samples(metrics)
         count = SIGN_DURATION_NAME + "_count"
         self.assertEqual(samples[(count, (("outcome", "success"),))], 1)
