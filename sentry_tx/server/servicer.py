@@ -232,10 +232,12 @@ class CAServicer:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{MALFORMED_REQUEST}: {e}"
             )
+        # The validation timeout runs from the headers' arrival; the
+        # client's time left is read now, so it counts from now.
         deadline = arrival + self._validation_timeout_seconds
         remaining = context.time_remaining()
         if remaining is not None:
-            deadline = min(deadline, arrival + remaining)
+            deadline = min(deadline, self._reactor.seconds() + remaining)
         try:
             return await self.sign(SignRequest.from_proto(request), deadline)
         except Refusal as refusal:
