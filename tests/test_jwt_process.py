@@ -195,6 +195,9 @@ class JWTProcessTests(TestCase):
         """
         protocol, ports, _ = yield self.start(["--workers", "2"])
         yield protocol.when_output(b"for issuer credential changes")
+        # healthz is 200 once twistd's process serves; the worker joins the
+        # port when it has started.
+        yield protocol.when_output(b"serves on port")
         with open(os.path.join(self.credentials, "jwks.json"), "rb") as f:
             old_kid = json.loads(f.read())["keys"][0]["kid"]
         kids = yield self.kids_by_process(ports)
