@@ -71,13 +71,14 @@ class _TwistdProtocol(ProcessProtocol):
         return d
 
     def _check_output_waiters(self):
-        waiting = []
-        for text, d in self._output_waiters:
-            if text in self.output:
-                d.callback(None)
-            else:
-                waiting.append((text, d))
-        self._output_waiters = waiting
+        # Take the fired ones off the list before firing them: a callback
+        # may wait for more output, which checks the list again.
+        fired = [(t, d) for t, d in self._output_waiters if t in self.output]
+        self._output_waiters = [
+            (t, d) for t, d in self._output_waiters if t not in self.output
+        ]
+        for _, d in fired:
+            d.callback(None)
 
     def outReceived(self, data):
         self.output += data
