@@ -89,8 +89,8 @@ class ContinuationFloodTests(SynchronousTestCase):
     """
 
     def test_read_buffer_bounded(self):
-        """The server's channel arguments bound grpc core's reads to 64 KiB."""
-        self.assertEqual(MAX_TCP_READ_BUFFER_BYTES, 64 * 1024)
+        """The server's channel arguments bound grpc core's reads to 256 KiB."""
+        self.assertEqual(MAX_TCP_READ_BUFFER_BYTES, 256 * 1024)
         self.assertEqual(
             dict(grpc_server_options())[READ_BUFFER_OPTION], MAX_TCP_READ_BUFFER_BYTES
         )

@@ -127,15 +127,18 @@ class NotRunningError(Exception):
     """
 
 
-MAX_TCP_READ_BUFFER_BYTES = 64 * 1024
+MAX_TCP_READ_BUFFER_BYTES = 256 * 1024
 """
 The most grpc core reads from one connection at once
 (C{grpc.experimental.tcp_max_read_buffer_size}; its default is megabytes).
 This is what bounds the HTTP/2 CONTINUATION flood (a header block that never
 ends): with large reads, grpcio 1.85 grew by ~260 MiB in 8 s under 4 such
-connections, and the metadata size limits did not stop it; with 64 KiB
-reads it grows by ~4 MiB (bench/flood_continuation.py, tests/test_flood.py).
-Requests are at most MAX_REQUEST_BYTES (64 KiB) anyway.
+connections, and the metadata size limits did not stop it; with 256 KiB
+reads it grew by ~6.5 MiB on 8 connections in 8 s (64 KiB: ~4.7 MiB).
+Not 64 KiB: under the 2,000-caller storm (bench/kube_storm.py, 50 calls
+per connection arriving at once) 64 KiB reads made grpc core cancel a few
+calls (1 to 8 CANCELLED per run, three runs), which no caller may get
+because of load; 256 KiB and 1 MiB gave none (two runs each).
 """
 
 
