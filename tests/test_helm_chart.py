@@ -117,6 +117,26 @@ CHART_ARGS = {
         "--issuer-certificate-filename", "tls.crt",
         "--issuer-key-filename", "tls.key",
     ],
+    # jwt.enabled, jwt.issuer, jwt.signingAlgorithm; oidc.enabled,
+    # oidc.allowedHosts and oidc.tls (certFile, keyFile, enabled): the
+    # files are where the operator mounts them (OIDC_TLS_DIRECTORY stands
+    # for that directory here).
+    "jwt and oidc": [
+        "--mode", "kubernetes",
+        "--log-level", "info",
+        "--enable-metrics",
+        "--metrics-port", "9090",
+        "--trust-domain", "cluster.local",
+        "--jwt-enabled=true",
+        "--jwt-issuer=https://oidc.example.org",
+        "--jwt-signing-algorithm=RS256",
+        "--oidc-enabled=true",
+        "--oidc-server-listen-address=0.0.0.0",
+        "--oidc-allowed-hosts=oidc.example.org",
+        "--oidc-server-tls-cert-file=OIDC_TLS_DIRECTORY/tls.crt",
+        "--oidc-server-tls-key-file=OIDC_TLS_DIRECTORY/tls.key",
+        "--oidc-server-tls-enabled=true",
+    ],
 }
 """
 The argument lists the template renders for the values named by each key.
@@ -201,8 +221,17 @@ class ChartArgumentsTests(TestCase):
         """
         import treq
 
-        chart_args = CHART_ARGS[values]
+        chart_args = [
+            argument.replace("OIDC_TLS_DIRECTORY", self._oidc_tls_directory())
+            for argument in CHART_ARGS[values]
+        ]
         arguments = chart_args + ["--kubeconfig", self.kubeconfig] + LOOPBACK_FREE_PORTS
+        if "--oidc-enabled=true" in chart_args:
+            # The test's own: the OIDC server on loopback, a free port.
+            arguments += [
+                "--oidc-server-listen-address", "127.0.0.1",
+                "--oidc-server-listen-port", "0",
+            ]  # fmt: skip
         if via_sentry_command:
             protocol = _spawn_sentry_command(self, arguments)
         else:
@@ -228,6 +257,8 @@ class ChartArgumentsTests(TestCase):
             if "--issuer-key-filename" in chart_args
             else ("ca.crt", "issuer.crt", "issuer.key")
         )
+        if "--jwt-enabled=true" in chart_args:
+            keys += ("jwt.key", "jwks.json")
         self.assertEqual(set(secret), set(keys))
         client = GrpcTestClient(
             f"127.0.0.1:{ports['grpc']}",
@@ -245,6 +276,19 @@ class ChartArgumentsTests(TestCase):
             ),
         )
         self.assertTrue(reply.workload_certificate.startswith(b"-----BEGIN"))
+        if "--jwt-enabled=true" in chart_args:
+            import jwt as pyjwt
+
+            key_set = pyjwt.PyJWKSet.from_json(secret["jwks.json"].decode())
+            kid = pyjwt.get_unverified_header(reply.jwt.value)["kid"]
+            claims = pyjwt.decode(
+                reply.jwt.value,
+                key_set[kid].key,
+                algorithms=["RS256"],
+                audience="public",
+                issuer="https://oidc.example.org",
+            )
+            self.assertEqual(claims["sub"], "spiffe://public/ns/apps/myapp")
         os.kill(protocol.transport.pid, signal.SIGTERM)
         reason = yield protocol.ended
         self.assertIn((reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)])
@@ -284,6 +328,40 @@ class ChartArgumentsTests(TestCase):
         """
         levels = yield self._serve("prometheus disabled, logLevel debug")
         self.assertIn("debug", levels)
+
+    def _oidc_tls_directory(self):
+        """
+        A directory with the OIDC server's certificate and key, made once
+        per test.
+        """
+        if getattr(self, "_oidc_tls", None) is None:
+            from sentry_tx.testing import (
+                certificate_pem,
+                make_self_signed_server_certificate,
+                private_key_pem,
+            )
+
+            self._oidc_tls = os.path.abspath(self.mktemp())
+            os.makedirs(self._oidc_tls)
+            certificate, key = make_self_signed_server_certificate()
+            for name, data in (
+                ("tls.crt", certificate_pem(certificate)),
+                ("tls.key", private_key_pem(key)),
+            ):
+                path = os.path.join(self._oidc_tls, name)
+                with open(path, "wb") as f:
+                    f.write(data)
+                os.chmod(path, 0o600)
+        return self._oidc_tls
+
+    def test_jwt_and_oidc(self):
+        """
+        With jwt and oidc enabled (TLS files given, allowed hosts set) the
+        list serves: healthz waits for the OIDC listener, the key pair is
+        generated into the dapr-trust-bundle Secret, and the reply's JWT
+        verifies with the JWKS stored there.
+        """
+        return self._serve("jwt and oidc")
 
     def test_issuer_filenames(self):
         """
