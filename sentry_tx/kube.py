@@ -50,7 +50,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
-from twisted.application.service import MultiService, Service
+from twisted.application.service import Service
 from twisted.internet import defer, ssl
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -70,11 +70,10 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTT
 from zope.interface import implementer
 
 import sentry_tx
-from sentry_tx.config import DEFAULT_NAMESPACE, mtls_warnings, parse_mtls
+from sentry_tx.config import mtls_warnings, parse_mtls
 from sentry_tx.errors import ConfigError
 from sentry_tx.interfaces import IConfigurationSource
 
-# --- constants -------------------------------------------------------------
 
 SERVICE_ACCOUNT_DIRECTORY = "/var/run/secrets/kubernetes.io/serviceaccount"
 """
@@ -160,9 +159,6 @@ _UNSUPPORTED_USER_FIELDS = {
 }
 
 
-# --- errors ----------------------------------------------------------------
-
-
 class KubernetesError(Exception):
     """
     A call to the Kubernetes API failed.
@@ -222,9 +218,6 @@ class KubernetesUnavailableError(KubernetesError):
     No usable answer came from the API server: the connection failed, was
     cut, timed out, or its TLS could not be verified.
     """
-
-
-# --- connection settings ---------------------------------------------------
 
 
 def _is_bearer_token(token):
@@ -742,9 +735,6 @@ def cluster_connection(
     )
 
 
-# --- TLS -------------------------------------------------------------------
-
-
 @implementer(IPolicyForHTTPS)
 class ClusterTLSPolicy:
     """
@@ -800,9 +790,6 @@ class ClusterTLSPolicy:
                 extraCertificateOptions=dict(self._extra_options),
             )
         return self._options[key]
-
-
-# --- the client ------------------------------------------------------------
 
 
 class _BoundedBody(Protocol):
@@ -1361,8 +1348,6 @@ class KubernetesClientService(Service):
         return self.client.close(grace_seconds=CLIENT_SHUTDOWN_GRACE_SECONDS)
 
 
-# --- API paths -------------------------------------------------------------
-
 TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 
@@ -1386,9 +1371,6 @@ def configuration_path(namespace, name):
         f"/apis/dapr.io/v1alpha1/namespaces/{quote(namespace, safe='')}"
         f"/configurations/{quote(name, safe='')}"
     )
-
-
-# --- the Configuration resource --------------------------------------------
 
 
 @implementer(IConfigurationSource)
@@ -1447,137 +1429,3 @@ class KubernetesConfigurationSource:
         for callback in self._on_resolved:
             callback(resolved)
         return resolved
-
-
-# --- the parts of kubernetes mode ------------------------------------------
-
-
-@dataclass(frozen=True)
-class KubernetesParts:
-    """
-    What kubernetes mode adds to sentry_tx, for C{tap.build_service}.
-
-    @ivar trust_store: the L{ITrustStore} (Secret and ConfigMap
-        C{dapr-trust-bundle}).
-    @ivar validators: the enabled validators by enum number (KUBERNETES).
-    @ivar default_validator: the number used for UNKNOWN (KUBERNETES).
-    @ivar configuration_source: the L{IConfigurationSource} to pass to the
-        certificate authority.
-    @ivar client: the shared L{KubernetesClient}.
-    @ivar service: the service to add to the root before the certificate
-        authority: it closes the connections after the authority has
-        stopped, and (when watching) runs the validator's informers, which
-        stop before the connections close.
-    @ivar readiness: healthz sources (objects with C{ready}): the validator,
-        ready once its caches have synced, when watching.
-    """
-
-    trust_store: object
-    validators: dict
-    default_validator: int
-    configuration_source: object
-    client: KubernetesClient
-    service: object
-    readiness: tuple = ()
-
-
-def build_kubernetes_parts(
-    config,
-    reactor,
-    environ,
-    service_account_directory=SERVICE_ACCOUNT_DIRECTORY,
-    token_check_interval_seconds=TOKEN_FILE_CHECK_INTERVAL_SECONDS,
-    watch=True,
-):
-    """
-    Build (only build: nothing is read or opened) the parts of kubernetes
-    mode.  The INSECURE validator is not enabled in this mode.
-
-    @param watch: whether this process validates callers, and so runs the
-        validator's Pod and Configuration informers (the twistd process of a
-        worker pool does not: each worker runs its own).
-
-    @param config: the L{SentryConfig} from the flags.
-    @param reactor: the reactor.
-    @param environ: the environment (C{KUBERNETES_SERVICE_*}, C{KUBECONFIG},
-        C{HOME}).
-    @param service_account_directory: where a pod's token and CA are.
-    @return: L{KubernetesParts}.
-    @raise ConfigError: when an issuer file name cannot be a Secret key.
-    """
-    from sentry_tx.ca.kubernetes_store import KubernetesTrustStore
-    from sentry_tx.identity import VALIDATOR_KUBERNETES
-    from sentry_tx.identity.admission import ReviewAdmission
-    from sentry_tx.identity.kubernetes import KubernetesValidator
-    from sentry_tx.kube_informer import (
-        InformerService,
-        configuration_informer,
-        pod_informer,
-    )
-
-    environ = dict(environ)
-
-    def load_connection():
-        return cluster_connection(
-            config.kubeconfig,
-            environ,
-            reactor,
-            service_account_directory,
-            token_check_interval_seconds,
-        )
-
-    client = KubernetesClient(reactor, load_connection)
-    trust_store = KubernetesTrustStore(
-        reactor,
-        client,
-        config.namespace or DEFAULT_NAMESPACE,
-        config.trust_domain,
-        config.mtls.allowed_clock_skew,
-        keys=(
-            os.path.basename(config.issuer_ca_filename),
-            os.path.basename(config.issuer_certificate_filename),
-            os.path.basename(config.issuer_key_filename),
-        ),
-        # Where the pod mounts the dapr-trust-bundle Secret (as Dapr's chart
-        # does): the kubelet's ..data swap there says the Secret changed.
-        # Only looked at, never read: the bundle comes from the API server.
-        watch_directories=(
-            (config.issuer_credentials,)
-            if os.path.isdir(config.issuer_credentials)
-            else ()
-        ),
-    )
-    pods = configurations = None
-    service = KubernetesClientService(client)
-    if watch:
-        pods = pod_informer(reactor, client)
-        configurations = configuration_informer(reactor, client)
-        # Children start in order and stop in reverse: the informers stop
-        # before the client closes its connections.
-        client_service = service
-        service = MultiService()
-        service.setName(client_service.name)
-        client_service.setServiceParent(service)
-        InformerService((pods, configurations)).setServiceParent(service)
-    validator = KubernetesValidator(
-        client,
-        sentry_trust_domain=config.trust_domain,
-        sentry_namespace=config.namespace or DEFAULT_NAMESPACE,
-        audiences=config.token_audiences,
-        reactor=reactor,
-        pods=pods,
-        configurations=configurations,
-        admission=ReviewAdmission(reactor),
-    )
-    source = KubernetesConfigurationSource(
-        client, on_resolved=(trust_store.use_config,)
-    )
-    return KubernetesParts(
-        trust_store=trust_store,
-        validators={VALIDATOR_KUBERNETES: validator},
-        default_validator=VALIDATOR_KUBERNETES,
-        configuration_source=source,
-        client=client,
-        service=service,
-        readiness=(validator,) if watch else (),
-    )

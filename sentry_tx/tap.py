@@ -793,34 +793,6 @@ class Options(usage.Options):
         parent.postOptions = post_options_then_set_logger
 
 
-def build_validators(config, reactor):
-    """
-    The validators enabled in C{config.mode}, and the one used for UNKNOWN.
-
-    Standalone: INSECURE, the default; or, when the Configuration names a
-    C{jwks} token validator, JWKS only and no default (as Dapr).
-
-    @return: C{(validators, default_validator)}: a dict from TokenValidator
-        numbers to L{IIdentityValidator}s, and a number or None.  A validator
-        that is also an C{IService} (JWKS) must be started by the caller.
-    """
-    from sentry_tx.identity import VALIDATOR_INSECURE, VALIDATOR_JWKS
-    from sentry_tx.identity.insecure import InsecureValidator
-
-    for index, entry in enumerate(config.mtls.token_validators):
-        if entry.name == "jwks":
-            from sentry_tx.identity.jwks import JWKSValidator, parse_jwks_options
-
-            options = parse_jwks_options(
-                entry.options, f"spec.mtls.tokenValidators[{index}]"
-            )
-            sentry_id = (
-                f"spiffe://{config.trust_domain}/ns/{config.namespace}/dapr-sentry"
-            )
-            return {VALIDATOR_JWKS: JWKSValidator(reactor, options, sentry_id)}, None
-    return {VALIDATOR_INSECURE: InsecureValidator()}, VALIDATOR_INSECURE
-
-
 def build_service(config, reactor, startup_warnings=(), startup_notes=()):
     """
     Wire sentry_tx: the one place that chooses implementations and composes
@@ -856,7 +828,7 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
     configuration_source = None
     readiness = ()
     if config.mode == MODE_KUBERNETES:
-        from sentry_tx.kube import build_kubernetes_parts
+        from sentry_tx.modes import build_kubernetes_parts
 
         # With worker processes, each worker watches for its own validator.
         kubernetes = build_kubernetes_parts(
@@ -884,7 +856,11 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
             config.namespace,
             config.mtls.allowed_clock_skew,
         )
-        validators, default_validator = build_validators(config, reactor)
+        from sentry_tx.modes import build_validators
+
+        chosen = build_validators(config, reactor, os.environ)
+        validators = chosen.validators
+        default_validator = chosen.default_validator
     # Validators that keep state (the JWKS key set) run as services, before
     # the authority, and healthz waits for them to be ready.
     readiness_sources = []

@@ -32,7 +32,7 @@ from sentry_tx.identity.jwks import (
     JWKSValidator,
 )
 from sentry_tx.interfaces import IIdentityValidator
-from sentry_tx.tap import build_validators
+from sentry_tx.modes import build_validators
 from sentry_tx.testing import (
     FakeCertificateAuthority,
     ImmediateReactor,
@@ -569,7 +569,8 @@ class BuildValidatorsTests(SynchronousTestCase):
                 )
             ),
         )
-        validators, default = build_validators(config, ImmediateReactor())
+        chosen = build_validators(config, ImmediateReactor(), {})
+        validators, default = chosen.validators, chosen.default_validator
         self.assertEqual(list(validators), [VALIDATOR_JWKS])
         self.assertIsNone(default)
         self.assertEqual(validators[VALIDATOR_JWKS]._sentry_audience, SENTRY_ID)
@@ -578,7 +579,8 @@ class BuildValidatorsTests(SynchronousTestCase):
         """
         Without jwks, INSECURE is the default.
         """
-        validators, default = build_validators(SentryConfig(), ImmediateReactor())
+        chosen = build_validators(SentryConfig(), ImmediateReactor(), {})
+        validators, default = chosen.validators, chosen.default_validator
         self.assertEqual(default, 1)
         self.assertEqual(list(validators), [1])
 
@@ -633,8 +635,6 @@ class WorkerValidatorsTests(SynchronousTestCase):
         The worker's ValidatorSet has the JWKS validator, no default, and
         the validator as the service the worker starts and stops.
         """
-        from sentry_tx.server.worker import build_validators as worker_validators
-
         config = SentryConfig(
             mtls=MTLSConfig(
                 token_validators=(
@@ -642,6 +642,6 @@ class WorkerValidatorsTests(SynchronousTestCase):
                 )
             ),
         )
-        chosen = worker_validators(config, ImmediateReactor(), {})
+        chosen = build_validators(config, ImmediateReactor(), {})
         self.assertIsNone(chosen.default_validator)
         self.assertIs(chosen.service, chosen.validators[VALIDATOR_JWKS])

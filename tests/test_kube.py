@@ -15,8 +15,7 @@ from zope.interface.verify import verifyObject
 
 from sentry_tx.config import MODE_KUBERNETES, SentryConfig
 from sentry_tx.errors import ConfigError
-from sentry_tx.identity import VALIDATOR_INSECURE, VALIDATOR_KUBERNETES
-from sentry_tx.interfaces import IConfigurationSource, IIdentityValidator, ITrustStore
+from sentry_tx.interfaces import IConfigurationSource
 from sentry_tx.kube import (
     DEFAULT_KUBECONFIG,
     KubernetesAPIError,
@@ -27,7 +26,6 @@ from sentry_tx.kube import (
     StaticToken,
     TokenFile,
     _api_error,
-    build_kubernetes_parts,
     cluster_connection,
     configuration_path,
     core_path,
@@ -45,6 +43,7 @@ from sentry_tx.testing import (
     start_fake_kubernetes,
     write_kubeconfig,
 )
+
 
 NAMESPACE = "dapr-system"
 SECRET_PATH = core_path(NAMESPACE, "secrets", "s")
@@ -991,174 +990,6 @@ class ConfigurationSourceTests(TestCase):
         yield self.fake.stop()
         error = yield self.assertFailure(self.source.resolve(self.config), ConfigError)
         self.assertIn("cannot read Configuration dapr-system/daprsystem", str(error))
-
-
-class BuildKubernetesPartsTests(SynchronousTestCase):
-    """
-    L{build_kubernetes_parts} wires kubernetes mode without touching
-    anything.
-    """
-
-    def _parts(self, **config):
-        config.setdefault("kubeconfig", "/nonexistent/kubeconfig")
-        config.setdefault("issuer_credentials", "/nonexistent/credentials")
-        return build_kubernetes_parts(
-            SentryConfig(mode=MODE_KUBERNETES, namespace=NAMESPACE, **config),
-            Clock(),
-            {},
-        )
-
-    def test_builds_without_reading(self):
-        """
-        A kubeconfig that does not exist is not an error at build time (it is
-        read when the service starts, after twistd forks).
-        """
-        parts = self._parts()
-        self.assertIsNone(parts.client._connection)
-        self.assertIsNone(parts.client._pool)
-
-    def test_validators(self):
-        """
-        KUBERNETES is the only validator and the default; INSECURE is not
-        enabled.
-        """
-        parts = self._parts()
-        self.assertEqual(list(parts.validators), [VALIDATOR_KUBERNETES])
-        self.assertNotIn(VALIDATOR_INSECURE, parts.validators)
-        self.assertEqual(parts.default_validator, VALIDATOR_KUBERNETES)
-        verifyObject(IIdentityValidator, parts.validators[VALIDATOR_KUBERNETES])
-
-    def test_interfaces(self):
-        """
-        The trust store and configuration source provide their interfaces.
-        """
-        parts = self._parts()
-        verifyObject(ITrustStore, parts.trust_store)
-        verifyObject(IConfigurationSource, parts.configuration_source)
-        self.assertEqual(parts.trust_store.watch_directories, ())
-
-    def test_services_when_watching(self):
-        """
-        When the process validates, its service runs the client's service
-        first and the informers after it (so they stop before the client
-        closes), and the validator is a healthz source, not ready before its
-        caches sync.
-        """
-        from sentry_tx.kube_informer import InformerService
-
-        parts = self._parts()
-        children = list(parts.service)
-        self.assertIsInstance(children[0], KubernetesClientService)
-        self.assertIsInstance(children[1], InformerService)
-        self.assertEqual(len(children[1].informers), 2)
-        validator = parts.validators[VALIDATOR_KUBERNETES]
-        self.assertEqual(parts.readiness, (validator,))
-        self.assertFalse(validator.ready)
-
-    def test_healthz_waits_for_caches(self):
-        """
-        The composition root gives /healthz the validator as a readiness
-        source next to the authority: not ready until its caches have
-        synced.  With worker processes the twistd process watches nothing
-        and healthz has the authority only.
-        """
-        from sentry_tx.service import WebService
-        from sentry_tx.tap import build_service
-
-        def healthz_sources(**fields):
-            config = SentryConfig(
-                mode=MODE_KUBERNETES,
-                namespace=NAMESPACE,
-                kubeconfig="/nonexistent/kubeconfig",
-                issuer_credentials="/nonexistent/credentials",
-                **fields,
-            )
-            root = build_service(config, Clock())
-            (web,) = [
-                service
-                for service in root
-                if isinstance(service, WebService) and service.label == "healthz"
-            ]
-            return web.args[1].resource.children[b"healthz"]._sources
-
-        _, validator = healthz_sources()
-        self.assertEqual(validator.name, VALIDATOR_KUBERNETES)
-        self.assertFalse(validator.ready)
-        for informer in validator._informers:
-            informer.ready = True
-        self.assertTrue(validator.ready)
-        self.assertEqual(len(healthz_sources(workers=2)), 1)
-
-    def test_services_without_watching(self):
-        """
-        A process that does not validate (a worker pool's twistd process)
-        runs no informer and has no readiness source.
-        """
-        parts = build_kubernetes_parts(
-            SentryConfig(
-                mode=MODE_KUBERNETES,
-                namespace=NAMESPACE,
-                kubeconfig="/nonexistent/kubeconfig",
-                issuer_credentials="/nonexistent/credentials",
-            ),
-            Clock(),
-            {},
-            watch=False,
-        )
-        self.assertIsInstance(parts.service, KubernetesClientService)
-        self.assertEqual(parts.readiness, ())
-        self.assertTrue(parts.validators[VALIDATOR_KUBERNETES].ready)
-
-    def test_mounted_secret_watched(self):
-        """
-        When C{--issuer-credentials} exists (the Secret mounted in the pod),
-        the trust store asks for it to be watched: the kubelet's update there
-        means the Secret changed.
-        """
-        directory = self.mktemp()
-        os.makedirs(directory)
-        parts = self._parts(issuer_credentials=directory)
-        self.assertEqual(parts.trust_store.watch_directories, (directory,))
-
-    def test_nothing_mounted(self):
-        """
-        When C{--issuer-credentials} does not exist, nothing is watched.
-        """
-        self.assertEqual(self._parts().trust_store.watch_directories, ())
-
-    def test_audiences(self):
-        """
-        C{--token-audience} replaces the default audiences.
-        """
-        default = self._parts().validators[VALIDATOR_KUBERNETES]
-        self.assertEqual(
-            default.audiences,
-            ("dapr.io/sentry", "spiffe://localhost/ns/dapr-system/dapr-sentry"),
-        )
-        custom = self._parts(token_audiences=("a", "b")).validators[
-            VALIDATOR_KUBERNETES
-        ]
-        self.assertEqual(custom.audiences, ("a", "b"))
-
-    def test_secret_keys_from_flags(self):
-        """
-        The Secret keys are the base names of the issuer file flags.
-        """
-        parts = self._parts(
-            issuer_ca_filename="/etc/x/root.pem",
-            issuer_certificate_filename="chain.pem",
-            issuer_key_filename="key.pem",
-        )
-        self.assertEqual(parts.trust_store._keys, ("root.pem", "chain.pem", "key.pem"))
-
-    def test_service_closes_client(self):
-        """
-        Stopping the client service closes the client.
-        """
-        parts = self._parts()
-        parts.service.startService()
-        self.successResultOf(parts.service.stopService())
-        self.assertTrue(parts.client._closed)
 
 
 class ConfigurationSourceWarningTests(TestCase):

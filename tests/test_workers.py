@@ -37,12 +37,13 @@ from zope.interface.verify import verifyObject
 
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.ca.bundle import TrustBundle, generate_bundle
-from sentry_tx.config import MODE_KUBERNETES, SentryConfig
+from sentry_tx.config import SentryConfig
 from sentry_tx.errors import BundleError
-from sentry_tx.identity import VALIDATOR_INSECURE, VALIDATOR_KUBERNETES
+from sentry_tx.identity import VALIDATOR_INSECURE
 from sentry_tx.interfaces import ICertificateAuthority, ITrustStore
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.ipc import (
+    WORKER_MODULE,
     Counters,
     Start,
     WorkerRefused,
@@ -51,11 +52,9 @@ from sentry_tx.server.ipc import (
 )
 from sentry_tx.server.service import NotRunningError, SHUTDOWN_GRACE_SECONDS
 from sentry_tx.server.worker import (
-    WORKER_MODULE,
     ParentConnection,
     PushedTrustStore,
     WorkerCommands,
-    build_validators,
 )
 from sentry_tx.server.workers import (
     KILL_WAIT_SECONDS,
@@ -1118,33 +1117,6 @@ class PushedTrustStoreTests(SynchronousTestCase):
         store.bundle = later
         self.assertIs(self.successResultOf(store.load(FIXED_NOW)), later)
         self.assertIs(self.successResultOf(store.load_or_generate(FIXED_NOW)), later)
-
-
-class BuildValidatorsTests(SynchronousTestCase):
-    """
-    L{build_validators}.
-    """
-
-    def test_standalone(self):
-        """
-        Standalone mode enables INSECURE, the default.
-        """
-        chosen = build_validators(SentryConfig(), ImmediateReactor(), {})
-        self.assertEqual(list(chosen.validators), [VALIDATOR_INSECURE])
-        self.assertEqual(chosen.default_validator, VALIDATOR_INSECURE)
-        self.assertIsNone(chosen.service)
-
-    def test_kubernetes(self):
-        """
-        Kubernetes mode enables KUBERNETES, the default, with a service
-        that closes its client, and opens nothing.
-        """
-        chosen = build_validators(
-            SentryConfig(mode=MODE_KUBERNETES), ImmediateReactor(), {}
-        )
-        self.assertEqual(list(chosen.validators), [VALIDATOR_KUBERNETES])
-        self.assertEqual(chosen.default_validator, VALIDATOR_KUBERNETES)
-        self.assertIsNotNone(chosen.service)
 
 
 # Real worker processes.

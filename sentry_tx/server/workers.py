@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from sentry_tx.interfaces import ICertificateAuthority
 from sentry_tx.server.ipc import (
+    WORKER_MODULE,
     Counters,
     Reload,
     Start,
@@ -66,7 +67,6 @@ from sentry_tx.server.service import (
     listen_target,
 )
 from sentry_tx.server.tls import issue_server_certificate
-from sentry_tx.server.worker import WORKER_MODULE
 
 METRICS_PULL_INTERVAL_SECONDS = 1.0
 """
