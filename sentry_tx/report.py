@@ -12,7 +12,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sentry_tx.config import format_go_duration
+from sentry_tx.durations import format_go_duration
 from sentry_tx.interfaces import IConfigurationSource
 
 

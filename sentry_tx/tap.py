@@ -610,7 +610,7 @@ class Options(usage.Options):
         @return: the L{SentryConfig} fields they set.
         @raise ConfigError: naming the flag that is wrong.
         """
-        from sentry_tx.config import parse_go_duration
+        from sentry_tx.durations import parse_go_duration
         from sentry_tx.jwt import JWT_SIGNING_ALGORITHMS
 
         jwt_enabled = _parse_bool("--jwt-enabled", self["jwt-enabled"])

@@ -14,12 +14,11 @@ from sentry_tx.config import (
     KNOWN_MTLS_KEYS,
     MTLSConfig,
     expand_environment,
-    format_go_duration,
     load_configuration_file,
     mtls_warnings,
-    parse_go_duration,
     parse_mtls,
 )
+from sentry_tx.durations import format_go_duration, parse_go_duration
 from sentry_tx.errors import ConfigError
 
 GOOD_DURATIONS = [
