@@ -21,15 +21,12 @@ from sentry_tx.identity.admission import ReviewAdmission
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.identity.jwks import JWKSValidator, parse_jwks_options
 from sentry_tx.identity.kubernetes import KubernetesValidator
-from sentry_tx.kube import (
-    SERVICE_ACCOUNT_DIRECTORY,
-    TOKEN_FILE_CHECK_INTERVAL_SECONDS,
-    KubernetesClient,
-    KubernetesClientService,
-    KubernetesConfigurationSource,
-    cluster_connection,
-)
-from sentry_tx.kube_informer import (
+from sentry_tx.kube.client import KubernetesClient, KubernetesClientService
+from sentry_tx.kube.configuration import KubernetesConfigurationSource
+from sentry_tx.kube.connection import TOKEN_FILE_CHECK_INTERVAL_SECONDS
+from sentry_tx.kube.incluster import SERVICE_ACCOUNT_DIRECTORY
+from sentry_tx.kube.kubeconfig import cluster_connection
+from sentry_tx.kube.informer import (
     InformerService,
     configuration_informer,
     pod_informer,

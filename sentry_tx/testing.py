@@ -2178,14 +2178,15 @@ class FakeKubernetesAPI:
 
 def kubernetes_client_for(test_case, fake, reactor=None, user=None, **client_options):
     """
-    A L{sentry_tx.kube.KubernetesClient} for C{fake}, through a kubeconfig
+    A L{sentry_tx.kube.client.KubernetesClient} for C{fake}, through a kubeconfig
     in a temporary directory, closed at C{test_case}'s cleanup.
 
     @param user: the kubeconfig user's fields (bearer L{FAKE_API_TOKEN} by
         default).
     @param client_options: more keyword arguments of the client.
     """
-    from sentry_tx.kube import KubernetesClient, kubeconfig_connection
+    from sentry_tx.kube.client import KubernetesClient
+    from sentry_tx.kube.kubeconfig import kubeconfig_connection
 
     if reactor is None:
         from twisted.internet import reactor
@@ -2270,10 +2271,10 @@ class ScriptedResponse:
 
 class ScriptedKubernetesClient:
     """
-    An in-memory stand-in for L{sentry_tx.kube.KubernetesClient}'s calls
+    An in-memory stand-in for L{sentry_tx.kube.client.KubernetesClient}'s calls
     (C{get}, C{create}, C{open_stream}, C{reactor}): each call is recorded
     with a Deferred the test fires, and, as the real client, fails with
-    L{sentry_tx.kube.KubernetesUnavailableError} when its C{timeout_seconds}
+    L{sentry_tx.kube.errors.KubernetesUnavailableError} when its C{timeout_seconds}
     pass on C{reactor} (a L{Clock}).  The real client's timeouts are pinned
     in C{tests/test_kube.py}; the informer and validator against the real
     client and L{FakeKubernetesAPI} in C{tests/test_kube_informer.py}.
@@ -2289,7 +2290,7 @@ class ScriptedKubernetesClient:
         self.response_caps = []
 
     def _call(self, method, path, body=None, timeout_seconds=None):
-        from sentry_tx.kube import KubernetesUnavailableError
+        from sentry_tx.kube.errors import KubernetesUnavailableError
 
         timer = []
 

@@ -16,22 +16,21 @@ from zope.interface.verify import verifyObject
 from sentry_tx.config import MODE_KUBERNETES, SentryConfig
 from sentry_tx.errors import ConfigError
 from sentry_tx.interfaces import IConfigurationSource
-from sentry_tx.kube import (
-    DEFAULT_KUBECONFIG,
+from sentry_tx.kube.client import KubernetesClient, KubernetesClientService
+from sentry_tx.kube.configuration import KubernetesConfigurationSource
+from sentry_tx.kube.connection import StaticToken, TokenFile
+from sentry_tx.kube.errors import (
     KubernetesAPIError,
-    KubernetesClient,
-    KubernetesClientService,
-    KubernetesConfigurationSource,
     KubernetesUnavailableError,
-    StaticToken,
-    TokenFile,
-    _api_error,
+    api_error,
+)
+from sentry_tx.kube.incluster import in_cluster_connection
+from sentry_tx.kube.kubeconfig import (
+    DEFAULT_KUBECONFIG,
     cluster_connection,
-    configuration_path,
-    core_path,
-    in_cluster_connection,
     kubeconfig_connection,
 )
+from sentry_tx.kube.paths import configuration_path, core_path
 from sentry_tx.testing import (
     FAKE_API_TOKEN,
     FakeKubernetesAPI,
@@ -495,7 +494,7 @@ class APIErrorTests(SynchronousTestCase):
         """
         A C{Status} body gives the reason and message.
         """
-        error = _api_error(
+        error = api_error(
             403,
             b"Forbidden",
             b'{"kind": "Status", "status": "Failure", "reason": "Forbidden",'
@@ -513,7 +512,7 @@ class APIErrorTests(SynchronousTestCase):
         """
         Another body gives the HTTP phrase and an excerpt of the body.
         """
-        error = _api_error(
+        error = api_error(
             502, b"Bad Gateway", b"<html>upstream\n down</html>", "GET", "/x"
         )
         self.assertEqual(error.reason, "Bad Gateway")

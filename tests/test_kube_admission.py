@@ -37,8 +37,9 @@ from sentry_tx.identity.kubernetes import (
     VALIDATOR_NOT_READY,
     KubernetesValidator,
 )
-from sentry_tx.kube import TOKEN_REVIEW_PATH, KubernetesUnavailableError
-from sentry_tx.kube_informer import configuration_informer, pod_informer
+from sentry_tx.kube.errors import KubernetesUnavailableError
+from sentry_tx.kube.paths import TOKEN_REVIEW_PATH
+from sentry_tx.kube.informer import configuration_informer, pod_informer
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.servicer import (
     RETRY_PUSHBACK_METADATA_KEY,

@@ -11,7 +11,7 @@ from zope.interface.verify import verifyObject
 from sentry_tx.config import MODE_KUBERNETES, SentryConfig
 from sentry_tx.identity import VALIDATOR_INSECURE, VALIDATOR_KUBERNETES
 from sentry_tx.interfaces import IConfigurationSource, IIdentityValidator, ITrustStore
-from sentry_tx.kube import KubernetesClientService
+from sentry_tx.kube.client import KubernetesClientService
 from sentry_tx.modes import build_kubernetes_parts, build_validators
 from sentry_tx.testing import ImmediateReactor, TEST_NAMESPACE
 
@@ -67,7 +67,7 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
         closes), and the validator is a healthz source, not ready before its
         caches sync.
         """
-        from sentry_tx.kube_informer import InformerService
+        from sentry_tx.kube.informer import InformerService
 
         parts = self._parts()
         children = list(parts.service)
