@@ -70,7 +70,7 @@ def main(design, workdir):
     from sentry_tx.metrics import SentryMetrics
     from sentry_tx.server.loop import GrpcLoop
     from sentry_tx.server.service import CertificateAuthorityService
-    from sentry_tx.testing import FakeTrustStore
+    from sentry_tx.testing.authority import FakeTrustStore
 
     generated = generate_bundle(
         "localhost",

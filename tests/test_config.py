@@ -650,7 +650,7 @@ class MTLSWarningsTests(SynchronousTestCase):
         """
         import os
 
-        from sentry_tx.testing import PROJECT_ROOT
+        from sentry_tx.testing.source_tree import PROJECT_ROOT
 
         _, warnings = load_configuration_file(
             os.path.join(PROJECT_ROOT, "conf", "daprsystem.yaml"), {}

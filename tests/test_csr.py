@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx.ca.csr import is_canonical_csr_pem, is_signature_valid, parse_csr
 from sentry_tx.errors import CSRError
-from sentry_tx.testing import make_csr, make_private_key, pem_encode
+from sentry_tx.testing.certificates import make_csr, make_private_key, pem_encode
 
 INVALID = "invalid certificate signing request"
 

@@ -15,7 +15,8 @@ from sentry_tx.expiry import (
     ExpiryChecker,
 )
 from sentry_tx.metrics import SentryMetrics
-from sentry_tx.testing import FIXED_NOW, FakeCertificateAuthority, make_chain
+from sentry_tx.testing.authority import FakeCertificateAuthority
+from sentry_tx.testing.certificates import FIXED_NOW, make_chain
 
 CHECKER_NAMESPACE = "sentry_tx.expiry.ExpiryChecker"
 

@@ -58,19 +58,16 @@ from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import MAX_REQUEST_BYTES, CertificateAuthorityService
 from sentry_tx.server.servicer import CAServicer, Refusal
-from sentry_tx.testing import (
+from sentry_tx.testing.authority import FakeCertificateAuthority, FakeTrustStore
+from sentry_tx.testing.certificates import (
     FIXED_NOW,
-    AbortingContext,
-    FakeCertificateAuthority,
-    FakeTrustStore,
-    GrpcTestClient,
-    ImmediateReactor,
     make_bundle,
     make_chain,
     make_csr,
     pem_encode,
-    run_now,
 )
+from sentry_tx.testing.clocks import ImmediateReactor
+from sentry_tx.testing.grpc_client import AbortingContext, GrpcTestClient, run_now
 from tests import hypothesis_profiles
 from tests.hypothesis_profiles import show_notes
 

@@ -20,7 +20,9 @@ from sentry_tx.identity import VALIDATOR_INSECURE
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import AlreadyRunningError, CertificateAuthorityService
-from sentry_tx.testing import FakeTrustStore, GrpcTestClient, make_csr
+from sentry_tx.testing.authority import FakeTrustStore
+from sentry_tx.testing.certificates import make_csr
+from sentry_tx.testing.grpc_client import GrpcTestClient
 
 
 def _now():
@@ -176,7 +178,7 @@ class CertificateAuthorityOverGrpcTests(TestCase):
         import socket
 
         from sentry_tx.identity import CallerIdentity
-        from sentry_tx.testing import FakeValidator
+        from sentry_tx.testing.authority import FakeValidator
 
         validator = FakeValidator(VALIDATOR_INSECURE, pending=True)
         ca = CertificateAuthorityService(

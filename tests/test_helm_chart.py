@@ -65,13 +65,11 @@ from twisted.trial.unittest import TestCase
 
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.config import SentryConfig
-from sentry_tx.testing import (
-    PROJECT_ROOT,
-    GrpcTestClient,
-    make_csr,
-    start_fake_kubernetes,
-    write_kubeconfig,
-)
+from sentry_tx.testing.certificates import make_csr
+from sentry_tx.testing.grpc_client import GrpcTestClient
+from sentry_tx.testing.kubeconfig import write_kubeconfig
+from sentry_tx.testing.kubernetes import start_fake_kubernetes
+from sentry_tx.testing.source_tree import PROJECT_ROOT
 from tests.test_kube_deploy import ENTRYPOINT
 from tests.test_process import LOOPBACK_FREE_PORTS, _TwistdProtocol, spawn_twistd
 

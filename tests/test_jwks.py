@@ -33,14 +33,10 @@ from sentry_tx.identity.jwks import (
 )
 from sentry_tx.interfaces import IIdentityValidator
 from sentry_tx.modes import build_validators
-from sentry_tx.testing import (
-    FakeCertificateAuthority,
-    ImmediateReactor,
-    inline_file_work,
-    certificate_pem,
-    make_self_signed_server_certificate,
-    private_key_pem,
-)
+from sentry_tx.testing.authority import FakeCertificateAuthority
+from sentry_tx.testing.certificates import certificate_pem, private_key_pem
+from sentry_tx.testing.clocks import ImmediateReactor, inline_file_work
+from sentry_tx.testing.kubeconfig import make_self_signed_server_certificate
 from tests.test_jwt import jwk_member, rsa_key
 from tests.test_servicer import sign_request
 

@@ -31,17 +31,14 @@ from sentry_tx.kube.kubeconfig import (
     kubeconfig_connection,
 )
 from sentry_tx.kube.paths import configuration_path, core_path
-from sentry_tx.testing import (
-    FAKE_API_TOKEN,
+from sentry_tx.testing.certificates import make_chain, make_private_key, private_key_pem
+from sentry_tx.testing.kubeconfig import kubeconfig_document, write_kubeconfig
+from sentry_tx.testing.kubernetes import (
     FakeKubernetesAPI,
-    kubeconfig_document,
     kubernetes_client_for,
-    make_chain,
-    make_private_key,
-    private_key_pem,
     start_fake_kubernetes,
-    write_kubeconfig,
 )
+from sentry_tx.testing.kubernetes_tokens import FAKE_API_TOKEN
 
 
 NAMESPACE = "dapr-system"

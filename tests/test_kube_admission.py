@@ -47,18 +47,15 @@ from sentry_tx.server.servicer import (
     CAServicer,
 )
 from sentry_tx.server.service import CertificateAuthorityService
-from sentry_tx.testing import (
-    AbortingContext,
+from sentry_tx.testing.authority import (
     FakeCertificateAuthority,
     FakeTrustStore,
     FakeValidator,
-    GrpcTestClient,
-    ScriptedKubernetesClient,
-    make_bundle,
-    make_csr,
-    make_service_account_token,
-    run_now,
 )
+from sentry_tx.testing.certificates import make_bundle, make_csr
+from sentry_tx.testing.grpc_client import AbortingContext, GrpcTestClient, run_now
+from sentry_tx.testing.kubernetes_tokens import make_service_account_token
+from sentry_tx.testing.scripted_kubernetes import ScriptedKubernetesClient
 
 NAMESPACE = "apps"
 ACCOUNT = "app"

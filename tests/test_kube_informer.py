@@ -28,11 +28,10 @@ from sentry_tx.kube.informer import (
     configuration_informer,
     pod_informer,
 )
-from sentry_tx.testing import (
+from sentry_tx.testing.kubernetes import kubernetes_client_for, start_fake_kubernetes
+from sentry_tx.testing.scripted_kubernetes import (
     ScriptedKubernetesClient,
     ScriptedResponse,
-    kubernetes_client_for,
-    start_fake_kubernetes,
 )
 
 

@@ -16,15 +16,12 @@ from sentry_tx.identity.kubernetes import (
     token_payload,
 )
 from sentry_tx.interfaces import IIdentityValidator
-from sentry_tx.testing import (
+from sentry_tx.testing.certificates import TEST_NAMESPACE, TEST_TRUST_DOMAIN, make_csr
+from sentry_tx.testing.kubernetes import kubernetes_client_for, start_fake_kubernetes
+from sentry_tx.testing.kubernetes_tokens import (
     FAKE_API_DEFAULT_AUDIENCES,
-    TEST_NAMESPACE,
-    TEST_TRUST_DOMAIN,
     FakeReviewedToken,
-    kubernetes_client_for,
-    make_csr,
     make_service_account_token,
-    start_fake_kubernetes,
 )
 
 APPS = "apps"

@@ -13,7 +13,8 @@ from sentry_tx.identity import VALIDATOR_INSECURE, VALIDATOR_KUBERNETES
 from sentry_tx.interfaces import IConfigurationSource, IIdentityValidator, ITrustStore
 from sentry_tx.kube.client import KubernetesClientService
 from sentry_tx.modes import build_kubernetes_parts, build_validators
-from sentry_tx.testing import ImmediateReactor, TEST_NAMESPACE
+from sentry_tx.testing.certificates import TEST_NAMESPACE
+from sentry_tx.testing.clocks import ImmediateReactor
 
 
 class BuildKubernetesPartsTests(SynchronousTestCase):

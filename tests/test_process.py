@@ -15,7 +15,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from sentry_tx._proto import sentry_pb2
-from sentry_tx.testing import PROJECT_ROOT, GrpcTestClient, make_csr
+from sentry_tx.testing.certificates import make_csr
+from sentry_tx.testing.grpc_client import GrpcTestClient
+from sentry_tx.testing.source_tree import PROJECT_ROOT
 
 # The image's ENTRYPOINT runs the console script `twistd`; use the one of
 # the running Python (a venv's bin/), else the same code through -c.
@@ -322,7 +324,8 @@ class TwistdProcessTests(TestCase):
         """
         from datetime import datetime, timedelta, timezone
 
-        from sentry_tx.testing import make_chain, reissue_chain, replace_bundle_files
+        from sentry_tx.testing.certificates import make_chain
+        from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files
 
         now = datetime.now(timezone.utc)
         chain = make_chain(

@@ -25,7 +25,11 @@ from sentry_tx.watcher import IssuerWatcher
 from sentry_tx.service import SentryService, WebService
 from sentry_tx.stderr_capture import StandardErrorCapture
 from sentry_tx.tap import build_service
-from sentry_tx.testing import FakeCertificateAuthority, FakeTrustStore, FakeValidator
+from sentry_tx.testing.authority import (
+    FakeCertificateAuthority,
+    FakeTrustStore,
+    FakeValidator,
+)
 
 
 class PluginTests(SynchronousTestCase):
@@ -184,7 +188,7 @@ class HelpImportsTests(SynchronousTestCase):
         import subprocess
         import sys
 
-        from sentry_tx.testing import PROJECT_ROOT as root
+        from sentry_tx.testing.source_tree import PROJECT_ROOT as root
         script = (
             "import sys\n"
             "from twisted.scripts.twistd import run\n"

@@ -24,16 +24,11 @@ from sentry_tx.identity import VALIDATOR_INSECURE
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import CertificateAuthorityService
-from sentry_tx.testing import (
-    TEST_TRUST_DOMAIN,
-    GrpcTestClient,
-    ObservedAuthority,
-    SchedulingClock,
-    make_chain,
-    make_csr,
-    reissue_chain,
-    replace_bundle_files,
-)
+from sentry_tx.testing.authority import ObservedAuthority
+from sentry_tx.testing.certificates import TEST_TRUST_DOMAIN, make_chain, make_csr
+from sentry_tx.testing.clocks import SchedulingClock
+from sentry_tx.testing.grpc_client import GrpcTestClient
+from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files
 from sentry_tx.watcher import ISSUER_CHANGE_WINDOW_SECONDS, IssuerWatcher
 
 CLIENT_THREADS = 4

@@ -42,16 +42,10 @@ from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import CertificateAuthorityService
 from sentry_tx.server.servicer import CAServicer, Refusal
-from sentry_tx.testing import (
-    FIXED_NOW,
-    FakeCertificateAuthority,
-    FakeValidator,
-    GrpcTestClient,
-    ImmediateReactor,
-    make_chain,
-    make_csr,
-    pem_encode,
-)
+from sentry_tx.testing.authority import FakeCertificateAuthority, FakeValidator
+from sentry_tx.testing.certificates import FIXED_NOW, make_chain, make_csr, pem_encode
+from sentry_tx.testing.clocks import ImmediateReactor
+from sentry_tx.testing.grpc_client import GrpcTestClient
 from tests.hypothesis_profiles import show_notes
 
 PEM_KEY_LABEL = "PRIVATE KEY"

@@ -26,7 +26,7 @@ from sentry_tx.identity import VALIDATOR_INSECURE
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import CertificateAuthorityService
-from sentry_tx.testing import FakeTrustStore
+from sentry_tx.testing.authority import FakeTrustStore
 
 SERVER_NAME = "dapr-sentry.default.svc"
 SERVER_NAMES = (

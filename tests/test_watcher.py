@@ -46,16 +46,20 @@ from sentry_tx.config import SentryConfig
 from sentry_tx.errors import BundleError
 from sentry_tx.interfaces import ICertificateAuthority
 from sentry_tx.metrics import SentryMetrics
-from sentry_tx.testing import (
+from sentry_tx.testing.authority import (
+    FakeCertificateAuthority,
+    ObservedAuthority,
+    RefusingCertificateAuthority,
+)
+from sentry_tx.testing.certificates import (
     FIXED_NOW,
     TEST_NAMESPACE,
     TEST_TRUST_DOMAIN,
-    FakeCertificateAuthority,
-    FakeINotifyFactory,
-    ObservedAuthority,
-    RefusingCertificateAuthority,
-    SchedulingClock,
     make_chain,
+)
+from sentry_tx.testing.clocks import SchedulingClock
+from sentry_tx.testing.inotify import FakeINotifyFactory
+from sentry_tx.testing.rotation import (
     project_volume,
     replace_bundle_files,
     swap_projected_volume,

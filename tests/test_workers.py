@@ -64,15 +64,11 @@ from sentry_tx.server.workers import (
     WorkerPoolAuthority,
     WorkerProcess,
 )
-from sentry_tx.testing import (
-    FIXED_NOW,
-    FakeTrustStore,
-    PROJECT_ROOT,
-    GrpcTestClient,
-    ImmediateReactor,
-    make_bundle,
-    make_csr,
-)
+from sentry_tx.testing.authority import FakeTrustStore
+from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_csr
+from sentry_tx.testing.clocks import ImmediateReactor
+from sentry_tx.testing.grpc_client import GrpcTestClient
+from sentry_tx.testing.source_tree import PROJECT_ROOT
 
 FAKE_PORT = 4242
 

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx.ca import x509profile
 from sentry_tx.ca.bundle import is_self_signed
-from sentry_tx.testing import FIXED_NOW, make_bundle, make_private_key
+from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_private_key
 
 TTL = timedelta(hours=24)
 SKEW = timedelta(minutes=15)
