@@ -56,13 +56,15 @@ from sentry_tx.server.worker import (
     PushedTrustStore,
     WorkerCommands,
 )
-from sentry_tx.server.workers import (
+from sentry_tx.server.worker_process import (
     KILL_WAIT_SECONDS,
+    WorkerError,
+    WorkerProcess,
+)
+from sentry_tx.server.workers import (
     RESPAWN_INITIAL_DELAY_SECONDS,
     STOP_MARGIN_SECONDS,
-    WorkerError,
     WorkerPoolAuthority,
-    WorkerProcess,
 )
 from sentry_tx.testing.authority import FakeTrustStore
 from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_csr
