@@ -1,7 +1,7 @@
 """
 The one frozen configuration object, and reading Dapr's Configuration.
 
-L{SentryConfig} is built once, by L{sentry_tx.tap.Options}, from the flags and
+L{SentryConfig} is built once, by L{sentry_tx.options.Options}, from the flags and
 the C{spec.mtls} part of the Dapr Configuration; everything else takes it.
 """
 

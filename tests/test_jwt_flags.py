@@ -1,5 +1,5 @@
 """
-Tests for the JWT and OIDC flags of L{sentry_tx.tap.Options} (SPEC sections
+Tests for the JWT and OIDC flags of L{sentry_tx.options.Options} (SPEC sections
 2 and 11) and for their wiring in L{sentry_tx.tap.build_service}.
 """
 
