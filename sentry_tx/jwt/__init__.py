@@ -7,7 +7,7 @@ JOSE work goes through joserfc (see README, "JWT-SVIDs and OIDC"); nothing
 here encodes or verifies a JWS by hand.
 """
 
-# Light constants, read by sentry_tx.tap (which must not import cryptography).
+# Light constants, read by sentry_tx.options (which must not import cryptography).
 
 JWT_SIGNING_ALGORITHMS = (
     "RS256",
