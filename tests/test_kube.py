@@ -9,7 +9,7 @@ import os
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -39,6 +39,7 @@ from sentry_tx.testing.kubernetes import (
     start_fake_kubernetes,
 )
 from sentry_tx.testing.kubernetes_tokens import FAKE_API_TOKEN
+from sentry_tx.testing.logs import capture_logs
 
 
 NAMESPACE = "dapr-system"
@@ -106,9 +107,7 @@ class TokenFileTests(SynchronousTestCase):
         A file that disappears later leaves the last token in use, with a
         warning that does not quote the token.
         """
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capture_logs(self)
         token = TokenFile(self.path, self.clock, 0)
         os.unlink(self.path)
         self.assertEqual(token.current(), "first")
@@ -889,9 +888,7 @@ class ClientTests(TestCase):
         No log event of a call, failed or not, carries the bearer token, nor
         does the error a failed call ends with.
         """
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capture_logs(self)
         client = kubernetes_client_for(self, self.fake)
         yield client.get(SECRET_PATH)
         self.fake.fail_with(500, "InternalError", "boom")

@@ -4,7 +4,7 @@ validator, against the fake API server.
 """
 
 from twisted.internet import defer
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -23,6 +23,7 @@ from sentry_tx.testing.kubernetes_tokens import (
     FakeReviewedToken,
     make_service_account_token,
 )
+from sentry_tx.testing.logs import capture_logs
 
 APPS = "apps"
 POD = "myapp-7d9f"
@@ -494,9 +495,7 @@ class KubernetesValidatorTests(TestCase):
         A TokenReview refused by RBAC is UNAVAILABLE and logged as an error
         without the caller's token.
         """
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capture_logs(self)
         self.fake.forbidden.add(("POST", "tokenreviews"))
         yield self._refused("HTTP 403 Forbidden", ValidatorUnavailableError)
         messages = [formatEvent(event) for event in events]

@@ -43,7 +43,13 @@ from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import CertificateAuthorityService
 from sentry_tx.server.servicer import CAServicer, Refusal
 from sentry_tx.testing.authority import FakeCertificateAuthority, FakeValidator
-from sentry_tx.testing.certificates import FIXED_NOW, make_chain, make_csr, pem_encode
+from sentry_tx.testing.certificates import (
+    FIXED_NOW,
+    flip_bit,
+    make_chain,
+    make_csr,
+    pem_encode,
+)
 from sentry_tx.testing.clocks import ImmediateReactor
 from sentry_tx.testing.grpc_client import GrpcTestClient
 from tests.hypothesis_profiles import show_notes
@@ -347,10 +353,6 @@ class ServiceSecretsTests(SecretsAssertions, TestCase):
         self.assert_events_clean(events, keys)
 
 
-def _flip(data, at, bit=0):
-    return data[:at] + bytes([data[at] ^ (1 << bit)]) + data[at + 1 :]
-
-
 class BundleErrorSecretsTests(SecretsAssertions, SynchronousTestCase):
     """
     BundleError messages about bad key files never quote the key.
@@ -398,9 +400,9 @@ class BundleErrorSecretsTests(SecretsAssertions, SynchronousTestCase):
         # The whole PEM on one line, as when newlines are lost in a paste.
         yield pem.replace(b"\n", b"")
         yield from (
-            _flip(pem, body_start + at, bit) for at in (0, 30, 70, 120) for bit in (0, 5)
+            flip_bit(pem, body_start + at, bit) for at in (0, 30, 70, 120) for bit in (0, 5)
         )
-        yield from (pem_encode("PRIVATE KEY", _flip(der, at)) for at in (0, 7, 20, 40))
+        yield from (pem_encode("PRIVATE KEY", flip_bit(der, at)) for at in (0, 7, 20, 40))
         yield pem_encode("PRIVATE KEY", der[: len(der) // 2])
         yield pem_encode("PRIVATE KEY", der * 2)
         yield pem_encode("RSA PRIVATE KEY", der)
@@ -452,7 +454,7 @@ class BundleErrorSecretsTests(SecretsAssertions, SynchronousTestCase):
         if mutation == "truncate":
             mutated = pem[:at]
         elif mutation == "flip":
-            mutated = _flip(pem, at, data.draw(st.integers(0, 7)))
+            mutated = flip_bit(pem, at, data.draw(st.integers(0, 7)))
         else:
             end = data.draw(st.integers(at, len(pem)))
             mutated = pem[:at] + pem[at:end] * data.draw(st.integers(2, 5)) + pem[end:]

@@ -10,7 +10,7 @@ L{Clock}; a few run real worker processes serving real gRPC on 127.0.0.1.
 import os
 import signal
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import grpc
 from cryptography import x509
@@ -29,7 +29,7 @@ from twisted.internet.error import (
     ProcessTerminated,
 )
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -68,40 +68,12 @@ from sentry_tx.server.workers import (
 )
 from sentry_tx.testing.authority import FakeTrustStore
 from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_csr
-from sentry_tx.testing.clocks import ImmediateReactor
+from sentry_tx.testing.clocks import ImmediateReactor, utc_now
 from sentry_tx.testing.grpc_client import GrpcTestClient
+from sentry_tx.testing.logs import capture_logs, log_messages
 from sentry_tx.testing.source_tree import PROJECT_ROOT
 
 FAKE_PORT = 4242
-
-
-def _capture_logs(test):
-    """
-    Collect every log event until the end of C{test}.
-
-    @return: the list the events are appended to.
-    """
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    test.addCleanup(globalLogPublisher.removeObserver, events.append)
-    return events
-
-
-def _messages(events, level=None):
-    """
-    The formatted text of C{events} (at C{level}, if given), with the text
-    of any failure they carry.
-    """
-    texts = []
-    for event in events:
-        if level is not None and event.get("log_level") != level:
-            continue
-        text = formatEvent(event)
-        failure = event.get("log_failure")
-        if failure is not None:
-            text += "\n" + failure.getTraceback()
-        texts.append(text)
-    return texts
 
 
 # In-process workers behind an in-memory pipe.
@@ -320,7 +292,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.spawned = []
         self.scripts = {}
         self.serving = []
-        self.events = _capture_logs(self)
+        self.events = capture_logs(self)
         self.pool = self.make_pool(2)
 
     def make_pool(self, workers, **options):
@@ -652,7 +624,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertTrue(self.pool.ready)
         self.assertEqual(self.serving[-1], (1, self.spawned[-1].pid))
         self.assertEqual(self.spawned[-1].authority.bundle.issuer, self.bundle.issuer)
-        errors = _messages(self.events, LogLevel.error)
+        errors = log_messages(self.events, LogLevel.error, with_failures=True)
         self.assertIn("worker 1 (pid 1001) ended unexpectedly: signal 9", errors)
 
     def test_backoff_starts_over_after_serving_long(self):
@@ -766,7 +738,10 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertIs(self.pool.bundle, self.bundle)
         for worker in self.spawned:
             self.assertEqual(worker.authority.restarts, [])
-        self.assertIn("issuer credentials unchanged", _messages(self.events))
+        self.assertIn(
+            "issuer credentials unchanged",
+            log_messages(self.events, with_failures=True),
+        )
 
     def test_restart_not_running(self):
         """
@@ -792,7 +767,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertTrue(
             any(
                 "issuer.crt: garbage" in text
-                for text in _messages(self.events, LogLevel.error)
+                for text in log_messages(self.events, LogLevel.error, with_failures=True)
             )
         )
 
@@ -817,7 +792,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(len(self.spawned), 3)
         self.assertEqual(self.spawned[2].authority.bundle.issuer, new.issuer)
         self.assertEqual(self.spawned[0].authority.bundle.issuer, new.issuer)
-        errors = _messages(self.events, LogLevel.error)
+        errors = log_messages(self.events, LogLevel.error, with_failures=True)
         self.assertTrue(
             any(
                 "worker 1 (pid 1001) did not take the new trust bundle" in text
@@ -869,7 +844,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertTrue(
             any(
                 "could not read the counters of worker 1" in text
-                for text in _messages(self.events, LogLevel.warn)
+                for text in log_messages(self.events, LogLevel.warn, with_failures=True)
             )
         )
         self.spawned[1].exit(ProcessDone(0))
@@ -926,7 +901,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertTrue(
             any(
                 "was killed but has not ended" in text
-                for text in _messages(self.events, LogLevel.error)
+                for text in log_messages(self.events, LogLevel.error, with_failures=True)
             )
         )
         self.spawned[1].exit(ProcessTerminated(signal=9))
@@ -948,7 +923,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.successResultOf(d)
         self.clock.advance(1.0)
         self.pipes.pump()
-        text = "\n".join(_messages(self.events))
+        text = "\n".join(log_messages(self.events, with_failures=True))
         # The logs checked hold the refusal, where a key would most likely leak.
         self.assertIn("did not take the new trust bundle", text)
         for bundle in (self.bundle, self.store.bundle):
@@ -1014,7 +989,7 @@ class WorkerCommandsTests(SynchronousTestCase):
         A failure written for an operator is answered with its message;
         any other only with its type, and logged in the worker.
         """
-        events = _capture_logs(self)
+        events = capture_logs(self)
         self.script.start_error = RuntimeError("cannot listen on 127.0.0.1:1: in use")
         failure = self.failureResultOf(
             self.commands.start(**self.arguments()), WorkerRefused
@@ -1034,7 +1009,8 @@ class WorkerCommandsTests(SynchronousTestCase):
             failure.getErrorMessage(),
             "could not start serving: KeyError (see the worker's log)",
         )
-        self.assertTrue(any("SECRET" in text for text in _messages(events)))
+        texts = log_messages(events, with_failures=True)
+        self.assertTrue(any("SECRET" in text for text in texts))
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
 
     def test_bad_key_refused_without_quoting_it(self):
@@ -1133,10 +1109,6 @@ def _worker_environment():
     return environ
 
 
-def _now():
-    return datetime.now(timezone.utc)
-
-
 def _authority_key_identifier(response):
     leaf = x509.load_pem_x509_certificates(response.workload_certificate)[0]
     return leaf.extensions.get_extension_for_class(
@@ -1232,10 +1204,10 @@ class WorkerPoolProcessTests(TestCase):
     @inlineCallbacks
     def setUp(self):
         self.generated = generate_bundle(
-            "cluster.local", "default", _now(), timedelta(minutes=15)
+            "cluster.local", "default", utc_now(), timedelta(minutes=15)
         )
         self.next = generate_bundle(
-            "cluster.local", "default", _now(), timedelta(minutes=15)
+            "cluster.local", "default", utc_now(), timedelta(minutes=15)
         )
         self.store = FakeTrustStore(self.generated.bundle)
         self.metrics = SentryMetrics()
@@ -1340,7 +1312,7 @@ class WorkerPoolProcessTests(TestCase):
         A worker killed with SIGKILL is logged with its signal and started
         again; the pool stays ready and keeps signing.
         """
-        events = _capture_logs(self)
+        events = capture_logs(self)
         yield self.serving.get()
         yield self.serving.get()
         victim = self.pool.processes()[1]
@@ -1351,7 +1323,7 @@ class WorkerPoolProcessTests(TestCase):
         self.assertTrue(self.pool.ready)
         self.assertIn(
             f"worker 1 (pid {victim.pid}) ended unexpectedly: signal 9",
-            _messages(events, LogLevel.error),
+            log_messages(events, LogLevel.error, with_failures=True),
         )
         yield self.sign()
 

@@ -385,3 +385,20 @@ def pem_encode(label, der):
         + b"".join(line + b"\n" for line in lines)
         + f"-----END {label}-----\n".encode("ascii")
     )
+
+
+def public_key_der(key):
+    """
+    The SubjectPublicKeyInfo DER of C{key}'s public key (C{key} is a public
+    key), to compare keys by value.
+    """
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def flip_bit(data, at, bit=0):
+    """
+    C{data} with one bit changed: bit C{bit} of the byte at C{at}.
+    """
+    return data[:at] + bytes([data[at] ^ (1 << bit)]) + data[at + 1 :]

@@ -4,6 +4,8 @@ reactor that run work at once (L{ImmediateReactor}), and a L{Clock} that
 records what is scheduled on it (L{SchedulingClock}).
 """
 
+from datetime import datetime, timezone
+
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -84,3 +86,11 @@ class SchedulingClock(Clock):
         for d in waiting:
             d.callback(call)
         return call
+
+
+def utc_now():
+    """
+    The wall-clock time now, in UTC: for tests against real gRPC servers and
+    processes, whose certificates are checked against the real clock.
+    """
+    return datetime.now(timezone.utc)
