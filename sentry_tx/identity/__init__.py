@@ -1,6 +1,7 @@
 """
 Who is calling: the request as validators see it, the identity they prove,
-and the validators themselves (L{insecure}, and later kubernetes and jwks).
+and the validators themselves (L{insecure}, L{kubernetes}, L{jwks}), with the
+rules every one applies (L{rules}).
 """
 
 from dataclasses import dataclass
