@@ -65,7 +65,7 @@ def main(design, workdir):
 
     from sentry_tx.ca.bundle import generate_bundle
     from sentry_tx.config import SentryConfig
-    from sentry_tx.identity import VALIDATOR_INSECURE
+    from sentry_tx.identity.caller import VALIDATOR_INSECURE
     from sentry_tx.identity.insecure import InsecureValidator
     from sentry_tx.metrics import SentryMetrics
     from sentry_tx.server.loop import GrpcLoop

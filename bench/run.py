@@ -144,7 +144,7 @@ def bare_pipeline_rate(seconds):
     from sentry_tx.ca.bundle import generate_bundle
     from sentry_tx.ca.csr import parse_csr
     from sentry_tx.config import MTLSConfig
-    from sentry_tx.identity import CallerIdentity
+    from sentry_tx.identity.caller import CallerIdentity
 
     now = datetime.datetime.now(datetime.timezone.utc)
     bundle = generate_bundle(

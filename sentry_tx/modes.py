@@ -12,7 +12,7 @@ from twisted.application.service import MultiService
 
 from sentry_tx.ca.kubernetes_store import KubernetesTrustStore
 from sentry_tx.config import DEFAULT_NAMESPACE, MODE_KUBERNETES
-from sentry_tx.identity import (
+from sentry_tx.identity.caller import (
     VALIDATOR_INSECURE,
     VALIDATOR_JWKS,
     VALIDATOR_KUBERNETES,

@@ -226,7 +226,7 @@ class Options(usage.Options):
         @raise ConfigError: naming the flag that is wrong.
         """
         from sentry_tx.durations import parse_go_duration
-        from sentry_tx.jwt import JWT_SIGNING_ALGORITHMS
+        from sentry_tx.jwt.algorithms import JWT_SIGNING_ALGORITHMS
 
         jwt_enabled = parse_bool("--jwt-enabled", self["jwt-enabled"])
         oidc_enabled = parse_bool("--oidc-enabled", self["oidc-enabled"])

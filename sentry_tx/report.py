@@ -17,7 +17,7 @@ from sentry_tx.interfaces import IConfigurationSource
 
 
 def _validator_name(number):
-    from sentry_tx.identity import VALIDATOR_NAMES
+    from sentry_tx.identity.caller import VALIDATOR_NAMES
 
     return VALIDATOR_NAMES.get(number, str(number))
 

@@ -1,7 +1,8 @@
 """
 Architecture rules for sentry_tx, checked on the source: no import cycle
-among sentry_tx modules, no module over 800 lines outside C{_proto/}, and a
-docstring at the top of every module.
+among sentry_tx modules, no module over 800 lines outside C{_proto/}, a
+docstring at the top of every module, and package C{__init__.py} files that
+hold nothing but their docstring.
 
 The import graph is read with L{ast}, not by importing: every C{import} and
 C{from ... import} anywhere in a module counts, including those inside
@@ -422,4 +423,55 @@ class DocstringTests(SynchronousTestCase):
                 missing.append(module)
         self.assertEqual(
             missing, [], "modules without a docstring:\n" + "\n".join(missing)
+        )
+
+
+class PackageInitTests(SynchronousTestCase):
+    """
+    A package's C{__init__.py} says what the package is for, and holds
+    nothing else: no code and no re-exports, so that importing one module
+    of a package never imports the others.
+    """
+
+    def test_docstring_only(self):
+        """
+        Every package C{__init__.py} of sentry_tx is one docstring; a failure
+        lists each package whose C{__init__.py} holds more.
+        """
+        modules = find_modules(package_root())
+        packages = sorted(
+            (module, path)
+            for module, path in modules.items()
+            if path.endswith("__init__.py")
+        )
+        self.assertGreater(len(packages), 3)
+        crowded = []
+        for module, path in packages:
+            with open(path, encoding="utf-8") as f:
+                body = ast.parse(f.read(), path).body
+            if module == PACKAGE:
+                # The top package also carries __version__ (setup.py, the
+                # User-Agent and --version read it).
+                body = [
+                    node
+                    for node in body
+                    if not (
+                        isinstance(node, ast.Assign)
+                        and [getattr(t, "id", None) for t in node.targets]
+                        == ["__version__"]
+                    )
+                ]
+            only_docstring = (
+                len(body) == 1
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            )
+            if not only_docstring:
+                crowded.append(module)
+        self.assertEqual(
+            crowded,
+            [],
+            "package __init__.py files holding more than a docstring:\n"
+            + "\n".join(crowded),
         )

@@ -53,7 +53,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.config import MTLSConfig, SentryConfig
-from sentry_tx.identity import VALIDATOR_INSECURE, SignRequest
+from sentry_tx.identity.caller import VALIDATOR_INSECURE, SignRequest
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import MAX_REQUEST_BYTES, CertificateAuthorityService

@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.ca.bundle import generate_bundle
 from sentry_tx.config import SentryConfig
-from sentry_tx.identity import VALIDATOR_INSECURE
+from sentry_tx.identity.caller import VALIDATOR_INSECURE
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import AlreadyRunningError, CertificateAuthorityService
@@ -174,7 +174,7 @@ class CertificateAuthorityOverGrpcTests(TestCase):
         """
         import socket
 
-        from sentry_tx.identity import CallerIdentity
+        from sentry_tx.identity.caller import CallerIdentity
         from sentry_tx.testing.authority import FakeValidator
 
         validator = FakeValidator(VALIDATOR_INSECURE, pending=True)

@@ -24,7 +24,7 @@ from zope.interface.verify import verifyObject
 from sentry_tx.config import MTLSConfig, SentryConfig, TokenValidatorConfig
 from sentry_tx.errors import ValidationError
 from sentry_tx.healthz import healthz_root
-from sentry_tx.identity import VALIDATOR_JWKS
+from sentry_tx.identity.caller import VALIDATOR_JWKS
 from sentry_tx.identity.jwks import (
     JWKS_FILE_CHECK_INTERVAL_SECONDS,
     PERIODIC_REFRESH_SECONDS,

@@ -25,7 +25,7 @@ from sentry_tx._proto import sentry_pb2
 from sentry_tx.ca.store import FileTrustStore
 from sentry_tx.config import MTLSConfig, SentryConfig
 from sentry_tx.errors import BundleError
-from sentry_tx.identity import CallerIdentity
+from sentry_tx.identity.caller import CallerIdentity
 from sentry_tx.jwt.material import generate_jwt_material, load_jwt_material
 from sentry_tx.jwt.minting import (
     MAX_JWT_AUDIENCES,

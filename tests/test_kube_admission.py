@@ -24,7 +24,11 @@ from sentry_tx.errors import (
     ValidatorOverloadedError,
     ValidatorUnavailableError,
 )
-from sentry_tx.identity import VALIDATOR_INSECURE, VALIDATOR_KUBERNETES, SignRequest
+from sentry_tx.identity.caller import (
+    VALIDATOR_INSECURE,
+    VALIDATOR_KUBERNETES,
+    SignRequest,
+)
 from sentry_tx.identity.admission import (
     DEADLINE_PASSED,
     MIN_RETRY_AFTER_MILLISECONDS,

@@ -470,7 +470,7 @@ class MountedSecretRotationTests(TestCase):
         from twisted.internet import inotify
         from twisted.internet.task import Clock
 
-        from sentry_tx.identity import VALIDATOR_KUBERNETES
+        from sentry_tx.identity.caller import VALIDATOR_KUBERNETES
         from sentry_tx.metrics import SentryMetrics
         from sentry_tx.server.service import CertificateAuthorityService
         from sentry_tx.testing.authority import FakeValidator

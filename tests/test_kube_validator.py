@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from sentry_tx.errors import ValidationError, ValidatorUnavailableError
-from sentry_tx.identity import VALIDATOR_KUBERNETES, SignRequest
+from sentry_tx.identity.caller import VALIDATOR_KUBERNETES, SignRequest
 from sentry_tx.identity.kubernetes import (
     ANSWER_MARGIN_SECONDS,
     KubernetesValidator,

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.ca.bundle import TrustBundle, generate_bundle
 from sentry_tx.config import SentryConfig
-from sentry_tx.identity import VALIDATOR_INSECURE, CallerIdentity
+from sentry_tx.identity.caller import VALIDATOR_INSECURE, CallerIdentity
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server import service, servicer

@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from sentry_tx.config import MODE_KUBERNETES, SentryConfig
-from sentry_tx.identity import VALIDATOR_INSECURE, VALIDATOR_KUBERNETES
+from sentry_tx.identity.caller import VALIDATOR_INSECURE, VALIDATOR_KUBERNETES
 from sentry_tx.interfaces import IConfigurationSource, IIdentityValidator, ITrustStore
 from sentry_tx.kube.client import KubernetesClientService
 from sentry_tx.modes import build_kubernetes_parts, build_validators

@@ -20,7 +20,7 @@ from sentry_tx._proto import sentry_pb2
 from sentry_tx.ca.store import FileTrustStore
 from sentry_tx.config import SentryConfig
 from sentry_tx.errors import BundleError
-from sentry_tx.identity import VALIDATOR_INSECURE
+from sentry_tx.identity.caller import VALIDATOR_INSECURE
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import CertificateAuthorityService

@@ -32,7 +32,7 @@ from sentry_tx.ca.bundle import load_bundle
 from sentry_tx.ca.store import FileTrustStore
 from sentry_tx.config import SentryConfig
 from sentry_tx.errors import BundleError, ValidationError, ValidatorUnavailableError
-from sentry_tx.identity import (
+from sentry_tx.identity.caller import (
     VALIDATOR_INSECURE,
     VALIDATOR_JWKS,
     VALIDATOR_KUBERNETES,

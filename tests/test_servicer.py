@@ -19,7 +19,7 @@ from sentry_tx.errors import (
     ValidatorOverloadedError,
     ValidatorUnavailableError,
 )
-from sentry_tx.identity import SignRequest
+from sentry_tx.identity.caller import SignRequest
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.servicer import (
     VALIDATION_TIMEOUT_SECONDS,

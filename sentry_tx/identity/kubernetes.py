@@ -72,7 +72,7 @@ from sentry_tx.errors import (
     ValidatorOverloadedError,
     ValidatorUnavailableError,
 )
-from sentry_tx.identity import VALIDATOR_KUBERNETES, CallerIdentity
+from sentry_tx.identity.caller import VALIDATOR_KUBERNETES, CallerIdentity
 from sentry_tx.identity.admission import DEADLINE_PASSED, MIN_RETRY_AFTER_MILLISECONDS
 from sentry_tx.identity.rules import (
     DEFAULT_WORKLOAD_TRUST_DOMAIN,
@@ -278,7 +278,7 @@ class KubernetesValidator:
         """
         Run every check, in order.
 
-        @param request: a L{sentry_tx.identity.SignRequest}.
+        @param request: a L{sentry_tx.identity.caller.SignRequest}.
         @param deadline: when the answer must come (reactor clock); by
             default L{VALIDATION_TIMEOUT_SECONDS} from now.  The validator
             gives up L{ANSWER_MARGIN_SECONDS} before it; the servicer also

@@ -9,7 +9,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sentry_tx.config import SentryConfig
-from sentry_tx.identity import CallerIdentity
+from sentry_tx.identity.caller import CallerIdentity
 from sentry_tx.interfaces import ICertificateAuthority, IIdentityValidator, ITrustStore
 
 
