@@ -50,10 +50,10 @@ from sentry_tx.server.ipc import (
     bundle_to_pems,
     config_to_json,
 )
+from sentry_tx.server.pushed_store import PushedTrustStore
 from sentry_tx.server.service import NotRunningError, SHUTDOWN_GRACE_SECONDS
 from sentry_tx.server.worker import (
     ParentConnection,
-    PushedTrustStore,
     WorkerCommands,
 )
 from sentry_tx.server.worker_process import (

@@ -24,10 +24,8 @@ import sys
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.protocols import amp
-from zope.interface import implementer
 
 from sentry_tx.errors import BundleError, ConfigError, IssuerExpiredError
-from sentry_tx.interfaces import ITrustStore
 from sentry_tx.modes import build_validators
 from sentry_tx.server.ipc import (
     WORKER_MODULE,
@@ -40,33 +38,13 @@ from sentry_tx.server.ipc import (
     bundle_from_pems,
     config_from_json,
 )
+from sentry_tx.server.pushed_store import PushedTrustStore
 
 # Errors whose messages are written for an operator and hold no key
 # material; the message of any other error stays in the worker's log.
 _OPERATOR_ERRORS = (BundleError, ConfigError, IssuerExpiredError, OSError, RuntimeError)
 
 _log = Logger()
-
-
-@implementer(ITrustStore)
-class PushedTrustStore:
-    """
-    The trust store of a worker: the bundle its parent last sent.  Never
-    generates, never reads a file.
-
-    @ivar bundle: the L{TrustBundle} to answer with.
-    """
-
-    watch_directories = ()
-
-    def __init__(self, bundle):
-        self.bundle = bundle
-
-    def load(self, now):
-        return succeed(self.bundle)
-
-    def load_or_generate(self, now):
-        return succeed(self.bundle)
 
 
 def build_authority(

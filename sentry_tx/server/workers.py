@@ -54,6 +54,7 @@ from sentry_tx.server.ipc import (
     bundle_to_pems,
     config_to_json,
 )
+from sentry_tx.server.pushed_store import PushedTrustStore
 from sentry_tx.server.serial import SerialReloads, StartGate
 from sentry_tx.server.service import (
     GRPC_PORT_FLAG,
@@ -308,8 +309,6 @@ class WorkerPoolAuthority(Service):
         # this process when it serves, else the first worker; the others
         # then bind the port it reports.
         if self._local_factory is not None:
-            from sentry_tx.server.worker import PushedTrustStore
-
             self._local_store = PushedTrustStore(bundle)
             self._local = self._local_factory(config, self._local_store)
             yield self._local.start(config)
