@@ -2,7 +2,10 @@
 Architecture rules for sentry_tx, checked on the source: no import cycle
 among sentry_tx modules, no module over 800 lines outside C{_proto/}, a
 docstring at the top of every module, and package C{__init__.py} files that
-hold nothing but their docstring.
+hold nothing but their docstring.  The composition roots (C{tap} for twistd,
+C{server.worker} for a worker process) are imported by no other module, and
+the shared wiring of C{modes} by them only; production modules never import
+the test support of C{sentry_tx.testing}.
 
 The import graph is read with L{ast}, not by importing: every C{import} and
 C{from ... import} anywhere in a module counts, including those inside
@@ -475,3 +478,66 @@ class PackageInitTests(SynchronousTestCase):
             "package __init__.py files holding more than a docstring:\n"
             + "\n".join(crowded),
         )
+
+
+COMPOSITION_ROOTS = ("sentry_tx.tap", "sentry_tx.server.worker")
+"""
+The modules that know every part: twistd's entry point and a worker
+process's.
+"""
+
+SHARED_WIRING = "sentry_tx.modes"
+"""
+What each mode adds to the service tree, shared by the composition roots.
+"""
+
+TEST_SUPPORT = "sentry_tx.testing"
+
+
+class LayeringTests(SynchronousTestCase):
+    """
+    Nothing below a composition root imports one, and production code does
+    not import test support.
+    """
+
+    def setUp(self):
+        self.graph = import_graph(package_root())
+
+    def importers(self, target):
+        """
+        The modules of the package that import C{target}.
+        """
+        return sorted(m for m, deps in self.graph.items() if target in deps)
+
+    def test_roots_imported_by_nothing(self):
+        """
+        No sentry_tx module imports a composition root.
+        """
+        for root in COMPOSITION_ROOTS:
+            self.assertIn(root, self.graph)
+            self.assertEqual(self.importers(root), [], root)
+
+    def test_wiring_imported_by_roots_only(self):
+        """
+        Only the composition roots import the shared wiring.
+        """
+        self.assertIn(SHARED_WIRING, self.graph)
+        self.assertEqual(
+            [m for m in self.importers(SHARED_WIRING) if m not in COMPOSITION_ROOTS],
+            [],
+        )
+
+    def test_test_support_kept_apart(self):
+        """
+        No module outside C{sentry_tx.testing} imports one inside it.
+        """
+        def inside(module):
+            return module == TEST_SUPPORT or module.startswith(TEST_SUPPORT + ".")
+
+        self.assertTrue(any(inside(m) for m in self.graph))
+        offenders = sorted(
+            module
+            for module, deps in self.graph.items()
+            if not inside(module) and any(inside(d) for d in deps)
+        )
+        self.assertEqual(offenders, [])

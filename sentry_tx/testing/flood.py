@@ -304,7 +304,7 @@ class FloodTarget:
             }
         )
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "sentry_tx.flood"],
+            [sys.executable, "-m", "sentry_tx.testing.flood"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
