@@ -68,7 +68,7 @@ class ScriptedKubernetesClient:
     with a Deferred the test fires, and, as the real client, fails with
     L{sentry_tx.kube.errors.KubernetesUnavailableError} when its C{timeout_seconds}
     pass on C{reactor} (a L{Clock}).  The real client's timeouts are pinned
-    in C{tests/test_kube.py}; the informer and validator against the real
+    in C{tests/test_kube_client.py}; the informer and validator against the real
     client and L{FakeKubernetesAPI} in C{tests/test_kube_informer.py}.
 
     @ivar calls: C{(method, path, body, timeout_seconds, Deferred)} of every
