@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.testing.certificates import make_csr
 from sentry_tx.testing.grpc_client import GrpcTestClient
-from sentry_tx.testing.source_tree import PROJECT_ROOT
+from sentry_tx.testing.source_tree import child_environment
 
 # The image's ENTRYPOINT runs the console script `twistd`; use the one of
 # the running Python (a venv's bin/), else the same code through -c.
@@ -156,9 +156,7 @@ def spawn_twistd(test, arguments, env=None, open_files_limit=None):
             " from twisted.scripts.twistd import run; run()",
         ]
     protocol = _TwistdProtocol(workers="--workers" in arguments)
-    environment = dict(os.environ)
-    environment.pop("KUBERNETES_SERVICE_HOST", None)
-    environment["PYTHONPATH"] = PROJECT_ROOT
+    environment = child_environment()
     environment.update(env or {})
     transport = reactor.spawnProcess(
         protocol,

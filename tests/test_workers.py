@@ -71,7 +71,7 @@ from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_csr
 from sentry_tx.testing.clocks import ImmediateReactor, utc_now
 from sentry_tx.testing.grpc_client import GrpcTestClient
 from sentry_tx.testing.logs import capture_logs, log_messages
-from sentry_tx.testing.source_tree import PROJECT_ROOT
+from sentry_tx.testing.source_tree import child_environment
 
 FAKE_PORT = 4242
 
@@ -1096,19 +1096,6 @@ class PushedTrustStoreTests(SynchronousTestCase):
 # Real worker processes.
 
 
-def _worker_environment():
-    """
-    The environment of worker processes started by tests: trial runs in a
-    temporary directory, so the project must be on PYTHONPATH.
-    """
-    environ = dict(os.environ)
-    environ.pop("KUBERNETES_SERVICE_HOST", None)
-    environ["PYTHONPATH"] = os.pathsep.join(
-        [PROJECT_ROOT] + [p for p in [environ.get("PYTHONPATH")] if p]
-    )
-    return environ
-
-
 def _authority_key_identifier(response):
     leaf = x509.load_pem_x509_certificates(response.workload_certificate)[0]
     return leaf.extensions.get_extension_for_class(
@@ -1132,7 +1119,7 @@ class WorkerProcessTests(TestCase):
             process,
             sys.executable,
             [sys.executable, "-m", WORKER_MODULE, "--log-level", "warn"],
-            env=_worker_environment(),
+            env=child_environment(),
             childFDs={0: "w", 1: "r", 2: 2},
         )
 
@@ -1224,7 +1211,7 @@ class WorkerPoolProcessTests(TestCase):
             self.store,
             self.metrics,
             2,
-            environ=_worker_environment(),
+            environ=child_environment(),
             on_worker_serving=lambda index, pid: self.serving.put((index, pid)),
             respawn_initial_delay_seconds=0.1,
         )
