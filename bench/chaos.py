@@ -43,12 +43,9 @@ from cryptography import x509  # noqa: E402
 
 from run import free_port, sign_request  # noqa: E402
 from sentry_tx._proto import sentry_pb2  # noqa: E402
-from sentry_tx.testing import (  # noqa: E402
-    GrpcTestClient,
-    make_chain,
-    reissue_chain,
-    replace_bundle_files,
-)
+from sentry_tx.testing.certificates import make_chain  # noqa: E402
+from sentry_tx.testing.grpc_client import GrpcTestClient  # noqa: E402
+from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files  # noqa: E402
 
 READY_TIMEOUT_SECONDS = 30.0
 FAULT_DEADLINE_SECONDS = 90.0

@@ -1,6 +1,7 @@
 """
-Run the fake Kubernetes API server (sentry_tx.testing.FakeKubernetesAPI) in
-its own process, for the kubernetes-mode measurements (bench/kube_storm.py).
+Run the fake Kubernetes API server
+(sentry_tx.testing.kubernetes.FakeKubernetesAPI) in its own process, for the
+kubernetes-mode measurements (bench/kube_storm.py).
 
     python bench/fake_kube.py WORKDIR DELAY_SECONDS [PODS]
 
@@ -60,7 +61,9 @@ def main(workdir, delay_seconds, pods):
     from twisted.internet import reactor
     from twisted.internet.task import LoopingCall
 
-    from sentry_tx.testing import FAKE_API_TOKEN, FakeKubernetesAPI, write_kubeconfig
+    from sentry_tx.testing.kubeconfig import write_kubeconfig
+    from sentry_tx.testing.kubernetes import FakeKubernetesAPI
+    from sentry_tx.testing.kubernetes_tokens import FAKE_API_TOKEN
 
     fake = FakeKubernetesAPI(reactor)
     fake.tokenreview_latency_seconds = delay_seconds

@@ -8,7 +8,7 @@ still answered.
     .venv/bin/python bench/flood_continuation.py --payload literal --connections 8
     .venv/bin/python bench/flood_continuation.py --without grpc.experimental.tcp_max_read_buffer_size
 
-The server (sentry_tx.flood.FloodTarget) runs in a child process with
+The server (sentry_tx.testing.flood.FloodTarget) runs in a child process with
 sentry_tx's grpc_server_options(), less each --without, plus each --option
 (which replaces a default of the same name); it answers one method with an
 empty message.
@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from sentry_tx.flood import PAYLOADS, FloodTarget, continuation_flood  # noqa: E402
+from sentry_tx.testing.flood import PAYLOADS, FloodTarget, continuation_flood  # noqa: E402
 
 MIB = 1024 * 1024
 

@@ -65,12 +65,12 @@ def main(design, workdir):
 
     from sentry_tx.ca.bundle import generate_bundle
     from sentry_tx.config import SentryConfig
-    from sentry_tx.identity import VALIDATOR_INSECURE
+    from sentry_tx.identity.caller import VALIDATOR_INSECURE
     from sentry_tx.identity.insecure import InsecureValidator
     from sentry_tx.metrics import SentryMetrics
     from sentry_tx.server.loop import GrpcLoop
     from sentry_tx.server.service import CertificateAuthorityService
-    from sentry_tx.testing import FakeTrustStore
+    from sentry_tx.testing.authority import FakeTrustStore
 
     generated = generate_bundle(
         "localhost",

@@ -55,8 +55,8 @@ from sentry_tx.ca.authority import issue_workload_certificate  # noqa: E402
 from sentry_tx.ca.bundle import iter_pem_blocks  # noqa: E402
 from sentry_tx.ca.csr import parse_csr  # noqa: E402
 from sentry_tx.config import MTLSConfig  # noqa: E402
-from sentry_tx.identity import CallerIdentity  # noqa: E402
-from sentry_tx.testing import make_bundle, make_csr  # noqa: E402
+from sentry_tx.identity.caller import CallerIdentity  # noqa: E402
+from sentry_tx.testing.certificates import make_bundle, make_csr  # noqa: E402
 
 
 def _bench_run_module():

@@ -52,8 +52,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from sentry_tx._proto import sentry_pb2  # noqa: E402
-from sentry_tx.testing import (  # noqa: E402
-    GrpcTestClient,
+from sentry_tx.testing.certificates import (  # noqa: E402
     certificate_pem,
     make_certificate,
     make_chain,
@@ -61,6 +60,7 @@ from sentry_tx.testing import (  # noqa: E402
     make_private_key,
     private_key_pem,
 )
+from sentry_tx.testing.grpc_client import GrpcTestClient  # noqa: E402
 
 SIGN_PATH = "/dapr.proto.sentry.v1.CA/SignCertificate"
 IN_FLIGHT = (1, 16, 64)
@@ -144,7 +144,7 @@ def bare_pipeline_rate(seconds):
     from sentry_tx.ca.bundle import generate_bundle
     from sentry_tx.ca.csr import parse_csr
     from sentry_tx.config import MTLSConfig
-    from sentry_tx.identity import CallerIdentity
+    from sentry_tx.identity.caller import CallerIdentity
 
     now = datetime.datetime.now(datetime.timezone.utc)
     bundle = generate_bundle(

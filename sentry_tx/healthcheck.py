@@ -40,7 +40,7 @@ def healthz_url(argv):
         on 127.0.0.1 when it listens on all interfaces.
     """
     from sentry_tx.errors import ConfigError
-    from sentry_tx.tap import go_style_arguments
+    from sentry_tx.flags import go_style_arguments
 
     port = str(SentryConfig().healthz_port)
     address = ""

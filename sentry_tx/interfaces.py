@@ -102,14 +102,14 @@ class IIdentityValidator(Interface):
         Called on the reactor thread when C{needs_reactor} is true, else
         inline on the gRPC loop (it must not block).
 
-        @param request: a L{sentry_tx.identity.SignRequest}.
+        @param request: a L{sentry_tx.identity.caller.SignRequest}.
         @param deadline: the absolute time, on the reactor's clock
             (C{reactor.seconds()}), by which the answer must come: the
             earlier of the client's deadline and the call's arrival plus
             L{sentry_tx.server.servicer.VALIDATION_TIMEOUT_SECONDS}.  A
             validator that waits must give up by then; the servicer cancels
             its Deferred at that time.
-        @return: Deferred firing with a L{sentry_tx.identity.CallerIdentity},
+        @return: Deferred firing with a L{sentry_tx.identity.caller.CallerIdentity},
             or failing with L{sentry_tx.errors.ValidationError} whose message
             is sent to the caller as PERMISSION_DENIED,
             L{sentry_tx.errors.ValidatorUnavailableError} (UNAVAILABLE) or

@@ -12,12 +12,12 @@ from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sentry_tx.config import format_go_duration
+from sentry_tx.durations import format_go_duration
 from sentry_tx.interfaces import IConfigurationSource
 
 
 def _validator_name(number):
-    from sentry_tx.identity import VALIDATOR_NAMES
+    from sentry_tx.identity.caller import VALIDATOR_NAMES
 
     return VALIDATOR_NAMES.get(number, str(number))
 

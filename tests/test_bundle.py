@@ -25,7 +25,7 @@ from sentry_tx.ca.bundle import (
     load_bundle,
 )
 from sentry_tx.errors import BundleError
-from sentry_tx.testing import (
+from sentry_tx.testing.certificates import (
     FIXED_NOW,
     certificate_pem,
     make_certificate,

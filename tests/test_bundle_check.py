@@ -13,13 +13,9 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentry_tx.bundle_check import check_bundle, main
-from sentry_tx.testing import (
-    BUNDLE_FILE_NAMES,
-    FIXED_NOW,
-    PROJECT_ROOT,
-    make_chain,
-    replace_bundle_files,
-)
+from sentry_tx.testing.certificates import FIXED_NOW, make_chain
+from sentry_tx.testing.rotation import BUNDLE_FILE_NAMES, replace_bundle_files
+from sentry_tx.testing.source_tree import PROJECT_ROOT
 from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
 
 

@@ -20,14 +20,10 @@ from sentry_tx.server.service import (
     listen_target,
 )
 from sentry_tx.ca.bundle import load_bundle
-from sentry_tx.testing import (
-    FIXED_NOW,
-    FakeTrustStore,
-    ImmediateReactor,
-    SynchronousGrpcLoop,
-    make_bundle,
-    make_chain,
-)
+from sentry_tx.testing.authority import FakeTrustStore
+from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_chain
+from sentry_tx.testing.clocks import ImmediateReactor
+from sentry_tx.testing.grpc_client import SynchronousGrpcLoop
 
 
 class _ControlledTrustStore(FakeTrustStore):

@@ -9,7 +9,7 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from sentry_tx.testing import PROJECT_ROOT
+from sentry_tx.testing.source_tree import PROJECT_ROOT
 
 
 class ChaosSmokeTests(TestCase):

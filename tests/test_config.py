@@ -14,12 +14,11 @@ from sentry_tx.config import (
     KNOWN_MTLS_KEYS,
     MTLSConfig,
     expand_environment,
-    format_go_duration,
     load_configuration_file,
     mtls_warnings,
-    parse_go_duration,
     parse_mtls,
 )
+from sentry_tx.durations import format_go_duration, parse_go_duration
 from sentry_tx.errors import ConfigError
 
 GOOD_DURATIONS = [
@@ -651,7 +650,7 @@ class MTLSWarningsTests(SynchronousTestCase):
         """
         import os
 
-        from sentry_tx.testing import PROJECT_ROOT
+        from sentry_tx.testing.source_tree import PROJECT_ROOT
 
         _, warnings = load_configuration_file(
             os.path.join(PROJECT_ROOT, "conf", "daprsystem.yaml"), {}

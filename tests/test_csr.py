@@ -13,15 +13,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx.ca.csr import is_canonical_csr_pem, is_signature_valid, parse_csr
 from sentry_tx.errors import CSRError
-from sentry_tx.testing import make_csr, make_private_key, pem_encode
+from sentry_tx.testing.certificates import (
+    make_csr,
+    make_private_key,
+    pem_encode,
+    public_key_der,
+)
 
 INVALID = "invalid certificate signing request"
-
-
-def _public_der(key):
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def _der(pem):
@@ -40,7 +39,7 @@ class AcceptedTests(SynchronousTestCase):
         key, csr = make_csr(key_type)
         public_key = parse_csr(csr)
         self.assertIsInstance(public_key, key_class)
-        self.assertEqual(_public_der(public_key), _public_der(key.public_key()))
+        self.assertEqual(public_key_der(public_key), public_key_der(key.public_key()))
 
     def test_p256(self):
         """An ECDSA P-256 CSR yields its public key."""
@@ -66,19 +65,19 @@ class AcceptedTests(SynchronousTestCase):
         """A CSR under the label CERTIFICATE, as old sidecars send it, is accepted."""
         key, csr = make_csr(label="CERTIFICATE")
         public_key = parse_csr(csr)
-        self.assertEqual(_public_der(public_key), _public_der(key.public_key()))
+        self.assertEqual(public_key_der(public_key), public_key_der(key.public_key()))
 
     def test_leading_text(self):
         """Comments and other text before the PEM block are skipped."""
         key, csr = make_csr()
         data = b"# my request\nsome words\n\n" + csr
-        self.assertEqual(_public_der(parse_csr(data)), _public_der(key.public_key()))
+        self.assertEqual(public_key_der(parse_csr(data)), public_key_der(key.public_key()))
 
     def test_first_block_counts(self):
         """Only the first PEM block is read; what follows is ignored."""
         key, csr = make_csr()
         data = csr + make_csr()[1] + b"junk"
-        self.assertEqual(_public_der(parse_csr(data)), _public_der(key.public_key()))
+        self.assertEqual(public_key_der(parse_csr(data)), public_key_der(key.public_key()))
 
 
 class RefusedTests(SynchronousTestCase):
@@ -301,7 +300,7 @@ class SignatureAlgorithmTests(SynchronousTestCase):
         self.assertEqual(is_signature_valid(csr, csr.public_key()), valid)
         if valid:
             self.assertEqual(
-                _public_der(parse_csr(pem)), _public_der(csr.public_key())
+                public_key_der(parse_csr(pem)), public_key_der(csr.public_key())
             )
         else:
             error = self.assertRaises(CSRError, parse_csr, pem)
@@ -412,8 +411,8 @@ class PEMShapeTests(SynchronousTestCase):
         """A # comment line before the block is skipped."""
         key, pem = make_csr()
         self.assertEqual(
-            _public_der(parse_csr(b"# a sidecar's request\n" + pem)),
-            _public_der(key.public_key()),
+            public_key_der(parse_csr(b"# a sidecar's request\n" + pem)),
+            public_key_der(key.public_key()),
         )
 
     def test_certificate_label_rsa_pss(self):
@@ -429,7 +428,7 @@ class PEMShapeTests(SynchronousTestCase):
             )
         )
         pem = pem_encode("CERTIFICATE", der)
-        self.assertEqual(_public_der(parse_csr(pem)), _public_der(key.public_key()))
+        self.assertEqual(public_key_der(parse_csr(pem)), public_key_der(key.public_key()))
         error = self.assertRaises(
             CSRError,
             parse_csr,
@@ -441,8 +440,8 @@ class PEMShapeTests(SynchronousTestCase):
         """A CSR with CRLF line endings is accepted."""
         key, pem = make_csr()
         self.assertEqual(
-            _public_der(parse_csr(pem.replace(b"\n", b"\r\n"))),
-            _public_der(key.public_key()),
+            public_key_der(parse_csr(pem.replace(b"\n", b"\r\n"))),
+            public_key_der(key.public_key()),
         )
 
     def test_csr_after_another_block(self):

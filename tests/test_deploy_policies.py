@@ -143,7 +143,7 @@ class HelmValuesTests(SynchronousTestCase):
         """
         The README gives the one helm upgrade command with this file.
         """
-        from sentry_tx.testing import PROJECT_ROOT
+        from sentry_tx.testing.source_tree import PROJECT_ROOT
 
         with open(os.path.join(PROJECT_ROOT, "README.md"), encoding="utf-8") as f:
             readme = f.read()

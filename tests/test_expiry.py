@@ -5,7 +5,7 @@ Tests of L{sentry_tx.expiry}: the hourly expiry check.
 from datetime import timedelta
 
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx.expiry import (
@@ -15,7 +15,9 @@ from sentry_tx.expiry import (
     ExpiryChecker,
 )
 from sentry_tx.metrics import SentryMetrics
-from sentry_tx.testing import FIXED_NOW, FakeCertificateAuthority, make_chain
+from sentry_tx.testing.authority import FakeCertificateAuthority
+from sentry_tx.testing.certificates import FIXED_NOW, make_chain
+from sentry_tx.testing.logs import log_messages
 
 CHECKER_NAMESPACE = "sentry_tx.expiry.ExpiryChecker"
 
@@ -44,15 +46,6 @@ def _bundle(root_left, issuer_left, intermediates=0):
     ).load(LOADED_AT)
 
 
-def _messages(events, level):
-    return [
-        formatEvent(event)
-        for event in events
-        if event.get("log_namespace") == CHECKER_NAMESPACE
-        and event["log_level"] == level
-    ]
-
-
 FAR = timedelta(days=365)
 
 
@@ -76,7 +69,10 @@ class ThresholdTests(SynchronousTestCase):
         self.authority.bundle = bundle
         with capturedLogs() as events:
             self.checker.check()
-        return _messages(events, LogLevel.warn), _messages(events, LogLevel.error)
+        return (
+            log_messages(events, LogLevel.warn, namespace=CHECKER_NAMESPACE),
+            log_messages(events, LogLevel.error, namespace=CHECKER_NAMESPACE),
+        )
 
     def test_far_from_expiry_silent(self):
         """
@@ -235,9 +231,11 @@ class ScheduleTests(SynchronousTestCase):
             self.checker.startService()
             self.addCleanup(self.checker.stopService)
             self.clock.advance(EXPIRY_CHECK_INTERVAL_SECONDS)
-            self.assertEqual(_messages(events, LogLevel.warn), [])
+            self.assertEqual(
+                log_messages(events, LogLevel.warn, namespace=CHECKER_NAMESPACE), []
+            )
             self.clock.advance(EXPIRY_CHECK_INTERVAL_SECONDS)
-        [warning] = _messages(events, LogLevel.warn)
+        [warning] = log_messages(events, LogLevel.warn, namespace=CHECKER_NAMESPACE)
         self.assertIn("certificate expires in 30 days and 0 hours", warning)
 
     def test_survives_exception(self):
@@ -295,7 +293,7 @@ class ScheduleTests(SynchronousTestCase):
             self.authority.current = _bundle(FAR, timedelta(days=3))
             self.clock.advance(BUNDLE_WAIT_SECONDS)
         self.assertEqual(self.authority.reads, 3)
-        [warning] = _messages(events, LogLevel.warn)
+        [warning] = log_messages(events, LogLevel.warn, namespace=CHECKER_NAMESPACE)
         self.assertIn("certificate expires in 2 days and 23 hours", warning)
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
         self.clock.advance(EXPIRY_CHECK_INTERVAL_SECONDS - 2 * BUNDLE_WAIT_SECONDS)

@@ -17,13 +17,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from sentry_tx._proto import sentry_pb2
-from sentry_tx.testing import (
-    GrpcTestClient,
-    make_chain,
-    make_csr,
-    reissue_chain,
-    replace_bundle_files,
-)
+from sentry_tx.testing.certificates import make_chain, make_csr
+from sentry_tx.testing.grpc_client import GrpcTestClient
+from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files
 from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
 
 _PROBES = """

@@ -23,7 +23,7 @@ from sentry_tx.ca.files import (
 )
 from sentry_tx.ca.store import FileTrustStore, temporary_name
 from sentry_tx.errors import BundleError
-from sentry_tx.testing import FIXED_NOW, make_chain
+from sentry_tx.testing.certificates import FIXED_NOW, make_chain
 
 NAMES = ("ca.crt", "issuer.crt", "issuer.key")
 SKEW = timedelta(minutes=15)

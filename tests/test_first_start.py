@@ -10,7 +10,7 @@ import signal
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from sentry_tx.testing import PROJECT_ROOT
+from sentry_tx.testing.source_tree import PROJECT_ROOT
 from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
 
 README = os.path.join(PROJECT_ROOT, "README.md")

@@ -4,8 +4,8 @@ sent on several connections, must not grow the gRPC server without bound,
 and honest calls must still be answered meanwhile.
 
 A real C{grpc.aio} server runs in a child process on 127.0.0.1 port 0 with
-sentry_tx's channel arguments (L{sentry_tx.flood.FloodTarget}); the flood
-(L{sentry_tx.flood.continuation_flood}) lasts a few seconds and stops by
+sentry_tx's channel arguments (L{sentry_tx.testing.flood.FloodTarget}); the flood
+(L{sentry_tx.testing.flood.continuation_flood}) lasts a few seconds and stops by
 itself.  Growth is read from the child's peak RSS (C{VmHWM}), so no
 sampling is needed.
 """
@@ -14,7 +14,7 @@ import threading
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sentry_tx.flood import FloodTarget, continuation_flood
+from sentry_tx.testing.flood import FloodTarget, continuation_flood
 from sentry_tx.server.service import MAX_TCP_READ_BUFFER_BYTES, grpc_server_options
 
 MIB = 1024 * 1024

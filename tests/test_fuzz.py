@@ -53,24 +53,23 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.config import MTLSConfig, SentryConfig
-from sentry_tx.identity import VALIDATOR_INSECURE, SignRequest
+from sentry_tx.identity.caller import VALIDATOR_INSECURE, SignRequest
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import MAX_REQUEST_BYTES, CertificateAuthorityService
 from sentry_tx.server.servicer import CAServicer, Refusal
-from sentry_tx.testing import (
+from sentry_tx.testing.authority import FakeCertificateAuthority, FakeTrustStore
+from sentry_tx.testing.certificates import (
     FIXED_NOW,
-    AbortingContext,
-    FakeCertificateAuthority,
-    FakeTrustStore,
-    GrpcTestClient,
-    ImmediateReactor,
+    flip_bit,
     make_bundle,
     make_chain,
     make_csr,
     pem_encode,
-    run_now,
+    public_key_der,
 )
+from sentry_tx.testing.clocks import ImmediateReactor
+from sentry_tx.testing.grpc_client import AbortingContext, GrpcTestClient, run_now
 from tests import hypothesis_profiles
 from tests.hypothesis_profiles import show_notes
 
@@ -174,12 +173,6 @@ def _is_supported(key):
     return isinstance(key, ed25519.Ed25519PublicKey)
 
 
-def _public_der(key):
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def first_block_csr_key(data):
     """
     The SubjectPublicKeyInfo DER of the CSR in the first PEM block of
@@ -211,7 +204,7 @@ def first_block_csr_key(data):
             return None
     except Exception:
         return None
-    return _public_der(key)
+    return public_key_der(key)
 
 
 def spiffe_id_parts(uri):
@@ -258,7 +251,7 @@ def check_signed(test, request, response, bundle):
     test.assertEqual(list(response.trust_chain_certificates), [bundle.anchors_pem])
     leaf.verify_directly_issued_by(bundle.issuer)
     test.assertEqual(
-        _public_der(leaf.public_key()),
+        public_key_der(leaf.public_key()),
         first_block_csr_key(request.csr),
         "signed a key that is not the first block's valid CSR's",
     )
@@ -584,7 +577,7 @@ def csr_inputs(draw, allow_huge=True):
         data = pem[_position(draw, pem) + 1 :]
     elif operation == "flip-bit":
         at, bit = _position(draw, pem), draw(st.integers(0, 7))
-        data = pem[:at] + bytes([pem[at] ^ (1 << bit)]) + pem[at + 1 :]
+        data = flip_bit(pem, at, bit)
     elif operation == "repeat-slice":
         start = _position(draw, pem)
         end = draw(st.integers(min_value=start, max_value=len(pem)))
@@ -599,7 +592,7 @@ def csr_inputs(draw, allow_huge=True):
             mutated = der[:at]
         elif operation == "der-flip-bit":
             bit = draw(st.integers(0, 7))
-            mutated = der[:at] + bytes([der[at] ^ (1 << bit)]) + der[at + 1 :]
+            mutated = flip_bit(der, at, bit)
         else:
             end = draw(st.integers(min_value=at, max_value=len(der)))
             times = draw(st.integers(min_value=2, max_value=20))

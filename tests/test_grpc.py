@@ -3,7 +3,7 @@ Tests of the CA service over real gRPC: a server on 127.0.0.1 port 0 with
 TLS, and a real grpcio client in a thread of the test.
 """
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta, timezone
 
 import grpc
 from cryptography import x509
@@ -16,15 +16,14 @@ from twisted.trial.unittest import TestCase
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.ca.bundle import generate_bundle
 from sentry_tx.config import SentryConfig
-from sentry_tx.identity import VALIDATOR_INSECURE
+from sentry_tx.identity.caller import VALIDATOR_INSECURE
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import AlreadyRunningError, CertificateAuthorityService
-from sentry_tx.testing import FakeTrustStore, GrpcTestClient, make_csr
-
-
-def _now():
-    return datetime.now(timezone.utc)
+from sentry_tx.testing.authority import FakeTrustStore
+from sentry_tx.testing.certificates import make_csr
+from sentry_tx.testing.clocks import utc_now
+from sentry_tx.testing.grpc_client import GrpcTestClient
 
 
 class CertificateAuthorityOverGrpcTests(TestCase):
@@ -35,7 +34,7 @@ class CertificateAuthorityOverGrpcTests(TestCase):
     @inlineCallbacks
     def setUp(self):
         self.generated = generate_bundle(
-            "cluster.local", "default", _now(), timedelta(minutes=15)
+            "cluster.local", "default", utc_now(), timedelta(minutes=15)
         )
         self.config = SentryConfig(
             trust_domain="cluster.local", listen_address="127.0.0.1", port=0
@@ -81,7 +80,7 @@ class CertificateAuthorityOverGrpcTests(TestCase):
         verifier = (
             PolicyBuilder()
             .store(Store(anchors))
-            .time(_now())
+            .time(utc_now())
             .build_client_verifier()
         )
         verified = verifier.verify(leaf, intermediates)
@@ -123,7 +122,7 @@ class CertificateAuthorityOverGrpcTests(TestCase):
         verifier = (
             PolicyBuilder()
             .store(Store(list(self.generated.bundle.anchors)))
-            .time(_now())
+            .time(utc_now())
             .build_server_verifier(x509.DNSName("dapr-sentry.default.svc"))
         )
         verifier.verify(leaf, chain[1:])
@@ -175,8 +174,8 @@ class CertificateAuthorityOverGrpcTests(TestCase):
         """
         import socket
 
-        from sentry_tx.identity import CallerIdentity
-        from sentry_tx.testing import FakeValidator
+        from sentry_tx.identity.caller import CallerIdentity
+        from sentry_tx.testing.authority import FakeValidator
 
         validator = FakeValidator(VALIDATOR_INSECURE, pending=True)
         ca = CertificateAuthorityService(

@@ -65,13 +65,11 @@ from twisted.trial.unittest import TestCase
 
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.config import SentryConfig
-from sentry_tx.testing import (
-    PROJECT_ROOT,
-    GrpcTestClient,
-    make_csr,
-    start_fake_kubernetes,
-    write_kubeconfig,
-)
+from sentry_tx.testing.certificates import make_csr
+from sentry_tx.testing.grpc_client import GrpcTestClient
+from sentry_tx.testing.kubeconfig import write_kubeconfig
+from sentry_tx.testing.kubernetes import start_fake_kubernetes
+from sentry_tx.testing.source_tree import PROJECT_ROOT, child_environment
 from tests.test_kube_deploy import ENTRYPOINT
 from tests.test_process import LOOPBACK_FREE_PORTS, _TwistdProtocol, spawn_twistd
 
@@ -156,9 +154,7 @@ def _spawn_sentry_command(test, arguments):
     Python's bin directory first on the PATH, killed at cleanup.
     """
     protocol = _TwistdProtocol()
-    environment = dict(os.environ)
-    environment.pop("KUBERNETES_SERVICE_HOST", None)
-    environment["PYTHONPATH"] = PROJECT_ROOT
+    environment = child_environment()
     environment["NAMESPACE"] = CHART_NAMESPACE
     environment["PATH"] = os.path.dirname(sys.executable) + os.pathsep + environment.get("PATH", "")
     transport = reactor.spawnProcess(

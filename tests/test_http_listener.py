@@ -19,7 +19,7 @@ from sentry_tx.http_listener import (
     http_listener,
 )
 from sentry_tx.service import WebService
-from sentry_tx.testing import FakeCertificateAuthority
+from sentry_tx.testing.authority import FakeCertificateAuthority
 
 PROBE = b"GET /healthz HTTP/1.1\r\nHost: sentry\r\nConnection: close\r\n\r\n"
 KEEP_ALIVE_PROBE = b"GET /healthz HTTP/1.1\r\nHost: sentry\r\n\r\n"

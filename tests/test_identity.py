@@ -6,7 +6,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from sentry_tx.errors import ValidationError
-from sentry_tx.identity import CallerIdentity, SignRequest
+from sentry_tx.identity.caller import CallerIdentity, SignRequest
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.identity.rules import check_request, request_problems
 from sentry_tx.interfaces import IIdentityValidator

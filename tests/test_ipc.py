@@ -24,7 +24,7 @@ from sentry_tx.server.ipc import (
     config_from_json,
     config_to_json,
 )
-from sentry_tx.testing import make_bundle
+from sentry_tx.testing.certificates import make_bundle
 
 
 def _round_trip_arguments(command, arguments):

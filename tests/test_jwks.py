@@ -24,7 +24,7 @@ from zope.interface.verify import verifyObject
 from sentry_tx.config import MTLSConfig, SentryConfig, TokenValidatorConfig
 from sentry_tx.errors import ValidationError
 from sentry_tx.healthz import healthz_root
-from sentry_tx.identity import VALIDATOR_JWKS
+from sentry_tx.identity.caller import VALIDATOR_JWKS
 from sentry_tx.identity.jwks import (
     JWKS_FILE_CHECK_INTERVAL_SECONDS,
     PERIODIC_REFRESH_SECONDS,
@@ -32,15 +32,11 @@ from sentry_tx.identity.jwks import (
     JWKSValidator,
 )
 from sentry_tx.interfaces import IIdentityValidator
-from sentry_tx.tap import build_validators
-from sentry_tx.testing import (
-    FakeCertificateAuthority,
-    ImmediateReactor,
-    inline_file_work,
-    certificate_pem,
-    make_self_signed_server_certificate,
-    private_key_pem,
-)
+from sentry_tx.modes import build_validators
+from sentry_tx.testing.authority import FakeCertificateAuthority
+from sentry_tx.testing.certificates import certificate_pem, private_key_pem
+from sentry_tx.testing.clocks import ImmediateReactor, inline_file_work
+from sentry_tx.testing.kubeconfig import make_self_signed_server_certificate
 from tests.test_jwt import jwk_member, rsa_key
 from tests.test_servicer import sign_request
 
@@ -569,7 +565,8 @@ class BuildValidatorsTests(SynchronousTestCase):
                 )
             ),
         )
-        validators, default = build_validators(config, ImmediateReactor())
+        chosen = build_validators(config, ImmediateReactor(), {})
+        validators, default = chosen.validators, chosen.default_validator
         self.assertEqual(list(validators), [VALIDATOR_JWKS])
         self.assertIsNone(default)
         self.assertEqual(validators[VALIDATOR_JWKS]._sentry_audience, SENTRY_ID)
@@ -578,7 +575,8 @@ class BuildValidatorsTests(SynchronousTestCase):
         """
         Without jwks, INSECURE is the default.
         """
-        validators, default = build_validators(SentryConfig(), ImmediateReactor())
+        chosen = build_validators(SentryConfig(), ImmediateReactor(), {})
+        validators, default = chosen.validators, chosen.default_validator
         self.assertEqual(default, 1)
         self.assertEqual(list(validators), [1])
 
@@ -633,8 +631,6 @@ class WorkerValidatorsTests(SynchronousTestCase):
         The worker's ValidatorSet has the JWKS validator, no default, and
         the validator as the service the worker starts and stops.
         """
-        from sentry_tx.server.worker import build_validators as worker_validators
-
         config = SentryConfig(
             mtls=MTLSConfig(
                 token_validators=(
@@ -642,6 +638,6 @@ class WorkerValidatorsTests(SynchronousTestCase):
                 )
             ),
         )
-        chosen = worker_validators(config, ImmediateReactor(), {})
+        chosen = build_validators(config, ImmediateReactor(), {})
         self.assertIsNone(chosen.default_validator)
         self.assertIs(chosen.service, chosen.validators[VALIDATOR_JWKS])

@@ -25,7 +25,7 @@ from sentry_tx._proto import sentry_pb2
 from sentry_tx.ca.store import FileTrustStore
 from sentry_tx.config import MTLSConfig, SentryConfig
 from sentry_tx.errors import BundleError
-from sentry_tx.identity import CallerIdentity
+from sentry_tx.identity.caller import CallerIdentity
 from sentry_tx.jwt.material import generate_jwt_material, load_jwt_material
 from sentry_tx.jwt.minting import (
     MAX_JWT_AUDIENCES,
@@ -36,16 +36,10 @@ from sentry_tx.jwt.minting import (
 from sentry_tx.jwt.store import FileJWTStore, JWTTrustStore
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.servicer import CAServicer, Refusal
-from sentry_tx.testing import (
-    FIXED_NOW,
-    FakeCertificateAuthority,
-    FakeValidator,
-    ImmediateReactor,
-    run_now,
-    inline_file_work,
-    make_bundle,
-    make_chain,
-)
+from sentry_tx.testing.authority import FakeCertificateAuthority, FakeValidator
+from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_chain
+from sentry_tx.testing.clocks import ImmediateReactor, inline_file_work
+from sentry_tx.testing.grpc_client import run_now
 from tests.test_servicer import sign_request
 
 SOURCES = ("jwt.key", "jwks.json")

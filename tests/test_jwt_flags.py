@@ -1,5 +1,5 @@
 """
-Tests for the JWT and OIDC flags of L{sentry_tx.tap.Options} (SPEC sections
+Tests for the JWT and OIDC flags of L{sentry_tx.options.Options} (SPEC sections
 2 and 11) and for their wiring in L{sentry_tx.tap.build_service}.
 """
 
@@ -8,7 +8,7 @@ from twisted.application.service import IServiceCollection
 from sentry_tx.config import SentryConfig
 from sentry_tx.jwt.oidc import OIDCService
 from sentry_tx.tap import build_service
-from sentry_tx.testing import ImmediateReactor
+from sentry_tx.testing.clocks import ImmediateReactor
 from tests.test_tap import OptionsTestCase
 
 JWT_FLAGS = (

@@ -17,13 +17,8 @@ from sentry_tx.jwt.kubernetes_store import KubernetesJWTStore
 from sentry_tx.jwt.material import generate_jwt_material
 from sentry_tx.jwt.minting import JWTMinter
 from sentry_tx.jwt.store import JWTTrustStore
-from sentry_tx.testing import (
-    FIXED_NOW,
-    TEST_NAMESPACE,
-    TEST_TRUST_DOMAIN,
-    kubernetes_client_for,
-    start_fake_kubernetes,
-)
+from sentry_tx.testing.certificates import FIXED_NOW, TEST_NAMESPACE, TEST_TRUST_DOMAIN
+from sentry_tx.testing.kubernetes import kubernetes_client_for, start_fake_kubernetes
 from tests.test_jwt import rfc7638_kid
 
 NAME = "dapr-trust-bundle"

@@ -17,7 +17,9 @@ from twisted.trial.unittest import TestCase
 
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.jwt.material import generate_jwt_material
-from sentry_tx.testing import GrpcTestClient, make_csr, sign_on_new_connection
+from sentry_tx.testing.certificates import make_csr
+from sentry_tx.testing.grpc_client import GrpcTestClient
+from sentry_tx.testing.http2 import sign_on_new_connection
 from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
 
 ISSUER = "https://oidc.example.org"

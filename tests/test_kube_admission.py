@@ -24,7 +24,11 @@ from sentry_tx.errors import (
     ValidatorOverloadedError,
     ValidatorUnavailableError,
 )
-from sentry_tx.identity import VALIDATOR_INSECURE, VALIDATOR_KUBERNETES, SignRequest
+from sentry_tx.identity.caller import (
+    VALIDATOR_INSECURE,
+    VALIDATOR_KUBERNETES,
+    SignRequest,
+)
 from sentry_tx.identity.admission import (
     DEADLINE_PASSED,
     MIN_RETRY_AFTER_MILLISECONDS,
@@ -37,8 +41,9 @@ from sentry_tx.identity.kubernetes import (
     VALIDATOR_NOT_READY,
     KubernetesValidator,
 )
-from sentry_tx.kube import TOKEN_REVIEW_PATH, KubernetesUnavailableError
-from sentry_tx.kube_informer import configuration_informer, pod_informer
+from sentry_tx.kube.errors import KubernetesUnavailableError
+from sentry_tx.kube.paths import TOKEN_REVIEW_PATH
+from sentry_tx.kube.informer import configuration_informer, pod_informer
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.servicer import (
     RETRY_PUSHBACK_METADATA_KEY,
@@ -46,18 +51,15 @@ from sentry_tx.server.servicer import (
     CAServicer,
 )
 from sentry_tx.server.service import CertificateAuthorityService
-from sentry_tx.testing import (
-    AbortingContext,
+from sentry_tx.testing.authority import (
     FakeCertificateAuthority,
     FakeTrustStore,
     FakeValidator,
-    GrpcTestClient,
-    ScriptedKubernetesClient,
-    make_bundle,
-    make_csr,
-    make_service_account_token,
-    run_now,
 )
+from sentry_tx.testing.certificates import make_bundle, make_csr
+from sentry_tx.testing.grpc_client import AbortingContext, GrpcTestClient, run_now
+from sentry_tx.testing.kubernetes_tokens import make_service_account_token
+from sentry_tx.testing.scripted_kubernetes import ScriptedKubernetesClient
 
 NAMESPACE = "apps"
 ACCOUNT = "app"

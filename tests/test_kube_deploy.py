@@ -14,9 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx.ca.kubernetes_store import TRUST_BUNDLE_NAME
 from sentry_tx.config import MODE_KUBERNETES, SentryConfig, parse_mtls
-from sentry_tx.kube import SERVICE_ACCOUNT_DIRECTORY
-from sentry_tx.tap import Options
-from sentry_tx.testing import PROJECT_ROOT
+from sentry_tx.kube.incluster import SERVICE_ACCOUNT_DIRECTORY
+from sentry_tx.options import Options
+from sentry_tx.testing.source_tree import PROJECT_ROOT
 
 CONF = os.path.join(PROJECT_ROOT, "conf")
 MANIFESTS = os.path.join(CONF, "kubernetes")

@@ -1,5 +1,5 @@
 """
-Tests for L{sentry_tx.kube_informer}: list, then watch from the list's
+Tests for L{sentry_tx.kube.informer}: list, then watch from the list's
 version; resume, re-list on 410 Gone, back off on a broken watch; bounded
 lines, bounded silence, bounded memory.
 """
@@ -12,8 +12,8 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from sentry_tx.kube import KubernetesAPIError, KubernetesUnavailableError
-from sentry_tx.kube_informer import (
+from sentry_tx.kube.errors import KubernetesAPIError, KubernetesUnavailableError
+from sentry_tx.kube.informer import (
     CONFIGURATIONS_PATH,
     MAX_KEPT_STRING_CHARACTERS,
     MAX_LIST_PAGE_BYTES,
@@ -28,11 +28,10 @@ from sentry_tx.kube_informer import (
     configuration_informer,
     pod_informer,
 )
-from sentry_tx.testing import (
+from sentry_tx.testing.kubernetes import kubernetes_client_for, start_fake_kubernetes
+from sentry_tx.testing.scripted_kubernetes import (
     ScriptedKubernetesClient,
     ScriptedResponse,
-    kubernetes_client_for,
-    start_fake_kubernetes,
 )
 
 
@@ -408,7 +407,7 @@ class InformerOverHTTPTests(TestCase):
     timeout = 20
 
     def setUp(self):
-        from sentry_tx.kube_informer import pod_record
+        from sentry_tx.kube.informer import pod_record
 
         self.fake = start_fake_kubernetes(self)
         self.client = kubernetes_client_for(self, self.fake)
@@ -465,7 +464,7 @@ class InformerOverHTTPTests(TestCase):
         A watch from a version older than the server's history gets an
         ERROR event with 410 Gone, and the informer lists again.
         """
-        from sentry_tx.kube_informer import pod_record
+        from sentry_tx.kube.informer import pod_record
 
         yield self._until(lambda: self.informer.ready)
         self.fake.add_pod("apps", "p5", "app")

@@ -13,14 +13,10 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from sentry_tx._proto import sentry_pb2
-from sentry_tx.testing import (
-    TEST_NAMESPACE,
-    TEST_TRUST_DOMAIN,
-    GrpcTestClient,
-    make_csr,
-    start_fake_kubernetes,
-    write_kubeconfig,
-)
+from sentry_tx.testing.certificates import TEST_NAMESPACE, TEST_TRUST_DOMAIN, make_csr
+from sentry_tx.testing.grpc_client import GrpcTestClient
+from sentry_tx.testing.kubeconfig import write_kubeconfig
+from sentry_tx.testing.kubernetes import start_fake_kubernetes
 from tests.test_kube_deploy import ENTRYPOINT
 from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
 

@@ -14,14 +14,13 @@ from sentry_tx.ca.kubernetes_store import KubernetesTrustStore
 from sentry_tx.config import MTLSConfig, SentryConfig
 from sentry_tx.errors import BundleError, ConfigError
 from sentry_tx.interfaces import ITrustStore
-from sentry_tx.testing import (
+from sentry_tx.testing.certificates import (
     FIXED_NOW,
     TEST_NAMESPACE,
     TEST_TRUST_DOMAIN,
-    kubernetes_client_for,
     make_chain,
-    start_fake_kubernetes,
 )
+from sentry_tx.testing.kubernetes import kubernetes_client_for, start_fake_kubernetes
 
 NAME = "dapr-trust-bundle"
 SKEW = timedelta(minutes=15)
@@ -471,10 +470,11 @@ class MountedSecretRotationTests(TestCase):
         from twisted.internet import inotify
         from twisted.internet.task import Clock
 
-        from sentry_tx.identity import VALIDATOR_KUBERNETES
+        from sentry_tx.identity.caller import VALIDATOR_KUBERNETES
         from sentry_tx.metrics import SentryMetrics
         from sentry_tx.server.service import CertificateAuthorityService
-        from sentry_tx.testing import FakeINotifyFactory, FakeValidator
+        from sentry_tx.testing.authority import FakeValidator
+        from sentry_tx.testing.inotify import FakeINotifyFactory
         from sentry_tx.watcher import ISSUER_CHANGE_WINDOW_SECONDS, IssuerWatcher
 
         fake = start_fake_kubernetes(self)

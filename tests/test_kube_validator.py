@@ -4,28 +4,26 @@ validator, against the fake API server.
 """
 
 from twisted.internet import defer
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from sentry_tx.errors import ValidationError, ValidatorUnavailableError
-from sentry_tx.identity import VALIDATOR_KUBERNETES, SignRequest
+from sentry_tx.identity.caller import VALIDATOR_KUBERNETES, SignRequest
 from sentry_tx.identity.kubernetes import (
     ANSWER_MARGIN_SECONDS,
     KubernetesValidator,
     token_payload,
 )
 from sentry_tx.interfaces import IIdentityValidator
-from sentry_tx.testing import (
+from sentry_tx.testing.certificates import TEST_NAMESPACE, TEST_TRUST_DOMAIN, make_csr
+from sentry_tx.testing.kubernetes import kubernetes_client_for, start_fake_kubernetes
+from sentry_tx.testing.kubernetes_tokens import (
     FAKE_API_DEFAULT_AUDIENCES,
-    TEST_NAMESPACE,
-    TEST_TRUST_DOMAIN,
     FakeReviewedToken,
-    kubernetes_client_for,
-    make_csr,
     make_service_account_token,
-    start_fake_kubernetes,
 )
+from sentry_tx.testing.logs import capture_logs
 
 APPS = "apps"
 POD = "myapp-7d9f"
@@ -497,9 +495,7 @@ class KubernetesValidatorTests(TestCase):
         A TokenReview refused by RBAC is UNAVAILABLE and logged as an error
         without the caller's token.
         """
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capture_logs(self)
         self.fake.forbidden.add(("POST", "tokenreviews"))
         yield self._refused("HTTP 403 Forbidden", ValidatorUnavailableError)
         messages = [formatEvent(event) for event in events]

@@ -21,33 +21,34 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.ca.bundle import TrustBundle, generate_bundle
 from sentry_tx.config import SentryConfig
-from sentry_tx.identity import VALIDATOR_INSECURE, CallerIdentity
+from sentry_tx.identity.caller import VALIDATOR_INSECURE, CallerIdentity
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server import service, servicer
 from sentry_tx.server.service import CertificateAuthorityService, grpc_server_options
-from sentry_tx.testing import (
+from sentry_tx.testing.authority import FakeTrustStore, FakeValidator
+from sentry_tx.testing.certificates import (
+    make_certificate,
+    make_chain,
+    make_csr,
+    make_private_key,
+)
+from sentry_tx.testing.grpc_client import GrpcTestClient
+from sentry_tx.testing.http2 import (
+    HTTP2_CANCEL,
     HTTP2_ENHANCE_YOUR_CALM,
     HTTP2_FLAG_ACK,
     HTTP2_FLAG_END_STREAM,
-    HTTP2_HEADERS,
-    HTTP2_CANCEL,
     HTTP2_GOAWAY,
+    HTTP2_HEADERS,
     HTTP2_PING,
     HTTP2_REFUSED_STREAM,
     HTTP2_RST_STREAM,
     HTTP2_SETTINGS,
     HTTP2_SETTINGS_MAX_CONCURRENT_STREAMS,
-    FakeTrustStore,
-    FakeValidator,
-    GrpcTestClient,
     RawHTTP2Client,
     grpc_request_headers,
     http2_frame,
-    make_certificate,
-    make_chain,
-    make_csr,
-    make_private_key,
     open_silent_connections,
 )
 

@@ -15,14 +15,10 @@ from sentry_tx.metrics import (
 )
 from sentry_tx.server.ipc import CounterDeltas, add_counter_deltas
 from sentry_tx.server.servicer import CAServicer, Refusal
-from sentry_tx.testing import (
-    FIXED_NOW,
-    FakeCertificateAuthority,
-    FakeValidator,
-    ImmediateReactor,
-    run_now,
-    make_bundle,
-)
+from sentry_tx.testing.authority import FakeCertificateAuthority, FakeValidator
+from sentry_tx.testing.certificates import FIXED_NOW, make_bundle
+from sentry_tx.testing.clocks import ImmediateReactor
+from sentry_tx.testing.grpc_client import run_now
 from tests.test_ipc import _round_trip_response
 from tests.test_servicer import INSECURE, sign_request
 from tests.test_web import render

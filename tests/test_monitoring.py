@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx.metrics import SentryMetrics, metrics_root
-from sentry_tx.testing import PROJECT_ROOT, make_bundle
+from sentry_tx.testing.certificates import make_bundle
+from sentry_tx.testing.source_tree import PROJECT_ROOT
 from tests.test_web import render
 
 MONITORING = os.path.join(PROJECT_ROOT, "conf", "monitoring")

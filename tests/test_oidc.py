@@ -15,13 +15,9 @@ from sentry_tx.jwt.material import generate_jwt_material, load_jwt_material
 from sentry_tx.jwt.minting import JWTMinter
 from sentry_tx.jwt.oidc import TLS_FILES_POLL_SECONDS, OIDCResource, OIDCService
 from sentry_tx.http_listener import GuardedSite, GuardedWebService
-from sentry_tx.testing import (
-    ImmediateReactor,
-    inline_file_work,
-    certificate_pem,
-    make_self_signed_server_certificate,
-    private_key_pem,
-)
+from sentry_tx.testing.certificates import certificate_pem, private_key_pem
+from sentry_tx.testing.clocks import ImmediateReactor, inline_file_work
+from sentry_tx.testing.kubeconfig import make_self_signed_server_certificate
 
 _PAIR = []
 

@@ -15,7 +15,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from sentry_tx._proto import sentry_pb2
-from sentry_tx.testing import PROJECT_ROOT, GrpcTestClient, make_csr
+from sentry_tx.testing.certificates import make_csr
+from sentry_tx.testing.grpc_client import GrpcTestClient
+from sentry_tx.testing.source_tree import child_environment
 
 # The image's ENTRYPOINT runs the console script `twistd`; use the one of
 # the running Python (a venv's bin/), else the same code through -c.
@@ -154,9 +156,7 @@ def spawn_twistd(test, arguments, env=None, open_files_limit=None):
             " from twisted.scripts.twistd import run; run()",
         ]
     protocol = _TwistdProtocol(workers="--workers" in arguments)
-    environment = dict(os.environ)
-    environment.pop("KUBERNETES_SERVICE_HOST", None)
-    environment["PYTHONPATH"] = PROJECT_ROOT
+    environment = child_environment()
     environment.update(env or {})
     transport = reactor.spawnProcess(
         protocol,
@@ -322,7 +322,8 @@ class TwistdProcessTests(TestCase):
         """
         from datetime import datetime, timedelta, timezone
 
-        from sentry_tx.testing import make_chain, reissue_chain, replace_bundle_files
+        from sentry_tx.testing.certificates import make_chain
+        from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files
 
         now = datetime.now(timezone.utc)
         chain = make_chain(

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from sentry_tx.config import MTLSConfig, SentryConfig
-from sentry_tx.identity import VALIDATOR_INSECURE, VALIDATOR_KUBERNETES
+from sentry_tx.identity.caller import VALIDATOR_INSECURE, VALIDATOR_KUBERNETES
 from sentry_tx.interfaces import IConfigurationSource
 from sentry_tx.report import SettingsReport, describe_settings
 

@@ -1,7 +1,7 @@
 """
 Tests for the service tree: the twistd plugin, the composition in
-L{sentry_tx.tap.build_service}, the root service's fatal path, and the fakes
-in L{sentry_tx.testing}.
+L{sentry_tx.tap.build_service} and the root service's fatal path (the fakes
+of L{sentry_tx.testing} are checked in C{tests/test_testing.py}).
 """
 
 from twisted.application.service import IServiceMaker
@@ -13,11 +13,7 @@ from zope.interface.verify import verifyObject
 
 from sentry_tx.config import SentryConfig
 from sentry_tx.errors import BundleError
-from sentry_tx.interfaces import (
-    ICertificateAuthority,
-    IIdentityValidator,
-    ITrustStore,
-)
+from sentry_tx.interfaces import ICertificateAuthority
 from sentry_tx.expiry import ExpiryChecker
 from sentry_tx.server.service import CertificateAuthorityService
 from sentry_tx.server.workers import WorkerPoolAuthority
@@ -25,7 +21,6 @@ from sentry_tx.watcher import IssuerWatcher
 from sentry_tx.service import SentryService, WebService
 from sentry_tx.stderr_capture import StandardErrorCapture
 from sentry_tx.tap import build_service
-from sentry_tx.testing import FakeCertificateAuthority, FakeTrustStore, FakeValidator
 
 
 class PluginTests(SynchronousTestCase):
@@ -156,20 +151,6 @@ class SentryServiceTests(SynchronousTestCase):
         )
 
 
-class FakesTests(SynchronousTestCase):
-    """
-    The fakes provide the interfaces they stand for.
-    """
-
-    def test_interfaces(self):
-        """
-        Each fake passes C{verifyObject} for its interface.
-        """
-        verifyObject(ICertificateAuthority, FakeCertificateAuthority())
-        verifyObject(IIdentityValidator, FakeValidator())
-        verifyObject(ITrustStore, FakeTrustStore())
-
-
 class HelpImportsTests(SynchronousTestCase):
     """
     C{twistd --help} stays cheap.
@@ -184,7 +165,7 @@ class HelpImportsTests(SynchronousTestCase):
         import subprocess
         import sys
 
-        from sentry_tx.testing import PROJECT_ROOT as root
+        from sentry_tx.testing.source_tree import PROJECT_ROOT as root
         script = (
             "import sys\n"
             "from twisted.scripts.twistd import run\n"

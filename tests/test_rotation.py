@@ -7,7 +7,7 @@ real L{IssuerWatcher} with Twisted's L{INotify}, called by real gRPC clients.
 import os
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from cryptography import x509
 from twisted.internet import reactor
@@ -20,20 +20,15 @@ from sentry_tx._proto import sentry_pb2
 from sentry_tx.ca.store import FileTrustStore
 from sentry_tx.config import SentryConfig
 from sentry_tx.errors import BundleError
-from sentry_tx.identity import VALIDATOR_INSECURE
+from sentry_tx.identity.caller import VALIDATOR_INSECURE
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import CertificateAuthorityService
-from sentry_tx.testing import (
-    TEST_TRUST_DOMAIN,
-    GrpcTestClient,
-    ObservedAuthority,
-    SchedulingClock,
-    make_chain,
-    make_csr,
-    reissue_chain,
-    replace_bundle_files,
-)
+from sentry_tx.testing.authority import ObservedAuthority
+from sentry_tx.testing.certificates import TEST_TRUST_DOMAIN, make_chain, make_csr
+from sentry_tx.testing.clocks import SchedulingClock, utc_now
+from sentry_tx.testing.grpc_client import GrpcTestClient
+from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files
 from sentry_tx.watcher import ISSUER_CHANGE_WINDOW_SECONDS, IssuerWatcher
 
 CLIENT_THREADS = 4
@@ -63,10 +58,6 @@ SIGN_TIMEOUT_SECONDS = 5.0
 GARBAGE_CERTIFICATE_PEM = (
     b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n"
 )
-
-
-def _now():
-    return datetime.now(timezone.utc)
 
 
 def _key_identifier(response):
@@ -158,7 +149,7 @@ class RotationTests(TestCase):
     def setUp(self):
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
-        now = _now()
+        now = utc_now()
         self.old = make_chain(
             not_before=now - timedelta(days=1), not_after=now + timedelta(days=90)
         )

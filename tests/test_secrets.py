@@ -32,7 +32,7 @@ from sentry_tx.ca.bundle import load_bundle
 from sentry_tx.ca.store import FileTrustStore
 from sentry_tx.config import SentryConfig
 from sentry_tx.errors import BundleError, ValidationError, ValidatorUnavailableError
-from sentry_tx.identity import (
+from sentry_tx.identity.caller import (
     VALIDATOR_INSECURE,
     VALIDATOR_JWKS,
     VALIDATOR_KUBERNETES,
@@ -42,16 +42,16 @@ from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import CertificateAuthorityService
 from sentry_tx.server.servicer import CAServicer, Refusal
-from sentry_tx.testing import (
+from sentry_tx.testing.authority import FakeCertificateAuthority, FakeValidator
+from sentry_tx.testing.certificates import (
     FIXED_NOW,
-    FakeCertificateAuthority,
-    FakeValidator,
-    GrpcTestClient,
-    ImmediateReactor,
+    flip_bit,
     make_chain,
     make_csr,
     pem_encode,
 )
+from sentry_tx.testing.clocks import ImmediateReactor
+from sentry_tx.testing.grpc_client import GrpcTestClient
 from tests.hypothesis_profiles import show_notes
 
 PEM_KEY_LABEL = "PRIVATE KEY"
@@ -353,10 +353,6 @@ class ServiceSecretsTests(SecretsAssertions, TestCase):
         self.assert_events_clean(events, keys)
 
 
-def _flip(data, at, bit=0):
-    return data[:at] + bytes([data[at] ^ (1 << bit)]) + data[at + 1 :]
-
-
 class BundleErrorSecretsTests(SecretsAssertions, SynchronousTestCase):
     """
     BundleError messages about bad key files never quote the key.
@@ -404,9 +400,9 @@ class BundleErrorSecretsTests(SecretsAssertions, SynchronousTestCase):
         # The whole PEM on one line, as when newlines are lost in a paste.
         yield pem.replace(b"\n", b"")
         yield from (
-            _flip(pem, body_start + at, bit) for at in (0, 30, 70, 120) for bit in (0, 5)
+            flip_bit(pem, body_start + at, bit) for at in (0, 30, 70, 120) for bit in (0, 5)
         )
-        yield from (pem_encode("PRIVATE KEY", _flip(der, at)) for at in (0, 7, 20, 40))
+        yield from (pem_encode("PRIVATE KEY", flip_bit(der, at)) for at in (0, 7, 20, 40))
         yield pem_encode("PRIVATE KEY", der[: len(der) // 2])
         yield pem_encode("PRIVATE KEY", der * 2)
         yield pem_encode("RSA PRIVATE KEY", der)
@@ -458,7 +454,7 @@ class BundleErrorSecretsTests(SecretsAssertions, SynchronousTestCase):
         if mutation == "truncate":
             mutated = pem[:at]
         elif mutation == "flip":
-            mutated = _flip(pem, at, data.draw(st.integers(0, 7)))
+            mutated = flip_bit(pem, at, data.draw(st.integers(0, 7)))
         else:
             end = data.draw(st.integers(at, len(pem)))
             mutated = pem[:at] + pem[at:end] * data.draw(st.integers(2, 5)) + pem[end:]

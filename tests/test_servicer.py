@@ -19,7 +19,7 @@ from sentry_tx.errors import (
     ValidatorOverloadedError,
     ValidatorUnavailableError,
 )
-from sentry_tx.identity import SignRequest
+from sentry_tx.identity.caller import SignRequest
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.servicer import (
     VALIDATION_TIMEOUT_SECONDS,
@@ -27,16 +27,10 @@ from sentry_tx.server.servicer import (
     Refusal,
     refusal_for,
 )
-from sentry_tx.testing import (
-    FIXED_NOW,
-    AbortingContext,
-    FakeCertificateAuthority,
-    FakeValidator,
-    ImmediateReactor,
-    make_bundle,
-    make_csr,
-    run_now,
-)
+from sentry_tx.testing.authority import FakeCertificateAuthority, FakeValidator
+from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_csr
+from sentry_tx.testing.clocks import ImmediateReactor
+from sentry_tx.testing.grpc_client import AbortingContext, run_now
 
 INSECURE, KUBERNETES, JWKS = 1, 2, 3
 

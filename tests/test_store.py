@@ -16,7 +16,7 @@ from sentry_tx.ca.bundle import TrustBundle, load_bundle
 from sentry_tx.ca.store import FileTrustStore
 from sentry_tx.errors import BundleError
 from sentry_tx.interfaces import ITrustStore
-from sentry_tx.testing import FIXED_NOW, make_chain
+from sentry_tx.testing.certificates import FIXED_NOW, make_chain
 
 SKEW = timedelta(minutes=15)
 NAMES = ("ca.crt", "issuer.crt", "issuer.key")

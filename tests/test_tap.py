@@ -1,5 +1,5 @@
 """
-Tests for L{sentry_tx.tap.Options}: Dapr Sentry's flags.
+Tests for L{sentry_tx.options.Options}: Dapr Sentry's flags.
 """
 
 import signal
@@ -13,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx import logs
 from sentry_tx.config import MTLSConfig, SentryConfig
-from sentry_tx.tap import Options, go_style_arguments
+from sentry_tx.flags import go_style_arguments
+from sentry_tx.options import Options
 
 ALL_FLAGS = (
     "config",

@@ -22,11 +22,11 @@ from twisted.trial.unittest import TestCase
 from sentry_tx._proto import sentry_pb2, sentry_pb2_grpc
 from sentry_tx.ca.bundle import generate_bundle
 from sentry_tx.config import SentryConfig
-from sentry_tx.identity import VALIDATOR_INSECURE
+from sentry_tx.identity.caller import VALIDATOR_INSECURE
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import CertificateAuthorityService
-from sentry_tx.testing import FakeTrustStore
+from sentry_tx.testing.authority import FakeTrustStore
 
 SERVER_NAME = "dapr-sentry.default.svc"
 SERVER_NAMES = (

@@ -36,7 +36,7 @@ from twisted.internet.inotify import (
     humanReadableMask,
 )
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -46,16 +46,21 @@ from sentry_tx.config import SentryConfig
 from sentry_tx.errors import BundleError
 from sentry_tx.interfaces import ICertificateAuthority
 from sentry_tx.metrics import SentryMetrics
-from sentry_tx.testing import (
+from sentry_tx.testing.authority import (
+    FakeCertificateAuthority,
+    ObservedAuthority,
+    RefusingCertificateAuthority,
+)
+from sentry_tx.testing.certificates import (
     FIXED_NOW,
     TEST_NAMESPACE,
     TEST_TRUST_DOMAIN,
-    FakeCertificateAuthority,
-    FakeINotifyFactory,
-    ObservedAuthority,
-    RefusingCertificateAuthority,
-    SchedulingClock,
     make_chain,
+)
+from sentry_tx.testing.clocks import SchedulingClock
+from sentry_tx.testing.inotify import FakeINotifyFactory
+from sentry_tx.testing.logs import log_messages
+from sentry_tx.testing.rotation import (
     project_volume,
     replace_bundle_files,
     swap_projected_volume,
@@ -71,19 +76,6 @@ from sentry_tx.watcher import (
 WATCHER_NAMESPACE = "sentry_tx.watcher.IssuerWatcher"
 
 REAL_INOTIFY_TIMEOUT_SECONDS = 10
-
-
-def _messages(events, level=None):
-    """
-    The formatted messages of the watcher's log events, at C{level} only
-    when given.
-    """
-    return [
-        formatEvent(event)
-        for event in events
-        if event.get("log_namespace") == WATCHER_NAMESPACE
-        and (level is None or event["log_level"] == level)
-    ]
 
 
 def _restarts(authority):
@@ -232,7 +224,8 @@ class WindowTests(FakeWatcherMixin, SynchronousTestCase):
             self.clock.advance(ISSUER_CHANGE_WINDOW_SECONDS)
         self.assertEqual(_changed(self.metrics), 1)
         self.assertEqual(
-            _messages(events, LogLevel.info), ["issuer credentials changed; reloading"]
+            log_messages(events, LogLevel.info, namespace=WATCHER_NAMESPACE),
+            ["issuer credentials changed; reloading"],
         )
 
     def test_counting_event_kinds(self):
@@ -378,7 +371,7 @@ class LostWatchTests(FakeWatcherMixin, SynchronousTestCase):
         with capturedLogs() as events:
             self.event(mask, name=None)
         self.assertEqual(
-            _messages(events, LogLevel.warn),
+            log_messages(events, LogLevel.warn, namespace=WATCHER_NAMESPACE),
             [
                 f"lost the watch on /credentials "
                 f"({','.join(humanReadableMask(mask))}); "
@@ -464,7 +457,7 @@ class LostWatchTests(FakeWatcherMixin, SynchronousTestCase):
         self.assertEqual(delays[1], REARM_RETRY_INITIAL_SECONDS * 2)
         self.assertEqual(max(delays), REARM_RETRY_MAX_SECONDS)
         self.assertEqual(delays[-1], REARM_RETRY_MAX_SECONDS)
-        warnings = _messages(events, LogLevel.warn)
+        warnings = log_messages(events, LogLevel.warn, namespace=WATCHER_NAMESPACE)
         self.assertEqual(len(warnings), 11)
         self.assertIn("cannot watch /credentials", warnings[0])
         self.assertIn(f"trying again in {REARM_RETRY_INITIAL_SECONDS} s", warnings[0])
@@ -530,7 +523,8 @@ class LostWatchTests(FakeWatcherMixin, SynchronousTestCase):
         )
         with capturedLogs() as events:
             watcher.startService()
-        self.assertIn("cannot open inotify", _messages(events, LogLevel.warn)[0])
+        warnings = log_messages(events, LogLevel.warn, namespace=WATCHER_NAMESPACE)
+        self.assertIn("cannot open inotify", warnings[0])
         self.assertEqual(self.factory.notifiers, [])
         self.clock.advance(REARM_RETRY_INITIAL_SECONDS)
         self.assertEqual(len(self.factory.current.watches), 2)
@@ -797,7 +791,7 @@ class RealINotifyTests(TestCase):
             yield self.window_opened(scheduled)
             self.clock.advance(0)
 
-        warnings = _messages(events, LogLevel.warn)
+        warnings = log_messages(events, LogLevel.warn, namespace=WATCHER_NAMESPACE)
         self.assertEqual(len(warnings), 2)
         self.assertIn(f"lost the watch on {self.directory}", warnings[0])
         self.assertIn(f"cannot watch {self.directory}", warnings[1])

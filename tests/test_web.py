@@ -7,7 +7,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx.healthz import healthz_root
 from sentry_tx.metrics import SentryMetrics, metrics_root
-from sentry_tx.testing import FakeCertificateAuthority, make_bundle
+from sentry_tx.testing.authority import FakeCertificateAuthority
+from sentry_tx.testing.certificates import make_bundle
 
 
 def render(root, path):

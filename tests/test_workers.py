@@ -10,7 +10,7 @@ L{Clock}; a few run real worker processes serving real gRPC on 127.0.0.1.
 import os
 import signal
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import grpc
 from cryptography import x509
@@ -29,7 +29,7 @@ from twisted.internet.error import (
     ProcessTerminated,
 )
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -37,74 +37,43 @@ from zope.interface.verify import verifyObject
 
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.ca.bundle import TrustBundle, generate_bundle
-from sentry_tx.config import MODE_KUBERNETES, SentryConfig
+from sentry_tx.config import SentryConfig
 from sentry_tx.errors import BundleError
-from sentry_tx.identity import VALIDATOR_INSECURE, VALIDATOR_KUBERNETES
+from sentry_tx.identity.caller import VALIDATOR_INSECURE
 from sentry_tx.interfaces import ICertificateAuthority, ITrustStore
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.ipc import (
+    WORKER_MODULE,
     Counters,
     Start,
     WorkerRefused,
     bundle_to_pems,
     config_to_json,
 )
+from sentry_tx.server.pushed_store import PushedTrustStore
 from sentry_tx.server.service import NotRunningError, SHUTDOWN_GRACE_SECONDS
 from sentry_tx.server.worker import (
-    WORKER_MODULE,
     ParentConnection,
-    PushedTrustStore,
     WorkerCommands,
-    build_validators,
 )
-from sentry_tx.server.workers import (
+from sentry_tx.server.worker_process import (
     KILL_WAIT_SECONDS,
-    RESPAWN_INITIAL_DELAY_SECONDS,
-    STOP_MARGIN_SECONDS,
     WorkerError,
-    WorkerPoolAuthority,
     WorkerProcess,
 )
-from sentry_tx.testing import (
-    FIXED_NOW,
-    FakeTrustStore,
-    PROJECT_ROOT,
-    GrpcTestClient,
-    ImmediateReactor,
-    make_bundle,
-    make_csr,
+from sentry_tx.server.workers import (
+    RESPAWN_INITIAL_DELAY_SECONDS,
+    STOP_MARGIN_SECONDS,
+    WorkerPoolAuthority,
 )
+from sentry_tx.testing.authority import FakeTrustStore
+from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_csr
+from sentry_tx.testing.clocks import ImmediateReactor, utc_now
+from sentry_tx.testing.grpc_client import GrpcTestClient
+from sentry_tx.testing.logs import capture_logs, log_messages
+from sentry_tx.testing.source_tree import child_environment
 
 FAKE_PORT = 4242
-
-
-def _capture_logs(test):
-    """
-    Collect every log event until the end of C{test}.
-
-    @return: the list the events are appended to.
-    """
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    test.addCleanup(globalLogPublisher.removeObserver, events.append)
-    return events
-
-
-def _messages(events, level=None):
-    """
-    The formatted text of C{events} (at C{level}, if given), with the text
-    of any failure they carry.
-    """
-    texts = []
-    for event in events:
-        if level is not None and event.get("log_level") != level:
-            continue
-        text = formatEvent(event)
-        failure = event.get("log_failure")
-        if failure is not None:
-            text += "\n" + failure.getTraceback()
-        texts.append(text)
-    return texts
 
 
 # In-process workers behind an in-memory pipe.
@@ -323,7 +292,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.spawned = []
         self.scripts = {}
         self.serving = []
-        self.events = _capture_logs(self)
+        self.events = capture_logs(self)
         self.pool = self.make_pool(2)
 
     def make_pool(self, workers, **options):
@@ -655,7 +624,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertTrue(self.pool.ready)
         self.assertEqual(self.serving[-1], (1, self.spawned[-1].pid))
         self.assertEqual(self.spawned[-1].authority.bundle.issuer, self.bundle.issuer)
-        errors = _messages(self.events, LogLevel.error)
+        errors = log_messages(self.events, LogLevel.error, with_failures=True)
         self.assertIn("worker 1 (pid 1001) ended unexpectedly: signal 9", errors)
 
     def test_backoff_starts_over_after_serving_long(self):
@@ -769,7 +738,10 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertIs(self.pool.bundle, self.bundle)
         for worker in self.spawned:
             self.assertEqual(worker.authority.restarts, [])
-        self.assertIn("issuer credentials unchanged", _messages(self.events))
+        self.assertIn(
+            "issuer credentials unchanged",
+            log_messages(self.events, with_failures=True),
+        )
 
     def test_restart_not_running(self):
         """
@@ -795,7 +767,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertTrue(
             any(
                 "issuer.crt: garbage" in text
-                for text in _messages(self.events, LogLevel.error)
+                for text in log_messages(self.events, LogLevel.error, with_failures=True)
             )
         )
 
@@ -820,7 +792,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(len(self.spawned), 3)
         self.assertEqual(self.spawned[2].authority.bundle.issuer, new.issuer)
         self.assertEqual(self.spawned[0].authority.bundle.issuer, new.issuer)
-        errors = _messages(self.events, LogLevel.error)
+        errors = log_messages(self.events, LogLevel.error, with_failures=True)
         self.assertTrue(
             any(
                 "worker 1 (pid 1001) did not take the new trust bundle" in text
@@ -872,7 +844,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertTrue(
             any(
                 "could not read the counters of worker 1" in text
-                for text in _messages(self.events, LogLevel.warn)
+                for text in log_messages(self.events, LogLevel.warn, with_failures=True)
             )
         )
         self.spawned[1].exit(ProcessDone(0))
@@ -929,7 +901,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertTrue(
             any(
                 "was killed but has not ended" in text
-                for text in _messages(self.events, LogLevel.error)
+                for text in log_messages(self.events, LogLevel.error, with_failures=True)
             )
         )
         self.spawned[1].exit(ProcessTerminated(signal=9))
@@ -951,7 +923,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.successResultOf(d)
         self.clock.advance(1.0)
         self.pipes.pump()
-        text = "\n".join(_messages(self.events))
+        text = "\n".join(log_messages(self.events, with_failures=True))
         # The logs checked hold the refusal, where a key would most likely leak.
         self.assertIn("did not take the new trust bundle", text)
         for bundle in (self.bundle, self.store.bundle):
@@ -1017,7 +989,7 @@ class WorkerCommandsTests(SynchronousTestCase):
         A failure written for an operator is answered with its message;
         any other only with its type, and logged in the worker.
         """
-        events = _capture_logs(self)
+        events = capture_logs(self)
         self.script.start_error = RuntimeError("cannot listen on 127.0.0.1:1: in use")
         failure = self.failureResultOf(
             self.commands.start(**self.arguments()), WorkerRefused
@@ -1037,7 +1009,8 @@ class WorkerCommandsTests(SynchronousTestCase):
             failure.getErrorMessage(),
             "could not start serving: KeyError (see the worker's log)",
         )
-        self.assertTrue(any("SECRET" in text for text in _messages(events)))
+        texts = log_messages(events, with_failures=True)
+        self.assertTrue(any("SECRET" in text for text in texts))
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
 
     def test_bad_key_refused_without_quoting_it(self):
@@ -1120,51 +1093,7 @@ class PushedTrustStoreTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(store.load_or_generate(FIXED_NOW)), later)
 
 
-class BuildValidatorsTests(SynchronousTestCase):
-    """
-    L{build_validators}.
-    """
-
-    def test_standalone(self):
-        """
-        Standalone mode enables INSECURE, the default.
-        """
-        chosen = build_validators(SentryConfig(), ImmediateReactor(), {})
-        self.assertEqual(list(chosen.validators), [VALIDATOR_INSECURE])
-        self.assertEqual(chosen.default_validator, VALIDATOR_INSECURE)
-        self.assertIsNone(chosen.service)
-
-    def test_kubernetes(self):
-        """
-        Kubernetes mode enables KUBERNETES, the default, with a service
-        that closes its client, and opens nothing.
-        """
-        chosen = build_validators(
-            SentryConfig(mode=MODE_KUBERNETES), ImmediateReactor(), {}
-        )
-        self.assertEqual(list(chosen.validators), [VALIDATOR_KUBERNETES])
-        self.assertEqual(chosen.default_validator, VALIDATOR_KUBERNETES)
-        self.assertIsNotNone(chosen.service)
-
-
 # Real worker processes.
-
-
-def _worker_environment():
-    """
-    The environment of worker processes started by tests: trial runs in a
-    temporary directory, so the project must be on PYTHONPATH.
-    """
-    environ = dict(os.environ)
-    environ.pop("KUBERNETES_SERVICE_HOST", None)
-    environ["PYTHONPATH"] = os.pathsep.join(
-        [PROJECT_ROOT] + [p for p in [environ.get("PYTHONPATH")] if p]
-    )
-    return environ
-
-
-def _now():
-    return datetime.now(timezone.utc)
 
 
 def _authority_key_identifier(response):
@@ -1190,7 +1119,7 @@ class WorkerProcessTests(TestCase):
             process,
             sys.executable,
             [sys.executable, "-m", WORKER_MODULE, "--log-level", "warn"],
-            env=_worker_environment(),
+            env=child_environment(),
             childFDs={0: "w", 1: "r", 2: 2},
         )
 
@@ -1262,10 +1191,10 @@ class WorkerPoolProcessTests(TestCase):
     @inlineCallbacks
     def setUp(self):
         self.generated = generate_bundle(
-            "cluster.local", "default", _now(), timedelta(minutes=15)
+            "cluster.local", "default", utc_now(), timedelta(minutes=15)
         )
         self.next = generate_bundle(
-            "cluster.local", "default", _now(), timedelta(minutes=15)
+            "cluster.local", "default", utc_now(), timedelta(minutes=15)
         )
         self.store = FakeTrustStore(self.generated.bundle)
         self.metrics = SentryMetrics()
@@ -1282,7 +1211,7 @@ class WorkerPoolProcessTests(TestCase):
             self.store,
             self.metrics,
             2,
-            environ=_worker_environment(),
+            environ=child_environment(),
             on_worker_serving=lambda index, pid: self.serving.put((index, pid)),
             respawn_initial_delay_seconds=0.1,
         )
@@ -1370,7 +1299,7 @@ class WorkerPoolProcessTests(TestCase):
         A worker killed with SIGKILL is logged with its signal and started
         again; the pool stays ready and keeps signing.
         """
-        events = _capture_logs(self)
+        events = capture_logs(self)
         yield self.serving.get()
         yield self.serving.get()
         victim = self.pool.processes()[1]
@@ -1381,7 +1310,7 @@ class WorkerPoolProcessTests(TestCase):
         self.assertTrue(self.pool.ready)
         self.assertIn(
             f"worker 1 (pid {victim.pid}) ended unexpectedly: signal 9",
-            _messages(events, LogLevel.error),
+            log_messages(events, LogLevel.error, with_failures=True),
         )
         yield self.sign()
 

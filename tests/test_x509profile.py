@@ -5,7 +5,7 @@ Tests for L{sentry_tx.ca.x509profile}: the certificates sentry_tx builds.
 from datetime import timedelta, timezone
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import (
     ExtendedKeyUsageOID,
     ExtensionOID,
@@ -17,17 +17,16 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx.ca import x509profile
 from sentry_tx.ca.bundle import is_self_signed
-from sentry_tx.testing import FIXED_NOW, make_bundle, make_private_key
+from sentry_tx.testing.certificates import (
+    FIXED_NOW,
+    make_bundle,
+    make_private_key,
+    public_key_der,
+)
 
 TTL = timedelta(hours=24)
 SKEW = timedelta(minutes=15)
 SPIFFE_ID = "spiffe://example.org/ns/default/myapp"
-
-
-def _public_der(key):
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def _leaf(bundle, public_key=None, dns_names=(), now=FIXED_NOW, ttl=TTL):
@@ -63,7 +62,7 @@ class LeafProfileTests(SynchronousTestCase):
     def test_public_key_is_callers(self):
         """The leaf certifies exactly the public key it was given."""
         self.assertEqual(
-            _public_der(self.leaf.public_key()), _public_der(self.key.public_key())
+            public_key_der(self.leaf.public_key()), public_key_der(self.key.public_key())
         )
 
     def test_extension_set(self):
@@ -426,8 +425,8 @@ class CAProfileTests(SynchronousTestCase):
         self.issuer.verify_directly_issued_by(self.root)
         self._check_ca(self.issuer, 0)
         self.assertEqual(
-            _public_der(self.issuer.public_key()),
-            _public_der(self.issuer_key.public_key()),
+            public_key_der(self.issuer.public_key()),
+            public_key_der(self.issuer_key.public_key()),
         )
 
     def test_issuer_aki(self):

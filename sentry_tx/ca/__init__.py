@@ -1,0 +1,5 @@
+"""
+The certificate authority's own material and work: the trust bundle (loaded,
+generated, verified), where it is kept (files, Kubernetes Secret), the CSR
+checks, and the X.509 profile every issued certificate follows.
+"""

@@ -35,7 +35,7 @@ def issue_workload_certificate(
     Sign a workload certificate for C{identity}.
 
     @param bundle: the L{sentry_tx.ca.bundle.TrustBundle} in service.
-    @param identity: the validated L{sentry_tx.identity.CallerIdentity}.
+    @param identity: the validated L{sentry_tx.identity.caller.CallerIdentity}.
     @param public_key: the CSR's public key (already checked).
     @param now: aware UTC L{datetime}.
     @param mtls: the L{sentry_tx.config.MTLSConfig} (TTL and skew).

@@ -49,7 +49,8 @@ from sentry_tx.ca.bundle import (
 )
 from sentry_tx.errors import BundleError, ConfigError
 from sentry_tx.interfaces import ITrustStore
-from sentry_tx.kube import KubernetesAPIError, KubernetesUnavailableError, core_path
+from sentry_tx.kube.errors import KubernetesAPIError, KubernetesUnavailableError
+from sentry_tx.kube.paths import core_path
 
 TRUST_BUNDLE_NAME = "dapr-trust-bundle"
 """
@@ -94,7 +95,7 @@ class KubernetesTrustStore:
 
     @param reactor: provides C{getThreadPool}: generating and verifying a
         bundle are CPU work and run in the reactor's thread pool.
-    @param client: the L{sentry_tx.kube.KubernetesClient}.
+    @param client: the L{sentry_tx.kube.client.KubernetesClient}.
     @param namespace: sentry_tx's namespace, where both objects live.
     @param trust_domain: the trust domain of a generated bundle.
     @param allowed_clock_skew: how far before now a generated bundle starts

@@ -7,7 +7,7 @@ from twisted.internet.defer import fail, succeed
 from zope.interface import implementer
 
 from sentry_tx.errors import ValidationError
-from sentry_tx.identity import VALIDATOR_INSECURE
+from sentry_tx.identity.caller import VALIDATOR_INSECURE
 from sentry_tx.identity.rules import check_request
 from sentry_tx.interfaces import IIdentityValidator
 

@@ -45,9 +45,9 @@ from zope.interface import implementer
 
 from sentry_tx.ca.files import CREDENTIAL_READ_TIMEOUT_SECONDS, BoundedFileWork
 from sentry_tx.ca.store import read_credential
-from sentry_tx.config import parse_go_duration
+from sentry_tx.durations import parse_go_duration
 from sentry_tx.errors import BundleError, ConfigError, ValidationError
-from sentry_tx.identity import VALIDATOR_JWKS
+from sentry_tx.identity.caller import VALIDATOR_JWKS
 from sentry_tx.identity.rules import check_request
 from sentry_tx.interfaces import IConfigurationSource, IIdentityValidator
 

@@ -43,7 +43,7 @@ logged as an error) makes the call UNAVAILABLE
 
 Every call makes exactly one TokenReview, never cached (the API server is the
 authority on revocation), and never resent.  Pods and Configurations come
-from informer caches (L{sentry_tx.kube_informer}) when given, as Dapr's
+from informer caches (L{sentry_tx.kube.informer}) when given, as Dapr's
 validator reads them: a pod the cache has not seen yet (or has seen under
 another uid than the token's) is read with one GET, as is a Configuration
 the cache lacks.  Until the caches have synced once, a call waits for them
@@ -72,7 +72,7 @@ from sentry_tx.errors import (
     ValidatorOverloadedError,
     ValidatorUnavailableError,
 )
-from sentry_tx.identity import VALIDATOR_KUBERNETES, CallerIdentity
+from sentry_tx.identity.caller import VALIDATOR_KUBERNETES, CallerIdentity
 from sentry_tx.identity.admission import DEADLINE_PASSED, MIN_RETRY_AFTER_MILLISECONDS
 from sentry_tx.identity.rules import (
     DEFAULT_WORKLOAD_TRUST_DOMAIN,
@@ -80,14 +80,9 @@ from sentry_tx.identity.rules import (
     trust_domain_problem,
 )
 from sentry_tx.interfaces import IIdentityValidator
-from sentry_tx.kube import (
-    TOKEN_REVIEW_PATH,
-    KubernetesAPIError,
-    KubernetesError,
-    configuration_path,
-    core_path,
-)
-from sentry_tx.kube_informer import PodRecord, configuration_trust_domain
+from sentry_tx.kube.errors import KubernetesAPIError, KubernetesError
+from sentry_tx.kube.paths import TOKEN_REVIEW_PATH, configuration_path, core_path
+from sentry_tx.kube.informer import PodRecord, configuration_trust_domain
 
 # One validation timeout: the servicer's, used here when a caller of
 # validate() passes no deadline (the servicer always passes one).
@@ -231,14 +226,14 @@ class KubernetesValidator:
     Validates callers with the Kubernetes API (see the module docstring).
     Runs on the reactor: C{validate} returns a Deferred.
 
-    @param client: the L{sentry_tx.kube.KubernetesClient}.
+    @param client: the L{sentry_tx.kube.client.KubernetesClient}.
     @param sentry_trust_domain: sentry_tx's trust domain (control plane).
     @param sentry_namespace: sentry_tx's namespace (control plane).
     @param audiences: the TokenReview audiences (C{--token-audience}); the
         defaults of L{default_audiences} when empty.
     @param reactor: the clock deadlines are read on; the client's by
         default.
-    @param pods: the pod L{sentry_tx.kube_informer.Informer}, or None to GET
+    @param pods: the pod L{sentry_tx.kube.informer.Informer}, or None to GET
         every pod.
     @param configurations: the Configuration informer, or None to GET them.
     @param admission: the L{ReviewAdmission} of TokenReviews, or None for
@@ -283,7 +278,7 @@ class KubernetesValidator:
         """
         Run every check, in order.
 
-        @param request: a L{sentry_tx.identity.SignRequest}.
+        @param request: a L{sentry_tx.identity.caller.SignRequest}.
         @param deadline: when the answer must come (reactor clock); by
             default L{VALIDATION_TIMEOUT_SECONDS} from now.  The validator
             gives up L{ANSWER_MARGIN_SECONDS} before it; the servicer also

@@ -9,7 +9,7 @@ internal error later on.
 import re
 
 from sentry_tx.errors import ValidationError
-from sentry_tx.identity import CallerIdentity
+from sentry_tx.identity.caller import CallerIdentity
 
 MAX_APP_ID_LENGTH = 64
 MAX_NAMESPACE_LENGTH = 63
@@ -25,7 +25,7 @@ def request_problems(request):
     """
     Every common rule the request breaks, in Dapr's order.
 
-    @param request: a L{sentry_tx.identity.SignRequest}.
+    @param request: a L{sentry_tx.identity.caller.SignRequest}.
     @return: a list of messages, empty when the request is well formed.
     """
     problems = []

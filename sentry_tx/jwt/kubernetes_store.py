@@ -30,7 +30,8 @@ from sentry_tx.config import DEFAULT_NAMESPACE
 from sentry_tx.errors import BundleError
 from sentry_tx.jwt.material import generate_jwt_material, load_jwt_material
 from sentry_tx.jwt.store import check_generation_algorithm
-from sentry_tx.kube import KubernetesAPIError, KubernetesUnavailableError, core_path
+from sentry_tx.kube.errors import KubernetesAPIError, KubernetesUnavailableError
+from sentry_tx.kube.paths import core_path
 
 
 class KubernetesJWTStore:
@@ -40,7 +41,7 @@ class KubernetesJWTStore:
 
     @param reactor: provides C{getThreadPool} (key generation and checks are
         CPU work).
-    @param client: the L{sentry_tx.kube.KubernetesClient}.
+    @param client: the L{sentry_tx.kube.client.KubernetesClient}.
     @param namespace: sentry_tx's namespace.
     @param algorithm: C{--jwt-signing-algorithm}.
     @param key_id: C{--jwt-key-id}, or None.

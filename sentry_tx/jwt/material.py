@@ -19,7 +19,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, JWKRegistry, OKPKey, RSAKey
 
 from sentry_tx.errors import BundleError
-from sentry_tx.jwt import JWT_SIGNING_ALGORITHMS
+from sentry_tx.jwt.algorithms import JWT_SIGNING_ALGORITHMS
 
 DEFAULT_JWT_SIGNING_ALGORITHM = "RS256"
 GENERATED_RSA_KEY_BITS = 2048

@@ -1,0 +1,5 @@
+"""
+Serving SignCertificate over gRPC: the servicer, the grpc.aio server on its
+own loop thread, the server's TLS, and the worker processes that share its
+port.
+"""

@@ -30,6 +30,11 @@ from twisted.protocols import amp
 from sentry_tx.ca.bundle import TrustBundle
 from sentry_tx.config import MTLSConfig, SentryConfig, TokenValidatorConfig
 
+WORKER_MODULE = "sentry_tx.server.worker"
+"""
+What C{python -m} runs to start a worker.
+"""
+
 AMP_VALUE_MAX_BYTES = amp.MAX_VALUE_LENGTH
 """
 The longest value one AMP key may carry.

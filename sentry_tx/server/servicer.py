@@ -33,7 +33,7 @@ from sentry_tx.errors import (
     ValidatorOverloadedError,
     ValidatorUnavailableError,
 )
-from sentry_tx.identity import VALIDATOR_UNKNOWN, SignRequest
+from sentry_tx.identity.caller import VALIDATOR_UNKNOWN, SignRequest
 from sentry_tx.metrics import (
     FAILURE_REASON_CERT_PARSE,
     FAILURE_REASON_CERT_SIGN,

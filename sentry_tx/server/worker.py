@@ -20,18 +20,15 @@ import argparse
 import os
 import signal
 import sys
-from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
-from twisted.application.service import IService
 from twisted.protocols import amp
-from zope.interface import implementer
 
-from sentry_tx.config import MODE_KUBERNETES
 from sentry_tx.errors import BundleError, ConfigError, IssuerExpiredError
-from sentry_tx.interfaces import ITrustStore
+from sentry_tx.modes import build_validators
 from sentry_tx.server.ipc import (
+    WORKER_MODULE,
     CounterDeltas,
     Counters,
     Reload,
@@ -41,86 +38,13 @@ from sentry_tx.server.ipc import (
     bundle_from_pems,
     config_from_json,
 )
-
-WORKER_MODULE = "sentry_tx.server.worker"
-"""
-What C{python -m} runs to start a worker.
-"""
+from sentry_tx.server.pushed_store import PushedTrustStore
 
 # Errors whose messages are written for an operator and hold no key
 # material; the message of any other error stays in the worker's log.
 _OPERATOR_ERRORS = (BundleError, ConfigError, IssuerExpiredError, OSError, RuntimeError)
 
 _log = Logger()
-
-
-@dataclass(frozen=True)
-class ValidatorSet:
-    """
-    The validators a mode enables.
-
-    @ivar validators: enabled L{IIdentityValidator}s by C{TokenValidator}
-        number.
-    @ivar default_validator: the number used for UNKNOWN, or None.
-    @ivar service: an C{IService} to start before serving and stop after
-        (the Kubernetes client's connection pool), or None.
-    """
-
-    validators: dict
-    default_validator: int = None
-    service: object = None
-
-
-def build_validators(config, reactor, environ):
-    """
-    The validators a worker serves with, chosen as the single-process path
-    chooses them:
-
-      - kubernetes: KUBERNETES, the default, from
-        L{sentry_tx.kube.build_kubernetes_parts} (with a Kubernetes client
-        of the worker's own, whose connections the returned service closes);
-      - standalone: L{sentry_tx.tap.build_validators}.
-
-    Nothing is opened: the Kubernetes client connects on first use.
-
-    @param config: the L{SentryConfig}.
-    @param reactor: the reactor validators run on.
-    @param environ: the environment (C{KUBERNETES_SERVICE_*}, C{KUBECONFIG}).
-    @return: a L{ValidatorSet}.
-    @raise ConfigError: when kubernetes mode cannot be set up.
-    """
-    if config.mode == MODE_KUBERNETES:
-        from sentry_tx.kube import build_kubernetes_parts
-
-        parts = build_kubernetes_parts(config, reactor, environ)
-        return ValidatorSet(parts.validators, parts.default_validator, parts.service)
-    from sentry_tx.tap import build_validators as build_standalone_validators
-
-    validators, default_validator = build_standalone_validators(config, reactor)
-    # A validator that keeps state (the JWKS key set) is a service of its own.
-    services = [v for v in validators.values() if IService.providedBy(v)]
-    return ValidatorSet(validators, default_validator, services[0] if services else None)
-
-
-@implementer(ITrustStore)
-class PushedTrustStore:
-    """
-    The trust store of a worker: the bundle its parent last sent.  Never
-    generates, never reads a file.
-
-    @ivar bundle: the L{TrustBundle} to answer with.
-    """
-
-    watch_directories = ()
-
-    def __init__(self, bundle):
-        self.bundle = bundle
-
-    def load(self, now):
-        return succeed(self.bundle)
-
-    def load_or_generate(self, now):
-        return succeed(self.bundle)
 
 
 def build_authority(

@@ -30,11 +30,8 @@ from twisted.logger import Logger
 from twisted.web.client import ResponseDone
 
 from sentry_tx.errors import ConfigError
-from sentry_tx.kube import (
-    MAX_KUBERNETES_RESPONSE_BYTES,
-    KubernetesAPIError,
-    KubernetesError,
-)
+from sentry_tx.kube.client import MAX_KUBERNETES_RESPONSE_BYTES
+from sentry_tx.kube.errors import KubernetesAPIError, KubernetesError
 
 PODS_PATH = "/api/v1/pods"
 CONFIGURATIONS_PATH = "/apis/dapr.io/v1alpha1/configurations"
@@ -314,7 +311,7 @@ class Informer:
     docstring).
 
     @param reactor: the clock (C{IReactorTime}).
-    @param client: the L{sentry_tx.kube.KubernetesClient} (C{get},
+    @param client: the L{sentry_tx.kube.client.KubernetesClient} (C{get},
         C{open_stream}).
     @param path: the collection's path, for all namespaces.
     @param extract: gives C{(key, value)} to keep for an object, or None to

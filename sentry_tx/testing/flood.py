@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sentry_tx.testing import (
+from sentry_tx.testing.http2 import (
     HTTP2_CLIENT_PREFACE,
     HTTP2_FLAG_ACK,
     HTTP2_HEADERS,
@@ -284,7 +284,7 @@ class FloodTarget:
     def __enter__(self):
         from cryptography.hazmat.primitives import serialization
 
-        from sentry_tx.testing import make_self_signed_server_certificate
+        from sentry_tx.testing.kubeconfig import make_self_signed_server_certificate
 
         certificate, key = make_self_signed_server_certificate(
             hosts=("127.0.0.1", self.server_name)
@@ -304,7 +304,7 @@ class FloodTarget:
             }
         )
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "sentry_tx.flood"],
+            [sys.executable, "-m", "sentry_tx.testing.flood"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -1,0 +1,208 @@
+"""
+What each mode adds to sentry_tx's service tree: the validators, and in
+kubernetes mode the trust store, API client and informers, shared by the two
+composition roots (L{sentry_tx.tap} for twistd, L{sentry_tx.server.worker}
+for a serving process) and imported by nothing else.
+"""
+
+import os
+from dataclasses import dataclass
+
+from twisted.application.service import MultiService
+
+from sentry_tx.ca.kubernetes_store import KubernetesTrustStore
+from sentry_tx.config import DEFAULT_NAMESPACE, MODE_KUBERNETES
+from sentry_tx.identity.caller import (
+    VALIDATOR_INSECURE,
+    VALIDATOR_JWKS,
+    VALIDATOR_KUBERNETES,
+)
+from sentry_tx.identity.admission import ReviewAdmission
+from sentry_tx.identity.insecure import InsecureValidator
+from sentry_tx.identity.jwks import JWKSValidator, parse_jwks_options
+from sentry_tx.identity.kubernetes import KubernetesValidator
+from sentry_tx.kube.client import KubernetesClient, KubernetesClientService
+from sentry_tx.kube.configuration import KubernetesConfigurationSource
+from sentry_tx.kube.connection import TOKEN_FILE_CHECK_INTERVAL_SECONDS
+from sentry_tx.kube.incluster import SERVICE_ACCOUNT_DIRECTORY
+from sentry_tx.kube.kubeconfig import cluster_connection
+from sentry_tx.kube.informer import (
+    InformerService,
+    configuration_informer,
+    pod_informer,
+)
+
+
+@dataclass(frozen=True)
+class ValidatorSet:
+    """
+    The validators a mode enables.
+
+    @ivar validators: enabled L{IIdentityValidator}s by C{TokenValidator}
+        number.
+    @ivar default_validator: the number used for UNKNOWN, or None.
+    @ivar service: an C{IService} to start before serving and stop after
+        (the Kubernetes client's connection pool, or a validator that keeps
+        state, such as JWKS's key set), or None.
+    """
+
+    validators: dict
+    default_validator: int = None
+    service: object = None
+
+
+def build_validators(config, reactor, environ):
+    """
+    The validators enabled in C{config.mode}, and the one used for UNKNOWN;
+    the one choice both the twistd process and a worker make.
+
+      - kubernetes: KUBERNETES, the default, from L{build_kubernetes_parts}
+        (with a Kubernetes client of the caller's own, whose connections the
+        returned service closes);
+      - standalone: INSECURE, the default; or, when the Configuration names
+        a C{jwks} token validator, JWKS only and no default (as Dapr).  The
+        JWKS validator is then also the set's service.
+
+    Nothing is opened: the Kubernetes client connects on first use.
+
+    @param config: the L{SentryConfig}.
+    @param reactor: the reactor validators run on.
+    @param environ: the environment (C{KUBERNETES_SERVICE_*}, C{KUBECONFIG}).
+    @return: a L{ValidatorSet}.
+    @raise ConfigError: when the mode cannot be set up.
+    """
+    if config.mode == MODE_KUBERNETES:
+        parts = build_kubernetes_parts(config, reactor, environ)
+        return ValidatorSet(parts.validators, parts.default_validator, parts.service)
+    for index, entry in enumerate(config.mtls.token_validators):
+        if entry.name == "jwks":
+            options = parse_jwks_options(
+                entry.options, f"spec.mtls.tokenValidators[{index}]"
+            )
+            sentry_id = (
+                f"spiffe://{config.trust_domain}/ns/{config.namespace}/dapr-sentry"
+            )
+            validator = JWKSValidator(reactor, options, sentry_id)
+            return ValidatorSet({VALIDATOR_JWKS: validator}, None, validator)
+    return ValidatorSet({VALIDATOR_INSECURE: InsecureValidator()}, VALIDATOR_INSECURE)
+
+
+@dataclass(frozen=True)
+class KubernetesParts:
+    """
+    What kubernetes mode adds to sentry_tx, for C{tap.build_service}.
+
+    @ivar trust_store: the L{ITrustStore} (Secret and ConfigMap
+        C{dapr-trust-bundle}).
+    @ivar validators: the enabled validators by enum number (KUBERNETES).
+    @ivar default_validator: the number used for UNKNOWN (KUBERNETES).
+    @ivar configuration_source: the L{IConfigurationSource} to pass to the
+        certificate authority.
+    @ivar client: the shared L{KubernetesClient}.
+    @ivar service: the service to add to the root before the certificate
+        authority: it closes the connections after the authority has
+        stopped, and (when watching) runs the validator's informers, which
+        stop before the connections close.
+    @ivar readiness: healthz sources (objects with C{ready}): the validator,
+        ready once its caches have synced, when watching.
+    """
+
+    trust_store: object
+    validators: dict
+    default_validator: int
+    configuration_source: object
+    client: KubernetesClient
+    service: object
+    readiness: tuple = ()
+
+
+def build_kubernetes_parts(
+    config,
+    reactor,
+    environ,
+    service_account_directory=SERVICE_ACCOUNT_DIRECTORY,
+    token_check_interval_seconds=TOKEN_FILE_CHECK_INTERVAL_SECONDS,
+    watch=True,
+):
+    """
+    Build (only build: nothing is read or opened) the parts of kubernetes
+    mode.  The INSECURE validator is not enabled in this mode.
+
+    @param watch: whether this process validates callers, and so runs the
+        validator's Pod and Configuration informers (the twistd process of a
+        worker pool does not: each worker runs its own).
+
+    @param config: the L{SentryConfig} from the flags.
+    @param reactor: the reactor.
+    @param environ: the environment (C{KUBERNETES_SERVICE_*}, C{KUBECONFIG},
+        C{HOME}).
+    @param service_account_directory: where a pod's token and CA are.
+    @return: L{KubernetesParts}.
+    @raise ConfigError: when an issuer file name cannot be a Secret key.
+    """
+    environ = dict(environ)
+
+    def load_connection():
+        return cluster_connection(
+            config.kubeconfig,
+            environ,
+            reactor,
+            service_account_directory,
+            token_check_interval_seconds,
+        )
+
+    client = KubernetesClient(reactor, load_connection)
+    trust_store = KubernetesTrustStore(
+        reactor,
+        client,
+        config.namespace or DEFAULT_NAMESPACE,
+        config.trust_domain,
+        config.mtls.allowed_clock_skew,
+        keys=(
+            os.path.basename(config.issuer_ca_filename),
+            os.path.basename(config.issuer_certificate_filename),
+            os.path.basename(config.issuer_key_filename),
+        ),
+        # Where the pod mounts the dapr-trust-bundle Secret (as Dapr's chart
+        # does): the kubelet's ..data swap there says the Secret changed.
+        # Only looked at, never read: the bundle comes from the API server.
+        watch_directories=(
+            (config.issuer_credentials,)
+            if os.path.isdir(config.issuer_credentials)
+            else ()
+        ),
+    )
+    pods = configurations = None
+    service = KubernetesClientService(client)
+    if watch:
+        pods = pod_informer(reactor, client)
+        configurations = configuration_informer(reactor, client)
+        # Children start in order and stop in reverse: the informers stop
+        # before the client closes its connections.
+        client_service = service
+        service = MultiService()
+        service.setName(client_service.name)
+        client_service.setServiceParent(service)
+        InformerService((pods, configurations)).setServiceParent(service)
+    validator = KubernetesValidator(
+        client,
+        sentry_trust_domain=config.trust_domain,
+        sentry_namespace=config.namespace or DEFAULT_NAMESPACE,
+        audiences=config.token_audiences,
+        reactor=reactor,
+        pods=pods,
+        configurations=configurations,
+        admission=ReviewAdmission(reactor),
+    )
+    source = KubernetesConfigurationSource(
+        client, on_resolved=(trust_store.use_config,)
+    )
+    return KubernetesParts(
+        trust_store=trust_store,
+        validators={VALIDATOR_KUBERNETES: validator},
+        default_validator=VALIDATOR_KUBERNETES,
+        configuration_source=source,
+        client=client,
+        service=service,
+        readiness=(validator,) if watch else (),
+    )

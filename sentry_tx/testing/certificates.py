@@ -1,0 +1,404 @@
+"""
+Certificate factories the tests share: they build what the production
+profile in L{sentry_tx.ca.x509profile} never would: chains with
+intermediates, CAs without keyCertSign, certificates that expired, keys of
+every type and in every PEM format, CSRs with bad signatures.
+"""
+
+import base64
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+from sentry_tx.ca.bundle import certificates_pem, load_bundle
+
+
+FIXED_NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+"""
+The "now" tests inject, unless they need another.
+"""
+
+TEST_TRUST_DOMAIN = "example.org"
+TEST_NAMESPACE = "dapr-system"
+
+CA_TEST_LIFETIME = timedelta(days=365)
+"""
+How long factory CAs live by default, centred-ish on L{FIXED_NOW}.
+"""
+
+_KEY_FACTORIES = {
+    "ecdsa-p192": lambda: ec.generate_private_key(ec.SECP192R1()),
+    "ecdsa-p256": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "ecdsa-p384": lambda: ec.generate_private_key(ec.SECP384R1()),
+    "ecdsa-p521": lambda: ec.generate_private_key(ec.SECP521R1()),
+    "ed25519": ed25519.Ed25519PrivateKey.generate,
+    "rsa-1024": lambda: rsa.generate_private_key(65537, 1024),
+    "rsa-2048": lambda: rsa.generate_private_key(65537, 2048),
+}
+
+KEY_TYPES = tuple(_KEY_FACTORIES)
+"""
+The key types L{make_private_key} knows, including ones sentry_tx refuses
+(C{ecdsa-p192}, C{rsa-1024}).
+"""
+
+_DEFAULT = object()
+
+
+def make_private_key(key_type="ecdsa-p256"):
+    """
+    A new private key.
+
+    @param key_type: one of L{KEY_TYPES}.
+    """
+    return _KEY_FACTORIES[key_type]()
+
+
+def default_hash(key):
+    """
+    The hash a test certificate or CSR signed by C{key} uses (the production
+    choice, but also for curves and sizes production refuses).
+    """
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 384:
+        return hashes.SHA512()
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def private_key_pem(key, key_format="pkcs8", password=None):
+    """
+    The PEM of a private key.
+
+    @param key_format: C{"pkcs8"} (C{PRIVATE KEY}), C{"sec1"} (C{EC PRIVATE
+        KEY}, EC keys only) or C{"pkcs1"} (C{RSA PRIVATE KEY}, RSA keys only).
+    @param password: C{bytes} to encrypt it with (C{ENCRYPTED PRIVATE KEY}
+        for PKCS#8, a C{Proc-Type} header for the others), or L{None}.
+    """
+    private_format = {
+        "pkcs8": serialization.PrivateFormat.PKCS8,
+        "sec1": serialization.PrivateFormat.TraditionalOpenSSL,
+        "pkcs1": serialization.PrivateFormat.TraditionalOpenSSL,
+    }[key_format]
+    encryption = (
+        serialization.NoEncryption()
+        if password is None
+        else serialization.BestAvailableEncryption(password)
+    )
+    return key.private_bytes(serialization.Encoding.PEM, private_format, encryption)
+
+
+def certificate_pem(*certificates):
+    """
+    The PEM of C{certificates}, concatenated.
+    """
+    return certificates_pem(certificates)
+
+
+def organization_name(organization):
+    """
+    An X.509 name of just C{O=<organization>}.
+    """
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)])
+
+
+def make_certificate(
+    key,
+    subject,
+    *,
+    signer=None,
+    signer_key=None,
+    not_before=FIXED_NOW - timedelta(days=30),
+    not_after=FIXED_NOW + CA_TEST_LIFETIME,
+    ca=True,
+    path_length=None,
+    key_cert_sign=True,
+    key_usage=True,
+    basic_constraints=True,
+    subject_key_identifier=True,
+    extensions=(),
+):
+    """
+    Build a test certificate, a CA by default.
+
+    @param key: the subject's private key.
+    @param subject: an L{x509.Name}, or a C{str} used as C{O=<subject>}.
+    @param signer: the issuing certificate, or L{None} for self-signed.
+    @param signer_key: the issuing private key (C{key} when self-signed).
+    @param ca: the basic constraints' CA flag.
+    @param path_length: the basic constraints' path length.
+    @param key_cert_sign: whether the key usage includes keyCertSign.
+    @param key_usage: whether to add a key usage extension at all.
+    @param basic_constraints: whether to add basic constraints at all.
+    @param subject_key_identifier: whether to add SKI (and AKI when signed
+        by another certificate).
+    @param extensions: more C{(extension value, critical)} pairs.
+    @return: an L{x509.Certificate}.
+    """
+    if isinstance(subject, str):
+        subject = organization_name(subject)
+    if signer is None:
+        signer_name, signer_key = subject, key
+    else:
+        signer_name = signer.subject
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(signer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+    if basic_constraints:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=ca, path_length=path_length if ca else None),
+            critical=True,
+        )
+    if key_usage:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=key_cert_sign,
+                crl_sign=key_cert_sign,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    if subject_key_identifier:
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
+        if signer is not None:
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    signer.public_key()
+                ),
+                critical=False,
+            )
+    for value, critical in extensions:
+        builder = builder.add_extension(value, critical=critical)
+    return builder.sign(signer_key, default_hash(signer_key))
+
+
+@dataclass(frozen=True)
+class CertificateChain:
+    """
+    A root, optional intermediates and an issuer, with their keys.
+
+    @ivar root: the self-signed root.
+    @ivar intermediates: CA certificates between issuer and root, the one
+        nearest the issuer first.
+    @ivar issuer: the certificate that signs leaves.
+    """
+
+    root: x509.Certificate
+    root_key: object = field(repr=False)
+    intermediates: tuple
+    intermediate_keys: tuple = field(repr=False)
+    issuer: x509.Certificate
+    issuer_key: object = field(repr=False)
+
+    @property
+    def anchors_pem(self):
+        """
+        The root's PEM, as C{ca.crt}.
+        """
+        return certificate_pem(self.root)
+
+    def issuer_chain_pem(self, include_root=False):
+        """
+        The issuer chain's PEM, as C{issuer.crt}: issuer, intermediates and,
+        if asked, the root at the end.
+        """
+        certificates = [self.issuer, *self.intermediates]
+        if include_root:
+            certificates.append(self.root)
+        return certificate_pem(*certificates)
+
+    def issuer_key_pem(self, key_format="pkcs8", password=None):
+        """
+        The issuer key's PEM, as C{issuer.key}; see L{private_key_pem}.
+        """
+        return private_key_pem(self.issuer_key, key_format, password)
+
+    def load(self, now=FIXED_NOW):
+        """
+        Load this chain with L{load_bundle}.
+
+        @return: a L{sentry_tx.ca.bundle.TrustBundle}.
+        """
+        return load_bundle(
+            self.anchors_pem, self.issuer_chain_pem(), self.issuer_key_pem(), now
+        )
+
+    def write(self, directory, include_root=False):
+        """
+        Write C{ca.crt}, C{issuer.crt} and C{issuer.key} into C{directory}
+        (which must exist).
+
+        @return: the three paths.
+        """
+        contents = (
+            ("ca.crt", self.anchors_pem),
+            ("issuer.crt", self.issuer_chain_pem(include_root)),
+            ("issuer.key", self.issuer_key_pem()),
+        )
+        paths = []
+        for name, data in contents:
+            path = os.path.join(directory, name)
+            with open(path, "wb") as f:
+                f.write(data)
+            paths.append(path)
+        os.chmod(paths[2], 0o600)
+        return tuple(paths)
+
+
+def make_chain(
+    key_type="ecdsa-p256",
+    *,
+    issuer_key_type=None,
+    intermediates=0,
+    not_before=FIXED_NOW - timedelta(days=30),
+    not_after=FIXED_NOW + CA_TEST_LIFETIME,
+    issuer_not_before=_DEFAULT,
+    issuer_not_after=_DEFAULT,
+    trust_domain=TEST_TRUST_DOMAIN,
+    **issuer_options,
+):
+    """
+    Make a root, C{intermediates} intermediate CAs and an issuer.
+
+    @param key_type: the key type of every certificate (L{KEY_TYPES}).
+    @param issuer_key_type: the issuer's key type, if different.
+    @param not_before: when the root and intermediates start.
+    @param not_after: when the root and intermediates end.
+    @param issuer_not_before: when the issuer starts (default C{not_before}).
+    @param issuer_not_after: when the issuer ends (default C{not_after}).
+    @param issuer_options: more keyword arguments of L{make_certificate} for
+        the issuer (C{ca=False}, C{key_cert_sign=False}, ...).
+    @return: a L{CertificateChain}.
+    """
+    root_key = make_private_key(key_type)
+    root = make_certificate(
+        root_key, trust_domain, not_before=not_before, not_after=not_after
+    )
+    signer, signer_key = root, root_key
+    chain = []
+    for index in range(intermediates):
+        key = make_private_key(key_type)
+        cert = make_certificate(
+            key,
+            f"{trust_domain} intermediate {index}",
+            signer=signer,
+            signer_key=signer_key,
+            not_before=not_before,
+            not_after=not_after,
+        )
+        chain.insert(0, (cert, key))
+        signer, signer_key = cert, key
+    issuer_key = make_private_key(issuer_key_type or key_type)
+    issuer_options.setdefault("path_length", 0)
+    issuer = make_certificate(
+        issuer_key,
+        f"spiffe://{trust_domain}/ns/{TEST_NAMESPACE}/dapr-sentry",
+        signer=signer,
+        signer_key=signer_key,
+        not_before=not_before if issuer_not_before is _DEFAULT else issuer_not_before,
+        not_after=not_after if issuer_not_after is _DEFAULT else issuer_not_after,
+        **issuer_options,
+    )
+    return CertificateChain(
+        root=root,
+        root_key=root_key,
+        intermediates=tuple(cert for cert, _ in chain),
+        intermediate_keys=tuple(key for _, key in chain),
+        issuer=issuer,
+        issuer_key=issuer_key,
+    )
+
+
+def make_bundle(key_type="ecdsa-p256", now=FIXED_NOW, **chain_options):
+    """
+    A loaded L{sentry_tx.ca.bundle.TrustBundle} of a new L{make_chain}.
+    """
+    return make_chain(key_type, **chain_options).load(now)
+
+
+def make_csr(key="ecdsa-p256", label="CERTIFICATE REQUEST", corrupt_signature=False):
+    """
+    A certificate signing request and the key it is for.
+
+    Its subject and SAN are deliberately unlike what sentry_tx puts in a
+    certificate (they must be ignored).
+
+    @param key: a key type of L{KEY_TYPES} (a new key of that type is made)
+        or a private key.
+    @param label: the PEM label; old sidecars use C{"CERTIFICATE"}.
+    @param corrupt_signature: flip a bit of the signature so that it does
+        not verify.
+    @return: C{(private_key, csr_pem)}.
+    """
+    if isinstance(key, str):
+        key = make_private_key(key)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ignored")]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("ignored.example")]),
+            critical=False,
+        )
+        .sign(key, default_hash(key))
+    )
+    der = csr.public_bytes(serialization.Encoding.DER)
+    if corrupt_signature:
+        # The signature is the last field of the DER; its last byte is part
+        # of the signature value whatever the algorithm.
+        der = der[:-1] + bytes([der[-1] ^ 0x01])
+    return key, pem_encode(label, der)
+
+
+def pem_encode(label, der):
+    """
+    Wrap C{der} in a PEM block labelled C{label}.
+
+    @param label: a C{str}, like C{"CERTIFICATE"}.
+    @param der: C{bytes}.
+    @return: C{bytes}.
+    """
+    body = base64.encodebytes(der).replace(b"\n", b"")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return (
+        f"-----BEGIN {label}-----\n".encode("ascii")
+        + b"".join(line + b"\n" for line in lines)
+        + f"-----END {label}-----\n".encode("ascii")
+    )
+
+
+def public_key_der(key):
+    """
+    The SubjectPublicKeyInfo DER of C{key}'s public key (C{key} is a public
+    key), to compare keys by value.
+    """
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def flip_bit(data, at, bit=0):
+    """
+    C{data} with one bit changed: bit C{bit} of the byte at C{at}.
+    """
+    return data[:at] + bytes([data[at] ^ (1 << bit)]) + data[at + 1 :]
