@@ -331,11 +331,8 @@ class ChartArgumentsTests(TestCase):
         per test.
         """
         if getattr(self, "_oidc_tls", None) is None:
-            from sentry_tx.testing import (
-                certificate_pem,
-                make_self_signed_server_certificate,
-                private_key_pem,
-            )
+            from sentry_tx.testing.certificates import certificate_pem, private_key_pem
+            from sentry_tx.testing.kubeconfig import make_self_signed_server_certificate
 
             self._oidc_tls = os.path.abspath(self.mktemp())
             os.makedirs(self._oidc_tls)
