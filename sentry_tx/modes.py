@@ -19,7 +19,7 @@ from sentry_tx.identity.caller import (
 )
 from sentry_tx.identity.admission import ReviewAdmission
 from sentry_tx.identity.insecure import InsecureValidator
-from sentry_tx.identity.jwks import JWKSValidator, parse_jwks_options
+from sentry_tx.identity.jwks import jwks_validator_for
 from sentry_tx.identity.kubernetes import KubernetesValidator
 from sentry_tx.kube.client import KubernetesClient, KubernetesClientService
 from sentry_tx.kube.configuration import KubernetesConfigurationSource
@@ -58,7 +58,10 @@ def build_validators(config, reactor, environ):
 
       - kubernetes: KUBERNETES, the default, from L{build_kubernetes_parts}
         (with a Kubernetes client of the caller's own, whose connections the
-        returned service closes);
+        returned service closes); and JWKS beside it when C{config} (a
+        worker's, resolved already) names a C{jwks} token validator (the
+        twistd process adds it once the Configuration is read:
+        L{sentry_tx.identity.jwks.JWKSFromConfiguration});
       - standalone: INSECURE, the default; or, when the Configuration names
         a C{jwks} token validator, JWKS only and no default (as Dapr).  The
         JWKS validator is then also the set's service.
@@ -71,19 +74,21 @@ def build_validators(config, reactor, environ):
     @return: a L{ValidatorSet}.
     @raise ConfigError: when the mode cannot be set up.
     """
+    jwks = jwks_validator_for(config, reactor)
     if config.mode == MODE_KUBERNETES:
         parts = build_kubernetes_parts(config, reactor, environ)
-        return ValidatorSet(parts.validators, parts.default_validator, parts.service)
-    for index, entry in enumerate(config.mtls.token_validators):
-        if entry.name == "jwks":
-            options = parse_jwks_options(
-                entry.options, f"spec.mtls.tokenValidators[{index}]"
-            )
-            sentry_id = (
-                f"spiffe://{config.trust_domain}/ns/{config.namespace}/dapr-sentry"
-            )
-            validator = JWKSValidator(reactor, options, sentry_id)
-            return ValidatorSet({VALIDATOR_JWKS: validator}, None, validator)
+        if jwks is None:
+            return ValidatorSet(parts.validators, parts.default_validator, parts.service)
+        # A worker's config is resolved already: a jwks token validator
+        # beside KUBERNETES, which stays the default (as in Dapr).
+        service = MultiService()
+        parts.service.setServiceParent(service)
+        jwks.setServiceParent(service)
+        validators = dict(parts.validators)
+        validators[VALIDATOR_JWKS] = jwks
+        return ValidatorSet(validators, parts.default_validator, service)
+    if jwks is not None:
+        return ValidatorSet({VALIDATOR_JWKS: jwks}, None, jwks)
     return ValidatorSet({VALIDATOR_INSECURE: InsecureValidator()}, VALIDATOR_INSECURE)
 
 

@@ -52,22 +52,28 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
     if config.mode == MODE_KUBERNETES:
         from sentry_tx.modes import build_kubernetes_parts
 
-        # With worker processes, each worker watches for its own validator.
-        kubernetes = build_kubernetes_parts(
-            config, reactor, os.environ, watch=config.workers == 1
-        )
+        # This process serves gRPC too (with or without worker processes),
+        # so its validator watches Pods and Configurations as each
+        # worker's does.
+        kubernetes = build_kubernetes_parts(config, reactor, os.environ)
         # Added before the authority, so that it stops after it: the API
         # client's connections close once nothing uses them.
         kubernetes.service.setServiceParent(root)
         trust_store = kubernetes.trust_store
-        validators = kubernetes.validators
+        validators = dict(kubernetes.validators)
         default_validator = kubernetes.default_validator
-        from sentry_tx.identity.jwks import JWKSRefusingConfigurationSource
+        from sentry_tx.identity.jwks import JWKSFromConfiguration
 
-        configuration_source = JWKSRefusingConfigurationSource(
-            kubernetes.configuration_source
+        # The Configuration is read as the authority starts; a jwks token
+        # validator it names is added to the validators then (before the
+        # servicer is built) and runs as this service's child.  Added
+        # before the authority, so that it stops after it.
+        jwks = JWKSFromConfiguration(
+            kubernetes.configuration_source, reactor, validators
         )
-        readiness = kubernetes.readiness
+        jwks.setServiceParent(root)
+        configuration_source = jwks
+        readiness = (*kubernetes.readiness, jwks)
     else:
         trust_store = FileTrustStore(
             reactor,

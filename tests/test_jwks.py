@@ -38,6 +38,7 @@ from sentry_tx.testing.certificates import certificate_pem, private_key_pem
 from sentry_tx.testing.clocks import ImmediateReactor, inline_file_work
 from sentry_tx.testing.kubeconfig import make_self_signed_server_certificate
 from tests.test_jwt import jwk_member, rsa_key
+from tests.test_web import render
 from tests.test_servicer import sign_request
 
 NOW = 1_800_000_000
@@ -583,42 +584,99 @@ class BuildValidatorsTests(SynchronousTestCase):
 
 class KubernetesModeTests(SynchronousTestCase):
     """
-    In kubernetes mode a Configuration asking for jwks stops the start.
+    In kubernetes mode the Configuration is read as the authority starts:
+    L{JWKSFromConfiguration} adds the JWKS validator it names then.
     """
 
-    def test_refused(self):
-        """
-        The resolved Configuration with a jwks entry fails with a
-        ConfigError naming it; one without passes through unchanged.
-        """
+    def source(self, resolved, validators, validator_for=None):
         from zope.interface import implementer
 
-        from sentry_tx.errors import ConfigError
-        from sentry_tx.identity.jwks import JWKSRefusingConfigurationSource
+        from sentry_tx.identity.jwks import JWKSFromConfiguration
         from sentry_tx.interfaces import IConfigurationSource
 
         @implementer(IConfigurationSource)
         class Fixed:
-            def __init__(self, config):
-                self.config = config
-
             def resolve(self, config):
-                return defer.succeed(self.config)
+                return defer.succeed(resolved)
 
-        with_jwks = SentryConfig(
+        reactor = ImmediateReactor(NOW)
+        kwargs = {} if validator_for is None else {"validator_for": validator_for}
+        source = JWKSFromConfiguration(Fixed(), reactor, validators, **kwargs)
+        source.startService()
+        self.addCleanup(source.stopService)
+        return source
+
+    def with_jwks(self, source):
+        return SentryConfig(
+            mode="kubernetes",
+            trust_domain="example.org",
+            namespace="dapr-system",
             mtls=MTLSConfig(
-                token_validators=(TokenValidatorConfig("jwks", (("source", "https://x"),)),)
-            )
+                token_validators=(TokenValidatorConfig("jwks", (("source", source),)),)
+            ),
         )
-        source = JWKSRefusingConfigurationSource(Fixed(with_jwks))
+
+    def test_adds_jwks_beside_kubernetes(self):
+        """
+        A Configuration naming jwks adds a running JWKS validator (Sentry's
+        own audience) to the shared validators, beside KUBERNETES; the
+        resolved config passes through.
+        """
+        from sentry_tx.interfaces import IConfigurationSource
+
+        resolved = self.with_jwks(json.dumps({"keys": [jwk_member(rsa_key(), kid="k1")]}))
+        kubernetes = object()
+        validators = {2: kubernetes}
+        source = self.source(resolved, validators)
         verifyObject(IConfigurationSource, source)
-        failure = self.failureResultOf(source.resolve(SentryConfig()), ConfigError)
-        self.assertEqual(failure.value.field, "spec.mtls.tokenValidators[0].name")
-        plain = SentryConfig(trust_domain="x.org")
-        self.assertIs(
-            self.successResultOf(JWKSRefusingConfigurationSource(Fixed(plain)).resolve(plain)),
-            plain,
-        )
+        self.assertIs(self.successResultOf(source.resolve(SentryConfig())), resolved)
+        self.assertIs(validators[2], kubernetes)
+        self.assertIs(validators[VALIDATOR_JWKS], source.validator)
+        self.assertTrue(source.validator.running)
+        self.assertEqual(source.validator._sentry_audience, SENTRY_ID)
+        self.assertTrue(source.ready)
+
+    def test_without_jwks(self):
+        """
+        A Configuration without jwks adds nothing, and is ready.
+        """
+        validators = {2: object()}
+        source = self.source(SentryConfig(mode="kubernetes"), validators)
+        self.successResultOf(source.resolve(SentryConfig()))
+        self.assertEqual(list(validators), [2])
+        self.assertIsNone(source.validator)
+        self.assertTrue(source.ready)
+
+    def test_healthz_waits_for_key_set(self):
+        """
+        healthz is 503 while the added validator's key set has not loaded
+        (its file is missing), and 200 once it has.
+        """
+        from sentry_tx.identity.jwks import parse_jwks_options
+
+        directory = self.mktemp()
+        os.mkdir(directory)
+        path = os.path.abspath(os.path.join(directory, "jwks.json"))
+
+        def validator_for(config, reactor):
+            return JWKSValidator(
+                reactor,
+                parse_jwks_options((("source", path),), "test"),
+                SENTRY_ID,
+                file_work=inline_file_work(reactor),
+            )
+
+        validators = {}
+        source = self.source(self.with_jwks(path), validators, validator_for)
+        self.successResultOf(source.resolve(SentryConfig()))
+        authority = FakeCertificateAuthority()
+        authority.ready = True
+        root = healthz_root(authority, source)
+        self.assertEqual(render(root, b"/healthz")[0], 503)
+        with open(path, "w") as f:
+            json.dump({"keys": [jwk_member(rsa_key(), kid="k1")]}, f)
+        source.validator._reactor.advance(JWKS_FILE_CHECK_INTERVAL_SECONDS)
+        self.assertEqual(render(root, b"/healthz")[0], 200)
 
 
 class WorkerValidatorsTests(SynchronousTestCase):

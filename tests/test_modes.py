@@ -83,8 +83,9 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
         """
         The composition root gives /healthz the validator as a readiness
         source next to the authority: not ready until its caches have
-        synced.  With worker processes the twistd process watches nothing
-        and healthz has the authority only.
+        synced.  With worker processes too, since the twistd process serves
+        (and so watches) as well.  The last source is the JWKS hook, ready
+        while the Configuration names no jwks validator.
         """
         from sentry_tx.service import WebService
         from sentry_tx.tap import build_service
@@ -105,13 +106,14 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
             ]
             return web.args[1].resource.children[b"healthz"]._sources
 
-        _, validator = healthz_sources()
-        self.assertEqual(validator.name, VALIDATOR_KUBERNETES)
-        self.assertFalse(validator.ready)
-        for informer in validator._informers:
-            informer.ready = True
-        self.assertTrue(validator.ready)
-        self.assertEqual(len(healthz_sources(workers=2)), 1)
+        for workers in (1, 2):
+            _, validator, jwks = healthz_sources(workers=workers)
+            self.assertEqual(validator.name, VALIDATOR_KUBERNETES)
+            self.assertFalse(validator.ready)
+            for informer in validator._informers:
+                informer.ready = True
+            self.assertTrue(validator.ready)
+            self.assertTrue(jwks.ready)
 
     def test_services_without_watching(self):
         """
@@ -198,6 +200,32 @@ class BuildValidatorsTests(SynchronousTestCase):
         self.assertEqual(list(chosen.validators), [VALIDATOR_INSECURE])
         self.assertEqual(chosen.default_validator, VALIDATOR_INSECURE)
         self.assertIsNone(chosen.service)
+
+    def test_kubernetes_with_jwks(self):
+        """
+        In kubernetes mode a (worker's, resolved) config naming jwks adds
+        JWKS beside KUBERNETES, which stays the default; the set's service
+        runs both the client's service and the validator.
+        """
+        import json
+
+        from sentry_tx.config import MTLSConfig, TokenValidatorConfig
+        from sentry_tx.identity.caller import VALIDATOR_JWKS
+        from tests.test_jwt import jwk_member, rsa_key
+
+        source = json.dumps({"keys": [jwk_member(rsa_key(), kid="k1")]})
+        config = SentryConfig(
+            mode=MODE_KUBERNETES,
+            mtls=MTLSConfig(
+                token_validators=(TokenValidatorConfig("jwks", (("source", source),)),)
+            ),
+        )
+        chosen = build_validators(config, ImmediateReactor(), {})
+        self.assertEqual(
+            sorted(chosen.validators), [VALIDATOR_KUBERNETES, VALIDATOR_JWKS]
+        )
+        self.assertEqual(chosen.default_validator, VALIDATOR_KUBERNETES)
+        self.assertIn(chosen.validators[VALIDATOR_JWKS], list(chosen.service))
 
     def test_kubernetes(self):
         """

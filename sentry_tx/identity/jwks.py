@@ -38,7 +38,7 @@ import treq
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -675,30 +675,68 @@ class JWKSValidator(Service):
 
 
 @implementer(IConfigurationSource)
-class JWKSRefusingConfigurationSource:
+def jwks_validator_for(config, reactor):
     """
-    Kubernetes mode reads the Configuration at start, after the validators
-    are built: this version cannot add a JWKS validator then, so a
-    Configuration that asks for one stops the start rather than being
-    silently ignored.
+    The JWKS validator C{config}'s Configuration asks for
+    (C{spec.mtls.tokenValidators} naming C{jwks}), or None.
+
+    @raise ConfigError: when its options are wrong.
+    """
+    for index, entry in enumerate(config.mtls.token_validators):
+        if entry.name == "jwks":
+            options = parse_jwks_options(
+                entry.options, f"spec.mtls.tokenValidators[{index}]"
+            )
+            sentry_id = (
+                f"spiffe://{config.trust_domain}/ns/{config.namespace}/dapr-sentry"
+            )
+            return JWKSValidator(reactor, options, sentry_id)
+    return None
+
+
+@implementer(IConfigurationSource)
+class JWKSFromConfiguration(MultiService):
+    """
+    Kubernetes mode reads the Configuration when the authority starts,
+    after the validators were built: when it names a C{jwks} token
+    validator, this adds one then, beside KUBERNETES (which stays the
+    default, as in Dapr), and runs it as its child service.  healthz waits
+    for its key set through L{ready}.
 
     @param inner: the L{IConfigurationSource} that reads the Configuration.
+    @param reactor: the reactor the validator runs on.
+    @param validators: the validators by enum number, shared with the
+        authority, which builds its servicer once the Configuration is
+        resolved.
+    @param validator_for: builds the validator from a resolved config
+        (L{jwks_validator_for}); tests pass one of their own.
     """
 
-    def __init__(self, inner):
+    def __init__(self, inner, reactor, validators, validator_for=jwks_validator_for):
+        super().__init__()
         self._inner = inner
+        self._reactor = reactor
+        self._validators = validators
+        self._validator_for = validator_for
+        self.validator = None
+
+    @property
+    def ready(self):
+        """
+        True without a JWKS validator, else once its key set has loaded.
+        """
+        return self.validator is None or self.validator.ready
 
     def resolve(self, config):
         d = self._inner.resolve(config)
 
-        def check(resolved):
-            for index, entry in enumerate(resolved.mtls.token_validators):
-                if entry.name == "jwks":
-                    raise ConfigError(
-                        f"spec.mtls.tokenValidators[{index}].name",
-                        "the jwks validator runs in standalone mode only in this"
-                        " version of sentry_tx",
-                    )
+        def add(resolved):
+            if self.validator is None:
+                validator = self._validator_for(resolved, self._reactor)
+                if validator is not None:
+                    self.validator = validator
+                    self._validators[VALIDATOR_JWKS] = validator
+                    validator.setServiceParent(self)
             return resolved
 
-        return d.addCallback(check)
+        return d.addCallback(add)
