@@ -136,6 +136,99 @@ class KubernetesModeProcessTests(TestCase):
         self.assertNotIn(b"PRIVATE KEY", protocol.output)
         self.assertNotIn(token.encode(), protocol.output)
 
+    @inlineCallbacks
+    def test_jwks_validator_from_the_configuration(self):
+        """
+        A Configuration resource naming a jwks token validator adds JWKS
+        beside KUBERNETES: on fresh connections (reaching both serving
+        processes) a token signed by a key of the set gets a certificate
+        for its subject, and KUBERNETES stays the default for UNKNOWN.
+        """
+        import json
+        import time
+
+        import jwt as pyjwt
+
+        from sentry_tx.testing.http2 import sign_on_new_connection
+        from tests.test_jwt import jwk_member, rsa_key
+
+        key_set = json.dumps({"keys": [jwk_member(rsa_key(), kid="k1")]})
+        self.fake.add_configuration(
+            TEST_NAMESPACE,
+            "daprsystem",
+            {"mtls": {"tokenValidators": [{"name": "jwks", "options": {"source": key_set}}]}},
+        )
+        protocol = spawn_twistd(
+            self,
+            ["--mode", "kubernetes", "--kubeconfig", self.kubeconfig,
+             "--trust-domain", TEST_TRUST_DOMAIN, "--workers", "2"]
+            + LOOPBACK_FREE_PORTS,
+            env={"NAMESPACE": TEST_NAMESPACE},
+        )  # fmt: skip
+        ports = yield protocol.wait_ready()
+        yield protocol.when_output(b"serves on port")
+        anchors_pem = self.fake.secret_data(TEST_NAMESPACE, TRUST_BUNDLE)["ca.crt"]
+        token = pyjwt.encode(
+            {
+                "sub": f"spiffe://public/ns/{APPS}/myapp",
+                "aud": f"spiffe://{TEST_TRUST_DOMAIN}/ns/{TEST_NAMESPACE}/dapr-sentry",
+                "iat": int(time.time()),
+                "exp": int(time.time()) + 600,
+            },
+            rsa_key(),
+            algorithm="RS256",
+            headers={"kid": "k1"},
+        )
+        served_by = set()
+        for _ in range(32):
+            certificate, reply = yield deferToThread(
+                sign_on_new_connection,
+                "127.0.0.1",
+                ports["grpc"],
+                anchors_pem,
+                f"dapr-sentry.{TEST_NAMESPACE}.svc",
+                sentry_pb2.SignCertificateRequest(
+                    id="myapp",
+                    namespace=APPS,
+                    token=token,
+                    token_validator=sentry_pb2.SignCertificateRequest.JWKS,
+                    certificate_signing_request=make_csr()[1],
+                ),
+            )
+            self.assertIsNotNone(reply)
+            leaf = x509.load_pem_x509_certificates(reply.workload_certificate)[0]
+            self.assertEqual(
+                leaf.extensions.get_extension_for_class(
+                    x509.SubjectAlternativeName
+                ).value.get_values_for_type(x509.UniformResourceIdentifier),
+                [f"spiffe://public/ns/{APPS}/myapp"],
+            )
+            served_by.add(certificate)
+            if len(served_by) == 2:
+                break
+        self.assertEqual(len(served_by), 2, "one process answered 32 connections")
+        client = GrpcTestClient(
+            f"127.0.0.1:{ports['grpc']}",
+            anchors_pem,
+            server_name=f"dapr-sentry.{TEST_NAMESPACE}.svc",
+        )
+        self.addCleanup(client.close)
+        # UNKNOWN is KUBERNETES, which refuses a token the API does not know.
+        error = yield self.assertFailure(
+            deferToThread(
+                client.sign,
+                sentry_pb2.SignCertificateRequest(
+                    id="myapp",
+                    namespace=APPS,
+                    token=token,
+                    certificate_signing_request=make_csr()[1],
+                ),
+            ),
+            grpc.RpcError,
+        )
+        self.assertEqual(error.code(), grpc.StatusCode.PERMISSION_DENIED)
+        self.assertIn("token review failed", error.details())
+
     def _assert_entrypoint(self, pid):
         """
         The process runs the image's ENTRYPOINT arguments (read from /proc:
