@@ -80,6 +80,22 @@ class JWTProcessTests(TestCase):
         )
         return reply
 
+    def replace_jwt_pair(self):
+        """
+        Replace jwt.key and jwks.json in the credentials directory with a
+        new pair, each file atomically, as an operator would.
+
+        @return: the new JWKS.
+        """
+        key_pem, jwks_json = generate_jwt_material()
+        for name, data in (("jwt.key", key_pem), ("jwks.json", jwks_json)):
+            path = os.path.join(self.credentials, name)
+            with open(path + ".new", "wb") as f:
+                f.write(data)
+            os.chmod(path + ".new", 0o600)
+            os.replace(path + ".new", path)
+        return jwks_json
+
     @inlineCallbacks
     def get(self, url):
         response = yield treq.get(url, persistent=False)
@@ -139,13 +155,7 @@ class JWTProcessTests(TestCase):
         yield protocol.when_output(b"for issuer credential changes")
         before = yield self.sign(client)
         old_kid = pyjwt.get_unverified_header(before.jwt.value)["kid"]
-        key_pem, jwks_json = generate_jwt_material()
-        for name, data in (("jwt.key", key_pem), ("jwks.json", jwks_json)):
-            path = os.path.join(self.credentials, name)
-            with open(path + ".new", "wb") as f:
-                f.write(data)
-            os.chmod(path + ".new", 0o600)
-            os.replace(path + ".new", path)
+        jwks_json = self.replace_jwt_pair()
         yield protocol.when_output(b"JWT signing key reloaded")
         after = yield self.sign(client)
         new_kid = pyjwt.get_unverified_header(after.jwt.value)["kid"]
@@ -204,13 +214,7 @@ class JWTProcessTests(TestCase):
             old_kid = json.loads(f.read())["keys"][0]["kid"]
         kids = yield self.kids_by_process(ports)
         self.assertEqual(kids, [{old_kid}, {old_kid}])
-        key_pem, jwks_json = generate_jwt_material()
-        for name, data in (("jwt.key", key_pem), ("jwks.json", jwks_json)):
-            path = os.path.join(self.credentials, name)
-            with open(path + ".new", "wb") as f:
-                f.write(data)
-            os.chmod(path + ".new", 0o600)
-            os.replace(path + ".new", path)
+        jwks_json = self.replace_jwt_pair()
         yield protocol.when_output(b"reloaded in 1 worker processes")
         new_kid = json.loads(jwks_json)["keys"][0]["kid"]
         kids = yield self.kids_by_process(ports)
