@@ -12,8 +12,9 @@ from datetime import timedelta
 
 import yaml
 
+from sentry_tx.ca.files import read_credential_file
 from sentry_tx.durations import format_go_duration, parse_go_duration
-from sentry_tx.errors import ConfigError
+from sentry_tx.errors import BundleError, ConfigError
 
 
 DEFAULT_WORKLOAD_CERT_TTL = timedelta(hours=24)
@@ -502,6 +503,12 @@ def _yaml_error_detail(error):
     return detail
 
 
+MAX_CONFIGURATION_FILE_BYTES = 1024 * 1024
+"""
+The largest Configuration file read.
+"""
+
+
 def load_configuration_file(path, environ):
     """
     Read a Dapr Configuration file: expand the environment in it (as Dapr
@@ -519,18 +526,20 @@ def load_configuration_file(path, environ):
 
     @raise FileNotFoundError: if there is no file at C{path}; the caller
         decides what that means.
-    @raise ConfigError: if the file cannot be read, is not a YAML mapping,
-        or a field in it is wrong.
+    @raise ConfigError: if the file cannot be read, is not a regular file
+        (a FIFO would block the start), is larger than
+        L{MAX_CONFIGURATION_FILE_BYTES}, is not a YAML mapping, or a field in
+        it is wrong.
     """
+    # The credential reader: a non-blocking open, regular files only, a
+    # size cap.  Options are parsed before the reactor runs, so it runs
+    # here, in the main thread.
     try:
-        with open(path, "rb") as configuration_file:
-            raw = configuration_file.read()
-    except FileNotFoundError:
-        raise
-    except OSError as error:
-        raise ConfigError(
-            path, f"cannot be read: {error.strerror or error}"
-        ) from None
+        raw = read_credential_file(path, MAX_CONFIGURATION_FILE_BYTES)
+    except BundleError as error:
+        if not os.path.lexists(path):
+            raise FileNotFoundError(path) from None
+        raise ConfigError(path, error.problem) from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:

@@ -567,7 +567,29 @@ class LoadConfigurationFileTests(SynchronousTestCase):
         os.mkdir(path)
         error = self.assertRaises(ConfigError, load_configuration_file, path, {})
         self.assertEqual(error.field, path)
-        self.assertIn("cannot be read", error.problem)
+        self.assertIn("is a directory, not a regular file", error.problem)
+
+    def test_fifo_refused_at_once(self):
+        """
+        A FIFO at the path is refused at once, naming it, instead of
+        blocking the start until something writes to it.
+        """
+        path = self.mktemp()
+        os.mkfifo(path)
+        error = self.assertRaises(ConfigError, load_configuration_file, path, {})
+        self.assertEqual(error.field, path)
+        self.assertIn("not a regular file", error.problem)
+
+    def test_too_large(self):
+        """
+        A file larger than the cap is refused, naming it.
+        """
+        from sentry_tx.config import MAX_CONFIGURATION_FILE_BYTES
+
+        path = self.write("#" * (MAX_CONFIGURATION_FILE_BYTES + 1))
+        error = self.assertRaises(ConfigError, load_configuration_file, path, {})
+        self.assertEqual(error.field, path)
+        self.assertIn("larger than", error.problem)
 
     def test_not_utf8(self):
         """
