@@ -683,15 +683,24 @@ class GoServer:
         return None
 
     def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process)
         if self.log is not None:
             self.log.close()
+
+
+def stop_child(process, grace_seconds=10):
+    """
+    SIGTERM a child that is still running, SIGKILL it if it has not ended
+    within C{grace_seconds}, and reap it.
+    """
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def go_throughput(go, seconds, workdir, repeats):
@@ -761,13 +770,7 @@ class HostingServer:
         return process_cpu_seconds(self.process.pid)
 
     def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process)
         self.log.close()
 
 

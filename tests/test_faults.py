@@ -20,7 +20,7 @@ from sentry_tx._proto import sentry_pb2
 from sentry_tx.testing.certificates import make_chain, make_csr
 from sentry_tx.testing.grpc_client import GrpcTestClient
 from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files
-from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
+from tests.test_process import spawn_twistd, standalone_arguments
 
 _PROBES = """
 import sys, urllib.request
@@ -143,14 +143,9 @@ class FaultTests(TestCase):
         self.credentials = os.path.abspath(self.mktemp())
 
     def _arguments(self, *extra):
-        return [
-            "--config",
-            os.path.abspath(self.mktemp()),
-            "--issuer-credentials",
-            self.credentials,
-            "--trust-domain",
-            "localhost",
-        ] + LOOPBACK_FREE_PORTS + list(extra)
+        return standalone_arguments(
+            self, self.credentials, "--trust-domain", "localhost", *extra
+        )
 
     def _write_chain(self):
         now = datetime.now(timezone.utc)

@@ -58,7 +58,6 @@ import os
 import signal
 import sys
 
-from twisted.internet import error, reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -71,7 +70,12 @@ from sentry_tx.testing.kubeconfig import write_kubeconfig
 from sentry_tx.testing.kubernetes import start_fake_kubernetes
 from sentry_tx.testing.source_tree import PROJECT_ROOT, child_environment
 from tests.test_kube_deploy import ENTRYPOINT
-from tests.test_process import LOOPBACK_FREE_PORTS, _TwistdProtocol, spawn_twistd
+from tests.test_process import (
+    LOOPBACK_FREE_PORTS,
+    _TwistdProtocol,
+    spawn_killed_at_cleanup,
+    spawn_twistd,
+)
 
 CHART_NAMESPACE = "dapr-system"
 CHART_TRUST_DOMAIN = "cluster.local"
@@ -157,19 +161,9 @@ def _spawn_sentry_command(test, arguments):
     environment = child_environment()
     environment["NAMESPACE"] = CHART_NAMESPACE
     environment["PATH"] = os.path.dirname(sys.executable) + os.pathsep + environment.get("PATH", "")
-    transport = reactor.spawnProcess(
-        protocol, SENTRY_COMMAND, [SENTRY_COMMAND] + arguments, env=environment
+    return spawn_killed_at_cleanup(
+        test, protocol, SENTRY_COMMAND, [SENTRY_COMMAND] + arguments, environment
     )
-
-    def kill():
-        try:
-            transport.signalProcess("KILL")
-        except error.ProcessExitedAlready:
-            return None
-        return protocol.ended
-
-    test.addCleanup(kill)
-    return protocol
 
 
 class ChartArgumentsTests(TestCase):

@@ -158,12 +158,23 @@ def spawn_twistd(test, arguments, env=None, open_files_limit=None):
     protocol = _TwistdProtocol(workers="--workers" in arguments)
     environment = child_environment()
     environment.update(env or {})
-    transport = reactor.spawnProcess(
+    return spawn_killed_at_cleanup(
+        test,
         protocol,
         sys.executable,
         command + ["-n", "--pidfile=", "sentry"] + arguments,
-        env=environment,
+        environment,
     )
+
+
+def spawn_killed_at_cleanup(test, protocol, executable, argv, environment):
+    """
+    Spawn C{executable} with C{argv} for C{protocol} (a L{_TwistdProtocol}),
+    SIGKILLed at C{test}'s cleanup if it is still running.
+
+    @return: C{protocol}.
+    """
+    transport = reactor.spawnProcess(protocol, executable, argv, env=environment)
 
     def kill():
         try:
@@ -174,6 +185,20 @@ def spawn_twistd(test, arguments, env=None, open_files_limit=None):
 
     test.addCleanup(kill)
     return protocol
+
+
+def standalone_arguments(test, credentials, *extra):
+    """
+    twistd's arguments for standalone mode with a Configuration path that
+    does not exist, the bundle in C{credentials} and every port free on
+    loopback, then C{extra}.
+    """
+    return [
+        "--config",
+        os.path.abspath(test.mktemp()),
+        "--issuer-credentials",
+        credentials,
+    ] + LOOPBACK_FREE_PORTS + list(extra)
 
 
 def _children(pid):
@@ -215,12 +240,7 @@ class TwistdProcessTests(TestCase):
         self.credentials = os.path.abspath(self.mktemp())
 
     def _arguments(self, *extra):
-        return [
-            "--config",
-            os.path.abspath(self.mktemp()),
-            "--issuer-credentials",
-            self.credentials,
-        ] + LOOPBACK_FREE_PORTS + list(extra)
+        return standalone_arguments(self, self.credentials, *extra)
 
     @inlineCallbacks
     def test_serves_and_stops(self):
