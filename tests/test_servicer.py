@@ -520,3 +520,70 @@ class ValidationTimeoutTests(SynchronousTestCase):
         self.assertEqual(refusal.code, grpc.StatusCode.UNAVAILABLE)
         self.assertEqual(refusal.message, "timed out validating the caller")
         self.assertTrue(validator.pending[0].called)
+
+
+class DrainTests(SynchronousTestCase):
+    """
+    Stopping: calls that start after it are refused, calls in flight end.
+    """
+
+    def test_drain_refuses_new_calls_and_waits_for_calls_in_flight(self):
+        """
+        Once C{drain} has begun, a call that starts is UNAVAILABLE at once
+        (not left to grpc core's shutdown, which cancels it); C{drain}
+        returns when the call in flight has been answered.
+        """
+        from sentry_tx.identity.caller import CallerIdentity
+        from sentry_tx.server.servicer import STOPPING
+
+        loop = loop_for(self)
+        reactor = ImmediateReactor(FIXED_NOW.timestamp())
+        validator = FakeValidator(INSECURE, pending=True)
+        servicer = CAServicer(
+            reactor,
+            FakeCertificateAuthority(make_bundle()),
+            {INSECURE: validator},
+            INSECURE,
+            SentryMetrics(),
+        )
+        message = sentry_pb2.SignCertificateRequest(
+            id="myapp", namespace="default", certificate_signing_request=make_csr()[1]
+        ).SerializeToString()
+        in_flight = loop.create_task(
+            servicer.SignCertificateStream(None, AbortingContext(message))
+        )
+        loop.run_until_complete(asyncio.sleep(0))
+        self.assertEqual((servicer.in_flight, len(validator.pending)), (1, 1))
+        drained = loop.create_task(servicer.drain(5.0))
+        loop.run_until_complete(asyncio.sleep(0))
+        self.assertFalse(drained.done())
+        late = AbortingContext(message)
+        refused = loop.create_task(servicer.SignCertificateStream(None, late))
+        loop.run_until_complete(asyncio.sleep(0))
+        # Refused at once: it never reached the validator.
+        self.assertTrue(refused.done())
+        self.assertIsInstance(refused.exception(), AbortingContext.Aborted)
+        self.assertEqual((late.code, late.details), (grpc.StatusCode.UNAVAILABLE, STOPPING))
+        self.assertEqual(len(validator.pending), 1)
+        validator.pending[0].callback(
+            CallerIdentity(trust_domain="public", namespace="default", app_id="myapp")
+        )
+        response = loop.run_until_complete(in_flight)
+        self.assertTrue(response.workload_certificate.startswith(b"-----BEGIN"))
+        loop.run_until_complete(drained)
+        self.assertEqual(servicer.in_flight, 0)
+
+    def test_drain_with_nothing_in_flight(self):
+        """
+        With no call in flight C{drain} returns at once.
+        """
+        loop = loop_for(self)
+        servicer = CAServicer(
+            ImmediateReactor(FIXED_NOW.timestamp()),
+            FakeCertificateAuthority(make_bundle()),
+            {INSECURE: FakeValidator(INSECURE)},
+            INSECURE,
+            SentryMetrics(),
+        )
+        loop.run_until_complete(servicer.drain(5.0))
+        self.assertTrue(servicer.stopping)

@@ -10,6 +10,7 @@ waits for grpcio.  Bundle swaps happen on the reactor thread, as the
 assignment of one immutable L{InService} that calls read once each.
 """
 
+import asyncio
 from datetime import datetime, timezone
 
 import grpc
@@ -267,6 +268,7 @@ class CertificateAuthorityService(Service):
         self._metrics = metrics
         self._on_start_failure = on_start_failure
         self._server = None
+        self._servicer = None
         self._grpc_loop = None
         self._credentials = None
         self._renewal = None
@@ -374,6 +376,7 @@ class CertificateAuthorityService(Service):
             jwt_minter=self._jwt_minter,
             request_arrival_timeout_seconds=self._request_arrival_timeout_seconds,
         )
+        self._servicer = servicer
         server = grpc.aio.server(
             options=grpc_server_options(
                 self._reuse_port,
@@ -410,7 +413,7 @@ class CertificateAuthorityService(Service):
                 "stopping gRPC server; calls in flight have {grace} s to finish",
                 grace=SHUTDOWN_GRACE_SECONDS,
             )
-            d = grpc_loop.run(server.stop, SHUTDOWN_GRACE_SECONDS)
+            d = grpc_loop.run(_drain, server, self._servicer)
         else:
             d = succeed(None)
         d.addErrback(
@@ -505,6 +508,18 @@ class CertificateAuthorityService(Service):
 
         d.addCallbacks(renewed, failed)
         return d
+
+
+async def _drain(server, servicer):
+    """
+    On the gRPC loop: refuse calls that start from now on with UNAVAILABLE,
+    let calls in flight finish for up to L{SHUTDOWN_GRACE_SECONDS} in all,
+    then stop the server (with what is left of the grace).
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await servicer.drain(SHUTDOWN_GRACE_SECONDS)
+    await server.stop(max(0.0, SHUTDOWN_GRACE_SECONDS - (loop.time() - started)))
 
 
 def _same_bundle(new, old):

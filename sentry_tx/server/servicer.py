@@ -66,6 +66,7 @@ VALIDATOR_NOT_ENABLED = "the requested validator is not enabled"
 MALFORMED_REQUEST = "failed to parse request"
 NO_REQUEST = "failed to parse request: no request message"
 REQUEST_NOT_ARRIVED = "the request message did not arrive in time"
+STOPPING = "the certificate authority is stopping; retry"
 SIGNING_FAILED = "failed to sign certificate"
 VALIDATION_FAILED = "failed to validate the caller"
 VALIDATION_TIMED_OUT = "timed out validating the caller"
@@ -185,6 +186,11 @@ class CAServicer:
         jwt_minter=None,
     ):
         self._jwt_minter = jwt_minter
+        # Set on the gRPC loop when sentry_tx starts to stop (see L{drain}):
+        # a call that starts after that is refused here with UNAVAILABLE.
+        self.stopping = False
+        self.in_flight = 0
+        self._idle = None
         self._reactor = reactor
         self._authority = authority
         self._validators = dict(validators)
@@ -201,15 +207,43 @@ class CAServicer:
         The validation timeout runs from the headers' arrival: time spent
         waiting for the message counts against it.
         """
-        arrival = self._reactor.seconds()
+        if self.stopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
+        self.in_flight += 1
         try:
-            async with asyncio.timeout(self._request_arrival_timeout_seconds):
-                data = await context.read()
+            arrival = self._reactor.seconds()
+            try:
+                async with asyncio.timeout(self._request_arrival_timeout_seconds):
+                    data = await context.read()
+            except TimeoutError:
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, REQUEST_NOT_ARRIVED
+                )
+            if data is grpc.aio.EOF:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
+            return await self.SignCertificateMessage(data, context, arrival)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def drain(self, grace_seconds):
+        """
+        On the gRPC loop: refuse every call that starts from now on with
+        UNAVAILABLE, and wait until the calls in flight have ended, for at
+        most C{grace_seconds}.  The server is stopped afterwards, when
+        nothing is in flight: grpc core's own shutdown cancels a call that
+        arrives while it runs (CANCELLED), so it should have none to race.
+        """
+        self.stopping = True
+        if self.in_flight == 0:
+            return
+        self._idle = asyncio.Event()
+        try:
+            async with asyncio.timeout(grace_seconds):
+                await self._idle.wait()
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, REQUEST_NOT_ARRIVED)
-        if data is grpc.aio.EOF:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
-        return await self.SignCertificateMessage(data, context, arrival)
+            pass
 
     async def SignCertificateMessage(self, data, context, arrival=None):
         """
