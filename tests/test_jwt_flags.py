@@ -165,6 +165,24 @@ class JWTFlagTests(OptionsTestCase):
         self.assertFalse(options.sentry_config.oidc_enabled)
         self.assertIn("OIDC server is disabled", " ".join(options.startup_warnings))
 
+    def test_host_reflected_warning(self):
+        """
+        OIDC with neither --jwt-issuer nor --oidc-allowed-hosts (or only
+        *) warns at start that any Host is reflected; either flag silences it.
+        """
+        base = ["--jwt-enabled", "--oidc-enabled", "--oidc-server-tls-enabled=false"]
+        for extra in ([], ["--oidc-allowed-hosts=*"]):
+            warnings = " ".join(self.parse(base + extra).startup_warnings)
+            self.assertIn("neither --jwt-issuer nor --oidc-allowed-hosts", warnings)
+        for extra in (
+            ["--jwt-issuer=https://id.example.org"],
+            ["--oidc-allowed-hosts=oidc.example.org"],
+        ):
+            warnings = " ".join(self.parse(base + extra).startup_warnings)
+            self.assertNotIn("--oidc-allowed-hosts", warnings)
+        warnings = " ".join(self.parse(["--jwt-enabled"]).startup_warnings)
+        self.assertNotIn("--oidc-allowed-hosts", warnings)
+
     def test_workers_accepted(self):
         """
         --jwt-enabled works with several serving processes: the parent sends
