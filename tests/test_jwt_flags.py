@@ -218,6 +218,21 @@ class WiringTests(OptionsTestCase):
             [s for s in self.children(SentryConfig(jwt_enabled=True)) if isinstance(s, OIDCService)]
         )
 
+    def test_oidc_refusals_logged_as_oidc(self):
+        """
+        The OIDC listener's refusals are logged under its own name, and
+        healthz's and metrics' under theirs.
+        """
+        config = SentryConfig(
+            jwt_enabled=True, oidc_enabled=True, oidc_server_tls_enabled=False
+        )
+        children = self.children(config)
+        (oidc,) = [s for s in children if isinstance(s, OIDCService)]
+        self.assertEqual(oidc.web_service.args[1].label, "oidc")
+        labels = {getattr(s, "label", None): s for s in children}
+        for label in ("healthz", "metrics"):
+            self.assertEqual(labels[label].args[1].label, label)
+
     def test_healthz_waits_for_oidc(self):
         """
         healthz counts the OIDC listener among its readiness sources, as
