@@ -33,11 +33,24 @@ A probe must still get in and be read before it is the oldest:
     bound under load), far below the cap, so a probe accepted in one batch
     has its request read in the next turn of the reactor, long before
     enough newer connections arrive to make it the oldest.
+
+A request with more than one C{Host} header is refused with 400, as RFC
+9112 section 3.2 requires (which one would count is otherwise up to each
+reader).
+
+A refused request (a 4xx answer) is logged through a L{RefusalLog}: one
+line per status per L{REFUSAL_LOG_INTERVAL_SECONDS} and listener, its
+method, path and C{Host} cut by L{quote_input}; the refusals in between are
+counted and the count written with the next line.  Successful requests are
+not logged (see L{QuietSite}).
 """
 
 from twisted.internet import tcp
+from twisted.logger import Logger, LogLevel
 from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
 
+from sentry_tx.logs import REFUSAL_LOG_INTERVAL_SECONDS, RefusalLog, quote_input
 from sentry_tx.service import QuietSite, WebService
 
 REQUEST_DEADLINE_SECONDS = 10.0
@@ -104,19 +117,47 @@ class _GuardedChannel(HTTPChannel):
         super().connectionLost(reason)
 
 
+class _TwoHostsRefused(Resource):
+    """
+    The answer to a request with more than one C{Host} header: 400.
+    """
+
+    isLeaf = True
+
+    def render(self, request):
+        request.setResponseCode(400)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"Bad Request: more than one Host header\n"
+
+
+_TWO_HOSTS_REFUSED = _TwoHostsRefused()
+
+# The level a refusal is logged at, by status; others are info.  A 403
+# (a Host not allowed) is usually a proxy or allow-list set up wrong.
+_REFUSAL_LEVELS = {403: LogLevel.warn}
+
+
 class GuardedSite(QuietSite):
     """
-    A L{QuietSite} with a request deadline and a connection cap.
+    A L{QuietSite} with a request deadline and a connection cap, that
+    refuses a request with two C{Host} headers and logs refusals at a
+    bounded rate.
 
     @param resource: the root resource.
-    @param reactor: the L{IReactorTime} that times the deadlines.
+    @param reactor: the L{IReactorTime} that times the deadlines and the
+        refusal log's intervals.
     @param request_deadline_seconds: see L{REQUEST_DEADLINE_SECONDS}.
     @param max_connections: see L{MAX_CONNECTIONS_PER_LISTENER}.
+    @param label: the listener's name in the log (C{healthz}, C{oidc}).
+    @param refusal_log_interval_seconds: see
+        L{REFUSAL_LOG_INTERVAL_SECONDS}.
 
     @ivar closed_for_deadline: connections closed because their request
         did not arrive in time.
     @ivar closed_for_room: connections closed to make room under the cap.
     """
+
+    _log = Logger()
 
     def __init__(
         self,
@@ -124,8 +165,12 @@ class GuardedSite(QuietSite):
         reactor,
         request_deadline_seconds=REQUEST_DEADLINE_SECONDS,
         max_connections=MAX_CONNECTIONS_PER_LISTENER,
+        label="http",
+        refusal_log_interval_seconds=REFUSAL_LOG_INTERVAL_SECONDS,
     ):
         super().__init__(resource, reactor=reactor)
+        self.label = label
+        self.refusals = RefusalLog(self._log, reactor, refusal_log_interval_seconds)
         self._request_deadline_seconds = request_deadline_seconds
         self._max_connections = max_connections
         # Every open channel, oldest first, with its deadline call while it
@@ -136,6 +181,34 @@ class GuardedSite(QuietSite):
 
     def protocol(self):
         return _GuardedChannel()
+
+    def getResourceFor(self, request):
+        if len(request.requestHeaders.getRawHeaders(b"host", ())) > 1:
+            return _TWO_HOSTS_REFUSED
+        return super().getResourceFor(request)
+
+    def log(self, request):
+        """
+        Log a refused request (4xx), at most one line per status per
+        interval (twisted.web calls this as each response finishes).
+        """
+        code = request.code
+        if not 400 <= code < 500:
+            return
+        hosts = request.requestHeaders.getRawHeaders(b"host", ())
+        peer = request.getClientAddress()
+        self.refusals.refused(
+            code,
+            _REFUSAL_LEVELS.get(code, LogLevel.info),
+            "{listener} server refused {method} {path} from {peer} for Host"
+            " {host}: {code}",
+            listener=self.label,
+            method=quote_input(request.method),
+            path=quote_input(request.uri),
+            peer=getattr(peer, "host", "-"),
+            host=quote_input(b", ".join(hosts)),
+            code=code,
+        )
 
     @property
     def open_connections(self):
@@ -264,6 +337,7 @@ def http_listener(
         reactor,
         request_deadline_seconds=request_deadline_seconds,
         max_connections=max_connections,
+        label=label,
     )
     return GuardedWebService(label, port, site, interface=interface)
 

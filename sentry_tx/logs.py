@@ -9,6 +9,11 @@ C{instance}, C{ver}).
 
 L{open_twistd_log_file} picks where the lines go under C{twistd} exactly as
 twistd would have (stdout, C{--logfile}, or C{twistd.log}).
+
+What a caller sent is never written whole: L{quote_input} cuts it to
+L{MAX_QUOTED_CHARACTERS} and escapes what is not printable, and
+L{RefusalLog} writes at most one line per kind of refusal per interval, so
+that a client cannot grow the log faster than the interval allows.
 """
 
 import json
@@ -70,6 +75,19 @@ PREFORMATTED_KEY = "sentry_preformatted_line"
 An event carrying this key is a line sentry_tx's observer already wrote in
 another process (a worker's, read back from standard error): it is written
 as it is.
+"""
+
+MAX_QUOTED_CHARACTERS = 256
+"""
+The most characters of a caller's input (a Host header, a path, a denial
+message) that one field of a log line holds, marks included.
+"""
+
+REFUSAL_LOG_INTERVAL_SECONDS = 10.0
+"""
+How often L{RefusalLog} writes a line for one kind of refusal; the others
+of that kind in between are counted, and the count is written with the
+next line of the kind.
 """
 
 # The file descriptors the observers made here write to (see writes_to_fd).
@@ -388,3 +406,85 @@ def _rotate_on_sigusr1(log_file):
         reactor.callFromThread(log_file.rotate)
 
     signal.signal(signal.SIGUSR1, rotate)
+
+
+def quote_input(value, limit=MAX_QUOTED_CHARACTERS):
+    """
+    A caller's input as a log line may hold it: quoted with C{repr} (so a
+    newline, a NUL or a bidi override is written as an escape, and cannot
+    forge a line), and cut to C{limit} characters, ending with how long it
+    was when it is cut.
+
+    @param value: what the caller sent.
+    @type value: L{str} or L{bytes} (read as Latin-1), or anything with a
+        C{str()}.
+
+    @param limit: the most characters returned.
+    @type limit: L{int}
+
+    @rtype: L{str} of at most C{limit} characters.
+    """
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    elif not isinstance(value, str):
+        value = str(value)
+    # repr() writes at most 10 characters for one; never quote more than
+    # the limit can show.
+    quoted = repr(value[:limit])
+    if len(quoted) <= limit and len(value) <= limit:
+        return quoted
+    mark = f"... ({len(value)} characters)"
+    return quoted[: max(limit - len(mark), 0)] + mark[:limit]
+
+
+class RefusalLog:
+    """
+    Log refusals of requests with at most one line per kind each
+    C{interval_seconds}: a refusal of a kind logged less than that long ago
+    is only counted, and the next line of that kind says how many were
+    dropped ("N similar refusals dropped").
+
+    Kinds are chosen by sentry_tx's code (an HTTP status, say), never by a
+    caller, so the table of kinds stays small.
+
+    @param logger: the L{Logger} the lines go to.
+    @param clock: an L{IReactorTime}; its C{seconds()} times the intervals.
+    @param interval_seconds: see L{REFUSAL_LOG_INTERVAL_SECONDS}.
+    """
+
+    def __init__(self, logger, clock, interval_seconds=REFUSAL_LOG_INTERVAL_SECONDS):
+        self._logger = logger
+        self._clock = clock
+        self._interval_seconds = interval_seconds
+        self._next_line_at = {}
+        self._dropped = {}
+
+    def dropped(self, kind):
+        """
+        How many refusals of C{kind} were dropped since its last line.
+        """
+        return self._dropped.get(kind, 0)
+
+    def refused(self, kind, level, log_format, **fields):
+        """
+        Log one refusal of C{kind}, unless a line of that kind was written
+        less than the interval ago (then it is counted).
+
+        @param kind: a hashable that sentry_tx's code chooses.
+        @param level: the L{LogLevel} of the line.
+        @param log_format: the line's format; its fields are C{fields},
+            each of which quotes a caller's input only through
+            L{quote_input}.
+        @return: whether a line was written.
+        @rtype: L{bool}
+        """
+        now = self._clock.seconds()
+        if now < self._next_line_at.get(kind, now):
+            self._dropped[kind] = self._dropped.get(kind, 0) + 1
+            return False
+        self._next_line_at[kind] = now + self._interval_seconds
+        dropped = self._dropped.pop(kind, 0)
+        if dropped:
+            log_format += " ({dropped_refusals} similar refusals dropped)"
+        self._logger.emit(level, log_format, dropped_refusals=dropped, **fields)
+        return True

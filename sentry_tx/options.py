@@ -287,6 +287,22 @@ class Options(usage.Options):
                 "--oidc-enabled without --jwt-enabled: the OIDC server is"
                 " disabled, as in Dapr"
             )
+        allowed_hosts = split_audiences(self["oidc-allowed-hosts"] or "")
+        if (
+            oidc_enabled
+            and jwt_enabled
+            and issuer is None
+            and (not allowed_hosts or "*" in allowed_hosts)
+        ):
+            # Any Host then becomes the document's issuer (and jwks_uri):
+            # whoever reaches the server, or a cache in front of it, picks
+            # what relying parties that discover keys dynamically trust.
+            self.startup_warnings.append(
+                "--oidc-enabled with neither --jwt-issuer nor"
+                " --oidc-allowed-hosts: the OIDC server writes any request's"
+                " Host into the discovery document's issuer and jwks_uri; set"
+                " one of them"
+            )
         return dict(
             jwt_enabled=jwt_enabled,
             jwt_key_filename=self["jwt-key-filename"],
@@ -305,7 +321,7 @@ class Options(usage.Options):
             oidc_server_tls_key_file=key_file or "",
             oidc_jwks_uri=jwks_uri,
             oidc_path_prefix=f"/{prefix}" if prefix else "",
-            oidc_allowed_hosts=split_audiences(self["oidc-allowed-hosts"] or ""),
+            oidc_allowed_hosts=allowed_hosts,
         )
 
     def _serving_processes(self):

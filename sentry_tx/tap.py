@@ -217,6 +217,7 @@ def build_oidc_service(config, reactor, jwt_minter, on_start_failure):
             "https" if tls else "http",
         ),
         reactor,
+        label="oidc",
     )
     return OIDCService(
         reactor,

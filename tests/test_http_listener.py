@@ -1,11 +1,11 @@
 """
 Tests for L{sentry_tx.http_listener}: the request deadline, the request size
-bound and the connection cap of sentry_tx's HTTP listeners.
+bound and the connection cap of sentry_tx's HTTP listeners, the refusal of
+two Host headers and the refusal log.
 """
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentry_tx.healthz import healthz_root
@@ -20,30 +20,12 @@ from sentry_tx.http_listener import (
 )
 from sentry_tx.service import WebService
 from sentry_tx.testing.authority import FakeCertificateAuthority
+from sentry_tx.logs import MAX_QUOTED_CHARACTERS
+from sentry_tx.testing.logs import capture_logs, log_messages
+from sentry_tx.testing.web import connect
 
 PROBE = b"GET /healthz HTTP/1.1\r\nHost: sentry\r\nConnection: close\r\n\r\n"
 KEEP_ALIVE_PROBE = b"GET /healthz HTTP/1.1\r\nHost: sentry\r\n\r\n"
-
-
-class _Transport(StringTransport):
-    """
-    A StringTransport that delivers connectionLost when aborted or closed,
-    as a TCP transport does.
-    """
-
-    def __init__(self):
-        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-        self.protocol = None
-        self.lost = False
-
-    def _lose(self):
-        if not self.lost:
-            self.lost = True
-            self.protocol.connectionLost(None)
-
-    def abortConnection(self):
-        super().abortConnection()
-        self._lose()
 
 
 class GuardedSiteTests(SynchronousTestCase):
@@ -62,11 +44,7 @@ class GuardedSiteTests(SynchronousTestCase):
         )
 
     def connect(self):
-        protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = _Transport()
-        transport.protocol = protocol
-        protocol.makeConnection(transport)
-        return protocol, transport
+        return connect(self.site)
 
     def test_whole_request_answered(self):
         """A request sent at once is answered 200."""
@@ -154,6 +132,78 @@ class GuardedSiteTests(SynchronousTestCase):
         """The defaults: 10 s to send a request, a cap well above the backlog of 50."""
         self.assertEqual(REQUEST_DEADLINE_SECONDS, 10.0)
         self.assertGreaterEqual(MAX_CONNECTIONS_PER_LISTENER, 2 * 50)
+
+
+class RefusalLogTests(SynchronousTestCase):
+    """
+    L{GuardedSite} logs refused requests, cut and at a bounded rate, and
+    refuses a request with two Host headers.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.authority = FakeCertificateAuthority()
+        self.authority.ready = True
+        self.site = GuardedSite(
+            healthz_root(self.authority), self.clock, label="healthz",
+            refusal_log_interval_seconds=10.0,
+        )
+        self.events = capture_logs(self)
+
+    def request(self, data):
+        protocol, transport = connect(self.site)
+        protocol.dataReceived(data)
+        return transport.value()
+
+    def refusals(self):
+        return log_messages(self.events, namespace=GuardedSite._log.namespace)
+
+    def test_refusal_logged_with_dropped_count(self):
+        """A 404 is logged once per interval; the next line counts the ones dropped."""
+        for _ in range(3):
+            self.assertTrue(self.request(b"GET /nope HTTP/1.1\r\nHost: h\r\n\r\n").startswith(b"HTTP/1.1 404 "))
+        self.clock.advance(10.0)
+        self.request(b"GET /other HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(
+            self.refusals(),
+            [
+                "healthz server refused 'GET' '/nope' from 127.0.0.1 for Host 'h': 404",
+                "healthz server refused 'GET' '/other' from 127.0.0.1 for Host 'h': 404"
+                " (2 similar refusals dropped)",
+            ],
+        )
+        self.assertEqual(self.events[-1]["log_level"], LogLevel.info)
+
+    def test_kinds_by_status(self):
+        """A 405 is a kind of its own: a flood of 404s does not hide it."""
+        self.request(b"GET /nope HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertTrue(self.request(b"POST /healthz HTTP/1.1\r\nHost: h\r\n\r\n").startswith(b"HTTP/1.1 405 "))
+        self.assertEqual(len(self.refusals()), 2)
+        self.assertTrue(self.refusals()[1].endswith(": 405"))
+
+    def test_answers_not_logged(self):
+        """200 and 503 are answers, not refusals: nothing is logged."""
+        self.request(PROBE)
+        self.authority.ready = False
+        self.assertTrue(self.request(PROBE).startswith(b"HTTP/1.1 503 "))
+        self.assertEqual(self.refusals(), [])
+
+    def test_caller_input_cut(self):
+        """The path and the Host a caller sent are cut to 256 characters each in the line."""
+        path = b"/" + b"p" * 8000
+        host = b"h" * 8000
+        self.request(b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        [line] = self.refusals()
+        self.assertLess(len(line), 3 * MAX_QUOTED_CHARACTERS)
+        self.assertIn("(8001 characters)", line)
+        self.assertIn("(8000 characters)", line)
+
+    def test_two_host_headers_refused(self):
+        """A request with two Host headers is 400 (RFC 9112 section 3.2), both logged."""
+        response = self.request(b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        self.assertTrue(response.startswith(b"HTTP/1.1 400 "))
+        self.assertIn(b"more than one Host header", response)
+        self.assertIn("for Host 'a, b': 400", self.refusals()[0])
 
 
 class _Pending:

@@ -165,6 +165,24 @@ class JWTFlagTests(OptionsTestCase):
         self.assertFalse(options.sentry_config.oidc_enabled)
         self.assertIn("OIDC server is disabled", " ".join(options.startup_warnings))
 
+    def test_host_reflected_warning(self):
+        """
+        OIDC with neither --jwt-issuer nor --oidc-allowed-hosts (or only
+        *) warns at start that any Host is reflected; either flag silences it.
+        """
+        base = ["--jwt-enabled", "--oidc-enabled", "--oidc-server-tls-enabled=false"]
+        for extra in ([], ["--oidc-allowed-hosts=*"]):
+            warnings = " ".join(self.parse(base + extra).startup_warnings)
+            self.assertIn("neither --jwt-issuer nor --oidc-allowed-hosts", warnings)
+        for extra in (
+            ["--jwt-issuer=https://id.example.org"],
+            ["--oidc-allowed-hosts=oidc.example.org"],
+        ):
+            warnings = " ".join(self.parse(base + extra).startup_warnings)
+            self.assertNotIn("--oidc-allowed-hosts", warnings)
+        warnings = " ".join(self.parse(["--jwt-enabled"]).startup_warnings)
+        self.assertNotIn("--oidc-allowed-hosts", warnings)
+
     def test_workers_accepted(self):
         """
         --jwt-enabled works with several serving processes: the parent sends
@@ -199,6 +217,21 @@ class WiringTests(OptionsTestCase):
         self.assertFalse(
             [s for s in self.children(SentryConfig(jwt_enabled=True)) if isinstance(s, OIDCService)]
         )
+
+    def test_oidc_refusals_logged_as_oidc(self):
+        """
+        The OIDC listener's refusals are logged under its own name, and
+        healthz's and metrics' under theirs.
+        """
+        config = SentryConfig(
+            jwt_enabled=True, oidc_enabled=True, oidc_server_tls_enabled=False
+        )
+        children = self.children(config)
+        (oidc,) = [s for s in children if isinstance(s, OIDCService)]
+        self.assertEqual(oidc.web_service.args[1].label, "oidc")
+        labels = {getattr(s, "label", None): s for s in children}
+        for label in ("healthz", "metrics"):
+            self.assertEqual(labels[label].args[1].label, label)
 
     def test_healthz_waits_for_oidc(self):
         """

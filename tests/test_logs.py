@@ -1,5 +1,6 @@
 """
-Tests for L{sentry_tx.logs}: level filtering, Dapr's JSON shape, text lines.
+Tests for L{sentry_tx.logs}: level filtering, Dapr's JSON shape, text lines,
+quoting a caller's input and the refusal log's rate.
 """
 
 import json
@@ -9,6 +10,7 @@ import socket
 import sys
 from io import StringIO
 
+from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogLevel, Logger, LogPublisher
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
@@ -16,7 +18,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 import sentry_tx
-from sentry_tx.logs import dapr_scope, make_observer, open_twistd_log_file
+from sentry_tx.logs import (
+    MAX_QUOTED_CHARACTERS,
+    REFUSAL_LOG_INTERVAL_SECONDS,
+    RefusalLog,
+    dapr_scope,
+    make_observer,
+    open_twistd_log_file,
+    quote_input,
+)
+from sentry_tx.testing.logs import log_messages
 
 # 2023-11-14T22:13:20.123456Z
 EVENT_TIME = 1700000000.123456
@@ -424,3 +435,95 @@ class OpenTwistdLogFileTests(SynchronousTestCase):
         log_file = open_twistd_log_file(None, False)
         self.addCleanup(log_file.close)
         self.assertEqual(log_file.path, os.path.abspath("twistd.log"))
+
+
+class QuoteInputTests(SynchronousTestCase):
+    """
+    L{quote_input} makes a caller's input safe and short enough to log.
+    """
+
+    def test_short_input_quoted_whole(self):
+        """Input within the limit is written whole, quoted."""
+        self.assertEqual(quote_input("oidc.example.org"), "'oidc.example.org'")
+        self.assertEqual(quote_input(b"/healthz"), "'/healthz'")
+
+    def test_long_input_cut(self):
+        """Input past the limit is cut to the limit and says how long it was."""
+        quoted = quote_input("h" * 15_000)
+        self.assertEqual(len(quoted), MAX_QUOTED_CHARACTERS)
+        self.assertTrue(quoted.startswith("'hhh"))
+        self.assertTrue(quoted.endswith("... (15000 characters)"))
+
+    def test_escapes_cut_too(self):
+        """Input whose escapes make it longer than the limit is cut as well."""
+        quoted = quote_input("\x00" * MAX_QUOTED_CHARACTERS)
+        self.assertLessEqual(len(quoted), MAX_QUOTED_CHARACTERS)
+        self.assertIn("(256 characters)", quoted)
+
+    def test_no_line_breaks(self):
+        """Control and bidi characters are escaped: they cannot forge a line."""
+        quoted = quote_input("a\nb\r\x00\u202e")
+        for character in "\n\r\x00\u202e":
+            self.assertNotIn(character, quoted)
+
+    def test_smaller_limit(self):
+        """The limit is a parameter."""
+        self.assertLessEqual(len(quote_input("x" * 100, limit=40)), 40)
+
+
+class RefusalLogTests(SynchronousTestCase):
+    """
+    L{RefusalLog} writes one line per kind per interval, on the clock it is
+    given, and counts what it drops.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.events = []
+        self.refusals = RefusalLog(
+            Logger(observer=self.events.append), self.clock, interval_seconds=10.0
+        )
+
+    def refuse(self, kind, path="/x"):
+        return self.refusals.refused(kind, LogLevel.info, "refused {path}", path=path)
+
+    def test_one_line_per_interval_with_dropped_count(self):
+        """Refusals within the interval are counted, then reported with the next line."""
+        self.assertTrue(self.refuse(404))
+        for _ in range(5):
+            self.clock.advance(1.0)
+            self.assertFalse(self.refuse(404))
+        self.assertEqual(self.refusals.dropped(404), 5)
+        self.clock.advance(4.0)
+        self.assertFalse(self.refuse(404))
+        self.clock.advance(1.0)
+        self.assertTrue(self.refuse(404, path="/y"))
+        self.assertEqual(self.refusals.dropped(404), 0)
+        self.assertEqual(
+            log_messages(self.events),
+            ["refused /x", "refused /y (6 similar refusals dropped)"],
+        )
+
+    def test_kinds_apart(self):
+        """Each kind has its own interval: a flood of one hides no other."""
+        self.assertTrue(self.refuse(403))
+        self.assertFalse(self.refuse(403))
+        self.assertTrue(self.refuse(404))
+        self.assertFalse(self.refuse(404))
+        self.assertEqual(len(self.events), 2)
+
+    def test_level_and_fields(self):
+        """The line has the level and fields given, and the dropped count as a field."""
+        self.refusals.refused(403, LogLevel.warn, "refused {path}", path="/p")
+        self.assertEqual(self.events[0]["log_level"], LogLevel.warn)
+        self.assertEqual(self.events[0]["path"], "/p")
+        self.assertEqual(self.events[0]["dropped_refusals"], 0)
+
+    def test_default_interval(self):
+        """The default interval is REFUSAL_LOG_INTERVAL_SECONDS."""
+        refusals = RefusalLog(Logger(observer=self.events.append), self.clock)
+        refusals.refused(1, LogLevel.info, "a")
+        self.clock.advance(REFUSAL_LOG_INTERVAL_SECONDS - 0.001)
+        self.assertFalse(refusals.refused(1, LogLevel.info, "a"))
+        self.clock.advance(0.001)
+        self.assertTrue(refusals.refused(1, LogLevel.info, "a"))

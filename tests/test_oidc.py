@@ -5,10 +5,14 @@ in memory with StubTreq, and the listener on 127.0.0.1 over HTTP and TLS.
 
 import json
 import os
+from io import StringIO
 
 import treq
 from treq.testing import StubTreq
+
 from twisted.internet import defer, reactor, ssl
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sentry_tx.jwt.material import generate_jwt_material, load_jwt_material
@@ -17,7 +21,10 @@ from sentry_tx.jwt.oidc import TLS_FILES_POLL_SECONDS, OIDCResource, OIDCService
 from sentry_tx.http_listener import GuardedSite, GuardedWebService
 from sentry_tx.testing.certificates import certificate_pem, private_key_pem
 from sentry_tx.testing.clocks import ImmediateReactor, inline_file_work
+from sentry_tx.logs import REFUSAL_LOG_INTERVAL_SECONDS, make_observer
 from sentry_tx.testing.kubeconfig import make_self_signed_server_certificate
+from sentry_tx.testing.logs import capture_logs, log_messages
+from sentry_tx.testing.web import connect
 
 _PAIR = []
 
@@ -189,6 +196,82 @@ class DocumentTests(SynchronousTestCase):
         body = self.resource.render(request)
         self.assertEqual(request.responseCode, 400)
         self.assertNotIn(b"script", body)
+
+
+class GuardedSiteTests(SynchronousTestCase):
+    """
+    L{OIDCResource} behind the L{GuardedSite} it is served with: Host
+    checks and what refusals cost in the log.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.site = GuardedSite(
+            OIDCResource(minter(), None, None, "", ("Oidc.Example.ORG",), "https"),
+            self.clock,
+            label="oidc",
+        )
+        self.events = capture_logs(self)
+
+    def request(self, protocol, transport, host_lines):
+        transport.clear()
+        protocol.dataReceived(
+            b"GET /jwks.json HTTP/1.1\r\n" + b"".join(
+                b"Host: " + host + b"\r\n" for host in host_lines
+            ) + b"\r\n"
+        )
+        return int(transport.value().split(b" ", 2)[1])
+
+    def test_two_host_headers_refused(self):
+        """Two Host headers are 400, even when both are allowed (RFC 9112 section 3.2)."""
+        protocol, transport = connect(self.site)
+        self.assertEqual(
+            self.request(protocol, transport, [b"oidc.example.org", b"oidc.example.org"]),
+            400,
+        )
+        self.assertEqual(self.request(protocol, transport, [b"oidc.example.org"]), 200)
+
+    def test_allowed_hosts_ignore_case_and_trailing_dot(self):
+        """Host matching ignores case and a trailing dot, with or without a port."""
+        protocol, transport = connect(self.site)
+        for host in (b"OIDC.example.org", b"oidc.example.org.", b"oidc.EXAMPLE.org.:9080"):
+            self.assertEqual(self.request(protocol, transport, [host]), 200, host)
+        for host in (b"oidc.example.org..", b"xoidc.example.org", b"oidc.example.org.evil"):
+            self.assertEqual(self.request(protocol, transport, [host]), 403, host)
+
+    def test_refused_host_logged_as_warning(self):
+        """A Host not allowed is logged once, as a warning, quoted."""
+        protocol, transport = connect(self.site)
+        self.assertEqual(self.request(protocol, transport, [b"evil\x1b[2J"]), 403)
+        [line] = log_messages(self.events, level=LogLevel.warn)
+        self.assertEqual(
+            line,
+            "oidc server refused 'GET' '/jwks.json' from 127.0.0.1 for Host"
+            " 'evil\\x1b[2J': 403",
+        )
+
+    def test_host_flood_bounded_log(self):
+        """2,000 refused requests with 15 KB Host headers on one connection add under 1 MB of log."""
+        output = StringIO()
+        observer = make_observer("debug", False, output)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        protocol, transport = connect(self.site)
+        host = b"h" * (15 * 1024)
+        for _ in range(1999):
+            # The attack in issue 17 sent these in 1.2 s.
+            self.clock.advance(0.0006)
+            self.assertEqual(self.request(protocol, transport, [host]), 403)
+        self.assertFalse(transport.lost)
+        self.clock.advance(REFUSAL_LOG_INTERVAL_SECONDS)
+        self.assertEqual(self.request(*connect(self.site), [host]), 403)
+        written = len(output.getvalue().encode("utf-8"))
+        self.assertLess(written, 1_000_000)
+        lines = output.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        for line in lines:
+            self.assertLess(len(line), 1024)
+        self.assertIn("(1998 similar refusals dropped)", lines[-1])
 
 
 class ListenerTests(TestCase):

@@ -20,6 +20,7 @@ from sentry_tx.errors import (
     ValidatorUnavailableError,
 )
 from sentry_tx.identity.caller import SignRequest
+from sentry_tx.logs import MAX_QUOTED_CHARACTERS
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.servicer import (
     VALIDATION_TIMEOUT_SECONDS,
@@ -31,6 +32,7 @@ from sentry_tx.testing.authority import FakeCertificateAuthority, FakeValidator
 from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_csr
 from sentry_tx.testing.clocks import ImmediateReactor
 from sentry_tx.testing.grpc_client import AbortingContext, run_now
+from sentry_tx.testing.logs import capture_logs, log_messages
 
 INSECURE, KUBERNETES, JWKS = 1, 2, 3
 
@@ -445,6 +447,42 @@ class ServicerTests(SynchronousTestCase):
             ),
         )
         self.assertEqual(self.counts()["validator"], 1)
+
+    def test_denials_logged_one_line_each(self):
+        """
+        Each denied call is logged in its own line (never rate-limited), the
+        caller's namespace/id and the reason cut to 256 characters each;
+        a refusal for load is not logged.
+        """
+        events = capture_logs(self)
+        self.validator.error = ValidationError("bad token " + "t" * 5000 + "\nforged")
+        request = sentry_pb2.SignCertificateRequest(
+            id="a" * 5000, namespace="default", certificate_signing_request=make_csr()[1]
+        )
+        for _ in range(3):
+            context = AbortingContext()
+            self.assertRaises(
+                AbortingContext.Aborted, self.call, request.SerializeToString(), context
+            )
+            self.assertEqual(context.code, grpc.StatusCode.PERMISSION_DENIED)
+        self.assertRaises(AbortingContext.Aborted, self.call, b"\xff", AbortingContext())
+        self.validator.error = ValidatorOverloadedError("too many reviews", 250)
+        self.assertRaises(
+            AbortingContext.Aborted, self.call, request.SerializeToString(), AbortingContext()
+        )
+        lines = log_messages(events, namespace=CAServicer._log.namespace)
+        self.assertEqual(len(lines), 4)
+        denied = (
+            "denied SignCertificate from 'ipv4:127.0.0.1:40000' for 'default/aaa"
+        )
+        for line in lines[:3]:
+            self.assertTrue(line.startswith(denied), line)
+            self.assertIn("(5008 characters): PERMISSION_DENIED 'bad token ttt", line)
+            self.assertTrue(line.endswith("... (5017 characters)"), line)
+            self.assertNotIn("\n", line)
+            self.assertLess(len(line), 100 + 3 * MAX_QUOTED_CHARACTERS)
+        self.assertIn("for '-': INVALID_ARGUMENT", lines[3])
+        self.assertIn("failed to parse request: ", lines[3])
 
 
 class ErrorStatusTests(SynchronousTestCase):

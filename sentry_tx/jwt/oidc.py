@@ -56,6 +56,23 @@ def _host_without_port(host):
     return host.rsplit(":", 1)[0] if ":" in host else host
 
 
+def comparable_host(host):
+    """
+    C{host} (a C{Host} value or an C{--oidc-allowed-hosts} entry) as the
+    allow-list compares it: in lower case, since host names ignore case, and
+    without the trailing dot of a fully qualified name
+    (C{Oidc.Example.ORG.:443} is C{oidc.example.org:443}).
+    """
+    host = host.lower()
+    if _HOST.fullmatch(host) is None:
+        return host
+    name = _host_without_port(host)
+    port = host[len(name) :]
+    if name.endswith(".") and not name.startswith("["):
+        name = name[:-1]
+    return name + port
+
+
 class OIDCResource(Resource):
     """
     The two OIDC documents.
@@ -66,19 +83,20 @@ class OIDCResource(Resource):
     @param jwks_uri: C{--oidc-jwks-uri}, or None.
     @param path_prefix: C{--oidc-path-prefix} normalised (C{/a/b}), or C{""}.
     @param allowed_hosts: C{--oidc-allowed-hosts}; empty means any host,
-        C{*} too.
+        C{*} too.  Compared without case and without a trailing dot
+        (L{comparable_host}).
     @param scheme: C{https} or C{http}, for a derived issuer.
     """
 
     isLeaf = True
-    _log = Logger()
 
     def __init__(self, minter, issuer, jwks_uri, path_prefix, allowed_hosts, scheme):
         super().__init__()
         self._minter = minter
         self._issuer = issuer
         self._jwks_uri = jwks_uri
-        self._allowed_hosts = tuple(allowed_hosts)
+        self._any_host = not allowed_hosts or "*" in allowed_hosts
+        self._allowed_hosts = frozenset(comparable_host(h) for h in allowed_hosts)
         self._scheme = scheme
         self.discovery_path = (path_prefix + DISCOVERY_PATH).encode("ascii")
         self.jwks_path = (path_prefix + JWKS_PATH).encode("ascii")
@@ -92,7 +110,7 @@ class OIDCResource(Resource):
             return self._error(request, 405, b"Method not allowed\n")
         host = (request.getHeader(b"host") or b"").decode("latin-1").strip()
         if not self._host_allowed(host):
-            self._log.warn("OIDC request for a host not allowed: {host!r}", host=host)
+            # Logged, at a bounded rate, by the GuardedSite serving this.
             return self._error(request, 403, b"Forbidden: unauthorized domain\n")
         material = self._minter.material
         if material is None:
@@ -126,8 +144,9 @@ class OIDCResource(Resource):
         }
 
     def _host_allowed(self, host):
-        if not self._allowed_hosts or "*" in self._allowed_hosts:
+        if self._any_host:
             return True
+        host = comparable_host(host)
         return host in self._allowed_hosts or (
             _HOST.fullmatch(host) is not None
             and _host_without_port(host) in self._allowed_hosts

@@ -11,6 +11,11 @@ answer at once.
 
 Every error the pipeline ends a call with is mapped to its status in one
 table, L{ERROR_STATUS}.
+
+A call denied for the caller's own sake (L{DENIAL_CODES}) is logged, one
+line each, as the operator's audit trail: who asked (peer, namespace/id)
+and why it was refused, each cut by L{quote_input}.  Refusals because of
+load (UNAVAILABLE, RESOURCE_EXHAUSTED) are counted, not logged.
 """
 
 import asyncio
@@ -34,6 +39,7 @@ from sentry_tx.errors import (
     ValidatorUnavailableError,
 )
 from sentry_tx.identity.caller import VALIDATOR_UNKNOWN, SignRequest
+from sentry_tx.logs import quote_input
 from sentry_tx.metrics import (
     FAILURE_REASON_CERT_PARSE,
     FAILURE_REASON_CERT_SIGN,
@@ -71,6 +77,14 @@ SIGNING_FAILED = "failed to sign certificate"
 VALIDATION_FAILED = "failed to validate the caller"
 VALIDATION_TIMED_OUT = "timed out validating the caller"
 JWT_FAILED = "failed to generate JWT"
+
+DENIAL_CODES = frozenset(
+    (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+)
+"""
+The statuses of a call refused because of what the caller sent or who it
+is; each such call is logged in one line.
+"""
 
 
 @dataclass(frozen=True)
@@ -263,9 +277,9 @@ class CAServicer:
             self._metrics.sign_request_received.inc()
             self._metrics.sign_failure.labels(reason=FAILURE_REASON_VALIDATOR).inc()
             self._metrics.sign_timer().done(FAILURE_REASON_VALIDATOR)
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"{MALFORMED_REQUEST}: {e}"
-            )
+            message = f"{MALFORMED_REQUEST}: {e}"
+            self._log_denial(context, None, grpc.StatusCode.INVALID_ARGUMENT, message)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         # The validation timeout runs from the headers' arrival; the
         # client's time left is read now, so it counts from now.
         deadline = arrival + self._validation_timeout_seconds
@@ -275,9 +289,28 @@ class CAServicer:
         try:
             return await self.sign(SignRequest.from_proto(request), deadline)
         except Refusal as refusal:
+            self._log_denial(context, request, refusal.code, refusal.message)
             await context.abort(
                 refusal.code, refusal.message, refusal.trailing_metadata
             )
+
+    def _log_denial(self, context, request, code, message):
+        """
+        One line for a call refused with one of L{DENIAL_CODES}: the peer,
+        the namespace/id asked for (C{request}, or None when it did not
+        parse) and the message the caller gets, each cut to
+        L{sentry_tx.logs.MAX_QUOTED_CHARACTERS}.
+        """
+        if code not in DENIAL_CODES:
+            return
+        caller = "-" if request is None else f"{request.namespace}/{request.id}"
+        self._log.info(
+            "denied SignCertificate from {peer} for {caller}: {code} {reason}",
+            peer=quote_input(context.peer()),
+            caller=quote_input(caller),
+            code=code.name,
+            reason=quote_input(message),
+        )
 
     async def sign(self, request, deadline):
         """
@@ -316,7 +349,7 @@ class CAServicer:
             if refusal is None:
                 self._log.failure(
                     "failed to sign a certificate for {spiffe_id}",
-                    spiffe_id=identity.spiffe_id,
+                    spiffe_id=quote_input(identity.spiffe_id),
                 )
                 refusal = Refusal(
                     grpc.StatusCode.INTERNAL, SIGNING_FAILED, FAILURE_REASON_CERT_SIGN
@@ -357,7 +390,7 @@ class CAServicer:
         except Exception:
             self._log.failure(
                 "failed to generate a JWT for {spiffe_id}",
-                spiffe_id=identity.spiffe_id,
+                spiffe_id=quote_input(identity.spiffe_id),
             )
             raise Refusal(
                 grpc.StatusCode.INTERNAL, JWT_FAILED, FAILURE_REASON_CERT_SIGN

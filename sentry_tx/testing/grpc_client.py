@@ -13,7 +13,7 @@ class AbortingContext:
     records the status and trailing metadata and raises
     L{AbortingContext.Aborted}, as grpcio's raises; C{read} answers with
     C{message} (C{grpc.aio.EOF} when None); C{time_remaining} with
-    C{remaining}.
+    C{remaining}; C{peer} with C{peer}.
     """
 
     class Aborted(Exception):
@@ -21,10 +21,14 @@ class AbortingContext:
         Raised by L{AbortingContext.abort}.
         """
 
-    def __init__(self, message=None, remaining=None):
+    def __init__(self, message=None, remaining=None, peer="ipv4:127.0.0.1:40000"):
         self.message = message
         self.remaining = remaining
+        self._peer = peer
         self.trailing_metadata = None
+
+    def peer(self):
+        return self._peer
 
     async def abort(self, code, details, trailing_metadata=None):
         self.code, self.details = code, details

@@ -1,0 +1,44 @@
+"""
+Driving a twisted.web site in memory: L{connect} gives a channel of the
+site on a L{ClosingTransport}, so that a test feeds it request bytes and
+reads the response without a socket.
+"""
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+class ClosingTransport(StringTransport):
+    """
+    A StringTransport that delivers connectionLost when aborted, as a TCP
+    transport does.
+
+    @ivar lost: whether the connection has been lost.
+    """
+
+    def __init__(self):
+        super().__init__(peerAddress=PEER)
+        self.protocol = None
+        self.lost = False
+
+    def abortConnection(self):
+        super().abortConnection()
+        if not self.lost:
+            self.lost = True
+            self.protocol.connectionLost(None)
+
+
+def connect(site):
+    """
+    A new connection to C{site}.
+
+    @return: C{(protocol, transport)}: the site's channel, connected to a
+        L{ClosingTransport}.
+    """
+    protocol = site.buildProtocol(PEER)
+    transport = ClosingTransport()
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return protocol, transport
