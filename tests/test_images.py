@@ -57,7 +57,8 @@ from sentry_tx.testing.container_images import (
 
 GO_WITH_STATUSES = (
     b'[{"role":"daprd","containerName":"daprd","image":"ghcr.io/dapr/daprd:1.16.0",'
-    b'"digest":"sha256:3f1c9a0e5b7d2c4e6a8b0d1f3e5c7a9b2d4f6e8a0c1b3d5f7e9a2c4b6d8f0e1a"},'
+    b'"digest":"sha256:3f1c9a0e5b7d2c4e6a8b0d1f3e5c7a9b'
+    b'2d4f6e8a0c1b3d5f7e9a2c4b6d8f0e1a"},'
     b'{"role":"app","containerName":"cart","image":"registry.example.com/shop/cart:v2",'
     b'"digest":"sha256:bbb222"},'
     b'{"role":"app","containerName":"helper","image":"busybox:1.36",'
@@ -69,7 +70,8 @@ Go's C{json.Marshal} of the images of L{sidecar_pod} with its statuses.
 
 GO_WITHOUT_STATUSES = (
     b'[{"role":"daprd","containerName":"daprd","image":"ghcr.io/dapr/daprd:1.16.0"},'
-    b'{"role":"app","containerName":"cart","image":"registry.example.com/shop/cart:v2"},'
+    b'{"role":"app","containerName":"cart",'
+    b'"image":"registry.example.com/shop/cart:v2"},'
     b'{"role":"app","containerName":"helper","image":"busybox:1.36"}]'
 )
 """
@@ -259,7 +261,9 @@ class KeptImagesTests(SynchronousTestCase):
     def long_image_pod(self, image_length):
         prefix = "registry.example.com/"
         return pod_document(
-            containers=[{"name": "app", "image": prefix + "a" * (image_length - len(prefix))}]
+            containers=[
+                {"name": "app", "image": prefix + "a" * (image_length - len(prefix))}
+            ]
         )
 
     def test_long_image_kept_whole(self):
@@ -368,7 +372,8 @@ class LeafExtensionTests(SynchronousTestCase):
                 "role": "daprd",
                 "containerName": "daprd",
                 "image": "ghcr.io/dapr/daprd:1.16.0",
-                "digest": "sha256:3f1c9a0e5b7d2c4e6a8b0d1f3e5c7a9b2d4f6e8a0c1b3d5f7e9a2c4b6d8f0e1a",
+                "digest": "sha256:3f1c9a0e5b7d2c4e6a8b0d1f3e5c7a9b"
+                "2d4f6e8a0c1b3d5f7e9a2c4b6d8f0e1a",
             },
         )
 
@@ -459,10 +464,9 @@ class OtherValidatorsTests(SynchronousTestCase):
             token_validator=validator.name,
         )
         values.update(fields)
+        deadline = self.reactor.seconds() + VALIDATION_TIMEOUT_SECONDS
         response = self.loop.run_until_complete(
-            servicer.sign(
-                SignRequest(**values), self.reactor.seconds() + VALIDATION_TIMEOUT_SECONDS
-            )
+            servicer.sign(SignRequest(**values), deadline)
         )
         return x509.load_pem_x509_certificates(response.workload_certificate)[0]
 
@@ -471,7 +475,9 @@ class OtherValidatorsTests(SynchronousTestCase):
         An INSECURE caller's leaf has no images extension.
         """
         leaf = self.sign(InsecureValidator())
-        self.assertEqual(leaf.extensions[-1].oid, x509.oid.ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
+        self.assertEqual(
+            leaf.extensions[-1].oid, x509.oid.ExtensionOID.AUTHORITY_KEY_IDENTIFIER
+        )
         self.assertIsNone(images_extension(leaf))
 
     def test_jwks(self):

@@ -604,7 +604,9 @@ class ContainerImagesTests(TestCase):
             [(entry["role"], entry["containerName"]) for entry in entries],
             [("daprd", "daprd"), ("app", "cart"), ("app", "helper")],
         )
-        self.assertIn(("GET", f"/api/v1/namespaces/{APPS}/pods/{POD}"), self.fake.requests)
+        self.assertIn(
+            ("GET", f"/api/v1/namespaces/{APPS}/pods/{POD}"), self.fake.requests
+        )
 
     @defer.inlineCallbacks
     def test_images_from_the_cache_into_the_leaf(self):
@@ -647,12 +649,16 @@ class ContainerImagesTests(TestCase):
             )
         )
         yield self._synced()
-        error = yield self.assertFailure(self.validator.validate(request), ValidationError)
+        error = yield self.assertFailure(
+            self.validator.validate(request), ValidationError
+        )
         self.assertEqual(str(error), IMAGES_TOO_LARGE)
         self.validator = KubernetesValidator(
             self.client, TEST_TRUST_DOMAIN, TEST_NAMESPACE
         )
-        error = yield self.assertFailure(self.validator.validate(request), ValidationError)
+        error = yield self.assertFailure(
+            self.validator.validate(request), ValidationError
+        )
         self.assertEqual(str(error), IMAGES_TOO_LARGE)
 
     @defer.inlineCallbacks
