@@ -26,7 +26,6 @@ with 20 ms per review).
 
 import argparse
 import datetime
-import importlib.util
 import os
 import statistics
 import sys
@@ -44,6 +43,10 @@ from sentry_tx.identity.images import kept_images  # noqa: E402
 from sentry_tx.testing.certificates import make_bundle, make_private_key  # noqa: E402
 from sentry_tx.testing.container_images import pod_document, sidecar_pod  # noqa: E402
 
+# The sibling script (its directory is the script's, first on the path): for
+# its description of the machine and the commit.
+import pipeline_micro  # noqa: E402
+
 KUBERNETES_CPU_MS_PER_CERTIFICATE = 1.40
 """
 Kubernetes-mode server CPU per certificate (issue 19: one process, h2load
@@ -51,17 +54,6 @@ Kubernetes-mode server CPU per certificate (issue 19: one process, h2load
 """
 
 TARGET_PERCENT = 5.0
-
-
-def _pipeline_micro():
-    # A sibling script, not a package module: load it by path for its
-    # machine description.
-    spec = importlib.util.spec_from_file_location(
-        "_sentry_pipeline_micro", os.path.join(HERE, "pipeline_micro.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def large_pod():
@@ -113,7 +105,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     turns, calls = (9, 100) if args.quick else (41, 300)
-    run = _pipeline_micro()._bench_run_module()
+    run = pipeline_micro._bench_run_module()
     print(f"machine: {run.machine_description()}")
     print(f"commit:  {run.git_commit()}")
     print(
