@@ -13,10 +13,13 @@ so that a change of the encoder here cannot move them with it.
 
 import asyncio
 import json
+import re
 from datetime import timedelta
 
 import jwt as pyjwt
 from asn1crypto.core import OctetString
+from hypothesis import given
+from hypothesis import strategies as st
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -54,6 +57,7 @@ from sentry_tx.testing.container_images import (
     pod_document,
     sidecar_pod,
 )
+from tests.hypothesis_profiles import show_notes
 
 GO_WITH_STATUSES = (
     b'[{"role":"daprd","containerName":"daprd","image":"ghcr.io/dapr/daprd:1.16.0",'
@@ -250,6 +254,21 @@ class GoMarshalTests(SynchronousTestCase):
         self.assertEqual(
             go_json_string(text),
             b'"a\xef\xbf\xbdb\xef\xbf\xbd\xf0\x9f\x98\x80"',
+        )
+
+
+    @given(st.text())
+    @show_notes
+    def test_any_string(self, text):
+        """
+        Any string is written as JSON that reads back as that string (lone
+        surrogates as U+FFFD), with no control character, <, >, &, U+2028
+        or U+2029 left raw.
+        """
+        data = go_json_string(text)
+        self.assertEqual(json.loads(data), re.sub("[\ud800-\udfff]", "\ufffd", text))
+        self.assertIsNone(
+            re.search("[\x00-\x1f<>&\u2028\u2029]", data.decode("utf-8"))
         )
 
 
