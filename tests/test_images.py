@@ -257,8 +257,8 @@ class GoMarshalTests(SynchronousTestCase):
         )
 
 
-    @given(st.text())
     @show_notes
+    @given(st.text())
     def test_any_string(self, text):
         """
         Any string is written as JSON that reads back as that string (lone
