@@ -371,6 +371,22 @@ class MintingTests(SynchronousTestCase):
         header = pyjwt.get_unverified_header(response.jwt.value)
         self.assertEqual((header["alg"], header["kid"]), ("RS256", "k"))
 
+    def test_typ_jwt(self):
+        """
+        Every token's protected header says C{typ: JWT}: Dapr's #10374 made
+        the JWS typ configurable, and its SignCertificate path keeps the
+        default, JWT, which sidecars and verifiers expect.
+        """
+        response = self.fill()
+        tokens = [response.jwt.value] + [
+            token.value for token in response.per_audience_jwts.values()
+        ]
+        for token in tokens:
+            encoded = token.split(".")[0]
+            padded = encoded + "=" * (-len(encoded) % 4)
+            header = json.loads(base64.urlsafe_b64decode(padded))
+            self.assertEqual(header["typ"], "JWT")
+
     def test_per_audience(self):
         """
         per_audience_jwts holds one token per audience, keyed by it, whose

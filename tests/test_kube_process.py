@@ -14,6 +14,13 @@ from twisted.trial.unittest import TestCase
 
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.testing.certificates import TEST_NAMESPACE, TEST_TRUST_DOMAIN, make_csr
+from sentry_tx.testing.container_images import (
+    APP_IMAGE_ID,
+    DAPRD_IMAGE_ID,
+    HELPER_IMAGE_ID,
+    images_list,
+    sidecar_pod,
+)
 from sentry_tx.testing.grpc_client import GrpcTestClient
 from sentry_tx.testing.kubeconfig import write_kubeconfig
 from sentry_tx.testing.kubernetes import start_fake_kubernetes
@@ -61,7 +68,8 @@ class KubernetesModeProcessTests(TestCase):
         """
         twistd reads the Configuration resource, generates the bundle into
         the Secret and ConfigMap, becomes healthy, signs a certificate for a
-        pod whose token the API server vouches for, refuses a bad token and
+        pod whose token the API server vouches for (with the pod's container
+        images stamped in), refuses a bad token and
         INSECURE, runs the image's ENTRYPOINT arguments, and exits on
         SIGTERM.
         """
@@ -70,7 +78,14 @@ class KubernetesModeProcessTests(TestCase):
         self.fake.add_configuration(
             TEST_NAMESPACE, "daprsystem", {"mtls": {"workloadCertTTL": "1h"}}
         )
-        self.fake.add_pod(APPS, "myapp-0", "myapp", {"dapr.io/app-id": "myapp"})
+        self.fake.put_object(
+            "pods",
+            APPS,
+            "myapp-0",
+            sidecar_pod(
+                service_account="myapp", annotations={"dapr.io/app-id": "myapp"}
+            ),
+        )
         token = self.fake.issue_token(APPS, "myapp", "myapp-0")
 
         protocol = self._spawn()
@@ -114,6 +129,17 @@ class KubernetesModeProcessTests(TestCase):
             )
             lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
             self.assertLessEqual(lifetime.total_seconds(), 3600 + 15 * 60)
+            self.assertEqual(
+                [
+                    (entry["role"], entry["containerName"], entry["digest"])
+                    for entry in images_list(leaf)
+                ],
+                [
+                    ("daprd", "daprd", DAPRD_IMAGE_ID.split("@")[1]),
+                    ("app", "cart", APP_IMAGE_ID.split("@")[1]),
+                    ("app", "helper", HELPER_IMAGE_ID),
+                ],
+            )
 
         error = yield self.assertFailure(
             deferToThread(client.sign, request(token="not-a-token")), grpc.RpcError

@@ -3,11 +3,16 @@ Tests for L{sentry_tx.identity.kubernetes}: every check of the KUBERNETES
 validator, against the fake API server.
 """
 
-from twisted.internet import defer
+import json
+
+from cryptography import x509
+from twisted.internet import defer, reactor
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from sentry_tx.ca.authority import issue_workload_certificate
+from sentry_tx.config import MTLSConfig
 from sentry_tx.errors import ValidationError, ValidatorUnavailableError
 from sentry_tx.identity.caller import VALIDATOR_KUBERNETES, SignRequest
 from sentry_tx.identity.kubernetes import (
@@ -15,8 +20,23 @@ from sentry_tx.identity.kubernetes import (
     KubernetesValidator,
     token_payload,
 )
+from sentry_tx.identity.images import IMAGES_TOO_LARGE, MAX_POD_ENTRY_BYTES
 from sentry_tx.interfaces import IIdentityValidator
-from sentry_tx.testing.certificates import TEST_NAMESPACE, TEST_TRUST_DOMAIN, make_csr
+from sentry_tx.kube.informer import pod_informer
+from sentry_tx.testing.certificates import (
+    FIXED_NOW,
+    TEST_NAMESPACE,
+    TEST_TRUST_DOMAIN,
+    make_bundle,
+    make_csr,
+    make_private_key,
+)
+from sentry_tx.testing.container_images import (
+    images_json,
+    images_list,
+    pod_document,
+    sidecar_pod,
+)
 from sentry_tx.testing.kubernetes import kubernetes_client_for, start_fake_kubernetes
 from sentry_tx.testing.kubernetes_tokens import (
     FAKE_API_DEFAULT_AUDIENCES,
@@ -531,6 +551,125 @@ class KubernetesValidatorTests(TestCase):
         yield self._refused(
             "the Kubernetes API is unavailable", ValidatorUnavailableError
         )
+
+
+class ContainerImagesTests(TestCase):
+    """
+    The KUBERNETES validator proves the pod's container images, from the
+    Pod it reads (a GET or the informer's cache), and refuses a pod whose
+    images were too large to keep whole.
+    """
+
+    timeout = 30
+
+    def setUp(self):
+        self.fake = start_fake_kubernetes(self)
+        self.client = kubernetes_client_for(self, self.fake)
+        self.pods = pod_informer(reactor, self.client)
+        self.addCleanup(self.pods.stop)
+        self.validator = KubernetesValidator(
+            self.client, TEST_TRUST_DOMAIN, TEST_NAMESPACE, pods=self.pods
+        )
+
+    def _put(self, document):
+        self.fake.put_object("pods", APPS, POD, document)
+        return SignRequest(
+            id=POD,
+            token=self.fake.issue_token(APPS, ACCOUNT, POD),
+            trust_domain="",
+            namespace=APPS,
+            csr=CSR,
+            token_validator=VALIDATOR_KUBERNETES,
+        )
+
+    @defer.inlineCallbacks
+    def _synced(self):
+        self.pods.start()
+        synced = yield self.pods.wait_synced(reactor.seconds() + 10)
+        self.assertTrue(synced)
+
+    @defer.inlineCallbacks
+    def test_images_from_a_get(self):
+        """
+        A pod the cache has not seen is read with one GET, and its images,
+        native-sidecar daprd first, are what the identity carries.
+        """
+        request = self._put(sidecar_pod(service_account=ACCOUNT))
+        self.validator = KubernetesValidator(
+            self.client, TEST_TRUST_DOMAIN, TEST_NAMESPACE
+        )
+        identity = yield self.validator.validate(request)
+        entries = json.loads(identity.container_images)
+        self.assertEqual(
+            [(entry["role"], entry["containerName"]) for entry in entries],
+            [("daprd", "daprd"), ("app", "cart"), ("app", "helper")],
+        )
+        self.assertIn(
+            ("GET", f"/api/v1/namespaces/{APPS}/pods/{POD}"), self.fake.requests
+        )
+
+    @defer.inlineCallbacks
+    def test_images_from_the_cache_into_the_leaf(self):
+        """
+        A cached pod's images, kept uncut, reach the leaf's extension byte
+        for byte, and no GET is made.
+        """
+        document = sidecar_pod(service_account=ACCOUNT)
+        document["spec"]["containers"][1]["image"] = "r.example/" + "h" * 600 + ":1"
+        request = self._put(document)
+        yield self._synced()
+        identity = yield self.validator.validate(request)
+        self.assertNotIn(
+            ("GET", f"/api/v1/namespaces/{APPS}/pods/{POD}"), self.fake.requests
+        )
+        issued = issue_workload_certificate(
+            make_bundle(),
+            identity,
+            make_private_key().public_key(),
+            FIXED_NOW,
+            MTLSConfig(),
+            TEST_NAMESPACE,
+        )
+        leaf = x509.load_pem_x509_certificates(issued.certificate_chain_pem)[0]
+        self.assertEqual(images_json(leaf), identity.container_images)
+        self.assertEqual(
+            images_list(leaf)[2]["image"], "r.example/" + "h" * 600 + ":1"
+        )
+
+    @defer.inlineCallbacks
+    def test_images_too_large(self):
+        """
+        A pod whose images would make its entry larger than the bound is
+        refused, from the cache and from a GET alike.
+        """
+        request = self._put(
+            pod_document(
+                containers=[{"name": "app", "image": "x" * MAX_POD_ENTRY_BYTES}],
+                service_account=ACCOUNT,
+            )
+        )
+        yield self._synced()
+        error = yield self.assertFailure(
+            self.validator.validate(request), ValidationError
+        )
+        self.assertEqual(str(error), IMAGES_TOO_LARGE)
+        self.validator = KubernetesValidator(
+            self.client, TEST_TRUST_DOMAIN, TEST_NAMESPACE
+        )
+        error = yield self.assertFailure(
+            self.validator.validate(request), ValidationError
+        )
+        self.assertEqual(str(error), IMAGES_TOO_LARGE)
+
+    @defer.inlineCallbacks
+    def test_no_containers(self):
+        """
+        A pod without containers stamps nothing.
+        """
+        request = self._put(pod_document(service_account=ACCOUNT))
+        yield self._synced()
+        identity = yield self.validator.validate(request)
+        self.assertEqual(identity.container_images, b"")
 
 
 class TokenPayloadTests(SynchronousTestCase):

@@ -35,7 +35,8 @@ def issue_workload_certificate(
     Sign a workload certificate for C{identity}.
 
     @param bundle: the L{sentry_tx.ca.bundle.TrustBundle} in service.
-    @param identity: the validated L{sentry_tx.identity.caller.CallerIdentity}.
+    @param identity: the validated L{sentry_tx.identity.caller.CallerIdentity};
+        its container images (KUBERNETES only) are stamped when it has any.
     @param public_key: the CSR's public key (already checked).
     @param now: aware UTC L{datetime}.
     @param mtls: the L{sentry_tx.config.MTLSConfig} (TTL and skew).
@@ -53,7 +54,13 @@ def issue_workload_certificate(
         identity.app_id, identity.namespace, own_namespace, identity.trust_domain
     )
     leaf = x509profile.build_leaf(
-        bundle, public_key, identity.spiffe_id, dns_names, not_before, not_after
+        bundle,
+        public_key,
+        identity.spiffe_id,
+        dns_names,
+        not_before,
+        not_after,
+        container_images=identity.container_images,
     )
     return IssuedCertificate(
         certificate_chain_pem=leaf.public_bytes(Encoding.PEM) + bundle.issuer_chain_pem,

@@ -88,6 +88,39 @@ _HASH_FOR_CURVE = {
     ec.SECP521R1.name: hashes.SHA512,
 }
 
+CONTAINER_IMAGES_OID = x509.ObjectIdentifier("1.3.6.1.4.1.57683.100.1")
+"""
+Dapr's container images extension (dapr/dapr #10282): under the CNCF's
+enterprise number, in Dapr's sub-arc 100.
+"""
+
+
+def der_octet_string(data):
+    """
+    The DER encoding of an OCTET STRING holding C{data}.
+    """
+    length = len(data)
+    if length < 0x80:
+        header = bytes((0x04, length))
+    else:
+        size = length.to_bytes((length.bit_length() + 7) // 8, "big")
+        header = bytes((0x04, 0x80 | len(size))) + size
+    return header + data
+
+
+def container_images_extension(images_json):
+    """
+    The non-critical extension that stamps a workload's container images:
+    L{CONTAINER_IMAGES_OID}, valued a DER OCTET STRING of C{images_json}
+    (the bytes of L{sentry_tx.identity.images.marshal}), as Dapr's
+    C{images.Extension}.
+    """
+    value = x509.UnrecognizedExtension(
+        CONTAINER_IMAGES_OID, der_octet_string(images_json)
+    )
+    return x509.Extension(CONTAINER_IMAGES_OID, False, value)
+
+
 MIN_RSA_KEY_BITS = 2048
 """
 The smallest RSA key sentry_tx signs with or signs for.
@@ -375,16 +408,25 @@ def _naive_utc(moment):
     return moment.replace(tzinfo=None) - moment.utcoffset()
 
 
-def build_leaf(bundle, public_key, spiffe_id, dns_names, not_before, not_after):
+def build_leaf(
+    bundle,
+    public_key,
+    spiffe_id,
+    dns_names,
+    not_before,
+    not_after,
+    container_images=b"",
+):
     """
     Build and sign a workload certificate.
 
     Subject empty; a critical subject alternative name with the SPIFFE id
     (URI) and C{dns_names}; basic constraints CA:FALSE (critical); key usage
     digitalSignature (critical); extended key usage serverAuth and
-    clientAuth; the bundle's authority key identifier; a random positive
-    serial; signed by the bundle's issuer key with the hash that key calls
-    for.
+    clientAuth; the bundle's authority key identifier; last, when
+    C{container_images} is not empty, L{container_images_extension}; a
+    random positive serial; signed by the bundle's issuer key with the hash
+    that key calls for.
 
     @param bundle: the L{sentry_tx.ca.bundle.TrustBundle} in service.
     @param public_key: the caller's public key (from its CSR).
@@ -392,6 +434,8 @@ def build_leaf(bundle, public_key, spiffe_id, dns_names, not_before, not_after):
     @param dns_names: DNS names to add (an iterable of C{str}).
     @param not_before: an aware L{datetime.datetime}.
     @param not_after: an aware L{datetime.datetime}, from L{leaf_validity}.
+    @param container_images: the JSON bytes of the caller's container
+        images (L{sentry_tx.identity.caller.CallerIdentity}), or C{b""}.
     @return: the certificate.
     @raise ValueError: if C{not_after} is before C{not_before}.
     """
@@ -401,6 +445,9 @@ def build_leaf(bundle, public_key, spiffe_id, dns_names, not_before, not_after):
     names = [x509.UniformResourceIdentifier(spiffe_id)]
     names.extend(x509.DNSName(name) for name in dns_names)
     san = x509.SubjectAlternativeName(names)
+    extensions = [x509.Extension(san.oid, True, san), *profile.extensions]
+    if container_images:
+        extensions.append(container_images_extension(container_images))
     builder = x509.CertificateBuilder(
         issuer_name=profile.issuer_name,
         subject_name=_EMPTY_NAME,
@@ -408,6 +455,6 @@ def build_leaf(bundle, public_key, spiffe_id, dns_names, not_before, not_after):
         serial_number=x509.random_serial_number(),
         not_valid_before=_naive_utc(not_before),
         not_valid_after=_naive_utc(not_after),
-        extensions=[x509.Extension(san.oid, True, san), *profile.extensions],
+        extensions=extensions,
     )
     return builder.sign(bundle.issuer_key, bundle.signature_hash)

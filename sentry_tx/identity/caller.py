@@ -54,12 +54,16 @@ class SignRequest:
 @dataclass(frozen=True)
 class CallerIdentity:
     """
-    What a validator proved: the parts of the SPIFFE ID to sign.
+    What a validator proved: the parts of the SPIFFE ID to sign, and (the
+    KUBERNETES validator only, from the pod it read) the pod's container
+    images as the JSON bytes to stamp into the certificate
+    (L{sentry_tx.identity.images}); C{b""} stamps none.
     """
 
     trust_domain: str
     namespace: str
     app_id: str
+    container_images: bytes = b""
 
     @property
     def spiffe_id(self):

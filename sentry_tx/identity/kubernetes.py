@@ -27,13 +27,15 @@ says which check failed; the caller gets it with PERMISSION_DENIED):
      allowed only in sentry_tx's namespace, for Dapr's control-plane
      services, and never together with C{dapr.io/app-id}; the request's id
      must be it;
-  8. the trust domain: sentry_tx's for the control plane; else
+  8. the pod's container images were small enough to keep whole (they are
+     stamped into the certificate: L{sentry_tx.identity.images});
+  9. the trust domain: sentry_tx's for the control plane; else
      C{spec.accessControl.trustDomain} of the Configuration named by the
      pod's C{dapr.io/config} annotation, in the pod's namespace; else
      C{public}.
 
 As Dapr does, the request's own C{trust_domain} is ignored beyond the common
-rules: the identity signed carries the trust domain derived in step 8, which
+rules: the identity signed carries the trust domain derived in step 9, which
 only the cluster's operators control.
 
 An API server that cannot be reached, does not answer in time, answers 429
@@ -74,6 +76,7 @@ from sentry_tx.errors import (
 )
 from sentry_tx.identity.caller import VALIDATOR_KUBERNETES, CallerIdentity
 from sentry_tx.identity.admission import DEADLINE_PASSED, MIN_RETRY_AFTER_MILLISECONDS
+from sentry_tx.identity.images import images_to_stamp
 from sentry_tx.identity.rules import (
     DEFAULT_WORKLOAD_TRUST_DOMAIN,
     check_request,
@@ -331,6 +334,7 @@ class KubernetesValidator:
             raise ValidationError(
                 APP_ID_MISMATCH.format(expected=expected_id, received=request.id)
             )
+        container_images = images_to_stamp(pod.images)
         if is_control_plane:
             trust_domain = self._sentry_trust_domain
         else:
@@ -347,7 +351,10 @@ class KubernetesValidator:
                 trust_domain=trust_domain,
             )
         return CallerIdentity(
-            trust_domain=trust_domain, namespace=request.namespace, app_id=request.id
+            trust_domain=trust_domain,
+            namespace=request.namespace,
+            app_id=request.id,
+            container_images=container_images,
         )
 
     # The API calls

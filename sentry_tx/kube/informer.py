@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.web.client import ResponseDone
 
 from sentry_tx.errors import ConfigError
+from sentry_tx.identity.images import kept_images
 from sentry_tx.kube.client import MAX_KUBERNETES_RESPONSE_BYTES
 from sentry_tx.kube.errors import KubernetesAPIError, KubernetesError
 
@@ -86,6 +87,8 @@ MAX_KEPT_STRING_CHARACTERS = 256
 The longest annotation value or trust domain kept; a longer value (none of
 the ones the validator reads can be valid at that length) is cut to this,
 so that it still fails the validator's checks but cannot grow the cache.
+Container images are never cut (they are signed): a pod's whole entry is
+bounded instead (L{sentry_tx.identity.images.MAX_POD_ENTRY_BYTES}).
 """
 
 APP_ID_ANNOTATION = "dapr.io/app-id"
@@ -114,14 +117,17 @@ class PodRecord:
     @ivar service_account: C{spec.serviceAccountName} (C{default} when
         unset, as Kubernetes does).
     @ivar annotations: only the annotations in L{KEPT_POD_ANNOTATIONS}.
+    @ivar images: the container images' JSON to stamp, or None when too
+        large to keep (L{sentry_tx.identity.images.kept_images}).
     """
 
-    __slots__ = ("uid", "service_account", "annotations")
+    __slots__ = ("uid", "service_account", "annotations", "images")
 
-    def __init__(self, uid, service_account, annotations):
+    def __init__(self, uid, service_account, annotations, images=b""):
         self.uid = uid
         self.service_account = service_account
         self.annotations = annotations
+        self.images = images
 
     @classmethod
     def from_pod(cls, pod):
@@ -135,12 +141,11 @@ class PodRecord:
             value = annotations.get(key)
             if value is not None:
                 kept[key] = _kept(value) or ""
-        account = _mapping(pod.get("spec")).get("serviceAccountName")
-        return cls(
-            _kept(metadata.get("uid")) or "",
-            _kept(account) or "default",
-            kept,
-        )
+        uid = _kept(metadata.get("uid")) or ""
+        account = _kept(_mapping(pod.get("spec")).get("serviceAccountName"))
+        account = account or "default"
+        identity = (uid, account, *kept, *kept.values())
+        return cls(uid, account, kept, kept_images(pod, identity))
 
 
 def _key(document):
