@@ -35,7 +35,9 @@ setup(
     extras_require={
         # PyJWT verifies sentry_tx's tokens in the tests, independently of
         # joserfc, which the code uses.
-        "test": ["hypothesis>=6.100", "PyJWT[crypto]>=2.10"],
+        # helm-python-sdk (Helm v4 as a library) renders Dapr's chart in
+        # tests/test_helm_chart.py.
+        "test": ["hypothesis>=6.100", "PyJWT[crypto]>=2.10", "helm-python-sdk>=0.2.2"],
         # bench/run.py draws its plot with matplotlib when it is installed.
         "bench": ["matplotlib>=3.8"],
         "proto": ["grpcio-tools==1.85.1"],
