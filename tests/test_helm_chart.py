@@ -189,7 +189,7 @@ class RenderedArgumentsServeTests(TestCase):
     renders serves in kubernetes mode.
     """
 
-    # Two renders (well under a second each) and one start of sentry_tx;
+    # One render (well under a second here) and one start of sentry_tx;
     # RENDER_TIMEOUT_SECONDS bounds a render that hangs.
     timeout = 120
 
