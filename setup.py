@@ -35,8 +35,15 @@ setup(
     extras_require={
         # PyJWT verifies sentry_tx's tokens in the tests, independently of
         # joserfc, which the code uses; asn1crypto reads the certificates'
-        # container images extension independently of cryptography.
-        "test": ["hypothesis>=6.100", "PyJWT[crypto]>=2.10", "asn1crypto>=1.5"],
+        # container images extension independently of cryptography;
+        # helm-python-sdk (Helm v4 as a library) renders Dapr's chart in
+        # tests/test_helm_chart.py.
+        "test": [
+            "hypothesis>=6.100",
+            "PyJWT[crypto]>=2.10",
+            "asn1crypto>=1.5",
+            "helm-python-sdk>=0.2.2",
+        ],
         # bench/run.py draws its plot with matplotlib when it is installed.
         "bench": ["matplotlib>=3.8"],
         "proto": ["grpcio-tools==1.85.1"],

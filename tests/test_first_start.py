@@ -57,3 +57,16 @@ class FirstStartTests(TestCase):
         self.assertEqual(len(effective), 1)
         self.assertIn("workload certificates live 24h0m0s, allowed clock skew 15m0s", effective[0])
         self.assertIn("validators INSECURE, default INSECURE", effective[0])
+
+    def test_binds_loopback(self):
+        """
+        The README's first command (an INSECURE CA) puts all three
+        listeners on 127.0.0.1, and says INSECURE beside it.
+        """
+        arguments = readme_first_command()
+        for flag in ("--listen-address", "--healthz-listen-address", "--metrics-listen-address"):
+            self.assertEqual(arguments[arguments.index(flag) + 1], "127.0.0.1", flag)
+        with open(README, encoding="utf-8") as f:
+            text = f.read()
+        after_command = text.split("```", 2)[2]
+        self.assertIn("**This CA is INSECURE**", after_command.split("```", 1)[0])

@@ -20,6 +20,7 @@ from sentry_tx.jwt.material import generate_jwt_material
 from sentry_tx.testing.certificates import make_csr
 from sentry_tx.testing.grpc_client import GrpcTestClient
 from sentry_tx.testing.http2 import sign_on_new_connection
+from sentry_tx.testing.jwts import verified_claims
 from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
 
 ISSUER = "https://oidc.example.org"
@@ -121,16 +122,9 @@ class JWTProcessTests(TestCase):
         _, jwks_body = yield self.get(f"{base}/jwks.json")
         with open(os.path.join(self.credentials, "jwks.json"), "rb") as f:
             self.assertEqual(jwks_body, f.read())
-        key_set = pyjwt.PyJWKSet.from_json(jwks_body.decode())
-
         reply = yield self.sign(client)
-        kid = pyjwt.get_unverified_header(reply.jwt.value)["kid"]
-        claims = pyjwt.decode(
-            reply.jwt.value,
-            key_set[kid].key,
-            algorithms=["RS256"],
-            audience="sts.amazonaws.com",
-            issuer=ISSUER,
+        claims = verified_claims(
+            jwks_body, reply.jwt.value, audience="sts.amazonaws.com", issuer=ISSUER
         )
         self.assertEqual(claims["sub"], "spiffe://public/ns/prod/myapp")
         self.assertEqual(
@@ -142,7 +136,7 @@ class JWTProcessTests(TestCase):
             ["api://AzureADTokenExchange", "public", "sts.amazonaws.com"],
         )
         for audience, token in reply.per_audience_jwts.items():
-            pyjwt.decode(token.value, key_set[kid].key, algorithms=["RS256"], audience=audience)
+            verified_claims(jwks_body, token.value, audience=audience)
 
     @inlineCallbacks
     def test_key_rotation(self):
