@@ -442,7 +442,7 @@ class URLSourceTests(SynchronousTestCase):
         self.flushLoggedErrors()
 
     def validator_key_set(self):
-        from sentry_tx.identity.jwks import key_set_from_json
+        from sentry_tx.identity.jwks_keys import key_set_from_json
 
         return key_set_from_json(jwks(jwk_member(rsa_key(), kid="k1")).encode())
 

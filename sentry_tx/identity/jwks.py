@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_jwks -*-
 """
 The JWKS validator (SPEC section 6, Dapr's
 C{pkg/sentry/server/validator/jwks/jwks.go}): the caller proves who it is
@@ -24,20 +25,17 @@ request rules; then "token validation failed: <why>" unless the JWT verifies
 with the key its C{kid} names (the algorithm fixed by that key: its C{alg},
 else its type; never C{none}, never HMAC), has C{aud} containing Sentry's
 SPIFFE ID, C{sub} equal to the caller's SPIFFE ID, and C{exp} (required),
-C{nbf} and C{iat} right within a 5 minute leeway.
+C{nbf} and C{iat} right within a 5 minute leeway.  The key set and the
+token check live in L{sentry_tx.identity.jwks_keys}.
 """
 
 import base64
 import binascii
-import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import treq
-from joserfc import jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import JWKRegistry
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -48,6 +46,13 @@ from sentry_tx.ca.store import read_credential
 from sentry_tx.durations import parse_go_duration
 from sentry_tx.errors import BundleError, ConfigError, ValidationError
 from sentry_tx.identity.caller import VALIDATOR_JWKS
+from sentry_tx.identity.jwks_keys import (
+    MAX_JWKS_BYTES,
+    VALIDATION_FAILED,
+    UnknownKeyID,
+    key_set_from_json,
+    verify_token,
+)
 from sentry_tx.identity.rules import check_request
 from sentry_tx.interfaces import IConfigurationSource, IIdentityValidator
 
@@ -59,7 +64,6 @@ Dapr ignores a C{minRefreshInterval} of a second or less; sentry_tx refuses
 it at start instead.
 """
 
-TOKEN_LEEWAY_SECONDS = 300
 JWKS_FILE_CHECK_INTERVAL_SECONDS = 5.0
 PERIODIC_REFRESH_SECONDS = 3600.0
 """
@@ -69,7 +73,6 @@ stops being accepted; a token with an unknown kid asks sooner.
 """
 FETCH_RETRY_INITIAL_SECONDS = 1.0
 FETCH_RETRY_MAX_SECONDS = 60.0
-MAX_JWKS_BYTES = 1024 * 1024
 
 OPTION_SOURCE = "source"
 OPTION_CA_CERTIFICATE = "caCertificate"
@@ -84,19 +87,6 @@ KNOWN_OPTIONS = (
 
 NO_TOKEN = "the request does not contain a token"
 NOT_READY = "jwks validator not ready"
-VALIDATION_FAILED = "token validation failed"
-
-_RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
-_EC_ALGORITHMS = {"P-256": ("ES256",), "P-384": ("ES384",), "P-521": ("ES512",)}
-_OKP_ALGORITHMS = {"Ed25519": ("EdDSA",)}
-ASYMMETRIC_ALGORITHMS = (
-    _RSA_ALGORITHMS
-    + tuple(a for each in _EC_ALGORITHMS.values() for a in each)
-    + ("EdDSA",)
-)
-"""
-Every algorithm a token may use; HMAC and C{none} are never among them.
-"""
 
 SOURCE_URL = "url"
 SOURCE_FILE = "file"
@@ -202,126 +192,6 @@ def parse_jwks_options(options, field):
     )
 
 
-@dataclass(frozen=True)
-class KeySet:
-    """
-    A verified, immutable key set: the usable keys by C{kid}.
-
-    @ivar keys: C{kid} to C{(joserfc key, allowed algorithms)}.
-    @ivar raw: the JSON it came from.
-    """
-
-    keys: dict = field(repr=False)
-    raw: bytes = field(repr=False)
-
-
-def _algorithms_for(member):
-    kty = member.get("kty")
-    if kty == "RSA":
-        allowed = _RSA_ALGORITHMS
-    elif kty == "EC":
-        allowed = _EC_ALGORITHMS.get(member.get("crv"), ())
-    elif kty == "OKP":
-        allowed = _OKP_ALGORITHMS.get(member.get("crv"), ())
-    else:
-        return ()
-    alg = member.get("alg")
-    if alg is None:
-        return allowed
-    return (alg,) if alg in allowed else ()
-
-
-def key_set_from_json(data):
-    """
-    Parse a JWKS into a L{KeySet}.  Keys without a C{kid}, with a C{use}
-    other than C{sig}, symmetric keys and keys whose C{alg} does not fit
-    their type are left out.
-
-    @param data: the JSON bytes.
-    @raise ValueError: when C{data} is not a JWKS or holds no usable key.
-    """
-    if len(data) > MAX_JWKS_BYTES:
-        raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
-    try:
-        document = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"failed to parse JWKS: {e}") from None
-    members = document.get("keys") if isinstance(document, dict) else None
-    if not isinstance(members, list):
-        raise ValueError("failed to parse JWKS: expected an object with a 'keys' list")
-    keys = {}
-    for member in members:
-        if not isinstance(member, dict):
-            continue
-        kid = member.get("kid")
-        algorithms = _algorithms_for(member)
-        if not isinstance(kid, str) or not algorithms or member.get("use", "sig") != "sig":
-            continue
-        public = {k: v for k, v in member.items() if k not in ("d", "p", "q", "dp", "dq", "qi", "oth")}
-        try:
-            key = JWKRegistry.import_key(public)
-        except (JoseError, ValueError, TypeError, KeyError):
-            continue
-        keys[kid] = (key, algorithms)
-    if not keys:
-        raise ValueError("the JWKS holds no usable signing key")
-    return KeySet(keys=keys, raw=bytes(data))
-
-
-class _UnknownKeyID(Exception):
-    def __init__(self, kid):
-        super().__init__(kid)
-        self.kid = kid
-
-
-def verify_token(token, key_set, sentry_audience, subject, now_seconds):
-    """
-    Verify C{token} against C{key_set}.
-
-    @return: None.
-    @raise _UnknownKeyID: when the token's C{kid} is not in the set.
-    @raise ValidationError: "token validation failed: <why>".
-    """
-
-    def key_for(signature):
-        header = signature.headers()
-        kid = header.get("kid")
-        if not isinstance(kid, str):
-            raise ValidationError(f"{VALIDATION_FAILED}: the token has no kid")
-        entry = key_set.keys.get(kid)
-        if entry is None:
-            raise _UnknownKeyID(kid)
-        key, algorithms = entry
-        if header.get("alg") not in algorithms:
-            raise ValidationError(
-                f"{VALIDATION_FAILED}: algorithm {header.get('alg')!r} does not"
-                f" fit key {kid!r}"
-            )
-        return key
-
-    try:
-        decoded = jwt.decode(token, key_for, algorithms=ASYMMETRIC_ALGORITHMS)
-        registry = jwt.JWTClaimsRegistry(
-            now=int(now_seconds),
-            leeway=TOKEN_LEEWAY_SECONDS,
-            aud={"essential": True, "value": sentry_audience},
-            sub={"essential": True, "value": subject},
-            exp={"essential": True},
-        )
-        registry.validate(decoded.claims)
-    except (ValidationError, _UnknownKeyID):
-        raise
-    except JoseError as e:
-        raise ValidationError(f"{VALIDATION_FAILED}: {_describe(e)}") from None
-    except (ValueError, TypeError, UnicodeDecodeError) as e:
-        raise ValidationError(f"{VALIDATION_FAILED}: malformed token ({type(e).__name__})") from None
-
-
-def _describe(error):
-    text = getattr(error, "description", None) or str(error) or type(error).__name__
-    return f"{getattr(error, 'error', type(error).__name__)}: {text}"
-
-
 @implementer(IIdentityValidator)
 class JWKSValidator(Service):
     """
@@ -419,7 +289,7 @@ class JWKSValidator(Service):
             return defer.succeed(subject)
         except ValidationError:
             return defer.fail()
-        except _UnknownKeyID as unknown:
+        except UnknownKeyID as unknown:
             if not self.needs_reactor or not self._may_refresh():
                 return defer.fail(self._unknown(unknown.kid))
             return self._refresh_then_verify(request, subject, unknown.kid, deadline)
@@ -463,7 +333,7 @@ class JWKSValidator(Service):
                     subject.spiffe_id,
                     self._reactor.seconds(),
                 )
-            except _UnknownKeyID:
+            except UnknownKeyID:
                 raise self._unknown(kid) from None
             return subject
 
