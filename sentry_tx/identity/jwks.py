@@ -6,9 +6,11 @@ with a JWT signed by a key of a JSON Web Key Set.
 
 The key set comes from one of three sources (C{options.source}):
 
-  - an C{https://} or C{http://} URL, fetched on the reactor with treq
-    (TLS verified against C{caCertificate} when given), within
-    C{requestTimeout}; fetched again every L{PERIODIC_REFRESH_SECONDS}, and
+  - an C{https://} or C{http://} URL, fetched on the reactor
+    (L{sentry_tx.identity.jwks_fetch}: TLS verified against
+    C{caCertificate} when given, within C{requestTimeout}, never following
+    a redirect, its connection closed whatever ends it); fetched again every
+    L{PERIODIC_REFRESH_SECONDS}, and
     when a token names an unknown C{kid}, at most once per
     C{minRefreshInterval} (the call waits for that fetch, within its
     deadline);
@@ -32,10 +34,8 @@ token check live in L{sentry_tx.identity.jwks_keys}.
 import base64
 import binascii
 import os
-import re
 from dataclasses import dataclass
 
-import treq
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -46,6 +46,12 @@ from sentry_tx.ca.store import read_credential
 from sentry_tx.durations import parse_go_duration
 from sentry_tx.errors import BundleError, ConfigError, ValidationError
 from sentry_tx.identity.caller import VALIDATOR_JWKS
+from sentry_tx.identity.jwks_fetch import (
+    FETCH_CANCELLED,
+    JWKSFetcher,
+    JWKSFetchError,
+    tls_policy_for,
+)
 from sentry_tx.identity.jwks_keys import (
     MAX_JWKS_BYTES,
     VALIDATION_FAILED,
@@ -197,12 +203,13 @@ class JWKSValidator(Service):
     """
     The JWKS validator, and the service that keeps its key set.
 
-    @param reactor: the reactor (clock, thread pool, treq).
+    @param reactor: the reactor (clock, thread pool, connections).
     @param options: L{JWKSOptions}.
     @param sentry_audience: Sentry's SPIFFE ID, the C{aud} tokens must hold.
-    @param http_client: an object with treq's C{get(url, timeout=)}, or None
-        for a treq client built before the first fetch (trusting
-        C{caCertificate}, read in a thread, when given).
+    @param http_agent: an L{IAgent} every fetch uses (tests with an
+        in-memory server), or None: then each fetch makes its own
+        connections (L{JWKSFetcher}), trusting C{caCertificate}, read in a
+        thread before the first fetch, when given.
     @param read_file: the credential reader (a file source, and a
         C{caCertificate} path).
     @param file_work: the L{BoundedFileWork} that runs file reads (a daemon
@@ -217,7 +224,7 @@ class JWKSValidator(Service):
         reactor,
         options,
         sentry_audience,
-        http_client=None,
+        http_agent=None,
         read_file=read_credential,
         file_work=None,
     ):
@@ -225,7 +232,8 @@ class JWKSValidator(Service):
         self._file_work = file_work if file_work is not None else BoundedFileWork(reactor)
         self.options = options
         self._sentry_audience = sentry_audience
-        self._http_client = http_client
+        self._http_agent = http_agent
+        self._fetcher = None
         self._read_file = read_file
         self._kind = options.source_kind
         self.needs_reactor = self._kind == SOURCE_URL
@@ -346,33 +354,27 @@ class JWKSValidator(Service):
         changed = first or key_set.raw != self.key_set.raw
         self.key_set = key_set
         self.loads += 1
-        if changed:
-            self._log.info(
-                "jwks validator: {what} key set with {count} keys",
-                what="loaded the" if first else "loaded a new",
-                count=len(key_set.keys),
-            )
-
-    def _http_client_for(self, ca_pem):
-        """
-        A treq client trusting the certificates in C{ca_pem} (or treq itself,
-        trusting the system's roots, when None).
-        """
-        from twisted.internet import ssl
-        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
-
-        if ca_pem is None:
-            return treq
-        blocks = re.findall(
-            rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", ca_pem, re.S
+        if not changed:
+            return
+        self._log.info(
+            "jwks validator: {what} key set with {count} keys",
+            what="loaded the" if first else "loaded a new",
+            count=len(key_set.keys),
         )
-        if not blocks:
-            raise ValueError("caCertificate holds no PEM certificate")
-        trust = ssl.trustRootFromCertificates(
-            [ssl.Certificate.loadPEM(block) for block in blocks]
+
+    def _fetcher_for(self, ca_pem):
+        """
+        The L{JWKSFetcher} of the source, trusting the certificates in
+        C{ca_pem} (the system's roots when None).
+        """
+        return JWKSFetcher(
+            self._reactor,
+            self.options.source,
+            self.options.request_timeout_seconds,
+            MAX_JWKS_BYTES,
+            tls_policy=tls_policy_for(ca_pem),
+            agent=self._http_agent,
         )
-        agent = Agent(self._reactor, contextFactory=BrowserLikePolicyForHTTPS(trust))
-        return treq.client.HTTPClient(agent)
 
     def _ca_pem(self):
         """
@@ -430,32 +432,34 @@ class JWKSValidator(Service):
         if self._fetching is not None:
             return waiter
         self._last_fetch = self._reactor.seconds()
-        timeout = self.options.request_timeout_seconds
-        if self._http_client is None:
+        if self._fetcher is None:
             d = self._file_work.run(
                 "the jwks caCertificate", CREDENTIAL_READ_TIMEOUT_SECONDS, self._ca_pem
             )
-            d.addCallback(self._http_client_for)
+            d.addCallback(self._fetcher_for)
 
-            def keep(client):
-                self._http_client = client
-                return client
+            def keep(fetcher):
+                self._fetcher = fetcher
+                return fetcher
 
             d.addCallback(keep)
         else:
-            d = defer.succeed(self._http_client)
-        d.addCallback(
-            lambda client: client.get(self.options.source, timeout=timeout)
-        )
-        d.addCallback(self._read_body)
-        d.addTimeout(timeout, self._reactor)
+            d = defer.succeed(self._fetcher)
+        d.addCallback(lambda fetcher: fetcher.fetch())
         d.addCallback(lambda body: self._install(key_set_from_json(body)) or True)
 
         def failed(failure):
+            if failure.check(JWKSFetchError):
+                if failure.value.why == FETCH_CANCELLED and not self.running:
+                    return False  # stopService cancelled it: nothing to say
+                what = str(failure.value)
+            else:
+                what = f"failed: {failure.getErrorMessage() or failure.type.__name__}"
             self._log.error(
-                "jwks validator: cannot load the key set from {url}: {error}",
+                "JWKS fetch from {url} {what}; {kept}",
                 url=self.options.source,
-                error=failure.getErrorMessage() or failure.type.__name__,
+                what=what,
+                kept="keeping the previous key set" if self.key_set else "not ready",
             )
             return False
 
@@ -474,24 +478,6 @@ class JWKSValidator(Service):
         if not done:
             self._fetching = d
         return waiter
-
-    @staticmethod
-    def _read_body(response):
-        if response.code != 200:
-            raise ValueError(f"HTTP status {response.code}")
-        length = response.length
-        if isinstance(length, int) and length > MAX_JWKS_BYTES:
-            raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
-        chunks = []
-        size = [0]
-
-        def collect(data):
-            size[0] += len(data)
-            if size[0] > MAX_JWKS_BYTES:
-                raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
-            chunks.append(data)
-
-        return treq.collect(response, collect).addCallback(lambda _: b"".join(chunks))
 
     def _check_file(self):
         self._call = None
