@@ -11,10 +11,12 @@ import hashlib
 import hmac
 import json
 import os
+import warnings as warnings_module
 
+import grpc
 import jwt as pyjwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer, reactor, ssl
 from twisted.internet.task import deferLater
@@ -39,12 +41,20 @@ from sentry_tx.identity.jwks_fetch import (
     JWKSFetcher,
     JWKSFetchError,
 )
-from sentry_tx.identity.jwks_keys import key_set_from_json
+from sentry_tx.identity.jwks_keys import (
+    MAX_TOKEN_LIFETIME_SECONDS,
+    MIN_RSA_KEY_BITS,
+    TOKEN_LEEWAY_SECONDS,
+    key_set_from_json,
+)
 from sentry_tx.interfaces import IIdentityValidator
+from sentry_tx.metrics import SentryMetrics
 from sentry_tx.modes import build_validators
+from sentry_tx.server.servicer import VALIDATION_TIMEOUT_SECONDS, CAServicer, Refusal
 from sentry_tx.testing.authority import FakeCertificateAuthority
 from sentry_tx.testing.certificates import certificate_pem, private_key_pem
 from sentry_tx.testing.clocks import ImmediateReactor, inline_file_work
+from sentry_tx.testing.grpc_client import run_now
 from sentry_tx.testing.jwks_server import KeySetServer
 from sentry_tx.testing.logs import capture_logs, log_messages
 from sentry_tx.testing.kubeconfig import make_self_signed_server_certificate
@@ -87,6 +97,16 @@ def forged(header, claims, signature=b""):
 
 
 GOOD_CLAIMS = {"sub": SUBJECT, "aud": [SENTRY_ID], "iat": NOW, "exp": NOW + 600}
+
+
+def signed_raw(header, payload, key=None):
+    """
+    A compact JWS of C{payload} (bytes, any JSON text), RS256-signed by hand
+    with C{key}, as an attacker holding a key of the set would make one.
+    """
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(payload)}".encode()
+    signature = (key or rsa_key()).sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input.decode()}.{_b64(signature)}"
 
 
 class ValidationTests(SynchronousTestCase):
@@ -242,6 +262,86 @@ class ValidationTests(SynchronousTestCase):
         self.addCleanup(validator.stopService)
         self.assertTrue(validator.ready)
         self.successResultOf(validator.validate(sign_request(token=token())))
+
+    def test_nested_token_refused_without_traceback(self):
+        """
+        A signed token whose claims nest 5,000 levels deep (the JSON parser
+        raises RecursionError) is PERMISSION_DENIED "token validation
+        failed: ..." through the servicer, and no traceback is logged.
+        """
+        nested = "[" * 5000 + "]" * 5000
+        payload = json.dumps(GOOD_CLAIMS)[:-1] + f', "x": {nested}}}'
+        value = signed_raw({"alg": "RS256", "kid": "k1", "typ": "JWT"}, payload.encode())
+        events = capture_logs(self)
+        servicer = CAServicer(
+            self.reactor,
+            FakeCertificateAuthority(),
+            {VALIDATOR_JWKS: self.validator},
+            None,
+            SentryMetrics(),
+        )
+        request = sign_request(token=value, token_validator=VALIDATOR_JWKS)
+        deadline = self.reactor.seconds() + VALIDATION_TIMEOUT_SECONDS
+        refusal = self.assertRaises(Refusal, run_now, servicer.sign(request, deadline))
+        self.assertEqual(refusal.code, grpc.StatusCode.PERMISSION_DENIED)
+        self.assertEqual(
+            refusal.message, "token validation failed: malformed token (RecursionError)"
+        )
+        self.assertEqual([e for e in events if "log_failure" in e], [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_lifetime_bound(self):
+        """
+        A token living longer than MAX_TOKEN_LIFETIME_SECONDS (exp - iat,
+        or exp - now beyond the leeway when it has no iat) is refused; one
+        living exactly that long is accepted.
+        """
+        bound = MAX_TOKEN_LIFETIME_SECONDS
+        self.identity(token=token(iat=NOW - 60, exp=NOW - 60 + bound))
+        self.identity(token=token(iat=None, exp=NOW + bound + TOKEN_LEEWAY_SECONDS))
+        year = 365 * 24 * 3600
+        cases = {
+            "exp - iat one second over": token(iat=NOW - 60, exp=NOW - 59 + bound),
+            "iat a year old": token(iat=NOW - year, exp=NOW + 600),
+            "exp in the year 3000": token(exp=32503680000),
+            "no iat, exp - now over": token(
+                iat=None, exp=NOW + bound + TOKEN_LEEWAY_SECONDS + 1
+            ),
+        }
+        for why, value in cases.items():
+            message = self.refused(token=value)
+            self.assertTrue(
+                message.startswith("token validation failed: the token's lifetime"),
+                f"{why}: {message}",
+            )
+            self.assertIn(f"longer than the {bound} s allowed", message)
+
+    def test_weak_rsa_key_left_out(self):
+        """
+        An RSA key under MIN_RSA_KEY_BITS is left out of the key set with one
+        warning naming its kid; the rest of the set stays usable.
+        """
+        weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+        events = capture_logs(self)
+        validator = self.make(
+            jwks(jwk_member(weak, kid="weak"), jwk_member(rsa_key(), kid="k1"))
+        )
+        validator.startService()
+        self.addCleanup(validator.stopService)
+        self.assertEqual(self.flushWarnings(), [])
+        warnings = log_messages(events, level=LogLevel.warn)
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn(f"RSA keys under {MIN_RSA_KEY_BITS} bits", warnings[0])
+        self.assertIn("'weak'", warnings[0])
+        self.assertEqual(list(validator.key_set.keys), ["k1"])
+        self.successResultOf(validator.validate(sign_request(token=token())))
+        with warnings_module.catch_warnings():
+            warnings_module.simplefilter("ignore")  # PyJWT's, on signing with it
+            weak_token = token(weak, kid="weak")
+        failure = self.failureResultOf(
+            validator.validate(sign_request(token=weak_token)), ValidationError
+        )
+        self.assertIn("no key with kid 'weak'", failure.getErrorMessage())
 
     def test_ec_key(self):
         """

@@ -26,9 +26,14 @@ Refusals, in order, all PERMISSION_DENIED: no token; not ready; the common
 request rules; then "token validation failed: <why>" unless the JWT verifies
 with the key its C{kid} names (the algorithm fixed by that key: its C{alg},
 else its type; never C{none}, never HMAC), has C{aud} containing Sentry's
-SPIFFE ID, C{sub} equal to the caller's SPIFFE ID, and C{exp} (required),
-C{nbf} and C{iat} right within a 5 minute leeway.  The key set and the
-token check live in L{sentry_tx.identity.jwks_keys}.
+SPIFFE ID, C{sub} equal to the caller's SPIFFE ID, C{exp} (required),
+C{nbf} and C{iat} right within a 5 minute leeway, and a lifetime of at most
+L{sentry_tx.identity.jwks_keys.MAX_TOKEN_LIFETIME_SECONDS}.  A token the
+parser chokes on (JSON nested thousands deep, say) is refused the same way,
+never an error of ours.  RSA keys under
+L{sentry_tx.identity.jwks_keys.MIN_RSA_KEY_BITS} are left out of the key set,
+with a warning.  The key set and the token check live in
+L{sentry_tx.identity.jwks_keys}.
 """
 
 import base64
@@ -50,10 +55,12 @@ from sentry_tx.identity.jwks_fetch import (
     FETCH_CANCELLED,
     JWKSFetcher,
     JWKSFetchError,
+    printable_cut,
     tls_policy_for,
 )
 from sentry_tx.identity.jwks_keys import (
     MAX_JWKS_BYTES,
+    MIN_RSA_KEY_BITS,
     VALIDATION_FAILED,
     UnknownKeyID,
     key_set_from_json,
@@ -76,6 +83,11 @@ PERIODIC_REFRESH_SECONDS = 3600.0
 How often a URL source is fetched again without being asked (or every
 C{minRefreshInterval} if that is longer), so that a key removed from the set
 stops being accepted; a token with an unknown kid asks sooner.
+"""
+MAX_LOGGED_KIDS_CHARACTERS = 256
+"""
+The warning about weak keys names their C{kid}s cut to this many characters
+(they come from the key server).
 """
 FETCH_RETRY_INITIAL_SECONDS = 1.0
 FETCH_RETRY_MAX_SECONDS = 60.0
@@ -361,6 +373,17 @@ class JWKSValidator(Service):
             what="loaded the" if first else "loaded a new",
             count=len(key_set.keys),
         )
+        if key_set.weak_kids:
+            self._log.warn(
+                "jwks validator: left out {count} RSA keys under {bits} bits"
+                " (kid {kids}); the rest of the key set is in use",
+                count=len(key_set.weak_kids),
+                bits=MIN_RSA_KEY_BITS,
+                kids=printable_cut(
+                    ", ".join(repr(kid) for kid in key_set.weak_kids),
+                    MAX_LOGGED_KIDS_CHARACTERS,
+                ),
+            )
 
     def _fetcher_for(self, ca_pem):
         """
