@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer, reactor, ssl
-from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface.verify import verifyObject
@@ -628,7 +628,8 @@ class HTTPSTests(TestCase):
     @defer.inlineCallbacks
     def test_untrusted_server(self):
         """
-        Without the CA, a self-signed server is not trusted: nothing loads.
+        Without the CA, a self-signed server is not trusted: nothing loads,
+        and the log says why in words.
         """
         from twisted.web.server import Site
 
@@ -649,12 +650,19 @@ class HTTPSTests(TestCase):
             ),
             SENTRY_ID,
         )
+        events = capture_logs(self)
         validator.startService()
         self.addCleanup(validator.stopService)
         loaded = yield validator.refresh()
         self.assertFalse(loaded)
         self.assertFalse(validator.ready)
-        self.flushLoggedErrors()
+        self.assertEqual(
+            log_messages(events, level=LogLevel.error),
+            [
+                f"JWKS fetch from {validator.options.source} failed:"
+                " TLS: certificate verify failed; not ready"
+            ],
+        )
 
 
 class BuildValidatorsTests(SynchronousTestCase):
@@ -992,6 +1000,24 @@ class RedirectTests(TestCase):
             self.assertEqual(looping.requests, expected)
 
 
+class _ResponseSignallingAgent:
+    """
+    An IAgent wrapper whose C{responded} Deferred fires (on a later reactor
+    turn) once its first response has arrived.
+    """
+
+    def __init__(self, agent):
+        self._agent = agent
+        self.responded = defer.Deferred()
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        def arrived(response):
+            reactor.callLater(0, self.responded.callback, None)
+            return response
+
+        return self._agent.request(method, uri, headers, bodyProducer).addCallback(arrived)
+
+
 class ConnectionTests(TestCase):
     """
     Real key servers on 127.0.0.1: whatever ends a fetch, its connection
@@ -1023,7 +1049,7 @@ class ConnectionTests(TestCase):
         trickling.trickle = True
         validator = JWKSValidator(
             reactor,
-            JWKSOptions(source=trickling.url(), request_timeout_seconds=0.2),
+            JWKSOptions(source=trickling.url(), request_timeout_seconds=0.5),
             SENTRY_ID,
         )
         for _ in range(16):
@@ -1033,15 +1059,16 @@ class ConnectionTests(TestCase):
         self.assertEqual(trickling.open_connections, 0)
         self.assertEqual(
             log_messages(events, level=LogLevel.error),
-            [f"JWKS fetch from {trickling.url()} failed: timed out after 0.2 s; not ready"]
+            [f"JWKS fetch from {trickling.url()} failed: timed out after 0.5 s; not ready"]
             * 16,
         )
 
     @defer.inlineCallbacks
     def test_every_end_closes_connection(self):
         """
-        A fetch that succeeds, is refused (status, redirect), passes the
-        size cap or is cancelled mid-body leaves no connection open.
+        A fetch that succeeds, is refused (a status, a redirect, a status
+        whose body trickles on), passes the size cap or is cancelled as its
+        request arrives leaves no connection open.
         """
         body = jwks(jwk_member(rsa_key(), kid="k1"))
         server = self.server(body)
@@ -1051,25 +1078,44 @@ class ConnectionTests(TestCase):
         ends = {
             "status": dict(code=500),
             "redirect": dict(code=302, location=server.url("/elsewhere")),
+            "status, trickling": dict(code=500, trickle=True),
             "size cap": dict(body=body + " " * 100, chunked=True),
         }
         for why, changes in ends.items():
-            server.code, server.location, server.body, server.chunked = 200, None, body, False
+            server.code, server.location, server.body = 200, None, body
+            server.chunked = server.trickle = False
             for name, value in changes.items():
                 setattr(server, name, value)
             with self.assertRaises(JWKSFetchError, msg=why):
                 yield fetcher.fetch()
             yield self.none_open(server)
-        server.code, server.location, server.body, server.chunked = 200, None, body, False
-        server.trickle = True
+        server.code, server.trickle = 200, True
+        arrived = server.when_request()
         d = fetcher.fetch()
-        while server.open_connections == 0:
-            yield deferLater(reactor, 0.01)
+        yield arrived
         d.cancel()
         failure = yield self.assertFailure(d, JWKSFetchError)
         self.assertEqual(str(failure), "failed: cancelled")
         yield self.none_open(server)
-        self.assertEqual(server.connections_made, 5)
+        self.assertEqual(server.connections_made, 6)
+
+    @defer.inlineCallbacks
+    def test_cancel_mid_body_stops_reading(self):
+        """
+        Cancelled once its response has arrived, the fetch's body reader
+        itself closes the connection (with an agent of the caller's, whose
+        connections the fetch does not track).
+        """
+        server = self.server(jwks(jwk_member(rsa_key(), kid="k1")))
+        server.trickle = True
+        agent = _ResponseSignallingAgent(Agent(reactor))
+        fetcher = JWKSFetcher(reactor, server.url(), 5.0, 1024 * 1024, agent=agent)
+        d = fetcher.fetch()
+        yield agent.responded
+        d.cancel()
+        failure = yield self.assertFailure(d, JWKSFetchError)
+        self.assertEqual(str(failure), "failed: cancelled")
+        yield self.none_open(server)
 
     @defer.inlineCallbacks
     def test_connection_refused_in_words(self):

@@ -69,6 +69,7 @@ class KeySetServer(Resource):
         self.chunked = False
         self.requests = 0
         self._trickling = set()
+        self._when_request = []
         self._factory = None
         self._port = None
 
@@ -112,8 +113,20 @@ class KeySetServer(Resource):
         """
         return self._factory.when_none_open()
 
+    def when_request(self):
+        """
+        @return: a Deferred that fires once the next request has arrived
+            (and its answer has begun).
+        """
+        d = defer.Deferred()
+        self._when_request.append(d)
+        return d
+
     def render_GET(self, request):
         self.requests += 1
+        waiting, self._when_request = self._when_request, []
+        for d in waiting:
+            self._reactor.callLater(0, d.callback, None)
         request.setResponseCode(self.code)
         request.setHeader(b"content-type", b"application/json")
         if self.location is not None:
