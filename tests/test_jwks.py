@@ -906,6 +906,24 @@ class FetchFailureWordsTests(SynchronousTestCase):
             ],
         )
 
+    def test_not_a_key_set_in_words(self):
+        """
+        A 200 whose body is not a usable JWKS is "refused: <why>", and the
+        key set already loaded is kept.
+        """
+        validator = self.validator(RequestTraversalAgent(self.server))
+        self.assertTrue(self.successResultOf(validator.refresh()))
+        self.server.body = '{"keys": []}'
+        self.assertFalse(self.successResultOf(validator.refresh()))
+        self.assertEqual(
+            self.errors(),
+            [
+                f"JWKS fetch from {self.url} refused: the JWKS holds no usable"
+                " signing key; keeping the previous key set"
+            ],
+        )
+        self.assertTrue(validator.ready)
+
     def test_stop_cancels_quietly(self):
         """
         stopService cancels a fetch under way without logging a failure.

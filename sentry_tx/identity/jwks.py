@@ -53,6 +53,7 @@ from sentry_tx.errors import BundleError, ConfigError, ValidationError
 from sentry_tx.identity.caller import VALIDATOR_JWKS
 from sentry_tx.identity.jwks_fetch import (
     FETCH_CANCELLED,
+    FETCH_REFUSED,
     JWKSFetcher,
     JWKSFetchError,
     printable_cut,
@@ -385,6 +386,20 @@ class JWKSValidator(Service):
                 ),
             )
 
+    def _install_fetched(self, body):
+        """
+        Install the key set a fetch brought.
+
+        @return: True.
+        @raise JWKSFetchError: "refused: <why>" when it is not a usable JWKS.
+        """
+        try:
+            key_set = key_set_from_json(body)
+        except ValueError as e:
+            raise JWKSFetchError(str(e), FETCH_REFUSED) from None
+        self._install(key_set)
+        return True
+
     def _fetcher_for(self, ca_pem):
         """
         The L{JWKSFetcher} of the source, trusting the certificates in
@@ -469,7 +484,7 @@ class JWKSValidator(Service):
         else:
             d = defer.succeed(self._fetcher)
         d.addCallback(lambda fetcher: fetcher.fetch())
-        d.addCallback(lambda body: self._install(key_set_from_json(body)) or True)
+        d.addCallback(self._install_fetched)
 
         def failed(failure):
             if failure.check(JWKSFetchError):

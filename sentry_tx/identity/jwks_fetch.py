@@ -17,6 +17,8 @@ Each fetch has its own L{Agent} (non-persistent pool) over a
 L{_TrackingEndpointFactory} that records the connections it makes.
 """
 
+import re
+
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Protocol
@@ -79,8 +81,6 @@ def tls_policy_for(ca_pem):
 
     @raise ValueError: when C{ca_pem} holds no PEM certificate.
     """
-    import re
-
     from twisted.internet import ssl
 
     if ca_pem is None:
