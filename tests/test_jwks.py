@@ -11,14 +11,19 @@ import hashlib
 import hmac
 import json
 import os
+import warnings as warnings_module
 
+import grpc
 import jwt as pyjwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from treq.testing import StubTreq
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from treq.testing import RequestTraversalAgent
 from twisted.internet import defer, reactor, ssl
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent
 from twisted.web.resource import Resource
+from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
 from sentry_tx.config import MTLSConfig, SentryConfig, TokenValidatorConfig
@@ -31,11 +36,27 @@ from sentry_tx.identity.jwks import (
     JWKSOptions,
     JWKSValidator,
 )
+from sentry_tx.identity.jwks_fetch import (
+    MAX_LOGGED_LOCATION_CHARACTERS,
+    JWKSFetcher,
+    JWKSFetchError,
+)
+from sentry_tx.identity.jwks_keys import (
+    MAX_TOKEN_LIFETIME_SECONDS,
+    MIN_RSA_KEY_BITS,
+    TOKEN_LEEWAY_SECONDS,
+    key_set_from_json,
+)
 from sentry_tx.interfaces import IIdentityValidator
+from sentry_tx.metrics import SentryMetrics
 from sentry_tx.modes import build_validators
+from sentry_tx.server.servicer import VALIDATION_TIMEOUT_SECONDS, CAServicer, Refusal
 from sentry_tx.testing.authority import FakeCertificateAuthority
 from sentry_tx.testing.certificates import certificate_pem, private_key_pem
 from sentry_tx.testing.clocks import ImmediateReactor, inline_file_work
+from sentry_tx.testing.grpc_client import run_now
+from sentry_tx.testing.jwks_server import KeySetServer
+from sentry_tx.testing.logs import capture_logs, log_messages
 from sentry_tx.testing.kubeconfig import make_self_signed_server_certificate
 from tests.test_jwt import jwk_member, rsa_key
 from tests.test_web import render
@@ -76,6 +97,16 @@ def forged(header, claims, signature=b""):
 
 
 GOOD_CLAIMS = {"sub": SUBJECT, "aud": [SENTRY_ID], "iat": NOW, "exp": NOW + 600}
+
+
+def signed_raw(header, payload, key=None):
+    """
+    A compact JWS of C{payload} (bytes, any JSON text), RS256-signed by hand
+    with C{key}, as an attacker holding a key of the set would make one.
+    """
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(payload)}".encode()
+    signature = (key or rsa_key()).sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input.decode()}.{_b64(signature)}"
 
 
 class ValidationTests(SynchronousTestCase):
@@ -232,6 +263,86 @@ class ValidationTests(SynchronousTestCase):
         self.assertTrue(validator.ready)
         self.successResultOf(validator.validate(sign_request(token=token())))
 
+    def test_nested_token_refused_without_traceback(self):
+        """
+        A signed token whose claims nest 5,000 levels deep (the JSON parser
+        raises RecursionError) is PERMISSION_DENIED "token validation
+        failed: ..." through the servicer, and no traceback is logged.
+        """
+        nested = "[" * 5000 + "]" * 5000
+        payload = json.dumps(GOOD_CLAIMS)[:-1] + f', "x": {nested}}}'
+        value = signed_raw({"alg": "RS256", "kid": "k1", "typ": "JWT"}, payload.encode())
+        events = capture_logs(self)
+        servicer = CAServicer(
+            self.reactor,
+            FakeCertificateAuthority(),
+            {VALIDATOR_JWKS: self.validator},
+            None,
+            SentryMetrics(),
+        )
+        request = sign_request(token=value, token_validator=VALIDATOR_JWKS)
+        deadline = self.reactor.seconds() + VALIDATION_TIMEOUT_SECONDS
+        refusal = self.assertRaises(Refusal, run_now, servicer.sign(request, deadline))
+        self.assertEqual(refusal.code, grpc.StatusCode.PERMISSION_DENIED)
+        self.assertEqual(
+            refusal.message, "token validation failed: malformed token (RecursionError)"
+        )
+        self.assertEqual([e for e in events if "log_failure" in e], [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_lifetime_bound(self):
+        """
+        A token living longer than MAX_TOKEN_LIFETIME_SECONDS (exp - iat,
+        or exp - now beyond the leeway when it has no iat) is refused; one
+        living exactly that long is accepted.
+        """
+        bound = MAX_TOKEN_LIFETIME_SECONDS
+        self.identity(token=token(iat=NOW - 60, exp=NOW - 60 + bound))
+        self.identity(token=token(iat=None, exp=NOW + bound + TOKEN_LEEWAY_SECONDS))
+        year = 365 * 24 * 3600
+        cases = {
+            "exp - iat one second over": token(iat=NOW - 60, exp=NOW - 59 + bound),
+            "iat a year old": token(iat=NOW - year, exp=NOW + 600),
+            "exp in the year 3000": token(exp=32503680000),
+            "no iat, exp - now over": token(
+                iat=None, exp=NOW + bound + TOKEN_LEEWAY_SECONDS + 1
+            ),
+        }
+        for why, value in cases.items():
+            message = self.refused(token=value)
+            self.assertTrue(
+                message.startswith("token validation failed: the token's lifetime"),
+                f"{why}: {message}",
+            )
+            self.assertIn(f"longer than the {bound} s allowed", message)
+
+    def test_weak_rsa_key_left_out(self):
+        """
+        An RSA key under MIN_RSA_KEY_BITS is left out of the key set with one
+        warning naming its kid; the rest of the set stays usable.
+        """
+        weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+        events = capture_logs(self)
+        validator = self.make(
+            jwks(jwk_member(weak, kid="weak"), jwk_member(rsa_key(), kid="k1"))
+        )
+        validator.startService()
+        self.addCleanup(validator.stopService)
+        self.assertEqual(self.flushWarnings(), [])
+        warnings = log_messages(events, level=LogLevel.warn)
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn(f"RSA keys under {MIN_RSA_KEY_BITS} bits", warnings[0])
+        self.assertIn("'weak'", warnings[0])
+        self.assertEqual(list(validator.key_set.keys), ["k1"])
+        self.successResultOf(validator.validate(sign_request(token=token())))
+        with warnings_module.catch_warnings():
+            warnings_module.simplefilter("ignore")  # PyJWT's, on signing with it
+            weak_token = token(weak, kid="weak")
+        failure = self.failureResultOf(
+            validator.validate(sign_request(token=weak_token)), ValidationError
+        )
+        self.assertIn("no key with kid 'weak'", failure.getErrorMessage())
+
     def test_ec_key(self):
         """
         An ES256 key of the set verifies ES256 tokens, and only those.
@@ -361,7 +472,7 @@ class URLSourceTests(SynchronousTestCase):
             self.reactor,
             JWKSOptions(source="https://idp.example.org/jwks", min_refresh_interval_seconds=60),
             SENTRY_ID,
-            http_client=StubTreq(self.server),
+            http_agent=RequestTraversalAgent(self.server),
         )
         self.addCleanup(self.validator.stopService)
 
@@ -419,12 +530,12 @@ class URLSourceTests(SynchronousTestCase):
         then the unknown kid is refused; the fetch itself ends at
         requestTimeout.
         """
-        hanging = _HangingClient()
+        hanging = _HangingAgent()
         validator = JWKSValidator(
             self.reactor,
             JWKSOptions(source="https://idp/jwks", request_timeout_seconds=30),
             SENTRY_ID,
-            http_client=hanging,
+            http_agent=hanging,
         )
         validator.key_set = self.validator_key_set()
         validator.startService()
@@ -442,21 +553,19 @@ class URLSourceTests(SynchronousTestCase):
         self.flushLoggedErrors()
 
     def validator_key_set(self):
-        from sentry_tx.identity.jwks import key_set_from_json
-
         return key_set_from_json(jwks(jwk_member(rsa_key(), kid="k1")).encode())
 
 
-class _HangingClient:
+class _HangingAgent:
     """
-    An HTTP client whose requests never answer.
+    An IAgent whose requests never answer.
     """
 
     def __init__(self):
         self.calls = []
 
-    def get(self, url, timeout=None):
-        self.calls.append(url)
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        self.calls.append(uri)
         return defer.Deferred()
 
 
@@ -519,7 +628,8 @@ class HTTPSTests(TestCase):
     @defer.inlineCallbacks
     def test_untrusted_server(self):
         """
-        Without the CA, a self-signed server is not trusted: nothing loads.
+        Without the CA, a self-signed server is not trusted: nothing loads,
+        and the log says why in words.
         """
         from twisted.web.server import Site
 
@@ -540,12 +650,19 @@ class HTTPSTests(TestCase):
             ),
             SENTRY_ID,
         )
+        events = capture_logs(self)
         validator.startService()
         self.addCleanup(validator.stopService)
         loaded = yield validator.refresh()
         self.assertFalse(loaded)
         self.assertFalse(validator.ready)
-        self.flushLoggedErrors()
+        self.assertEqual(
+            log_messages(events, level=LogLevel.error),
+            [
+                f"JWKS fetch from {validator.options.source} failed:"
+                " TLS: certificate verify failed; not ready"
+            ],
+        )
 
 
 class BuildValidatorsTests(SynchronousTestCase):
@@ -699,3 +816,333 @@ class WorkerValidatorsTests(SynchronousTestCase):
         chosen = build_validators(config, ImmediateReactor(), {})
         self.assertIsNone(chosen.default_validator)
         self.assertIs(chosen.service, chosen.validators[VALIDATOR_JWKS])
+
+
+def _cert_and_tls_options():
+    """
+    A self-signed server certificate for 127.0.0.1 and its server TLS
+    options.
+    """
+    certificate, key = make_self_signed_server_certificate()
+    options = ssl.PrivateCertificate.loadPEM(
+        certificate_pem(certificate) + private_key_pem(key)
+    ).options()
+    return certificate, options
+
+
+class FetchFailureWordsTests(SynchronousTestCase):
+    """
+    A failed fetch is logged in words, naming the URL and what happened;
+    the key server's Location is cut before it is logged.
+    """
+
+    url = "https://idp.example.org/jwks"
+
+    def setUp(self):
+        self.reactor = ImmediateReactor(NOW)
+        self.server = KeySetServer(self.reactor, jwks(jwk_member(rsa_key(), kid="k1")))
+        self.events = capture_logs(self)
+
+    def validator(self, agent, timeout=30.0):
+        validator = JWKSValidator(
+            self.reactor,
+            JWKSOptions(source=self.url, request_timeout_seconds=timeout),
+            SENTRY_ID,
+            http_agent=agent,
+        )
+        self.addCleanup(validator.stopService)
+        return validator
+
+    def errors(self):
+        return log_messages(self.events, level=LogLevel.error)
+
+    def test_redirect_in_words_location_cut(self):
+        """
+        A 302 is "JWKS fetch from <url> refused: HTTP 302 to <location>",
+        the Location cut to 256 characters with control characters escaped.
+        """
+        self.server.code = 302
+        self.server.location = "https://evil.example/" + "a" * 10_000 + "\x1b[31m"
+        validator = self.validator(RequestTraversalAgent(self.server))
+        self.assertFalse(self.successResultOf(validator.refresh()))
+        (message,) = self.errors()
+        prefix = f"JWKS fetch from {self.url} refused: HTTP 302 to "
+        self.assertTrue(message.startswith(prefix), message)
+        location = message[len(prefix):].split(" (redirects are never followed)")[0]
+        self.assertEqual(len(location), MAX_LOGGED_LOCATION_CHARACTERS)
+        self.assertTrue(location.startswith("https://evil.example/aaa"), location)
+        self.assertNotIn("\x1b", message)
+
+    def test_timeout_in_words(self):
+        """
+        A fetch that never answers is "failed: timed out after 5.0 s" at
+        requestTimeout.
+        """
+        validator = self.validator(_HangingAgent(), timeout=5.0)
+        d = validator.refresh()
+        self.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.assertFalse(self.successResultOf(d))
+        self.assertEqual(
+            self.errors(),
+            [f"JWKS fetch from {self.url} failed: timed out after 5.0 s; not ready"],
+        )
+
+    def test_status_in_words(self):
+        """
+        Another status than 200 is "refused: HTTP status <code>", and the
+        key set already loaded is kept.
+        """
+        validator = self.validator(RequestTraversalAgent(self.server))
+        self.assertTrue(self.successResultOf(validator.refresh()))
+        self.server.code = 500
+        self.assertFalse(self.successResultOf(validator.refresh()))
+        self.assertEqual(
+            self.errors(),
+            [
+                f"JWKS fetch from {self.url} refused: HTTP status 500;"
+                " keeping the previous key set"
+            ],
+        )
+
+    def test_not_a_key_set_in_words(self):
+        """
+        A 200 whose body is not a usable JWKS is "refused: <why>", and the
+        key set already loaded is kept.
+        """
+        validator = self.validator(RequestTraversalAgent(self.server))
+        self.assertTrue(self.successResultOf(validator.refresh()))
+        self.server.body = '{"keys": []}'
+        self.assertFalse(self.successResultOf(validator.refresh()))
+        self.assertEqual(
+            self.errors(),
+            [
+                f"JWKS fetch from {self.url} refused: the JWKS holds no usable"
+                " signing key; keeping the previous key set"
+            ],
+        )
+        self.assertTrue(validator.ready)
+
+    def test_stop_cancels_quietly(self):
+        """
+        stopService cancels a fetch under way without logging a failure.
+        """
+        validator = self.validator(_HangingAgent())
+        validator.startService()
+        validator.stopService()
+        self.assertEqual(self.errors(), [])
+
+
+class RedirectTests(TestCase):
+    """
+    Real key servers on 127.0.0.1: a redirect is never followed, whatever
+    it points to.
+    """
+
+    timeout = 30
+
+    def server(self, body, tls_options=None):
+        server = KeySetServer(reactor, body)
+        server.start(self, tls_options)
+        return server
+
+    def validator(self, url, **options):
+        validator = JWKSValidator(
+            reactor, JWKSOptions(source=url, request_timeout_seconds=5, **options), SENTRY_ID
+        )
+        self.addCleanup(validator.stopService)
+        return validator
+
+    @defer.inlineCallbacks
+    def test_redirect_to_other_server_not_installed(self):
+        """
+        A 302 to another loopback server holding the attacker's key set is
+        not followed: the old set is kept, the attacker's server gets no
+        request and tokens of the attacker's key are refused.
+        """
+        events = capture_logs(self)
+        honest = self.server(jwks(jwk_member(rsa_key(), kid="k1")))
+        attacker_key = rsa_key(2)
+        attacker = self.server(jwks(jwk_member(attacker_key, kid="k1")))
+        validator = self.validator(honest.url())
+        self.assertTrue((yield validator.refresh()))
+        honest.code = 302
+        honest.location = attacker.url()
+        self.assertFalse((yield validator.refresh()))
+        self.assertEqual(attacker.requests, 0)
+        self.assertEqual(honest.requests, 2)
+        now = int(reactor.seconds())
+        times = dict(iat=now, exp=now + 600)
+        yield validator.validate(sign_request(token=token(**times)))
+        with self.assertRaises(ValidationError):
+            yield validator.validate(sign_request(token=token(attacker_key, **times)))
+        self.assertEqual(
+            log_messages(events, level=LogLevel.error),
+            [
+                f"JWKS fetch from {honest.url()} refused: HTTP 302 to {attacker.url()}"
+                " (redirects are never followed); keeping the previous key set"
+            ],
+        )
+
+    @defer.inlineCallbacks
+    def test_https_redirect_to_http_installs_nothing(self):
+        """
+        An https source pinned with caCertificate that answers 302 to an
+        http:// URL installs nothing: not ready, the http server unasked.
+        """
+        certificate, tls_options = _cert_and_tls_options()
+        plain = self.server(jwks(jwk_member(rsa_key(2), kid="k1")))
+        pinned = self.server(jwks(jwk_member(rsa_key(), kid="k1")), tls_options)
+        pinned.code = 302
+        pinned.location = plain.url()
+        validator = self.validator(
+            pinned.url(scheme="https"),
+            ca_certificate=certificate_pem(certificate).decode(),
+        )
+        self.assertFalse((yield validator.refresh()))
+        self.assertFalse(validator.ready)
+        self.assertEqual((pinned.requests, plain.requests), (1, 0))
+
+    @defer.inlineCallbacks
+    def test_redirect_loop_one_request_per_fetch(self):
+        """
+        A server redirecting to itself costs exactly one request per fetch.
+        """
+        looping = self.server(jwks(jwk_member(rsa_key(), kid="k1")))
+        looping.code = 302
+        looping.location = looping.url()
+        validator = self.validator(looping.url())
+        for expected in (1, 2, 3):
+            self.assertFalse((yield validator.refresh()))
+            self.assertEqual(looping.requests, expected)
+
+
+class _ResponseSignallingAgent:
+    """
+    An IAgent wrapper whose C{responded} Deferred fires (on a later reactor
+    turn) once its first response has arrived.
+    """
+
+    def __init__(self, agent):
+        self._agent = agent
+        self.responded = defer.Deferred()
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        def arrived(response):
+            reactor.callLater(0, self.responded.callback, None)
+            return response
+
+        return self._agent.request(method, uri, headers, bodyProducer).addCallback(arrived)
+
+
+class ConnectionTests(TestCase):
+    """
+    Real key servers on 127.0.0.1: whatever ends a fetch, its connection
+    is closed.
+    """
+
+    timeout = 60
+
+    def server(self, body):
+        server = KeySetServer(reactor, body)
+        server.start(self)
+        return server
+
+    def none_open(self, server):
+        """
+        Wait (at most 5 s of the reactor's clock) until no connection is
+        open on C{server}.
+        """
+        return server.when_none_open().addTimeout(5, reactor)
+
+    @defer.inlineCallbacks
+    def test_abandoned_fetches_close_connections(self):
+        """
+        16 fetches from a key server that trickles a byte a second each end
+        at requestTimeout, logged in words, and leave 0 connections open.
+        """
+        events = capture_logs(self)
+        trickling = self.server(jwks(jwk_member(rsa_key(), kid="k1")))
+        trickling.trickle = True
+        validator = JWKSValidator(
+            reactor,
+            JWKSOptions(source=trickling.url(), request_timeout_seconds=0.5),
+            SENTRY_ID,
+        )
+        for _ in range(16):
+            self.assertFalse((yield validator.refresh()))
+        self.assertEqual((trickling.requests, trickling.connections_made), (16, 16))
+        yield self.none_open(trickling)
+        self.assertEqual(trickling.open_connections, 0)
+        self.assertEqual(
+            log_messages(events, level=LogLevel.error),
+            [f"JWKS fetch from {trickling.url()} failed: timed out after 0.5 s; not ready"]
+            * 16,
+        )
+
+    @defer.inlineCallbacks
+    def test_every_end_closes_connection(self):
+        """
+        A fetch that succeeds, is refused (a status, a redirect, a status
+        whose body trickles on), passes the size cap or is cancelled as its
+        request arrives leaves no connection open.
+        """
+        body = jwks(jwk_member(rsa_key(), kid="k1"))
+        server = self.server(body)
+        fetcher = JWKSFetcher(reactor, server.url(), 5.0, len(body))
+        self.assertEqual((yield fetcher.fetch()), body.encode())
+        yield self.none_open(server)
+        ends = {
+            "status": dict(code=500),
+            "redirect": dict(code=302, location=server.url("/elsewhere")),
+            "status, trickling": dict(code=500, trickle=True),
+            "size cap": dict(body=body + " " * 100, chunked=True),
+        }
+        for why, changes in ends.items():
+            server.code, server.location, server.body = 200, None, body
+            server.chunked = server.trickle = False
+            for name, value in changes.items():
+                setattr(server, name, value)
+            with self.assertRaises(JWKSFetchError, msg=why):
+                yield fetcher.fetch()
+            yield self.none_open(server)
+        server.code, server.trickle = 200, True
+        arrived = server.when_request()
+        d = fetcher.fetch()
+        yield arrived
+        d.cancel()
+        failure = yield self.assertFailure(d, JWKSFetchError)
+        self.assertEqual(str(failure), "failed: cancelled")
+        yield self.none_open(server)
+        self.assertEqual(server.connections_made, 6)
+
+    @defer.inlineCallbacks
+    def test_cancel_mid_body_stops_reading(self):
+        """
+        Cancelled once its response has arrived, the fetch's body reader
+        itself closes the connection (with an agent of the caller's, whose
+        connections the fetch does not track).
+        """
+        server = self.server(jwks(jwk_member(rsa_key(), kid="k1")))
+        server.trickle = True
+        agent = _ResponseSignallingAgent(Agent(reactor))
+        fetcher = JWKSFetcher(reactor, server.url(), 5.0, 1024 * 1024, agent=agent)
+        d = fetcher.fetch()
+        yield agent.responded
+        d.cancel()
+        failure = yield self.assertFailure(d, JWKSFetchError)
+        self.assertEqual(str(failure), "failed: cancelled")
+        yield self.none_open(server)
+
+    @defer.inlineCallbacks
+    def test_connection_refused_in_words(self):
+        """
+        A port nobody listens on is "failed: connection refused".
+        """
+        port = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
+        number = port.getHost().port
+        yield port.stopListening()
+        fetcher = JWKSFetcher(reactor, f"http://127.0.0.1:{number}/jwks.json", 5.0, 1024)
+        failure = yield self.assertFailure(fetcher.fetch(), JWKSFetchError)
+        self.assertEqual(str(failure), "failed: connection refused")

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_jwks -*-
 """
 The JWKS validator (SPEC section 6, Dapr's
 C{pkg/sentry/server/validator/jwks/jwks.go}): the caller proves who it is
@@ -5,9 +6,11 @@ with a JWT signed by a key of a JSON Web Key Set.
 
 The key set comes from one of three sources (C{options.source}):
 
-  - an C{https://} or C{http://} URL, fetched on the reactor with treq
-    (TLS verified against C{caCertificate} when given), within
-    C{requestTimeout}; fetched again every L{PERIODIC_REFRESH_SECONDS}, and
+  - an C{https://} or C{http://} URL, fetched on the reactor
+    (L{sentry_tx.identity.jwks_fetch}: TLS verified against
+    C{caCertificate} when given, within C{requestTimeout}, never following
+    a redirect, its connection closed whatever ends it); fetched again every
+    L{PERIODIC_REFRESH_SECONDS}, and
     when a token names an unknown C{kid}, at most once per
     C{minRefreshInterval} (the call waits for that fetch, within its
     deadline);
@@ -23,21 +26,21 @@ Refusals, in order, all PERMISSION_DENIED: no token; not ready; the common
 request rules; then "token validation failed: <why>" unless the JWT verifies
 with the key its C{kid} names (the algorithm fixed by that key: its C{alg},
 else its type; never C{none}, never HMAC), has C{aud} containing Sentry's
-SPIFFE ID, C{sub} equal to the caller's SPIFFE ID, and C{exp} (required),
-C{nbf} and C{iat} right within a 5 minute leeway.
+SPIFFE ID, C{sub} equal to the caller's SPIFFE ID, C{exp} (required),
+C{nbf} and C{iat} right within a 5 minute leeway, and a lifetime of at most
+L{sentry_tx.identity.jwks_keys.MAX_TOKEN_LIFETIME_SECONDS}.  A token the
+parser chokes on (JSON nested thousands deep, say) is refused the same way,
+never an error of ours.  RSA keys under
+L{sentry_tx.identity.jwks_keys.MIN_RSA_KEY_BITS} are left out of the key set,
+with a warning.  The key set and the token check live in
+L{sentry_tx.identity.jwks_keys}.
 """
 
 import base64
 import binascii
-import json
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import treq
-from joserfc import jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import JWKRegistry
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -48,6 +51,22 @@ from sentry_tx.ca.store import read_credential
 from sentry_tx.durations import parse_go_duration
 from sentry_tx.errors import BundleError, ConfigError, ValidationError
 from sentry_tx.identity.caller import VALIDATOR_JWKS
+from sentry_tx.identity.jwks_fetch import (
+    FETCH_CANCELLED,
+    FETCH_REFUSED,
+    JWKSFetcher,
+    JWKSFetchError,
+    printable_cut,
+    tls_policy_for,
+)
+from sentry_tx.identity.jwks_keys import (
+    MAX_JWKS_BYTES,
+    MIN_RSA_KEY_BITS,
+    VALIDATION_FAILED,
+    UnknownKeyID,
+    key_set_from_json,
+    verify_token,
+)
 from sentry_tx.identity.rules import check_request
 from sentry_tx.interfaces import IConfigurationSource, IIdentityValidator
 
@@ -59,7 +78,6 @@ Dapr ignores a C{minRefreshInterval} of a second or less; sentry_tx refuses
 it at start instead.
 """
 
-TOKEN_LEEWAY_SECONDS = 300
 JWKS_FILE_CHECK_INTERVAL_SECONDS = 5.0
 PERIODIC_REFRESH_SECONDS = 3600.0
 """
@@ -67,9 +85,13 @@ How often a URL source is fetched again without being asked (or every
 C{minRefreshInterval} if that is longer), so that a key removed from the set
 stops being accepted; a token with an unknown kid asks sooner.
 """
+MAX_LOGGED_KIDS_CHARACTERS = 256
+"""
+The warning about weak keys names their C{kid}s cut to this many characters
+(they come from the key server).
+"""
 FETCH_RETRY_INITIAL_SECONDS = 1.0
 FETCH_RETRY_MAX_SECONDS = 60.0
-MAX_JWKS_BYTES = 1024 * 1024
 
 OPTION_SOURCE = "source"
 OPTION_CA_CERTIFICATE = "caCertificate"
@@ -84,19 +106,6 @@ KNOWN_OPTIONS = (
 
 NO_TOKEN = "the request does not contain a token"
 NOT_READY = "jwks validator not ready"
-VALIDATION_FAILED = "token validation failed"
-
-_RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
-_EC_ALGORITHMS = {"P-256": ("ES256",), "P-384": ("ES384",), "P-521": ("ES512",)}
-_OKP_ALGORITHMS = {"Ed25519": ("EdDSA",)}
-ASYMMETRIC_ALGORITHMS = (
-    _RSA_ALGORITHMS
-    + tuple(a for each in _EC_ALGORITHMS.values() for a in each)
-    + ("EdDSA",)
-)
-"""
-Every algorithm a token may use; HMAC and C{none} are never among them.
-"""
 
 SOURCE_URL = "url"
 SOURCE_FILE = "file"
@@ -202,137 +211,18 @@ def parse_jwks_options(options, field):
     )
 
 
-@dataclass(frozen=True)
-class KeySet:
-    """
-    A verified, immutable key set: the usable keys by C{kid}.
-
-    @ivar keys: C{kid} to C{(joserfc key, allowed algorithms)}.
-    @ivar raw: the JSON it came from.
-    """
-
-    keys: dict = field(repr=False)
-    raw: bytes = field(repr=False)
-
-
-def _algorithms_for(member):
-    kty = member.get("kty")
-    if kty == "RSA":
-        allowed = _RSA_ALGORITHMS
-    elif kty == "EC":
-        allowed = _EC_ALGORITHMS.get(member.get("crv"), ())
-    elif kty == "OKP":
-        allowed = _OKP_ALGORITHMS.get(member.get("crv"), ())
-    else:
-        return ()
-    alg = member.get("alg")
-    if alg is None:
-        return allowed
-    return (alg,) if alg in allowed else ()
-
-
-def key_set_from_json(data):
-    """
-    Parse a JWKS into a L{KeySet}.  Keys without a C{kid}, with a C{use}
-    other than C{sig}, symmetric keys and keys whose C{alg} does not fit
-    their type are left out.
-
-    @param data: the JSON bytes.
-    @raise ValueError: when C{data} is not a JWKS or holds no usable key.
-    """
-    if len(data) > MAX_JWKS_BYTES:
-        raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
-    try:
-        document = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"failed to parse JWKS: {e}") from None
-    members = document.get("keys") if isinstance(document, dict) else None
-    if not isinstance(members, list):
-        raise ValueError("failed to parse JWKS: expected an object with a 'keys' list")
-    keys = {}
-    for member in members:
-        if not isinstance(member, dict):
-            continue
-        kid = member.get("kid")
-        algorithms = _algorithms_for(member)
-        if not isinstance(kid, str) or not algorithms or member.get("use", "sig") != "sig":
-            continue
-        public = {k: v for k, v in member.items() if k not in ("d", "p", "q", "dp", "dq", "qi", "oth")}
-        try:
-            key = JWKRegistry.import_key(public)
-        except (JoseError, ValueError, TypeError, KeyError):
-            continue
-        keys[kid] = (key, algorithms)
-    if not keys:
-        raise ValueError("the JWKS holds no usable signing key")
-    return KeySet(keys=keys, raw=bytes(data))
-
-
-class _UnknownKeyID(Exception):
-    def __init__(self, kid):
-        super().__init__(kid)
-        self.kid = kid
-
-
-def verify_token(token, key_set, sentry_audience, subject, now_seconds):
-    """
-    Verify C{token} against C{key_set}.
-
-    @return: None.
-    @raise _UnknownKeyID: when the token's C{kid} is not in the set.
-    @raise ValidationError: "token validation failed: <why>".
-    """
-
-    def key_for(signature):
-        header = signature.headers()
-        kid = header.get("kid")
-        if not isinstance(kid, str):
-            raise ValidationError(f"{VALIDATION_FAILED}: the token has no kid")
-        entry = key_set.keys.get(kid)
-        if entry is None:
-            raise _UnknownKeyID(kid)
-        key, algorithms = entry
-        if header.get("alg") not in algorithms:
-            raise ValidationError(
-                f"{VALIDATION_FAILED}: algorithm {header.get('alg')!r} does not"
-                f" fit key {kid!r}"
-            )
-        return key
-
-    try:
-        decoded = jwt.decode(token, key_for, algorithms=ASYMMETRIC_ALGORITHMS)
-        registry = jwt.JWTClaimsRegistry(
-            now=int(now_seconds),
-            leeway=TOKEN_LEEWAY_SECONDS,
-            aud={"essential": True, "value": sentry_audience},
-            sub={"essential": True, "value": subject},
-            exp={"essential": True},
-        )
-        registry.validate(decoded.claims)
-    except (ValidationError, _UnknownKeyID):
-        raise
-    except JoseError as e:
-        raise ValidationError(f"{VALIDATION_FAILED}: {_describe(e)}") from None
-    except (ValueError, TypeError, UnicodeDecodeError) as e:
-        raise ValidationError(f"{VALIDATION_FAILED}: malformed token ({type(e).__name__})") from None
-
-
-def _describe(error):
-    text = getattr(error, "description", None) or str(error) or type(error).__name__
-    return f"{getattr(error, 'error', type(error).__name__)}: {text}"
-
-
 @implementer(IIdentityValidator)
 class JWKSValidator(Service):
     """
     The JWKS validator, and the service that keeps its key set.
 
-    @param reactor: the reactor (clock, thread pool, treq).
+    @param reactor: the reactor (clock, thread pool, connections).
     @param options: L{JWKSOptions}.
     @param sentry_audience: Sentry's SPIFFE ID, the C{aud} tokens must hold.
-    @param http_client: an object with treq's C{get(url, timeout=)}, or None
-        for a treq client built before the first fetch (trusting
-        C{caCertificate}, read in a thread, when given).
+    @param http_agent: an L{IAgent} every fetch uses (tests with an
+        in-memory server), or None: then each fetch makes its own
+        connections (L{JWKSFetcher}), trusting C{caCertificate}, read in a
+        thread before the first fetch, when given.
     @param read_file: the credential reader (a file source, and a
         C{caCertificate} path).
     @param file_work: the L{BoundedFileWork} that runs file reads (a daemon
@@ -347,7 +237,7 @@ class JWKSValidator(Service):
         reactor,
         options,
         sentry_audience,
-        http_client=None,
+        http_agent=None,
         read_file=read_credential,
         file_work=None,
     ):
@@ -355,7 +245,8 @@ class JWKSValidator(Service):
         self._file_work = file_work if file_work is not None else BoundedFileWork(reactor)
         self.options = options
         self._sentry_audience = sentry_audience
-        self._http_client = http_client
+        self._http_agent = http_agent
+        self._fetcher = None
         self._read_file = read_file
         self._kind = options.source_kind
         self.needs_reactor = self._kind == SOURCE_URL
@@ -419,7 +310,7 @@ class JWKSValidator(Service):
             return defer.succeed(subject)
         except ValidationError:
             return defer.fail()
-        except _UnknownKeyID as unknown:
+        except UnknownKeyID as unknown:
             if not self.needs_reactor or not self._may_refresh():
                 return defer.fail(self._unknown(unknown.kid))
             return self._refresh_then_verify(request, subject, unknown.kid, deadline)
@@ -463,7 +354,7 @@ class JWKSValidator(Service):
                     subject.spiffe_id,
                     self._reactor.seconds(),
                 )
-            except _UnknownKeyID:
+            except UnknownKeyID:
                 raise self._unknown(kid) from None
             return subject
 
@@ -476,33 +367,52 @@ class JWKSValidator(Service):
         changed = first or key_set.raw != self.key_set.raw
         self.key_set = key_set
         self.loads += 1
-        if changed:
-            self._log.info(
-                "jwks validator: {what} key set with {count} keys",
-                what="loaded the" if first else "loaded a new",
-                count=len(key_set.keys),
+        if not changed:
+            return
+        self._log.info(
+            "jwks validator: {what} key set with {count} keys",
+            what="loaded the" if first else "loaded a new",
+            count=len(key_set.keys),
+        )
+        if key_set.weak_kids:
+            self._log.warn(
+                "jwks validator: left out {count} RSA keys under {bits} bits"
+                " (kid {kids}); the rest of the key set is in use",
+                count=len(key_set.weak_kids),
+                bits=MIN_RSA_KEY_BITS,
+                kids=printable_cut(
+                    ", ".join(repr(kid) for kid in key_set.weak_kids),
+                    MAX_LOGGED_KIDS_CHARACTERS,
+                ),
             )
 
-    def _http_client_for(self, ca_pem):
+    def _install_fetched(self, body):
         """
-        A treq client trusting the certificates in C{ca_pem} (or treq itself,
-        trusting the system's roots, when None).
-        """
-        from twisted.internet import ssl
-        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+        Install the key set a fetch brought.
 
-        if ca_pem is None:
-            return treq
-        blocks = re.findall(
-            rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", ca_pem, re.S
+        @return: True.
+        @raise JWKSFetchError: "refused: <why>" when it is not a usable JWKS.
+        """
+        try:
+            key_set = key_set_from_json(body)
+        except ValueError as e:
+            raise JWKSFetchError(str(e), FETCH_REFUSED) from None
+        self._install(key_set)
+        return True
+
+    def _fetcher_for(self, ca_pem):
+        """
+        The L{JWKSFetcher} of the source, trusting the certificates in
+        C{ca_pem} (the system's roots when None).
+        """
+        return JWKSFetcher(
+            self._reactor,
+            self.options.source,
+            self.options.request_timeout_seconds,
+            MAX_JWKS_BYTES,
+            tls_policy=tls_policy_for(ca_pem),
+            agent=self._http_agent,
         )
-        if not blocks:
-            raise ValueError("caCertificate holds no PEM certificate")
-        trust = ssl.trustRootFromCertificates(
-            [ssl.Certificate.loadPEM(block) for block in blocks]
-        )
-        agent = Agent(self._reactor, contextFactory=BrowserLikePolicyForHTTPS(trust))
-        return treq.client.HTTPClient(agent)
 
     def _ca_pem(self):
         """
@@ -560,32 +470,34 @@ class JWKSValidator(Service):
         if self._fetching is not None:
             return waiter
         self._last_fetch = self._reactor.seconds()
-        timeout = self.options.request_timeout_seconds
-        if self._http_client is None:
+        if self._fetcher is None:
             d = self._file_work.run(
                 "the jwks caCertificate", CREDENTIAL_READ_TIMEOUT_SECONDS, self._ca_pem
             )
-            d.addCallback(self._http_client_for)
+            d.addCallback(self._fetcher_for)
 
-            def keep(client):
-                self._http_client = client
-                return client
+            def keep(fetcher):
+                self._fetcher = fetcher
+                return fetcher
 
             d.addCallback(keep)
         else:
-            d = defer.succeed(self._http_client)
-        d.addCallback(
-            lambda client: client.get(self.options.source, timeout=timeout)
-        )
-        d.addCallback(self._read_body)
-        d.addTimeout(timeout, self._reactor)
-        d.addCallback(lambda body: self._install(key_set_from_json(body)) or True)
+            d = defer.succeed(self._fetcher)
+        d.addCallback(lambda fetcher: fetcher.fetch())
+        d.addCallback(self._install_fetched)
 
         def failed(failure):
+            if failure.check(JWKSFetchError):
+                if failure.value.why == FETCH_CANCELLED and not self.running:
+                    return False  # stopService cancelled it: nothing to say
+                what = str(failure.value)
+            else:
+                what = f"failed: {failure.getErrorMessage() or failure.type.__name__}"
             self._log.error(
-                "jwks validator: cannot load the key set from {url}: {error}",
+                "JWKS fetch from {url} {what}; {kept}",
                 url=self.options.source,
-                error=failure.getErrorMessage() or failure.type.__name__,
+                what=what,
+                kept="keeping the previous key set" if self.key_set else "not ready",
             )
             return False
 
@@ -604,24 +516,6 @@ class JWKSValidator(Service):
         if not done:
             self._fetching = d
         return waiter
-
-    @staticmethod
-    def _read_body(response):
-        if response.code != 200:
-            raise ValueError(f"HTTP status {response.code}")
-        length = response.length
-        if isinstance(length, int) and length > MAX_JWKS_BYTES:
-            raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
-        chunks = []
-        size = [0]
-
-        def collect(data):
-            size[0] += len(data)
-            if size[0] > MAX_JWKS_BYTES:
-                raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
-            chunks.append(data)
-
-        return treq.collect(response, collect).addCallback(lambda _: b"".join(chunks))
 
     def _check_file(self):
         self._call = None

@@ -1,0 +1,309 @@
+# -*- test-case-name: tests.test_jwks -*-
+"""
+One fetch of a JWKS validator's URL source (SPEC section 6), hardened
+against the key server (issue 17):
+
+  - a redirect is never followed: any 3xx is a refused fetch that names the
+    status and the C{Location} (cut to L{MAX_LOGGED_LOCATION_CHARACTERS}),
+    so neither another host nor plain HTTP can hand over a key set;
+  - the fetch ends within its timeout and reads at most C{max_bytes};
+  - whatever ends it (its body read, a timeout, the size cap, a cancel, a
+    refused status, a broken connection), the connections it opened are
+    aborted then: an abandoned fetch never keeps a socket;
+  - a failure is a L{JWKSFetchError} whose text says what happened in
+    words ("timed out after 5.0 s", "refused: HTTP 302 to ...").
+
+Each fetch has its own L{Agent} (non-persistent pool) over a
+L{_TrackingEndpointFactory} that records the connections it makes.
+"""
+
+import re
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Protocol
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseDone,
+)
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+MAX_LOGGED_LOCATION_CHARACTERS = 256
+"""
+A refused redirect's C{Location} is logged cut to this many characters: it
+comes from the key server, and may be anything.
+"""
+
+FETCH_FAILED = "failed"
+FETCH_REFUSED = "refused"
+FETCH_CANCELLED = "cancelled"
+
+
+class JWKSFetchError(Exception):
+    """
+    A fetch of the key set did not give a body to parse.
+
+    C{str()} is C{"<outcome>: <why>"}, e.g. C{"failed: timed out after
+    5.0 s"} or C{"refused: HTTP 302 to https://elsewhere/"}.
+
+    @ivar outcome: L{FETCH_FAILED} or L{FETCH_REFUSED} (the server answered,
+        and the answer is not used).
+    @ivar why: what happened, in words.
+    """
+
+    def __init__(self, why, outcome=FETCH_FAILED):
+        super().__init__(f"{outcome}: {why}")
+        self.outcome = outcome
+        self.why = why
+
+
+def printable_cut(text, limit):
+    """
+    C{text} with characters that are not printable escaped (C{\\xNN}) and
+    cut to at most C{limit} characters, for a log line.
+    """
+    escaped = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    if len(escaped) <= limit:
+        return escaped
+    return escaped[: limit - 3] + "..."
+
+
+def tls_policy_for(ca_pem):
+    """
+    The HTTPS policy trusting the certificates in C{ca_pem} only, or the
+    system's roots when C{ca_pem} is None.
+
+    @raise ValueError: when C{ca_pem} holds no PEM certificate.
+    """
+    from twisted.internet import ssl
+
+    if ca_pem is None:
+        return BrowserLikePolicyForHTTPS()
+    blocks = re.findall(
+        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", ca_pem, re.S
+    )
+    if not blocks:
+        raise ValueError("caCertificate holds no PEM certificate")
+    trust = ssl.trustRootFromCertificates(
+        [ssl.Certificate.loadPEM(block) for block in blocks]
+    )
+    return BrowserLikePolicyForHTTPS(trust)
+
+
+class _TrackedEndpoint:
+    """
+    An endpoint that hands the transport of each connection it makes to
+    C{record}.
+    """
+
+    def __init__(self, inner, record):
+        self._inner = inner
+        self._record = record
+
+    def connect(self, factory):
+        def made(protocol):
+            self._record(protocol.transport)
+            return protocol
+
+        return self._inner.connect(factory).addCallback(made)
+
+
+@implementer(IAgentEndpointFactory)
+class _TrackingEndpointFactory:
+    """
+    Endpoints for one fetch: TCP for C{http}, TLS over TCP under
+    C{tls_policy} for C{https}; L{abort_all} aborts every connection they
+    made.
+    """
+
+    def __init__(self, reactor, tls_policy):
+        self._reactor = reactor
+        self._tls_policy = tls_policy
+        self._transports = []
+
+    def endpointForURI(self, uri):
+        endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port)
+        if uri.scheme == b"https":
+            creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
+            endpoint = wrapClientTLS(creator, endpoint)
+        elif uri.scheme != b"http":
+            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+        return _TrackedEndpoint(endpoint, self._transports.append)
+
+    def abort_all(self):
+        """
+        Abort every connection made so far (one already closed is left as
+        it is).
+        """
+        transports, self._transports = self._transports, []
+        for transport in transports:
+            transport.abortConnection()
+
+
+class _BoundedBody(Protocol):
+    """
+    Collects a response body of at most C{limit} bytes into L{done}; past
+    the limit, or when L{done} is cancelled, it stops the transport.
+    """
+
+    def __init__(self, limit):
+        self._limit = limit
+        self._chunks = []
+        self._size = 0
+        self.done = defer.Deferred(self._cancel)
+
+    def _cancel(self, _):
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data):
+        if self.done.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self.transport.stopProducing()
+            self.done.errback(
+                JWKSFetchError(f"the response is larger than {self._limit} bytes")
+            )
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason=None):
+        if self.done.called:
+            return
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+
+class JWKSFetcher:
+    """
+    Fetches a key set URL, one GET per L{fetch} (see the module's
+    docstring).
+
+    @param reactor: the reactor (clock and connections).
+    @param url: the C{https://} or C{http://} URL.
+    @param timeout_seconds: each fetch ends after this long.
+    @param max_bytes: the largest body read.
+    @param tls_policy: the L{IPolicyForHTTPS} for C{https} (see
+        L{tls_policy_for}).
+    @param agent: an L{IAgent} to use instead of a fresh one per fetch (for
+        tests with an in-memory server; then closing connections is that
+        agent's business).
+    """
+
+    def __init__(self, reactor, url, timeout_seconds, max_bytes, tls_policy=None, agent=None):
+        self._reactor = reactor
+        self._url = url
+        self._timeout_seconds = timeout_seconds
+        self._max_bytes = max_bytes
+        self._tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
+        self._agent = agent
+
+    def fetch(self):
+        """
+        GET the URL once.
+
+        @return: a Deferred firing with the body (bytes), or failing with
+            L{JWKSFetchError}; cancelling it ends the fetch.  By the time it
+            fires, every connection the fetch opened has been aborted.
+        """
+        endpoints = _TrackingEndpointFactory(self._reactor, self._tls_policy)
+        agent = self._agent
+        if agent is None:
+            agent = Agent.usingEndpointFactory(
+                self._reactor,
+                endpoints,
+                pool=HTTPConnectionPool(self._reactor, persistent=False),
+            )
+        try:
+            url = self._url.encode("ascii")
+        except UnicodeEncodeError:
+            return defer.fail(JWKSFetchError("the URL is not ASCII"))
+        d = agent.request(b"GET", url, Headers({b"accept": [b"application/json"]}))
+        d.addCallback(self._read)
+        d.addTimeout(self._timeout_seconds, self._reactor, onTimeoutCancel=self._timed_out)
+        d.addErrback(self._in_words)
+
+        def closed(result):
+            endpoints.abort_all()
+            return result
+
+        return d.addBoth(closed)
+
+    def _read(self, response):
+        code = response.code
+        if 300 <= code < 400:
+            locations = response.headers.getRawHeaders(b"location") or [b""]
+            location = printable_cut(
+                locations[0].decode("latin-1"), MAX_LOGGED_LOCATION_CHARACTERS
+            )
+            raise JWKSFetchError(
+                f"HTTP {code} to {location or '(no Location)'}"
+                " (redirects are never followed)",
+                FETCH_REFUSED,
+            )
+        if code != 200:
+            raise JWKSFetchError(f"HTTP status {code}", FETCH_REFUSED)
+        length = response.length
+        if isinstance(length, int) and length > self._max_bytes:
+            raise JWKSFetchError(
+                f"the response is larger than {self._max_bytes} bytes ({length})",
+                FETCH_REFUSED,
+            )
+        body = _BoundedBody(self._max_bytes)
+        response.deliverBody(body)
+        return body.done
+
+    def _timed_out(self, result, timeout):
+        raise JWKSFetchError(f"timed out after {float(timeout)} s")
+
+    def _in_words(self, failure):
+        if failure.check(JWKSFetchError):
+            return failure
+        raise JWKSFetchError(describe_failure(failure.value))
+
+
+def describe_failure(value):
+    """
+    What an exception from a fetch means, in words: the first reason of
+    wrapper exceptions of Twisted's HTTP client (C{ResponseFailed} and its
+    kin carry a list of reasons), TLS errors by their reasons, a
+    cancel as "cancelled".
+    """
+    if isinstance(value, defer.CancelledError):
+        return FETCH_CANCELLED
+    reasons = getattr(value, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        return describe_failure(getattr(reasons[0], "value", reasons[0]))
+    if isinstance(value, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(value, error.ConnectError):
+        return str(value).strip().rstrip(".") or type(value).__name__
+    tls_reasons = _tls_reasons(value)
+    if tls_reasons:
+        return f"TLS: {tls_reasons}"
+    text = str(value).strip()
+    return f"{type(value).__name__}: {text}" if text else type(value).__name__
+
+
+def _tls_reasons(value):
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover (pyOpenSSL comes with Twisted's TLS)
+        return ""
+    if not isinstance(value, SSL.Error) or not value.args:
+        return ""
+    details = value.args[0]
+    if isinstance(details, list):
+        return ", ".join(
+            str(entry[-1]) for entry in details if isinstance(entry, tuple) and entry
+        )
+    return str(details)
