@@ -437,6 +437,18 @@ def quote_input(value, limit=MAX_QUOTED_CHARACTERS):
     return quoted[: max(limit - len(mark), 0)] + mark[:limit]
 
 
+def printable_cut(text, limit):
+    """
+    C{text} with characters that are not printable escaped (C{\\xNN}) and
+    cut to at most C{limit} characters, for a log line that shows it
+    unquoted (a URL, a list of names); L{quote_input} quotes it instead.
+    """
+    escaped = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    if len(escaped) <= limit:
+        return escaped
+    return escaped[: limit - 3] + "..."
+
+
 class RefusalLog:
     """
     Log refusals of requests with at most one line per kind each

@@ -56,7 +56,6 @@ from sentry_tx.identity.jwks_fetch import (
     FETCH_REFUSED,
     JWKSFetcher,
     JWKSFetchError,
-    printable_cut,
     tls_policy_for,
 )
 from sentry_tx.identity.jwks_keys import (
@@ -69,6 +68,7 @@ from sentry_tx.identity.jwks_keys import (
 )
 from sentry_tx.identity.rules import check_request
 from sentry_tx.interfaces import IConfigurationSource, IIdentityValidator
+from sentry_tx.logs import MAX_QUOTED_CHARACTERS, printable_cut
 
 DEFAULT_MIN_REFRESH_INTERVAL_SECONDS = 600.0
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 30.0
@@ -85,7 +85,7 @@ How often a URL source is fetched again without being asked (or every
 C{minRefreshInterval} if that is longer), so that a key removed from the set
 stops being accepted; a token with an unknown kid asks sooner.
 """
-MAX_LOGGED_KIDS_CHARACTERS = 256
+MAX_LOGGED_KIDS_CHARACTERS = MAX_QUOTED_CHARACTERS
 """
 The warning about weak keys names their C{kid}s cut to this many characters
 (they come from the key server).

@@ -34,7 +34,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-MAX_LOGGED_LOCATION_CHARACTERS = 256
+from sentry_tx.logs import MAX_QUOTED_CHARACTERS, printable_cut
+
+MAX_LOGGED_LOCATION_CHARACTERS = MAX_QUOTED_CHARACTERS
 """
 A refused redirect's C{Location} is logged cut to this many characters: it
 comes from the key server, and may be anything.
@@ -61,17 +63,6 @@ class JWKSFetchError(Exception):
         super().__init__(f"{outcome}: {why}")
         self.outcome = outcome
         self.why = why
-
-
-def printable_cut(text, limit):
-    """
-    C{text} with characters that are not printable escaped (C{\\xNN}) and
-    cut to at most C{limit} characters, for a log line.
-    """
-    escaped = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-    if len(escaped) <= limit:
-        return escaped
-    return escaped[: limit - 3] + "..."
 
 
 def tls_policy_for(ca_pem):
