@@ -61,6 +61,13 @@ STOP_BOUND_SECONDS = 6.0  # the 5 s drain + 1 s
 SLOWLORIS_SOCKETS = 1100
 SLOWLORIS_FILE_LIMIT = 1024
 SLOWLORIS_PROBES = 15
+SLOWLORIS_PROBE_TIMEOUT_SECONDS = 1.0  # the kubelet's default timeoutSeconds
+KUBELET_FAILURE_THRESHOLD = 3
+"""
+Consecutive failed probes after which the kubelet acts: Dapr's chart gives
+sentry's readiness probe failureThreshold 3 (period 1 s) and its liveness
+probe 5 (period 10 s); one late probe changes nothing.
+"""
 SLOWLORIS_MAX_CONNECTS = 200000
 AUDIENCE_FLOOD_AUDIENCES = 10_000
 AUDIENCE_FLOOD_THREADS = 4
@@ -519,12 +526,14 @@ def fault_slowloris(workdir, sockets=SLOWLORIS_SOCKETS, limit=SLOWLORIS_FILE_LIM
     chain = _chain()
     sentry = _serving(workdir, chain, open_files_limit=limit)
     attack = Slowloris(sentry.healthz_port, sockets, SLOWLORIS_MAX_CONNECTS)
-    codes, signs, fds = [], [], []
+    codes, signs, fds, seconds = [], [], [], []
 
     def probe():
         if len(codes) >= probes:
             return
-        codes.append(sentry.healthz(timeout=1.0))
+        started = time.monotonic()
+        codes.append(sentry.healthz(timeout=SLOWLORIS_PROBE_TIMEOUT_SECONDS))
+        seconds.append(time.monotonic() - started)
         fds.append(len(os.listdir(f"/proc/{sentry.process.pid}/fd")))
         if len(codes) % 5 == 0:
             try:
@@ -534,21 +543,42 @@ def fault_slowloris(workdir, sockets=SLOWLORIS_SOCKETS, limit=SLOWLORIS_FILE_LIM
                 signs.append(False)
 
     try:
+        # The workers start after healthz is 200; measured while they
+        # start, the probes would measure their start-up.
+        sentry.wait_pool()
         attack.run(probes * 0.5 + 1.0, between=probe)
         attack.close()
         ok = codes.count(200)
+        failing = _longest_run(code != 200 for code in codes)
         figure = (
             f"limit {limit}, {sockets} sockets, {attack.connects} connects;"
-            f" healthz {ok}/{len(codes)} 200; signed {signs.count(True)}/{len(signs)};"
-            f" peak fds {max(fds)}"
+            f" healthz {ok}/{len(codes)} 200 (slowest {max(seconds):.2f} s,"
+            f" at most {failing} failed in a row);"
+            f" signed {signs.count(True)}/{len(signs)}; peak fds {max(fds)}"
         )
-        if ok != len(codes) or not all(signs) or not signs:
+        # What an operator needs: the kubelet never acts (no
+        # KUBELET_FAILURE_THRESHOLD probes failed in a row) and calls are
+        # signed.  A single late probe is not a failure: each waits behind
+        # up to ~1,000 queued connections (~0.1 s of server CPU), and on a
+        # shared machine the server may get too little CPU for that.
+        if failing >= KUBELET_FAILURE_THRESHOLD or not all(signs) or not signs:
             raise FaultFailed(figure)
         return figure
     finally:
         attack.close() if attack.selector.get_map() is not None else None
         sentry.kill()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _longest_run(flags):
+    """
+    The length of the longest run of true values in `flags`.
+    """
+    longest = current = 0
+    for flag in flags:
+        current = current + 1 if flag else 0
+        longest = max(longest, current)
+    return longest
 
 
 def _audience_flood_request():
