@@ -292,14 +292,7 @@ class Server:
         User + system CPU seconds used so far by the server process and its
         children (worker processes).
         """
-        pids = [self.process.pid]
-        try:
-            pids += [int(p) for p in subprocess.run(
-                ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True
-            ).stdout.split()]
-        except OSError:
-            pass
-        return sum(process_cpu_seconds(pid) for pid in pids)
+        return process_tree_cpu_seconds(self.process.pid)
 
     def stop(self):
         """
@@ -315,6 +308,21 @@ class Server:
             return self.process.wait()
         finally:
             self.log.close()
+
+
+def process_tree_cpu_seconds(pid):
+    """
+    User + system CPU seconds used so far by process C{pid} and its live
+    children (a server's worker processes).
+    """
+    pids = [pid]
+    try:
+        pids += [int(p) for p in subprocess.run(
+            ["pgrep", "-P", str(pid)], capture_output=True, text=True
+        ).stdout.split()]
+    except OSError:
+        pass
+    return sum(process_cpu_seconds(p) for p in pids)
 
 
 def process_cpu_seconds(pid):

@@ -36,6 +36,7 @@ import collections
 import functools
 import re
 import sys
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -123,11 +124,42 @@ CSR_MESSAGES = (
 CSR_PARSE_PREFIX = "failed to parse certificate signing request: "
 
 
+def expected_shape_refusal(audiences):
+    """
+    The C{(code, message)} the request-shape check (before step 1) ends a
+    request with C{audiences} with, or None: at most 15 entries, each
+    non-empty, at most 1024 UTF-8 bytes, and printable.
+    """
+    if len(audiences) > 15:
+        return INVALID_ARGUMENT, (
+            f"too many JWT audiences ({len(audiences)}; at most 15,"
+            " the trust domain is added to them)"
+        )
+    for audience in audiences:
+        if audience == "":
+            return INVALID_ARGUMENT, "a JWT audience must not be empty"
+        if len(audience.encode("utf-8")) > 1024:
+            return INVALID_ARGUMENT, "a JWT audience is longer than 1024 bytes"
+        if not all(_printable(character) for character in audience):
+            return INVALID_ARGUMENT, "a JWT audience must be printable text"
+    return None
+
+
+def _printable(character):
+    # Not a control, format, surrogate, private-use or unassigned code
+    # point, and not a separator other than the space.
+    category = unicodedata.category(character)
+    return character == " " or category[0] not in "CZ"
+
+
 def expected_refusal(request, enabled=(0, VALIDATOR_INSECURE)):
     """
-    The C{(code, message)} SPEC section 5 steps 1 and 2 end C{request}
-    with, or None when they pass it on to the CSR.
+    The C{(code, message)} the shape check and SPEC section 5 steps 1 and
+    2 end C{request} with, or None when they pass it on to the CSR.
     """
+    shape = expected_shape_refusal(request.jwt_audiences)
+    if shape is not None:
+        return shape
     if request.token_validator not in enabled:
         return INVALID_ARGUMENT, "the requested validator is not enabled"
     problems = []
@@ -655,7 +687,11 @@ request_messages = st.builds(
     csr_inputs(),
     token_validators,
     st.one_of(st.just(""), hostile_text),
-    st.lists(hostile_text, max_size=3),
+    st.one_of(
+        st.lists(hostile_text, max_size=3),
+        # Around the count limit, duplicates included.
+        st.lists(st.sampled_from(["a", "b", "public"]), min_size=14, max_size=17),
+    ),
 )
 
 

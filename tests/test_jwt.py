@@ -27,12 +27,8 @@ from sentry_tx.config import MTLSConfig, SentryConfig
 from sentry_tx.errors import BundleError
 from sentry_tx.identity.caller import CallerIdentity
 from sentry_tx.jwt.material import generate_jwt_material, load_jwt_material
-from sentry_tx.jwt.minting import (
-    MAX_JWT_AUDIENCES,
-    JWTAudienceError,
-    JWTMinter,
-    JWTMintingError,
-)
+from sentry_tx.identity.rules import MAX_JWT_AUDIENCES
+from sentry_tx.jwt.minting import JWTAudienceError, JWTMinter, JWTMintingError
 from sentry_tx.jwt.store import FileJWTStore, JWTTrustStore
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.servicer import CAServicer, Refusal

@@ -36,7 +36,6 @@ from sentry_tx.identity.caller import (
     VALIDATOR_INSECURE,
     VALIDATOR_JWKS,
     VALIDATOR_KUBERNETES,
-    SignRequest,
 )
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
@@ -49,6 +48,7 @@ from sentry_tx.testing.certificates import (
     make_chain,
     make_csr,
     pem_encode,
+    sign_request,
 )
 from sentry_tx.testing.clocks import ImmediateReactor
 from sentry_tx.testing.grpc_client import GrpcTestClient
@@ -194,22 +194,13 @@ class ServicerSecretsTests(SecretsAssertions, SynchronousTestCase):
         Sign a request (valid unless C{fields} say otherwise) and return the
         response or the L{Refusal}, checked for key material.
         """
-        values = dict(
-            id="myapp",
-            token="",
-            trust_domain="",
-            namespace="default",
-            csr=make_csr()[1],
-            token_validator=0,
-        )
-        values.update(fields)
         import asyncio
 
         loop = asyncio.new_event_loop()
         self.addCleanup(loop.close)
         try:
             response = loop.run_until_complete(
-                servicer.sign(SignRequest(**values), FIXED_NOW.timestamp() + 10)
+                servicer.sign(sign_request(**fields), FIXED_NOW.timestamp() + 10)
             )
         except Refusal as refusal:
             self.assert_no_key(str(refusal), self.keys, "a refusal")

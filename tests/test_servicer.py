@@ -19,7 +19,6 @@ from sentry_tx.errors import (
     ValidatorOverloadedError,
     ValidatorUnavailableError,
 )
-from sentry_tx.identity.caller import SignRequest
 from sentry_tx.logs import MAX_QUOTED_CHARACTERS
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.servicer import (
@@ -29,29 +28,17 @@ from sentry_tx.server.servicer import (
     refusal_for,
 )
 from sentry_tx.testing.authority import FakeCertificateAuthority, FakeValidator
-from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_csr
+from sentry_tx.testing.certificates import (  # noqa: F401 (sign_request re-exported)
+    FIXED_NOW,
+    make_bundle,
+    make_csr,
+    sign_request,
+)
 from sentry_tx.testing.clocks import ImmediateReactor
 from sentry_tx.testing.grpc_client import AbortingContext, run_now
 from sentry_tx.testing.logs import capture_logs, log_messages
 
 INSECURE, KUBERNETES, JWKS = 1, 2, 3
-
-
-def sign_request(**fields):
-    """
-    A well-formed request for C{myapp} in C{default}, with C{fields}
-    replaced.
-    """
-    values = dict(
-        id="myapp",
-        token="",
-        trust_domain="",
-        namespace="default",
-        csr=make_csr()[1],
-        token_validator=0,
-    )
-    values.update(fields)
-    return SignRequest(**values)
 
 
 def loop_for(test_case):

@@ -4,6 +4,11 @@ The request rules every validator applies (SPEC section 5, step 2).
 The texts are Dapr's where Dapr has them; sentry_tx adds two rules (app-id
 and namespace characters) so that a caller's mistake is never reported as an
 internal error later on.
+
+Before any of them, the request's shape (L{request_shape_problem}): limits
+on what would make later work grow (the count, size and characters of
+C{jwt_audiences}), checked in time that does not grow with what is refused,
+before the validator runs.  Dapr has no such limits.
 """
 
 import re
@@ -16,9 +21,89 @@ MAX_NAMESPACE_LENGTH = 63
 MAX_TRUST_DOMAIN_BYTES = 255
 DEFAULT_WORKLOAD_TRUST_DOMAIN = "public"
 
+MAX_JWT_AUDIENCES = 16
+"""
+The most audiences one request's tokens may have, the trust domain included
+(each costs one signature, RSA-2048 by default: more would let one caller
+buy seconds of CPU with one call).
+"""
+
+MAX_REQUESTED_JWT_AUDIENCES = MAX_JWT_AUDIENCES - 1
+"""
+The most entries a request's C{jwt_audiences} may hold, duplicates included:
+the trust domain is added to them, so no request that passes the shape
+check can end with too many audiences after it was signed.
+"""
+
+MAX_JWT_AUDIENCE_BYTES = 1024
+"""
+The longest audience accepted, in UTF-8 bytes.
+"""
+
 _APP_ID_CHARACTERS = re.compile(r"[A-Za-z0-9_-]*\Z")
 _NAMESPACE_CHARACTERS = re.compile(r"[A-Za-z0-9._-]+\Z")
 _TRUST_DOMAIN_CHARACTERS = re.compile(r"[a-z0-9._-]*\Z")
+
+
+def audience_count_problem(count):
+    """
+    The message for a request with C{count} entries in C{jwt_audiences},
+    or None when that is few enough.
+    """
+    if count > MAX_REQUESTED_JWT_AUDIENCES:
+        return (
+            f"too many JWT audiences ({count}; at most"
+            f" {MAX_REQUESTED_JWT_AUDIENCES}, the trust domain is added to them)"
+        )
+    return None
+
+
+def audience_problem(audience):
+    """
+    The message for one requested audience that cannot be used, or None.
+    Printable means L{str.isprintable}: no control characters (newline,
+    NUL), no format characters (bidi overrides, zero-width), no separators
+    but the space, nothing unassigned.  The message never quotes the
+    audience.
+    """
+    if not audience:
+        return "a JWT audience must not be empty"
+    if (
+        len(audience) > MAX_JWT_AUDIENCE_BYTES
+        or len(audience.encode("utf-8")) > MAX_JWT_AUDIENCE_BYTES
+    ):
+        return f"a JWT audience is longer than {MAX_JWT_AUDIENCE_BYTES} bytes"
+    if not audience.isprintable():
+        return "a JWT audience must be printable text"
+    return None
+
+
+def request_shape_problem(request):
+    """
+    The first limit C{request} breaks, or None.  The caller's mistake,
+    refused before the validator runs and before anything is deduplicated
+    or signed.
+
+    @param request: a L{sentry_tx.identity.caller.SignRequest} (or anything
+        with a sized, iterable C{jwt_audiences}).
+    """
+    return jwt_audiences_problem(request.jwt_audiences)
+
+
+def jwt_audiences_problem(audiences):
+    """
+    The first limit the requested C{audiences} break, or None: their count
+    first (in constant time), then each one (at most
+    L{MAX_REQUESTED_JWT_AUDIENCES} of them, once the count passed).
+    """
+    problem = audience_count_problem(len(audiences))
+    if problem is not None:
+        return problem
+    for audience in audiences:
+        problem = audience_problem(audience)
+        if problem is not None:
+            return problem
+    return None
 
 
 def request_problems(request):

@@ -14,17 +14,7 @@ import secrets
 
 from joserfc import jwt
 
-MAX_JWT_AUDIENCES = 16
-"""
-The most distinct audiences one request may ask for (each costs one
-signature, RSA-2048 by default: more would let one caller buy seconds of
-CPU with one call).
-"""
-
-MAX_JWT_AUDIENCE_BYTES = 1024
-"""
-The longest audience accepted.
-"""
+from sentry_tx.identity.rules import jwt_audiences_problem
 
 JTI_BYTES = 16
 
@@ -45,26 +35,16 @@ class JWTAudienceError(Exception):
 def audiences_for(trust_domain, requested):
     """
     The audiences of a request's tokens: C{trust_domain} first, then the
-    requested ones, each once, in order.
+    requested ones, each once, in order (deduplicated in linear time).
 
-    @raise JWTAudienceError: for an empty or overlong audience, or too many.
+    @raise JWTAudienceError: when C{requested} breaks a limit of
+        L{sentry_tx.identity.rules.request_shape_problem} (the servicer
+        refuses such a request before it gets here).
     """
-    audiences = [trust_domain]
-    for audience in requested:
-        if not audience:
-            raise JWTAudienceError("a JWT audience must not be empty")
-        if len(audience.encode("utf-8")) > MAX_JWT_AUDIENCE_BYTES:
-            raise JWTAudienceError(
-                f"a JWT audience is longer than {MAX_JWT_AUDIENCE_BYTES} bytes"
-            )
-        if audience not in audiences:
-            audiences.append(audience)
-    if len(audiences) > MAX_JWT_AUDIENCES:
-        raise JWTAudienceError(
-            f"too many JWT audiences ({len(audiences)}; at most {MAX_JWT_AUDIENCES},"
-            " the trust domain included)"
-        )
-    return audiences
+    problem = jwt_audiences_problem(requested)
+    if problem is not None:
+        raise JWTAudienceError(problem)
+    return list(dict.fromkeys((trust_domain, *requested)))
 
 
 class JWTMinter:

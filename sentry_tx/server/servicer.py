@@ -16,6 +16,13 @@ A call denied for the caller's own sake (L{DENIAL_CODES}) is logged, one
 line each, as the operator's audit trail: who asked (peer, namespace/id)
 and why it was refused, each cut by L{quote_input}.  Refusals because of
 load (UNAVAILABLE, RESOURCE_EXHAUSTED) are counted, not logged.
+
+The request's shape (L{sentry_tx.identity.rules.request_shape_problem}) is
+checked first, before the validator: a request that breaks a limit is
+INVALID_ARGUMENT whatever else is wrong with it, counted as reason
+C{validator}, and nothing is validated, deduplicated or signed for it.  Its
+audience count is checked on the parsed message, before the request is
+even copied out of it.
 """
 
 import asyncio
@@ -40,6 +47,7 @@ from sentry_tx.errors import (
 )
 from sentry_tx.identity.caller import VALIDATOR_UNKNOWN, SignRequest
 from sentry_tx.logs import quote_input
+from sentry_tx.identity.rules import audience_count_problem, request_shape_problem
 from sentry_tx.metrics import (
     FAILURE_REASON_CERT_PARSE,
     FAILURE_REASON_CERT_SIGN,
@@ -274,12 +282,11 @@ class CAServicer:
         try:
             request = sentry_pb2.SignCertificateRequest.FromString(data)
         except DecodeError as e:
-            self._metrics.sign_request_received.inc()
-            self._metrics.sign_failure.labels(reason=FAILURE_REASON_VALIDATOR).inc()
-            self._metrics.sign_timer().done(FAILURE_REASON_VALIDATOR)
-            message = f"{MALFORMED_REQUEST}: {e}"
-            self._log_denial(context, None, grpc.StatusCode.INVALID_ARGUMENT, message)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            await self._refuse_message(context, f"{MALFORMED_REQUEST}: {e}")
+        # In constant time, before SignRequest copies every audience.
+        problem = audience_count_problem(len(request.jwt_audiences))
+        if problem is not None:
+            await self._refuse_message(context, problem)
         # The validation timeout runs from the headers' arrival; the
         # client's time left is read now, so it counts from now.
         deadline = arrival + self._validation_timeout_seconds
@@ -312,6 +319,18 @@ class CAServicer:
             reason=quote_input(message),
         )
 
+    async def _refuse_message(self, context, message):
+        """
+        End a call whose message was refused before it became a
+        L{SignRequest}: INVALID_ARGUMENT with C{message}, counted as
+        received and as a C{validator} failure.
+        """
+        self._metrics.sign_request_received.inc()
+        self._metrics.sign_failure.labels(reason=FAILURE_REASON_VALIDATOR).inc()
+        self._metrics.sign_timer().done(FAILURE_REASON_VALIDATOR)
+        self._log_denial(context, None, grpc.StatusCode.INVALID_ARGUMENT, message)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
     async def sign(self, request, deadline):
         """
         Run the pipeline for one L{SignRequest}.
@@ -334,6 +353,11 @@ class CAServicer:
         return response
 
     async def _sign(self, request, deadline):
+        problem = request_shape_problem(request)
+        if problem is not None:
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT, problem, FAILURE_REASON_VALIDATOR
+            )
         validator = self._choose_validator(request.token_validator)
         identity = await self._validate(validator, request, deadline)
         in_service = self._authority.in_service
@@ -369,8 +393,9 @@ class CAServicer:
     def _fill_jwts(self, response, identity, request, now, config):
         """
         Fill C{jwt} and C{per_audience_jwts} (SPEC section 11) through the
-        minter.  Too many or empty audiences are the caller's mistake
-        (INVALID_ARGUMENT); any other failure is INTERNAL "failed to
+        minter.  Audiences the minter refuses are the caller's mistake
+        (INVALID_ARGUMENT, reason C{validator}, as the shape check that
+        refuses them first); any other failure is INTERNAL "failed to
         generate JWT", its cause logged.
         """
         from sentry_tx.jwt.minting import JWTAudienceError
@@ -385,7 +410,7 @@ class CAServicer:
             )
         except JWTAudienceError as e:
             raise Refusal(
-                grpc.StatusCode.INVALID_ARGUMENT, str(e), FAILURE_REASON_CERT_SIGN
+                grpc.StatusCode.INVALID_ARGUMENT, str(e), FAILURE_REASON_VALIDATOR
             ) from None
         except Exception:
             self._log.failure(

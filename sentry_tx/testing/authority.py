@@ -1,7 +1,8 @@
 """
 Verified fakes of sentry_tx's interfaces: an identity validator, a
 certificate authority (plain, observed, refusing) and a trust store, each
-checked against its interface in C{tests/test_testing.py}.
+checked against its interface in C{tests/test_testing.py}; and a JWT minter
+that records what it was asked to fill.
 """
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -57,6 +58,9 @@ class FakeValidator:
 class FakeCertificateAuthority:
     """
     An authority with a fixed bundle that records start, stop and restart.
+
+    @ivar in_service_reads: how many times C{in_service} was read (the
+        servicer reads it once per call it signs, after validation).
     """
 
     def __init__(self, bundle=None, config=None):
@@ -64,6 +68,7 @@ class FakeCertificateAuthority:
         self.config = config if config is not None else SentryConfig()
         self.ready = False
         self.calls = []
+        self.in_service_reads = 0
 
     @property
     def in_service(self):
@@ -72,6 +77,7 @@ class FakeCertificateAuthority:
         """
         from sentry_tx.server.servicer import InService
 
+        self.in_service_reads += 1
         return InService(self.bundle, self.config)
 
     def start(self, config):
@@ -184,3 +190,23 @@ class RefusingCertificateAuthority(FakeCertificateAuthority):
     def restart(self, config):
         self.calls.append(("restart", config))
         return fail(self.error)
+
+
+class RecordingMinter:
+    """
+    A L{sentry_tx.jwt.minting.JWTMinter} seen from the servicer: records the
+    audiences of every C{fill} (where they are deduplicated), then fills
+    through C{minter}.
+
+    @ivar filled: the C{requested_audiences} of every call, in order.
+    """
+
+    def __init__(self, minter):
+        self._minter = minter
+        self.filled = []
+
+    def fill(self, response, identity, requested_audiences, now_seconds, clock_skew):
+        self.filled.append(tuple(requested_audiences))
+        return self._minter.fill(
+            response, identity, requested_audiences, now_seconds, clock_skew
+        )

@@ -402,3 +402,23 @@ def flip_bit(data, at, bit=0):
     C{data} with one bit changed: bit C{bit} of the byte at C{at}.
     """
     return data[:at] + bytes([data[at] ^ (1 << bit)]) + data[at + 1 :]
+
+
+def sign_request(**fields):
+    """
+    A well-formed L{sentry_tx.identity.caller.SignRequest} for C{myapp} in
+    C{default} (default validator, no token, no audiences), with C{fields}
+    replaced.
+    """
+    from sentry_tx.identity.caller import SignRequest
+
+    values = dict(
+        id="myapp",
+        token="",
+        trust_domain="",
+        namespace="default",
+        csr=make_csr()[1],
+        token_validator=0,
+    )
+    values.update(fields)
+    return SignRequest(**values)
