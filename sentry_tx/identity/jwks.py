@@ -487,9 +487,14 @@ class JWKSValidator(Service):
         d.addCallback(self._install_fetched)
 
         def failed(failure):
+            if not self.running and (
+                failure.check(defer.CancelledError)
+                or (failure.check(JWKSFetchError) and failure.value.why == FETCH_CANCELLED)
+            ):
+                # stopService cancelled it, perhaps while the caCertificate
+                # was still being read: nothing to say.
+                return False
             if failure.check(JWKSFetchError):
-                if failure.value.why == FETCH_CANCELLED and not self.running:
-                    return False  # stopService cancelled it: nothing to say
                 what = str(failure.value)
             else:
                 what = f"failed: {failure.getErrorMessage() or failure.type.__name__}"
