@@ -177,6 +177,7 @@ class FileTrustStore:
             )
         self._reactor = reactor
         self._paths = (ca_path, issuer_certificate_path, issuer_key_path)
+        self.paths = self._paths
         self._trust_domain = trust_domain
         self._namespace = namespace
         self._allowed_clock_skew = allowed_clock_skew
