@@ -156,6 +156,17 @@ def check_settings(settings):
     """
     if not settings.enabled:
         return
+    check_values(settings)
+    _check_combination(settings)
+
+
+def check_values(settings):
+    """
+    The checks of L{check_settings} that need no Configuration: the
+    threshold in (0, 1), a positive TTL and grace.
+
+    @raise ConfigError: naming the flag at fault.
+    """
     if not 0 < settings.threshold < 1:
         raise ConfigError(
             THRESHOLD_FLAG,
@@ -165,6 +176,9 @@ def check_settings(settings):
         raise ConfigError(TTL_FLAG, "must be greater than zero")
     if settings.grace is not None and settings.grace <= timedelta(0):
         raise ConfigError(GRACE_FLAG, "must be greater than zero (or auto)")
+
+
+def _check_combination(settings):
     skew = settings.allowed_clock_skew
     lifetime = settings.ca_ttl + skew
     if lifetime * settings.threshold <= skew:
