@@ -1,0 +1,249 @@
+"""
+Automatic CA renewal end to end: C{twistd -n sentry} as a child process with
+short CA times, signing for a client that reloads C{ca.crt} before each
+call; and restarts after a kill at each step of a renewal.
+"""
+
+import os
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from sentry_tx._proto import sentry_pb2
+from sentry_tx.ca.renewal import ACTION_RENEW, ACTION_SWITCH, RenewalSettings
+from sentry_tx.ca.renewal_files import FileRenewalStore
+from sentry_tx.ca.store import FileTrustStore
+from sentry_tx.testing.certificates import make_csr
+from sentry_tx.testing.clocks import ImmediateReactor
+from sentry_tx.testing.grpc_client import GrpcTestClient
+from tests.test_process import spawn_twistd, standalone_arguments
+
+SKEW_SECONDS = 1
+CA_TTL_SECONDS = 60
+THRESHOLD = 0.5
+GRACE_SECONDS = 10
+
+CONFIGURATION = f"""\
+apiVersion: dapr.io/v1alpha1
+kind: Configuration
+metadata:
+  name: daprsystem
+spec:
+  mtls:
+    workloadCertTTL: 20s
+    allowedClockSkew: {SKEW_SECONDS}s
+"""
+
+RENEWAL_FLAGS = [
+    "--ca-ttl",
+    f"{CA_TTL_SECONDS}s",
+    "--ca-renewal-threshold",
+    str(THRESHOLD),
+    "--trust-anchor-propagation-grace",
+    f"{GRACE_SECONDS}s",
+]
+
+RUN_DEADLINE_SECONDS = 120.0
+"""
+The client stops this long after it started, whatever happens.
+"""
+
+SETTLE_SECONDS = 3.0
+"""
+How long the client goes on after the second switch.
+"""
+
+
+def _settings():
+    return RenewalSettings(
+        ca_ttl=timedelta(seconds=CA_TTL_SECONDS),
+        threshold=THRESHOLD,
+        grace=timedelta(seconds=GRACE_SECONDS),
+        workload_ttl=timedelta(seconds=20),
+        allowed_clock_skew=timedelta(seconds=SKEW_SECONDS),
+    )
+
+
+def _now():
+    return datetime.now(timezone.utc)
+
+
+class _ReloadingClient:
+    """
+    Signs in a loop; before each call reads C{ca.crt}, and checks the chain
+    it gets against what it read.
+
+    @ivar failures: calls that failed or whose chain did not verify.
+    @ivar issuers: the distinct issuer certificates seen, in order.
+    @ivar dropped_early: anchors that left C{ca.crt} before expiring.
+    """
+
+    def __init__(self, target, credentials):
+        self._target = target
+        self._ca_path = os.path.join(credentials, "ca.crt")
+        self.stop = threading.Event()
+        self.calls = 0
+        self.failures = []
+        self.issuers = []
+        self.dropped_early = []
+        self.anchor_counts = set()
+
+    def run(self):
+        _, csr = make_csr()
+        request = sentry_pb2.SignCertificateRequest(
+            id="renewal", namespace="default", certificate_signing_request=csr
+        )
+        anchors_pem = client = None
+        seen = {}
+        deadline = time.monotonic() + RUN_DEADLINE_SECONDS
+        try:
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                with open(self._ca_path, "rb") as f:
+                    read = f.read()
+                read_at = _now()
+                roots = x509.load_pem_x509_certificates(read)
+                self.anchor_counts.add(len(roots))
+                present = {root.serial_number for root in roots}
+                for serial, not_after in seen.items():
+                    if serial not in present and not_after >= read_at:
+                        self.dropped_early.append(serial)
+                for root in roots:
+                    seen[root.serial_number] = root.not_valid_after_utc
+                if read != anchors_pem:
+                    if client is not None:
+                        client.close()
+                    anchors_pem = read
+                    client = GrpcTestClient(self._target, anchors_pem)
+                self.calls += 1
+                try:
+                    reply = client.sign(request, timeout=5.0)
+                    chain = x509.load_pem_x509_certificates(reply.workload_certificate)
+                    PolicyBuilder().store(Store(roots)).time(
+                        _now()
+                    ).build_client_verifier().verify(chain[0], chain[1:])
+                except Exception as e:
+                    self.failures.append(repr(e))
+                    continue
+                if chain[1] not in self.issuers:
+                    self.issuers.append(chain[1])
+        finally:
+            if client is not None:
+                client.close()
+
+
+class RenewalProcessTests(TestCase):
+    """
+    sentry_tx renews itself while it serves.
+    """
+
+    timeout = RUN_DEADLINE_SECONDS + 60
+
+    def setUp(self):
+        self.credentials = os.path.abspath(self.mktemp())
+        self.configuration = os.path.abspath(self.mktemp())
+        with open(self.configuration, "w") as f:
+            f.write(CONFIGURATION)
+
+    def _arguments(self, *extra):
+        arguments = standalone_arguments(self, self.credentials, *RENEWAL_FLAGS, *extra)
+        arguments[arguments.index("--config") + 1] = self.configuration
+        return arguments
+
+    @inlineCallbacks
+    def test_two_renewals_while_signing(self):
+        """Two full renewals while a client reloading ca.crt signs continuously: no failed call, every chain verifies against the ca.crt read, no anchor leaves before it expires."""
+        protocol = spawn_twistd(self, self._arguments("--workers", "2"))
+        ports = yield protocol.wait_ready()
+        client = _ReloadingClient(f"127.0.0.1:{ports['grpc']}", self.credentials)
+        running = deferToThread(client.run)
+        self.addCleanup(client.stop.set)
+        yield protocol.when_output(b"automatic CA renewal is on")
+        # The second switch: the third issuer signs.
+        while len(client.issuers) < 3 and not running.called:
+            yield _later(1.0)
+        yield _later(SETTLE_SECONDS)
+        client.stop.set()
+        yield running
+        self.assertEqual(client.failures, [])
+        self.assertEqual(len(client.issuers), 3, protocol.output[-3000:])
+        self.assertEqual(client.dropped_early, [])
+        self.assertIn(2, client.anchor_counts)
+        self.assertIn(
+            b"restart workloads before then so their sidecars trust the new root",
+            protocol.output,
+        )
+        self.assertGreater(client.calls, 20)
+
+    @inlineCallbacks
+    def _restart_after_kill(self, action, part):
+        """
+        Leave the files as a kill after C{part}'s write of C{action} would,
+        start sentry_tx on them, and wait for it to finish the renewal.
+        """
+        trust_store = FileTrustStore(
+            ImmediateReactor(),
+            os.path.join(self.credentials, "ca.crt"),
+            os.path.join(self.credentials, "issuer.crt"),
+            os.path.join(self.credentials, "issuer.key"),
+            "localhost",
+            "default",
+            timedelta(seconds=SKEW_SECONDS),
+            ca_ttl=timedelta(seconds=CA_TTL_SECONDS),
+        )
+        settings = _settings()
+        # Made so that renewal is due now.
+        made = _now() - timedelta(seconds=CA_TTL_SECONDS * THRESHOLD + 2)
+        trust_store.load_or_generate_sync(made)
+
+        class Killed(Exception):
+            pass
+
+        def kill(done_action, done_part):
+            if (done_action, done_part) == (action, part):
+                raise Killed()
+
+        if action == ACTION_SWITCH:
+            FileRenewalStore(None, trust_store).step_sync(_now(), settings)
+            later = _now() + timedelta(seconds=GRACE_SECONDS + 1)
+        else:
+            later = _now()
+        self.assertRaises(
+            Killed,
+            FileRenewalStore(None, trust_store, _after_write=kill).step_sync,
+            later,
+            settings,
+        )
+        protocol = spawn_twistd(self, self._arguments())
+        yield protocol.wait_ready()
+        yield protocol.when_output(b"switched the CA issuer to the renewed one")
+        bundle = trust_store.load_sync(_now())
+        self.assertEqual(len(bundle.anchors), 2)
+        self.assertEqual(bundle.active_anchors, (bundle.anchors[1],))
+        self.assertEqual(
+            sorted(os.listdir(self.credentials)), ["ca.crt", "issuer.crt", "issuer.key"]
+        )
+
+    def test_kill_after_next_pair(self):
+        """Killed after the next pair was written, before the append: the restart appends, then switches."""
+        return self._restart_after_kill(ACTION_RENEW, "next_crt")
+
+    def test_kill_after_append(self):
+        """Killed after the append: the restart resumes the pending renewal and switches."""
+        return self._restart_after_kill(ACTION_RENEW, "anchors")
+
+    def test_kill_mid_switch(self):
+        """Killed between issuer.crt and issuer.key: the restart serves the matching pair and finishes the switch."""
+        return self._restart_after_kill(ACTION_SWITCH, "issuer")
+
+
+def _later(seconds):
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)
