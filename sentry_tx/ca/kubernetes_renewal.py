@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from sentry_tx.ca.kubernetes_store import MAX_WRITE_ATTEMPTS
 from sentry_tx.ca.renewal import (
+    ACTION_OFF,
     PARTS,
     WRITING_ACTIONS,
     StepResult,
@@ -84,9 +85,10 @@ class KubernetesRenewalStore:
             )
             step = plan(state, now, settings)
             if step.action not in WRITING_ACTIONS:
-                anchors = contents[0]
-                if anchors is not None:
-                    yield store._publish_anchors(anchors)
+                if step.action != ACTION_OFF:
+                    # A replica killed between its Secret write and the
+                    # ConfigMap's: the ConfigMap follows the Secret.
+                    yield store._publish_anchors(contents[0])
                 return StepResult(step, state)
             writes = yield self._in_thread(step_writes, state, step, now, settings)
             for part, value in writes.writes:
