@@ -247,3 +247,98 @@ def _later(seconds):
     from twisted.internet.task import deferLater
 
     return deferLater(reactor, seconds, lambda: None)
+
+
+class KubernetesRenewalProcessTests(TestCase):
+    """
+    Two kubernetes-mode replicas against the fake API server renew once.
+    """
+
+    timeout = RUN_DEADLINE_SECONDS + 60
+
+    @inlineCallbacks
+    def test_two_replicas_renew_once_and_both_switch(self):
+        """Two replicas: one renewal, one new root in the Secret and the ConfigMap, and both replicas sign with the new issuer after the switch, with no failed call."""
+        from sentry_tx.testing.certificates import TEST_NAMESPACE, TEST_TRUST_DOMAIN
+        from sentry_tx.testing.kubeconfig import write_kubeconfig
+        from sentry_tx.testing.kubernetes import start_fake_kubernetes
+        from tests.test_process import LOOPBACK_FREE_PORTS
+
+        fake = start_fake_kubernetes(self)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        kubeconfig = write_kubeconfig(
+            os.path.join(directory, "kubeconfig"), fake.kubeconfig()
+        )
+        fake.add_configuration(
+            TEST_NAMESPACE,
+            "daprsystem",
+            {"mtls": {"workloadCertTTL": "20s", "allowedClockSkew": f"{SKEW_SECONDS}s"}},
+        )
+        fake.add_pod("apps", "myapp-0", "myapp", {"dapr.io/app-id": "myapp"})
+        token = fake.issue_token("apps", "myapp", "myapp-0")
+        arguments = [
+            "--mode", "kubernetes", "--kubeconfig", kubeconfig,
+            "--trust-domain", TEST_TRUST_DOMAIN, "--workers", "1",
+        ] + LOOPBACK_FREE_PORTS + RENEWAL_FLAGS  # fmt: skip
+        replicas = []
+        for _ in range(2):
+            protocol = spawn_twistd(self, arguments, env={"NAMESPACE": TEST_NAMESPACE})
+            ports = yield protocol.wait_ready()
+            replicas.append((protocol, ports))
+        _, csr = make_csr()
+        request = sentry_pb2.SignCertificateRequest(
+            id="myapp",
+            namespace="apps",
+            token=token,
+            certificate_signing_request=csr,
+            token_validator=sentry_pb2.SignCertificateRequest.KUBERNETES,
+        )
+        issuers = [[], []]
+        failures = []
+        anchor_counts = set()
+
+        def sign(index, anchors_pem):
+            roots = x509.load_pem_x509_certificates(anchors_pem)
+            anchor_counts.add(len(roots))
+            client = GrpcTestClient(
+                f"127.0.0.1:{replicas[index][1]['grpc']}",
+                anchors_pem,
+                server_name=f"dapr-sentry.{TEST_NAMESPACE}.svc",
+            )
+            try:
+                reply = client.sign(request, timeout=5.0)
+                chain = x509.load_pem_x509_certificates(reply.workload_certificate)
+                PolicyBuilder().store(Store(roots)).time(_now()).build_client_verifier().verify(
+                    chain[0], chain[1:]
+                )
+            except Exception as e:
+                failures.append(repr(e))
+                return
+            finally:
+                client.close()
+            if chain[1] not in issuers[index]:
+                issuers[index].append(chain[1])
+
+        deadline = time.monotonic() + RUN_DEADLINE_SECONDS
+        while time.monotonic() < deadline and not all(len(i) >= 2 for i in issuers):
+            for index in range(2):
+                # The ConfigMap (what the injector gives new pods) is read
+                # on the reactor before each call; the call runs in a thread.
+                config_map = fake.get_object(
+                    "configmaps", TEST_NAMESPACE, "dapr-trust-bundle"
+                )
+                yield deferToThread(sign, index, config_map["data"]["ca.crt"].encode())
+            yield _later(0.5)
+        self.assertEqual(failures, [])
+        self.assertEqual([len(i) for i in issuers], [2, 2])
+        self.assertEqual(issuers[0][1], issuers[1][1])
+        renewals = sum(
+            protocol.output.count(b"renewed the CA: appended a new root")
+            for protocol, _ in replicas
+        )
+        self.assertEqual(renewals, 1)
+        secret = fake.secret_data(TEST_NAMESPACE, "dapr-trust-bundle")
+        self.assertEqual(len(x509.load_pem_x509_certificates(secret["ca.crt"])), 2)
+        self.assertEqual(sorted(secret), ["ca.crt", "issuer.crt", "issuer.key"])
+        self.assertIn(2, anchor_counts)
