@@ -347,7 +347,7 @@ class Options(usage.Options):
         grace = None if text == "auto" else parse_go_duration(text, source)
         config = replace(
             config,
-            ca_ttl_seconds=ttl.total_seconds(),
+            ca_ttl_seconds=int(ttl.total_seconds()),
             ca_renewal_enabled=enabled,
             ca_renewal_threshold=threshold,
             trust_anchor_propagation_grace_seconds=(

@@ -34,7 +34,7 @@ from sentry_tx.ca.renewal import (
     renewal_due,
     switch_time,
 )
-from sentry_tx.errors import ConfigError
+from sentry_tx.errors import BundleError, ConfigError
 
 MAX_WAIT_SECONDS = 3600.0
 """
@@ -174,11 +174,20 @@ class CARenewalService(Service):
         return d
 
     def _failed(self, failure):
-        self._log.failure(
-            "automatic CA renewal: the step failed; trying again in {seconds} s",
-            failure,
-            seconds=self._retry_seconds,
-        )
+        if failure.check(BundleError):
+            # A refused file or an API error: its message says it all.
+            self._log.error(
+                "automatic CA renewal: the step failed; trying again in"
+                " {seconds} s: {error}",
+                seconds=self._retry_seconds,
+                error=failure.getErrorMessage(),
+            )
+        else:
+            self._log.failure(
+                "automatic CA renewal: the step failed; trying again in {seconds} s",
+                failure,
+                seconds=self._retry_seconds,
+            )
         self._schedule(self._retry_seconds)
 
     def _stepped(self, result, now, settings, config):
