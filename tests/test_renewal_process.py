@@ -229,6 +229,88 @@ class RenewalProcessTests(TestCase):
             sorted(os.listdir(self.credentials)), ["ca.crt", "issuer.crt", "issuer.key"]
         )
 
+    def _trust_store(self):
+        return FileTrustStore(
+            ImmediateReactor(),
+            os.path.join(self.credentials, "ca.crt"),
+            os.path.join(self.credentials, "issuer.crt"),
+            os.path.join(self.credentials, "issuer.key"),
+            "localhost",
+            "default",
+            timedelta(seconds=SKEW_SECONDS),
+            ca_ttl=timedelta(seconds=CA_TTL_SECONDS),
+        )
+
+    def _files(self):
+        return {
+            name: open(os.path.join(self.credentials, name), "rb").read()
+            for name in sorted(os.listdir(self.credentials))
+        }
+
+    @inlineCallbacks
+    def test_sigkill_after_append(self):
+        """SIGKILLed right after it appended a new root, sentry_tx restarts, resumes the pending renewal and switches."""
+        import signal
+
+        trust_store = self._trust_store()
+        trust_store.load_or_generate_sync(
+            _now() - timedelta(seconds=CA_TTL_SECONDS * THRESHOLD - 3)
+        )
+        protocol = spawn_twistd(self, self._arguments())
+        yield protocol.wait_ready()
+        yield protocol.when_output(b"renewed the CA: appended a new root")
+        os.kill(protocol.transport.pid, signal.SIGKILL)
+        yield protocol.ended
+        pending = FileRenewalStore(None, trust_store).read_sync(_now())
+        self.assertTrue(pending.pending)
+        protocol = spawn_twistd(self, self._arguments())
+        yield protocol.wait_ready()
+        yield protocol.when_output(b"a CA renewal is pending")
+        yield protocol.when_output(b"switched the CA issuer to the renewed one")
+        bundle = trust_store.load_sync(_now())
+        self.assertEqual(bundle.issuer, pending.next_issuer)
+        self.assertEqual(
+            sorted(os.listdir(self.credentials)), ["ca.crt", "issuer.crt", "issuer.key"]
+        )
+
+    @inlineCallbacks
+    def test_variable_turns_renewal_off(self):
+        """DAPR_SENTRY_CA_RENEWAL_ENABLED=false: a generated bundle past its threshold is not written, and the start-up line says why."""
+        self._trust_store().load_or_generate_sync(
+            _now() - timedelta(seconds=CA_TTL_SECONDS * THRESHOLD + 5)
+        )
+        before = self._files()
+        protocol = spawn_twistd(
+            self, self._arguments(), env={"DAPR_SENTRY_CA_RENEWAL_ENABLED": "false"}
+        )
+        yield protocol.wait_ready()
+        yield protocol.when_output(
+            b"automatic CA renewal is off: --ca-renewal-enabled is false"
+        )
+        yield _later(2.0)
+        self.assertEqual(self._files(), before)
+
+    @inlineCallbacks
+    def test_operator_bundle_not_written(self):
+        """An operator's bundle past its threshold: nothing written, renewal off saying why, and the expiry warnings as before."""
+        from sentry_tx.testing.certificates import make_chain
+
+        os.makedirs(self.credentials)
+        now = _now()
+        make_chain(
+            intermediates=1,
+            trust_domain="localhost",
+            not_before=now - timedelta(days=300),
+            not_after=now + timedelta(days=20),
+        ).write(self.credentials)
+        before = self._files()
+        protocol = spawn_twistd(self, self._arguments())
+        yield protocol.wait_ready()
+        yield protocol.when_output(b"automatic CA renewal is off: the bundle is not one")
+        yield protocol.when_output(b"certificate expires in 19 days")
+        yield _later(2.0)
+        self.assertEqual(self._files(), before)
+
     def test_kill_after_next_pair(self):
         """Killed after the next pair was written, before the append: the restart appends, then switches."""
         return self._restart_after_kill(ACTION_RENEW, "next_crt")
