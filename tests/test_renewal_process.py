@@ -186,16 +186,7 @@ class RenewalProcessTests(TestCase):
         Leave the files as a kill after C{part}'s write of C{action} would,
         start sentry_tx on them, and wait for it to finish the renewal.
         """
-        trust_store = FileTrustStore(
-            ImmediateReactor(),
-            os.path.join(self.credentials, "ca.crt"),
-            os.path.join(self.credentials, "issuer.crt"),
-            os.path.join(self.credentials, "issuer.key"),
-            "localhost",
-            "default",
-            timedelta(seconds=SKEW_SECONDS),
-            ca_ttl=timedelta(seconds=CA_TTL_SECONDS),
-        )
+        trust_store = self._trust_store()
         settings = _settings()
         # Made so that renewal is due now.
         made = _now() - timedelta(seconds=CA_TTL_SECONDS * THRESHOLD + 2)
