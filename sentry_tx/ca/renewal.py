@@ -261,12 +261,6 @@ def _der(cert):
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def _public_der(key):
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def read_state(
     anchors_pem, issuer_pem, key_pem, next_crt_pem, next_key_pem, now, sources
 ):
