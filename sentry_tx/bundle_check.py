@@ -5,8 +5,9 @@ bundle in DIR?
 It runs exactly the start-up checks (L{FileTrustStore.load_or_generate_sync}
 over the same three paths, at the current time), never generates or writes
 anything, and prints what it found: the trust anchors and the issuer chain
-with their expiry dates and key types, which anchor the chain reaches, and
-whether the key matches the issuer.  Exit status 0 when the bundle would
+with their expiry dates and key types, which anchor the chain reaches,
+whether the key matches the issuer, and a renewal's pending next issuer
+with its switch time.  Exit status 0 when the bundle would
 load; 1, with the message sentry_tx would log, when it would not.
 
 Operators run it on the files they are about to put in the
@@ -99,7 +100,7 @@ def describe_bundle(bundle, paths, now):
     return lines
 
 
-def check_bundle(paths, now, out, err):
+def check_bundle(paths, now, out, err, settings=None):
     """
     Run the start-up checks on the three C{paths} and report to C{out}
     (the findings) and C{err} (the refusal).
@@ -132,8 +133,55 @@ def check_bundle(paths, now, out, err):
         return 1
     for line in describe_bundle(bundle, paths, now):
         out.write(line + "\n")
+    for line in describe_renewal(store, now, settings):
+        out.write(line + "\n")
     out.write("OK: sentry_tx would load this bundle\n")
     return 0
+
+
+def describe_renewal(store, now, settings=None):
+    """
+    The report on automatic CA renewal: a pending next issuer and its switch
+    time, or an interrupted switch (which sentry_tx finishes at start).
+
+    @param store: the L{FileTrustStore} of the bundle.
+    @param settings: the L{RenewalSettings} the switch time is computed
+        with (the grace, the workload TTL and the skew); the defaults when
+        None.
+    """
+    from sentry_tx.ca.renewal import RenewalSettings, switch_time
+    from sentry_tx.durations import format_go_duration
+    from sentry_tx.ca.renewal_files import FileRenewalStore
+    from sentry_tx.errors import BundleError
+
+    try:
+        state = FileRenewalStore(None, store).read_sync(now)
+    except BundleError as error:
+        return [f"renewal: the pending issuer cannot be used: {error}"]
+    next_crt, next_key = store.next_paths
+    if state.switching or state.leftover:
+        return [
+            f"renewal: a switch to the renewed issuer was interrupted; sentry_tx"
+            f" finishes it at start (removing {next_crt} and {next_key})"
+        ]
+    if not state.pending:
+        return ["renewal: no renewed issuer pending"]
+    if settings is None:
+        settings = RenewalSettings()
+    anchored = state.next_root in state.anchors
+    return [
+        f"renewal: pending next issuer ({next_crt}):"
+        f" {state.next_issuer.subject.rfc4514_string()},"
+        f" {_expiry(state.next_issuer, now)}; its root is"
+        f" {'in' if anchored else 'NOT YET in (sentry_tx appends it at start)'}"
+        f" the trust anchors",
+        f"renewal: the issuer switches to it at"
+        f" {switch_time(state.issuer, state.next_issuer, settings).isoformat()}"
+        f" (grace {settings.describe_grace()}, workload certificate TTL"
+        f" {format_go_duration(settings.workload_ttl)}, clock skew"
+        f" {format_go_duration(settings.allowed_clock_skew)});"
+        " restart workloads before then so their sidecars trust the new root",
+    ]
 
 
 def main(argv, out=None, err=None, now=None):
@@ -160,7 +208,29 @@ def main(argv, out=None, err=None, now=None):
         ("--issuer-key-filename", _DEFAULTS.issuer_key_filename),
     ):
         parser.add_argument(flag, default=default, help=f"default: {default}")
+    parser.add_argument(
+        "--trust-anchor-propagation-grace",
+        default="auto",
+        help="as sentry_tx runs, for the switch time of a pending renewal"
+        " (default: auto)",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="the Configuration file sentry_tx runs with (its workload"
+        " certificate TTL and clock skew set the switch time)",
+    )
     arguments = parser.parse_args(argv)
+    from sentry_tx.errors import ConfigError
+
+    try:
+        settings = _renewal_settings(arguments)
+    except ConfigError as error:
+        err.write(f"{error.field}: {error.problem}\n")
+        return 2
+    except OSError as error:
+        err.write(f"--config: {error}\n")
+        return 2
     config = SentryConfig(
         issuer_credentials=arguments.directory,
         issuer_ca_filename=arguments.issuer_ca_filename,
@@ -179,6 +249,31 @@ def main(argv, out=None, err=None, now=None):
             now,
             out,
             err,
+            settings,
         )
     finally:
         globalLogPublisher.removeObserver(observer)
+
+
+def _renewal_settings(arguments):
+    """
+    The L{RenewalSettings} check-bundle computes a switch time with.
+    """
+    from sentry_tx.ca.renewal import RenewalSettings
+    from sentry_tx.config import MTLSConfig, load_configuration_file
+    from sentry_tx.durations import parse_go_duration
+
+    grace = None
+    if arguments.trust_anchor_propagation_grace != "auto":
+        grace = parse_go_duration(
+            arguments.trust_anchor_propagation_grace,
+            "--trust-anchor-propagation-grace",
+        )
+    mtls = MTLSConfig()
+    if arguments.config is not None:
+        mtls, _ = load_configuration_file(arguments.config, os.environ)
+    return RenewalSettings(
+        grace=grace,
+        workload_ttl=mtls.workload_cert_ttl,
+        allowed_clock_skew=mtls.allowed_clock_skew,
+    )

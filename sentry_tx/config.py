@@ -95,6 +95,12 @@ class SentryConfig:
     oidc_jwks_uri: str = ""
     oidc_path_prefix: str = ""
     oidc_allowed_hosts: tuple = ()
+    # Automatic CA renewal (SPEC sections 2 and 4, sentry_tx.ca.renewal).
+    # Whole seconds; the grace is None for "auto".
+    ca_ttl_seconds: int = 8760 * 3600
+    ca_renewal_enabled: bool = True
+    ca_renewal_threshold: float = 0.9
+    trust_anchor_propagation_grace_seconds: object = None
 
     def _credential_path(self, filename):
         return os.path.join(self.issuer_credentials, filename)

@@ -2,7 +2,8 @@
 The expiry check: warn in time that a root or the issuer runs out.
 
 L{ExpiryChecker} looks at the trust bundle in service at start and then every
-L{EXPIRY_CHECK_INTERVAL_SECONDS}.  For each trust anchor and each
+L{EXPIRY_CHECK_INTERVAL_SECONDS}.  For each trust anchor the issuer chain
+leads to (not a root a renewal has replaced or appended) and each
 certificate of the issuer chain it logs a warning when the certificate
 expires within L{EXPIRY_WARNING_DAYS}, and an error once it has expired.  It
 also sets the expiry gauges, so that they stay right whatever happens to the
@@ -130,7 +131,9 @@ class ExpiryChecker(Service):
                 )
             return
         now = datetime.fromtimestamp(self._clock.seconds(), timezone.utc)
-        for anchor in bundle.anchors:
+        # The roots the issuer chain leads to: after a renewal, the old root
+        # (replaced, left to expire) and the new one are in the anchors too.
+        for anchor in bundle.active_anchors:
             self._check_certificate(anchor, ROLE_ROOT, now)
         for position, certificate in enumerate(bundle.issuer_chain):
             role = ROLE_ISSUER if position == 0 else ROLE_INTERMEDIATE

@@ -221,6 +221,48 @@ STRING_FLAGS = (
     ],
 )
 
+# Automatic CA renewal (Dapr PR #10290's names): each flag may also come
+# from the environment (Dapr 1.18's chart passes extraEnvVars to Sentry, not
+# extra arguments); a flag on the command line wins over its variable.
+RENEWAL_VARIABLES = {
+    "ca-ttl": "DAPR_SENTRY_CA_TTL",
+    "ca-renewal-enabled": "DAPR_SENTRY_CA_RENEWAL_ENABLED",
+    "ca-renewal-threshold": "DAPR_SENTRY_CA_RENEWAL_THRESHOLD",
+    "trust-anchor-propagation-grace": "DAPR_SENTRY_TRUST_ANCHOR_PROPAGATION_GRACE",
+}
+RENEWAL_DEFAULTS = {
+    "ca-ttl": "8760h",
+    "ca-renewal-enabled": "true",
+    "ca-renewal-threshold": "0.9",
+    "trust-anchor-propagation-grace": "auto",
+}
+_RENEWAL_HELP = {
+    "ca-ttl": "Life of a generated or renewed root and issuer (a Go duration).",
+    "ca-renewal-enabled": "Renew a generated CA automatically before its"
+    " issuer expires (append-only: a new root is added to the trust anchors).",
+    "ca-renewal-threshold": "Fraction of the issuer's life after which it is"
+    " renewed, in (0, 1).",
+    "trust-anchor-propagation-grace": "How long after a renewal the old issuer"
+    " keeps signing (a Go duration, never past its NotAfter); auto: its"
+    " NotAfter minus twice the workload certificate TTL and 1h.",
+}
+
+
+def _renewal_flag(name):
+    return [
+        name,
+        None,
+        None,
+        f"{_RENEWAL_HELP[name]} [default: {RENEWAL_DEFAULTS[name]};"
+        f" environment: {RENEWAL_VARIABLES[name]}]",
+    ]
+
+
+STRING_FLAGS = STRING_FLAGS + tuple(
+    _renewal_flag(name)
+    for name in ("ca-ttl", "ca-renewal-threshold", "trust-anchor-propagation-grace")
+)
+
 BOOL_FLAGS = (
     [
         "enable-metrics",
@@ -249,6 +291,8 @@ BOOL_FLAGS = (
         "Serve OIDC over TLS (--oidc-server-tls-enabled=false: plain HTTP).",
     ],
 )
+
+BOOL_FLAGS = BOOL_FLAGS + (_renewal_flag("ca-renewal-enabled"),)
 
 _STRING_FLAG_NAMES = frozenset(flag[0] for flag in STRING_FLAGS)
 _BOOL_FLAG_NAMES = frozenset(flag[0] for flag in BOOL_FLAGS)

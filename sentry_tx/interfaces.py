@@ -132,3 +132,24 @@ class IConfigurationSource(Interface):
         @return: Deferred firing with the completed L{SentryConfig}, or
             failing with L{sentry_tx.errors.ConfigError}.
         """
+
+
+class IRenewalStore(Interface):
+    """
+    Where automatic CA renewal reads the stored credentials and writes its
+    steps (L{sentry_tx.ca.renewal}): files, or the Kubernetes Secret.
+    """
+
+    description = Attribute("What the store holds, as messages name it.")
+
+    def step(now, settings):
+        """
+        Read the credentials, plan the next step at C{now} and, when it
+        writes, write it (a store whose write loses a race reads again and
+        plans again).
+
+        @param now: an aware L{datetime.datetime}.
+        @param settings: a L{sentry_tx.ca.renewal.RenewalSettings}.
+        @return: Deferred firing with a L{sentry_tx.ca.renewal.StepResult},
+            or failing with L{sentry_tx.errors.BundleError}.
+        """

@@ -239,6 +239,45 @@ class SentryMetrics:
             registry=registry,
         )
 
+        # Automatic CA renewal (sentry_tx.ca.renewal_service), the names of
+        # Dapr's PR #10290; set by the twistd process, which alone renews.
+        self.ca_renewal = Counter(
+            "dapr_sentry_ca_renewal",
+            "Automatic CA renewals: a new root appended to the trust anchors"
+            " and a pending issuer written.",
+            registry=registry,
+        )
+        self.ca_switchover = Counter(
+            "dapr_sentry_ca_switchover",
+            "Switches of the signing issuer to a renewed one.",
+            registry=registry,
+        )
+        self.ca_renewal_pending = Gauge(
+            "dapr_sentry_ca_renewal_pending",
+            "1 while a renewed issuer waits for its switch, else 0.",
+            registry=registry,
+        )
+        self.ca_switchover_timestamp = Gauge(
+            "dapr_sentry_ca_switchover_timestamp",
+            "The unix time, in seconds, at which the pending renewed issuer"
+            " takes over; 0 when no renewal is pending.",
+            registry=registry,
+        )
+
+    def record_renewal(self, renewed, switched, switch_at):
+        """
+        Count a renewal or a switch, and publish the pending switch time
+        (an aware datetime, or None when nothing is pending).
+        """
+        if renewed:
+            self.ca_renewal.inc()
+        if switched:
+            self.ca_switchover.inc()
+        self.ca_renewal_pending.set(0 if switch_at is None else 1)
+        self.ca_switchover_timestamp.set(
+            0 if switch_at is None else switch_at.timestamp()
+        )
+
     def sign_timer(self):
         """
         Start timing one SignCertificate call; call C{done(outcome)} on the

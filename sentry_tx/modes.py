@@ -6,6 +6,7 @@ for a serving process) and imported by nothing else.
 """
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 from twisted.application.service import MultiService
@@ -176,6 +177,7 @@ def build_kubernetes_parts(
             if os.path.isdir(config.issuer_credentials)
             else ()
         ),
+        ca_ttl=timedelta(seconds=config.ca_ttl_seconds),
     )
     pods = configurations = None
     service = KubernetesClientService(client)

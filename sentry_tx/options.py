@@ -214,6 +214,7 @@ class Options(usage.Options):
             mtls=self._load_mtls(mode, self["config"]),
             **self._jwt_settings(),
         )
+        config = self._with_renewal_settings(config)
         self._hand_observer_to_parent(config)
         self.sentry_config = config
 
@@ -323,6 +324,58 @@ class Options(usage.Options):
             oidc_path_prefix=f"/{prefix}" if prefix else "",
             oidc_allowed_hosts=allowed_hosts,
         )
+
+    def _with_renewal_settings(self, config):
+        """
+        C{config} with the automatic CA renewal flags, each from the command
+        line, else its environment variable, else its default; checked as a
+        whole in standalone mode (kubernetes mode knows the workload TTL and
+        skew only at start, where the renewal service checks them).
+
+        @raise ConfigError: naming the flag or variable at fault.
+        """
+        from dataclasses import replace
+
+        from sentry_tx.ca.renewal import RenewalSettings, check_settings, check_values
+        from sentry_tx.durations import parse_go_duration
+        from sentry_tx.flags import RENEWAL_DEFAULTS, RENEWAL_VARIABLES
+
+        def value(name):
+            if self[name] is not None:
+                return self[name], f"--{name}"
+            variable = RENEWAL_VARIABLES[name]
+            if self.environ.get(variable):
+                return self.environ[variable], variable
+            return RENEWAL_DEFAULTS[name], f"--{name}"
+
+        text, source = value("ca-ttl")
+        ttl = parse_go_duration(text, source)
+        if ttl.total_seconds() < 1:
+            raise ConfigError(source, f"must be at least 1s, not {text!r}")
+        text, source = value("ca-renewal-enabled")
+        enabled = parse_bool(source, text)
+        text, source = value("ca-renewal-threshold")
+        try:
+            threshold = float(text)
+        except ValueError:
+            raise ConfigError(source, f"not a number: {text!r}") from None
+        text, source = value("trust-anchor-propagation-grace")
+        grace = None if text == "auto" else parse_go_duration(text, source)
+        config = replace(
+            config,
+            ca_ttl_seconds=int(ttl.total_seconds()),
+            ca_renewal_enabled=enabled,
+            ca_renewal_threshold=threshold,
+            trust_anchor_propagation_grace_seconds=(
+                None if grace is None else grace.total_seconds()
+            ),
+        )
+        settings = RenewalSettings.from_config(config)
+        if enabled:
+            check_values(settings)
+            if config.mode == MODE_STANDALONE:
+                check_settings(settings)
+        return config
 
     def _serving_processes(self):
         """

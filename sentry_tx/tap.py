@@ -9,6 +9,7 @@ L{build_service} imports the parts it wires when it runs.
 """
 
 import os
+from datetime import timedelta
 
 from sentry_tx.config import MODE_KUBERNETES
 # twistd's ServiceMaker reads Options here.
@@ -83,6 +84,7 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
             config.trust_domain,
             config.namespace,
             config.mtls.allowed_clock_skew,
+            ca_ttl=timedelta(seconds=config.ca_ttl_seconds),
         )
         from sentry_tx.modes import build_validators
 
@@ -96,6 +98,7 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
         if IService.providedBy(validator):
             validator.setServiceParent(root)
             readiness_sources.append(validator)
+    x509_store = trust_store
     jwt_minter = None
     if config.jwt_enabled:
         from sentry_tx.jwt.minting import JWTMinter
@@ -175,6 +178,13 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
             authority, trust_store.watch_directories, reactor, metrics
         ).setServiceParent(root)
     ExpiryChecker(authority, reactor, metrics).setServiceParent(root)
+    # Automatic CA renewal, in the twistd process only: serving copies take
+    # the renewed credentials by watching them.
+    from sentry_tx.ca.renewal_service import CARenewalService, renewal_store_for
+
+    CARenewalService(
+        renewal_store_for(reactor, x509_store), authority, reactor, metrics, root.fatal
+    ).setServiceParent(root)
     # Every HTTP listener comes from http_listener: request deadline and
     # connection cap (sentry_tx.http_listener).
     http_listener(

@@ -511,7 +511,7 @@ class TrustBundleTests(SynchronousTestCase):
         self.assertEqual(bundle.chain_not_after.utcoffset(), timedelta(0))
 
     def test_roots_not_after(self):
-        """roots_not_after is the earliest NotAfter of the anchors."""
+        """roots_not_after is the NotAfter of the root the issuer chain leads to, not of another anchor (a replaced root)."""
         chain = make_chain(not_after=FIXED_NOW + timedelta(days=50))
         early = make_chain(not_after=FIXED_NOW + timedelta(days=5))
         bundle = load_bundle(
@@ -520,7 +520,8 @@ class TrustBundleTests(SynchronousTestCase):
             chain.issuer_key_pem(),
             FIXED_NOW,
         )
-        self.assertEqual(bundle.roots_not_after, FIXED_NOW + timedelta(days=5))
+        self.assertEqual(bundle.active_anchors, (chain.root,))
+        self.assertEqual(bundle.roots_not_after, FIXED_NOW + timedelta(days=50))
 
     def test_authority_key_identifier(self):
         """The leaves' AKI is the issuer's SKI."""

@@ -45,6 +45,36 @@ class CheckBundleTests(SynchronousTestCase):
     L{check_bundle} runs the start-up checks and reports.
     """
 
+    def test_pending_renewal(self):
+        """A pending renewal: check-bundle names the next issuer, the switch time and what to do before it."""
+        from sentry_tx.ca.renewal import RenewalSettings
+        from sentry_tx.ca.renewal_files import FileRenewalStore
+        from sentry_tx.ca.store import FileTrustStore
+        from sentry_tx.testing.clocks import ImmediateReactor
+
+        directory = _directory(self)
+        store = FileTrustStore(
+            ImmediateReactor(), *_paths(directory), "localhost", "default", timedelta(seconds=1),
+            ca_ttl=timedelta(seconds=90),
+        )
+        store.load_or_generate_sync(FIXED_NOW)
+        now = FIXED_NOW + timedelta(seconds=50)
+        grace = timedelta(seconds=15)
+        settings = RenewalSettings(
+            ca_ttl=timedelta(seconds=90), threshold=0.5, grace=grace,
+            workload_ttl=timedelta(seconds=20), allowed_clock_skew=timedelta(seconds=1),
+        )
+        FileRenewalStore(None, store).step_sync(now, settings)
+        out, err = StringIO(), StringIO()
+        status = check_bundle(_paths(directory), now, out, err, settings=settings)
+        self.assertEqual((status, err.getvalue()), (0, ""))
+        text = out.getvalue()
+        self.assertIn("renewal: pending next issuer (", text)
+        self.assertIn("its root is in the trust anchors", text)
+        switch_at = (now - timedelta(seconds=1)).replace(microsecond=0) + timedelta(seconds=1) + grace
+        self.assertIn(f"switches to it at {switch_at.isoformat()}", text)
+        self.assertIn("restart workloads before then", text)
+
     def test_good_bundle(self):
         """
         A bundle that loads: exit 0, and the anchors and the issuer chain

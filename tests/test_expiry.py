@@ -95,6 +95,30 @@ class ThresholdTests(SynchronousTestCase):
         self.assertIn("issuer certificate", warning)
         self.assertIn(bundle.issuer.subject.rfc4514_string(), warning)
 
+    def test_replaced_root_silent(self):
+        """
+        After a renewal's switch, the old root (expired, or about to) in
+        the anchors is neither warned about nor an error, nor in the root
+        expiry gauge: the figures follow the root the issuer chains to.
+        """
+        from sentry_tx.ca.bundle import load_bundle
+
+        old = make_chain(not_before=LONG_AGO, not_after=FIXED_NOW - timedelta(hours=1))
+        new = make_chain(not_before=LONG_AGO, not_after=FIXED_NOW + FAR)
+        bundle = load_bundle(
+            old.anchors_pem + new.anchors_pem,
+            new.issuer_chain_pem(),
+            new.issuer_key_pem(),
+            FIXED_NOW,
+        )
+        self.assertEqual(self.check(bundle), ([], []))
+        metrics = SentryMetrics()
+        metrics.record_bundle(bundle)
+        self.assertEqual(
+            metrics.registry.get_sample_value("dapr_sentry_rootcert_expiry_timestamp"),
+            (FIXED_NOW + FAR).timestamp(),
+        )
+
     def test_root_warning(self):
         """
         A root with 29 days and 5 hours left gets a warning that names it

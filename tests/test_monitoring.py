@@ -179,6 +179,9 @@ class AlertRulesTests(SynchronousTestCase):
         self.assertIn("increase(dapr_sentry_cert_sign_success_total[10m])) == 0", no_signature)
         self.assertIn("dapr_sentry_cert_sign_request_received_total[10m])) > 0", no_signature)
         self.assertIn("dapr_sentry_issuercert_reload_failed_total", by_name["DaprSentryReloadFailed"]["expr"])
+        switchover = by_name["DaprSentryCASwitchoverWithin7Days"]["expr"]
+        self.assertIn("dapr_sentry_ca_switchover_timestamp > 0", switchover)
+        self.assertIn("7 * 86400", switchover)
 
     def test_runbook_sections(self):
         """
@@ -223,5 +226,5 @@ class PromtoolTests(SynchronousTestCase):
         )
         output = (result.stdout + result.stderr).decode()
         self.assertEqual(result.returncode, 0, output)
-        self.assertIn("SUCCESS: 8 rules found", output)
+        self.assertIn(f"SUCCESS: {len(alert_rules()[1])} rules found", output)
         self.assertIn("Unit Testing:  rules-test.yaml\n  SUCCESS", output)

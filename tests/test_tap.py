@@ -208,6 +208,10 @@ class FlagTests(OptionsTestCase):
             "--oidc-jwks-uri", "https://keys.example.org/jwks.json",
             "--oidc-path-prefix", "/dapr",
             "--oidc-allowed-hosts", "a.example.org,b.example.org",
+            "--ca-ttl", "100h",
+            "--ca-renewal-enabled=false",
+            "--ca-renewal-threshold", "0.8",
+            "--trust-anchor-propagation-grace", "5h",
         ]  # fmt: skip
         # The command line above gives every flag there is.
         given = {
@@ -255,6 +259,10 @@ class FlagTests(OptionsTestCase):
                 oidc_jwks_uri="https://keys.example.org/jwks.json",
                 oidc_path_prefix="/dapr",
                 oidc_allowed_hosts=("a.example.org", "b.example.org"),
+                ca_ttl_seconds=100 * 3600,
+                ca_renewal_enabled=False,
+                ca_renewal_threshold=0.8,
+                trust_anchor_propagation_grace_seconds=5 * 3600,
             ),
         )
         self.assertEqual(config.ca_path, "/abs/roots.pem")
@@ -1019,3 +1027,77 @@ class VersionTests(SynchronousTestCase):
 
         self.assertRaises(SystemExit, Parser().parseOptions, ["sentry", "--version"])
         self.assertTrue(stdout.getvalue().startswith(f"sentry_tx {sentry_tx.__version__}\n"))
+
+
+class RenewalFlagTests(OptionsTestCase):
+    """
+    The automatic CA renewal flags (Dapr PR #10290's names), each also from
+    an environment variable.
+    """
+
+    def test_defaults(self):
+        """Without flags or variables: 8760h, on, 0.9, auto."""
+        config = self.config([])
+        self.assertEqual(config.ca_ttl_seconds, 8760 * 3600)
+        self.assertTrue(config.ca_renewal_enabled)
+        self.assertEqual(config.ca_renewal_threshold, 0.9)
+        self.assertIsNone(config.trust_anchor_propagation_grace_seconds)
+
+    def test_flags(self):
+        """The flags set the four values."""
+        config = self.config(
+            [
+                "--ca-ttl", "90s", "--ca-renewal-threshold", "0.5",
+                "--trust-anchor-propagation-grace", "15s",
+                "--ca-renewal-enabled=false",
+            ]
+        )
+        self.assertEqual(config.ca_ttl_seconds, 90)
+        self.assertEqual(config.ca_renewal_threshold, 0.5)
+        self.assertEqual(config.trust_anchor_propagation_grace_seconds, 15)
+        self.assertFalse(config.ca_renewal_enabled)
+
+    def test_environment(self):
+        """Each variable sets its value; a flag wins over its variable."""
+        environ = {
+            "DAPR_SENTRY_CA_RENEWAL_ENABLED": "false",
+            "DAPR_SENTRY_CA_TTL": "100h",
+            "DAPR_SENTRY_CA_RENEWAL_THRESHOLD": "0.8",
+            "DAPR_SENTRY_TRUST_ANCHOR_PROPAGATION_GRACE": "2h",
+        }
+        config = self.config([], environ)
+        self.assertFalse(config.ca_renewal_enabled)
+        self.assertEqual(config.ca_ttl_seconds, 100 * 3600)
+        self.assertEqual(config.ca_renewal_threshold, 0.8)
+        self.assertEqual(config.trust_anchor_propagation_grace_seconds, 7200)
+        config = self.config(["--ca-renewal-enabled"], environ)
+        self.assertTrue(config.ca_renewal_enabled)
+
+    def test_bad_variable_named(self):
+        """A bad value from a variable is refused naming the variable."""
+        self.assertFailsNaming(
+            [], "DAPR_SENTRY_CA_RENEWAL_THRESHOLD", "not a number",
+            environ={"DAPR_SENTRY_CA_RENEWAL_THRESHOLD": "most"},
+        )
+
+    def test_no_room_refused(self):
+        """A threshold that leaves no room for the grace stops the start, naming both flags."""
+        self.assertFailsNaming(
+            ["--ca-ttl", "100h", "--ca-renewal-threshold", "0.99",
+             "--trust-anchor-propagation-grace", "2h"],
+            "--ca-renewal-threshold, --trust-anchor-propagation-grace",
+            "no room for the grace",
+        )
+
+    def test_help_lists_variables(self):
+        """--help names each renewal flag's default and variable."""
+        options = _options()
+        self.assertRaises(SystemExit, options.parseOptions, ["--help"])
+        usage = "".join(options.stdout.getvalue().split())
+        for text in (
+            "[default: 8760h; environment: DAPR_SENTRY_CA_TTL]",
+            "[default: true; environment: DAPR_SENTRY_CA_RENEWAL_ENABLED]",
+            "[default: 0.9; environment: DAPR_SENTRY_CA_RENEWAL_THRESHOLD]",
+            "[default: auto; environment: DAPR_SENTRY_TRUST_ANCHOR_PROPAGATION_GRACE]",
+        ):
+            self.assertIn("".join(text.split()), usage)

@@ -32,6 +32,15 @@ class FakesTests(SynchronousTestCase):
     The fakes provide the interfaces they stand for.
     """
 
+    def test_renewal_store(self):
+        """
+        L{MemoryRenewalStore} passes C{verifyObject} for L{IRenewalStore}.
+        """
+        from sentry_tx.interfaces import IRenewalStore
+        from sentry_tx.testing.renewal import MemoryRenewalStore
+
+        verifyObject(IRenewalStore, MemoryRenewalStore({}))
+
     def test_validator(self):
         """
         L{FakeValidator} passes C{verifyObject} for L{IIdentityValidator}.

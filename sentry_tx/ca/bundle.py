@@ -586,11 +586,22 @@ class TrustBundle:
         return min(cert.not_valid_after_utc for cert in self.issuer_chain)
 
     @property
+    def active_anchors(self):
+        """
+        The anchors the issuer chain leads to (usually one): after a
+        renewal C{anchors} also holds the old root, already replaced, and
+        the new one, not yet in use; expiry figures follow these.
+        """
+        top = self.issuer_chain[-1]
+        chained = tuple(root for root in self.anchors if _is_signed_by(top, root))
+        return chained or self.anchors
+
+    @property
     def roots_not_after(self):
         """
-        The earliest NotAfter of the trust anchors (aware, UTC).
+        The earliest NotAfter of the L{active_anchors} (aware, UTC).
         """
-        return min(cert.not_valid_after_utc for cert in self.anchors)
+        return min(cert.not_valid_after_utc for cert in self.active_anchors)
 
 
 def _checked(source, function, *args, quote_error=True):
@@ -686,7 +697,14 @@ def _generate_private_key(key_type):
     raise ValueError(f"unknown key type {key_type!r}; expected one of {KEY_TYPES}")
 
 
-def generate_bundle(trust_domain, namespace, now, allowed_clock_skew, key_type=KEY_TYPE_ECDSA_P256):
+def generate_bundle(
+    trust_domain,
+    namespace,
+    now,
+    allowed_clock_skew,
+    key_type=KEY_TYPE_ECDSA_P256,
+    lifetime=x509profile.CA_LIFETIME,
+):
     """
     Generate a root and an issuer for C{trust_domain}.
 
@@ -695,12 +713,15 @@ def generate_bundle(trust_domain, namespace, now, allowed_clock_skew, key_type=K
     @param now: an aware L{datetime.datetime}.
     @param allowed_clock_skew: how far before C{now} both start, L{timedelta}.
     @param key_type: L{KEY_TYPE_ECDSA_P256} or L{KEY_TYPE_ED25519}.
+    @param lifetime: how long both last from C{now} (C{--ca-ttl}).
     @return: a L{GeneratedBundle}.
     @raise ValueError: for an unknown C{key_type}.
     """
     root_key = _generate_private_key(key_type)
     issuer_key = _generate_private_key(key_type)
-    root = x509profile.build_root(root_key, trust_domain, now, allowed_clock_skew)
+    root = x509profile.build_root(
+        root_key, trust_domain, now, allowed_clock_skew, lifetime
+    )
     issuer = x509profile.build_issuer(
         issuer_key.public_key(),
         root,
@@ -709,6 +730,7 @@ def generate_bundle(trust_domain, namespace, now, allowed_clock_skew, key_type=K
         namespace,
         now,
         allowed_clock_skew,
+        lifetime,
     )
     bundle = TrustBundle.from_certificates((root,), (issuer,), issuer_key)
     return GeneratedBundle(

@@ -107,6 +107,8 @@ class KubernetesTrustStore:
         (C{--issuer-credentials} in a pod): a change there is the kubelet
         projecting a new Secret, and makes the watcher reload the bundle
         from the API server.  Empty when nothing is mounted.
+    @param ca_ttl: the life of a generated root and issuer (C{--ca-ttl},
+        a L{timedelta}); 365 days by default.
     @raise ConfigError: when a key cannot be a Secret key.
     @raise ValueError: for an unknown C{key_type}.
     """
@@ -124,6 +126,7 @@ class KubernetesTrustStore:
         key_type=KEY_TYPE_ECDSA_P256,
         name=TRUST_BUNDLE_NAME,
         watch_directories=(),
+        ca_ttl=None,
     ):
         if key_type not in KEY_TYPES:
             raise ValueError(
@@ -142,6 +145,7 @@ class KubernetesTrustStore:
                 f"the three parts need three different Secret keys, not {self._keys}",
             )
         self._key_type = key_type
+        self._ca_ttl = ca_ttl
         self._name = name
         self._secret_path = core_path(namespace, "secrets", name)
         self._config_map_path = core_path(namespace, "configmaps", name)
@@ -198,6 +202,7 @@ class KubernetesTrustStore:
                 now,
                 self._allowed_clock_skew,
                 self._key_type,
+                **({} if self._ca_ttl is None else {"lifetime": self._ca_ttl}),
             )
             written = yield self._store_generated(secret, generated)
             if written:

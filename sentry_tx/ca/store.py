@@ -37,6 +37,7 @@ from sentry_tx.ca.bundle import (
     generate_bundle,
     load_bundle,
 )
+from sentry_tx.ca.renewal import next_path
 from sentry_tx.ca.files import (
     CREDENTIAL_GENERATION_TIMEOUT_SECONDS,
     CREDENTIAL_READ_TIMEOUT_SECONDS,
@@ -146,6 +147,7 @@ class FileTrustStore:
         file_work=None,
         _read_open=os.open,
         _geteuid=os.geteuid,
+        ca_ttl=None,
     ):
         """
         @param reactor: provides C{getThreadPool} and C{callFromThread}; the
@@ -165,6 +167,8 @@ class FileTrustStore:
         @param _read_open: L{os.open} for reads, or a test's stand-in to make
             a read block.
         @param _geteuid: L{os.geteuid}, or a test's stand-in.
+        @param ca_ttl: the life of a generated root and issuer
+            (C{--ca-ttl}, a L{timedelta}); 365 days by default.
         @raise ValueError: for an unknown C{key_type}.
         """
         if key_type not in KEY_TYPES:
@@ -173,14 +177,21 @@ class FileTrustStore:
             )
         self._reactor = reactor
         self._paths = (ca_path, issuer_certificate_path, issuer_key_path)
+        self.paths = self._paths
         self._trust_domain = trust_domain
         self._namespace = namespace
         self._allowed_clock_skew = allowed_clock_skew
         self._key_type = key_type
+        self._ca_ttl = ca_ttl
         self._open = _open
         self._read_open = _read_open
         self._geteuid = _geteuid
         self._file_work = file_work if file_work is not None else BoundedFileWork(reactor)
+        # Where a renewal keeps the pending issuer pair (sentry_tx.ca.renewal).
+        self.next_paths = (
+            next_path(issuer_certificate_path),
+            next_path(issuer_key_path),
+        )
         self._description = ", ".join(self._paths)
         directories = []
         for path in self._paths:
@@ -284,11 +295,50 @@ class FileTrustStore:
         return self._load_files(now)
 
     def _load_files(self, now):
+        """
+        Read and verify the three files.
+
+        The one exception to failing closed: a renewal's switch (see
+        L{sentry_tx.ca.renewal_files}) replaces C{issuer.crt} and then moves
+        C{issuer.next.key} over C{issuer.key}.  When C{issuer.key} does not
+        belong to C{issuer.crt} but C{issuer.next.key} does, the switch was
+        interrupted between the two: that pair is loaded (the twistd
+        process finishes the switch).  A key that matches neither may be a
+        read that fell between the two renames of a switch in progress: the
+        files are read once more before the mismatch is refused.
+        """
         ca_path, issuer_path, key_path = self._paths
-        anchors_pem = self._read(ca_path)
-        issuer_pem = self._read(issuer_path)
-        key_pem = self._read(key_path, is_key=True)
-        return load_bundle(anchors_pem, issuer_pem, key_pem, now, sources=self._paths)
+        next_key_path = self.next_paths[1]
+        for attempt in range(2):
+            anchors_pem = self._read(ca_path)
+            issuer_pem = self._read(issuer_path)
+            key_pem = self._read(key_path, is_key=True)
+            try:
+                return load_bundle(
+                    anchors_pem, issuer_pem, key_pem, now, sources=self._paths
+                )
+            except BundleError as e:
+                if e.source != key_path or attempt:
+                    raise
+                if self._exists(next_key_path):
+                    try:
+                        bundle = load_bundle(
+                            anchors_pem,
+                            issuer_pem,
+                            self._read(next_key_path, is_key=True),
+                            now,
+                            sources=(ca_path, issuer_path, next_key_path),
+                        )
+                    except BundleError:
+                        continue
+                    self._log.warn(
+                        "{issuer} is the renewed issuer and its key is still in"
+                        " {next_key}: a switch was interrupted; serving with"
+                        " that pair until the switch is finished",
+                        issuer=issuer_path,
+                        next_key=next_key_path,
+                    )
+                    return bundle
 
     # Helpers
 
@@ -369,7 +419,7 @@ class FileTrustStore:
 
     def _temporary_patterns(self):
         by_directory = {}
-        for path in self._paths:
+        for path in self._paths + self.next_paths:
             directory = os.path.dirname(os.path.abspath(path))
             by_directory.setdefault(directory, set()).add(os.path.basename(path))
         return [
@@ -424,6 +474,7 @@ class FileTrustStore:
             now,
             self._allowed_clock_skew,
             self._key_type,
+            **({} if self._ca_ttl is None else {"lifetime": self._ca_ttl}),
         )
         ca_path, issuer_path, key_path = self._paths
         self._write_all(

@@ -234,10 +234,14 @@ def leaf_validity(now, ttl, allowed_clock_skew, chain_not_after):
     return not_before.replace(microsecond=0), not_after.replace(microsecond=0)
 
 
-def _ca_builder(subject, issuer, public_key, now, allowed_clock_skew, path_length):
+def _ca_builder(
+    subject, issuer, public_key, now, allowed_clock_skew, path_length, lifetime
+):
     """
     What a generated root and issuer share: validity, serial, basic
-    constraints, key usage and subject key identifier.
+    constraints, key usage and subject key identifier (every root and issuer
+    sentry_tx makes carries one, so that verifiers tell renewed roots of
+    the same subject apart by key identifier).
     """
     return (
         x509.CertificateBuilder()
@@ -246,7 +250,7 @@ def _ca_builder(subject, issuer, public_key, now, allowed_clock_skew, path_lengt
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - allowed_clock_skew)
-        .not_valid_after(now + CA_LIFETIME)
+        .not_valid_after(now + lifetime)
         .add_extension(
             x509.BasicConstraints(ca=True, path_length=path_length), critical=True
         )
@@ -257,13 +261,13 @@ def _ca_builder(subject, issuer, public_key, now, allowed_clock_skew, path_lengt
     )
 
 
-def build_root(key, trust_domain, now, allowed_clock_skew):
+def build_root(key, trust_domain, now, allowed_clock_skew, lifetime=CA_LIFETIME):
     """
     Build the self-signed root of a generated trust bundle.
 
     Subject C{O=<trust domain>}; CA without a path length limit;
     keyCertSign, cRLSign and digitalSignature; valid from C{now} minus the
-    skew for L{CA_LIFETIME}.
+    skew for C{lifetime} (L{CA_LIFETIME} unless C{--ca-ttl} says otherwise).
 
     @param key: the root's private key.
     @param trust_domain: sentry_tx's trust domain.
@@ -273,13 +277,26 @@ def build_root(key, trust_domain, now, allowed_clock_skew):
     """
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)])
     builder = _ca_builder(
-        name, name, key.public_key(), now, allowed_clock_skew, path_length=None
+        name,
+        name,
+        key.public_key(),
+        now,
+        allowed_clock_skew,
+        path_length=None,
+        lifetime=lifetime,
     )
     return builder.sign(key, signature_hash_for(key))
 
 
 def build_issuer(
-    issuer_public_key, root_cert, root_key, trust_domain, namespace, now, allowed_clock_skew
+    issuer_public_key,
+    root_cert,
+    root_key,
+    trust_domain,
+    namespace,
+    now,
+    allowed_clock_skew,
+    lifetime=CA_LIFETIME,
 ):
     """
     Build the issuer certificate of a generated trust bundle, signed by the
@@ -287,7 +304,7 @@ def build_issuer(
 
     Subject C{O=spiffe://<trust domain>/ns/<namespace>/dapr-sentry}; CA with
     path length 0 (it signs only workload certificates); the same usages as
-    the root; valid from C{now} minus the skew for L{CA_LIFETIME}; an
+    the root; valid from C{now} minus the skew for C{lifetime}; an
     authority key identifier naming the root.
 
     @param issuer_public_key: the issuer's public key.
@@ -310,6 +327,7 @@ def build_issuer(
         now,
         allowed_clock_skew,
         path_length=0,
+        lifetime=lifetime,
     ).add_extension(authority_key_identifier_for(root_cert), critical=False)
     return builder.sign(root_key, signature_hash_for(root_key))
 

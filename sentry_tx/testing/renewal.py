@@ -1,0 +1,77 @@
+"""
+Automatic CA renewal without files: L{MemoryRenewalStore}, a verified fake
+of L{IRenewalStore} that keeps the five parts in a dict, and
+L{generated_parts}, the parts of a freshly generated bundle.
+"""
+
+from twisted.internet.defer import fail, succeed
+from zope.interface import implementer
+
+from sentry_tx.ca.bundle import generate_bundle
+from sentry_tx.ca.renewal import (
+    PART_ANCHORS,
+    PART_ISSUER,
+    PART_KEY,
+    PARTS,
+    WRITING_ACTIONS,
+    StepResult,
+    plan,
+    read_state,
+    step_writes,
+)
+from sentry_tx.interfaces import IRenewalStore
+
+
+def generated_parts(trust_domain, namespace, now, skew, lifetime, key_type="ecdsa-p256"):
+    """
+    The stored parts of a bundle generated at C{now}, as a dict by part.
+    """
+    generated = generate_bundle(
+        trust_domain, namespace, now, skew, key_type, lifetime=lifetime
+    )
+    return {
+        PART_ANCHORS: generated.anchors_pem,
+        PART_ISSUER: generated.issuer_chain_pem,
+        PART_KEY: generated.issuer_key_pem,
+    }
+
+
+def state_of(parts, now):
+    """
+    The L{sentry_tx.ca.renewal.RenewalState} of C{parts} at C{now}.
+    """
+    return read_state(*(parts.get(part) for part in PARTS), now, PARTS)
+
+
+@implementer(IRenewalStore)
+class MemoryRenewalStore:
+    """
+    The five parts in a dict; every write is recorded in C{history} as
+    C{(now, part, contents)}.
+
+    @ivar fail_next: when set, the next L{step} fails with it.
+    """
+
+    description = "memory"
+
+    def __init__(self, parts):
+        self.parts = dict(parts)
+        self.history = []
+        self.fail_next = None
+
+    def step(self, now, settings):
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            return fail(error)
+        state = state_of(self.parts, now)
+        step = plan(state, now, settings)
+        if step.action not in WRITING_ACTIONS:
+            return succeed(StepResult(step, state))
+        writes = step_writes(state, step, now, settings)
+        for part, contents in writes.writes:
+            self.history.append((now, part, contents))
+            if contents is None:
+                self.parts.pop(part, None)
+            else:
+                self.parts[part] = contents
+        return succeed(StepResult(step, state, True, writes.renewed))
