@@ -96,10 +96,10 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
         if IService.providedBy(validator):
             validator.setServiceParent(root)
             readiness_sources.append(validator)
-    jwt_minter = None
+    jwt_minter = jwt_store = None
     if config.jwt_enabled:
         from sentry_tx.jwt.minting import JWTMinter
-        from sentry_tx.jwt.store import FileJWTStore, JWTTrustStore
+        from sentry_tx.jwt.store import FileJWTStore
 
         jwt_minter = JWTMinter(config.jwt_issuer or None, config.jwt_ttl_seconds)
         if config.mode == MODE_KUBERNETES:
@@ -116,7 +116,6 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
                 config.jwt_signing_algorithm,
                 config.jwt_key_id or None,
             )
-        trust_store = JWTTrustStore(trust_store, jwt_store, jwt_minter)
     # Resolves the Configuration (kubernetes mode) and logs, once, the TTL,
     # skew and validators in effect.
     configuration_source = SettingsReport(
@@ -162,6 +161,7 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
             on_start_failure=root.fatal,
             configuration_source=configuration_source,
             jwt_minter=jwt_minter,
+            jwt_store=jwt_store,
         )
     authority.setServiceParent(root)
     oidc = None
@@ -170,10 +170,9 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
         oidc = build_oidc_service(config, reactor, jwt_minter, root.fatal)
         readiness_sources.append(oidc)
     # After the authority: they start once it is starting and stop before it.
-    if trust_store.watch_directories:
-        IssuerWatcher(
-            authority, trust_store.watch_directories, reactor, metrics
-        ).setServiceParent(root)
+    watch_directories = watched_directories(trust_store, jwt_store)
+    if watch_directories:
+        IssuerWatcher(authority, watch_directories, reactor, metrics).setServiceParent(root)
     ExpiryChecker(authority, reactor, metrics).setServiceParent(root)
     # Every HTTP listener comes from http_listener: request deadline and
     # connection cap (sentry_tx.http_listener).
@@ -195,6 +194,19 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
     if oidc is not None:
         oidc.setServiceParent(root)
     return root
+
+
+def watched_directories(*stores):
+    """
+    The directories whose changes may change what C{stores} load (the
+    bundle's, then the JWT pair's), each once.
+    """
+    directories = []
+    for store in stores:
+        for directory in getattr(store, "watch_directories", ()):
+            if directory not in directories:
+                directories.append(directory)
+    return tuple(directories)
 
 
 def build_oidc_service(config, reactor, jwt_minter, on_start_failure):
