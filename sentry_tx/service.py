@@ -84,7 +84,7 @@ class SentryService(MultiService):
         for service in self:
             try:
                 service.startService()
-            except ListenError:
+            except (ListenError, ConfigError):
                 self.fatal(Failure())
                 return
 

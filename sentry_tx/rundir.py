@@ -1,0 +1,76 @@
+# -*- test-case-name: tests.test_copies -*-
+"""
+The twistd process's private directory: the metrics every serving process
+counts in (C{prometheus_client}'s multiprocess mode) and the Unix sockets
+of the copies' liveness checks.
+
+It is made in C{startService} (never at build: twistd forks after it),
+mode 0700, under C{$TMPDIR} when set, else under C{/dev/shm}: Dapr's chart
+runs the pod with a read-only root file system, where C{/dev/shm} is the
+writable place.  It is removed, with everything in it, when the service
+stops.
+"""
+
+import os
+import shutil
+import tempfile
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+from sentry_tx.errors import ConfigError
+
+DEFAULT_BASE_DIRECTORY = "/dev/shm"
+PREFIX = "sentry-tx-"
+METRICS_SUBDIRECTORY = "metrics"
+
+
+def base_directory(environ):
+    """
+    Where the private directory is made: C{$TMPDIR}, else C{/dev/shm}.
+    """
+    return environ.get("TMPDIR") or DEFAULT_BASE_DIRECTORY
+
+
+class PrivateDirectory(Service):
+    """
+    The private directory, from start to stop.
+
+    @ivar path: its path while the service runs, else None.
+    @ivar metrics_path: the metrics directory in it.
+    """
+
+    _log = Logger()
+
+    def __init__(self, environ=os.environ):
+        self._environ = environ
+        self.path = None
+
+    @property
+    def metrics_path(self):
+        return os.path.join(self.path, METRICS_SUBDIRECTORY)
+
+    def socket_path(self, name):
+        """
+        The path of a Unix socket called C{name} in the directory.
+        """
+        return os.path.join(self.path, name)
+
+    def startService(self):
+        base = base_directory(self._environ)
+        try:
+            self.path = tempfile.mkdtemp(prefix=PREFIX, dir=base)
+            os.mkdir(self.metrics_path, 0o700)
+        except OSError as e:
+            raise ConfigError(
+                "TMPDIR",
+                f"cannot make a private directory in {base}: {e.strerror}"
+                " (set TMPDIR to a writable directory)",
+            ) from None
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        path, self.path = self.path, None
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
