@@ -1,8 +1,8 @@
 """
 What each mode adds to sentry_tx's service tree: the validators, and in
 kubernetes mode the trust store, API client and informers, shared by the two
-composition roots (L{sentry_tx.tap} for twistd, L{sentry_tx.server.worker}
-for a serving process) and imported by nothing else.
+composition roots (L{sentry_tx.tap} for twistd, L{sentry_tx.serve} for a
+serving copy) and imported by nothing else.
 """
 
 import os
@@ -54,12 +54,12 @@ class ValidatorSet:
 def build_validators(config, reactor, environ):
     """
     The validators enabled in C{config.mode}, and the one used for UNKNOWN;
-    the one choice both the twistd process and a worker make.
+    the one choice every serving process makes.
 
       - kubernetes: KUBERNETES, the default, from L{build_kubernetes_parts}
         (with a Kubernetes client of the caller's own, whose connections the
         returned service closes); and JWKS beside it when C{config} (a
-        worker's, resolved already) names a C{jwks} token validator (the
+        caller's, resolved already) names a C{jwks} token validator (the
         twistd process adds it once the Configuration is read:
         L{sentry_tx.identity.jwks.JWKSFromConfiguration});
       - standalone: INSECURE, the default; or, when the Configuration names
@@ -79,7 +79,7 @@ def build_validators(config, reactor, environ):
         parts = build_kubernetes_parts(config, reactor, environ)
         if jwks is None:
             return ValidatorSet(parts.validators, parts.default_validator, parts.service)
-        # A worker's config is resolved already: a jwks token validator
+        # A config resolved already: a jwks token validator
         # beside KUBERNETES, which stays the default (as in Dapr).
         service = MultiService()
         parts.service.setServiceParent(service)
@@ -134,8 +134,8 @@ def build_kubernetes_parts(
     mode.  The INSECURE validator is not enabled in this mode.
 
     @param watch: whether this process validates callers, and so runs the
-        validator's Pod and Configuration informers (the twistd process of a
-        worker pool does not: each worker runs its own).
+        validator's Pod and Configuration informers (every serving process
+        does: each runs its own).
 
     @param config: the L{SentryConfig} from the flags.
     @param reactor: the reactor.

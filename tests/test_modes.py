@@ -83,7 +83,7 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
         """
         The composition root gives /healthz the validator as a readiness
         source next to the authority: not ready until its caches have
-        synced.  With worker processes too, since the twistd process serves
+        synced.  With serving copies too, since the twistd process serves
         (and so watches) as well.  The last source is the JWKS hook, ready
         while the Configuration names no jwks validator.
         """
@@ -107,7 +107,7 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
             return web.args[1].resource.children[b"healthz"]._sources
 
         for workers in (1, 2):
-            _, validator, jwks = healthz_sources(workers=workers)
+            *_, validator, jwks = healthz_sources(workers=workers)
             self.assertEqual(validator.name, VALIDATOR_KUBERNETES)
             self.assertFalse(validator.ready)
             for informer in validator._informers:

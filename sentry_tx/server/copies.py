@@ -1,28 +1,22 @@
 # -*- test-case-name: tests.test_copies -*-
 """
-The twistd process's serving copies: N - 1 more processes that serve the
-same port (SO_REUSEPORT), each a whole sentry started through sentry_tx's
-own entry point (C{python -m sentry_tx serve} with the same flags,
-L{sentry_tx.serve}).  Each loads, watches and serves the bundle and the
-JWT pair itself; nothing but its life and its log lines crosses a pipe.
+The twistd process's serving copies: N - 1 more processes, each a whole
+sentry started through sentry_tx's own entry point (C{python -m sentry_tx
+serve} with the same flags, L{sentry_tx.serve}), sharing the port with
+SO_REUSEPORT.  Nothing but a copy's life and its log lines crosses a pipe.
 
-L{ServingCopies} supervises them, one way: it starts them once this
-process serves (the bundle is loaded or generated, the port bound), starts
-again with backoff one that ends, and every L{LIVENESS_INTERVAL_SECONDS}
-asks each for a round trip through its gRPC loop
-(L{sentry_tx.server.liveness}); one that fails
-L{LIVENESS_FAILURES_BEFORE_KILL} checks in a row is killed (SIGKILL) and
-replaced.
-
-A copy's stdin is a pipe from this process: when this process ends, however
-it ends, the copy reads end of file, stops taking calls, drains and exits.
-Its stdout and stderr are this process's own: its log lines keep their
+L{ServingCopies} supervises them, one way: it starts them once this process
+serves, starts again with backoff one that ends, and every
+L{LIVENESS_INTERVAL_SECONDS} asks each for a round trip through its gRPC
+loop (L{sentry_tx.server.liveness}); one that fails
+L{LIVENESS_FAILURES_BEFORE_KILL} checks in a row is killed and replaced.
+A copy's stdin is a pipe from this process (its end of file says stop);
+its stdout and stderr are this process's own, so its log lines keep their
 level and JSON shape (L{sentry_tx.stderr_capture} passes them through).
 
 Not C{twisted.runner.procmon.ProcessMonitor}: it re-wraps each output line
-of a child in its own log event, spawns with no choice of file descriptors
-(so neither the inherited stderr nor the parent-death pipe), and offers no
-hook for a liveness check or the restart metrics.
+of a child in a log event of its own, spawns with no choice of file
+descriptors, and has no hook for a liveness check or the restart metrics.
 """
 
 import os
@@ -42,20 +36,13 @@ SERVE_COMMAND = "serve"
 LIVENESS_SOCKET_VARIABLE = "SENTRY_TX_LIVENESS_SOCKET"
 
 LIVENESS_INTERVAL_SECONDS = 1.0
-"""
-How often each copy is asked for a liveness round trip.
-"""
-
 LIVENESS_TIMEOUT_SECONDS = 2.0
-"""
-How long one liveness check may take before it counts as failed.
-"""
 
 LIVENESS_FAILURES_BEFORE_KILL = 2
 """
-Failed checks in a row after which a copy that served is killed: a stuck
-copy is caught within about L{LIVENESS_INTERVAL_SECONDS} +
-L{LIVENESS_FAILURES_BEFORE_KILL} x L{LIVENESS_TIMEOUT_SECONDS} (under 10 s).
+Failed checks in a row (each L{LIVENESS_TIMEOUT_SECONDS} at most, one every
+L{LIVENESS_INTERVAL_SECONDS}) after which a serving copy is killed: a stuck
+one is caught within about 7 s.
 """
 
 START_TIMEOUT_SECONDS = 60.0
@@ -77,7 +64,6 @@ same copy ends again before it has served L{RESPAWN_MAX_DELAY_SECONDS}.
 """
 
 RESPAWN_MAX_DELAY_SECONDS = 30.0
-
 STOP_MARGIN_SECONDS = 2.0
 """
 How long past the drain grace a stopping copy may take before it is killed.

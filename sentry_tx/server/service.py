@@ -6,8 +6,10 @@ talks to.
 The server runs on the gRPC loop (L{sentry_tx.server.loop.GrpcLoop}), a
 thread this service starts when it starts and joins when it stops; binding,
 starting and the graceful stop run there as coroutines, so the reactor never
-waits for grpcio.  Bundle swaps happen on the reactor thread, as the
-assignment of one immutable L{InService} that calls read once each.
+waits for grpcio.  A start or a reload is one L{prepare} (bundle, JWT pair
+and server certificate loaded and checked, without side effects) and one
+swap on the reactor thread: the immutable L{InService} that calls read once
+each, the server credentials of the next handshakes, the JWT pair.
 """
 
 import asyncio
@@ -155,7 +157,7 @@ def grpc_server_options(
     ping and read-buffer limits.
 
     @param reuse_port: share the port with other processes of this user
-        (worker processes); off otherwise, so that a second sentry_tx on the
+        (serving copies); off otherwise, so that a second sentry_tx on the
         same port fails to bind instead of silently sharing it.
     @param max_concurrent_streams_per_connection: see
         L{MAX_CONCURRENT_STREAMS_PER_CONNECTION}; the other limits keyword
@@ -412,8 +414,10 @@ class CertificateAuthorityService(Service):
             material = yield (
                 jwt_store.load_or_generate(now) if generate else jwt_store.load(now)
             )
-        if not first and _same_bundle(bundle, self.bundle) and _same_jwt(
-            material, self._jwt_minter
+        if (
+            not first
+            and _same_bundle(bundle, self.bundle)
+            and (material is None or self._jwt_minter.serves(material))
         ):
             # The files were touched but say the same (for example the
             # store's own writes when it generated them): no new server
@@ -440,29 +444,10 @@ class CertificateAuthorityService(Service):
         else:
             self._credentials.replace(prepared.server_key_pem, prepared.server_chain_pem)
         if prepared.jwt_material is not None:
-            self._install_jwt(prepared.jwt_material)
+            self._jwt_minter.install(prepared.jwt_material)
         if self._owns_process_wide_metrics:
             self._metrics.record_bundle(prepared.bundle)
         self._schedule_renewal(prepared.server_not_after)
-
-    def _install_jwt(self, material):
-        previous = self._jwt_minter.material
-        self._jwt_minter.install(material)
-        if previous is None:
-            self._log.info(
-                "JWT issuing enabled: {algorithm}, kid {key_id}",
-                algorithm=material.algorithm,
-                key_id=material.key_id,
-            )
-        elif (previous.key_pem, previous.jwks_json) != (
-            material.key_pem,
-            material.jwks_json,
-        ):
-            self._log.info(
-                "JWT signing key reloaded: {algorithm}, kid {key_id}",
-                algorithm=material.algorithm,
-                key_id=material.key_id,
-            )
 
     def start(self, config):
         if self._started:
@@ -700,19 +685,6 @@ async def _drain(server, servicer):
     started = loop.time()
     await servicer.drain(SHUTDOWN_GRACE_SECONDS)
     await server.stop(max(0.0, SHUTDOWN_GRACE_SECONDS - (loop.time() - started)))
-
-
-def _same_jwt(material, minter):
-    """
-    Whether C{material} is the JWT pair C{minter} serves (or JWTs are off).
-    """
-    if material is None:
-        return True
-    current = minter.material
-    return current is not None and (current.key_pem, current.jwks_json) == (
-        material.key_pem,
-        material.jwks_json,
-    )
 
 
 def _same_bundle(new, old):
