@@ -501,17 +501,17 @@ class ServingCopiesProcessTests(TestCase):
         self.chain.write(self.credentials)
 
     @inlineCallbacks
-    def start(self, processes):
+    def start(self, processes, *extra):
         """
-        Start twistd with C{processes} serving processes; wait until all
-        serve.
+        Start twistd with C{processes} serving processes and C{extra}
+        flags; wait until all serve.
 
         @return: a Deferred firing with C{(protocol, ports, copy pids)}.
         """
         protocol = spawn_twistd(
             self,
             standalone_arguments(
-                self, self.credentials, "--workers", str(processes)
+                self, self.credentials, "--workers", str(processes), *extra
             ),
         )
         ports = yield protocol.wait_ready()
@@ -572,6 +572,38 @@ class ServingCopiesProcessTests(TestCase):
         served = yield self.issuers_served(ports["grpc"], 12)
         self.assertEqual(set(key.public_numbers() for key in served),
                          {rotated.issuer.public_key().public_numbers()})
+
+    @inlineCallbacks
+    def test_refused_reload_changes_no_process(self):
+        """
+        A new bundle whose key is not the issuer's, then a new good bundle
+        beside a JWT pair whose key its JWKS does not publish: each is
+        refused by every process, and every process keeps serving the first
+        issuer.
+        """
+        from sentry_tx.jwt.material import generate_jwt_material
+        from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files
+
+        protocol, ports, _ = yield self.start(3, "--jwt-enabled")
+        first = self.chain.issuer.public_key().public_numbers()
+        from dataclasses import replace
+
+        wrong_key = replace(
+            reissue_chain(self.chain), issuer_key=reissue_chain(self.chain).issuer_key
+        )
+        replace_bundle_files(wrong_key, self.credentials)
+        refused = b"issuer credentials refused"
+        yield _until(lambda: protocol.output.count(refused) >= 3, 30.0)
+        served = yield self.issuers_served(ports["grpc"], 12)
+        self.assertEqual({key.public_numbers() for key in served}, {first})
+        replace_bundle_files(reissue_chain(self.chain), self.credentials)
+        key_pem, _ = generate_jwt_material()
+        with open(os.path.join(self.credentials, "jwt.key"), "wb") as f:
+            f.write(key_pem)
+        yield _until(lambda: protocol.output.count(refused) >= 6, 30.0)
+        served = yield self.issuers_served(ports["grpc"], 12)
+        self.assertEqual({key.public_numbers() for key in served}, {first})
+        self.assertNotIn(b"issuer credentials reloaded", protocol.output)
 
     @inlineCallbacks
     def test_killed_copy_keeps_its_counts(self):
