@@ -166,8 +166,7 @@ def build_service(
         reuse_port=config.workers > 1 or not parent,
         jwt_minter=jwt_minter,
         jwt_store=jwt_store,
-        generates=parent,
-        owns_process_wide_metrics=parent,
+        primary=parent,
     )
     authority.setServiceParent(root)
     # After the authority: it starts once the authority is starting and

@@ -115,7 +115,7 @@ class BuildServiceTests(SynchronousTestCase):
             copy=CopyRole("/nonexistent/copy.sock", "/nonexistent/metrics"),
         )
         (authority,) = [c for c in root if isinstance(c, CertificateAuthorityService)]
-        self.assertFalse(authority._generates)
+        self.assertFalse(authority._primary)
         self.assertTrue(authority._reuse_port)
         self.assertEqual([c for c in root if isinstance(c, (ServingCopies, WebService))], [])
         self.assertEqual(len([c for c in root if isinstance(c, UNIXServer)]), 1)

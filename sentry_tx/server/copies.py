@@ -75,15 +75,6 @@ How long past the drain grace a stopping copy may take before it is killed.
 """
 
 
-def describe_exit(reason):
-    """
-    How a process ended, in words: C{"exit status 3"}, C{"signal 9"}.
-    """
-    if getattr(reason, "signal", None) is not None:
-        return f"signal {reason.signal}"
-    return f"exit status {getattr(reason, 'exitCode', None)}"
-
-
 class _Copy(ProcessProtocol):
     """
     One copy's process, seen from the twistd process.
@@ -295,7 +286,8 @@ class ServingCopies(Service):
             " in {delay} s",
             index=copy.index,
             pid=copy.pid,
-            how=describe_exit(reason),
+            how=f"signal {reason.signal}" if reason.signal is not None
+            else f"exit status {reason.exitCode}",
             delay=delay,
         )
         self._respawns[copy.index] = self._reactor.callLater(

@@ -13,7 +13,7 @@ never answers.  The twistd process asks (L{probe}) with a time bound.
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.web.resource import NoResource, Resource
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from sentry_tx.service import QuietSite
@@ -57,7 +57,6 @@ def liveness_site(authority, reactor):
     """
     root = Resource()
     root.putChild(LIVE_PATH, LivenessResource(authority))
-    root.putChild(b"", NoResource())
     site = QuietSite(root)
     site.reactor = reactor
     return site

@@ -247,11 +247,10 @@ class CertificateAuthorityService(Service):
     @param jwt_store: where the JWT pair is loaded from (a
         L{sentry_tx.jwt.store.FileJWTStore} or Kubernetes JWT store), with
         C{jwt_minter}.
-    @param generates: whether the start may generate a missing bundle and
-        JWT pair (the twistd process); a serving copy only loads.
-    @param owns_process_wide_metrics: whether this process counts
-        C{issuercert_reload_failed} and sets the expiry gauges (the twistd
-        process): each is counted once, not once per process.
+    @param primary: the twistd process's authority, whose start may generate
+        a missing bundle and JWT pair, and which alone counts
+        C{issuercert_reload_failed} and sets the expiry gauges (once, not
+        once per process); a serving copy's only loads.
     @param max_concurrent_rpcs: see L{MAX_CONCURRENT_RPCS}; this and the
         other transport limits (and C{request_arrival_timeout_seconds}, see
         L{REQUEST_ARRIVAL_TIMEOUT_SECONDS}) default to their constants and
@@ -282,13 +281,11 @@ class CertificateAuthorityService(Service):
         request_arrival_timeout_seconds=REQUEST_ARRIVAL_TIMEOUT_SECONDS,
         grpc_loop_factory=GrpcLoop,
         jwt_store=None,
-        generates=True,
-        owns_process_wide_metrics=True,
+        primary=True,
     ):
         self._jwt_minter = jwt_minter
         self._jwt_store = jwt_store
-        self._generates = generates
-        self._owns_process_wide_metrics = owns_process_wide_metrics
+        self._primary = primary
         self.config = config
         self._grpc_loop_factory = grpc_loop_factory
         self._request_arrival_timeout_seconds = request_arrival_timeout_seconds
@@ -405,7 +402,7 @@ class CertificateAuthorityService(Service):
             first check that failed.
         """
         now = self._now()
-        generate = first and self._generates
+        generate = first and self._primary
         store = self._trust_store
         bundle = yield (store.load_or_generate(now) if generate else store.load(now))
         material = None
@@ -445,7 +442,7 @@ class CertificateAuthorityService(Service):
             self._credentials.replace(prepared.server_key_pem, prepared.server_chain_pem)
         if prepared.jwt_material is not None:
             self._jwt_minter.install(prepared.jwt_material)
-        if self._owns_process_wide_metrics:
+        if self._primary:
             self._metrics.record_bundle(prepared.bundle)
         self._schedule_renewal(prepared.server_not_after)
 
@@ -610,7 +607,7 @@ class CertificateAuthorityService(Service):
         try:
             prepared = yield self.prepare(config)
         except Exception as e:
-            if self._owns_process_wide_metrics:
+            if self._primary:
                 self._metrics.issuercert_reload_failed.inc()
             self._log.error(
                 "issuer credentials refused; the previous bundle stays in service: {error}",
