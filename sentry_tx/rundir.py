@@ -8,10 +8,12 @@ It is made in C{startService} (never at build: twistd forks after it),
 mode 0700, under C{$TMPDIR} when set, else under C{/dev/shm}: Dapr's chart
 runs the pod with a read-only root file system, where C{/dev/shm} is the
 writable place.  It is removed, with everything in it, when the service
-stops.
+stops; one that a killed twistd process left (its pid, in the name, no
+longer runs) is removed at the next start.
 """
 
 import os
+import re
 import shutil
 import tempfile
 
@@ -23,6 +25,7 @@ from sentry_tx.errors import ConfigError
 DEFAULT_BASE_DIRECTORY = "/dev/shm"
 PREFIX = "sentry-tx-"
 METRICS_SUBDIRECTORY = "metrics"
+_OWN_NAME = re.compile(re.escape(PREFIX) + r"(\d+)-[A-Za-z0-9_]+")
 
 
 def base_directory(environ):
@@ -59,7 +62,8 @@ class PrivateDirectory(Service):
     def startService(self):
         base = base_directory(self._environ)
         try:
-            self.path = tempfile.mkdtemp(prefix=PREFIX, dir=base)
+            self._wipe_stale(base)
+            self.path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base)
             os.mkdir(self.metrics_path, 0o700)
         except OSError as e:
             raise ConfigError(
@@ -68,6 +72,25 @@ class PrivateDirectory(Service):
                 " (set TMPDIR to a writable directory)",
             ) from None
         super().startService()
+
+    def _wipe_stale(self, base):
+        """
+        Remove the private directories that twistd processes of this user
+        left in C{base} when they were killed (their pid is in the name and
+        no longer runs).
+        """
+        for name in os.listdir(base):
+            match = _OWN_NAME.fullmatch(name)
+            path = os.path.join(base, name)
+            if match is None or os.lstat(path).st_uid != os.geteuid():
+                continue
+            try:
+                os.kill(int(match.group(1)), 0)
+            except ProcessLookupError:
+                self._log.info("removing {path}, left by a process that ended", path=path)
+                shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass
 
     def stopService(self):
         super().stopService()

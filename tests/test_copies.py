@@ -333,6 +333,33 @@ class PrivateDirectoryTests(SynchronousTestCase):
         directory.stopService()
         self.assertEqual(os.listdir(base), [])
 
+    def test_stale_directories_wiped(self):
+        """
+        At start, a directory left by a process that no longer runs is
+        removed; one of a running process, and names not ours, are kept.
+        """
+        import subprocess
+
+        base = os.path.abspath(self.mktemp())
+        os.mkdir(base)
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        names = [
+            f"sentry-tx-{ended.pid}-abc_123",
+            f"sentry-tx-{os.getpid()}-def456",
+            "sentry-tx-other",
+            "something-else",
+        ]
+        for name in names:
+            os.mkdir(os.path.join(base, name))
+        directory = PrivateDirectory({"TMPDIR": base})
+        directory.startService()
+        self.addCleanup(directory.stopService)
+        self.assertEqual(
+            sorted(os.listdir(base)),
+            sorted(names[1:] + [os.path.basename(directory.path)]),
+        )
+
     def test_default_base(self):
         """
         Without $TMPDIR the directory goes under /dev/shm.
