@@ -64,11 +64,11 @@ class ParentPipe:
         self._on_lost()
 
 
-def main(argv):
+def main(argv, environ=os.environ, stderr=None):
     """
-    Serve as a copy until told to stop; exit 0 (1 when it cannot start).
+    Serve as a copy until told to stop; exit 0 (1 when it cannot start, 2
+    when it was not started by the twistd process).
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
@@ -77,6 +77,18 @@ def main(argv):
     from sentry_tx.server.copies import LIVENESS_SOCKET_VARIABLE
     from sentry_tx.tap import CopyRole, build_service
 
+    missing = [
+        name
+        for name in (LIVENESS_SOCKET_VARIABLE, "PROMETHEUS_MULTIPROC_DIR")
+        if not environ.get(name)
+    ]
+    if missing:
+        (stderr or sys.stderr).write(
+            f"sentry: serve is started by twistd sentry itself ({missing[0]} is not"
+            " set); run twistd -n sentry [flags]\n"
+        )
+        return 2
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     options = Options()
     options.parseOptions(argv)
     config = options.sentry_config
@@ -85,8 +97,8 @@ def main(argv):
         redirectStandardIO=False,
     )
     role = CopyRole(
-        liveness_socket=os.environ[LIVENESS_SOCKET_VARIABLE],
-        metrics_directory=os.environ["PROMETHEUS_MULTIPROC_DIR"],
+        liveness_socket=environ[LIVENESS_SOCKET_VARIABLE],
+        metrics_directory=environ["PROMETHEUS_MULTIPROC_DIR"],
     )
     root = build_service(config, reactor, copy=role)
     stopping = []

@@ -312,6 +312,51 @@ class LivenessTests(TestCase):
         )
 
 
+class ServeCommandTests(SynchronousTestCase):
+    """
+    C{python -m sentry_tx serve} is for the twistd process only.
+    """
+
+    def test_refused_without_the_parent(self):
+        """
+        Without the liveness socket and metrics directory the twistd process
+        passes, it exits 2 with one line saying how to run sentry_tx.
+        """
+        import io
+
+        from sentry_tx.serve import main
+
+        stderr = io.StringIO()
+        self.assertEqual(main(["--port", "1"], environ={}, stderr=stderr), 2)
+        self.assertIn("twistd -n sentry", stderr.getvalue())
+        self.assertEqual(stderr.getvalue().count("\n"), 1)
+
+
+class ParentPipeTests(TestCase):
+    """
+    A copy notices its parent's end as end of file on the pipe.
+    """
+
+    def test_end_of_file_calls_on_lost(self):
+        """
+        Data on the pipe is ignored; its end (the parent closed it, or
+        died) calls C{on_lost} once.
+        """
+        from twisted.internet import reactor
+
+        from sentry_tx.serve import ParentPipe
+
+        read_fd, write_fd = os.pipe()
+        self.addCleanup(os.close, read_fd)
+        lost = Deferred()
+        pipe = ParentPipe(lambda: lost.callback(None), fd=read_fd)
+        reactor.addReader(pipe)
+        self.addCleanup(reactor.removeReader, pipe)
+        os.write(write_fd, b"ignored")
+        os.close(write_fd)
+        return lost
+
+
 class PrivateDirectoryTests(SynchronousTestCase):
     """
     The private directory is made at start under $TMPDIR and removed at stop.

@@ -296,8 +296,8 @@ class TwistdProcessTests(TestCase):
     def test_workers(self):
         """
         With C{--workers 2}, two processes serve the port, twistd's own and
-        one worker: healthz is 200 once both serve, calls are signed, and
-        SIGTERM stops every process.
+        one copy: healthz is 200 once both serve and says so, calls are
+        signed, and SIGTERM stops every process.
         """
         import treq
 
@@ -307,13 +307,14 @@ class TwistdProcessTests(TestCase):
             f"http://127.0.0.1:{ports['healthz']}/healthz", persistent=False
         )
         self.assertEqual(response.code, 200)
-        yield response.content()
+        body = yield response.content()
+        self.assertEqual(body, b"ok\nserving processes: 2 of 2\n")
         with open(os.path.join(self.credentials, "ca.crt"), "rb") as f:
             anchors_pem = f.read()
         calls = 6
         for _ in range(calls):
             # A new channel each time, so that connections land on both
-            # workers (the kernel spreads them over the listeners).
+            # processes (the kernel spreads them over the listeners).
             client = GrpcTestClient(f"127.0.0.1:{ports['grpc']}", anchors_pem)
             self.addCleanup(client.close)
             _, csr = make_csr()
