@@ -6,7 +6,7 @@ liveness check (L{sentry_tx.server.liveness}) and the private directory
 
 import os
 
-from twisted.internet import error
+from twisted.internet import error, reactor, task
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -271,8 +271,6 @@ class LivenessTests(TestCase):
         import shutil
         import tempfile
 
-        from twisted.internet import reactor
-
         # A short path: a Unix socket's may not be longer than 107 bytes.
         directory = tempfile.mkdtemp(prefix="sentry-tx-test-")
         self.addCleanup(shutil.rmtree, directory)
@@ -294,6 +292,21 @@ class LivenessTests(TestCase):
         """
         return self.ask(_LoopAuthority(Deferred()), 0.2).addCallback(self.assertFalse)
 
+    def test_late_round_trip_after_asker_left(self):
+        """
+        A round trip that comes back after the asker gave up writes nothing
+        and raises nothing.
+        """
+        late = Deferred()
+        d = self.ask(_LoopAuthority(late), 0.2)
+        d.addCallback(self.assertFalse)
+
+        def come_back(_):
+            # Let the server see the connection close, then answer.
+            return task.deferLater(reactor, 0.1, late.callback, None)
+
+        return d.addCallback(come_back)
+
     def test_not_serving_fails(self):
         """
         An authority that does not serve answers 503: the check fails.
@@ -305,8 +318,6 @@ class LivenessTests(TestCase):
         """
         Nobody listening: the check fails at once.
         """
-        from twisted.internet import reactor
-
         return probe(reactor, os.path.abspath(self.mktemp()), 5.0).addCallback(
             self.assertFalse
         )
@@ -342,8 +353,6 @@ class ParentPipeTests(TestCase):
         Data on the pipe is ignored; its end (the parent closed it, or
         died) calls C{on_lost} once.
         """
-        from twisted.internet import reactor
-
         from sentry_tx.serve import ParentPipe
 
         read_fd, write_fd = os.pipe()

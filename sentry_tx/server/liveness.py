@@ -35,19 +35,21 @@ class LivenessResource(Resource):
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        d = self._authority.loop_round_trip()
+        # The asker may give up first (its time bound): then nothing is
+        # written.
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
 
-        def answer(_):
-            request.setResponseCode(200)
-            request.write(b"live\n")
-            request.finish()
+        def answer(code, body):
+            if not gone:
+                request.setResponseCode(code)
+                request.write(body)
+                request.finish()
 
-        def not_serving(failure):
-            request.setResponseCode(503)
-            request.write(b"not serving\n")
-            request.finish()
-
-        d.addCallbacks(answer, not_serving)
+        self._authority.loop_round_trip().addCallbacks(
+            lambda _: answer(200, b"live\n"),
+            lambda _: answer(503, b"not serving\n"),
+        )
         return NOT_DONE_YET
 
 
