@@ -70,7 +70,7 @@ def main(argv, environ=os.environ, stderr=None):
     when it was not started by the twistd process).
     """
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner
+    from twisted.logger import Logger, globalLogBeginner
 
     from sentry_tx import logs
     from sentry_tx.options import Options
@@ -117,6 +117,7 @@ def main(argv, environ=os.environ, stderr=None):
     signal.signal(signal.SIGTERM, lambda number, frame: reactor.callFromThread(stop))
     reactor.callWhenRunning(root.startService)
     reactor.run(installSignalHandlers=False)
+    Logger().debug("serving copy {pid} exits", pid=os.getpid())
     sys.stdout.flush()
     sys.stderr.flush()
     # grpcio's and the thread pools' threads are done or abandoned: do not

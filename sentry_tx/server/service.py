@@ -479,6 +479,7 @@ class CertificateAuthorityService(Service):
             self._server, self.port = yield grpc_loop.run(self._serve, config)
         except BaseException:
             self._grpc_loop = None
+            self._cancel_renewal()
             yield grpc_loop.stop()
             raise
         self.ready = True
@@ -533,9 +534,7 @@ class CertificateAuthorityService(Service):
 
     def stop(self):
         self.ready = False
-        if self._renewal is not None and self._renewal.active():
-            self._renewal.cancel()
-        self._renewal = None
+        self._cancel_renewal()
         server, grpc_loop = self._server, self._grpc_loop
         self._server = self._grpc_loop = None
         self._started = False
@@ -630,9 +629,13 @@ class CertificateAuthorityService(Service):
 
     # Server certificate renewal, at half its life.
 
-    def _schedule_renewal(self, not_after):
+    def _cancel_renewal(self):
         if self._renewal is not None and self._renewal.active():
             self._renewal.cancel()
+        self._renewal = None
+
+    def _schedule_renewal(self, not_after):
+        self._cancel_renewal()
         remaining = (not_after - self._now()).total_seconds()
         self._renewal = self._reactor.callLater(
             max(remaining / 2, 1.0), self._renew_server_certificate
