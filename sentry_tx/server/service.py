@@ -223,12 +223,9 @@ class Prepared:
 class CertificateAuthorityService(Service):
     """
     The CA as a child of sentry_tx's MultiService: in the twistd process
-    and, the same, in every serving copy.
-
-    A start or a reload is one function (L{prepare}): load and check the
-    bundle, the JWT pair and a new server certificate, with no side effect;
-    then one swap (L{_swap}) puts the L{Prepared} value in service.  A
-    reload that fails any check changes nothing.
+    and, the same, in every serving copy.  A start or a reload is one
+    L{prepare} and one L{_swap}; a reload that fails any check changes
+    nothing.
 
     @ivar port: the gRPC port actually bound, once started.
     @ivar config: the L{SentryConfig} in service.
