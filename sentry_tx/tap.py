@@ -233,7 +233,6 @@ def add_parent_services(
         config.healthz_port,
         healthz_root(
             authority,
-            copies,
             *readiness,
             detail=copies.describe,
         ),

@@ -125,32 +125,15 @@ class ServingCopiesTests(SynchronousTestCase):
 
     def test_serving_counted_and_described(self):
         """
-        Copies that answer their check count as serving: the gauge, the
-        healthz body and readiness say so.
+        Copies that answer their check count as serving: the gauge and the
+        healthz body say so.
         """
         self.copies.startService()
-        self.assertFalse(self.copies.ready)
         self.assertEqual(self.value("dapr_sentry_serving_processes"), 1)
-        self.reactor.advance(copies.LIVENESS_INTERVAL_SECONDS)
-        self.assertTrue(self.copies.ready)
+        self.assertEqual(self.copies.describe(), "serving processes: 1 of 3\n")
+        self.reactor.advance(copies.STARTING_CHECK_INTERVAL_SECONDS)
         self.assertEqual(self.value("dapr_sentry_serving_processes"), 3)
         self.assertEqual(self.copies.describe(), "serving processes: 3 of 3\n")
-
-    def test_ready_after_grace_without_copies(self):
-        """
-        Copies that never serve hold readiness back only for the first
-        start's grace.
-        """
-        self.answers = {
-            "/nonexistent-private/copy-0.sock": False,
-            "/nonexistent-private/copy-1.sock": False,
-        }
-        self.copies.startService()
-        self.reactor.advance(copies.FIRST_START_GRACE_SECONDS - 1)
-        self.assertFalse(self.copies.ready)
-        self.reactor.advance(1)
-        self.assertTrue(self.copies.ready)
-        self.assertEqual(self.copies.describe(), "serving processes: 1 of 3\n")
 
     def test_stuck_copy_killed(self):
         """
@@ -237,7 +220,6 @@ class ServingCopiesTests(SynchronousTestCase):
         self.copies.count = 0
         self.copies.startService()
         self.assertEqual(self.reactor.spawned, [])
-        self.assertTrue(self.copies.ready)
         self.assertEqual(self.value("dapr_sentry_serving_processes"), 1)
 
 

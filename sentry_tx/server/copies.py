@@ -40,7 +40,7 @@ LIVENESS_TIMEOUT_SECONDS = 2.0
 STARTING_CHECK_INTERVAL_SECONDS = 0.1
 """
 How often a copy that has not served yet is asked: it counts as serving
-(and healthz as ready) soon after it is.
+soon after it is.
 """
 
 LIVENESS_FAILURES_BEFORE_KILL = 2
@@ -54,12 +54,6 @@ START_TIMEOUT_SECONDS = 60.0
 """
 How long a new copy may take to answer its first check (imports, loading
 the bundle, binding) before it is killed and replaced.
-"""
-
-FIRST_START_GRACE_SECONDS = 10.0
-"""
-At start, how long healthz waits for every copy to serve once (then it is
-ready anyway: a copy that keeps failing never holds healthz back).
 """
 
 RESPAWN_INITIAL_DELAY_SECONDS = 1.0
@@ -155,19 +149,6 @@ class ServingCopies(Service):
         self._liveness = None
         self._stopping = False
         self._all_serving_logged = False
-        self._copies_started_at = None
-
-    @property
-    def ready(self):
-        """
-        A healthz readiness source: true once every copy has served once,
-        or L{FIRST_START_GRACE_SECONDS} after they were started.
-        """
-        return self._all_serving_logged or (
-            self._copies_started_at is not None
-            and self._reactor.seconds() - self._copies_started_at
-            >= FIRST_START_GRACE_SECONDS
-        )
 
     @property
     def serving(self):
@@ -190,7 +171,6 @@ class ServingCopies(Service):
     def _start_copies(self, _):
         if self._stopping:
             return
-        self._copies_started_at = self._reactor.seconds()
         self._publish()
         if not self.count:
             return
