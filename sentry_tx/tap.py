@@ -1,6 +1,8 @@
 """
 The twistd entry point and sentry_tx's composition root: the one place that
-wires the services together (L{build_service}).
+wires the services together (L{build_service}), for the twistd process and,
+in the serving-only role, for each serving copy (L{sentry_tx.serve}).
+Services only the twistd process runs are added in L{add_parent_services}.
 
 twistd's C{ServiceMaker} reads L{Options} (L{sentry_tx.options}) and
 L{makeService} from this module.  It is imported by C{twistd --help}: it
