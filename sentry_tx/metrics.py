@@ -89,7 +89,7 @@ class SignTimer:
     def done(self, outcome):
         if not self._done:
             self._done = True
-            self._metrics.sign_duration.labels(outcome=outcome).observe(
+            self._metrics.sign_durations[outcome].observe(
                 self._monotonic() - self._started
             )
 
@@ -154,8 +154,11 @@ class SentryMetrics:
             buckets=SIGN_DURATION_BUCKETS_SECONDS,
             registry=registry,
         )
-        for outcome in SIGN_OUTCOMES:
-            self.sign_duration.labels(outcome=outcome)
+        # Looked up once here, not at every call.
+        self.sign_durations = {
+            outcome: self.sign_duration.labels(outcome=outcome)
+            for outcome in SIGN_OUTCOMES
+        }
         self.sign_request_received = Counter(
             "dapr_sentry_cert_sign_request_received",
             "SignCertificate calls received (certificate signing requests),"
