@@ -106,10 +106,10 @@ class KubernetesParts:
     @ivar client: the shared L{KubernetesClient}.
     @ivar service: the service to add to the root before the certificate
         authority: it closes the connections after the authority has
-        stopped, and (when watching) runs the validator's informers, which
-        stop before the connections close.
+        stopped, and runs the validator's informers, which stop before the
+        connections close.
     @ivar readiness: healthz sources (objects with C{ready}): the validator,
-        ready once its caches have synced, when watching.
+        ready once its caches have synced.
     """
 
     trust_store: object
@@ -127,15 +127,12 @@ def build_kubernetes_parts(
     environ,
     service_account_directory=SERVICE_ACCOUNT_DIRECTORY,
     token_check_interval_seconds=TOKEN_FILE_CHECK_INTERVAL_SECONDS,
-    watch=True,
 ):
     """
     Build (only build: nothing is read or opened) the parts of kubernetes
-    mode.  The INSECURE validator is not enabled in this mode.
-
-    @param watch: whether this process validates callers, and so runs the
-        validator's Pod and Configuration informers (every serving process
-        does: each runs its own).
+    mode.  The INSECURE validator is not enabled in this mode.  Every
+    serving process validates callers, so each runs its own Pod and
+    Configuration informers.
 
     @param config: the L{SentryConfig} from the flags.
     @param reactor: the reactor.
@@ -177,18 +174,15 @@ def build_kubernetes_parts(
             else ()
         ),
     )
-    pods = configurations = None
-    service = KubernetesClientService(client)
-    if watch:
-        pods = pod_informer(reactor, client)
-        configurations = configuration_informer(reactor, client)
-        # Children start in order and stop in reverse: the informers stop
-        # before the client closes its connections.
-        client_service = service
-        service = MultiService()
-        service.setName(client_service.name)
-        client_service.setServiceParent(service)
-        InformerService((pods, configurations)).setServiceParent(service)
+    pods = pod_informer(reactor, client)
+    configurations = configuration_informer(reactor, client)
+    # Children start in order and stop in reverse: the informers stop
+    # before the client closes its connections.
+    client_service = KubernetesClientService(client)
+    service = MultiService()
+    service.setName(client_service.name)
+    client_service.setServiceParent(service)
+    InformerService((pods, configurations)).setServiceParent(service)
     validator = KubernetesValidator(
         client,
         sentry_trust_domain=config.trust_domain,
@@ -209,5 +203,5 @@ def build_kubernetes_parts(
         configuration_source=source,
         client=client,
         service=service,
-        readiness=(validator,) if watch else (),
+        readiness=(validator,),
     )
