@@ -37,7 +37,7 @@ storm of 300 callers with 1 s per review decides: 16 per process certified
 4.8 s, 128 all 300 in 4.2 s.  64 meets the storm with room and bounds what
 sentry_tx adds to a busy API server during a mass restart (Dapr sends
 without limit) to half of what 128 would.  The bound is per serving
-process: with serving copies the API server sees up to that many times
+process: with worker processes the API server sees up to that many times
 64.
 """
 
