@@ -8,10 +8,17 @@ Run sentry_tx as the image would, without a Docker engine:
   - /sentry (conf/sentry) started as uid/gid 65532 with HOME=/nonexistent,
     cwd /, PATH on the venv, and a credentials directory it owns (the only
     writable place, as under readOnlyRootFilesystem);
+  - it runs two serving processes (--workers 2: the twistd process and one
+    copy, `python -m sentry_tx serve`), whose metrics files and liveness
+    socket live in a private directory under /dev/shm (no TMPDIR is set, as
+    in Dapr's chart): while it runs, the only things uid 65532 owns outside
+    the credentials directory are one /dev/shm/sentry-tx-* directory of
+    mode 0700 and what is in it;
   - it must reach healthz 200, pass the image's HEALTHCHECK command, stop
     on SIGTERM, and have written nothing but the bundle: the venv is
-    byte-for-byte unchanged and no file owned by uid 65532 exists outside
-    the credentials directory (in /tmp, /var/tmp, /dev/shm either).
+    byte-for-byte unchanged and, once stopped, no file owned by uid 65532
+    exists outside the credentials directory (in /tmp, /var/tmp, /dev/shm
+    either: the private directory is removed at stop).
 
 Needs root (to switch user), the package index pip is configured with, and
 a Python 3.11 the service's user can execute (the image's is in /usr/local;
@@ -121,6 +128,7 @@ def main():
             # it cannot do for 0.
             "--healthz-listen-address", "127.0.0.1", "--healthz-port", str(free_port()),
             "--metrics-listen-address", "127.0.0.1", "--metrics-port", "0",
+            "--workers", "2",
         ]
         print("running:", " ".join(command))
         process = subprocess.Popen(
@@ -135,7 +143,7 @@ def main():
             chunk = process.stdout.read() or b""
             output += chunk
             match = re.search(rb"healthz server listening on port (\d+)", output)
-            if match and b"gRPC server listening" in output:
+            if match and b"in 2 serving processes" in output:
                 port = int(match.group(1))
                 break
             time.sleep(0.1)
@@ -147,6 +155,17 @@ def main():
                 print(f"healthz: {r.status}")
                 if r.status != 200:
                     problems.append(f"healthz answered {r.status}")
+            running = owned_by(UID, [work, "/tmp", "/var/tmp", "/dev/shm"], credentials)
+            private = [p for p in running if os.path.dirname(p) == "/dev/shm"]
+            if len(private) != 1 or not os.path.basename(private[0]).startswith("sentry-tx-"):
+                problems.append(f"expected one private directory in /dev/shm: {running}")
+            else:
+                if os.stat(private[0]).st_mode & 0o777 != 0o700:
+                    problems.append(f"{private[0]} is not mode 0700")
+                outside = [p for p in running if not p.startswith(private[0])]
+                if outside:
+                    problems.append(f"written outside the private directory: {outside}")
+                print(f"private directory while running: {private[0]}")
             check = subprocess.run(
                 as_user + [python, "-m", "sentry_tx", "healthcheck", str(process.pid)],
                 cwd="/", env=environment, capture_output=True,

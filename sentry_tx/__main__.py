@@ -7,6 +7,9 @@ C{python -m sentry_tx COMMAND}: sentry_tx's operator commands.
     healthy, on the healthz port its flags chose?  (L{sentry_tx.healthcheck},
     the image's HEALTHCHECK)
 
+  - C{serve [flags]}: one serving copy, started by the twistd process
+    itself with its own flags (L{sentry_tx.serve}); not for operators.
+
 The CA itself runs under twistd: C{twistd -n sentry} (or C{/sentry} in the
 image).
 """
@@ -24,6 +27,10 @@ def main(argv=None):
         from sentry_tx.bundle_check import main as check_bundle_main
 
         return check_bundle_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from sentry_tx.serve import main as serve_main
+
+        return serve_main(argv[1:])
     if argv[:1] == [HEALTHCHECK_COMMAND]:
         from sentry_tx.healthcheck import main as healthcheck_main
 

@@ -77,7 +77,7 @@ class SentryConfig:
     namespace: str = DEFAULT_NAMESPACE
     mtls: MTLSConfig = field(default_factory=MTLSConfig)
     # JWT-SVIDs and the OIDC server (SPEC section 11).  Plain types, so that
-    # the configuration crosses to worker processes as it is; an empty
+    # the configuration is simple to compare and print; an empty
     # string means "not set".
     jwt_enabled: bool = False
     jwt_key_filename: str = "jwt.key"

@@ -44,7 +44,7 @@ DEFAULTS = SentryConfig()
 
 MAXIMUM_WORKERS = 64
 """
-The most worker processes --workers may ask for.
+The most serving processes --workers may ask for.
 """
 
 STRING_FLAGS = (
@@ -149,7 +149,7 @@ STRING_FLAGS = (
         None,
         None,
         "Processes serving gRPC, the twistd process included: N > 1 starts"
-        " N - 1 worker processes sharing --port (at most"
+        " N - 1 serving copies sharing --port (at most"
         f" {MAXIMUM_WORKERS}; default: one per core this process may use, by"
         " the cgroup CPU quota, else the CPU affinity, at most 4).",
     ],

@@ -16,9 +16,10 @@ class HealthzResource(Resource):
     sources: objects with a boolean C{ready} attribute, read at each probe.
     """
 
-    def __init__(self, authority, *sources):
+    def __init__(self, authority, *sources, detail=None):
         super().__init__()
         self._sources = (authority,) + sources
+        self._detail = detail
 
     def getChild(self, path, request):
         # /healthz/ is /healthz; anything below it does not exist.
@@ -31,16 +32,21 @@ class HealthzResource(Resource):
         request.setHeader(b"cache-control", b"no-store")
         if all(source.ready for source in self._sources):
             request.setResponseCode(200)
+            if self._detail is not None:
+                return HEALTHY + self._detail().encode("utf-8")
             return HEALTHY
         request.setResponseCode(503)
         return UNHEALTHY
 
 
-def healthz_root(authority, *sources):
+def healthz_root(authority, *sources, detail=None):
     """
     A web root with only C{/healthz}, healthy when C{authority} and every
     one of C{sources} is ready.
+
+    @param detail: returns more lines for a healthy answer's body (how many
+        serving processes serve), or None.
     """
     root = Resource()
-    root.putChild(b"healthz", HealthzResource(authority, *sources))
+    root.putChild(b"healthz", HealthzResource(authority, *sources, detail=detail))
     return root

@@ -90,7 +90,7 @@ class PortCheck(Service):
     At start, check that a port is free (L{check_port_free}), so that a
     port in use is one line naming its flag before any server tries it;
     added to the root before the service that binds the port (the gRPC
-    server, or its worker processes, which bind with SO_REUSEPORT and would
+    server, or its serving copies, which bind with SO_REUSEPORT and would
     otherwise each fail on their own).
 
     @raise ListenError: from C{startService}, which the root makes fatal.

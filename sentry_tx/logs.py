@@ -73,7 +73,7 @@ _DEFAULT_TWISTD_LOG_FILE = "twistd.log"
 PREFORMATTED_KEY = "sentry_preformatted_line"
 """
 An event carrying this key is a line sentry_tx's observer already wrote in
-another process (a worker's, read back from standard error): it is written
+another process (a serving copy's, read back from standard error): it is written
 as it is.
 """
 

@@ -2,24 +2,30 @@
 Sentry's Prometheus metrics, with Dapr's names, and the resource serving them.
 
 Each L{SentryMetrics} owns its own registry so that tests and several
-instances in one process never share counters.
+instances in one process never share counters; every serving process
+shares its counts with the others through C{prometheus_client}'s
+multiprocess mode (L{SentryMetrics.share}).
 """
 
-import threading
+import os
 import time
-from bisect import bisect_left
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
+    values,
 )
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from twisted.application.service import Service
 from twisted.web.resource import NoResource, Resource
+
+MULTIPROC_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 FAILURE_REASON_VALIDATOR = "validator"
 FAILURE_REASON_CERT_PARSE = "cert_parse"
@@ -62,80 +68,6 @@ about a millisecond, a KUBERNETES one two API round trips, and validation
 gives up after 10 s.
 """
 
-_NANOSECONDS_PER_SECOND = 1_000_000_000
-
-
-class SignDurationHistogram:
-    """
-    The latency of SignCertificate calls, by outcome, as a Prometheus
-    histogram whose every figure is an integer (bucket counts, and the sum
-    in nanoseconds), so that worker processes' histograms add up in the
-    parent exactly, as the counters do.
-
-    Observed from gRPC threads: every change holds a lock.
-    """
-
-    def __init__(self, buckets=SIGN_DURATION_BUCKETS_SECONDS):
-        self.buckets = tuple(buckets)
-        self._lock = threading.Lock()
-        # Per outcome: a count per bucket (not cumulative; the last is +Inf)
-        # and the sum of the observations in nanoseconds.
-        self._counts = {
-            outcome: [0] * (len(self.buckets) + 1) for outcome in SIGN_OUTCOMES
-        }
-        self._sums_ns = {outcome: 0 for outcome in SIGN_OUTCOMES}
-
-    def observe(self, outcome, seconds):
-        """
-        Count one call of C{outcome} that took C{seconds}.
-        """
-        index = bisect_left(self.buckets, seconds)
-        nanoseconds = max(0, round(seconds * _NANOSECONDS_PER_SECOND))
-        with self._lock:
-            self._counts[outcome][index] += 1
-            self._sums_ns[outcome] += nanoseconds
-
-    def snapshot(self):
-        """
-        C{{outcome: (bucket counts, sum in nanoseconds)}}, the counts per
-        bucket (not cumulative).
-        """
-        with self._lock:
-            return {
-                outcome: (tuple(counts), self._sums_ns[outcome])
-                for outcome, counts in self._counts.items()
-            }
-
-    def add(self, outcome, counts, sum_ns):
-        """
-        Add another process's growth: C{counts} per bucket (as
-        L{snapshot}'s) and C{sum_ns} nanoseconds.
-        """
-        if len(counts) != len(self.buckets) + 1:
-            raise ValueError("bucket counts do not match the buckets")
-        with self._lock:
-            mine = self._counts.setdefault(outcome, [0] * (len(self.buckets) + 1))
-            for index, count in enumerate(counts):
-                mine[index] += count
-            self._sums_ns[outcome] = self._sums_ns.get(outcome, 0) + sum_ns
-
-    def describe(self):
-        return [HistogramMetricFamily(SIGN_DURATION_NAME, _SIGN_DURATION_HELP, labels=["outcome"])]
-
-    def collect(self):
-        family = HistogramMetricFamily(
-            SIGN_DURATION_NAME, _SIGN_DURATION_HELP, labels=["outcome"]
-        )
-        for outcome, (counts, sum_ns) in sorted(self.snapshot().items()):
-            cumulative, buckets = 0, []
-            for bound, count in zip(self.buckets + (float("inf"),), counts):
-                cumulative += count
-                bucket = "+Inf" if bound == float("inf") else repr(bound)
-                buckets.append((bucket, cumulative))
-            family.add_metric([outcome], buckets, sum_ns / _NANOSECONDS_PER_SECOND)
-        yield family
-
-
 _SIGN_DURATION_HELP = (
     "Time from the arrival of a SignCertificate call to its answer, in"
     " seconds, by outcome: success, or the failure reason (validator,"
@@ -148,8 +80,8 @@ class SignTimer:
     One call being timed; L{done} records it under its outcome, once.
     """
 
-    def __init__(self, histogram, monotonic):
-        self._histogram = histogram
+    def __init__(self, metrics, monotonic):
+        self._metrics = metrics
         self._monotonic = monotonic
         self._started = monotonic()
         self._done = False
@@ -157,7 +89,17 @@ class SignTimer:
     def done(self, outcome):
         if not self._done:
             self._done = True
-            self._histogram.observe(outcome, self._monotonic() - self._started)
+            self._metrics.sign_durations[outcome].observe(
+                self._monotonic() - self._started
+            )
+
+
+PROCESS_WIDE = "livesum"
+"""
+The multiprocess mode of a gauge that one process owns (the twistd
+process): every other process holds it at zero, so the sum is the owner's
+value, and a dead process's zero is dropped.
+"""
 
 
 class SentryMetrics:
@@ -165,9 +107,22 @@ class SentryMetrics:
     The counters and gauges sentry_tx exports, the signing latency
     histogram, and the process's own C{process_*} metrics.
 
+    At first every metric counts in this process's memory (tests).  Once
+    L{share} is called (every serving process does so at start), they
+    count in files of a directory shared by every serving process, and
+    C{registry} sums them over all processes (C{prometheus_client}'s
+    multiprocess mode): a process killed at any time leaves its counts.
+
+    Which process counts what: each counts its own SignCertificate calls
+    and server certificates; the twistd process alone counts the
+    process-wide events (C{issuercert_changed_total},
+    C{issuercert_reload_failed_total}), sets the expiry gauges and the
+    serving processes, and counts restarts.
+
     prometheus_client appends C{_total} to counter names itself, so the names
     below are Dapr's without it.
 
+    @ivar registry: the registry C{/metrics} serves.
     @param monotonic: the clock signing latency is measured with (seconds,
         monotonic); tests pass a fake.
     """
@@ -178,13 +133,32 @@ class SentryMetrics:
         if registry is None:
             registry = CollectorRegistry(auto_describe=True)
         self.registry = registry
+        self.directory = None
         self._monotonic = monotonic
         # process_cpu_seconds_total, process_resident_memory_bytes,
         # process_open_fds, process_start_time_seconds ... of this process
-        # (with worker processes: of the twistd process).
+        # (with serving copies: of the twistd process).
         ProcessCollector(registry=registry)
-        self.sign_duration = SignDurationHistogram()
-        registry.register(self.sign_duration)
+        self._define(registry)
+
+    def _define(self, registry):
+        """
+        Make every metric, registered in C{registry} (None: in none).  A
+        new metric goes here; a labelled one makes its label values here
+        too, so that it exists at zero from the start.
+        """
+        self.sign_duration = Histogram(
+            SIGN_DURATION_NAME,
+            _SIGN_DURATION_HELP,
+            ["outcome"],
+            buckets=SIGN_DURATION_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        # Looked up once here, not at every call.
+        self.sign_durations = {
+            outcome: self.sign_duration.labels(outcome=outcome)
+            for outcome in SIGN_OUTCOMES
+        }
         self.sign_request_received = Counter(
             "dapr_sentry_cert_sign_request_received",
             "SignCertificate calls received (certificate signing requests),"
@@ -231,14 +205,28 @@ class SentryMetrics:
             "The unix time, in seconds, at which the issuer certificate in"
             " service expires.",
             registry=registry,
+            multiprocess_mode=PROCESS_WIDE,
         )
         self.rootcert_expiry_timestamp = Gauge(
             "dapr_sentry_rootcert_expiry_timestamp",
             "The unix time, in seconds, at which the earliest trust anchor in"
             " service expires.",
             registry=registry,
+            multiprocess_mode=PROCESS_WIDE,
         )
-
+        self.serving_processes = Gauge(
+            "dapr_sentry_serving_processes",
+            "Processes serving gRPC now: the twistd process and the copies"
+            " that answer their liveness checks.",
+            registry=registry,
+            multiprocess_mode=PROCESS_WIDE,
+        )
+        self.serving_process_restarts = Counter(
+            "dapr_sentry_serving_process_restarts",
+            "Serving copies started again after they ended or stopped"
+            " answering their liveness checks.",
+            registry=registry,
+        )
         # Automatic CA renewal (sentry_tx.ca.renewal_service), the names of
         # Dapr's PR #10290; set by the twistd process, which alone renews.
         self.ca_renewal = Counter(
@@ -256,13 +244,52 @@ class SentryMetrics:
             "dapr_sentry_ca_renewal_pending",
             "1 while a renewed issuer waits for its switch, else 0.",
             registry=registry,
+            multiprocess_mode=PROCESS_WIDE,
         )
         self.ca_switchover_timestamp = Gauge(
             "dapr_sentry_ca_switchover_timestamp",
             "The unix time, in seconds, at which the pending renewed issuer"
             " takes over; 0 when no renewal is pending.",
             registry=registry,
+            multiprocess_mode=PROCESS_WIDE,
         )
+
+    def share(self, directory, process_identifier=os.getpid):
+        """
+        Count from now on in files under C{directory}, with every other
+        serving process; C{registry} then serves the sums over all of them
+        (and this process's C{process_*} metrics).
+
+        @param process_identifier: names this process's files (tests give
+            two instances in one process different names).
+        """
+        saved_class = values.ValueClass
+        saved_directory = os.environ.get(MULTIPROC_DIRECTORY_VARIABLE)
+        # prometheus_client reads both when a value is made: set them while
+        # this process's metrics are made, and put them back after.
+        values.ValueClass = values.MultiProcessValue(process_identifier)
+        os.environ[MULTIPROC_DIRECTORY_VARIABLE] = directory
+        try:
+            self._define(None)
+        finally:
+            values.ValueClass = saved_class
+            if saved_directory is None:
+                del os.environ[MULTIPROC_DIRECTORY_VARIABLE]
+            else:
+                os.environ[MULTIPROC_DIRECTORY_VARIABLE] = saved_directory
+        registry = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(registry, path=directory)
+        ProcessCollector(registry=registry)
+        self.registry = registry
+        self.directory = directory
+
+    def forget_process(self, pid):
+        """
+        Drop the gauges of a serving process that ended (its counters stay
+        in the sums).
+        """
+        if self.directory is not None:
+            mark_process_dead(pid, self.directory)
 
     def record_renewal(self, renewed, switched, switch_at):
         """
@@ -283,7 +310,7 @@ class SentryMetrics:
         Start timing one SignCertificate call; call C{done(outcome)} on the
         result when it is answered.
         """
-        return SignTimer(self.sign_duration, self._monotonic)
+        return SignTimer(self, self._monotonic)
 
     def record_bundle(self, bundle):
         """
@@ -293,12 +320,31 @@ class SentryMetrics:
         self.rootcert_expiry_timestamp.set(bundle.roots_not_after.timestamp())
 
 
+class SharedMetrics(Service):
+    """
+    Makes L{SentryMetrics} count in the directory shared by every serving
+    process, at start (never at build: the directory is made then).
+
+    @param directory: returns the directory once started (the twistd
+        process's L{sentry_tx.rundir.PrivateDirectory}, or a copy's
+        C{PROMETHEUS_MULTIPROC_DIR}).
+    """
+
+    def __init__(self, metrics, directory):
+        self._metrics = metrics
+        self._directory = directory
+
+    def startService(self):
+        super().startService()
+        self._metrics.share(self._directory())
+
+
 def metrics_root(metrics):
     """
     A web root serving the Prometheus text at C{/metrics} and at C{/}; other
     paths are 404.
     """
-    return _MetricsResource(metrics.registry)
+    return _MetricsResource(metrics)
 
 
 class _MetricsResource(Resource):
@@ -310,9 +356,9 @@ class _MetricsResource(Resource):
     and hop to a thread pool for nothing.
     """
 
-    def __init__(self, registry):
+    def __init__(self, metrics):
         super().__init__()
-        self._registry = registry
+        self._metrics = metrics
 
     def getChild(self, path, request):
         if path in (b"", b"metrics") and not request.postpath:
@@ -321,4 +367,4 @@ class _MetricsResource(Resource):
 
     def render_GET(self, request):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self._registry)
+        return generate_latest(self._metrics.registry)

@@ -1,8 +1,8 @@
 """
 What each mode adds to sentry_tx's service tree: the validators, and in
 kubernetes mode the trust store, API client and informers, shared by the two
-composition roots (L{sentry_tx.tap} for twistd, L{sentry_tx.server.worker}
-for a serving process) and imported by nothing else.
+composition roots (L{sentry_tx.tap} for twistd, L{sentry_tx.serve} for a
+serving copy) and imported by nothing else.
 """
 
 import os
@@ -55,12 +55,12 @@ class ValidatorSet:
 def build_validators(config, reactor, environ):
     """
     The validators enabled in C{config.mode}, and the one used for UNKNOWN;
-    the one choice both the twistd process and a worker make.
+    the one choice every serving process makes.
 
       - kubernetes: KUBERNETES, the default, from L{build_kubernetes_parts}
         (with a Kubernetes client of the caller's own, whose connections the
         returned service closes); and JWKS beside it when C{config} (a
-        worker's, resolved already) names a C{jwks} token validator (the
+        caller's, resolved already) names a C{jwks} token validator (the
         twistd process adds it once the Configuration is read:
         L{sentry_tx.identity.jwks.JWKSFromConfiguration});
       - standalone: INSECURE, the default; or, when the Configuration names
@@ -80,7 +80,7 @@ def build_validators(config, reactor, environ):
         parts = build_kubernetes_parts(config, reactor, environ)
         if jwks is None:
             return ValidatorSet(parts.validators, parts.default_validator, parts.service)
-        # A worker's config is resolved already: a jwks token validator
+        # A config resolved already: a jwks token validator
         # beside KUBERNETES, which stays the default (as in Dapr).
         service = MultiService()
         parts.service.setServiceParent(service)
@@ -107,10 +107,10 @@ class KubernetesParts:
     @ivar client: the shared L{KubernetesClient}.
     @ivar service: the service to add to the root before the certificate
         authority: it closes the connections after the authority has
-        stopped, and (when watching) runs the validator's informers, which
-        stop before the connections close.
+        stopped, and runs the validator's informers, which stop before the
+        connections close.
     @ivar readiness: healthz sources (objects with C{ready}): the validator,
-        ready once its caches have synced, when watching.
+        ready once its caches have synced.
     """
 
     trust_store: object
@@ -128,15 +128,12 @@ def build_kubernetes_parts(
     environ,
     service_account_directory=SERVICE_ACCOUNT_DIRECTORY,
     token_check_interval_seconds=TOKEN_FILE_CHECK_INTERVAL_SECONDS,
-    watch=True,
 ):
     """
     Build (only build: nothing is read or opened) the parts of kubernetes
-    mode.  The INSECURE validator is not enabled in this mode.
-
-    @param watch: whether this process validates callers, and so runs the
-        validator's Pod and Configuration informers (the twistd process of a
-        worker pool does not: each worker runs its own).
+    mode.  The INSECURE validator is not enabled in this mode.  Every
+    serving process validates callers, so each runs its own Pod and
+    Configuration informers.
 
     @param config: the L{SentryConfig} from the flags.
     @param reactor: the reactor.
@@ -179,18 +176,15 @@ def build_kubernetes_parts(
         ),
         ca_ttl=timedelta(seconds=config.ca_ttl_seconds),
     )
-    pods = configurations = None
-    service = KubernetesClientService(client)
-    if watch:
-        pods = pod_informer(reactor, client)
-        configurations = configuration_informer(reactor, client)
-        # Children start in order and stop in reverse: the informers stop
-        # before the client closes its connections.
-        client_service = service
-        service = MultiService()
-        service.setName(client_service.name)
-        client_service.setServiceParent(service)
-        InformerService((pods, configurations)).setServiceParent(service)
+    pods = pod_informer(reactor, client)
+    configurations = configuration_informer(reactor, client)
+    # Children start in order and stop in reverse: the informers stop
+    # before the client closes its connections.
+    client_service = KubernetesClientService(client)
+    service = MultiService()
+    service.setName(client_service.name)
+    client_service.setServiceParent(service)
+    InformerService((pods, configurations)).setServiceParent(service)
     validator = KubernetesValidator(
         client,
         sentry_trust_domain=config.trust_domain,
@@ -211,5 +205,5 @@ def build_kubernetes_parts(
         configuration_source=source,
         client=client,
         service=service,
-        readiness=(validator,) if watch else (),
+        readiness=(validator,),
     )

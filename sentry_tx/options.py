@@ -135,6 +135,8 @@ class Options(usage.Options):
         """
         if options is None:
             options = sys.argv[1:]
+        # The serving copies are started with the same flags.
+        self.arguments = list(options)
         try:
             super().parseOptions(go_style_arguments(options))
         except ConfigError as error:

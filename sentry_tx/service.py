@@ -84,7 +84,7 @@ class SentryService(MultiService):
         for service in self:
             try:
                 service.startService()
-            except ListenError:
+            except (ListenError, ConfigError):
                 self.fatal(Failure())
                 return
 
@@ -122,7 +122,7 @@ class SentryService(MultiService):
         return d
 
     def _raise_open_file_limit_once(self):
-        # Before any child opens a socket (worker processes inherit it):
+        # Before any child opens a socket (serving copies inherit it):
         # twistd binds in privilegedStartService, tests may call only
         # startService.
         if self._open_file_limit_raised:

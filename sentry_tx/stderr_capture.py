@@ -3,7 +3,7 @@ Standard error, through twisted.logger.
 
 grpc core (C++) writes its own log lines straight to file descriptor 2, in
 absl's format (C{I1130 09:08:19.207600 2948 ssl_transport_security.cc:2563]
-Handshake failed ...}), and so do worker processes, which inherit it.  Those
+Handshake failed ...}), and so do serving copies, which inherit it.  Those
 bytes bypass twisted.logger, so C{--log-as-json} output would not be all
 JSON, and C{--log-level} would not apply to them.
 
@@ -13,7 +13,7 @@ line is cut and marked), and logs each line:
 
   - a line in absl's format at the level its first letter says (I info,
     W warn, E error, F critical), in the namespace C{grpc};
-  - a line that sentry_tx's own observer wrote (a worker process's log line,
+  - a line that sentry_tx's own observer wrote (a serving copy's log line,
     JSON or text) as it is, at its level;
   - anything else at error level, in the namespace C{stderr}.
 
@@ -180,7 +180,7 @@ class StandardErrorCapture(Service):
 
     name = "stderr-capture"
     # The root stops it after every other service, so that what they write
-    # while stopping (worker processes, grpc core) is still captured.
+    # while stopping (serving copies, grpc core) is still captured.
     stop_after_others = True
     _log = Logger()
 

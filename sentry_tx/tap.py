@@ -1,6 +1,8 @@
 """
 The twistd entry point and sentry_tx's composition root: the one place that
-wires the services together (L{build_service}).
+wires the services together (L{build_service}), for the twistd process and,
+in the serving-only role, for each serving copy (L{sentry_tx.serve}).
+Services only the twistd process runs are added in L{add_parent_services}.
 
 twistd's C{ServiceMaker} reads L{Options} (L{sentry_tx.options}) and
 L{makeService} from this module.  It is imported by C{twistd --help}: it
@@ -9,6 +11,7 @@ L{build_service} imports the parts it wires when it runs.
 """
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sentry_tx.config import MODE_KUBERNETES
@@ -16,46 +19,70 @@ from sentry_tx.config import MODE_KUBERNETES
 from sentry_tx.options import Options  # noqa: F401
 
 
-def build_service(config, reactor, startup_warnings=(), startup_notes=()):
+@dataclass(frozen=True)
+class CopyRole:
+    """
+    What makes a process a serving copy (L{sentry_tx.serve}) rather than
+    the twistd process.
+
+    @ivar liveness_socket: the Unix socket its liveness check answers on.
+    @ivar metrics_directory: the shared metrics directory.
+    """
+
+    liveness_socket: str
+    metrics_directory: str
+
+
+def build_service(
+    config, reactor, startup_warnings=(), startup_notes=(), arguments=(), copy=None
+):
     """
     Wire sentry_tx: the one place that chooses implementations and composes
-    services.  Builds objects only; sockets, threads and fds are opened by
-    the services' C{startService}.
+    services, for the twistd process and, the same but serving only, for
+    each serving copy.  Builds objects only; sockets, threads and fds are
+    opened by the services' C{startService}.
 
     @param config: the L{SentryConfig}.
     @param reactor: the reactor (also the clock) every service uses.
     @param startup_warnings: messages to log once logging runs.
     @param startup_notes: information to log once logging runs.
+    @param arguments: the flags sentry_tx was started with (the copies get
+        the same).
+    @param copy: a L{CopyRole} when building a serving copy, else None.
     @return: the root L{SentryService}.
     """
     from twisted.application.service import IService
 
     from sentry_tx.ca.store import FileTrustStore
-    from sentry_tx.expiry import ExpiryChecker
-    from sentry_tx.healthz import healthz_root
-    from sentry_tx.http_listener import http_listener
-    from sentry_tx.listen import PortCheck
-    from sentry_tx.metrics import SentryMetrics, metrics_root
+    from sentry_tx.metrics import SentryMetrics, SharedMetrics
     from sentry_tx.report import SettingsReport
     from sentry_tx.server.service import CertificateAuthorityService
-    from sentry_tx.server.workers import WorkerPoolAuthority
     from sentry_tx.service import SentryService
-    from sentry_tx.stderr_capture import StandardErrorCapture
     from sentry_tx.watcher import IssuerWatcher
 
-    root = SentryService(reactor, startup_warnings, startup_notes=startup_notes)
-    # First child: grpc core's own lines on fd 2 go through the log from
-    # the start, and it stops last, after worker processes.
-    StandardErrorCapture(reactor).setServiceParent(root)
+    parent = copy is None
+    if parent:
+        root = SentryService(reactor, startup_warnings, startup_notes=startup_notes)
+        from sentry_tx.rundir import PrivateDirectory
+        from sentry_tx.stderr_capture import StandardErrorCapture
+
+        # First child: grpc core's own lines (and the copies' log lines) on
+        # fd 2 go through the log from the start, and it stops last.
+        StandardErrorCapture(reactor).setServiceParent(root)
+        directory = PrivateDirectory()
+        directory.setServiceParent(root)
+        metrics_directory = lambda: directory.metrics_path  # noqa: E731
+    else:
+        root = SentryService(reactor)
+        metrics_directory = lambda: copy.metrics_directory  # noqa: E731
     metrics = SentryMetrics()
+    SharedMetrics(metrics, metrics_directory).setServiceParent(root)
     configuration_source = None
     readiness = ()
     if config.mode == MODE_KUBERNETES:
         from sentry_tx.modes import build_kubernetes_parts
 
-        # This process serves gRPC too (with or without worker processes),
-        # so its validator watches Pods and Configurations as each
-        # worker's does.
+        # Every serving process's validator watches Pods and Configurations.
         kubernetes = build_kubernetes_parts(config, reactor, os.environ)
         # Added before the authority, so that it stops after it: the API
         # client's connections close once nothing uses them.
@@ -98,11 +125,10 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
         if IService.providedBy(validator):
             validator.setServiceParent(root)
             readiness_sources.append(validator)
-    x509_store = trust_store
-    jwt_minter = None
+    jwt_minter = jwt_store = None
     if config.jwt_enabled:
         from sentry_tx.jwt.minting import JWTMinter
-        from sentry_tx.jwt.store import FileJWTStore, JWTTrustStore
+        from sentry_tx.jwt.store import FileJWTStore
 
         jwt_minter = JWTMinter(config.jwt_issuer or None, config.jwt_ttl_seconds)
         if config.mode == MODE_KUBERNETES:
@@ -119,78 +145,119 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
                 config.jwt_signing_algorithm,
                 config.jwt_key_id or None,
             )
-        trust_store = JWTTrustStore(trust_store, jwt_store, jwt_minter)
-    # Resolves the Configuration (kubernetes mode) and logs, once, the TTL,
-    # skew and validators in effect.
-    configuration_source = SettingsReport(
-        configuration_source, validators, default_validator
-    )
-    # A gRPC port in use: one line naming --port, before anything binds it.
-    PortCheck("--port", config.listen_address, config.port).setServiceParent(root)
-    if config.workers > 1:
-        # gRPC in this process and N - 1 worker processes sharing the port;
-        # each worker builds its own validators (sentry_tx.server.worker),
-        # this process keeps the bundle, the watch, health and metrics.
-        def local_authority(local_config, local_store):
-            return CertificateAuthorityService(
-                local_config,
-                reactor,
-                local_store,
-                validators,
-                default_validator,
-                metrics,
-                reuse_port=True,
-                jwt_minter=jwt_minter,
-            )
+    if parent:
+        # Resolves the Configuration (kubernetes mode) and logs, once, the
+        # TTL, skew and validators in effect.
+        configuration_source = SettingsReport(
+            configuration_source, validators, default_validator
+        )
+        from sentry_tx.listen import PortCheck
 
-        authority = WorkerPoolAuthority(
-            config,
-            reactor,
-            trust_store,
-            metrics,
-            config.workers - 1,
-            on_start_failure=root.fatal,
-            configuration_source=configuration_source,
-            local_factory=local_authority,
-            jwt_minter=jwt_minter,
-        )
-    else:
-        authority = CertificateAuthorityService(
-            config,
-            reactor,
-            trust_store,
-            validators,
-            default_validator,
-            metrics,
-            on_start_failure=root.fatal,
-            configuration_source=configuration_source,
-            jwt_minter=jwt_minter,
-        )
+        # A gRPC port in use: one line naming --port, before anything binds it.
+        PortCheck("--port", config.listen_address, config.port).setServiceParent(root)
+    # The same authority in every serving process: the twistd process may
+    # generate the bundle and JWT pair and counts the process-wide events;
+    # a copy only loads.
+    authority = CertificateAuthorityService(
+        config,
+        reactor,
+        trust_store,
+        validators,
+        default_validator,
+        metrics,
+        on_start_failure=root.fatal,
+        configuration_source=configuration_source,
+        reuse_port=config.workers > 1 or not parent,
+        jwt_minter=jwt_minter,
+        jwt_store=jwt_store,
+        primary=parent,
+    )
     authority.setServiceParent(root)
+    # After the authority: it starts once the authority is starting and
+    # stops before it.  Every process watches what it serves; the twistd
+    # process alone counts the changes.
+    watch_directories = watched_directories(trust_store, jwt_store)
+    if watch_directories:
+        IssuerWatcher(
+            authority, watch_directories, reactor, metrics if parent else None
+        ).setServiceParent(root)
+    if not parent:
+        from twisted.application.internet import UNIXServer
+
+        from sentry_tx.server.liveness import liveness_site
+
+        UNIXServer(
+            copy.liveness_socket, liveness_site(authority, reactor), mode=0o600
+        ).setServiceParent(root)
+        return root
+    add_parent_services(
+        root,
+        config,
+        reactor,
+        authority,
+        metrics,
+        directory,
+        arguments,
+        trust_store,
+        jwt_minter,
+        (*readiness, *readiness_sources),
+    )
+    return root
+
+
+def add_parent_services(
+    root,
+    config,
+    reactor,
+    authority,
+    metrics,
+    directory,
+    arguments,
+    trust_store,
+    jwt_minter,
+    readiness,
+):
+    """
+    The services only the twistd process runs, after its authority: the
+    serving copies and their supervision, the expiry checks, healthz,
+    metrics, OIDC and the CA's renewal (of C{trust_store}).  A new
+    parent-only service goes here.
+    """
+    from sentry_tx.expiry import ExpiryChecker
+    from sentry_tx.healthz import healthz_root
+    from sentry_tx.http_listener import http_listener
+    from sentry_tx.metrics import metrics_root
+
+    from sentry_tx.server.copies import ServingCopies
+
+    # With --workers 1, no copies: the same code.
+    copies = ServingCopies(
+        authority, reactor, directory, arguments, config.workers - 1, metrics
+    )
+    copies.setServiceParent(root)
     oidc = None
     if config.oidc_enabled and jwt_minter is not None:
         # Dapr's healthz waits for the OIDC listener too.
         oidc = build_oidc_service(config, reactor, jwt_minter, root.fatal)
-        readiness_sources.append(oidc)
-    # After the authority: they start once it is starting and stop before it.
-    if trust_store.watch_directories:
-        IssuerWatcher(
-            authority, trust_store.watch_directories, reactor, metrics
-        ).setServiceParent(root)
+        readiness = (*readiness, oidc)
     ExpiryChecker(authority, reactor, metrics).setServiceParent(root)
     # Automatic CA renewal, in the twistd process only: serving copies take
     # the renewed credentials by watching them.
     from sentry_tx.ca.renewal_service import CARenewalService, renewal_store_for
 
     CARenewalService(
-        renewal_store_for(reactor, x509_store), authority, reactor, metrics, root.fatal
+        renewal_store_for(reactor, trust_store), authority, reactor, metrics, root.fatal
     ).setServiceParent(root)
     # Every HTTP listener comes from http_listener: request deadline and
     # connection cap (sentry_tx.http_listener).
     http_listener(
         "healthz",
         config.healthz_port,
-        healthz_root(authority, *readiness, *readiness_sources),
+        healthz_root(
+            authority,
+            *readiness,
+            detail=copies.describe,
+        ),
         reactor,
         interface=config.healthz_listen_address,
     ).setServiceParent(root)
@@ -204,7 +271,19 @@ def build_service(config, reactor, startup_warnings=(), startup_notes=()):
         ).setServiceParent(root)
     if oidc is not None:
         oidc.setServiceParent(root)
-    return root
+
+
+def watched_directories(*stores):
+    """
+    The directories whose changes may change what C{stores} load (the
+    bundle's, then the JWT pair's), each once.
+    """
+    directories = []
+    for store in stores:
+        for directory in getattr(store, "watch_directories", ()):
+            if directory not in directories:
+                directories.append(directory)
+    return tuple(directories)
 
 
 def build_oidc_service(config, reactor, jwt_minter, on_start_failure):
@@ -260,4 +339,5 @@ def makeService(options):
         reactor,
         options.startup_warnings,
         getattr(options, "startup_notes", ()),
+        arguments=getattr(options, "arguments", ()),
     )

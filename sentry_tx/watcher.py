@@ -115,7 +115,8 @@ class IssuerWatcher(Service):
         @param reactor: an L{IReactorTime}; its C{callLater} times the window
             and the retries.
         @param metrics: the L{SentryMetrics} whose C{issuercert_changed}
-            counts reloads.
+            counts reloads, or None in a serving copy (the twistd process
+            counts each change once).
         @param inotify_factory: called with no arguments in C{startService}
             (and after a lost watch) to make an L{INotify}; tests pass a
             fake.  Twisted's L{INotify} reads its file descriptor through the
@@ -296,7 +297,8 @@ class IssuerWatcher(Service):
 
     def _window_closed(self):
         self._window = None
-        self._metrics.issuercert_changed.inc()
+        if self._metrics is not None:
+            self._metrics.issuercert_changed.inc()
         self._log.info("issuer credentials changed; reloading")
         try:
             d = self._authority.restart(self._authority.config)

@@ -161,6 +161,34 @@ class CertificateAuthorityServiceTests(SynchronousTestCase):
         self.assertTrue(self.ca.ready)
         self.assertEqual(self.metrics.issuercert_reload_failed._value.get(), 1)
 
+    def test_copy_counts_no_process_wide_event(self):
+        """
+        A serving copy's authority (not primary) only loads the bundle,
+        sets no expiry gauge and does not count a refused reload: the
+        twistd process counts each once.
+        """
+        self.store.load_or_generate = lambda now: self.fail("a copy generated")
+        self.store.load = lambda now: succeed(self.bundle)
+        ca = CertificateAuthorityService(
+            self.config,
+            self.reactor,
+            self.store,
+            {},
+            None,
+            self.metrics,
+            grpc_loop_factory=SynchronousGrpcLoop,
+            primary=False,
+        )
+        self.successResultOf(ca.start(self.config))
+        self.addCleanup(lambda: self.successResultOf(ca.stop()))
+        self.assertIs(ca.bundle, self.bundle)
+        self.assertEqual(self.metrics.issuercert_expiry_timestamp._value.get(), 0)
+        self.store.load = lambda now: FakeTrustStore(
+            error=BundleError("issuer.crt", "garbage")
+        ).load(now)
+        self.failureResultOf(ca.restart(self.config), BundleError)
+        self.assertEqual(self.metrics.issuercert_reload_failed._value.get(), 0)
+
     def test_restart_during_start_waits(self):
         """
         A restart asked for while the first load is still running waits for

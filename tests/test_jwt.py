@@ -29,13 +29,14 @@ from sentry_tx.identity.caller import CallerIdentity
 from sentry_tx.jwt.material import generate_jwt_material, load_jwt_material
 from sentry_tx.identity.rules import MAX_JWT_AUDIENCES
 from sentry_tx.jwt.minting import JWTAudienceError, JWTMinter, JWTMintingError
-from sentry_tx.jwt.store import FileJWTStore, JWTTrustStore
+from sentry_tx.jwt.store import FileJWTStore
 from sentry_tx.metrics import SentryMetrics
+from sentry_tx.server.service import CertificateAuthorityService
 from sentry_tx.server.servicer import CAServicer, Refusal
 from sentry_tx.testing.authority import FakeCertificateAuthority, FakeValidator
 from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_chain
 from sentry_tx.testing.clocks import ImmediateReactor, inline_file_work
-from sentry_tx.testing.grpc_client import run_now
+from sentry_tx.testing.grpc_client import SynchronousGrpcLoop, run_now
 from tests.test_servicer import sign_request
 
 SOURCES = ("jwt.key", "jwks.json")
@@ -599,16 +600,20 @@ class FileJWTStoreTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.directory), [])
 
 
-class RotationTests(SynchronousTestCase):
+class ReloadTests(SynchronousTestCase):
     """
-    L{JWTTrustStore} loads and reloads the pair with the X.509 bundle.
+    The authority loads the JWT pair with the X.509 bundle, at start and at
+    every reload, as one function without side effects: a reload that fails
+    any check (the bundle, the server certificate, the JWT pair) leaves the
+    bundle, the server certificate and the JWT pair in service unchanged.
     """
 
     def setUp(self):
         self.directory = self.mktemp()
         os.mkdir(self.directory)
-        make_chain().write(self.directory)
-        reactor = ImmediateReactor()
+        self.chain = make_chain()
+        self.chain.write(self.directory)
+        reactor = ImmediateReactor(FIXED_NOW.timestamp())
         self.inner = FileTrustStore(
             reactor,
             *(os.path.join(self.directory, n) for n in ("ca.crt", "issuer.crt", "issuer.key")),
@@ -626,7 +631,21 @@ class RotationTests(SynchronousTestCase):
             file_work=inline_file_work(reactor),
         )
         self.minter = JWTMinter(None, 60)
-        self.store = JWTTrustStore(self.inner, self.files, self.minter)
+        self.metrics = SentryMetrics()
+        self.config = SentryConfig(listen_address="127.0.0.1", port=0)
+        self.ca = CertificateAuthorityService(
+            self.config,
+            reactor,
+            self.inner,
+            {},
+            None,
+            self.metrics,
+            jwt_minter=self.minter,
+            jwt_store=self.files,
+            grpc_loop_factory=SynchronousGrpcLoop,
+        )
+        self.successResultOf(self.ca.start(self.config))
+        self.addCleanup(lambda: self.successResultOf(self.ca.stop()))
 
     def write_pair(self, key, jwks):
         for name, data in (("jwt.key", pem(key)), ("jwks.json", jwks)):
@@ -635,43 +654,63 @@ class RotationTests(SynchronousTestCase):
                 f.write(data)
             os.replace(path + ".new", path)
 
-    def test_watch_directories(self):
+    def in_service(self):
         """
-        The JWT files' directories are watched with the bundle's.
+        What the authority serves: bundle, pending server certificate (None
+        when none replaced the current one), JWT pair.
         """
-        other = os.path.abspath(self.mktemp())
-        store = JWTTrustStore(
-            self.inner,
-            FileJWTStore(None, os.path.join(other, "k"), os.path.join(other, "j"), "RS256", None),
-            self.minter,
-        )
-        self.assertEqual(
-            store.watch_directories, (os.path.abspath(self.directory), other)
-        )
+        return (self.ca.bundle, self.ca._credentials._fetch(), self.minter.material)
 
-    def test_rotation(self):
+    def test_jwt_pair_alone_reloaded(self):
         """
-        A new valid pair is put in service by a reload; a broken one fails
-        the reload and the previous pair stays in service.
+        A change of the JWT pair alone is a reload: the new pair is put in
+        service with the (unchanged) bundle.
         """
-        self.successResultOf(self.store.load_or_generate(FIXED_NOW))
-        first = self.minter.material
-        self.assertIsNotNone(first)
+        self.assertIsNotNone(self.minter.material)
         self.write_pair(rsa_key(1), jwks_of(jwk_member(rsa_key(1), kid="new")))
-        self.successResultOf(self.store.load(FIXED_NOW))
+        self.successResultOf(self.ca.restart(self.config))
         self.assertEqual(self.minter.material.key_id, "new")
-        rotated = self.minter.material
-        self.write_pair(rsa_key(0), jwks_of(jwk_member(rsa_key(1), kid="new")))
-        self.failureResultOf(self.store.load(FIXED_NOW), BundleError)
-        self.assertIs(self.minter.material, rotated)
 
-    def test_x509_failure_leaves_jwt(self):
+    def test_broken_jwt_pair_changes_nothing(self):
         """
-        When the X.509 bundle is refused, the JWT pair is not even read.
+        A new bundle with a JWT key that its JWKS does not publish is
+        refused whole: the previous bundle, server certificate and pair stay.
         """
-        self.successResultOf(self.store.load_or_generate(FIXED_NOW))
-        first = self.minter.material
+        before = self.in_service()
+        from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files
+
+        replace_bundle_files(reissue_chain(self.chain), self.directory)
+        self.write_pair(rsa_key(0), jwks_of(jwk_member(rsa_key(1), kid="new")))
+        self.failureResultOf(self.ca.restart(self.config), BundleError)
+        self.assertEqual(self.in_service(), before)
+        self.assertEqual(self.metrics.issuercert_reload_failed._value.get(), 1)
+
+    def test_broken_bundle_changes_nothing(self):
+        """
+        A good new JWT pair beside a refused bundle (issuer.key gone) is not
+        put in service: bundle, server certificate and pair stay.
+        """
+        before = self.in_service()
         os.unlink(os.path.join(self.directory, "issuer.key"))
         self.write_pair(rsa_key(1), jwks_of(jwk_member(rsa_key(1), kid="new")))
-        self.failureResultOf(self.store.load(FIXED_NOW), BundleError)
-        self.assertIs(self.minter.material, first)
+        self.failureResultOf(self.ca.restart(self.config), BundleError)
+        self.assertEqual(self.in_service(), before)
+
+    def test_failed_server_certificate_changes_nothing(self):
+        """
+        When the server certificate cannot be issued from a new bundle, the
+        reload is refused: the new bundle and the new pair stay out.
+        """
+        before = self.in_service()
+        from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files
+
+        replace_bundle_files(reissue_chain(self.chain), self.directory)
+        self.write_pair(rsa_key(1), jwks_of(jwk_member(rsa_key(1), kid="new")))
+
+        def cannot_issue(bundle, config):
+            raise ValueError("no server certificate")
+
+        self.ca._issue_server_certificate = cannot_issue
+        self.failureResultOf(self.ca.restart(self.config), ValueError)
+        self.assertEqual(self.in_service(), before)
+

@@ -15,13 +15,35 @@ from sentry_tx.config import SentryConfig
 from sentry_tx.errors import BundleError
 from sentry_tx.jwt.kubernetes_store import KubernetesJWTStore
 from sentry_tx.jwt.material import generate_jwt_material
-from sentry_tx.jwt.minting import JWTMinter
-from sentry_tx.jwt.store import JWTTrustStore
 from sentry_tx.testing.certificates import FIXED_NOW, TEST_NAMESPACE, TEST_TRUST_DOMAIN
 from sentry_tx.testing.kubernetes import kubernetes_client_for, start_fake_kubernetes
 from tests.test_jwt import rfc7638_kid
 
 NAME = "dapr-trust-bundle"
+
+
+class _BundleThenPair:
+    """
+    The bundle, then the JWT pair, loaded as the authority's C{prepare}
+    loads them; C{material} is the last pair that loaded.
+    """
+
+    def __init__(self, trust_store, jwt_store):
+        self._trust_store = trust_store
+        self._jwt_store = jwt_store
+        self.material = None
+
+    @defer.inlineCallbacks
+    def load_or_generate(self, now):
+        bundle = yield self._trust_store.load_or_generate(now)
+        self.material = yield self._jwt_store.load_or_generate(now)
+        return bundle
+
+    @defer.inlineCallbacks
+    def load(self, now):
+        bundle = yield self._trust_store.load(now)
+        self.material = yield self._jwt_store.load(now)
+        return bundle
 
 
 class KubernetesJWTStoreTests(TestCase):
@@ -37,17 +59,15 @@ class KubernetesJWTStoreTests(TestCase):
 
     def store(self):
         client = kubernetes_client_for(self, self.fake)
-        minter = JWTMinter(None, 60)
-        store = JWTTrustStore(
+        store = _BundleThenPair(
             KubernetesTrustStore(
                 reactor, client, TEST_NAMESPACE, TEST_TRUST_DOMAIN, timedelta(minutes=15)
             ),
             KubernetesJWTStore.for_config(
                 reactor, client, SentryConfig(namespace=TEST_NAMESPACE)
             ),
-            minter,
         )
-        return store, minter
+        return store, store
 
     def secret(self):
         return self.fake.secret_data(TEST_NAMESPACE, NAME)

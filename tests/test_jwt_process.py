@@ -11,7 +11,9 @@ import stat
 
 import jwt as pyjwt
 import treq
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -139,6 +141,18 @@ class JWTProcessTests(TestCase):
             verified_claims(jwks_body, token.value, audience=audience)
 
     @inlineCallbacks
+    def reloaded_everywhere(self, protocol):
+        """
+        Wait until every serving process has reloaded the JWT pair: each
+        watches and reloads it itself.
+        """
+        processes = int(
+            re.search(rb"serving gRPC from (\d+) process", protocol.output).group(1)
+        )
+        while protocol.output.count(b"JWT signing key reloaded") < processes:
+            yield deferLater(reactor, 0.1, lambda: None)
+
+    @inlineCallbacks
     def test_key_rotation(self):
         """
         Replacing jwt.key and jwks.json in the credentials directory puts
@@ -150,7 +164,7 @@ class JWTProcessTests(TestCase):
         before = yield self.sign(client)
         old_kid = pyjwt.get_unverified_header(before.jwt.value)["kid"]
         jwks_json = self.replace_jwt_pair()
-        yield protocol.when_output(b"JWT signing key reloaded")
+        yield self.reloaded_everywhere(protocol)
         after = yield self.sign(client)
         new_kid = pyjwt.get_unverified_header(after.jwt.value)["kid"]
         self.assertNotEqual(new_kid, old_kid)
@@ -195,21 +209,20 @@ class JWTProcessTests(TestCase):
     @inlineCallbacks
     def test_workers_mint_and_rotate(self):
         """
-        With --workers 2 both serving processes (twistd's and the worker)
-        mint JWTs with the generated key, and a replaced key pair reaches
-        both without a restart.
+        With --workers 2 both serving processes (twistd's and the copy)
+        mint JWTs with the generated key, and a replaced key pair is
+        reloaded by each without a restart.
         """
         protocol, ports, _ = yield self.start(["--workers", "2"])
         yield protocol.when_output(b"for issuer credential changes")
-        # healthz is 200 once twistd's process serves; the worker joins the
-        # port when it has started.
-        yield protocol.when_output(b"serves on port")
+        # Once every copy answers its liveness check.
+        yield protocol.when_output(b"in 2 serving processes")
         with open(os.path.join(self.credentials, "jwks.json"), "rb") as f:
             old_kid = json.loads(f.read())["keys"][0]["kid"]
         kids = yield self.kids_by_process(ports)
         self.assertEqual(kids, [{old_kid}, {old_kid}])
         jwks_json = self.replace_jwt_pair()
-        yield protocol.when_output(b"reloaded in 1 worker processes")
+        yield self.reloaded_everywhere(protocol)
         new_kid = json.loads(jwks_json)["keys"][0]["kid"]
         kids = yield self.kids_by_process(ports)
         self.assertEqual(kids, [{new_kid}, {new_kid}])
@@ -217,7 +230,7 @@ class JWTProcessTests(TestCase):
 
 class JWKSProcessTests(TestCase):
     """
-    The JWKS validator with a file source, served by worker processes.
+    The JWKS validator with a file source, served by serving copies.
     """
 
     timeout = 90

@@ -192,7 +192,7 @@ class KubernetesModeProcessTests(TestCase):
             env={"NAMESPACE": TEST_NAMESPACE},
         )  # fmt: skip
         ports = yield protocol.wait_ready()
-        yield protocol.when_output(b"serves on port")
+        yield protocol.when_output(b"in 2 serving processes")
         anchors_pem = self.fake.secret_data(TEST_NAMESPACE, TRUST_BUNDLE)["ca.crt"]
         token = pyjwt.encode(
             {

@@ -253,7 +253,7 @@ class TwistdPortInUseTests(TestCase):
 
     def test_grpc_port_workers(self):
         """
-        With worker processes (which bind with SO_REUSEPORT), a taken --port
+        With serving copies (which bind with SO_REUSEPORT), a taken --port
         is still one line naming it.
         """
         return self._assert_one_line("--port", "--workers", "2")

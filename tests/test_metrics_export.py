@@ -4,6 +4,8 @@ latency histogram (observed by the servicer, summed exactly over worker
 processes), the process metrics, and a HELP text for every metric.
 """
 
+import os
+
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -13,13 +15,11 @@ from sentry_tx.metrics import (
     SentryMetrics,
     metrics_root,
 )
-from sentry_tx.server.ipc import CounterDeltas, add_counter_deltas
 from sentry_tx.server.servicer import CAServicer, Refusal
 from sentry_tx.testing.authority import FakeCertificateAuthority, FakeValidator
 from sentry_tx.testing.certificates import FIXED_NOW, make_bundle
 from sentry_tx.testing.clocks import ImmediateReactor
 from sentry_tx.testing.grpc_client import run_now
-from tests.test_ipc import _round_trip_response
 from tests.test_servicer import INSECURE, sign_request
 from tests.test_web import render
 
@@ -108,7 +108,7 @@ class SignDurationTests(SynchronousTestCase):
         """
         metrics = SentryMetrics()
         for seconds in (0.001, 0.001, 0.2, 30.0):
-            metrics.sign_duration.observe("success", seconds)
+            metrics.sign_duration.labels(outcome="success").observe(seconds)
         samples, _ = _samples(metrics)
         self.assertEqual(samples[_bucket("success", "0.001")], 2)
         self.assertEqual(samples[_bucket("success", "0.25")], 3)
@@ -118,32 +118,44 @@ class SignDurationTests(SynchronousTestCase):
             samples[(SIGN_DURATION_NAME + "_count", (("outcome", "success"),))], 4
         )
 
-    def test_workers_sum_exactly(self):
+    def test_processes_sum_exactly(self):
         """
-        Two workers' histograms, sent through the L{Counters} wire form
-        twice, add up in the parent to exactly the histogram one process
-        observing every call would have.
+        Serving processes sharing a metrics directory add up, in any of
+        them, to the counts and histogram one process observing every call
+        would have; a process that is gone (killed) leaves its counts.
         """
-        parent, single = SentryMetrics(), SentryMetrics()
-        workers = [SentryMetrics(), SentryMetrics()]
-        deltas = [CounterDeltas(metrics) for metrics in workers]
+        import itertools
+
+        directory = self.mktemp()
+        os.mkdir(directory)
+        names = itertools.count(1)
+        processes = []
+        for _ in range(3):
+            metrics = SentryMetrics()
+            name = next(names)
+            metrics.share(directory, process_identifier=lambda name=name: name)
+            processes.append(metrics)
+        reader, first, second = processes
+        single = SentryMetrics()
         observations = [
-            (0, "success", 0.0011),
-            (1, "success", 0.0042),
-            (0, "validator", 0.7),
-            (1, "cert_sign", 12.5),
+            (first, "success", 0.0011),
+            (second, "success", 0.0042),
+            (first, "validator", 0.7),
+            (second, "cert_sign", 12.5),
         ]
-        for round_ in range(2):
-            for worker, outcome, seconds in observations:
-                workers[worker].sign_duration.observe(outcome, seconds * (round_ + 1))
-                single.sign_duration.observe(outcome, seconds * (round_ + 1))
-            for each in deltas:
-                add_counter_deltas(parent, _round_trip_response(each.take()))
+        for process, outcome, seconds in observations:
+            for metrics in (process, single):
+                metrics.sign_duration.labels(outcome=outcome).observe(seconds)
+                metrics.sign_success.inc()
+        del first, second, processes
+        shared, _ = _samples(reader)
+        alone, _ = _samples(single)
+        for key, value in alone.items():
+            if key[0].startswith(SIGN_DURATION_NAME) and not key[0].endswith("_sum"):
+                self.assertEqual(shared[key], value, key)
         self.assertEqual(
-            parent.sign_duration.snapshot(), single.sign_duration.snapshot()
+            reader.registry.get_sample_value("dapr_sentry_cert_sign_success_total"), 4
         )
-        # Nothing new: nothing sent.
-        self.assertEqual(deltas[0].take()["sign_durations"], [])
 
     def test_bucket_bounds(self):
         """

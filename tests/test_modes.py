@@ -63,10 +63,9 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
 
     def test_services_when_watching(self):
         """
-        When the process validates, its service runs the client's service
-        first and the informers after it (so they stop before the client
-        closes), and the validator is a healthz source, not ready before its
-        caches sync.
+        Its service runs the client's service first and the informers after
+        it (so they stop before the client closes), and the validator is a
+        healthz source, not ready before its caches sync.
         """
         from sentry_tx.kube.informer import InformerService
 
@@ -83,7 +82,7 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
         """
         The composition root gives /healthz the validator as a readiness
         source next to the authority: not ready until its caches have
-        synced.  With worker processes too, since the twistd process serves
+        synced.  With serving copies too, since the twistd process serves
         (and so watches) as well.  The last source is the JWKS hook, ready
         while the Configuration names no jwks validator.
         """
@@ -107,33 +106,13 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
             return web.args[1].resource.children[b"healthz"]._sources
 
         for workers in (1, 2):
-            _, validator, jwks = healthz_sources(workers=workers)
+            *_, validator, jwks = healthz_sources(workers=workers)
             self.assertEqual(validator.name, VALIDATOR_KUBERNETES)
             self.assertFalse(validator.ready)
             for informer in validator._informers:
                 informer.ready = True
             self.assertTrue(validator.ready)
             self.assertTrue(jwks.ready)
-
-    def test_services_without_watching(self):
-        """
-        A process that does not validate (a worker pool's twistd process)
-        runs no informer and has no readiness source.
-        """
-        parts = build_kubernetes_parts(
-            SentryConfig(
-                mode=MODE_KUBERNETES,
-                namespace=TEST_NAMESPACE,
-                kubeconfig="/nonexistent/kubeconfig",
-                issuer_credentials="/nonexistent/credentials",
-            ),
-            Clock(),
-            {},
-            watch=False,
-        )
-        self.assertIsInstance(parts.service, KubernetesClientService)
-        self.assertEqual(parts.readiness, ())
-        self.assertTrue(parts.validators[VALIDATOR_KUBERNETES].ready)
 
     def test_mounted_secret_watched(self):
         """

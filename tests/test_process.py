@@ -42,7 +42,7 @@ class _TwistdProtocol(ProcessProtocol):
     _PROCESSES = re.compile(rb"serving gRPC from (?P<count>\d+) process")
 
     def __init__(self, workers=False):
-        # With worker processes, each worker logs its own listening line
+        # With serving copies, each copy logs its own listening line
         # first: only the pool's line means the parent is ready.
         self._workers = workers
         self._output_waiters = []
@@ -296,8 +296,8 @@ class TwistdProcessTests(TestCase):
     def test_workers(self):
         """
         With C{--workers 2}, two processes serve the port, twistd's own and
-        one worker: healthz is 200 once both serve, calls are signed, and
-        SIGTERM stops every process.
+        one copy: healthz is 200 once both serve and says so, calls are
+        signed, and SIGTERM stops every process.
         """
         import treq
 
@@ -307,13 +307,14 @@ class TwistdProcessTests(TestCase):
             f"http://127.0.0.1:{ports['healthz']}/healthz", persistent=False
         )
         self.assertEqual(response.code, 200)
-        yield response.content()
+        body = yield response.content()
+        self.assertEqual(body, b"ok\nserving processes: 2 of 2\n")
         with open(os.path.join(self.credentials, "ca.crt"), "rb") as f:
             anchors_pem = f.read()
         calls = 6
         for _ in range(calls):
             # A new channel each time, so that connections land on both
-            # workers (the kernel spreads them over the listeners).
+            # processes (the kernel spreads them over the listeners).
             client = GrpcTestClient(f"127.0.0.1:{ports['grpc']}", anchors_pem)
             self.addCleanup(client.close)
             _, csr = make_csr()
@@ -443,3 +444,236 @@ class TwistdProcessTests(TestCase):
         lines = protocol.output.strip().splitlines()
         self.assertEqual(len(lines), 1, protocol.output)
         self.assertIn(b"--port", lines[0])
+
+
+def _until(predicate, seconds, step_seconds=0.1):
+    """
+    A Deferred that fires with the seconds waited once C{predicate()} is
+    true, checked every C{step_seconds}; it fails with C{TimeoutError}
+    after C{seconds}.
+    """
+    from twisted.internet import task
+
+    started = reactor.seconds()
+
+    def check():
+        waited = reactor.seconds() - started
+        if predicate():
+            return waited
+        if waited > seconds:
+            raise TimeoutError(f"not true within {seconds} s")
+        return task.deferLater(reactor, step_seconds, check)
+
+    return task.deferLater(reactor, 0, check)
+
+
+def _kill_quietly(pid):
+    """
+    SIGKILL C{pid} if it still exists (a test's cleanup).
+    """
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class ServingCopiesProcessTests(TestCase):
+    """
+    twistd with serving copies, as an operator runs it: supervision,
+    rotation in every process, counts that survive a killed copy, copies
+    that follow a killed parent.
+    """
+
+    timeout = 120
+
+    def setUp(self):
+        from datetime import datetime, timedelta, timezone
+
+        from sentry_tx.testing.certificates import make_chain
+
+        self.credentials = os.path.abspath(self.mktemp())
+        now = datetime.now(timezone.utc)
+        self.chain = make_chain(
+            trust_domain="localhost",
+            not_before=now - timedelta(days=1),
+            not_after=now + timedelta(days=30),
+        )
+        os.makedirs(self.credentials, mode=0o700)
+        self.chain.write(self.credentials)
+
+    @inlineCallbacks
+    def start(self, processes, *extra):
+        """
+        Start twistd with C{processes} serving processes and C{extra}
+        flags; wait until all serve.
+
+        @return: a Deferred firing with C{(protocol, ports, copy pids)}.
+        """
+        protocol = spawn_twistd(
+            self,
+            standalone_arguments(
+                self, self.credentials, "--workers", str(processes), *extra
+            ),
+        )
+        ports = yield protocol.wait_ready()
+        copies = _children(protocol.transport.pid)
+        self.assertEqual(len(copies), processes - 1)
+        for pid in copies:
+            self.addCleanup(_kill_quietly, pid)
+        return protocol, ports, copies
+
+    def issuers_served(self, port, connections):
+        """
+        The issuer public keys presented on C{connections} new connections
+        (each lands on one of the processes sharing the port).
+        """
+        client = GrpcTestClient(f"127.0.0.1:{port}", self.chain.anchors_pem)
+        self.addCleanup(client.close)
+
+        def handshakes():
+            return [
+                client.server_chain(timeout=5.0)[1].public_key()
+                for _ in range(connections)
+            ]
+
+        return deferToThread(handshakes)
+
+    @inlineCallbacks
+    def test_stuck_copy_replaced_rotation_elsewhere(self):
+        """
+        A copy stopped with SIGSTOP is killed and replaced within 15 s;
+        meanwhile an issuer rotation is in effect within 5 s in every other
+        process, and after the replacement in all of them.
+        """
+        from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files
+
+        protocol, ports, (stuck, running) = yield self.start(3)
+        parent = protocol.transport.pid
+        os.kill(stuck, signal.SIGSTOP)
+        stopped_at = reactor.seconds()
+        rotated = reissue_chain(self.chain)
+        replace_bundle_files(rotated, self.credentials)
+        # The twistd process and the copy that runs each reload once.
+        yield _until(
+            lambda: protocol.output.count(b"issuer credentials reloaded") >= 2, 5.0
+        )
+        self.assertEqual(protocol.output.count(b"issuer credentials reloaded"), 2)
+
+        def replaced():
+            live = [pid for pid in _children(parent) if _alive(pid)]
+            return (
+                stuck not in live
+                and len(live) == 2
+                and all(f"(pid {pid}) serves".encode() in protocol.output for pid in live)
+            )
+
+        yield _until(replaced, 15.0 - (reactor.seconds() - stopped_at))
+        self.assertFalse(_alive(stuck))
+        self.assertIn(b"failed 2 liveness checks in a row; killing it", protocol.output)
+        served = yield self.issuers_served(ports["grpc"], 12)
+        self.assertEqual(set(key.public_numbers() for key in served),
+                         {rotated.issuer.public_key().public_numbers()})
+
+    @inlineCallbacks
+    def test_refused_reload_changes_no_process(self):
+        """
+        A new bundle whose key is not the issuer's, then a new good bundle
+        beside a JWT pair whose key its JWKS does not publish: each is
+        refused by every process, and every process keeps serving the first
+        issuer.
+        """
+        from sentry_tx.jwt.material import generate_jwt_material
+        from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files
+
+        protocol, ports, _ = yield self.start(3, "--jwt-enabled")
+        first = self.chain.issuer.public_key().public_numbers()
+        from dataclasses import replace
+
+        wrong_key = replace(
+            reissue_chain(self.chain), issuer_key=reissue_chain(self.chain).issuer_key
+        )
+        replace_bundle_files(wrong_key, self.credentials)
+        refused = b"issuer credentials refused"
+        yield _until(lambda: protocol.output.count(refused) >= 3, 30.0)
+        served = yield self.issuers_served(ports["grpc"], 12)
+        self.assertEqual({key.public_numbers() for key in served}, {first})
+        replace_bundle_files(reissue_chain(self.chain), self.credentials)
+        key_pem, _ = generate_jwt_material()
+        with open(os.path.join(self.credentials, "jwt.key"), "wb") as f:
+            f.write(key_pem)
+        yield _until(lambda: protocol.output.count(refused) >= 6, 30.0)
+        served = yield self.issuers_served(ports["grpc"], 12)
+        self.assertEqual({key.public_numbers() for key in served}, {first})
+        self.assertNotIn(b"issuer credentials reloaded", protocol.output)
+
+    @inlineCallbacks
+    def test_killed_copy_keeps_its_counts(self):
+        """
+        After SIGKILL of a copy under load, success_total is at least the
+        OK answers the clients counted, less the calls in flight at the
+        kill (64 at most); the restart is counted, and the copy replaced.
+        """
+        import threading
+
+        import grpc
+        import treq
+        from prometheus_client.parser import text_string_to_metric_families
+
+        protocol, ports, (victim, _) = yield self.start(3)
+        _, csr = make_csr()
+        request = sentry_pb2.SignCertificateRequest(
+            id="myapp", namespace="default", certificate_signing_request=csr
+        )
+        stop = threading.Event()
+        callers = 8
+        oks = [0] * callers
+
+        def load(index):
+            # A channel of its own: the callers' connections spread over the
+            # processes, and one on the killed copy reconnects elsewhere.
+            client = GrpcTestClient(f"127.0.0.1:{ports['grpc']}", self.chain.anchors_pem)
+            try:
+                while not stop.is_set():
+                    try:
+                        client.sign(request, timeout=5.0)
+                    except grpc.RpcError:
+                        continue
+                    oks[index] += 1
+            finally:
+                client.close()
+
+        loads = [deferToThread(load, index) for index in range(callers)]
+        yield _until(lambda: sum(oks) >= 50, 30.0)
+        os.kill(victim, signal.SIGKILL)
+        counted_at_kill = sum(oks)
+        yield _until(lambda: sum(oks) >= counted_at_kill + 50, 30.0)
+        stop.set()
+        for d in loads:
+            yield d
+        response = yield treq.get(
+            f"http://127.0.0.1:{ports['metrics']}/metrics", persistent=False
+        )
+        text = (yield response.text()).splitlines()
+        samples = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families("\n".join(text))
+            for sample in family.samples
+            if not sample.labels
+        }
+        self.assertGreaterEqual(
+            samples["dapr_sentry_cert_sign_success_total"], sum(oks) - 64
+        )
+        self.assertGreaterEqual(
+            samples["dapr_sentry_serving_process_restarts_total"], 1
+        )
+
+    @inlineCallbacks
+    def test_copies_follow_killed_parent(self):
+        """
+        After SIGKILL of the twistd process, every copy notices (its stdin
+        ends), stops and exits within the drain grace and a margin.
+        """
+        protocol, _, copies = yield self.start(3)
+        os.kill(protocol.transport.pid, signal.SIGKILL)
+        yield protocol.ended
+        yield _until(lambda: not any(_alive(pid) for pid in copies), 10.0)

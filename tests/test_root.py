@@ -16,7 +16,6 @@ from sentry_tx.errors import BundleError
 from sentry_tx.interfaces import ICertificateAuthority
 from sentry_tx.expiry import ExpiryChecker
 from sentry_tx.server.service import CertificateAuthorityService
-from sentry_tx.server.workers import WorkerPoolAuthority
 from sentry_tx.watcher import IssuerWatcher
 from sentry_tx.service import SentryService, WebService
 from sentry_tx.stderr_capture import StandardErrorCapture
@@ -50,22 +49,32 @@ class BuildServiceTests(SynchronousTestCase):
 
     def test_children(self):
         """
-        The root holds the standard error capture, the CA, then the issuer
-        watcher and the expiry checker, then healthz and metrics, and builds
-        them without opening anything.
+        The root holds the standard error capture, the private directory,
+        the shared metrics, the port check, the CA, then the issuer watcher,
+        the copies' supervision and the expiry checker, then healthz and
+        metrics, and builds them without opening anything.
         """
+        from sentry_tx.metrics import SharedMetrics
+        from sentry_tx.rundir import PrivateDirectory
+        from sentry_tx.server.copies import ServingCopies
+
         reactor = MemoryReactorClock()
         root = build_service(SentryConfig(issuer_credentials=self.mktemp()), reactor)
-        capture, port_check, *children = list(root)
+        capture, directory, shared, port_check, *children = list(root)
         self.assertIsInstance(capture, StandardErrorCapture)
+        self.assertIsInstance(directory, PrivateDirectory)
+        self.assertIsNone(directory.path)
+        self.assertIsInstance(shared, SharedMetrics)
         self.assertEqual((port_check.flag, port_check.port), ("--port", 50001))
         self.assertFalse(capture.capturing)
         self.assertIsInstance(children[0], CertificateAuthorityService)
         verifyObject(ICertificateAuthority, children[0])
         self.assertIsInstance(children[1], IssuerWatcher)
-        self.assertIsInstance(children[2], ExpiryChecker)
+        self.assertIsInstance(children[2], ServingCopies)
+        self.assertEqual(children[2].count, 0)
+        self.assertIsInstance(children[3], ExpiryChecker)
         self.assertEqual(
-            [child.label for child in children[3:] if isinstance(child, WebService)],
+            [child.label for child in children[4:] if isinstance(child, WebService)],
             ["healthz", "metrics"],
         )
         self.assertEqual(reactor.tcpServers, [])
@@ -73,17 +82,44 @@ class BuildServiceTests(SynchronousTestCase):
 
     def test_workers(self):
         """
-        With more than one worker, the authority is a worker pool, spawning
-        nothing yet.
+        With more than one serving process, the authority is the same one,
+        binding with SO_REUSEPORT, and the copies are supervised by a
+        service that spawns nothing yet.
         """
+        from sentry_tx.server.copies import ServingCopies
+
         reactor = MemoryReactorClock()
         root = build_service(
-            SentryConfig(issuer_credentials=self.mktemp(), workers=2), reactor
+            SentryConfig(issuer_credentials=self.mktemp(), workers=3), reactor
         )
-        authority = list(root)[2]
-        self.assertIsInstance(authority, WorkerPoolAuthority)
-        verifyObject(ICertificateAuthority, authority)
+        (authority,) = [c for c in root if isinstance(c, CertificateAuthorityService)]
+        self.assertTrue(authority._reuse_port)
+        (supervisor,) = [c for c in root if isinstance(c, ServingCopies)]
+        self.assertEqual(supervisor.count, 2)
         self.assertEqual(reactor.tcpServers, [])
+
+    def test_copy_role(self):
+        """
+        A serving copy is the same authority, loading only, and answers its
+        liveness socket instead of serving healthz, metrics or copies.
+        """
+        from twisted.application.internet import UNIXServer
+
+        from sentry_tx.server.copies import ServingCopies
+        from sentry_tx.tap import CopyRole
+
+        reactor = MemoryReactorClock()
+        root = build_service(
+            SentryConfig(issuer_credentials=self.mktemp(), workers=3),
+            reactor,
+            copy=CopyRole("/nonexistent/copy.sock", "/nonexistent/metrics"),
+        )
+        (authority,) = [c for c in root if isinstance(c, CertificateAuthorityService)]
+        self.assertFalse(authority._primary)
+        self.assertTrue(authority._reuse_port)
+        self.assertEqual([c for c in root if isinstance(c, (ServingCopies, WebService))], [])
+        self.assertEqual(len([c for c in root if isinstance(c, UNIXServer)]), 1)
+        self.assertEqual(reactor.unixServers, [])
 
     def test_metrics_disabled(self):
         """

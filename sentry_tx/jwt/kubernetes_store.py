@@ -4,7 +4,7 @@ C{jwks.json} of the Secret C{dapr-trust-bundle} (the base names of
 C{--jwt-key-filename} and C{--jwks-filename}), and C{jwks.json} published in
 the ConfigMap C{dapr-trust-bundle} too, as Dapr does.
 
-It runs after the X.509 store (L{sentry_tx.jwt.store.JWTTrustStore}), which
+It runs after the X.509 store (the authority loads the bundle first), which
 has created the Secret and the ConfigMap.  Racing replicas end with one key
 pair as they end with one bundle: every write is conditional on the
 object's C{resourceVersion}, and the loser of a 409 reads again and uses

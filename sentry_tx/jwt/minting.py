@@ -13,10 +13,13 @@ C{iss} only when C{--jwt-issuer} is set.
 import secrets
 
 from joserfc import jwt
+from twisted.logger import Logger
 
 from sentry_tx.identity.rules import jwt_audiences_problem
 
 JTI_BYTES = 16
+
+_log = Logger()
 
 
 class JWTMintingError(Exception):
@@ -74,7 +77,29 @@ class JWTMinter:
         """
         Put C{material} in service for every call that starts afterwards.
         """
-        self.material = material
+        previous, self.material = self.material, material
+        if previous is None:
+            _log.info(
+                "JWT issuing enabled: {algorithm}, kid {key_id}",
+                algorithm=material.algorithm,
+                key_id=material.key_id,
+            )
+        elif not self.serves(previous):
+            _log.info(
+                "JWT signing key reloaded: {algorithm}, kid {key_id}",
+                algorithm=material.algorithm,
+                key_id=material.key_id,
+            )
+
+    def serves(self, material):
+        """
+        Whether C{material} is the pair in service (the same key and JWKS).
+        """
+        current = self.material
+        return current is not None and (current.key_pem, current.jwks_json) == (
+            material.key_pem,
+            material.jwks_json,
+        )
 
     def mint(self, material, subject, audiences, now_seconds, clock_skew_seconds):
         """

@@ -8,17 +8,15 @@ the bundle store's writer; when one exists without the other it refuses to
 start and names the missing one; it never overwrites.  Every read goes
 through L{sentry_tx.ca.store.read_credential}.
 
-L{JWTTrustStore} wraps the X.509 trust store, so that the JWT pair is
-loaded at start and reloaded whenever the issuer watch reloads the bundle:
-a broken pair fails the reload (the authority keeps the old bundle, logs and
-counts the refusal), a good one is put in service.
+The certificate authority loads the pair with the X.509 bundle, at start and
+at every reload (L{sentry_tx.server.service.CertificateAuthorityService.prepare}):
+loading has no side effect, so a broken pair fails the whole reload and the
+previous bundle and pair stay in service.
 """
 
 import os
 
-from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from sentry_tx.ca.files import (
     CREDENTIAL_GENERATION_TIMEOUT_SECONDS,
@@ -32,7 +30,6 @@ from sentry_tx.ca.store import (
     read_credential,
 )
 from sentry_tx.errors import BundleError
-from sentry_tx.interfaces import ITrustStore
 from sentry_tx.jwt.material import (
     RSA_ALGORITHMS,
     generate_jwt_material,
@@ -150,66 +147,3 @@ class FileJWTStore(FileTrustStore):
         return load_jwt_material(
             key_pem, jwks_json, self._algorithm, self._key_id, self._paths
         )
-
-
-@implementer(ITrustStore)
-class JWTTrustStore:
-    """
-    An L{ITrustStore} that loads the X.509 bundle from C{inner} and then the
-    JWT pair from C{jwt_store}, installing the pair in C{minter}.
-
-    @param inner: the X.509 L{ITrustStore}.
-    @param jwt_store: a L{FileJWTStore} or a Kubernetes JWT store: its
-        C{load_or_generate()} and C{load()} return Deferreds of
-        L{JWTMaterial}.
-    @param minter: the L{JWTMinter} the material is installed in.
-    """
-
-    _log = Logger()
-
-    def __init__(self, inner, jwt_store, minter):
-        self._inner = inner
-        self._jwt_store = jwt_store
-        self._minter = minter
-        directories = list(inner.watch_directories)
-        for directory in getattr(jwt_store, "watch_directories", ()):
-            if directory not in directories:
-                directories.append(directory)
-        self.watch_directories = tuple(directories)
-
-    def __getattr__(self, name):
-        # The Kubernetes store's use_config and descriptions pass through.
-        return getattr(self._inner, name)
-
-    @inlineCallbacks
-    def load_or_generate(self, now):
-        bundle = yield self._inner.load_or_generate(now)
-        material = yield self._jwt_store.load_or_generate(now)
-        self._install(material)
-        return bundle
-
-    @inlineCallbacks
-    def load(self, now):
-        bundle = yield self._inner.load(now)
-        material = yield self._jwt_store.load(now)
-        self._install(material)
-        return bundle
-
-    def _install(self, material):
-        previous = self._minter.material
-        self._minter.install(material)
-        if previous is None:
-            self._log.info(
-                "JWT issuing enabled: {algorithm}, kid {key_id}",
-                algorithm=material.algorithm,
-                key_id=material.key_id,
-            )
-        elif (previous.key_pem, previous.jwks_json) != (
-            material.key_pem,
-            material.jwks_json,
-        ):
-            self._log.info(
-                "JWT signing key reloaded: {algorithm}, kid {key_id}",
-                algorithm=material.algorithm,
-                key_id=material.key_id,
-            )

@@ -1,5 +1,5 @@
 """
 Serving SignCertificate over gRPC: the servicer, the grpc.aio server on its
-own loop thread, the server's TLS, and the worker processes that share its
-port.
+own loop thread, the server's TLS, and the serving copies that share its
+port (their supervision and liveness check).
 """

@@ -6,25 +6,28 @@ talks to.
 The server runs on the gRPC loop (L{sentry_tx.server.loop.GrpcLoop}), a
 thread this service starts when it starts and joins when it stops; binding,
 starting and the graceful stop run there as coroutines, so the reactor never
-waits for grpcio.  Bundle swaps happen on the reactor thread, as the
-assignment of one immutable L{InService} that calls read once each.
+waits for grpcio.  A start or a reload is one L{prepare} (bundle, JWT pair
+and server certificate loaded and checked, without side effects) and one
+swap on the reactor thread: the immutable L{InService} that calls read once
+each, the server credentials of the next handshakes, the JWT pair.
 """
 
 import asyncio
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import grpc
 from twisted.application.service import Service
-from twisted.internet.defer import fail, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sentry_tx.errors import ListenError
 from sentry_tx.interfaces import ICertificateAuthority
 from sentry_tx.listen import check_port_free
 from sentry_tx.server.loop import GrpcLoop
-from sentry_tx.server.serial import SerialReloads, StartGate
 from sentry_tx.server.servicer import (
     REQUEST_ARRIVAL_TIMEOUT_SECONDS,
     CAServicer,
@@ -154,7 +157,7 @@ def grpc_server_options(
     ping and read-buffer limits.
 
     @param reuse_port: share the port with other processes of this user
-        (worker processes); off otherwise, so that a second sentry_tx on the
+        (serving copies); off otherwise, so that a second sentry_tx on the
         same port fails to bind instead of silently sharing it.
     @param max_concurrent_streams_per_connection: see
         L{MAX_CONCURRENT_STREAMS_PER_CONNECTION}; the other limits keyword
@@ -194,10 +197,35 @@ def listen_target(address, port):
     return f"{address}:{port}"
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """
+    Everything one serving process serves with, loaded and checked, not yet
+    in service: L{CertificateAuthorityService} swaps it in whole.
+
+    @ivar bundle: the L{TrustBundle}.
+    @ivar config: the L{SentryConfig}.
+    @ivar server_key_pem: the server certificate's key (to grpcio only).
+    @ivar server_chain_pem: the server certificate and the issuer chain.
+    @ivar server_not_after: when the server certificate expires.
+    @ivar jwt_material: the L{JWTMaterial}, or None when JWTs are off.
+    """
+
+    bundle: object
+    config: object
+    server_key_pem: bytes = field(repr=False)
+    server_chain_pem: bytes
+    server_not_after: datetime
+    jwt_material: object = field(default=None, repr=False)
+
+
 @implementer(ICertificateAuthority)
 class CertificateAuthorityService(Service):
     """
-    The CA as a child of sentry_tx's MultiService.
+    The CA as a child of sentry_tx's MultiService: in the twistd process
+    and, the same, in every serving copy.  A start or a reload is one
+    L{prepare} and one L{_swap}; a reload that fails any check changes
+    nothing.
 
     @ivar port: the gRPC port actually bound, once started.
     @ivar config: the L{SentryConfig} in service.
@@ -209,10 +237,17 @@ class CertificateAuthorityService(Service):
         start fails (the root service makes it fatal).
     @param configuration_source: an L{IConfigurationSource} that completes
         the config at start, or None when the config is complete already.
-    @param reuse_port: bind with SO_REUSEPORT (worker processes sharing
-        the port).
+    @param reuse_port: bind with SO_REUSEPORT (several serving processes
+        sharing the port).
     @param jwt_minter: the L{sentry_tx.jwt.minting.JWTMinter} that fills
         the responses' JWTs, or None when JWTs are off.
+    @param jwt_store: where the JWT pair is loaded from (a
+        L{sentry_tx.jwt.store.FileJWTStore} or Kubernetes JWT store), with
+        C{jwt_minter}.
+    @param primary: the twistd process's authority, whose start may generate
+        a missing bundle and JWT pair, and which alone counts
+        C{issuercert_reload_failed} and sets the expiry gauges (once, not
+        once per process); a serving copy's only loads.
     @param max_concurrent_rpcs: see L{MAX_CONCURRENT_RPCS}; this and the
         other transport limits (and C{request_arrival_timeout_seconds}, see
         L{REQUEST_ARRIVAL_TIMEOUT_SECONDS}) default to their constants and
@@ -242,8 +277,12 @@ class CertificateAuthorityService(Service):
         jwt_minter=None,
         request_arrival_timeout_seconds=REQUEST_ARRIVAL_TIMEOUT_SECONDS,
         grpc_loop_factory=GrpcLoop,
+        jwt_store=None,
+        primary=True,
     ):
         self._jwt_minter = jwt_minter
+        self._jwt_store = jwt_store
+        self._primary = primary
         self.config = config
         self._grpc_loop_factory = grpc_loop_factory
         self._request_arrival_timeout_seconds = request_arrival_timeout_seconds
@@ -273,8 +312,14 @@ class CertificateAuthorityService(Service):
         self._credentials = None
         self._renewal = None
         self._started = False
-        self._reloads = SerialReloads(self._reload)
-        self._start_gate = StartGate()
+        # A Deferred while a start runs, fired (never failed) when it ends.
+        self._starting = None
+        # Reload requests not yet served: their Deferreds, and the config of
+        # the latest; the loop serving them, while it runs.
+        self._reload_waiters = []
+        self._reload_config = None
+        self._reloading = False
+        self._serving_waiters = []
 
     # IService
 
@@ -292,6 +337,29 @@ class CertificateAuthorityService(Service):
             self._on_start_failure(failure)
         else:
             self._log.failure("certificate authority failed to start", failure)
+
+    def when_serving(self):
+        """
+        A Deferred that fires with None once the gRPC server listens (at
+        once when it does already); it never fails.
+        """
+        d = Deferred()
+        if self.ready:
+            d.callback(None)
+        else:
+            self._serving_waiters.append(d)
+        return d
+
+    def loop_round_trip(self):
+        """
+        A Deferred that fires once the gRPC loop has run one coroutine: the
+        liveness check of this process (a stuck loop never answers).
+
+        @raise NotRunningError: when no gRPC loop runs.
+        """
+        if self._grpc_loop is None or not self.ready:
+            return fail(NotRunningError("the certificate authority is not serving"))
+        return self._grpc_loop.run(_round_trip)
 
     # ICertificateAuthority
 
@@ -317,16 +385,79 @@ class CertificateAuthorityService(Service):
     def _in_thread(self, f, *args):
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
 
+    @inlineCallbacks
+    def prepare(self, config, first=False):
+        """
+        Load and check everything this process serves with, without side
+        effects: the bundle, the JWT pair (when JWTs are on) and a new
+        server certificate issued from the bundle.
+
+        @param first: the start's load (which may generate a missing bundle
+            and JWT pair, in the twistd process); a reload only loads.
+        @return: Deferred firing with a L{Prepared}, or with None when a
+            reload finds what is in service already; or failing with the
+            first check that failed.
+        """
+        now = self._now()
+        generate = first and self._primary
+        store = self._trust_store
+        bundle = yield (store.load_or_generate(now) if generate else store.load(now))
+        material = None
+        if self._jwt_store is not None:
+            jwt_store = self._jwt_store
+            material = yield (
+                jwt_store.load_or_generate(now) if generate else jwt_store.load(now)
+            )
+        if (
+            not first
+            and _same_bundle(bundle, self.bundle)
+            and (material is None or self._jwt_minter.serves(material))
+        ):
+            # The files were touched but say the same (for example the
+            # store's own writes when it generated them): no new server
+            # certificate to issue.
+            return None
+        key_pem, chain_pem, _, not_after = yield self._issue_server_certificate(
+            bundle, config
+        )
+        return Prepared(bundle, config, key_pem, chain_pem, not_after, material)
+
+    def _swap(self, prepared):
+        """
+        Put C{prepared} in service: the bundle a call reads (one immutable
+        L{InService}), the server certificate of the next handshakes, the
+        JWT pair.  Nothing here can fail.
+        """
+        self.config = prepared.config
+        self.bundle = prepared.bundle
+        self.in_service = InService(prepared.bundle, prepared.config)
+        if self._credentials is None:
+            self._credentials = ServerCredentials(
+                prepared.server_key_pem, prepared.server_chain_pem
+            )
+        else:
+            self._credentials.replace(prepared.server_key_pem, prepared.server_chain_pem)
+        if prepared.jwt_material is not None:
+            self._jwt_minter.install(prepared.jwt_material)
+        if self._primary:
+            self._metrics.record_bundle(prepared.bundle)
+        self._schedule_renewal(prepared.server_not_after)
+
     def start(self, config):
         if self._started:
             return fail(AlreadyRunningError("the certificate authority is running"))
         self._started = True
         self.config = config
-        self._start_gate.begin()
+        self._starting = Deferred()
         d = self._start(config)
         d.addErrback(self._reset_after_failed_start)
-        d.addBoth(self._start_gate.end)
-        return d
+
+        def start_ended(result):
+            starting, self._starting = self._starting, None
+            starting.callback(None)
+            return result
+
+        return d.addBoth(start_ended)
 
     def _reset_after_failed_start(self, failure):
         self._started = False
@@ -337,28 +468,28 @@ class CertificateAuthorityService(Service):
         if self._configuration_source is not None:
             config = yield self._configuration_source.resolve(config)
             self.config = config
-        bundle = yield self._trust_store.load_or_generate(self._now())
-        key_pem, chain_pem, _, not_after = yield self._issue_server_certificate(
-            bundle, config
-        )
-        self._install(bundle, config)
-        self._credentials = ServerCredentials(key_pem, chain_pem)
+        prepared = yield self.prepare(config, first=True)
+        self._swap(prepared)
         grpc_loop = self._grpc_loop = self._grpc_loop_factory(self._reactor)
         grpc_loop.start()
         try:
             self._server, self.port = yield grpc_loop.run(self._serve, config)
         except BaseException:
             self._grpc_loop = None
+            self._cancel_renewal()
             yield grpc_loop.stop()
             raise
-        self._schedule_renewal(not_after)
         self.ready = True
+        bundle = prepared.bundle
         self._log.info(
             "gRPC server listening on {target}; issuer {issuer} valid until {not_after}",
             target=listen_target(config.listen_address, self.port),
             issuer=bundle.issuer.subject.rfc4514_string(),
             not_after=bundle.issuer.not_valid_after_utc.isoformat(),
         )
+        waiters, self._serving_waiters = self._serving_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     async def _serve(self, config):
         # On the gRPC loop: grpc.aio binds its server to the running loop.
@@ -400,9 +531,7 @@ class CertificateAuthorityService(Service):
 
     def stop(self):
         self.ready = False
-        if self._renewal is not None and self._renewal.active():
-            self._renewal.cancel()
-        self._renewal = None
+        self._cancel_renewal()
         server, grpc_loop = self._server, self._grpc_loop
         self._server = self._grpc_loop = None
         self._started = False
@@ -423,60 +552,87 @@ class CertificateAuthorityService(Service):
         return d
 
     def restart(self, config):
+        """
+        Reload: one L{prepare} and one swap.  Reloads never run side by
+        side: those asked for while one runs (or while the start runs) are
+        served by one more run after it, with the latest config.
+        """
         if not self._started:
             return fail(NotRunningError("the certificate authority is not running"))
-        if self._start_gate.starting:
-            # Still starting: reload once the start is over, so that a reload
-            # never runs beside the first load (nor writes back a config the
-            # start has not resolved yet).
-            return self._start_gate.after_start().addCallback(
-                lambda _: self.restart(config)
-            )
-        return self._reloads.request(config)
+        waiter = Deferred()
+        self._reload_waiters.append(waiter)
+        self._reload_config = config
+        if not self._reloading:
+            self._serve_reloads()
+        return waiter
+
+    @inlineCallbacks
+    def _serve_reloads(self):
+        self._reloading = True
+        try:
+            if self._starting is not None:
+                # Never beside the first load, nor with a config the start
+                # has not resolved yet.
+                yield self._starting
+            while self._reload_waiters:
+                waiters, self._reload_waiters = self._reload_waiters, []
+                if not self._started:
+                    failure = Failure(
+                        NotRunningError("the certificate authority is not running")
+                    )
+                    for waiter in waiters:
+                        waiter.errback(failure)
+                    continue
+                try:
+                    yield self._reload(self._reload_config)
+                except Exception:
+                    failure = Failure()
+                    for waiter in waiters:
+                        waiter.errback(failure)
+                else:
+                    for waiter in waiters:
+                        waiter.callback(None)
+        finally:
+            self._reloading = False
 
     @inlineCallbacks
     def _reload(self, config):
+        # Resolved at start; a reload keeps the resolved Configuration (it
+        # is not re-read, as in Dapr).
+        config = self.config if config is None else config
         try:
-            bundle = yield self._trust_store.load(self._now())
-            if _same_bundle(bundle, self.bundle):
-                # The files were touched but say the same (for example the
-                # store's own writes when it generated them): nothing to
-                # swap, and no new server certificate to issue.
-                self.config = config
-                self._install(self.bundle, config)
-                self._log.info("issuer credentials unchanged")
-                return
-            key_pem, chain_pem, _, not_after = yield self._issue_server_certificate(
-                bundle, config
-            )
+            prepared = yield self.prepare(config)
         except Exception as e:
-            self._metrics.issuercert_reload_failed.inc()
+            if self._primary:
+                self._metrics.issuercert_reload_failed.inc()
             self._log.error(
                 "issuer credentials refused; the previous bundle stays in service: {error}",
                 error=str(e),
             )
             raise
-        self.config = config
-        self._install(bundle, config)
-        if self._credentials is not None:
-            self._credentials.replace(key_pem, chain_pem)
-        self._schedule_renewal(not_after)
+        if not self._started:
+            return
+        if prepared is None:
+            self.config = config
+            self.in_service = InService(self.bundle, config)
+            self._log.info("issuer credentials unchanged")
+            return
+        self._swap(prepared)
         self._log.info(
             "issuer credentials reloaded; issuer {issuer} valid until {not_after}",
-            issuer=bundle.issuer.subject.rfc4514_string(),
-            not_after=bundle.issuer.not_valid_after_utc.isoformat(),
+            issuer=prepared.bundle.issuer.subject.rfc4514_string(),
+            not_after=prepared.bundle.issuer.not_valid_after_utc.isoformat(),
         )
-
-    def _install(self, bundle, config):
-        self.bundle = bundle
-        self.in_service = InService(bundle, config)
-        self._metrics.record_bundle(bundle)
 
     # Server certificate renewal, at half its life.
 
-    def _schedule_renewal(self, not_after):
+    def _cancel_renewal(self):
         if self._renewal is not None and self._renewal.active():
             self._renewal.cancel()
+        self._renewal = None
+
+    def _schedule_renewal(self, not_after):
+        self._cancel_renewal()
         remaining = (not_after - self._now()).total_seconds()
         self._renewal = self._reactor.callLater(
             max(remaining / 2, 1.0), self._renew_server_certificate
@@ -508,6 +664,12 @@ class CertificateAuthorityService(Service):
 
         d.addCallbacks(renewed, failed)
         return d
+
+
+async def _round_trip():
+    """
+    Nothing, on the gRPC loop: that it ran is the answer.
+    """
 
 
 async def _drain(server, servicer):
