@@ -195,8 +195,11 @@ def build_kubernetes_parts(
     # a pod or Configuration its caches lack) goes through the loop's own
     # aiohttp client, its admission runs on the loop's timers, and it reads
     # the caches the informers publish from the reactor.
+    # It shares the reactor client's connection settings (read on the
+    # reactor when the trust bundle is first loaded from its Secret, before
+    # any call is served), so no kubeconfig or CA file is read on the loop.
     validator = KubernetesValidator(
-        LoopKubernetesClient(reactor, load_connection),
+        LoopKubernetesClient(reactor, lambda: client.connection),
         sentry_trust_domain=config.trust_domain,
         sentry_namespace=config.namespace or DEFAULT_NAMESPACE,
         audiences=config.token_audiences,

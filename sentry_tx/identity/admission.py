@@ -178,6 +178,20 @@ class ReviewAdmission:
             )
         return start + latency
 
+    def try_acquire(self, deadline):
+        """
+        A slot at once, without a Deferred, when one is free, nobody waits
+        and C{deadline} has not passed (the common case, taken on every
+        call's path); None otherwise, when the caller uses L{acquire}.
+
+        @return: the callable that gives the slot back (as L{acquire}'s),
+            or None.
+        """
+        now = self._reactor.seconds()
+        if deadline > now and self.in_flight < self.limit and not self._queue:
+            return self._take(now)
+        return None
+
     def acquire(self, deadline):
         """
         Wait for a slot, until C{deadline} at most.

@@ -269,9 +269,13 @@ class OnGrpcLoop:
 
     async def admitted(self, admission, deadline):
         """
-        A slot of C{admission}; a slot granted to a call that was cancelled
-        meanwhile is given back, never lost.
+        A slot of C{admission}: at once when one is free; else through the
+        queue, where a slot granted to a call that was cancelled meanwhile
+        is given back, never lost.
         """
+        release = admission.try_acquire(deadline)
+        if release is not None:
+            return release
         future = _slot_future(admission.acquire(deadline), asyncio.get_running_loop())
         try:
             return await future
