@@ -329,7 +329,7 @@ class _GoUnderLoad:
         self.log.close()
 
 
-def _measure(target, go_binary, seconds, workdir, token, fake):
+def measure_run(target, go_binary, seconds, workdir, token, fake):
     """
     One load run against a started server: the load's figures plus the
     server's (and the fake API server's) CPU ms per certificate.
@@ -404,7 +404,7 @@ def sidecar_comparison(go_binary, workdir, seconds=8.0, rounds=3, workers=None,
                 if index % 2:
                     order.reverse()
                 for name, target in order:
-                    row = _measure(target, go_binary, seconds, workdir, token, fake)
+                    row = measure_run(target, go_binary, seconds, workdir, token, fake)
                     runs[name].append(row)
                     log(f"  sidecars, {mode}, round {index + 1}, {name}: "
                         f"{row['rate']:,.0f}/s p50 {row['p50']:.2f} ms p99 {row['p99']:.2f} ms"
