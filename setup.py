@@ -26,6 +26,8 @@ setup(
         "pyopenssl>=24.0.0",
         "cryptography>=44.0.0",
         "treq>=24.9.1",
+        # The per-call TokenReview on the gRPC loop (sentry_tx/kube/loop_client.py).
+        "aiohttp>=3.10",
         "prometheus-client>=0.20.0",
         "zope.interface>=6.0",
         "PyYAML>=6.0",

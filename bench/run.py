@@ -4,6 +4,15 @@ print (and write to bench/RESULTS.md) what was measured and how.
 
     .venv/bin/python bench/run.py            # full run, several minutes
     .venv/bin/python bench/run.py --quick    # smoke run, under 60 s
+    .venv/bin/python bench/run.py --sidecars-only [--rounds 3] [--seconds 8]
+                                 # the sidecar pattern only (bench/sidecars.py),
+                                 # rewrites its section of RESULTS.md, keeps the rest
+
+Flags: --workers (process counts), --seconds (each load run), --client
+(auto/h2load/python), --go (the yardstick's binary; default
+bench/.go-sentryref when present, else built there), --no-go, --no-kubernetes,
+--no-sidecars, --sidecars-only, --rounds (sidecar rounds), --write (where
+RESULTS.md goes).
 
 It measures, in one run on this machine:
 
@@ -23,6 +32,10 @@ It measures, in one run on this machine:
   installed, or given with --go) under the same load, and sentry_tx's ratios
   to it: signed/s at 64 in flight, mean and p99 latency, CPU ms per
   certificate;
+- the sidecar pattern (issue 19, bench/sidecars.py): the yardstick's
+  C{-sidecars} load (a new TLS connection per certificate) against sentry_tx
+  and the yardstick, standalone and in kubernetes mode against the
+  yardstick's fake API server (20 ms per TokenReview), alternated rounds;
 - the hosting alternative issue 9 asked for (Twisted's asyncio reactor with
   grpc.aio on the same loop, bench/hosting.py) against the hosting sentry_tx
   runs (grpc.aio on its own loop thread), one process each.
@@ -626,7 +639,10 @@ def build_go_yardstick(workdir):
     source = go_source_directory()
     if source is None:
         return None, "../shared/go-sentryref not found beside the checkout"
-    out = os.path.join(workdir, "go-sentryref")
+    import sidecars
+
+    # Kept for the next run (bench/.go-sentryref, ignored by git).
+    out = sidecars.DEFAULT_GO_BINARY
     try:
         built = subprocess.run(["bash", os.path.join(source, "build.sh"), out],
                                capture_output=True, text=True, timeout=1200)
@@ -951,6 +967,13 @@ def main(argv=None):
     parser.add_argument("--no-go", action="store_true", help="do not run the Go yardstick")
     parser.add_argument("--no-kubernetes", action="store_true",
                         help="skip the kubernetes-mode measurement")
+    parser.add_argument("--no-sidecars", action="store_true",
+                        help="skip the sidecar-pattern measurement (bench/sidecars.py)")
+    parser.add_argument("--sidecars-only", action="store_true",
+                        help="measure only the sidecar pattern and rewrite its section of"
+                             " RESULTS.md, keeping the rest")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="alternated rounds of the sidecar pattern (default 3, quick 1)")
     parser.add_argument("--write", default=None,
                         help="write RESULTS.md and results.png here (default bench/, not in --quick)")
     args = parser.parse_args(argv)
@@ -960,6 +983,8 @@ def main(argv=None):
     workers_list = [None if w == "default" else int(w) for w in args.workers.split(",")]
     if args.quick:
         workers_list = workers_list[:1]
+    if args.sidecars_only:
+        return sidecars_only(args, seconds)
     use_h2load = args.client == "h2load" or (args.client == "auto" and shutil.which("h2load"))
     client = "h2load (pre-encoded gRPC body, TLS)" if use_h2load else "multi-process Python grpc client"
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -980,7 +1005,10 @@ def main(argv=None):
         elif not use_h2load:
             go["reason"] = "needs h2load (apt-get install nghttp2-client)"
         else:
-            binary, go["reason"] = (args.go, None) if args.go else (
+            import sidecars
+
+            given = sidecars.find_go_binary(args.go)
+            binary, go["reason"] = (given, None) if given else (
                 (None, "--quick builds nothing; pass --go") if args.quick
                 else build_go_yardstick(workdir))
             if binary:
@@ -1057,6 +1085,24 @@ def main(argv=None):
             results["storms"] = kube_storm.storms(workdir, kube_workers)
             for row in results["storms"]:
                 print(kube_storm.describe_storm(row))
+        if not args.no_sidecars:
+            import sidecars
+
+            binary = sidecars.find_go_binary(args.go)
+            if binary is None:
+                results["sidecars"] = (None, "no Go yardstick binary (pass --go)")
+            else:
+                rounds = args.rounds or (1 if args.quick else 3)
+                print("\nthe sidecar pattern (bench/sidecars.py):")
+                rows = sidecars.sidecar_comparison(
+                    binary, workdir, seconds, rounds, workers_list[0],
+                    kubernetes=not args.no_kubernetes,
+                )
+                results["sidecars"] = (sidecars.report_lines(
+                    rows, seconds, rounds, process_label(workers_list[0])), None)
+                for target, measured, met in sidecars.judge(rows):
+                    print(f"  target: {target}: {measured}: "
+                          f"{'met' if met else 'not judged' if met is None else 'NOT met'}")
         if not args.quick:
             from jwt_cost import jwt_cost, report_lines
 
@@ -1065,7 +1111,7 @@ def main(argv=None):
 
     judged = process_label(None)
     for target, measured, met in judge_targets(
-        {k: v for k, v in results.items() if k not in ("hosting", "kubernetes")},
+        {k: v for k, v in results.items() if k not in ("hosting", "kubernetes", "sidecars")},
         go["rows"], (results.get("kubernetes") or (None, None))[0], judged,
     ):
         print(f"  target: {target}: {measured}: "
@@ -1077,7 +1123,46 @@ def main(argv=None):
     return 0
 
 
+def sidecars_only(args, seconds):
+    """
+    --sidecars-only: the sidecar pattern alone; its section of RESULTS.md is
+    rewritten, the rest of the file kept.
+    """
+    import sidecars
+
+    binary = sidecars.find_go_binary(args.go)
+    if binary is None:
+        print("no Go yardstick binary: pass --go")
+        return 2
+    rounds = args.rounds or (1 if args.quick else 3)
+    workers = None if args.workers == "default" else int(args.workers.split(",")[0])
+    started = datetime.datetime.now(datetime.timezone.utc)
+    commit = git_commit()
+    print(f"machine: {machine_description()}")
+    print(f"commit: {commit}; date: {started:%Y-%m-%d %H:%M} UTC; sidecar pattern only,"
+          f" {rounds} round(s) of {seconds:g} s")
+    with tempfile.TemporaryDirectory(prefix="sentry-bench-") as workdir:
+        rows = sidecars.sidecar_comparison(binary, workdir, seconds, rounds, workers,
+                                           kubernetes=not args.no_kubernetes)
+    lines = sidecars.report_lines(rows, seconds, rounds, process_label(workers))
+    print("\n".join(lines))
+    if args.quick and not args.write:
+        return 0
+    out = args.write or HERE
+    sidecars.write_section(
+        os.path.join(out, "RESULTS.md"), lines,
+        [f"Written by `bench/run.py --sidecars-only` on {started:%Y-%m-%d %H:%M} UTC at commit"
+         f" {commit}; machine: {machine_description()}."],
+    )
+    print(f"\nwrote the sidecar section of {os.path.join(out, 'RESULTS.md')}")
+    return 0
+
+
 def write_report(out, results, bare, started, commit, client, seconds, repeats, go):
+    import sidecars
+
+    sidecar_lines, sidecar_reason = results.pop("sidecars", (None, "--no-sidecars"))
+    kept_sidecars = sidecars.existing_section(os.path.join(out, "RESULTS.md"))
     kube = results.pop("kubernetes", (None, "not measured"))
     jwt_lines = results.pop("jwt", [])
     storm_rows = results.pop("storms", [])
@@ -1184,6 +1269,15 @@ def write_report(out, results, bare, started, commit, client, seconds, repeats, 
         lines += ["", "![throughput and p99 against calls in flight](results.png)"]
     if jwt_lines:
         lines += [""] + jwt_lines
+    if sidecar_lines:
+        lines += ["", sidecars.SECTION_START,
+                  f"Written by `bench/run.py` on {started:%Y-%m-%d %H:%M} UTC at commit {commit}.",
+                  "", *sidecar_lines, sidecars.SECTION_END]
+    elif kept_sidecars:
+        # Measured earlier by --sidecars-only: kept as it was.
+        lines += ["", kept_sidecars]
+    else:
+        lines += ["", f"The sidecar pattern: not measured ({sidecar_reason})."]
     with open(os.path.join(out, "RESULTS.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"\nwrote {os.path.join(out, 'RESULTS.md')}" + (" and results.png" if png else ""))

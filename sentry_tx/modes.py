@@ -21,8 +21,9 @@ from sentry_tx.identity.caller import (
 from sentry_tx.identity.admission import ReviewAdmission
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.identity.jwks import jwks_validator_for
-from sentry_tx.identity.kubernetes import KubernetesValidator
+from sentry_tx.identity.kubernetes import KubernetesValidator, OnGrpcLoop
 from sentry_tx.kube.client import KubernetesClient, KubernetesClientService
+from sentry_tx.kube.loop_client import LoopKubernetesClient
 from sentry_tx.kube.configuration import KubernetesConfigurationSource
 from sentry_tx.kube.connection import TOKEN_FILE_CHECK_INTERVAL_SECONDS
 from sentry_tx.kube.incluster import SERVICE_ACCOUNT_DIRECTORY
@@ -32,6 +33,7 @@ from sentry_tx.kube.informer import (
     configuration_informer,
     pod_informer,
 )
+from sentry_tx.server.loop import LoopClock
 
 
 @dataclass(frozen=True)
@@ -185,15 +187,23 @@ def build_kubernetes_parts(
     service.setName(client_service.name)
     client_service.setServiceParent(service)
     InformerService((pods, configurations)).setServiceParent(service)
+    # The validator runs on the gRPC loop: its TokenReview (and the GET of
+    # a pod or Configuration its caches lack) goes through the loop's own
+    # aiohttp client, its admission runs on the loop's timers, and it reads
+    # the caches the informers publish from the reactor.
+    # It shares the reactor client's connection settings (read on the
+    # reactor when the trust bundle is first loaded from its Secret, before
+    # any call is served), so no kubeconfig or CA file is read on the loop.
     validator = KubernetesValidator(
-        client,
+        LoopKubernetesClient(reactor, lambda: client.connection),
         sentry_trust_domain=config.trust_domain,
         sentry_namespace=config.namespace or DEFAULT_NAMESPACE,
         audiences=config.token_audiences,
         reactor=reactor,
         pods=pods,
         configurations=configurations,
-        admission=ReviewAdmission(reactor),
+        admission=ReviewAdmission(LoopClock(reactor.seconds)),
+        waits=OnGrpcLoop(reactor),
     )
     source = KubernetesConfigurationSource(
         client, on_resolved=(trust_store.use_config,)

@@ -287,6 +287,23 @@ class ValidatorUnderLoadTests(SynchronousTestCase):
         self.successResultOf(second)
         self.assertEqual(self.admission.in_flight, 0)
 
+    def test_try_acquire(self):
+        """
+        C{try_acquire} gives a slot at once only when one is free, nobody
+        waits and the deadline has not passed; otherwise None, and nothing
+        is taken.
+        """
+        deadline = self.clock.seconds() + 5
+        self.assertIsNone(self.admission.try_acquire(self.clock.seconds()))
+        release = self.admission.try_acquire(deadline)
+        self.assertEqual(self.admission.in_flight, 1)
+        self.assertIsNone(self.admission.try_acquire(deadline))
+        release(None)
+        queued = self.admission.acquire(deadline)
+        self.assertEqual(self.admission.in_flight, 1)
+        self.successResultOf(queued)(None)
+        self.assertEqual(self.admission.in_flight, 0)
+
     def test_queue_full(self):
         """
         Beyond the in-flight limit and the queue, a call is refused at once

@@ -310,17 +310,6 @@ class ClientTests(TestCase):
         self.assertEqual(secret["metadata"]["name"], "s")
         yield self.assertFailure(client.get(SECRET_PATH), KubernetesUnavailableError)
 
-    def _rotate_token(self, directory, token):
-        """
-        Replace the service-account token file atomically, as the kubelet
-        does, with one the fake API server accepts (and only that one).
-        """
-        write_file(os.path.join(directory, "token.new"), token)
-        os.replace(
-            os.path.join(directory, "token.new"), os.path.join(directory, "token")
-        )
-        self.fake.api_tokens = {token}
-
     @defer.inlineCallbacks
     def test_token_file_reread(self):
         """
@@ -334,7 +323,7 @@ class ClientTests(TestCase):
             lambda: in_cluster_connection(environ, reactor, directory, 0)
         )
         yield client.get(SECRET_PATH)
-        self._rotate_token(directory, "second")
+        self.fake.rotate_service_account_token(directory, "second")
         secret = yield client.get(SECRET_PATH)
         self.assertEqual(secret["metadata"]["name"], "s")
 
@@ -351,7 +340,7 @@ class ClientTests(TestCase):
             lambda: in_cluster_connection(environ, reactor, directory, 3600)
         )
         yield client.get(SECRET_PATH)
-        self._rotate_token(directory, "second")
+        self.fake.rotate_service_account_token(directory, "second")
         secret = yield client.get(SECRET_PATH)
         self.assertEqual(secret["metadata"]["name"], "s")
         self.assertEqual(len(self.fake.requests), 3)

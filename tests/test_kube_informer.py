@@ -137,6 +137,23 @@ class InformerTests(SynchronousTestCase):
         self.assertEqual(query(path)["resourceVersion"], "20")
         self.assertEqual(self.informer.lists, 1)
 
+    def test_changes_publish_new_snapshots(self):
+        """
+        Each change publishes a new immutable mapping: a snapshot read
+        before an event (as the gRPC loop reads it) never changes.
+        """
+        self._answer_list(page([pod("a", "p1", 5)], 10))
+        before = self.informer.snapshot
+        _, response = self._watch()
+        response.send(
+            {"type": "ADDED", "object": pod("a", "new", 11)},
+            {"type": "DELETED", "object": pod("a", "p1", 12)},
+        )
+        self.assertEqual(set(before), {("a", "p1")})
+        self.assertEqual(set(self.informer.snapshot), {("a", "new")})
+        with self.assertRaises(TypeError):
+            before[("a", "x")] = None
+
     def test_gone_event_relists_at_once(self):
         """
         An ERROR event with a 410 Status (the version is too old) makes the

@@ -10,7 +10,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from sentry_tx.server.loop import LOOP_THREAD_NAME, GrpcLoop, on_reactor
+from sentry_tx.server.loop import LOOP_THREAD_NAME, GrpcLoop, LoopClock, on_reactor
 
 
 class GrpcLoopTests(TestCase):
@@ -124,3 +124,55 @@ class GrpcLoopTests(TestCase):
         from twisted.internet.defer import CancelledError
 
         self.assertIs(kind, CancelledError)
+
+
+class LoopClockTests(TestCase):
+    """
+    L{LoopClock}: the reactor's time, timers on the running loop.
+    """
+
+    def setUp(self):
+        self.loop = asyncio.new_event_loop()
+        self.addCleanup(self.loop.close)
+        self.clock = LoopClock(lambda: 1234.5)
+
+    def test_seconds(self):
+        """
+        C{seconds} is the clock it was given.
+        """
+        self.assertEqual(self.clock.seconds(), 1234.5)
+
+    def test_call_later_on_loop(self):
+        """
+        A timer runs on the loop once its delay has passed, and is active
+        only until then.
+        """
+        calls = []
+
+        async def run():
+            call = self.clock.callLater(0, calls.append, "fired")
+            active_before = call.active()
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            return active_before, call.active()
+
+        self.assertEqual(self.loop.run_until_complete(run()), (True, False))
+        self.assertEqual(calls, ["fired"])
+
+    def test_cancel(self):
+        """
+        A cancelled timer does not run, is no longer active, and cannot be
+        cancelled twice.
+        """
+        calls = []
+
+        async def run():
+            call = self.clock.callLater(0, calls.append, "fired")
+            call.cancel()
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            self.assertRaises(RuntimeError, call.cancel)
+            return call.active()
+
+        self.assertFalse(self.loop.run_until_complete(run()))
+        self.assertEqual(calls, [])

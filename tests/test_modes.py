@@ -52,6 +52,16 @@ class BuildKubernetesPartsTests(SynchronousTestCase):
         self.assertEqual(parts.default_validator, VALIDATOR_KUBERNETES)
         verifyObject(IIdentityValidator, parts.validators[VALIDATOR_KUBERNETES])
 
+    def test_validator_on_grpc_loop(self):
+        """
+        The KUBERNETES validator runs on the gRPC loop (the servicer awaits
+        it there, never through the reactor).
+        """
+        parts = self._parts()
+        validator = parts.validators[VALIDATOR_KUBERNETES]
+        self.assertTrue(validator.runs_on_loop)
+        self.assertFalse(validator.needs_reactor)
+
     def test_interfaces(self):
         """
         The trust store and configuration source provide their interfaces.

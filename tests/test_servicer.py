@@ -164,6 +164,40 @@ class ServicerTests(SynchronousTestCase):
             [self.reactor.seconds() + VALIDATION_TIMEOUT_SECONDS],
         )
 
+    def test_loop_validator_awaited_on_loop(self):
+        """
+        A validator that runs on the loop is awaited there, with the
+        deadline of the call, without crossing to the reactor.
+        """
+        def refuse(f, *a, **kw):
+            raise AssertionError("crossed to the reactor")
+
+        self.reactor.callFromThread = refuse
+        validator = FakeValidator(INSECURE, runs_on_loop=True)
+        response = self.loop.run_until_complete(
+            self.servicer({INSECURE: validator}).sign(sign_request(), 12345.0)
+        )
+        self.assertTrue(response.workload_certificate)
+        self.assertEqual(validator.deadlines, [12345.0])
+
+    def test_loop_validator_timeout(self):
+        """
+        A validator on the loop that has not answered by the deadline makes
+        the call UNAVAILABLE "timed out validating the caller", and its wait
+        is cancelled.
+        """
+        validator = FakeValidator(INSECURE, pending=True, runs_on_loop=True)
+        refusal = self.assertRaises(
+            Refusal,
+            self.loop.run_until_complete,
+            self.servicer({INSECURE: validator}).sign(
+                sign_request(), self.reactor.seconds() + 0.05
+            ),
+        )
+        self.assertEqual(refusal.code, grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(refusal.message, "timed out validating the caller")
+        self.assertTrue(validator.pending[0].cancelled())
+
     def test_computing_validator_stays_on_loop(self):
         """
         A validator that needs no reactor runs inline: the pipeline finishes

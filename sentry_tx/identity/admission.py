@@ -16,6 +16,11 @@ A queued call is checked again as time passes and reviews end, and refused
 as soon as it cannot make it; one whose deadline comes before its turn
 leaves the queue with the same refusal.  Nothing here waits without a bound: every queued call has a
 timer at its deadline.
+
+It runs where the validator runs: in sentry_tx on the gRPC loop, with a
+L{sentry_tx.server.loop.LoopClock} (the reactor's time, timers on the loop);
+its Deferreds are fired there, and the validator awaits them as loop futures
+(L{sentry_tx.identity.kubernetes.OnGrpcLoop}).
 """
 
 from collections import deque
@@ -87,7 +92,9 @@ class _Waiter:
 
 class ReviewAdmission:
     """
-    The admission queue (see the module docstring).  Reactor thread only.
+    The admission queue (see the module docstring).  Used from one thread
+    only, the one C{reactor}'s timers run on (the gRPC loop's in
+    sentry_tx).
 
     When a call would have to wait, its turn is estimated from the start
     times of the reviews in flight and the measured latency: the I{k}-th
@@ -97,7 +104,9 @@ class ReviewAdmission:
     L{PRUNE_INTERVAL_SECONDS}) and calls that can no longer be reviewed in
     time are refused then, not at their deadline.
 
-    @param reactor: the clock.
+    @param reactor: the clock (C{seconds}, C{callLater}): a
+        L{sentry_tx.server.loop.LoopClock} on the gRPC loop, a C{Clock} in
+        tests.
     @param limit: how many reviews may be in flight.
     @param queue_limit: how many calls may wait.
 
@@ -168,6 +177,20 @@ class ReviewAdmission:
                 oldest + latency + (position // len(self._starts)) * latency,
             )
         return start + latency
+
+    def try_acquire(self, deadline):
+        """
+        A slot at once, without a Deferred, when one is free, nobody waits
+        and C{deadline} has not passed (the common case, taken on every
+        call's path); None otherwise, when the caller uses L{acquire}.
+
+        @return: the callable that gives the slot back (as L{acquire}'s),
+            or None.
+        """
+        now = self._reactor.seconds()
+        if deadline > now and self.in_flight < self.limit and not self._queue:
+            return self._take(now)
+        return None
 
     def acquire(self, deadline):
         """

@@ -52,6 +52,15 @@ the cache lacks.  Until the caches have synced once, a call waits for them
 (within its deadline) and then fails with "validator not ready"
 (UNAVAILABLE), as Dapr's does.
 
+Where it runs: in sentry_tx, on the gRPC loop (L{OnGrpcLoop}): C{validate}
+is a coroutine the servicer awaits there, its TokenReview is made with the
+loop's aiohttp client (L{sentry_tx.kube.loop_client}), the caches are read
+as the immutable mappings the informers publish from the reactor, and
+admission runs on the loop too; only a call that arrives before the caches
+have synced once waits for them through the bridge to the reactor.  Built
+with L{OnReactor} (the default), the same checks run on the reactor with the
+treq client, and C{validate} returns a Deferred.
+
 Time: C{validate} takes the call's C{deadline}; it gives up
 L{ANSWER_MARGIN_SECONDS} before it, so that the answer can still be signed
 and sent.  Each API call's timeout is what is left of that; TokenReviews go
@@ -60,11 +69,12 @@ whose refusals are L{ValidatorOverloadedError} (RESOURCE_EXHAUSTED with a
 retry hint).
 """
 
+import asyncio
 import base64
 import binascii
 import json
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -86,6 +96,7 @@ from sentry_tx.interfaces import IIdentityValidator
 from sentry_tx.kube.errors import KubernetesAPIError, KubernetesError
 from sentry_tx.kube.paths import TOKEN_REVIEW_PATH, configuration_path, core_path
 from sentry_tx.kube.informer import PodRecord, configuration_trust_domain
+from sentry_tx.server.loop import on_reactor
 
 # One validation timeout: the servicer's, used here when a caller of
 # validate() passes no deadline (the servicer always passes one).
@@ -223,13 +234,109 @@ def _first_string(values):
     return ""
 
 
+class OnReactor:
+    """
+    How the validator waits when it runs on the reactor: its collaborators
+    answer with Deferreds, awaited as they are.
+    """
+
+    runs_on_loop = False
+
+    def admitted(self, admission, deadline):
+        """
+        A slot of C{admission} (L{ReviewAdmission.acquire}).
+        """
+        return admission.acquire(deadline)
+
+    def synced(self, informer, deadline):
+        """
+        Whether C{informer} has synced by C{deadline}.
+        """
+        return informer.wait_synced(deadline)
+
+
+class OnGrpcLoop:
+    """
+    How the validator waits when it runs on the gRPC loop: admission's
+    Deferreds (fired on the loop, whose clock it runs on) become loop
+    futures; the first sync of an informer is awaited through the bridge to
+    the reactor (L{on_reactor}), the informer's thread.
+
+    @param reactor: the reactor the informers run on.
+    """
+
+    runs_on_loop = True
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+
+    async def admitted(self, admission, deadline):
+        """
+        A slot of C{admission}: at once when one is free; else through the
+        queue, where a slot granted to a call that was cancelled meanwhile
+        is given back, never lost.
+        """
+        release = admission.try_acquire(deadline)
+        if release is not None:
+            return release
+        future = _slot_future(admission.acquire(deadline), asyncio.get_running_loop())
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result()(None)
+            raise
+
+    async def synced(self, informer, deadline):
+        """
+        Whether C{informer} has synced by C{deadline} (asked on the reactor).
+        """
+        if informer.ready:
+            return True
+        return await on_reactor(
+            self._reactor,
+            asyncio.get_running_loop(),
+            informer.wait_synced,
+            deadline,
+        )
+
+
+def _slot_future(d, loop):
+    """
+    A loop future of admission's Deferred C{d}; cancelling it cancels C{d}
+    (the call leaves the queue), and a slot C{d} grants after the future
+    was cancelled is released at once.
+    """
+    future = loop.create_future()
+
+    def granted(release):
+        if future.cancelled():
+            release(None)
+        else:
+            future.set_result(release)
+
+    def refused(failure):
+        if not future.cancelled():
+            future.set_exception(failure.value)
+
+    def left(done):
+        if done.cancelled():
+            d.cancel()
+
+    d.addCallbacks(granted, refused)
+    future.add_done_callback(left)
+    return future
+
+
 @implementer(IIdentityValidator)
 class KubernetesValidator:
     """
     Validates callers with the Kubernetes API (see the module docstring).
-    Runs on the reactor: C{validate} returns a Deferred.
 
-    @param client: the L{sentry_tx.kube.client.KubernetesClient}.
+    @param client: the API client whose C{create} and C{get} it awaits: the
+        L{sentry_tx.kube.loop_client.LoopKubernetesClient} with
+        L{OnGrpcLoop}, the L{sentry_tx.kube.client.KubernetesClient} with
+        L{OnReactor}.
     @param sentry_trust_domain: sentry_tx's trust domain (control plane).
     @param sentry_namespace: sentry_tx's namespace (control plane).
     @param audiences: the TokenReview audiences (C{--token-audience}); the
@@ -240,13 +347,14 @@ class KubernetesValidator:
         every pod.
     @param configurations: the Configuration informer, or None to GET them.
     @param admission: the L{ReviewAdmission} of TokenReviews, or None for
-        no limit.
+        no limit (on the thread the validator runs on, with its clock).
+    @param waits: L{OnReactor} (the default) or L{OnGrpcLoop}: where it
+        runs, and so how it waits for admission and the first sync.
 
     @ivar ready: True once the informers (if any) have synced once.
     """
 
     name = VALIDATOR_KUBERNETES
-    needs_reactor = True
     _log = Logger()
 
     def __init__(
@@ -259,7 +367,11 @@ class KubernetesValidator:
         pods=None,
         configurations=None,
         admission=None,
+        waits=None,
     ):
+        self._waits = OnReactor() if waits is None else waits
+        self.runs_on_loop = self._waits.runs_on_loop
+        self.needs_reactor = not self.runs_on_loop
         self._client = client
         self._reactor = client.reactor if reactor is None else reactor
         self._pods = pods
@@ -276,7 +388,6 @@ class KubernetesValidator:
     def ready(self):
         return all(informer.ready for informer in self._informers)
 
-    @inlineCallbacks
     def validate(self, request, deadline=None):
         """
         Run every check, in order.
@@ -287,10 +398,17 @@ class KubernetesValidator:
             gives up L{ANSWER_MARGIN_SECONDS} before it; the servicer also
             cancels the returned Deferred at the deadline, which cancels the
             API request in flight.
-        @return: Deferred firing with the L{CallerIdentity} to sign, or
-            failing with L{ValidationError}, L{ValidatorUnavailableError} or
-            L{ValidatorOverloadedError}.
+        @return: the L{CallerIdentity} to sign, or the error
+            (L{ValidationError}, L{ValidatorUnavailableError} or
+            L{ValidatorOverloadedError}): a coroutine on the gRPC loop
+            (L{OnGrpcLoop}), else a Deferred.
         """
+        checks = self._validate(request, deadline)
+        if self.runs_on_loop:
+            return checks
+        return Deferred.fromCoroutine(checks)
+
+    async def _validate(self, request, deadline):
         now = self._reactor.seconds()
         if deadline is None:
             deadline = now + VALIDATION_TIMEOUT_SECONDS
@@ -305,13 +423,13 @@ class KubernetesValidator:
             raise ValidationError(TOKEN_TOO_LONG)
         for informer in self._informers:
             if not informer.ready:
-                synced = yield informer.wait_synced(give_up_at)
+                synced = await self._waits.synced(informer, give_up_at)
                 if not synced:
                     raise ValidatorUnavailableError(VALIDATOR_NOT_READY)
-        status = yield self._review(token, give_up_at)
+        status = await self._review(token, give_up_at)
         _, account = self._service_account(status, request)
         pod_name, pod_uid = self._pod_of_token(token, status)
-        pod = yield self._pod(request.namespace, pod_name, pod_uid, give_up_at)
+        pod = await self._pod(request.namespace, pod_name, pod_uid, give_up_at)
         if pod_uid and pod.uid != pod_uid:
             raise ValidationError(
                 POD_UID_MISMATCH.format(namespace=request.namespace, pod=pod_name)
@@ -338,7 +456,7 @@ class KubernetesValidator:
         if is_control_plane:
             trust_domain = self._sentry_trust_domain
         else:
-            trust_domain = yield self._workload_trust_domain(
+            trust_domain = await self._workload_trust_domain(
                 request.namespace, annotations.get(CONFIG_ANNOTATION), give_up_at
             )
         if request.trust_domain and request.trust_domain != trust_domain:
@@ -400,8 +518,7 @@ class KubernetesValidator:
             )
         return left
 
-    @inlineCallbacks
-    def _pod(self, namespace, name, uid, give_up_at):
+    async def _pod(self, namespace, name, uid, give_up_at):
         """
         The L{PodRecord} of C{namespace/name}: from the cache when it holds
         that pod (with the token's uid), else from one GET.
@@ -410,21 +527,20 @@ class KubernetesValidator:
             record = self._pods.get(namespace, name)
             if record is not None and (not uid or record.uid == uid):
                 return record
-        document = yield self._get(
+        document = await self._get(
             core_path(namespace, "pods", name),
             POD_NOT_FOUND.format(namespace=namespace, pod=name),
             give_up_at,
         )
         return PodRecord.from_pod(document)
 
-    @inlineCallbacks
-    def _get(self, path, not_found_message, give_up_at):
+    async def _get(self, path, not_found_message, give_up_at):
         """
         GET C{path}; a 404 is a refusal with C{not_found_message}.
         """
         timeout_seconds = self._time_left(give_up_at)
         try:
-            document = yield self._client.get(path, timeout_seconds=timeout_seconds)
+            document = await self._client.get(path, timeout_seconds=timeout_seconds)
         except KubernetesAPIError as e:
             if e.is_not_found:
                 raise ValidationError(not_found_message) from None
@@ -433,8 +549,7 @@ class KubernetesValidator:
             raise self._unavailable(e) from None
         return document
 
-    @inlineCallbacks
-    def _review(self, token, give_up_at):
+    async def _review(self, token, give_up_at):
         """
         The status of the call's one TokenReview of C{token}, once admitted.
 
@@ -443,11 +558,11 @@ class KubernetesValidator:
         """
         release = None
         if self._admission is not None:
-            release = yield self._admission.acquire(give_up_at)
+            release = await self._waits.admitted(self._admission, give_up_at)
         started = self._reactor.seconds()
         duration = None
         try:
-            review = yield self._client.create(
+            review = await self._client.create(
                 TOKEN_REVIEW_PATH,
                 {
                     "apiVersion": "authentication.k8s.io/v1",
@@ -563,8 +678,7 @@ class KubernetesValidator:
             return str(app_id), False
         return pod_name, False
 
-    @inlineCallbacks
-    def _workload_trust_domain(self, namespace, config_name, give_up_at):
+    async def _workload_trust_domain(self, namespace, config_name, give_up_at):
         """
         The trust domain of the Configuration C{config_name} in
         C{namespace} (from the cache, else one GET), or C{public}.
@@ -578,7 +692,7 @@ class KubernetesValidator:
         if self._configurations is not None:
             trust_domain = self._configurations.get(namespace, config_name, _MISSING)
         if trust_domain is _MISSING:
-            configuration = yield self._get(
+            configuration = await self._get(
                 configuration_path(namespace, config_name),
                 CONFIGURATION_NOT_FOUND.format(namespace=namespace, name=config_name),
                 give_up_at,

@@ -35,10 +35,10 @@ from zope.interface import implementer
 import sentry_tx
 from sentry_tx.errors import ConfigError
 from sentry_tx.kube.errors import (
-    KubernetesAPIError,
     KubernetesError,
     KubernetesUnavailableError,
     api_error,
+    json_answer,
 )
 from sentry_tx.kube.tls import ClusterTLSPolicy
 
@@ -452,21 +452,7 @@ class KubernetesClient:
                 token_retries -= 1
                 if token.refresh():
                     continue
-            if not 200 <= response.code < 300:
-                raise api_error(response.code, response.phrase, body, method, path)
-            try:
-                document = json.loads(body)
-            except ValueError:
-                document = None
-            if not isinstance(document, dict):
-                raise KubernetesAPIError(
-                    response.code,
-                    "InvalidResponse",
-                    "the answer is not a JSON object",
-                    method,
-                    path,
-                )
-            return document
+            return json_answer(response.code, response.phrase, body, method, path)
 
     def _send(self, method, path, data):
         connection = self.connection

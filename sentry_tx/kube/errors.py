@@ -91,3 +91,23 @@ def api_error(status, phrase, body, method, path):
         excerpt = body[:_ERROR_BODY_EXCERPT_CHARACTERS].decode("utf-8", "replace")
         message = " ".join(excerpt.split())
     return KubernetesAPIError(status, reason, message, method, path)
+
+
+def json_answer(status, phrase, body, method, path):
+    """
+    The JSON object of an answer: the decoded body of a 2xx answer.
+
+    @raise KubernetesAPIError: for an error answer (L{api_error}), or a 2xx
+        answer whose body is not a JSON object (C{InvalidResponse}).
+    """
+    if not 200 <= status < 300:
+        raise api_error(status, phrase, body, method, path)
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise KubernetesAPIError(
+            status, "InvalidResponse", "the answer is not a JSON object", method, path
+        )
+    return document

@@ -12,6 +12,12 @@ L{RELIST_BACKOFF_MAX_SECONDS}.  Only the fields the validator reads are kept
 (L{pod_record}, L{configuration_record}), so memory grows with the number of
 objects, not with their size.
 
+The cache is published as an immutable mapping: each change (a list, a
+watch event) replaces it with a new one by one assignment, so that the
+validator on the gRPC loop reads it (L{Informer.get}, L{Informer.snapshot})
+without a hop to the reactor and without a lock.  An event copies the
+mapping: with 10,000 pods, about 0.2 ms per event.
+
 Everything here runs on the reactor thread and never waits without a bound:
 each list page and the start of each watch are bounded by the client's
 request timeout, the server is asked to end each watch after
@@ -21,6 +27,7 @@ L{MAX_WATCH_EVENT_BYTES}.
 """
 
 import json
+from types import MappingProxyType
 from urllib.parse import urlencode
 
 from twisted.application.service import Service
@@ -352,7 +359,7 @@ class Informer:
         self.resource_version = None
         self.lists = 0
         self.watches = 0
-        self._items = {}
+        self._items = MappingProxyType({})
         self._running = False
         self._operation = None
         self._stream = None
@@ -367,9 +374,18 @@ class Informer:
     def get(self, namespace, name, default=None):
         """
         The cached value of C{namespace/name}, or C{default} when the cache
-        holds no such object.
+        holds no such object.  Safe from any thread.
         """
         return self._items.get((namespace, name), default)
+
+    @property
+    def snapshot(self):
+        """
+        The cache as it is now: an immutable mapping of C{(namespace, name)}
+        to the kept value, never changed after it is published (a change
+        publishes a new one).  Safe from any thread.
+        """
+        return self._items
 
     def start(self):
         """
@@ -465,7 +481,7 @@ class Informer:
     def _listed(self, result):
         self._operation = None
         items, version = result
-        self._items = items
+        self._items = MappingProxyType(items)
         self.resource_version = version
         first = not self.ready
         self.ready = True
@@ -526,11 +542,15 @@ class Informer:
         if kind in ("ADDED", "MODIFIED"):
             kept = self._extract(document)
             if kept is not None:
-                self._items[kept[0]] = kept[1]
+                items = dict(self._items)
+                items[kept[0]] = kept[1]
+                self._items = MappingProxyType(items)
         elif kind == "DELETED":
             key = _key(document)
-            if key is not None:
-                self._items.pop(key, None)
+            if key is not None and key in self._items:
+                items = dict(self._items)
+                del items[key]
+                self._items = MappingProxyType(items)
 
     def _watch_ended(self, started):
         self._operation = None

@@ -11,12 +11,17 @@ State crosses between the two only three ways:
   - a coroutine on the loop runs a function on the reactor with
     L{on_reactor}, and awaits a future that the reactor completes with
     C{loop.call_soon_threadsafe};
-  - immutable objects (L{sentry_tx.server.servicer.InService}) published by
-    one attribute assignment.
+  - immutable objects (L{sentry_tx.server.servicer.InService}, the
+    informers' caches) published by one attribute assignment.
+
+L{LoopClock} gives code on the loop the reactor's clock and timers on the
+loop, so that a component written against C{IReactorTime} (admission) runs
+on the loop, and on a L{twisted.internet.task.Clock} in tests.
 """
 
 import asyncio
 import threading
+import time
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
@@ -123,6 +128,54 @@ class GrpcLoop:
             self.loop = None
 
         return ended.addCallback(joined)
+
+
+class LoopClock:
+    """
+    C{IReactorTime}'s C{seconds} and C{callLater} for code on an asyncio
+    loop: the time is the reactor's (wall-clock seconds, which deadlines
+    are given in); the timers run on the loop running when they are set.
+
+    @param seconds: the clock (the reactor's C{seconds}).
+    """
+
+    def __init__(self, seconds=time.time):
+        self.seconds = seconds
+
+    def callLater(self, delay, f, *args, **kwargs):
+        """
+        Call C{f(*args, **kwargs)} on the running loop in C{delay} seconds.
+
+        @return: an object with C{active()} and C{cancel()}.
+        """
+        return _LoopCall(asyncio.get_running_loop(), delay, f, args, kwargs)
+
+
+class _LoopCall:
+    """
+    A timer of L{LoopClock}, with C{IDelayedCall}'s C{active} and
+    C{cancel}.
+    """
+
+    __slots__ = ("_handle", "_active")
+
+    def __init__(self, loop, delay, f, args, kwargs):
+        self._active = True
+
+        def fire():
+            self._active = False
+            f(*args, **kwargs)
+
+        self._handle = loop.call_later(max(0.0, delay), fire)
+
+    def active(self):
+        return self._active
+
+    def cancel(self):
+        if not self._active:
+            raise RuntimeError("the call has run or was cancelled already")
+        self._active = False
+        self._handle.cancel()
 
 
 def on_reactor(reactor, loop, f, *args):

@@ -3,11 +3,13 @@ The SignCertificate pipeline (SPEC section 5), served by C{grpc.aio} on the
 gRPC loop (L{sentry_tx.server.loop}).
 
 The pipeline runs inline on the loop: parsing and signing take less time
-than a hop to a thread pool would cost.  A validator that needs the reactor
-(it talks to the Kubernetes API with treq) is handed to the reactor thread
-with C{callFromThread} and awaited as a future the reactor completes; a
-validator that is pure computation (INSECURE) is called inline and must
-answer at once.
+than a hop to a thread pool would cost.  A validator that runs on the loop
+(C{runs_on_loop}: KUBERNETES, whose TokenReview is made with the loop's own
+HTTP client) is awaited there, within the deadline; a validator that needs
+the reactor (C{needs_reactor}: JWKS fetching its key set with treq) is handed
+to the reactor thread with C{callFromThread} and awaited as a future the
+reactor completes; a validator that is pure computation (INSECURE) is called
+inline and must answer at once.
 
 Every error the pipeline ends a call with is mapped to its status in one
 table, L{ERROR_STATUS}.
@@ -441,6 +443,8 @@ class CAServicer:
 
     async def _validate(self, validator, request, deadline):
         try:
+            if getattr(validator, "runs_on_loop", False):
+                return await self._validate_on_loop(validator, request, deadline)
             if validator.needs_reactor:
                 return await on_reactor(
                     self._reactor,
@@ -461,6 +465,13 @@ class CAServicer:
                     grpc.StatusCode.INTERNAL, VALIDATION_FAILED, FAILURE_REASON_VALIDATOR
                 )
             raise refusal from None
+
+    async def _validate_on_loop(self, validator, request, deadline):
+        try:
+            async with asyncio.timeout(max(deadline - self._reactor.seconds(), 0.0)):
+                return await validator.validate(request, deadline)
+        except TimeoutError:
+            raise ValidatorUnavailableError(VALIDATION_TIMED_OUT) from None
 
     def _validate_on_reactor(self, validator, request, deadline):
         d = validator.validate(request, deadline)

@@ -5,6 +5,8 @@ checked against its interface in C{tests/test_testing.py}; and a JWT minter
 that records what it was asked to fill.
 """
 
+import asyncio
+
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -25,11 +27,17 @@ class FakeValidator:
     @param pending: when True, C{validate} returns a Deferred that never
         fires by itself (for timeout tests); they are kept in C{pending}.
     @param needs_reactor: whether the servicer must call it on the reactor.
+    @param runs_on_loop: whether it runs on the gRPC loop: C{validate} then
+        returns a coroutine, and with C{pending} awaits a loop future kept in
+        C{pending}.
     """
 
-    def __init__(self, name=1, error=None, pending=False, needs_reactor=True):
+    def __init__(
+        self, name=1, error=None, pending=False, needs_reactor=True, runs_on_loop=False
+    ):
         self.name = name
-        self.needs_reactor = needs_reactor
+        self.runs_on_loop = runs_on_loop
+        self.needs_reactor = needs_reactor and not runs_on_loop
         self.error = error
         self.requests = []
         self.deadlines = []
@@ -39,18 +47,31 @@ class FakeValidator:
     def validate(self, request, deadline=None):
         self.requests.append(request)
         self.deadlines.append(deadline)
+        if self.runs_on_loop:
+            return self._on_loop(request)
         if self._pending:
             d = Deferred()
             self.pending.append(d)
             return d
         if self.error is not None:
             return fail(self.error)
-        return succeed(
-            CallerIdentity(
-                trust_domain=request.trust_domain or "public",
-                namespace=request.namespace,
-                app_id=request.id,
-            )
+        return succeed(self._identity(request))
+
+    async def _on_loop(self, request):
+        if self._pending:
+            future = asyncio.get_running_loop().create_future()
+            self.pending.append(future)
+            return await future
+        if self.error is not None:
+            raise self.error
+        return self._identity(request)
+
+    @staticmethod
+    def _identity(request):
+        return CallerIdentity(
+            trust_domain=request.trust_domain or "public",
+            namespace=request.namespace,
+            app_id=request.id,
         )
 
 

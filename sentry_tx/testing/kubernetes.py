@@ -299,6 +299,16 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
             "KUBERNETES_SERVICE_PORT": str(self.port),
         }
 
+    def rotate_service_account_token(self, directory, token):
+        """
+        Replace the token file in C{directory} atomically, as the kubelet
+        does, with C{token}, which this server then accepts (and only it).
+        """
+        with open(os.path.join(directory, "token.new"), "w") as f:
+            f.write(token)
+        os.replace(os.path.join(directory, "token.new"), os.path.join(directory, "token"))
+        self.api_tokens = {token}
+
     # Faults and races
 
     def fail_with(
@@ -561,6 +571,30 @@ def kubernetes_client_for(test_case, fake, reactor=None, user=None, **client_opt
     )
     test_case.addCleanup(client.close)
     return client
+
+
+def loop_client_for(test_case, fake, reactor=None, user=None, **client_options):
+    """
+    A L{sentry_tx.kube.loop_client.LoopKubernetesClient} for C{fake},
+    through a kubeconfig in a temporary directory (use it on a gRPC loop:
+    L{sentry_tx.testing.loops.start_grpc_loop}).
+
+    @param user: the kubeconfig user's fields (bearer L{FAKE_API_TOKEN} by
+        default).
+    """
+    from sentry_tx.kube.kubeconfig import kubeconfig_connection
+    from sentry_tx.kube.loop_client import LoopKubernetesClient
+
+    if reactor is None:
+        from twisted.internet import reactor
+    directory = test_case.mktemp()
+    os.makedirs(directory)
+    path = write_kubeconfig(
+        os.path.join(directory, "kubeconfig"), fake.kubeconfig(user=user)
+    )
+    return LoopKubernetesClient(
+        reactor, lambda: kubeconfig_connection(path, reactor), **client_options
+    )
 
 
 def start_fake_kubernetes(test_case, reactor=None, tls=True, **options):
