@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_bundle_check,tests.test_healthcheck -*-
 """
 C{python -m sentry_tx COMMAND}: sentry_tx's operator commands.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config,tests.test_kube_configuration,tests.test_tap -*-
 """
 The one frozen configuration object, and reading Dapr's Configuration.
 

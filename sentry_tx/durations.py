@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config -*-
 """
 Go's C{time.Duration} text, read and written as Go does (C{24h0m0s},
 C{1.5s}): the durations of Dapr's flags and Configuration.

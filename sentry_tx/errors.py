@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_servicer,tests.test_config,tests.test_bundle -*-
 """
 Exceptions that carry a message meant for a person: an operator (config,
 bundle) or a caller (validation, CSR).  None of them ever carries key material.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_healthcheck -*-
 """
 C{python -m sentry_tx healthcheck}: the image's HEALTHCHECK.
 

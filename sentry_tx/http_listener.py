@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_listener,tests.test_oidc -*-
 """
 The one constructor of sentry_tx's HTTP listeners (healthz, metrics, and any
 later one such as OIDC discovery): L{http_listener}.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_testing -*-
 """
 The seams of sentry_tx, as zope interfaces.
 

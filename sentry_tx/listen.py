@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_listen -*-
 """
 Turning a failed bind into one line an operator can act on.
 

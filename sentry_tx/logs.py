@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_logs,tests.test_http_listener,tests.test_oidc,tests.test_servicer,tests.test_stderr_capture,tests.test_tap -*-
 """
 Log output in Dapr's shape.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_open_files -*-
 """
 The process's limit on open files.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_report -*-
 """
 The settings in effect, said once at start.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_stderr_capture,tests.test_root -*-
 """
 Standard error, through twisted.logger.
 

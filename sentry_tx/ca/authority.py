@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_images,tests.test_kube_validator -*-
 """
 The authority that signs: from a validated identity and a CSR's public key to
 the workload certificate, its chain and the trust anchors (SPEC section 7).

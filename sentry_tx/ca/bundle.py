@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_bundle,tests.test_files,tests.test_store -*-
 """
 The trust bundle: trust anchors, issuer chain and issuer key.
 

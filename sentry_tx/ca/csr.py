@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_csr -*-
 """
 Reading the certificate signing request of a C{SignCertificate} call.
 

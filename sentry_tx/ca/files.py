@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_files -*-
 """
 Reading credential files without trusting what sits at their paths.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_jwt_kube,tests.test_kube_deploy,tests.test_kube_store -*-
 """
 The trust bundle kept in Kubernetes (kubernetes mode).
 

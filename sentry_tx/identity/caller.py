@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_identity,tests.test_servicer -*-
 """
 Who is calling, as every validator sees it: the numbers of the
 C{TokenValidator} enum, the request a validator checks (L{SignRequest}) and

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_identity -*-
 """
 The INSECURE validator: it proves nothing about the caller beyond the common
 request rules.  Use it only where every caller is trusted (standalone mode).

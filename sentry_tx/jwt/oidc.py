@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_oidc,tests.test_jwt_flags -*-
 """
 The OIDC discovery server (SPEC section 11, Dapr's
 C{pkg/sentry/server/oidc/oidc.go}): C{GET /.well-known/openid-configuration}

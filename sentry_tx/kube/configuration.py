@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_configuration -*-
 """
 Dapr's Configuration resource read through the Kubernetes API: the
 C{spec.mtls} settings of kubernetes mode (L{KubernetesConfigurationSource}).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_connection,tests.test_kube_kubeconfig -*-
 """
 Where the Kubernetes client connects to and how it proves who it is: a
 L{ClusterConnection}, with a fixed token (L{StaticToken}) or a token file that

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_kubeconfig,tests.test_kube_client -*-
 """
 The connection a kubeconfig file describes (its current context: the
 cluster's C{server} and CA, the user's token, token file or client

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_client -*-
 """
 The TLS policy of the Kubernetes client: the cluster's CA as the only
 trust root, the API server's name checked, and the client certificate of the

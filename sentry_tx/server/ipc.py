@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_ipc,tests.test_metrics_export,tests.test_workers -*-
 """
 What a worker pool's parent and its worker processes say to each other.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """
 The trust store of a serving process that reads no files: the bundle its
 parent last pushed (L{PushedTrustStore}), for a worker process and for the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_ca_service,tests.test_workers -*-
 """
 Serialised, coalesced reloads.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """
 One worker process of a worker pool: C{python -m sentry_tx.server.worker}.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers -*-
 """
 The parent's end of one worker process: L{WorkerProcess} speaks AMP over the
 worker's stdin and stdout, and kills it when it will not stop; and the check

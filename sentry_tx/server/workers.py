@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_workers,tests.test_root -*-
 """
 The certificate authority as several serving processes sharing one port.
 
