@@ -92,7 +92,7 @@ next line of the kind.
 """
 
 # The file descriptors the observers made here write to (see writes_to_fd).
-_OBSERVER_FDS = set()
+_OBSERVER_FDS: set[int] = set()
 
 
 def writes_to_fd(fd):

@@ -6,11 +6,19 @@ the workload certificate, its chain and the trust anchors (SPEC section 7).
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from sentry_tx.ca import x509profile
 from sentry_tx.errors import IssuerExpiredError
+
+
+if TYPE_CHECKING:
+    from sentry_tx.ca.bundle import TrustBundle
+    from sentry_tx.config import MTLSConfig
+    from sentry_tx.identity.caller import CallerIdentity
 
 
 @dataclass(frozen=True)
@@ -30,8 +38,13 @@ class IssuedCertificate:
 
 
 def issue_workload_certificate(
-    bundle, identity, public_key, now, mtls, own_namespace
-):
+    bundle: "TrustBundle",
+    identity: "CallerIdentity",
+    public_key: CertificatePublicKeyTypes,
+    now: datetime,
+    mtls: "MTLSConfig",
+    own_namespace: str,
+) -> IssuedCertificate:
     """
     Sign a workload certificate for C{identity}.
 
