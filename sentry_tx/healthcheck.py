@@ -14,9 +14,9 @@ fetch with a timeout is what it is for.
 """
 
 import sys
-from typing import TextIO
 import urllib.error
 import urllib.request
+from typing import TextIO
 
 from sentry_tx.config import SentryConfig
 

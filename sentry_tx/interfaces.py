@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-
 if TYPE_CHECKING:
     from sentry_tx.ca.bundle import TrustBundle
     from sentry_tx.config import SentryConfig

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logs,tests.test_http_listener,tests.test_oidc,tests.test_servicer,tests.test_stderr_capture,tests.test_tap -*-
+# -*- test-case-name: tests.test_logs,tests.test_http_listener,tests.test_oidc -*-
 """
 Log output in Dapr's shape.
 
@@ -27,8 +27,8 @@ from datetime import datetime, timezone
 from types import FrameType
 from typing import Any, Protocol, cast
 
-from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.python import logfile
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -417,7 +417,9 @@ def open_twistd_log_file(logfile_option: str | None, nodaemon: bool) -> LineStre
     """
     if logfile_option == "-" or (nodaemon and not logfile_option):
         return sys.stdout
-    log_file: logfile.LogFile = logfile.LogFile.fromFullPath(logfile_option or _DEFAULT_TWISTD_LOG_FILE)
+    log_file: logfile.LogFile = logfile.LogFile.fromFullPath(
+        logfile_option or _DEFAULT_TWISTD_LOG_FILE
+    )
     _rotate_on_sigusr1(log_file)
     return log_file
 

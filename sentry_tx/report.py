@@ -19,7 +19,6 @@ from zope.interface import implementer
 from sentry_tx.durations import format_go_duration
 from sentry_tx.interfaces import IConfigurationSource
 
-
 if TYPE_CHECKING:
     from sentry_tx.config import SentryConfig
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_watcher,tests.test_kube_store,tests.test_root,tests.test_rotation -*-
+# -*- test-case-name: tests.test_watcher,tests.test_kube_store,tests.test_root -*-
 """
 The issuer watch: reload the trust bundle when its files change.
 

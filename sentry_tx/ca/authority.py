@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sentry_tx.ca import x509profile
 from sentry_tx.errors import IssuerExpiredError
 
-
 if TYPE_CHECKING:
     from sentry_tx.ca.bundle import TrustBundle
     from sentry_tx.config import MTLSConfig

@@ -30,7 +30,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TypeVar, TypeVarTuple, Unpack
+from typing import TypeVar, TypeVarTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -42,7 +42,6 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 
 from sentry_tx.ca import x509profile
 from sentry_tx.errors import BundleError
-
 
 _T = TypeVar("_T")
 _Arguments = TypeVarTuple("_Arguments")
@@ -629,8 +628,8 @@ class TrustBundle:
 
 def _checked(
     source: str,
-    function: Callable[[Unpack[_Arguments]], _T],
-    *args: Unpack[_Arguments],
+    function: Callable[[*_Arguments], _T],
+    *args: *_Arguments,
     quote_error: bool = True,
 ) -> _T:
     """

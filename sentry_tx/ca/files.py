@@ -32,7 +32,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar, TypeVarTuple, Unpack
+from typing import Any, Protocol, TypeVar, TypeVarTuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
@@ -235,8 +235,8 @@ class BoundedFileWork:
         self,
         what: str,
         timeout_seconds: float,
-        f: Callable[[Unpack[_Arguments]], _T],
-        *args: Unpack[_Arguments],
+        f: Callable[[*_Arguments], _T],
+        *args: *_Arguments,
     ) -> Deferred[_T]:
         """
         Call C{f(*args)} in a daemon thread.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_jwt_kube,tests.test_kube_deploy,tests.test_kube_store -*-
+# -*- test-case-name: tests.test_kube_store,tests.test_jwt_kube -*-
 """
 The trust bundle kept in Kubernetes (kubernetes mode).
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_store,tests.test_files,tests.test_jwt,tests.test_rotation,tests.test_secrets,tests.test_watcher -*-
+# -*- test-case-name: tests.test_store,tests.test_files,tests.test_jwt -*-
 """
 The trust bundle kept in three files (standalone mode).
 

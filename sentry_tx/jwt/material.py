@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_ipc,tests.test_jwt,tests.test_jwt_kube,tests.test_jwt_process,tests.test_oidc -*-
+# -*- test-case-name: tests.test_jwt,tests.test_jwt_kube,tests.test_oidc -*-
 """
 The JWT signing material: a private key (C{jwt.key}) and the JSON Web Key
 Set that publishes its public half (C{jwks.json}).

@@ -23,14 +23,14 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
 from twisted.internet import ssl
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web.server import Request
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 from sentry_tx.ca.files import (
     CREDENTIAL_READ_TIMEOUT_SECONDS,
@@ -39,7 +39,6 @@ from sentry_tx.ca.files import (
 )
 from sentry_tx.ca.store import read_credential
 from sentry_tx.jwt.material import JWTMaterial
-
 
 if TYPE_CHECKING:
     from sentry_tx.http_listener import GuardedSite

@@ -18,7 +18,6 @@ from sentry_tx.interfaces import IConfigurationSource
 from sentry_tx.kube.errors import KubernetesAPIError, KubernetesUnavailableError
 from sentry_tx.kube.paths import configuration_path
 
-
 if TYPE_CHECKING:
     from sentry_tx.kube.client import KubernetesClient
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_kube_admission,tests.test_kube_client,tests.test_kube_informer -*-
+# -*- test-case-name: tests.test_kube_client,tests.test_kube_admission -*-
 """
 How a call to the Kubernetes API fails: L{KubernetesAPIError} (the server
 answered with an error) or L{KubernetesUnavailableError} (no usable answer),

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_kube_client,tests.test_kube_connection,tests.test_kube_deploy -*-
+# -*- test-case-name: tests.test_kube_client,tests.test_kube_connection -*-
 """
 The connection of a pod to its own cluster:
 C{https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT} with the

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_kube_admission,tests.test_kube_client,tests.test_kube_configuration -*-
+# -*- test-case-name: tests.test_kube_admission,tests.test_kube_client -*-
 """
 The Kubernetes API paths sentry_tx calls: TokenReviews, core resources
 (Secrets, ConfigMaps, Pods) and Dapr's Configuration.
