@@ -64,7 +64,9 @@ class SentryConfig:
     issuer_certificate_filename: str = "issuer.crt"
     issuer_key_filename: str = "issuer.key"
     trust_domain: str = "localhost"
-    token_audiences: tuple[str, ...] = ()
+    # Bare 'tuple' (of str) here and in oidc_allowed_hosts: server/ipc.py
+    # decodes each field by its runtime annotation and knows 'tuple' only.
+    token_audiences: tuple = ()
     kubeconfig: str = "~/.kube/config"
     port: int = 50001
     listen_address: str = ""
@@ -96,7 +98,7 @@ class SentryConfig:
     oidc_server_tls_key_file: str = ""
     oidc_jwks_uri: str = ""
     oidc_path_prefix: str = ""
-    oidc_allowed_hosts: tuple[str, ...] = ()
+    oidc_allowed_hosts: tuple = ()
 
     def _credential_path(self, filename: str) -> str:
         return os.path.join(self.issuer_credentials, filename)
