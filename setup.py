@@ -49,6 +49,16 @@ setup(
         # bench/run.py draws its plot with matplotlib when it is installed.
         "bench": ["matplotlib>=3.8"],
         "proto": ["grpcio-tools==1.85.1"],
+        # The checkers (pyproject.toml: [tool.mypy], [tool.ruff]), pinned:
+        # mypy-zope follows mypy's internals, so the two move together.
+        "lint": [
+            "mypy==2.4.1",
+            "mypy-zope==1.0.17",
+            "ruff==0.17.6",
+            "types-PyYAML==6.0.12.20261122",
+            "types-grpcio==1.85.0.20261028",
+            "types-protobuf==7.35.1.20261122",
+        ],
     },
     zip_safe=False,
 )

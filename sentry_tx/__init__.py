@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_architecture -*-
 """
 sentry_tx: the Dapr certificate authority (Sentry) as a Twisted service.
 """

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_bundle_check,tests.test_healthcheck -*-
 """
 C{python -m sentry_tx COMMAND}: sentry_tx's operator commands.
 
@@ -20,21 +21,29 @@ from sentry_tx.bundle_check import CHECK_BUNDLE_COMMAND
 from sentry_tx.healthcheck import HEALTHCHECK_COMMAND
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
+    """
+    Run the operator command C{argv} names.
+
+    @return: the process's exit status.
+    """
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == [CHECK_BUNDLE_COMMAND]:
         from sentry_tx.bundle_check import main as check_bundle_main
 
-        return check_bundle_main(argv[1:])
+        status: int = check_bundle_main(argv[1:])
+        return status
     if argv[:1] == ["serve"]:
         from sentry_tx.serve import main as serve_main
 
-        return serve_main(argv[1:])
+        serve_status: int = serve_main(argv[1:])
+        return serve_status
     if argv[:1] == [HEALTHCHECK_COMMAND]:
         from sentry_tx.healthcheck import main as healthcheck_main
 
-        return healthcheck_main(argv[1:])
+        status = healthcheck_main(argv[1:])
+        return status
     sys.stderr.write(
         f"usage: python -m sentry_tx {CHECK_BUNDLE_COMMAND} DIR\n"
         f"       python -m sentry_tx {HEALTHCHECK_COMMAND} [PID]\n"

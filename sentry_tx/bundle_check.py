@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_bundle_check -*-
 """
 C{python -m sentry_tx check-bundle DIR}: would sentry_tx start with the trust
 bundle in DIR?

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config,tests.test_kube_configuration,tests.test_tap -*-
 """
 The one frozen configuration object, and reading Dapr's Configuration.
 
@@ -9,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import yaml
 
@@ -35,7 +37,7 @@ class TokenValidatorConfig:
     """
 
     name: str
-    options: tuple = ()
+    options: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class MTLSConfig:
 
     workload_cert_ttl: timedelta = DEFAULT_WORKLOAD_CERT_TTL
     allowed_clock_skew: timedelta = DEFAULT_ALLOWED_CLOCK_SKEW
-    token_validators: tuple = ()
+    token_validators: tuple[TokenValidatorConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class SentryConfig:
     issuer_certificate_filename: str = "issuer.crt"
     issuer_key_filename: str = "issuer.key"
     trust_domain: str = "localhost"
+    # Bare 'tuple' (of str) here and in oidc_allowed_hosts: server/ipc.py
+    # decodes each field by its runtime annotation and knows 'tuple' only.
     token_audiences: tuple = ()
     kubeconfig: str = "~/.kube/config"
     port: int = 50001
@@ -102,39 +106,39 @@ class SentryConfig:
     ca_renewal_threshold: float = 0.9
     trust_anchor_propagation_grace_seconds: object = None
 
-    def _credential_path(self, filename):
+    def _credential_path(self, filename: str) -> str:
         return os.path.join(self.issuer_credentials, filename)
 
     @property
-    def ca_path(self):
+    def ca_path(self) -> str:
         """
         Path of the trust anchors (an absolute filename is used as is).
         """
         return self._credential_path(self.issuer_ca_filename)
 
     @property
-    def issuer_certificate_path(self):
+    def issuer_certificate_path(self) -> str:
         """
         Path of the issuer chain (an absolute filename is used as is).
         """
         return self._credential_path(self.issuer_certificate_filename)
 
     @property
-    def issuer_key_path(self):
+    def issuer_key_path(self) -> str:
         """
         Path of the issuer key (an absolute filename is used as is).
         """
         return self._credential_path(self.issuer_key_filename)
 
     @property
-    def jwt_key_path(self):
+    def jwt_key_path(self) -> str:
         """
         Path of the JWT signing key (an absolute filename is used as is).
         """
         return self._credential_path(self.jwt_key_filename)
 
     @property
-    def jwks_path(self):
+    def jwks_path(self) -> str:
         """
         Path of the JWKS of the JWT signing key.
         """
@@ -145,13 +149,13 @@ class SentryConfig:
 _SHELL_SPECIAL_NAMES = frozenset("*#$@!?-0123456789")
 
 
-def _is_shell_name_character(character):
+def _is_shell_name_character(character: str) -> bool:
     return character == "_" or ("0" <= character <= "9") or (
         "a" <= character.lower() <= "z"
     )
 
 
-def _shell_name(text):
+def _shell_name(text: str) -> tuple[str, int]:
     """
     Read a variable reference at the start of C{text} (which follows a C{$}),
     exactly as Go's C{os.Expand} does.
@@ -182,7 +186,9 @@ def _shell_name(text):
     return text[:width], width
 
 
-def expand_environment(text, environ):
+def expand_environment(
+    text: str, environ: Mapping[str, str]
+) -> tuple[str, list[str]]:
     """
     Replace C{${VAR}} and C{$VAR} in C{text} from C{environ}, as Go's
     C{os.ExpandEnv} does (which Dapr applies to its Configuration file).
@@ -202,8 +208,8 @@ def expand_environment(text, environ):
         C{environ} (each once, in order of first use).
     @rtype: L{tuple} of (L{str}, L{list} of L{str})
     """
-    pieces = []
-    unset = []
+    pieces: list[str] = []
+    unset: list[str] = []
     copied_up_to = 0
     index = 0
     while index < len(text):
@@ -243,7 +249,7 @@ _ALLOWED_CLOCK_SKEW_FIELD = "spec.mtls.allowedClockSkew"
 _TOKEN_VALIDATORS_FIELD = "spec.mtls.tokenValidators"
 
 
-def _type_name(value):
+def _type_name(value: object) -> str:
     """
     Describe the YAML type of C{value} for an error message.
     """
@@ -262,7 +268,9 @@ def _type_name(value):
     return f"a {type(value).__name__}"
 
 
-def _mapping_or_empty(document, key, field, source):
+def _mapping_or_empty(
+    document: Mapping[Any, Any], key: str, field: str, source: str
+) -> Mapping[Any, Any]:
     """
     The mapping under C{key} in C{document}; a missing or null one is empty.
 
@@ -278,7 +286,9 @@ def _mapping_or_empty(document, key, field, source):
     return value
 
 
-def _duration_field(mtls, key, field, default, source):
+def _duration_field(
+    mtls: Mapping[Any, Any], key: str, field: str, default: timedelta, source: str
+) -> timedelta:
     """
     Read the Go duration under C{key} in C{mtls}, or C{default} when it is
     missing, null or empty (as Dapr treats an empty string).
@@ -300,7 +310,9 @@ def _duration_field(mtls, key, field, default, source):
         raise ConfigError(field, f"{error.problem} (in {source})") from None
 
 
-def _parse_token_validator(entry, index, source):
+def _parse_token_validator(
+    entry: object, index: int, source: str
+) -> TokenValidatorConfig:
     """
     Read one entry of C{spec.mtls.tokenValidators}.
 
@@ -351,7 +363,7 @@ def _parse_token_validator(entry, index, source):
     return TokenValidatorConfig(name=name, options=tuple(sorted(options.items())))
 
 
-def parse_mtls(document, source):
+def parse_mtls(document: object, source: str) -> MTLSConfig:
     """
     Read the C{spec.mtls} settings Sentry uses from a Dapr Configuration.
 
@@ -452,7 +464,7 @@ KNOWN_MTLS_KEYS = (
 )
 
 
-def mtls_warnings(document, source):
+def mtls_warnings(document: object, source: str) -> list[str]:
     """
     What an operator should hear about a Configuration that parsed: a
     missing C{spec.mtls} (every setting is a default), and each key under
@@ -475,7 +487,7 @@ def mtls_warnings(document, source):
             f" {format_go_duration(DEFAULT_WORKLOAD_CERT_TTL)}, allowedClockSkew"
             f" {format_go_duration(DEFAULT_ALLOWED_CLOCK_SKEW)})"
         ]
-    warnings = []
+    warnings: list[str] = []
     for key in mtls:
         if key in KNOWN_MTLS_KEYS:
             continue
@@ -491,7 +503,7 @@ def mtls_warnings(document, source):
     return warnings
 
 
-def _yaml_error_detail(error):
+def _yaml_error_detail(error: yaml.YAMLError) -> str:
     """
     A one-line description of a PyYAML error, with a 1-based line and column
     when PyYAML knows them.
@@ -515,7 +527,9 @@ The largest Configuration file read.
 """
 
 
-def load_configuration_file(path, environ):
+def load_configuration_file(
+    path: str, environ: Mapping[str, str]
+) -> tuple[MTLSConfig, list[str]]:
     """
     Read a Dapr Configuration file: expand the environment in it (as Dapr
     does), parse it as YAML and read its C{spec.mtls}.

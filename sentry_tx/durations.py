@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config -*-
 """
 Go's C{time.Duration} text, read and written as Go does (C{24h0m0s},
 C{1.5s}): the durations of Dapr's flags and Configuration.
@@ -31,7 +32,7 @@ _MIN_DURATION_NANOSECONDS = -(2**63)
 _DURATION_COMPONENT = re.compile(r"(\d*)(?:\.(\d*))?([^\d.]*)")
 
 
-def parse_go_duration(text, field):
+def parse_go_duration(text: object, field: str) -> timedelta:
     """
     Parse a duration in the syntax of Go's C{time.ParseDuration}.
 
@@ -66,7 +67,7 @@ def parse_go_duration(text, field):
     )
 
 
-def _go_duration_nanoseconds(text):
+def _go_duration_nanoseconds(text: str) -> int | None:
     """
     The number of nanoseconds C{text} means in Go's duration syntax.
 
@@ -90,6 +91,7 @@ def _go_duration_nanoseconds(text):
     position = 0
     while position < len(rest):
         match = _DURATION_COMPONENT.match(rest, position)
+        assert match is not None  # every part of the pattern may be empty
         whole, fraction, unit = match.groups()
         if not whole and not fraction:
             # Neither side of the dot has a digit: "", ".", ".s", "h".
@@ -109,7 +111,7 @@ def _go_duration_nanoseconds(text):
     return nanoseconds
 
 
-def format_go_duration(duration):
+def format_go_duration(duration: timedelta) -> str:
     """
     A L{timedelta} written as Go's C{time.Duration.String} writes it
     (C{24h0m0s}, C{15m0s}, C{1.5s}, C{0s}), whole microseconds and above.

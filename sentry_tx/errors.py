@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_servicer,tests.test_config,tests.test_bundle -*-
 """
 Exceptions that carry a message meant for a person: an operator (config,
 bundle) or a caller (validation, CSR).  None of them ever carries key material.
@@ -12,7 +13,7 @@ class ConfigError(Exception):
     @ivar problem: what is wrong, in words.
     """
 
-    def __init__(self, field, problem):
+    def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
@@ -26,7 +27,7 @@ class BundleError(Exception):
     @ivar problem: what is wrong, in words.
     """
 
-    def __init__(self, source, problem):
+    def __init__(self, source: str, problem: str) -> None:
         super().__init__(f"{source}: {problem}")
         self.source = source
         self.problem = problem
@@ -51,7 +52,7 @@ class IssuerExpiredError(Exception):
     The issuer certificate in service has expired (FAILED_PRECONDITION).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__("issuer certificate has expired")
 
 
@@ -75,7 +76,7 @@ class ListenError(Exception):
     @ivar problem: what is wrong, in words (C{address already in use}).
     """
 
-    def __init__(self, flag, port, address, problem):
+    def __init__(self, flag: str, port: int, address: str, problem: str) -> None:
         where = f"{address} port {port}" if address else f"port {port}"
         super().__init__(f"{flag}: cannot listen on {where}: {problem}")
         self.flag = flag
@@ -94,7 +95,7 @@ class ValidatorOverloadedError(Exception):
         in whole milliseconds.
     """
 
-    def __init__(self, message, retry_after_ms):
+    def __init__(self, message: str, retry_after_ms: float) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_ms = max(0, int(retry_after_ms))

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_expiry,tests.test_root -*-
 """
 The expiry check: warn in time that a root or the issuer runs out.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tap -*-
 """
 Dapr Sentry's command-line flags: their table (names, defaults, help), their
 spelling as Go's C{flag} package takes them (C{-port=50001},

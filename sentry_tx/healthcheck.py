@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_healthcheck -*-
 """
 C{python -m sentry_tx healthcheck}: the image's HEALTHCHECK.
 
@@ -15,6 +16,7 @@ fetch with a timeout is what it is for.
 import sys
 import urllib.error
 import urllib.request
+from typing import TextIO
 
 from sentry_tx.config import SentryConfig
 
@@ -30,7 +32,7 @@ _PLUGIN_NAME = "sentry"
 _ALL_INTERFACES = ("", "0.0.0.0", "::", "[::]")
 
 
-def healthz_url(argv):
+def healthz_url(argv: list[str]) -> str:
     """
     The C{/healthz} URL of a sentry_tx started with C{argv}.
 
@@ -63,18 +65,19 @@ def healthz_url(argv):
     return f"http://{address}:{port}/healthz"
 
 
-def probe(url, timeout=HEALTHCHECK_TIMEOUT_SECONDS):
+def probe(url: str, timeout: float = HEALTHCHECK_TIMEOUT_SECONDS) -> bool:
     """
     Whether C{url} answers 200 within C{timeout} seconds.
     """
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status == 200
+            status: int = response.status
+            return status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
 
-def read_command_line(pid=1):
+def read_command_line(pid: int = 1) -> list[str]:
     """
     The command line of process C{pid}, from C{/proc}.
     """
@@ -82,7 +85,7 @@ def read_command_line(pid=1):
         return [part.decode("utf-8", "replace") for part in f.read().split(b"\0") if part]
 
 
-def main(argv, pid=1, out=None):
+def main(argv: list[str], pid: int = 1, out: TextIO | None = None) -> int:
     """
     The C{healthcheck} command: C{[PID]} (default 1, the container's first
     process).

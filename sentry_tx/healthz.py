@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_healthcheck,tests.test_http_listener -*-
 """
 The health endpoint: C{GET /healthz} answers 503 until the authority is ready
 (bundle loaded, gRPC listening) and every other readiness source is too (for

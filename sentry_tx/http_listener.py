@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_listener,tests.test_oidc -*-
 """
 The one constructor of sentry_tx's HTTP listeners (healthz, metrics, and any
 later one such as OIDC discovery): L{http_listener}.
@@ -45,10 +46,15 @@ counted and the count written with the next line.  Successful requests are
 not logged (see L{QuietSite}).
 """
 
+from typing import cast
+
 from twisted.internet import tcp
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, LogLevel
-from twisted.web.http import HTTPChannel
-from twisted.web.resource import Resource
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, Request
+from twisted.web.resource import IResource, Resource
 
 from sentry_tx.logs import REFUSAL_LOG_INTERVAL_SECONDS, RefusalLog, quote_input
 from sentry_tx.service import QuietSite, WebService
@@ -90,11 +96,13 @@ class _GuardedChannel(HTTPChannel):
 
     _request_bytes = 0
 
-    def connectionMade(self):
+    site: "GuardedSite"
+
+    def connectionMade(self) -> None:
         super().connectionMade()
         self.site._connection_made(self)
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         if not self._handlingRequest:
             self._request_bytes += len(data)
             if self._request_bytes > MAX_REQUEST_BYTES:
@@ -102,19 +110,26 @@ class _GuardedChannel(HTTPChannel):
                 return
         super().dataReceived(data)
 
-    def allContentReceived(self):
+    def allContentReceived(self) -> None:
         self._request_bytes = 0
         self.site._request_arrived(self)
         super().allContentReceived()
 
-    def requestDone(self, request):
+    def requestDone(self, request: Request) -> None:
         super().requestDone(request)
         if self.persistent and self.site._tracks(self):
             self.site._awaiting_request(self)
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site._connection_lost(self)
         super().connectionLost(reason)
+
+    def abort(self) -> None:
+        """
+        Close the connection at once, whatever it was sending.
+        """
+        # A TCP (or TLS over TCP) transport: ITransport lacks abortConnection.
+        cast(ITCPTransport, self.transport).abortConnection()
 
 
 class _TwoHostsRefused(Resource):
@@ -124,7 +139,7 @@ class _TwoHostsRefused(Resource):
 
     isLeaf = True
 
-    def render(self, request):
+    def render(self, request: Request) -> bytes:
         request.setResponseCode(400)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"Bad Request: more than one Host header\n"
@@ -161,13 +176,13 @@ class GuardedSite(QuietSite):
 
     def __init__(
         self,
-        resource,
-        reactor,
-        request_deadline_seconds=REQUEST_DEADLINE_SECONDS,
-        max_connections=MAX_CONNECTIONS_PER_LISTENER,
-        label="http",
-        refusal_log_interval_seconds=REFUSAL_LOG_INTERVAL_SECONDS,
-    ):
+        resource: IResource,
+        reactor: IReactorTime,
+        request_deadline_seconds: float = REQUEST_DEADLINE_SECONDS,
+        max_connections: int = MAX_CONNECTIONS_PER_LISTENER,
+        label: str = "http",
+        refusal_log_interval_seconds: float = REFUSAL_LOG_INTERVAL_SECONDS,
+    ) -> None:
         super().__init__(resource, reactor=reactor)
         self.label = label
         self.refusals = RefusalLog(self._log, reactor, refusal_log_interval_seconds)
@@ -175,19 +190,22 @@ class GuardedSite(QuietSite):
         self._max_connections = max_connections
         # Every open channel, oldest first, with its deadline call while it
         # waits for a whole request (None while a request is answered).
-        self._channels = {}
+        self._channels: dict[_GuardedChannel, IDelayedCall | None] = {}
         self.closed_for_deadline = 0
         self.closed_for_room = 0
 
-    def protocol(self):
+    # HTTPFactory declares protocol as making its HTTP/1.1-or-2 wrapper; a
+    # plain HTTP/1.1 channel is what these listeners serve.
+    def protocol(self) -> _GuardedChannel:  # type: ignore[override]
         return _GuardedChannel()
 
-    def getResourceFor(self, request):
+    def getResourceFor(self, request: Request) -> IResource:
         if len(request.requestHeaders.getRawHeaders(b"host", ())) > 1:
             return _TWO_HOSTS_REFUSED
-        return super().getResourceFor(request)
+        resource: IResource = super().getResourceFor(request)
+        return resource
 
-    def log(self, request):
+    def log(self, request: Request) -> None:
         """
         Log a refused request (4xx), at most one line per status per
         interval (twisted.web calls this as each response finishes).
@@ -211,16 +229,16 @@ class GuardedSite(QuietSite):
         )
 
     @property
-    def open_connections(self):
+    def open_connections(self) -> int:
         """
         How many connections are open now.
         """
         return len(self._channels)
 
-    def _tracks(self, channel):
+    def _tracks(self, channel: _GuardedChannel) -> bool:
         return channel in self._channels
 
-    def _connection_made(self, channel):
+    def _connection_made(self, channel: _GuardedChannel) -> None:
         if len(self._channels) >= self._max_connections:
             victim = next(
                 (c for c, deadline in self._channels.items() if deadline is not None),
@@ -230,47 +248,47 @@ class GuardedSite(QuietSite):
             if victim is None:
                 # Every connection has a request being answered: refuse the
                 # newcomer instead.
-                channel.transport.abortConnection()
+                channel.abort()
                 return
             self._close(victim)
         self._channels[channel] = None
         self._awaiting_request(channel)
 
-    def _awaiting_request(self, channel):
+    def _awaiting_request(self, channel: _GuardedChannel) -> None:
         self._cancel_deadline(channel)
         self._channels[channel] = self.reactor.callLater(
             self._request_deadline_seconds, self._deadline_passed, channel
         )
 
-    def _request_arrived(self, channel):
+    def _request_arrived(self, channel: _GuardedChannel) -> None:
         if channel in self._channels:
             self._cancel_deadline(channel)
             self._channels[channel] = None
 
-    def _too_large(self, channel):
+    def _too_large(self, channel: _GuardedChannel) -> None:
         if channel in self._channels:
             self._close(channel)
         else:
-            channel.transport.abortConnection()
+            channel.abort()
 
-    def _deadline_passed(self, channel):
+    def _deadline_passed(self, channel: _GuardedChannel) -> None:
         if self._channels.get(channel) is None:
             return
         self._channels[channel] = None
         self.closed_for_deadline += 1
         self._close(channel)
 
-    def _close(self, channel):
+    def _close(self, channel: _GuardedChannel) -> None:
         self._cancel_deadline(channel)
         del self._channels[channel]
-        channel.transport.abortConnection()
+        channel.abort()
 
-    def _cancel_deadline(self, channel):
+    def _cancel_deadline(self, channel: _GuardedChannel) -> None:
         deadline = self._channels.get(channel)
         if deadline is not None and deadline.active():
             deadline.cancel()
 
-    def _connection_lost(self, channel):
+    def _connection_lost(self, channel: _GuardedChannel) -> None:
         if channel in self._channels:
             self._cancel_deadline(channel)
             del self._channels[channel]
@@ -286,11 +304,11 @@ class _BoundedAcceptPort(tcp.Port):
     _number_accepts = MAX_ACCEPTS_PER_READ
 
     @property
-    def numberAccepts(self):
+    def numberAccepts(self) -> int:
         return self._number_accepts
 
     @numberAccepts.setter
-    def numberAccepts(self, value):
+    def numberAccepts(self, value: int) -> None:
         self._number_accepts = max(1, min(value, MAX_ACCEPTS_PER_READ))
 
 
@@ -300,7 +318,7 @@ class GuardedWebService(WebService):
     batches.
     """
 
-    def _getPort(self):
+    def _getPort(self) -> _BoundedAcceptPort:
         from twisted.internet import reactor
 
         port, factory = self.args
@@ -316,14 +334,14 @@ class GuardedWebService(WebService):
 
 
 def http_listener(
-    label,
-    port,
-    resource,
-    reactor,
-    interface="",
-    request_deadline_seconds=REQUEST_DEADLINE_SECONDS,
-    max_connections=MAX_CONNECTIONS_PER_LISTENER,
-):
+    label: str,
+    port: int,
+    resource: IResource,
+    reactor: IReactorTime,
+    interface: str = "",
+    request_deadline_seconds: float = REQUEST_DEADLINE_SECONDS,
+    max_connections: int = MAX_CONNECTIONS_PER_LISTENER,
+) -> "GuardedWebService":
     """
     The service of one HTTP listener: C{resource} on C{interface}:C{port},
     with the request deadline and the connection cap of L{GuardedSite}.

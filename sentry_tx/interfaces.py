@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_testing -*-
 """
 The seams of sentry_tx, as zope interfaces.
 
@@ -5,7 +6,16 @@ Each interface has one real implementation and one verified fake in
 L{sentry_tx.testing}; both are checked with C{verifyObject}.
 """
 
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from sentry_tx.ca.bundle import TrustBundle
+    from sentry_tx.config import SentryConfig
+    from sentry_tx.identity.caller import CallerIdentity, SignRequest
 
 
 class ICertificateAuthority(Interface):
@@ -21,7 +31,7 @@ class ICertificateAuthority(Interface):
         "The L{sentry_tx.ca.bundle.TrustBundle} in service, or None before start."
     )
 
-    def start(config):
+    def start(config: "SentryConfig") -> "Deferred[None]":
         """
         Load (or generate) the trust bundle and start serving.
 
@@ -30,7 +40,7 @@ class ICertificateAuthority(Interface):
             authority is already running or the bundle cannot be loaded.
         """
 
-    def stop():
+    def stop() -> "Deferred[None]":
         """
         Stop taking calls, let calls in flight finish for a bounded grace
         period, and release the port.
@@ -38,7 +48,7 @@ class ICertificateAuthority(Interface):
         @return: a Deferred that fires when the server has stopped.
         """
 
-    def restart(config):
+    def restart(config: "SentryConfig") -> "Deferred[None]":
         """
         Reload the trust bundle and swap it in without closing the listener.
         Calls are serialised: a restart asked for while one runs is coalesced
@@ -59,7 +69,7 @@ class ITrustStore(Interface):
         "or str paths); empty for stores that are not file-backed."
     )
 
-    def load_or_generate(now):
+    def load_or_generate(now: datetime) -> "Deferred[TrustBundle]":
         """
         Load the bundle; when none of its three parts exists, generate one,
         store it and return it.  Never overwrites existing parts.
@@ -69,7 +79,7 @@ class ITrustStore(Interface):
             L{sentry_tx.errors.BundleError}.
         """
 
-    def load(now):
+    def load(now: datetime) -> "Deferred[TrustBundle]":
         """
         Load and verify the bundle; never generates.
 
@@ -95,7 +105,9 @@ class IIdentityValidator(Interface):
         "the gRPC loop, whose Deferred has fired when C{validate} returns."
     )
 
-    def validate(request, deadline=None):
+    def validate(
+        request: "SignRequest", deadline: float | None = None
+    ) -> "Deferred[CallerIdentity]":
         """
         Check the caller and the common request rules.
 
@@ -124,7 +136,7 @@ class IConfigurationSource(Interface):
     options were parsed (standalone), or the API server (kubernetes).
     """
 
-    def resolve(config):
+    def resolve(config: "SentryConfig") -> "Deferred[SentryConfig]":
         """
         Complete C{config} with the Configuration's C{spec.mtls}.
 

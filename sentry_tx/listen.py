@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_listen -*-
 """
 Turning a failed bind into one line an operator can act on.
 
@@ -12,11 +13,12 @@ import os
 import socket
 
 from twisted.application.service import Service
+from twisted.internet.error import CannotListenError
 
 from sentry_tx.errors import ListenError
 
 
-def describe_socket_error(error):
+def describe_socket_error(error: BaseException) -> str:
     """
     The words for a bind failure: C{address already in use} for EADDRINUSE,
     else the system's text.
@@ -33,7 +35,9 @@ def describe_socket_error(error):
     return str(error)
 
 
-def listen_error(flag, port, address, cannot_listen):
+def listen_error(
+    flag: str, port: int, address: str, cannot_listen: CannotListenError
+) -> ListenError:
     """
     The L{ListenError} for a Twisted C{CannotListenError}.
     """
@@ -42,7 +46,7 @@ def listen_error(flag, port, address, cannot_listen):
     )
 
 
-def check_port_free(flag, address, port):
+def check_port_free(flag: str, address: str, port: int) -> None:
     """
     Bind (with SO_REUSEADDR, as grpc core does) and close a TCP socket on
     C{address}:C{port}; port 0 is always free, and an address that is a
@@ -96,11 +100,11 @@ class PortCheck(Service):
     @raise ListenError: from C{startService}, which the root makes fatal.
     """
 
-    def __init__(self, flag, address, port):
+    def __init__(self, flag: str, address: str, port: int) -> None:
         self.flag = flag
         self.address = address
         self.port = port
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         check_port_free(self.flag, self.address, self.port)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_logs,tests.test_http_listener,tests.test_oidc -*-
 """
 Log output in Dapr's shape.
 
@@ -21,10 +22,15 @@ import socket
 import string
 import sys
 import time
+from collections.abc import Callable, Hashable
 from datetime import datetime, timezone
+from types import FrameType
+from typing import Any, Protocol, cast
 
-from twisted.logger import ILogObserver, LogLevel, formatEvent
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.python import logfile
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import sentry_tx
@@ -91,17 +97,29 @@ next line of the kind.
 """
 
 # The file descriptors the observers made here write to (see writes_to_fd).
-_OBSERVER_FDS = set()
+_OBSERVER_FDS: set[int] = set()
 
 
-def writes_to_fd(fd):
+class LineStream(Protocol):
+    """
+    Where an observer writes its lines: a text file, C{sys.stdout}, a
+    L{logfile.LogFile} (C{flush} is called when the stream has one).
+    """
+
+    def write(self, text: str, /) -> object:
+        """
+        Write C{text}.
+        """
+
+
+def writes_to_fd(fd: int) -> bool:
     """
     Whether an observer made by L{make_observer} writes to descriptor C{fd}.
     """
     return fd in _OBSERVER_FDS
 
 
-def dapr_scope(namespace):
+def dapr_scope(namespace: str | None) -> str:
     """
     Dapr's logger scope for a Twisted log namespace.
 
@@ -120,7 +138,7 @@ def dapr_scope(namespace):
     return namespace
 
 
-def _rfc3339(timestamp):
+def _rfc3339(timestamp: float) -> str:
     """
     Format a POSIX timestamp as RFC 3339 in UTC with milliseconds.
 
@@ -133,7 +151,7 @@ def _rfc3339(timestamp):
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _format_fields(event):
+def _format_fields(event: LogEvent) -> list[str]:
     """
     The names of the event fields its C{log_format} refers to (C{{id}},
     C{{peer.host}} -> C{id}, C{peer}).
@@ -144,7 +162,7 @@ def _format_fields(event):
     log_format = event.get("log_format")
     if not isinstance(log_format, str):
         return []
-    names = []
+    names: list[str] = []
     try:
         for _, field_name, _, _ in string.Formatter().parse(log_format):
             if field_name:
@@ -157,7 +175,7 @@ def _format_fields(event):
     return names
 
 
-def _json_value(value):
+def _json_value(value: object) -> object:
     """
     C{value} if it serialises to JSON, else its C{str()} (or C{repr()}).
     """
@@ -187,7 +205,14 @@ class SentryLogObserver:
         C{log_time}.
     """
 
-    def __init__(self, minimum_level, as_json, stream, instance, now):
+    def __init__(
+        self,
+        minimum_level: LogLevel,
+        as_json: bool,
+        stream: LineStream,
+        instance: str,
+        now: Callable[[], float],
+    ) -> None:
         """
         @param minimum_level: the lowest level written.
         @type minimum_level: L{LogLevel}
@@ -210,7 +235,7 @@ class SentryLogObserver:
         self._instance = instance
         self._now = now
 
-    def __call__(self, event):
+    def __call__(self, event: LogEvent) -> None:
         """
         Write C{event} if its level is high enough.  Never raises: a broken
         event is written as best it can be, and a stream that fails loses
@@ -242,28 +267,28 @@ class SentryLogObserver:
         except Exception:
             pass
 
-    def _time(self, event):
+    def _time(self, event: LogEvent) -> str:
         timestamp = event.get("log_time")
         if not isinstance(timestamp, (int, float)):
             timestamp = self._now()
         return _rfc3339(timestamp)
 
-    def _failure_summary(self, failure):
+    def _failure_summary(self, failure: Failure) -> str:
         """
         C{"<ExceptionType>: <message>"} for a L{Failure}.
         """
         try:
-            return f"{failure.type.__name__}: {failure.getErrorMessage()}"
+            return f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
         except Exception:
             return "unprintable failure"
 
-    def _failure_traceback(self, failure):
+    def _failure_traceback(self, failure: Failure) -> str:
         try:
             return failure.getTraceback().rstrip("\n")
         except Exception:
             return self._failure_summary(failure)
 
-    def _text_line(self, event, level):
+    def _text_line(self, event: LogEvent, level: LogLevel) -> str:
         """
         C{"<time> <level> <scope>: <message>"}, followed by the traceback of
         an event that carries a failure.
@@ -278,13 +303,13 @@ class SentryLogObserver:
             line += "\n" + self._failure_traceback(failure)
         return line
 
-    def _json_line(self, event, level):
+    def _json_line(self, event: LogEvent, level: LogLevel) -> str:
         """
         One JSON object in Dapr's shape; an event with a failure gets the
         exception in C{msg} and its traceback in C{error}.
         """
         message = formatEvent(event)
-        record = {
+        record: dict[str, Any] = {
             "time": self._time(event),
             "level": _DAPR_LEVEL_NAMES[level],
             "type": "log",
@@ -303,7 +328,7 @@ class SentryLogObserver:
                 record[name] = _json_value(event[name])
         return json.dumps(record, default=str, ensure_ascii=False)
 
-    def _emergency_line(self, event):
+    def _emergency_line(self, event: object) -> str:
         """
         Something went wrong formatting C{event}: write what can be written.
         """
@@ -324,14 +349,19 @@ class SentryLogObserver:
         return f"{_rfc3339(self._now())} error dapr.sentry: {text}"
 
 
-def _host_name():
+def _host_name() -> str:
     try:
         return socket.gethostname()
     except OSError:
         return ""
 
 
-def make_observer(level, as_json, stream, now=None):
+def make_observer(
+    level: str,
+    as_json: bool,
+    stream: LineStream,
+    now: Callable[[], float] | None = None,
+) -> SentryLogObserver:
     """
     Build the observer sentry_tx logs to.
 
@@ -359,13 +389,15 @@ def make_observer(level, as_json, stream, now=None):
     if now is None:
         now = time.time
     try:
-        _OBSERVER_FDS.add(stream.fileno())
+        fileno = getattr(stream, "fileno", None)
+        if fileno is not None:
+            _OBSERVER_FDS.add(fileno())
     except Exception:
         pass
     return SentryLogObserver(LOG_LEVELS[level], as_json, stream, _host_name(), now)
 
 
-def open_twistd_log_file(logfile_option, nodaemon):
+def open_twistd_log_file(logfile_option: str | None, nodaemon: bool) -> LineStream:
     """
     Where twistd would have written its log, given its C{--logfile} and
     C{--nodaemon} (mirrors C{UnixAppLogger._getLogObserver}, syslog aside).
@@ -385,12 +417,14 @@ def open_twistd_log_file(logfile_option, nodaemon):
     """
     if logfile_option == "-" or (nodaemon and not logfile_option):
         return sys.stdout
-    log_file = logfile.LogFile.fromFullPath(logfile_option or _DEFAULT_TWISTD_LOG_FILE)
+    log_file: logfile.LogFile = logfile.LogFile.fromFullPath(
+        logfile_option or _DEFAULT_TWISTD_LOG_FILE
+    )
     _rotate_on_sigusr1(log_file)
     return log_file
 
 
-def _rotate_on_sigusr1(log_file):
+def _rotate_on_sigusr1(log_file: logfile.LogFile) -> None:
     """
     Rotate C{log_file} on SIGUSR1, as twistd does for its own log file,
     unless the signal already has a handler.
@@ -400,15 +434,15 @@ def _rotate_on_sigusr1(log_file):
     if signal.getsignal(signal.SIGUSR1):
         return
 
-    def rotate(signal_number, frame):
+    def rotate(signal_number: int, frame: FrameType | None) -> None:
         from twisted.internet import reactor
 
-        reactor.callFromThread(log_file.rotate)
+        cast(IReactorFromThreads, reactor).callFromThread(log_file.rotate)
 
     signal.signal(signal.SIGUSR1, rotate)
 
 
-def quote_input(value, limit=MAX_QUOTED_CHARACTERS):
+def quote_input(value: object, limit: int = MAX_QUOTED_CHARACTERS) -> str:
     """
     A caller's input as a log line may hold it: quoted with C{repr} (so a
     newline, a NUL or a bidi override is written as an escape, and cannot
@@ -464,20 +498,27 @@ class RefusalLog:
     @param interval_seconds: see L{REFUSAL_LOG_INTERVAL_SECONDS}.
     """
 
-    def __init__(self, logger, clock, interval_seconds=REFUSAL_LOG_INTERVAL_SECONDS):
+    def __init__(
+        self,
+        logger: Logger,
+        clock: IReactorTime,
+        interval_seconds: float = REFUSAL_LOG_INTERVAL_SECONDS,
+    ) -> None:
         self._logger = logger
         self._clock = clock
         self._interval_seconds = interval_seconds
-        self._next_line_at = {}
-        self._dropped = {}
+        self._next_line_at: dict[Hashable, float] = {}
+        self._dropped: dict[Hashable, int] = {}
 
-    def dropped(self, kind):
+    def dropped(self, kind: Hashable) -> int:
         """
         How many refusals of C{kind} were dropped since its last line.
         """
         return self._dropped.get(kind, 0)
 
-    def refused(self, kind, level, log_format, **fields):
+    def refused(
+        self, kind: Hashable, level: LogLevel, log_format: str, **fields: object
+    ) -> bool:
         """
         Log one refusal of C{kind}, unless a line of that kind was written
         less than the interval ago (then it is counted).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_metrics_export,tests.test_monitoring,tests.test_web -*-
 """
 Sentry's Prometheus metrics, with Dapr's names, and the resource serving them.
 

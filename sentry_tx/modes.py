@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_modes,tests.test_jwks -*-
 """
 What each mode adds to sentry_tx's service tree: the validators, and in
 kubernetes mode the trust store, API client and informers, shared by the two

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_open_files -*-
 """
 The process's limit on open files.
 
@@ -9,6 +10,7 @@ logs the limit it runs with.
 """
 
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -22,16 +24,17 @@ class OpenFileLimit:
     before: int
     after: int
     hard: int
-    error: str = None
+    error: str | None = None
 
 
-def _show(limit):
+def _show(limit: int) -> str:
     return "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
 
 
 def raise_open_file_limit(
-    getrlimit=resource.getrlimit, setrlimit=resource.setrlimit
-):
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+    setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+) -> OpenFileLimit:
     """
     Raise the soft C{RLIMIT_NOFILE} to the hard limit.
 
@@ -49,7 +52,7 @@ def raise_open_file_limit(
     return OpenFileLimit(soft, getrlimit(resource.RLIMIT_NOFILE)[0], hard)
 
 
-def describe(limit):
+def describe(limit: OpenFileLimit) -> str:
     """
     An L{OpenFileLimit} as one sentence for the log.
     """

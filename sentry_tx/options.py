@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_deploy,tests.test_tap -*-
 """
 The C{twistd sentry} command line: L{Options} takes Dapr Sentry's flags
 (L{sentry_tx.flags}), checks every value, reads the Configuration file in

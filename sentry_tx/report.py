@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_report -*-
 """
 The settings in effect, said once at start.
 
@@ -8,21 +9,29 @@ and the mode decide it together, so the answer is logged once the
 Configuration is resolved, in one line.
 """
 
-from twisted.internet.defer import maybeDeferred
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from sentry_tx.durations import format_go_duration
 from sentry_tx.interfaces import IConfigurationSource
 
+if TYPE_CHECKING:
+    from sentry_tx.config import SentryConfig
 
-def _validator_name(number):
+
+def _validator_name(number: int) -> str:
     from sentry_tx.identity.caller import VALIDATOR_NAMES
 
     return VALIDATOR_NAMES.get(number, str(number))
 
 
-def describe_settings(config, validators, default_validator):
+def describe_settings(
+    config: "SentryConfig", validators: Iterable[int], default_validator: int | None
+) -> dict[str, str]:
     """
     The fields of the start-up line: mode, TTL, clock skew, validators and
     the default one, trust domain and namespace.
@@ -62,24 +71,29 @@ class SettingsReport:
 
     _log = Logger()
 
-    def __init__(self, source, validators, default_validator):
+    def __init__(
+        self,
+        source: IConfigurationSource | None,
+        validators: Iterable[int],
+        default_validator: int | None,
+    ) -> None:
         self._source = source
         self._validators = tuple(validators)
         self._default_validator = default_validator
         self._reported = False
 
-    def resolve(self, config):
+    def resolve(self, config: "SentryConfig") -> "Deferred[SentryConfig]":
         """
         Resolve C{config} through the wrapped source, then log it.
         """
         if self._source is None:
-            d = maybeDeferred(lambda: config)
+            d: Deferred[SentryConfig] = maybeDeferred(lambda: config)
         else:
             d = maybeDeferred(self._source.resolve, config)
         d.addCallback(self._report)
         return d
 
-    def _report(self, config):
+    def _report(self, config: "SentryConfig") -> "SentryConfig":
         if not self._reported:
             self._reported = True
             self._log.info(

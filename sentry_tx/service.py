@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_listener,tests.test_listen,tests.test_modes -*-
 """
 sentry_tx's root service and the web listeners it holds.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_stderr_capture,tests.test_root -*-
 """
 Standard error, through twisted.logger.
 
@@ -26,11 +27,13 @@ import errno
 import json
 import os
 import re
+from collections.abc import Callable
 
 from twisted.application.service import Service
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
+from twisted.python.failure import Failure
 
 from sentry_tx import logs
 
@@ -74,7 +77,7 @@ _DAPR_LEVELS = {
 }
 
 
-def classify_line(text):
+def classify_line(text: str) -> tuple[str, LogLevel, str]:
     """
     How to log one line read from standard error.
 
@@ -104,20 +107,24 @@ class _PipeReader:
     The reactor's side of the pipe: reads, splits lines, hands them on.
     """
 
-    def __init__(self, fd, on_line, max_line_bytes):
+    def __init__(
+        self, fd: int, on_line: Callable[[str], object], max_line_bytes: int
+    ) -> None:
         self._fd = fd
         self._on_line = on_line
         self._max_line_bytes = max_line_bytes
         self._pending = b""
         self._discarding = False
 
-    def fileno(self):
+    def fileno(self) -> int:
         return self._fd
 
-    def logPrefix(self):
+    def logPrefix(self) -> str:
         return "stderr-capture"
 
-    def doRead(self):
+    # The reactor takes the exception itself (CONNECTION_DONE), as Twisted's
+    # own descriptors return it; IReadDescriptor's annotation says Failure.
+    def doRead(self) -> Exception | None:  # type: ignore[override]
         try:
             data = os.read(self._fd, READ_CHUNK_BYTES)
         except BlockingIOError:
@@ -133,7 +140,7 @@ class _PipeReader:
         self.feed(data)
         return None
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> None:
         """
         Split C{data} (with what was pending) into lines, each cut to the
         bound.
@@ -152,19 +159,19 @@ class _PipeReader:
             rest = b""
         self._pending = rest
 
-    def flush(self):
+    def flush(self) -> None:
         if self._pending and not self._discarding:
             self._emit(self._pending)
         self._pending = b""
 
-    def _emit(self, line, truncated=False):
+    def _emit(self, line: bytes, truncated: bool = False) -> None:
         if len(line) > self._max_line_bytes:
             line, truncated = line[: self._max_line_bytes], True
         text = line.decode("utf-8", "replace").rstrip("\r")
         if text or truncated:
             self._on_line(text + (TRUNCATED_MARK if truncated else ""))
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure) -> None:
         self.flush()
 
 
@@ -184,15 +191,20 @@ class StandardErrorCapture(Service):
     stop_after_others = True
     _log = Logger()
 
-    def __init__(self, reactor, fd=STDERR_FD, max_line_bytes=MAX_LINE_BYTES):
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        fd: int = STDERR_FD,
+        max_line_bytes: int = MAX_LINE_BYTES,
+    ) -> None:
         self._reactor = reactor
         self._fd = fd
         self._max_line_bytes = max_line_bytes
-        self._saved_fd = None
-        self._reader = None
+        self._saved_fd: int | None = None
+        self._reader: _PipeReader | None = None
         self.capturing = False
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         if logs.writes_to_fd(self._fd):
             # The log itself goes to this descriptor: capturing it would
@@ -214,10 +226,11 @@ class StandardErrorCapture(Service):
         self._reactor.addReader(self._reader)
         self.capturing = True
 
-    def stopService(self):
+    def stopService(self) -> None:
         super().stopService()
         if not self.capturing:
             return
+        assert self._reader is not None and self._saved_fd is not None
         self.capturing = False
         reader, self._reader = self._reader, None
         # Put the descriptor back first, so that no write lands in a pipe
@@ -237,7 +250,7 @@ class StandardErrorCapture(Service):
         reader.flush()
         os.close(reader.fileno())
 
-    def _line(self, text):
+    def _line(self, text: str) -> None:
         kind, level, message = classify_line(text)
         if kind == "grpc":
             _grpc_log.emit(level, "{grpc_core}", grpc_core=message)

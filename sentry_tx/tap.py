@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tap,tests.test_jwt_flags,tests.test_modes -*-
 """
 The twistd entry point and sentry_tx's composition root: the one place that
 wires the services together (L{build_service}), for the twistd process and,

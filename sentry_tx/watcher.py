@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_watcher,tests.test_kube_store,tests.test_root -*-
 """
 The issuer watch: reload the trust bundle when its files change.
 

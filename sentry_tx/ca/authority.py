@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_images,tests.test_kube_validator -*-
 """
 The authority that signs: from a validated identity and a CSR's public key to
 the workload certificate, its chain and the trust anchors (SPEC section 7).
@@ -5,11 +6,18 @@ the workload certificate, its chain and the trust anchors (SPEC section 7).
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from sentry_tx.ca import x509profile
 from sentry_tx.errors import IssuerExpiredError
+
+if TYPE_CHECKING:
+    from sentry_tx.ca.bundle import TrustBundle
+    from sentry_tx.config import MTLSConfig
+    from sentry_tx.identity.caller import CallerIdentity
 
 
 @dataclass(frozen=True)
@@ -29,8 +37,13 @@ class IssuedCertificate:
 
 
 def issue_workload_certificate(
-    bundle, identity, public_key, now, mtls, own_namespace
-):
+    bundle: "TrustBundle",
+    identity: "CallerIdentity",
+    public_key: CertificatePublicKeyTypes,
+    now: datetime,
+    mtls: "MTLSConfig",
+    own_namespace: str,
+) -> IssuedCertificate:
     """
     Sign a workload certificate for C{identity}.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_bundle,tests.test_files,tests.test_store -*-
 """
 The trust bundle: trust anchors, issuer chain and issuer key.
 
@@ -26,14 +27,24 @@ No message ever includes key material.
 import base64
 import binascii
 import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TypeVar, TypeVarTuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    PrivateKeyTypes,
+    PublicKeyTypes,
+)
 
 from sentry_tx.ca import x509profile
 from sentry_tx.errors import BundleError
+
+_T = TypeVar("_T")
+_Arguments = TypeVarTuple("_Arguments")
 
 DEFAULT_SOURCES = ("ca.crt", "issuer.crt", "issuer.key")
 """
@@ -48,7 +59,7 @@ The key types L{generate_bundle} can make.
 """
 
 _CERTIFICATE_LABEL = "CERTIFICATE"
-_PRIVATE_KEY_LABELS = {
+_PRIVATE_KEY_LABELS: dict[str, type[PrivateKeyTypes] | None] = {
     "PRIVATE KEY": None,
     "EC PRIVATE KEY": ec.EllipticCurvePrivateKey,
     "RSA PRIVATE KEY": rsa.RSAPrivateKey,
@@ -71,7 +82,7 @@ class PEMError(ValueError):
     @ivar problem: what is wrong, in words, starting with the line number.
     """
 
-    def __init__(self, problem):
+    def __init__(self, problem: str) -> None:
         super().__init__(problem)
         self.problem = problem
 
@@ -89,7 +100,7 @@ class PEMBlock:
     """
 
     label: str
-    headers: tuple
+    headers: tuple[tuple[str, str], ...]
     der: bytes = field(repr=False)
     line: int
 
@@ -105,7 +116,7 @@ about it would quote the key.
 MAX_PEM_LABEL_BYTES = 64
 
 
-def _pem_label(line, marker):
+def _pem_label(line: bytes, marker: bytes) -> str | None:
     """
     The label of a BEGIN or END line, or L{None} if C{line} is not one.
     """
@@ -117,7 +128,7 @@ def _pem_label(line, marker):
     return None
 
 
-def iter_pem_blocks(data, strict=True):
+def iter_pem_blocks(data: bytes, strict: bool = True) -> Iterator[PEMBlock]:
     """
     Yield the PEM blocks of C{data}, in order.
 
@@ -144,14 +155,15 @@ def iter_pem_blocks(data, strict=True):
                 )
             continue
         begin_line = index
-        headers = []
-        body = []
+        headers: list[tuple[str, str]] = []
+        body: list[bytes] = []
         while True:
-            line = lines[index].strip() if index < len(lines) else None
-            if line is None or line.startswith(_PEM_BEGIN):
+            next_line = lines[index].strip() if index < len(lines) else None
+            if next_line is None or next_line.startswith(_PEM_BEGIN):
                 raise PEMError(
                     f"line {begin_line}: the {label} block has no END line"
                 )
+            line = next_line
             index += 1
             end_label = _pem_label(line, _PEM_END)
             if end_label is not None:
@@ -180,7 +192,7 @@ def iter_pem_blocks(data, strict=True):
         yield PEMBlock(label=label, headers=tuple(headers), der=der, line=begin_line)
 
 
-def _pem_blocks(data, source):
+def _pem_blocks(data: bytes, source: str) -> list[PEMBlock]:
     """
     All the PEM blocks of a bundle part, strictly.
 
@@ -192,7 +204,7 @@ def _pem_blocks(data, source):
         raise BundleError(source, e.problem) from None
 
 
-def certificates_pem(certificates):
+def certificates_pem(certificates: Iterable[x509.Certificate]) -> bytes:
     """
     The PEM of C{certificates}, concatenated.
 
@@ -207,7 +219,7 @@ def certificates_pem(certificates):
 # Certificates
 
 
-def is_self_signed(cert):
+def is_self_signed(cert: x509.Certificate) -> bool:
     """
     Whether C{cert} is self-signed: its issuer is its subject, and its own
     public key verifies its signature.
@@ -218,7 +230,7 @@ def is_self_signed(cert):
     return cert.issuer == cert.subject and _is_signed_by(cert, cert)
 
 
-def _is_signed_by(cert, signer):
+def _is_signed_by(cert: x509.Certificate, signer: x509.Certificate) -> bool:
     """
     Whether C{signer} issued C{cert}: names match and the signature verifies.
     """
@@ -231,7 +243,7 @@ def _is_signed_by(cert, signer):
     return True
 
 
-def _describe(cert, block):
+def _describe(cert: x509.Certificate, block: PEMBlock) -> str:
     """
     How an error message names a certificate: its position and subject.
     """
@@ -239,7 +251,9 @@ def _describe(cert, block):
     return f"the certificate on line {block.line} (subject {subject!r})"
 
 
-def _parse_certificates(data, source):
+def _parse_certificates(
+    data: bytes, source: str
+) -> list[tuple[x509.Certificate, PEMBlock]]:
     """
     Parse every block of C{data} as a certificate.
 
@@ -266,7 +280,7 @@ def _parse_certificates(data, source):
     return parsed
 
 
-def _may_sign_certificates(cert):
+def _may_sign_certificates(cert: x509.Certificate) -> str | None:
     """
     Why C{cert} may not sign certificates, or L{None} if it may: it must have
     basic constraints with CA true and, when it has a key usage, keyCertSign.
@@ -288,7 +302,7 @@ def _may_sign_certificates(cert):
     return None
 
 
-def _path_length(cert):
+def _path_length(cert: x509.Certificate) -> int | None:
     """
     The path length constraint of a CA certificate, or L{None} for none.
     """
@@ -300,7 +314,7 @@ def _path_length(cert):
         return None
 
 
-def _validity_problem(cert, now):
+def _validity_problem(cert: x509.Certificate, now: datetime) -> str | None:
     """
     Why C{cert} is not valid at C{now}, or L{None} if it is.
     """
@@ -311,7 +325,7 @@ def _validity_problem(cert, now):
     return None
 
 
-def _load_anchors(data, source):
+def _load_anchors(data: bytes, source: str) -> tuple[x509.Certificate, ...]:
     """
     Parse and check the trust anchors.
 
@@ -328,7 +342,13 @@ def _load_anchors(data, source):
     return tuple(cert for cert, _ in parsed)
 
 
-def _load_issuer_chain(data, anchors, now, source, anchors_source):
+def _load_issuer_chain(
+    data: bytes,
+    anchors: Sequence[x509.Certificate],
+    now: datetime,
+    source: str,
+    anchors_source: str,
+) -> tuple[x509.Certificate, ...]:
     """
     Parse the issuer chain and verify it up to one of C{anchors} at C{now}.
 
@@ -388,7 +408,15 @@ def _load_issuer_chain(data, anchors, now, source, anchors_source):
     return tuple(cert for cert, _ in parsed)
 
 
-def _find_anchor(top, top_block, chain_length, anchors, now, source, anchors_source):
+def _find_anchor(
+    top: x509.Certificate,
+    top_block: PEMBlock,
+    chain_length: int,
+    anchors: Sequence[x509.Certificate],
+    now: datetime,
+    source: str,
+    anchors_source: str,
+) -> x509.Certificate | None:
     """
     The anchor that signed C{top}, the last certificate of the issuer chain.
 
@@ -426,7 +454,7 @@ def _find_anchor(top, top_block, chain_length, anchors, now, source, anchors_sou
 # Keys
 
 
-def _public_key_der(key):
+def _public_key_der(key: PublicKeyTypes) -> bytes:
     """
     The DER SubjectPublicKeyInfo of a public key, for comparing keys.
     """
@@ -435,7 +463,7 @@ def _public_key_der(key):
     )
 
 
-def _load_private_key(data, source):
+def _load_private_key(data: bytes, source: str) -> PrivateKeyTypes:
     """
     Parse the issuer key: one unencrypted SEC1, PKCS#1 or PKCS#8 PEM block
     (an C{EC PARAMETERS} block, as C{openssl ecparam -genkey} writes, is
@@ -495,7 +523,7 @@ def _load_private_key(data, source):
     return key
 
 
-def _key_kind(key):
+def _key_kind(key: PrivateKeyTypes) -> str:
     """
     A short name of a key's type, for messages.
     """
@@ -532,20 +560,25 @@ class TrustBundle:
     @ivar issuer_name: the issuer's subject, the issuer name of its leaves.
     """
 
-    anchors: tuple
-    issuer_chain: tuple
-    issuer_key: object = field(repr=False)
+    anchors: tuple[x509.Certificate, ...]
+    issuer_chain: tuple[x509.Certificate, ...]
+    issuer_key: PrivateKeyTypes = field(repr=False)
     anchors_pem: bytes = field(repr=False)
     issuer_chain_pem: bytes = field(repr=False)
     authority_key_identifier: x509.AuthorityKeyIdentifier
-    signature_hash: object
+    signature_hash: hashes.HashAlgorithm | None
     issuer_name: x509.Name = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "issuer_name", self.issuer_chain[0].subject)
 
     @classmethod
-    def from_certificates(cls, anchors, issuer_chain, issuer_key):
+    def from_certificates(
+        cls,
+        anchors: Iterable[x509.Certificate],
+        issuer_chain: Iterable[x509.Certificate],
+        issuer_key: PrivateKeyTypes,
+    ) -> "TrustBundle":
         """
         Build a bundle from parts that are already verified, computing the
         derived fields.
@@ -556,29 +589,29 @@ class TrustBundle:
         @raise ValueError: if the issuer key is of a type sentry_tx cannot
             sign with.
         """
-        anchors = tuple(anchors)
-        issuer_chain = tuple(issuer_chain)
+        anchor_certificates = tuple(anchors)
+        chain = tuple(issuer_chain)
         return cls(
-            anchors=anchors,
-            issuer_chain=issuer_chain,
+            anchors=anchor_certificates,
+            issuer_chain=chain,
             issuer_key=issuer_key,
-            anchors_pem=certificates_pem(anchors),
-            issuer_chain_pem=certificates_pem(issuer_chain),
+            anchors_pem=certificates_pem(anchor_certificates),
+            issuer_chain_pem=certificates_pem(chain),
             authority_key_identifier=x509profile.authority_key_identifier_for(
-                issuer_chain[0]
+                chain[0]
             ),
             signature_hash=x509profile.signature_hash_for(issuer_key),
         )
 
     @property
-    def issuer(self):
+    def issuer(self) -> x509.Certificate:
         """
         The issuer certificate, the one that signs workload certificates.
         """
         return self.issuer_chain[0]
 
     @property
-    def chain_not_after(self):
+    def chain_not_after(self) -> datetime:
         """
         The earliest NotAfter of the issuer chain (aware, UTC): no workload
         certificate may outlive it.
@@ -586,7 +619,7 @@ class TrustBundle:
         return min(cert.not_valid_after_utc for cert in self.issuer_chain)
 
     @property
-    def active_anchors(self):
+    def active_anchors(self) -> tuple[x509.Certificate, ...]:
         """
         The anchors the issuer chain leads to (usually one): after a
         renewal C{anchors} also holds the old root, already replaced, and
@@ -597,14 +630,19 @@ class TrustBundle:
         return chained or self.anchors
 
     @property
-    def roots_not_after(self):
+    def roots_not_after(self) -> datetime:
         """
         The earliest NotAfter of the L{active_anchors} (aware, UTC).
         """
         return min(cert.not_valid_after_utc for cert in self.active_anchors)
 
 
-def _checked(source, function, *args, quote_error=True):
+def _checked(
+    source: str,
+    function: Callable[[*_Arguments], _T],
+    *args: *_Arguments,
+    quote_error: bool = True,
+) -> _T:
     """
     Call C{function(*args)}, turning any error other than L{BundleError}
     (a certificate C{cryptography} parses but cannot fully decode, say) into
@@ -622,7 +660,13 @@ def _checked(source, function, *args, quote_error=True):
         raise BundleError(source, f"cannot be used ({detail})") from None
 
 
-def load_bundle(anchors_pem, issuer_chain_pem, issuer_key_pem, now, sources=DEFAULT_SOURCES):
+def load_bundle(
+    anchors_pem: bytes,
+    issuer_chain_pem: bytes,
+    issuer_key_pem: bytes,
+    now: datetime,
+    sources: tuple[str, str, str] = DEFAULT_SOURCES,
+) -> TrustBundle:
     """
     Load and verify a trust bundle.
 
@@ -686,7 +730,9 @@ class GeneratedBundle:
     issuer_key_pem: bytes = field(repr=False)
 
 
-def _generate_private_key(key_type):
+def _generate_private_key(
+    key_type: str,
+) -> ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey:
     """
     A new private key of C{key_type}, one of L{KEY_TYPES}.
     """
@@ -698,13 +744,13 @@ def _generate_private_key(key_type):
 
 
 def generate_bundle(
-    trust_domain,
-    namespace,
-    now,
-    allowed_clock_skew,
-    key_type=KEY_TYPE_ECDSA_P256,
-    lifetime=x509profile.CA_LIFETIME,
-):
+    trust_domain: str,
+    namespace: str,
+    now: datetime,
+    allowed_clock_skew: timedelta,
+    key_type: str = KEY_TYPE_ECDSA_P256,
+    lifetime: timedelta = x509profile.CA_LIFETIME,
+) -> GeneratedBundle:
     """
     Generate a root and an issuer for C{trust_domain}.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_csr -*-
 """
 Reading the certificate signing request of a C{SignCertificate} call.
 
@@ -29,9 +30,10 @@ does what C{is_signature_valid} does without loading the key a second time.
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import SignatureAlgorithmOID
 
-from sentry_tx.ca.bundle import PEMError, iter_pem_blocks
+from sentry_tx.ca.bundle import PEMBlock, PEMError, iter_pem_blocks
 from sentry_tx.ca.x509profile import MIN_RSA_KEY_BITS
 from sentry_tx.errors import CSRError
 
@@ -60,7 +62,7 @@ _BASE64_LINES = (
 )
 
 
-def is_canonical_csr_pem(data):
+def is_canonical_csr_pem(data: bytes) -> bool:
     """
     Whether C{data} is one C{CERTIFICATE REQUEST} block and nothing else:
     the BEGIN line first, the END line last, only base64 and newlines
@@ -81,7 +83,7 @@ def is_canonical_csr_pem(data):
     )
 
 
-def _load_csr(data):
+def _load_csr(data: bytes) -> x509.CertificateSigningRequest:
     """
     The CSR in C{data}.
 
@@ -104,7 +106,9 @@ def _load_csr(data):
         raise CSRError(f"{PARSE_FAILED_PREFIX}{e}") from None
 
 
-def is_signature_valid(csr, key):
+def is_signature_valid(
+    csr: x509.CertificateSigningRequest, key: CertificatePublicKeyTypes
+) -> bool:
     """
     Whether the CSR's signature verifies with its own public key.
 
@@ -130,12 +134,16 @@ def is_signature_valid(csr, key):
                 key.verify(csr.signature, csr.tbs_certrequest_bytes)
                 return True
         elif isinstance(key, rsa.RSAPublicKey):
-            if isinstance(parameters, (padding.PKCS1v15, padding.PSS)):
+            hash_algorithm = csr.signature_hash_algorithm
+            if (
+                isinstance(parameters, (padding.PKCS1v15, padding.PSS))
+                and hash_algorithm is not None
+            ):
                 key.verify(
                     csr.signature,
                     csr.tbs_certrequest_bytes,
                     parameters,
-                    csr.signature_hash_algorithm,
+                    hash_algorithm,
                 )
                 return True
     except InvalidSignature:
@@ -150,7 +158,7 @@ def is_signature_valid(csr, key):
         return False
 
 
-def _first_block(data):
+def _first_block(data: bytes) -> PEMBlock | None:
     """
     The first PEM block of C{data}, or L{None} if there is no well-formed one.
     """
@@ -160,7 +168,7 @@ def _first_block(data):
         return None
 
 
-def is_supported_public_key(key):
+def is_supported_public_key(key: CertificatePublicKeyTypes) -> bool:
     """
     Whether sentry_tx certifies C{key}: ECDSA on P-256, P-384 or P-521,
     Ed25519, or RSA of at least L{MIN_RSA_KEY_BITS} bits.
@@ -177,7 +185,7 @@ def is_supported_public_key(key):
     return False
 
 
-def parse_csr(data):
+def parse_csr(data: object) -> CertificatePublicKeyTypes:
     """
     Parse and check a PEM certificate signing request.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_files -*-
 """
 Reading credential files without trusting what sits at their paths.
 
@@ -30,8 +31,11 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, TypeVarTuple
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -59,6 +63,9 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 _READ_CHUNK_BYTES = 64 * 1024
 
+_T = TypeVar("_T")
+_Arguments = TypeVarTuple("_Arguments")
+
 _KINDS = (
     (stat.S_ISFIFO, "a FIFO (named pipe)"),
     (stat.S_ISSOCK, "a socket"),
@@ -71,7 +78,7 @@ _KINDS = (
 _progress = threading.local()
 
 
-def describe_os_error(error):
+def describe_os_error(error: OSError) -> str:
     """
     An L{OSError} in words, without the file name (the caller names the
     file itself).
@@ -82,7 +89,7 @@ def describe_os_error(error):
     return str(error)
 
 
-def file_kind(mode):
+def file_kind(mode: int) -> str:
     """
     What a file of C{mode} (an C{st_mode}) is, in words.
     """
@@ -92,7 +99,12 @@ def file_kind(mode):
     return "not a regular file"
 
 
-def read_credential_file(path, max_bytes, inspect=None, _open=os.open):
+def read_credential_file(
+    path: str,
+    max_bytes: int,
+    inspect: Callable[[os.stat_result], object] | None = None,
+    _open: Callable[[str, int], int] = os.open,
+) -> bytes:
     """
     The bytes of the credential file at C{path}: the one function that reads
     credential files.  It blocks, so call it only off the reactor thread and
@@ -144,9 +156,33 @@ def read_credential_file(path, max_bytes, inspect=None, _open=os.open):
     return data
 
 
-def _start_daemon_thread(target, name):
+def _start_daemon_thread(target: Callable[[], object], name: str) -> None:
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
+
+
+class FileWorkReactor(Protocol):
+    """
+    What L{BoundedFileWork} needs of a reactor: its clock, its timers, and
+    handing a result back to its thread.
+    """
+
+    def seconds(self) -> float:
+        """
+        The time now.
+        """
+
+    def callLater(
+        self, delay: float, callable: Callable[..., object], *args: object
+    ) -> IDelayedCall:
+        """
+        Call C{callable(*args)} after C{delay} seconds.
+        """
+
+    def callFromThread(self, callable: Callable[..., object], *args: object) -> None:
+        """
+        Call C{callable(*args)} on the reactor thread.
+        """
 
 
 class _Task:
@@ -154,12 +190,12 @@ class _Task:
     One piece of file work: what it is about, the file it is on now.
     """
 
-    def __init__(self, what, started):
+    def __init__(self, what: str, started: float) -> None:
         self.what = what
-        self.path = None
+        self.path: str | None = None
         self.started = started
-        self.deferred = Deferred()
-        self.timer = None
+        self.deferred: Deferred[Any] = Deferred()
+        self.timer: IDelayedCall | None = None
         self.abandoned = False
 
 
@@ -177,23 +213,31 @@ class BoundedFileWork:
 
     def __init__(
         self,
-        reactor,
-        max_stuck=MAX_STUCK_FILE_THREADS,
-        start_thread=_start_daemon_thread,
-    ):
+        reactor: FileWorkReactor,
+        max_stuck: int = MAX_STUCK_FILE_THREADS,
+        start_thread: Callable[
+            [Callable[[], object], str], object
+        ] = _start_daemon_thread,
+    ) -> None:
         self._reactor = reactor
         self._max_stuck = max_stuck
         self._start_thread = start_thread
-        self._stuck = []
+        self._stuck: list[_Task] = []
 
     @property
-    def stuck(self):
+    def stuck(self) -> int:
         """
         How many abandoned threads are still blocked.
         """
         return len(self._stuck)
 
-    def run(self, what, timeout_seconds, f, *args):
+    def run(
+        self,
+        what: str,
+        timeout_seconds: float,
+        f: Callable[[*_Arguments], _T],
+        *args: *_Arguments,
+    ) -> Deferred[_T]:
         """
         Call C{f(*args)} in a daemon thread.
 
@@ -216,8 +260,9 @@ class BoundedFileWork:
             )
         task = _Task(what, self._reactor.seconds())
 
-        def in_thread():
+        def in_thread() -> None:
             _progress.task = task
+            outcome: _T | Failure
             try:
                 result = f(*args)
             except BaseException:
@@ -234,7 +279,7 @@ class BoundedFileWork:
         self._start_thread(in_thread, f"sentry-files-{what}")
         return task.deferred
 
-    def _finished(self, task, outcome):
+    def _finished(self, task: _Task, outcome: object) -> None:
         if task.abandoned:
             self._stuck.remove(task)
             self._log.info(
@@ -244,14 +289,14 @@ class BoundedFileWork:
                 seconds=self._reactor.seconds() - task.started,
             )
             return
-        if task.timer.active():
+        if task.timer is not None and task.timer.active():
             task.timer.cancel()
         if isinstance(outcome, Failure):
             task.deferred.errback(outcome)
         else:
             task.deferred.callback(outcome)
 
-    def _timed_out(self, task, timeout_seconds):
+    def _timed_out(self, task: _Task, timeout_seconds: float) -> None:
         task.abandoned = True
         self._stuck.append(task)
         source = task.path or task.what
@@ -270,8 +315,8 @@ class BoundedFileWork:
         )
 
 
-def _failed(error):
-    d = Deferred()
+def _failed(error: Exception) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
     d.errback(error)
     return d
 

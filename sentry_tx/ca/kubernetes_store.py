@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_store,tests.test_jwt_kube -*-
 """
 The trust bundle kept in Kubernetes (kubernetes mode).
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_store,tests.test_files,tests.test_jwt -*-
 """
 The trust bundle kept in three files (standalone mode).
 

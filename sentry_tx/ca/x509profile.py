@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_x509profile,tests.test_bundle,tests.test_images -*-
 """
 The X.509 profile of sentry_tx: the one module that builds certificates.
 

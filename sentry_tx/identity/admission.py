@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_admission -*-
 """
 Admission of TokenReviews: at most L{MAX_TOKEN_REVIEWS_IN_FLIGHT} at once to
 the API server, the rest wait in a bounded queue, in arrival order.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_identity,tests.test_servicer -*-
 """
 Who is calling, as every validator sees it: the numbers of the
 C{TokenValidator} enum, the request a validator checks (L{SignRequest}) and
@@ -5,6 +6,7 @@ the identity it proves (L{CallerIdentity}).
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 
 # The TokenValidator enum of dapr.proto.sentry.v1.SignCertificateRequest.
@@ -33,10 +35,10 @@ class SignRequest:
     namespace: str
     csr: bytes
     token_validator: int
-    jwt_audiences: tuple = ()
+    jwt_audiences: tuple[str, ...] = ()
 
     @classmethod
-    def from_proto(cls, message):
+    def from_proto(cls, message: Any) -> "SignRequest":
         """
         Build from a C{SignCertificateRequest} message.
         """
@@ -66,7 +68,7 @@ class CallerIdentity:
     container_images: bytes = b""
 
     @property
-    def spiffe_id(self):
+    def spiffe_id(self) -> str:
         """
         C{spiffe://<trust domain>/ns/<namespace>/<app id>}.
         """

@@ -28,7 +28,9 @@ module that builds certificates.
 """
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sentry_tx.errors import ValidationError
 
@@ -81,20 +83,20 @@ class ContainerImage:
     digest: str = ""
 
 
-def _mapping(value):
+def _mapping(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _list(value):
+def _list(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _string(value):
+def _string(value: object) -> str:
     # A field that is missing (or of another type) reads as Go's zero value.
     return value if isinstance(value, str) else ""
 
 
-def _digest(image_id):
+def _digest(image_id: str) -> str:
     at = image_id.rfind("@")
     if at >= 0:
         return image_id[at + 1 :]
@@ -103,11 +105,11 @@ def _digest(image_id):
     return ""
 
 
-def _image(container, statuses):
+def _image(container: dict[str, Any], statuses: list[Any]) -> ContainerImage:
     name = _string(container.get("name"))
     digest = ""
-    for status in statuses:
-        status = _mapping(status)
+    for entry in statuses:
+        status = _mapping(entry)
         if _string(status.get("name")) == name:
             # The first status of that name decides, as in Dapr.
             digest = _digest(_string(status.get("imageID")))
@@ -120,7 +122,7 @@ def _image(container, statuses):
     )
 
 
-def container_images(pod):
+def container_images(pod: dict[str, Any]) -> tuple[ContainerImage, ...]:
     """
     The images of a Pod's containers, in Dapr's order.
 
@@ -163,7 +165,7 @@ _GO_SHORT_ESCAPES = {
 }
 
 
-def _go_escape(match):
+def _go_escape(match: re.Match[str]) -> str:
     character = match.group()
     short = _GO_SHORT_ESCAPES.get(character)
     if short is not None:
@@ -178,7 +180,7 @@ def _go_escape(match):
     return f"\\u{ord(character):04x}"
 
 
-def go_json_string(text):
+def go_json_string(text: str) -> bytes:
     """
     C{text} as Go's C{json.Marshal} writes a string, quotes included.
 
@@ -188,7 +190,7 @@ def go_json_string(text):
     return ('"' + _GO_ESCAPED.sub(_go_escape, text) + '"').encode("utf-8")
 
 
-def marshal(images):
+def marshal(images: Sequence[ContainerImage]) -> bytes:
     """
     The bytes Go's C{json.Marshal} writes for Dapr's
     C{[]images.ContainerImage} holding C{images}.
@@ -213,7 +215,9 @@ def marshal(images):
     return b"[" + b",".join(entries) + b"]"
 
 
-def kept_images(pod, identity_strings=()):
+def kept_images(
+    pod: dict[str, Any], identity_strings: Iterable[str] = ()
+) -> bytes | None:
     """
     What a pod's cache entry keeps of its images: their L{marshal}led JSON
     (C{b""} for a pod without containers), or None when that JSON and
@@ -232,7 +236,7 @@ def kept_images(pod, identity_strings=()):
     return data
 
 
-def images_to_stamp(kept):
+def images_to_stamp(kept: bytes | None) -> bytes:
     """
     The images JSON to stamp into a certificate, from L{kept_images}.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_jwks -*-
+# -*- test-case-name: tests.test_jwks,tests.test_images,tests.test_jwt_flags -*-
 """
 The JWKS validator (SPEC section 6, Dapr's
 C{pkg/sentry/server/validator/jwks/jwks.go}): the caller proves who it is

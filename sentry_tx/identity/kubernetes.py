@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_admission,tests.test_kube_validator -*-
 """
 The KUBERNETES validator: the caller proves who it is with the pod's
 service-account token, and the API server vouches for it.

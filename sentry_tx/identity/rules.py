@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_identity -*-
 """
 The request rules every validator applies (SPEC section 5, step 2).
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_jwt,tests.test_oidc,tests.test_jwt_kube -*-
 """
 JWT-SVIDs (SPEC section 11): the algorithms they may be signed with
 (L{algorithms}), the signing material (L{material}), where it is kept

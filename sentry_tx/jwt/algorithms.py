@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_jwt,tests.test_jwt_flags -*-
 """
 The JWS algorithms JWT-SVIDs may be signed with: light constants, read by
 L{sentry_tx.options}, which must not import cryptography.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_jwt_kube -*-
 """
 The JWT key pair in Kubernetes (kubernetes mode): keys C{jwt.key} and
 C{jwks.json} of the Secret C{dapr-trust-bundle} (the base names of

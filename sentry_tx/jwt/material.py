@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_jwt,tests.test_jwt_kube,tests.test_oidc -*-
 """
 The JWT signing material: a private key (C{jwt.key}) and the JSON Web Key
 Set that publishes its public half (C{jwks.json}).
@@ -12,11 +13,13 @@ does.  Pure functions of bytes: the stores read and write the files.
 import base64
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, JWKRegistry, OKPKey, RSAKey
+from joserfc.jwk import ECKey, JWKRegistry, Key, OKPKey, RSAKey
 
 from sentry_tx.errors import BundleError
 from sentry_tx.jwt.algorithms import JWT_SIGNING_ALGORITHMS
@@ -35,6 +38,11 @@ MAX_JWKS_KEYS = 100
 The most keys a JWKS may hold; more is surely not a key set of ours.
 """
 
+SigningKey = RSAKey | ECKey | OKPKey
+"""
+The joserfc keys JWT-SVIDs are signed with.
+"""
+
 _PRIVATE_JWK_MEMBERS = frozenset(("d", "p", "q", "dp", "dq", "qi", "oth", "k"))
 
 
@@ -50,14 +58,14 @@ class JWTMaterial:
     @ivar key_pem: the private key's PEM as stored; never shown.
     """
 
-    signing_key: object = field(repr=False)
+    signing_key: SigningKey = field(repr=False)
     key_id: str
     algorithm: str
     jwks_json: bytes = field(repr=False)
     key_pem: bytes = field(repr=False)
 
 
-def thumbprint_key_id(key):
+def thumbprint_key_id(key: Key) -> str:
     """
     Dapr's default C{kid}: the RFC 7638 SHA-256 thumbprint of C{key}, in
     standard base64 with padding.
@@ -69,7 +77,7 @@ def thumbprint_key_id(key):
     return base64.b64encode(digest).decode("ascii")
 
 
-def _key_type_name(key):
+def _key_type_name(key: PrivateKeyTypes) -> str:
     if isinstance(key, rsa.RSAPrivateKey):
         return "an RSA key"
     if isinstance(key, ec.EllipticCurvePrivateKey):
@@ -79,7 +87,7 @@ def _key_type_name(key):
     return f"a {type(key).__name__}"
 
 
-def algorithm_problem(private_key, algorithm):
+def algorithm_problem(private_key: PrivateKeyTypes, algorithm: str) -> str | None:
     """
     Why C{algorithm} cannot sign with C{private_key} (a cryptography key),
     in Dapr's words, or None when it can.
@@ -113,7 +121,7 @@ def algorithm_problem(private_key, algorithm):
     return f"unsupported signature algorithm: {algorithm}"
 
 
-def _joserfc_key(private_key):
+def _joserfc_key(private_key: PrivateKeyTypes) -> SigningKey | None:
     if isinstance(private_key, rsa.RSAPrivateKey):
         return RSAKey.import_key(private_key)
     if isinstance(private_key, ec.EllipticCurvePrivateKey):
@@ -123,7 +131,7 @@ def _joserfc_key(private_key):
     return None
 
 
-def parse_jwks(jwks_bytes, source):
+def parse_jwks(jwks_bytes: bytes, source: str) -> list[tuple[dict[str, Any], Key]]:
     """
     Parse a JWKS document into joserfc keys.
 
@@ -149,7 +157,7 @@ def parse_jwks(jwks_bytes, source):
         raise BundleError(
             source, f"JWKS holds {len(keys)} keys; at most {MAX_JWKS_KEYS} are read"
         )
-    parsed = []
+    parsed: list[tuple[dict[str, Any], Key]] = []
     for index, member in enumerate(keys):
         if not isinstance(member, dict):
             raise BundleError(source, f"failed to parse JWKS: key {index} is not an object")
@@ -173,7 +181,13 @@ def parse_jwks(jwks_bytes, source):
     return parsed
 
 
-def load_jwt_material(key_pem, jwks_bytes, algorithm, key_id, sources):
+def load_jwt_material(
+    key_pem: bytes,
+    jwks_bytes: bytes,
+    algorithm: str,
+    key_id: str | None,
+    sources: tuple[str, str],
+) -> JWTMaterial:
     """
     Verify a JWT key and its JWKS as Dapr does at start.
 
@@ -240,7 +254,9 @@ def load_jwt_material(key_pem, jwks_bytes, algorithm, key_id, sources):
     )
 
 
-def _signing_key_id(key_id, matched_kid, signing_key):
+def _signing_key_id(
+    key_id: str | None, matched_kid: object, signing_key: SigningKey
+) -> str:
     """
     The kid tokens are signed with: C{--jwt-key-id}; else the kid of the
     JWKS key that holds the signing key (so that relying parties find it
@@ -253,7 +269,9 @@ def _signing_key_id(key_id, matched_kid, signing_key):
     return thumbprint_key_id(signing_key)
 
 
-def generate_jwt_material(algorithm=DEFAULT_JWT_SIGNING_ALGORITHM, key_id=None):
+def generate_jwt_material(
+    algorithm: str = DEFAULT_JWT_SIGNING_ALGORITHM, key_id: str | None = None
+) -> tuple[bytes, bytes]:
     """
     A new RSA-2048 key and its JWKS, as Dapr generates them.
 

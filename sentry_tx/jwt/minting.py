@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_jwt,tests.test_jwt_kube,tests.test_oidc -*-
 """
 Minting JWT-SVIDs into SignCertificate responses (SPEC section 11).
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_oidc,tests.test_jwt_flags -*-
 """
 The OIDC discovery server (SPEC section 11, Dapr's
 C{pkg/sentry/server/oidc/oidc.go}): C{GET /.well-known/openid-configuration}
@@ -18,15 +19,30 @@ certificate and key files to exist, as Dapr does.
 
 import json
 import re
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.application.service import MultiService
 from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 
-from sentry_tx.ca.files import CREDENTIAL_READ_TIMEOUT_SECONDS, BoundedFileWork
+from sentry_tx.ca.files import (
+    CREDENTIAL_READ_TIMEOUT_SECONDS,
+    BoundedFileWork,
+    FileWorkReactor,
+)
 from sentry_tx.ca.store import read_credential
+from sentry_tx.jwt.material import JWTMaterial
+
+if TYPE_CHECKING:
+    from sentry_tx.http_listener import GuardedSite
+    from sentry_tx.service import WebService
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 JWKS_PATH = "/jwks.json"
@@ -50,13 +66,26 @@ CLAIMS_SUPPORTED = ("sub", "iss", "aud", "exp", "iat", "nbf", "use")
 _HOST = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
-def _host_without_port(host):
+class MaterialHolder(Protocol):
+    """
+    What L{OIDCResource} publishes from: the JWT material in service (the
+    L{sentry_tx.jwt.minting.JWTMinter}).
+    """
+
+    @property
+    def material(self) -> JWTMaterial | None:
+        """
+        The material in service, or None before it is loaded.
+        """
+
+
+def _host_without_port(host: str) -> str:
     if host.startswith("["):
         return host[: host.index("]") + 1]
     return host.rsplit(":", 1)[0] if ":" in host else host
 
 
-def comparable_host(host):
+def comparable_host(host: str) -> str:
     """
     C{host} (a C{Host} value or an C{--oidc-allowed-hosts} entry) as the
     allow-list compares it: in lower case, since host names ignore case, and
@@ -90,18 +119,27 @@ class OIDCResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, minter, issuer, jwks_uri, path_prefix, allowed_hosts, scheme):
+    def __init__(
+        self,
+        minter: MaterialHolder,
+        issuer: str | None,
+        jwks_uri: str | None,
+        path_prefix: str,
+        allowed_hosts: Iterable[str],
+        scheme: str,
+    ) -> None:
         super().__init__()
         self._minter = minter
         self._issuer = issuer
         self._jwks_uri = jwks_uri
+        allowed_hosts = tuple(allowed_hosts)
         self._any_host = not allowed_hosts or "*" in allowed_hosts
         self._allowed_hosts = frozenset(comparable_host(h) for h in allowed_hosts)
         self._scheme = scheme
         self.discovery_path = (path_prefix + DISCOVERY_PATH).encode("ascii")
         self.jwks_path = (path_prefix + JWKS_PATH).encode("ascii")
 
-    def render(self, request):
+    def render(self, request: Request) -> bytes:
         path = request.path
         if path not in (self.discovery_path, self.jwks_path):
             return self._error(request, 404, b"404 page not found\n")
@@ -122,7 +160,7 @@ class OIDCResource(Resource):
         document = self.discovery_document(host, material.algorithm)
         return self._json(request, json.dumps(document).encode("utf-8") + b"\n")
 
-    def discovery_document(self, host, algorithm):
+    def discovery_document(self, host: str, algorithm: str) -> dict[str, object]:
         """
         The discovery document for a request to C{host}.
         """
@@ -143,7 +181,7 @@ class OIDCResource(Resource):
             "claims_supported": list(CLAIMS_SUPPORTED),
         }
 
-    def _host_allowed(self, host):
+    def _host_allowed(self, host: str) -> bool:
         if self._any_host:
             return True
         host = comparable_host(host)
@@ -153,13 +191,13 @@ class OIDCResource(Resource):
         )
 
     @staticmethod
-    def _json(request, body):
+    def _json(request: Request, body: bytes) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", CACHE_CONTROL)
         return body
 
     @staticmethod
-    def _error(request, code, body):
+    def _error(request: Request, code: int, body: bytes) -> bytes:
         request.setResponseCode(code)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return body
@@ -191,13 +229,13 @@ class OIDCService(MultiService):
 
     def __init__(
         self,
-        reactor,
-        web_service_factory,
-        site,
-        tls_files=None,
-        on_start_failure=None,
-        file_work=None,
-    ):
+        reactor: FileWorkReactor,
+        web_service_factory: Callable[[IProtocolFactory], "WebService"],
+        site: "GuardedSite",
+        tls_files: tuple[str, str] | None = None,
+        on_start_failure: Callable[[Failure], object] | None = None,
+        file_work: BoundedFileWork | None = None,
+    ) -> None:
         super().__init__()
         self._reactor = reactor
         self._file_work = file_work if file_work is not None else BoundedFileWork(reactor)
@@ -205,31 +243,32 @@ class OIDCService(MultiService):
         self._site = site
         self._tls_files = tls_files
         self._on_start_failure = on_start_failure
-        self._poll = None
-        self.web_service = None
+        self._poll: IDelayedCall | None = None
+        self.web_service: WebService | None = None
         if tls_files is None:
             self.web_service = web_service_factory(site)
             self.web_service.setServiceParent(self)
 
     @property
-    def ready(self):
+    def ready(self) -> bool:
         """
         Whether the listener is bound.
         """
-        return self.web_service is not None and self.web_service.running
+        return self.web_service is not None and bool(self.web_service.running)
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         if self._tls_files is not None and self.web_service is None:
             self._look_for_tls_files()
 
-    def stopService(self):
+    def stopService(self) -> Deferred[None] | None:
         if self._poll is not None and self._poll.active():
             self._poll.cancel()
         self._poll = None
-        return super().stopService()
+        stopped: Deferred[None] | None = super().stopService()
+        return stopped
 
-    def _look_for_tls_files(self):
+    def _look_for_tls_files(self) -> None:
         self._poll = None
         if not self.running:
             return
@@ -239,9 +278,10 @@ class OIDCService(MultiService):
         d.addCallback(self._serve_tls)
         d.addErrback(self._failed)
 
-    def _read_tls_files(self):
+    def _read_tls_files(self) -> tuple[bytes, bytes] | None:
         import os
 
+        assert self._tls_files is not None
         certificate_path, key_path = self._tls_files
         if not (os.path.exists(certificate_path) and os.path.exists(key_path)):
             return None
@@ -250,9 +290,10 @@ class OIDCService(MultiService):
             read_credential(key_path, is_key=True),
         )
 
-    def _serve_tls(self, pems):
+    def _serve_tls(self, pems: tuple[bytes, bytes] | None) -> None:
         if not self.running:
             return
+        assert self._tls_files is not None
         if pems is None:
             self._log.warn(
                 "waiting for the OIDC TLS certificate and key files to be"
@@ -275,14 +316,16 @@ class OIDCService(MultiService):
             certificate=self._tls_files[0],
         )
 
-    def _failed(self, failure):
+    def _failed(self, failure: Failure) -> None:
         if self._on_start_failure is not None:
             self._on_start_failure(failure)
         else:
             self._log.failure("the OIDC server cannot start", failure)
 
 
-def tls_options(certificate_pem, key_pem, sources):
+def tls_options(
+    certificate_pem: bytes, key_pem: bytes, sources: tuple[str, str]
+) -> ssl.CertificateOptions:
     """
     Server TLS options (TLS 1.2 or later) from a PEM chain and key.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_jwt,tests.test_jwt_kube -*-
 """
 Where the JWT signing material is kept (standalone mode: two files), and the
 trust store that loads it with the X.509 bundle.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_client,tests.test_modes -*-
 """
 The Kubernetes API client: L{KubernetesClient} talks JSON to the API server
 with treq over one persistent L{HTTPConnectionPool}, and never blocks the

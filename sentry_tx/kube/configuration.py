@@ -1,19 +1,25 @@
+# -*- test-case-name: tests.test_kube_configuration -*-
 """
 Dapr's Configuration resource read through the Kubernetes API: the
 C{spec.mtls} settings of kubernetes mode (L{KubernetesConfigurationSource}).
 """
 
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sentry_tx.config import mtls_warnings, parse_mtls
+from sentry_tx.config import SentryConfig, mtls_warnings, parse_mtls
 from sentry_tx.errors import ConfigError
 from sentry_tx.interfaces import IConfigurationSource
 from sentry_tx.kube.errors import KubernetesAPIError, KubernetesUnavailableError
 from sentry_tx.kube.paths import configuration_path
+
+if TYPE_CHECKING:
+    from sentry_tx.kube.client import KubernetesClient
 
 
 @implementer(IConfigurationSource)
@@ -31,12 +37,18 @@ class KubernetesConfigurationSource:
 
     _log = Logger()
 
-    def __init__(self, client, on_resolved=()):
+    def __init__(
+        self,
+        client: "KubernetesClient",
+        on_resolved: Iterable[Callable[[SentryConfig], object]] = (),
+    ) -> None:
         self._client = client
         self._on_resolved = tuple(on_resolved)
 
     @inlineCallbacks
-    def resolve(self, config):
+    def resolve(
+        self, config: SentryConfig
+    ) -> Generator[Deferred[Any], Any, SentryConfig]:
         """
         Complete C{config} with the resource's C{spec.mtls}.
 

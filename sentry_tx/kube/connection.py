@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_connection,tests.test_kube_kubeconfig -*-
 """
 Where the Kubernetes client connects to and how it proves who it is: a
 L{ClusterConnection}, with a fixed token (L{StaticToken}) or a token file that
@@ -7,8 +8,10 @@ build one (bounded file reads, PEM certificates).
 
 import os
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cryptography import x509
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from sentry_tx.errors import ConfigError
@@ -27,7 +30,7 @@ noticing within seconds is plenty; a 401 forces a check at once.
 """
 
 
-def is_bearer_token(token):
+def is_bearer_token(token: str) -> bool:
     """
     Whether C{token} can go in an C{Authorization: Bearer} header: printable
     ASCII without spaces.
@@ -35,21 +38,39 @@ def is_bearer_token(token):
     return bool(token) and all("!" <= character <= "~" for character in token)
 
 
+class BearerToken(Protocol):
+    """
+    The token a L{ClusterConnection} sends: L{StaticToken} or L{TokenFile}.
+    """
+
+    def current(self) -> str:
+        """
+        The token to send now.
+        """
+
+    def refresh(self) -> bool:
+        """
+        Look for a new token (after the API server refused this one).
+
+        @return: whether a different token is now current.
+        """
+
+
 class StaticToken:
     """
     A bearer token that never changes (C{token} in a kubeconfig).
     """
 
-    def __init__(self, token):
+    def __init__(self, token: str) -> None:
         self._token = token
 
-    def current(self):
+    def current(self) -> str:
         """
         The token.
         """
         return self._token
 
-    def refresh(self):
+    def refresh(self) -> bool:
         """
         A static token cannot be refreshed.
 
@@ -78,23 +99,23 @@ class TokenFile:
 
     def __init__(
         self,
-        path,
-        clock,
-        check_interval_seconds=TOKEN_FILE_CHECK_INTERVAL_SECONDS,
-        field="token",
-    ):
+        path: str,
+        clock: IReactorTime,
+        check_interval_seconds: float = TOKEN_FILE_CHECK_INTERVAL_SECONDS,
+        field: str = "token",
+    ) -> None:
         self.path = path
         self._clock = clock
         self._check_interval_seconds = check_interval_seconds
         self._field = field
         self._checked_at = clock.seconds()
-        self._signature = None
+        self._signature: tuple[int, int, int, int] | None = None
         token = self._read()
         if isinstance(token, Exception):
             raise ConfigError(self._field, f"{path}: {token}")
         self._token = token
 
-    def current(self):
+    def current(self) -> str:
         """
         The token, re-read first if the file changed since the last check
         and the check interval has passed.
@@ -105,7 +126,7 @@ class TokenFile:
             self._reload_if_changed()
         return self._token
 
-    def refresh(self):
+    def refresh(self) -> bool:
         """
         Check the file now (after the API server refused the token).
 
@@ -116,11 +137,11 @@ class TokenFile:
         self._reload_if_changed(force=True)
         return self._token != previous
 
-    def _file_signature(self):
+    def _file_signature(self) -> tuple[int, int, int, int]:
         status = os.stat(self.path)
         return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
-    def _reload_if_changed(self, force=False):
+    def _reload_if_changed(self, force: bool = False) -> None:
         try:
             signature = self._file_signature()
         except OSError as e:
@@ -148,7 +169,7 @@ class TokenFile:
             )
         self._token = token
 
-    def _read(self):
+    def _read(self) -> str | Exception:
         """
         The token in the file, or the exception saying why there is none.
         """
@@ -188,20 +209,20 @@ class ClusterConnection:
 
     server: str
     description: str
-    trust_roots_pem: bytes = field(default=None, repr=False)
-    tls_server_name: str = None
-    token: object = field(default=None, repr=False)
-    client_certificate_pem: bytes = field(default=None, repr=False)
-    client_key_pem: bytes = field(default=None, repr=False)
+    trust_roots_pem: bytes | None = field(default=None, repr=False)
+    tls_server_name: str | None = None
+    token: BearerToken | None = field(default=None, repr=False)
+    client_certificate_pem: bytes | None = field(default=None, repr=False)
+    client_key_pem: bytes | None = field(default=None, repr=False)
 
-    def url(self, path):
+    def url(self, path: str) -> str:
         """
         The URL of the API C{path} (which starts with C{/}).
         """
         return self.server + path
 
 
-def read_limited(path, limit=MAX_KUBECONFIG_BYTES):
+def read_limited(path: str, limit: int = MAX_KUBECONFIG_BYTES) -> bytes:
     """
     The bytes of a small file.
 
@@ -215,7 +236,7 @@ def read_limited(path, limit=MAX_KUBECONFIG_BYTES):
     return data
 
 
-def check_certificates(data, field):
+def check_certificates(data: bytes, field: str) -> bytes:
     """
     Check that C{data} is one or more PEM certificates.
 

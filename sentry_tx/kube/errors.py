@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_client,tests.test_kube_admission -*-
 """
 How a call to the Kubernetes API fails: L{KubernetesAPIError} (the server
 answered with an error) or L{KubernetesUnavailableError} (no usable answer),
@@ -29,7 +30,9 @@ class KubernetesAPIError(KubernetesError):
     @ivar path: the API path of the call.
     """
 
-    def __init__(self, status, reason, message, method="", path=""):
+    def __init__(
+        self, status: int, reason: str, message: str, method: str = "", path: str = ""
+    ) -> None:
         self.status = status
         self.reason = reason
         self.message = message
@@ -42,14 +45,14 @@ class KubernetesAPIError(KubernetesError):
         )
 
     @property
-    def is_not_found(self):
+    def is_not_found(self) -> bool:
         """
         Whether the object does not exist (404).
         """
         return self.status == 404
 
     @property
-    def is_conflict(self):
+    def is_conflict(self) -> bool:
         """
         Whether the call lost a race (409: a stale C{resourceVersion}, or an
         object that already exists).
@@ -57,7 +60,7 @@ class KubernetesAPIError(KubernetesError):
         return self.status == 409
 
     @property
-    def is_transient(self):
+    def is_transient(self) -> bool:
         """
         Whether retrying later may succeed (429 or 5xx).
         """
@@ -71,7 +74,9 @@ class KubernetesUnavailableError(KubernetesError):
     """
 
 
-def api_error(status, phrase, body, method, path):
+def api_error(
+    status: int, phrase: bytes | str | None, body: bytes, method: str, path: str
+) -> KubernetesAPIError:
     """
     The L{KubernetesAPIError} for an error answer: the C{Status} object's
     reason and message when the body is one.

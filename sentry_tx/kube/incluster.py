@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_client,tests.test_kube_connection -*-
 """
 The connection of a pod to its own cluster:
 C{https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT} with the
@@ -6,6 +7,9 @@ L{SERVICE_ACCOUNT_DIRECTORY}.
 """
 
 import os
+from collections.abc import Mapping
+
+from twisted.internet.interfaces import IReactorTime
 
 from sentry_tx.errors import ConfigError
 from sentry_tx.kube.connection import (
@@ -30,11 +34,11 @@ KUBERNETES_SERVICE_PORT_VARIABLE = "KUBERNETES_SERVICE_PORT"
 
 
 def in_cluster_connection(
-    environ,
-    clock,
-    service_account_directory=SERVICE_ACCOUNT_DIRECTORY,
-    token_check_interval_seconds=TOKEN_FILE_CHECK_INTERVAL_SECONDS,
-):
+    environ: Mapping[str, str],
+    clock: IReactorTime,
+    service_account_directory: str = SERVICE_ACCOUNT_DIRECTORY,
+    token_check_interval_seconds: float = TOKEN_FILE_CHECK_INTERVAL_SECONDS,
+) -> ClusterConnection:
     """
     The settings of a pod: the API server at
     C{$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT}, the token and CA

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_informer,tests.test_images -*-
 """
 Informer caches of the Kubernetes API: what the KUBERNETES validator needs of
 every Pod and Dapr Configuration in the cluster, kept current by a watch, as

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_kubeconfig,tests.test_kube_client -*-
 """
 The connection a kubeconfig file describes (its current context: the
 cluster's C{server} and CA, the user's token, token file or client
@@ -18,15 +19,19 @@ import base64
 import binascii
 import ipaddress
 import os
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from twisted.internet.interfaces import IReactorTime
 
 from sentry_tx.errors import ConfigError
 from sentry_tx.kube.connection import (
     TOKEN_FILE_CHECK_INTERVAL_SECONDS,
+    BearerToken,
     ClusterConnection,
     StaticToken,
     TokenFile,
@@ -57,7 +62,7 @@ _UNSUPPORTED_USER_FIELDS = {
 }
 
 
-def _is_loopback(host):
+def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -66,7 +71,7 @@ def _is_loopback(host):
         return False
 
 
-def _check_key_pair(certificate_pem, key_pem, field):
+def _check_key_pair(certificate_pem: bytes, key_pem: bytes, field: str) -> None:
     """
     Check that C{key_pem} is an unencrypted private key and that it belongs
     to the first certificate of C{certificate_pem}.
@@ -85,7 +90,9 @@ def _check_key_pair(certificate_pem, key_pem, field):
         raise ConfigError(field, "does not belong to the client certificate")
 
 
-def _named_entry(document, section, name, path):
+def _named_entry(
+    document: dict[Any, Any], section: str, name: object, path: str
+) -> dict[Any, Any]:
     """
     The C{section} entry (C{cluster}, C{user}, C{context} mapping) named
     C{name} in a kubeconfig.
@@ -107,7 +114,9 @@ def _named_entry(document, section, name, path):
     raise ConfigError("--kubeconfig", f"{path}: no {key} named {name!r}")
 
 
-def _kubeconfig_bytes(entry, name, base_directory, path, description):
+def _kubeconfig_bytes(
+    entry: dict[Any, Any], name: str, base_directory: str, path: str, description: str
+) -> bytes | None:
     """
     The contents of C{name} or C{name-data} (base64) of a kubeconfig entry,
     or None when neither is set.  A relative file name is relative to the
@@ -139,8 +148,10 @@ def _kubeconfig_bytes(entry, name, base_directory, path, description):
 
 
 def kubeconfig_connection(
-    path, clock, token_check_interval_seconds=TOKEN_FILE_CHECK_INTERVAL_SECONDS
-):
+    path: str,
+    clock: IReactorTime,
+    token_check_interval_seconds: float = TOKEN_FILE_CHECK_INTERVAL_SECONDS,
+) -> ClusterConnection:
     """
     The settings of the current context of the kubeconfig at C{path}.
 
@@ -227,7 +238,7 @@ def kubeconfig_connection(
                 f"{path}: user {user_name!r}: {problem} (use token, tokenFile,"
                 " or client-certificate and client-key)",
             )
-    token = None
+    token: BearerToken | None = None
     if user.get("tokenFile"):
         # As client-go: a token file wins over an inline token.
         token_path = os.path.join(
@@ -261,7 +272,7 @@ def kubeconfig_connection(
             f"{path}: {user_description} needs both client-certificate and"
             " client-key, or neither",
         )
-    if certificate_pem is not None:
+    if certificate_pem is not None and key_pem is not None:
         field_name = f"--kubeconfig: {path}: {user_description}"
         check_certificates(certificate_pem, f"{field_name} client-certificate")
         _check_key_pair(certificate_pem, key_pem, f"{field_name} client-key")
@@ -276,7 +287,7 @@ def kubeconfig_connection(
     )
 
 
-def _expand_home(path, environ):
+def _expand_home(path: str, environ: Mapping[str, str]) -> str:
     if path == "~" or path.startswith("~/"):
         home = environ.get("HOME") or os.path.expanduser("~")
         return home + path[1:]
@@ -284,12 +295,12 @@ def _expand_home(path, environ):
 
 
 def cluster_connection(
-    kubeconfig,
-    environ,
-    clock,
-    service_account_directory=SERVICE_ACCOUNT_DIRECTORY,
-    token_check_interval_seconds=TOKEN_FILE_CHECK_INTERVAL_SECONDS,
-):
+    kubeconfig: str | None,
+    environ: Mapping[str, str],
+    clock: IReactorTime,
+    service_account_directory: str = SERVICE_ACCOUNT_DIRECTORY,
+    token_check_interval_seconds: float = TOKEN_FILE_CHECK_INTERVAL_SECONDS,
+) -> ClusterConnection:
     """
     Choose and read the connection settings.
 

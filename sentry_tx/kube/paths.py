@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_kube_admission,tests.test_kube_client -*-
 """
 The Kubernetes API paths sentry_tx calls: TokenReviews, core resources
 (Secrets, ConfigMaps, Pods) and Dapr's Configuration.
@@ -9,7 +10,7 @@ from urllib.parse import quote
 TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 
-def core_path(namespace, plural, name=None):
+def core_path(namespace: str, plural: str, name: str | None = None) -> str:
     """
     The path of a core (C{v1}) resource collection, or of one object.
 
@@ -21,7 +22,7 @@ def core_path(namespace, plural, name=None):
     return path if name is None else f"{path}/{quote(name, safe='')}"
 
 
-def configuration_path(namespace, name):
+def configuration_path(namespace: str, name: str) -> str:
     """
     The path of the Dapr C{Configuration} C{name} in C{namespace}.
     """

@@ -1,15 +1,21 @@
+# -*- test-case-name: tests.test_kube_client -*-
 """
 The TLS policy of the Kubernetes client: the cluster's CA as the only
 trust root, the API server's name checked, and the client certificate of the
 connection when it has one.
 """
 
+from typing import Any
+
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
+
+from sentry_tx.kube.connection import ClusterConnection
 
 
 @implementer(IPolicyForHTTPS)
@@ -21,7 +27,7 @@ class ClusterTLSPolicy:
     @param connection: the L{ClusterConnection}.
     """
 
-    def __init__(self, connection):
+    def __init__(self, connection: ClusterConnection) -> None:
         if connection.trust_roots_pem is not None:
             roots = [
                 ssl.Certificate.loadPEM(
@@ -34,9 +40,13 @@ class ClusterTLSPolicy:
             self._trust_root = ssl.trustRootFromCertificates(roots)
         else:
             self._trust_root = ssl.platformTrust()
-        self._client_certificate = None
-        self._extra_options = {}
-        if connection.client_certificate_pem is not None:
+        self._client_certificate: ssl.PrivateCertificate | None = None
+        self._extra_options: dict[str, Any] = {}
+        # A kubeconfig gives both or neither (kube.kubeconfig checks it).
+        if (
+            connection.client_certificate_pem is not None
+            and connection.client_key_pem is not None
+        ):
             chain = x509.load_pem_x509_certificates(connection.client_certificate_pem)
             self._client_certificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(
                 ssl.Certificate.loadPEM(
@@ -50,9 +60,11 @@ class ClusterTLSPolicy:
                     for certificate in chain[1:]
                 ]
         self._server_name = connection.tls_server_name
-        self._options = {}
+        self._options: dict[tuple[bytes, int], IOpenSSLClientConnectionCreator] = {}
 
-    def creatorForNetloc(self, hostname, port):
+    def creatorForNetloc(
+        self, hostname: bytes, port: int
+    ) -> IOpenSSLClientConnectionCreator:
         """
         The connection creator for C{hostname}, verified against the cluster
         CA (cached per host and port).

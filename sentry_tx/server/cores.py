@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_cores,tests.test_tap -*-
 """
 How many processes serve gRPC by default: one per core this process may use,
 at most L{MAX_DEFAULT_SERVING_PROCESSES}.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_loop -*-
 """
 The gRPC loop: an asyncio event loop in a thread of its own, on which
 C{grpc.aio} serves SignCertificate, and the bridge between it and the

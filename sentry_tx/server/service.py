@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_ca_service,tests.test_grpc,tests.test_tls -*-
 """
 The certificate authority service: it owns the trust bundle in service and the
 C{grpc.aio} server, and is the L{ICertificateAuthority} the rest of sentry_tx

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_servicer,tests.test_fuzz,tests.test_limits -*-
 """
 The SignCertificate pipeline (SPEC section 5), served by C{grpc.aio} on the
 gRPC loop (L{sentry_tx.server.loop}).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tls -*-
 """
 sentry_tx's own server certificate, issued from the bundle in service, and the
 grpcio credentials that serve it.
