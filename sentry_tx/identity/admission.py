@@ -101,7 +101,7 @@ class ReviewClock(Protocol):
     def seconds(self) -> float: ...
 
     def callLater(
-        self, delay: float, callable: Callable[..., object], *args: object
+        self, delay: float, callable: Callable[..., object], /, *args: object
     ) -> Timer: ...
 
 
