@@ -830,6 +830,20 @@ def _cert_and_tls_options():
     return certificate, options
 
 
+class KeySetParsingTests(SynchronousTestCase):
+    """
+    What L{key_set_from_json} keeps of a key server's set.
+    """
+
+    def test_curve_not_a_string_left_out(self):
+        """
+        A key whose C{crv} is not a string is left out; the rest is kept.
+        """
+        odd = {"kty": "EC", "kid": "k2", "crv": ["P-256"], "x": "AA", "y": "AA"}
+        key_set = key_set_from_json(jwks(jwk_member(rsa_key(), kid="k1"), odd).encode())
+        self.assertEqual(sorted(key_set.keys), ["k1"])
+
+
 class FetchFailureWordsTests(SynchronousTestCase):
     """
     A failed fetch is logged in words, naming the URL and what happened;

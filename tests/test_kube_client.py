@@ -429,6 +429,19 @@ class ClientTests(TestCase):
         self.assertEqual(error.field, "--kubeconfig")
 
     @defer.inlineCallbacks
+    def test_connections_opened_quietly(self):
+        """
+        A new connection to the API server logs no "Starting factory" line
+        (one per connection would flood the log under load).
+        """
+        events = capture_logs(self)
+        client = kubernetes_client_for(self, self.fake)
+        yield client.get(SECRET_PATH)
+        self.assertTrue(events)
+        for event in events:
+            self.assertNotIn("Starting factory", formatEvent(event))
+
+    @defer.inlineCallbacks
     def test_token_never_logged(self):
         """
         No log event of a call, failed or not, carries the bearer token, nor

@@ -15,8 +15,8 @@ RESOURCE_EXHAUSTED and the trailer C{grpc-retry-pushback-ms}) when:
 
 A queued call is checked again as time passes and reviews end, and refused
 as soon as it cannot make it; one whose deadline comes before its turn
-leaves the queue with the same refusal.  Nothing here waits without a bound: every queued call has a
-timer at its deadline.
+leaves the queue with the same refusal.  Nothing here waits without a
+bound: every queued call has a timer at its deadline.
 
 It runs where the validator runs: in sentry_tx on the gRPC loop, with a
 L{sentry_tx.server.loop.LoopClock} (the reactor's time, timers on the loop);
@@ -25,6 +25,8 @@ its Deferreds are fired there, and the validator awaits them as loop futures
 """
 
 from collections import deque
+from collections.abc import Callable
+from typing import Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
 
@@ -78,6 +80,40 @@ TOO_LATE = (
 )
 
 
+class Timer(Protocol):
+    """
+    A pending call of a L{ReviewClock} (an C{IDelayedCall}, or a timer on
+    the gRPC loop).
+    """
+
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+
+class ReviewClock(Protocol):
+    """
+    What admission needs of a clock: C{IReactorTime}'s C{seconds} and
+    C{callLater} (a L{sentry_tx.server.loop.LoopClock}, or a C{Clock} in
+    tests).
+    """
+
+    def seconds(self) -> float: ...
+
+    def callLater(
+        self, delay: float, callable: Callable[..., object], /, *args: object
+    ) -> Timer: ...
+
+
+class Release(Protocol):
+    """
+    Gives an admission slot back: call it once, when the review has ended,
+    with its duration in seconds, or None when it was not measured.
+    """
+
+    def __call__(self, duration_seconds: float | None = None) -> None: ...
+
+
 class _Waiter:
     """
     A call in the queue.
@@ -85,10 +121,12 @@ class _Waiter:
 
     __slots__ = ("deferred", "deadline", "timer")
 
-    def __init__(self, deferred, deadline):
+    # Set by ReviewAdmission.acquire at once after the waiter is made.
+    timer: Timer
+
+    def __init__(self, deferred: "Deferred[Release]", deadline: float) -> None:
         self.deferred = deferred
         self.deadline = deadline
-        self.timer = None
 
 
 class ReviewAdmission:
@@ -118,29 +156,29 @@ class ReviewAdmission:
 
     def __init__(
         self,
-        reactor,
-        limit=MAX_TOKEN_REVIEWS_IN_FLIGHT,
-        queue_limit=MAX_QUEUED_TOKEN_REVIEWS,
-    ):
+        reactor: ReviewClock,
+        limit: int = MAX_TOKEN_REVIEWS_IN_FLIGHT,
+        queue_limit: int = MAX_QUEUED_TOKEN_REVIEWS,
+    ) -> None:
         self._reactor = reactor
         self.limit = limit
         self.queue_limit = queue_limit
         self.in_flight = 0
         self.peak_in_flight = 0
         self.latency_seconds = 0.0
-        self._queue = deque()
-        self._starts = deque()
-        self._last_prune = None
-        self._prune_timer = None
+        self._queue: deque[_Waiter] = deque()
+        self._starts: deque[float] = deque()
+        self._last_prune: float | None = None
+        self._prune_timer: Timer | None = None
 
     @property
-    def queued(self):
+    def queued(self) -> int:
         """
         How many calls wait now.
         """
         return len(self._queue)
 
-    def _retry_after_ms(self, ahead):
+    def _retry_after_ms(self, ahead: int) -> int:
         wait_seconds = (ahead / self.limit + 1) * self._latency(
             self._reactor.seconds()
         )
@@ -149,7 +187,7 @@ class ReviewAdmission:
             max(MIN_RETRY_AFTER_MILLISECONDS, int(wait_seconds * 1000)),
         )
 
-    def _latency(self, now):
+    def _latency(self, now: float) -> float:
         """
         The review latency to plan with: the measured average; before any
         review has ended, how long the oldest one in flight has run so far
@@ -161,7 +199,7 @@ class ReviewAdmission:
             return now - self._starts[0]
         return 0.0
 
-    def _expected_finish(self, position, now):
+    def _expected_finish(self, position: int, now: float) -> float:
         """
         When the call at C{position} in the queue should have its review
         answered (0 when nothing is known of the latency yet).
@@ -179,7 +217,7 @@ class ReviewAdmission:
             )
         return start + latency
 
-    def try_acquire(self, deadline):
+    def try_acquire(self, deadline: float) -> Release | None:
         """
         A slot at once, without a Deferred, when one is free, nobody waits
         and C{deadline} has not passed (the common case, taken on every
@@ -193,7 +231,7 @@ class ReviewAdmission:
             return self._take(now)
         return None
 
-    def acquire(self, deadline):
+    def acquire(self, deadline: float) -> "Deferred[Release]":
         """
         Wait for a slot, until C{deadline} at most.
 
@@ -214,11 +252,13 @@ class ReviewAdmission:
             return succeed(self._take(now))
         ahead = len(self._queue)
         if ahead >= self.queue_limit:
-            return fail(ValidatorOverloadedError(QUEUE_FULL, self._retry_after_ms(ahead)))
+            return fail(
+                ValidatorOverloadedError(QUEUE_FULL, self._retry_after_ms(ahead))
+            )
         if self._expected_finish(ahead, now) > deadline:
             return fail(ValidatorOverloadedError(TOO_LATE, self._retry_after_ms(ahead)))
 
-        def leave(d):
+        def leave(d: object) -> None:
             waiter.timer.cancel()
             self._queue.remove(waiter)
 
@@ -231,7 +271,7 @@ class ReviewAdmission:
             )
         return waiter.deferred
 
-    def _prune_periodically(self):
+    def _prune_periodically(self) -> None:
         """
         While calls wait, check every L{PRUNE_INTERVAL_SECONDS} whether the
         latency now known rules some out (no review may end for a while:
@@ -247,24 +287,24 @@ class ReviewAdmission:
                 PRUNE_INTERVAL_SECONDS, self._prune_periodically
             )
 
-    def _expire(self, waiter):
+    def _expire(self, waiter: _Waiter) -> None:
         self._queue.remove(waiter)
         self._refuse(waiter)
 
-    def _refuse(self, waiter):
+    def _refuse(self, waiter: _Waiter) -> None:
         if waiter.timer.active():
             waiter.timer.cancel()
         waiter.deferred.errback(
             ValidatorOverloadedError(TOO_LATE, self._retry_after_ms(len(self._queue)))
         )
 
-    def _take(self, now):
+    def _take(self, now: float) -> Release:
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         self._starts.append(now)
-        released = []
+        released: list[bool] = []
 
-        def release(duration_seconds=None):
+        def release(duration_seconds: float | None = None) -> None:
             if released:
                 return
             released.append(True)
@@ -276,7 +316,7 @@ class ReviewAdmission:
 
         return release
 
-    def _measured(self, duration_seconds):
+    def _measured(self, duration_seconds: float) -> None:
         if self.latency_seconds == 0.0:
             self.latency_seconds = duration_seconds
         else:
@@ -284,7 +324,7 @@ class ReviewAdmission:
                 duration_seconds - self.latency_seconds
             )
 
-    def _next(self):
+    def _next(self) -> None:
         now = self._reactor.seconds()
         while self._queue and self.in_flight < self.limit:
             waiter = self._queue.popleft()
@@ -303,12 +343,13 @@ class ReviewAdmission:
             self._last_prune = now
             self._prune(now)
 
-    def _prune(self, now):
+    def _prune(self, now: float) -> None:
         """
         Refuse now the queued calls that can no longer be reviewed before
         their deadline.
         """
-        kept, late = deque(), []
+        kept: deque[_Waiter] = deque()
+        late: list[_Waiter] = []
         for waiter in self._queue:
             if self._expected_finish(len(kept), now) > waiter.deadline:
                 late.append(waiter)

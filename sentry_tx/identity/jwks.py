@@ -39,18 +39,23 @@ L{sentry_tx.identity.jwks_keys}.
 import base64
 import binascii
 import os
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from sentry_tx.ca.files import CREDENTIAL_READ_TIMEOUT_SECONDS, BoundedFileWork
 from sentry_tx.ca.store import read_credential
 from sentry_tx.durations import parse_go_duration
 from sentry_tx.errors import BundleError, ConfigError, ValidationError
-from sentry_tx.identity.caller import VALIDATOR_JWKS
+from sentry_tx.identity.caller import VALIDATOR_JWKS, CallerIdentity, SignRequest
 from sentry_tx.identity.jwks_fetch import (
     FETCH_CANCELLED,
     FETCH_REFUSED,
@@ -62,6 +67,7 @@ from sentry_tx.identity.jwks_keys import (
     MAX_JWKS_BYTES,
     MIN_RSA_KEY_BITS,
     VALIDATION_FAILED,
+    KeySet,
     UnknownKeyID,
     key_set_from_json,
     verify_token,
@@ -69,6 +75,9 @@ from sentry_tx.identity.jwks_keys import (
 from sentry_tx.identity.rules import check_request
 from sentry_tx.interfaces import IConfigurationSource, IIdentityValidator
 from sentry_tx.logs import MAX_QUOTED_CHARACTERS, printable_cut
+
+if TYPE_CHECKING:
+    from sentry_tx.config import SentryConfig
 
 DEFAULT_MIN_REFRESH_INTERVAL_SECONDS = 600.0
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 30.0
@@ -112,6 +121,20 @@ SOURCE_FILE = "file"
 SOURCE_INLINE = "inline"
 
 
+class IJWKSReactor(IReactorTime, IReactorFromThreads):
+    """
+    What the JWKS validator needs of a reactor: its clock and timers (the
+    refresh schedule, the fetch's timeout) and handing a file read's result
+    back to its thread (L{BoundedFileWork}).
+    """
+
+FileStamp = tuple[int, int, int]
+"""
+A key set file's inode, size and modification time (ns): what tells that
+it changed.
+"""
+
+
 @dataclass(frozen=True)
 class JWKSOptions:
     """
@@ -124,14 +147,14 @@ class JWKSOptions:
     request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT_SECONDS
 
     @property
-    def source_kind(self):
+    def source_kind(self) -> str:
         """
         L{SOURCE_URL}, L{SOURCE_INLINE} or L{SOURCE_FILE}.
         """
         return source_kind(self.source)
 
 
-def source_kind(source):
+def source_kind(source: str) -> str:
     """
     What C{source} is: a URL, the JWKS itself (JSON or base64 JSON), or a
     file path.
@@ -143,7 +166,19 @@ def source_kind(source):
     return SOURCE_FILE
 
 
-def _inline_jwks(source):
+def _inline_key_set(source: str) -> KeySet:
+    """
+    The key set of an inline C{source} (L{SOURCE_INLINE}).
+
+    @raise ValueError: when it is not a usable JWKS.
+    """
+    data = _inline_jwks(source)
+    if data is None:
+        raise ValueError("the source is not an inline JWKS")
+    return key_set_from_json(data)
+
+
+def _inline_jwks(source: str) -> bytes | None:
     text = source.strip()
     if text.startswith("{"):
         return text.encode("utf-8")
@@ -154,7 +189,7 @@ def _inline_jwks(source):
     return decoded if decoded.lstrip().startswith(b"{") else None
 
 
-def parse_jwks_options(options, field):
+def parse_jwks_options(options: Iterable[tuple[str, str]], field: str) -> JWKSOptions:
     """
     Check the options of a C{jwks} validator entry.
 
@@ -176,7 +211,7 @@ def parse_jwks_options(options, field):
     kind = source_kind(source)
     if kind == SOURCE_INLINE:
         try:
-            key_set_from_json(_inline_jwks(source))
+            _inline_key_set(source)
         except ValueError as e:
             raise ConfigError(f"{field}.options.{OPTION_SOURCE}", str(e)) from None
     ca_certificate = values.get(OPTION_CA_CERTIFICATE, "")
@@ -185,7 +220,7 @@ def parse_jwks_options(options, field):
             f"{field}.options.{OPTION_CA_CERTIFICATE}",
             "applies to a URL source only",
         )
-    durations = {}
+    durations: dict[str, float] = {}
     for key, default in (
         (OPTION_MIN_REFRESH_INTERVAL, DEFAULT_MIN_REFRESH_INTERVAL_SECONDS),
         (OPTION_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_SECONDS),
@@ -196,7 +231,9 @@ def parse_jwks_options(options, field):
             continue
         seconds = parse_go_duration(text, f"{field}.options.{key}").total_seconds()
         if seconds <= 0:
-            raise ConfigError(f"{field}.options.{key}", f"must be positive, not {text!r}")
+            raise ConfigError(
+                f"{field}.options.{key}", f"must be positive, not {text!r}"
+            )
         durations[key] = seconds
     if durations[OPTION_MIN_REFRESH_INTERVAL] < MIN_MIN_REFRESH_INTERVAL_SECONDS:
         raise ConfigError(
@@ -234,33 +271,35 @@ class JWKSValidator(Service):
 
     def __init__(
         self,
-        reactor,
-        options,
-        sentry_audience,
-        http_agent=None,
-        read_file=read_credential,
-        file_work=None,
-    ):
+        reactor: IJWKSReactor,
+        options: JWKSOptions,
+        sentry_audience: str,
+        http_agent: IAgent | None = None,
+        read_file: Callable[[str], bytes] = read_credential,
+        file_work: BoundedFileWork | None = None,
+    ) -> None:
         self._reactor = reactor
-        self._file_work = file_work if file_work is not None else BoundedFileWork(reactor)
+        self._file_work = (
+            file_work if file_work is not None else BoundedFileWork(reactor)
+        )
         self.options = options
         self._sentry_audience = sentry_audience
         self._http_agent = http_agent
-        self._fetcher = None
+        self._fetcher: JWKSFetcher | None = None
         self._read_file = read_file
         self._kind = options.source_kind
         self.needs_reactor = self._kind == SOURCE_URL
-        self.key_set = None
+        self.key_set: KeySet | None = None
         self.loads = 0
-        self._last_fetch = None
-        self._fetching = None
-        self._waiters = []
-        self._call = None
+        self._last_fetch: float | None = None
+        self._fetching: defer.Deferred[Any] | None = None
+        self._waiters: list[defer.Deferred[bool]] = []
+        self._call: IDelayedCall | None = None
         self._retry_seconds = FETCH_RETRY_INITIAL_SECONDS
-        self._file_stamp = None
+        self._file_stamp: FileStamp | None = None
 
     @property
-    def ready(self):
+    def ready(self) -> bool:
         """
         Whether a key set has loaded (healthz is 503 until then).
         """
@@ -268,16 +307,16 @@ class JWKSValidator(Service):
 
     # IService
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         if self._kind == SOURCE_INLINE:
-            self._install(key_set_from_json(_inline_jwks(self.options.source)))
+            self._install(_inline_key_set(self.options.source))
         elif self._kind == SOURCE_FILE:
             self._check_file()
         else:
             self._fetch_and_reschedule()
 
-    def stopService(self):
+    def stopService(self) -> None:
         super().stopService()
         if self._call is not None and self._call.active():
             self._call.cancel()
@@ -287,7 +326,9 @@ class JWKSValidator(Service):
 
     # IIdentityValidator
 
-    def validate(self, request, deadline=None):
+    def validate(
+        self, request: SignRequest, deadline: float | None = None
+    ) -> "defer.Deferred[CallerIdentity]":
         """
         Check the caller's token (see the module's docstring).
 
@@ -299,7 +340,7 @@ class JWKSValidator(Service):
         """
         try:
             subject = self._check(request)
-            key_set = self.key_set
+            key_set = self._loaded_key_set()
             verify_token(
                 request.token,
                 key_set,
@@ -315,18 +356,30 @@ class JWKSValidator(Service):
                 return defer.fail(self._unknown(unknown.kid))
             return self._refresh_then_verify(request, subject, unknown.kid, deadline)
 
-    def _check(self, request):
+    def _check(self, request: SignRequest) -> CallerIdentity:
         if not request.token:
             raise ValidationError(NO_TOKEN)
         if self.key_set is None:
             raise ValidationError(NOT_READY)
         return check_request(request)
 
-    @staticmethod
-    def _unknown(kid):
-        return ValidationError(f"{VALIDATION_FAILED}: no key with kid {kid!r} in the key set")
+    def _loaded_key_set(self) -> KeySet:
+        """
+        The key set in use (once loaded, one always is).
 
-    def _may_refresh(self):
+        @raise ValidationError: L{NOT_READY} before one has loaded.
+        """
+        if self.key_set is None:
+            raise ValidationError(NOT_READY)
+        return self.key_set
+
+    @staticmethod
+    def _unknown(kid: str) -> ValidationError:
+        return ValidationError(
+            f"{VALIDATION_FAILED}: no key with kid {kid!r} in the key set"
+        )
+
+    def _may_refresh(self) -> bool:
         return (
             self._fetching is not None
             or self._last_fetch is None
@@ -334,22 +387,33 @@ class JWKSValidator(Service):
             >= self.options.min_refresh_interval_seconds
         )
 
-    def _refresh_then_verify(self, request, subject, kid, deadline):
+    def _refresh_then_verify(
+        self,
+        request: SignRequest,
+        subject: CallerIdentity,
+        kid: str,
+        deadline: float | None,
+    ) -> "defer.Deferred[CallerIdentity]":
         d = self._fetch()
         wait = self.options.request_timeout_seconds
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - self._reactor.seconds()))
-        waited = defer.Deferred()
-        d.addBoth(lambda result: waited.called or waited.callback(None))
-        timer = self._reactor.callLater(wait, lambda: waited.called or waited.callback(None))
+        waited: defer.Deferred[None] = defer.Deferred()
 
-        def verify(_):
+        def wake(_: object = None) -> None:
+            if not waited.called:
+                waited.callback(None)
+
+        d.addBoth(wake)
+        timer = self._reactor.callLater(wait, wake)
+
+        def verify(_: object) -> CallerIdentity:
             if timer.active():
                 timer.cancel()
             try:
                 verify_token(
                     request.token,
-                    self.key_set,
+                    self._loaded_key_set(),
                     self._sentry_audience,
                     subject.spiffe_id,
                     self._reactor.seconds(),
@@ -362,9 +426,10 @@ class JWKSValidator(Service):
 
     # Loading
 
-    def _install(self, key_set):
-        first = self.key_set is None
-        changed = first or key_set.raw != self.key_set.raw
+    def _install(self, key_set: KeySet) -> None:
+        previous = self.key_set
+        first = previous is None
+        changed = previous is None or key_set.raw != previous.raw
         self.key_set = key_set
         self.loads += 1
         if not changed:
@@ -386,7 +451,7 @@ class JWKSValidator(Service):
                 ),
             )
 
-    def _install_fetched(self, body):
+    def _install_fetched(self, body: bytes) -> bool:
         """
         Install the key set a fetch brought.
 
@@ -400,7 +465,7 @@ class JWKSValidator(Service):
         self._install(key_set)
         return True
 
-    def _fetcher_for(self, ca_pem):
+    def _fetcher_for(self, ca_pem: bytes | None) -> JWKSFetcher:
         """
         The L{JWKSFetcher} of the source, trusting the certificates in
         C{ca_pem} (the system's roots when None).
@@ -414,7 +479,7 @@ class JWKSValidator(Service):
             agent=self._http_agent,
         )
 
-    def _ca_pem(self):
+    def _ca_pem(self) -> bytes | None:
         """
         In a thread: C{caCertificate}'s PEM (read through the credential
         reader when it is a path), or None.
@@ -426,7 +491,7 @@ class JWKSValidator(Service):
             return ca.encode("utf-8")
         return self._read_file(ca)
 
-    def refresh(self):
+    def refresh(self) -> "defer.Deferred[bool]":
         """
         Fetch a URL source's key set now (sharing a fetch under way).
 
@@ -434,13 +499,13 @@ class JWKSValidator(Service):
         """
         return self._fetch()
 
-    def _fetch_and_reschedule(self):
+    def _fetch_and_reschedule(self) -> None:
         self._call = None
         if not self.running:
             return
         d = self._fetch()
 
-        def done(ok):
+        def done(ok: bool) -> None:
             if not self.running:
                 return
             periodic = max(
@@ -451,45 +516,52 @@ class JWKSValidator(Service):
                 delay = periodic
             elif self.key_set is None:
                 delay = self._retry_seconds
-                self._retry_seconds = min(self._retry_seconds * 2, FETCH_RETRY_MAX_SECONDS)
+                self._retry_seconds = min(
+                    self._retry_seconds * 2, FETCH_RETRY_MAX_SECONDS
+                )
             else:
                 delay = self.options.min_refresh_interval_seconds
             self._call = self._reactor.callLater(delay, self._fetch_and_reschedule)
 
         d.addCallback(done)
 
-    def _fetch(self):
+    def _fetch(self) -> "defer.Deferred[bool]":
         """
         Fetch the key set once (concurrent callers share one fetch).
 
         @return: a Deferred that fires with True when a key set was
             installed, False otherwise; it never fails.
         """
-        waiter = defer.Deferred()
+        waiter: defer.Deferred[bool] = defer.Deferred()
         self._waiters.append(waiter)
         if self._fetching is not None:
             return waiter
         self._last_fetch = self._reactor.seconds()
+        # One Deferred, given a new name at each step as its result changes.
+        fetcher_ready: defer.Deferred[JWKSFetcher]
         if self._fetcher is None:
-            d = self._file_work.run(
+            ca_read = self._file_work.run(
                 "the jwks caCertificate", CREDENTIAL_READ_TIMEOUT_SECONDS, self._ca_pem
             )
-            d.addCallback(self._fetcher_for)
+            fetcher_ready = ca_read.addCallback(self._fetcher_for)
 
-            def keep(fetcher):
+            def keep(fetcher: JWKSFetcher) -> JWKSFetcher:
                 self._fetcher = fetcher
                 return fetcher
 
-            d.addCallback(keep)
+            fetcher_ready.addCallback(keep)
         else:
-            d = defer.succeed(self._fetcher)
-        d.addCallback(lambda fetcher: fetcher.fetch())
-        d.addCallback(self._install_fetched)
+            fetcher_ready = defer.succeed(self._fetcher)
+        fetched = fetcher_ready.addCallback(lambda fetcher: fetcher.fetch())
+        d = fetched.addCallback(self._install_fetched)
 
-        def failed(failure):
+        def failed(failure: Failure) -> bool:
             if not self.running and (
                 failure.check(defer.CancelledError)
-                or (failure.check(JWKSFetchError) and failure.value.why == FETCH_CANCELLED)
+                or (
+                    isinstance(failure.value, JWKSFetchError)
+                    and failure.value.why == FETCH_CANCELLED
+                )
             ):
                 # stopService cancelled it, perhaps while the caCertificate
                 # was still being read: nothing to say.
@@ -497,7 +569,8 @@ class JWKSValidator(Service):
             if failure.check(JWKSFetchError):
                 what = str(failure.value)
             else:
-                what = f"failed: {failure.getErrorMessage() or failure.type.__name__}"
+                name = type(failure.value).__name__
+                what = f"failed: {failure.getErrorMessage() or name}"
             self._log.error(
                 "JWKS fetch from {url} {what}; {kept}",
                 url=self.options.source,
@@ -506,23 +579,23 @@ class JWKSValidator(Service):
             )
             return False
 
-        d.addErrback(failed)
+        settled = d.addErrback(failed)
 
-        done = []
+        done: list[bool] = []
 
-        def finished(result):
+        def finished(result: bool | Failure) -> None:
             done.append(True)
             self._fetching = None
             waiters, self._waiters = self._waiters, []
             for each in waiters:
                 each.callback(result)
 
-        d.addBoth(finished)
+        settled.addBoth(finished)
         if not done:
-            self._fetching = d
+            self._fetching = settled
         return waiter
 
-    def _check_file(self):
+    def _check_file(self) -> None:
         self._call = None
         if not self.running:
             return
@@ -530,13 +603,13 @@ class JWKSValidator(Service):
             self.options.source, CREDENTIAL_READ_TIMEOUT_SECONDS, self._read_if_changed
         )
 
-        def loaded(result):
+        def loaded(result: tuple[FileStamp, KeySet] | None) -> None:
             if result is not None:
                 stamp, key_set = result
                 self._file_stamp = stamp
                 self._install(key_set)
 
-        def failed(failure):
+        def failed(failure: Failure) -> None:
             self._log.error(
                 "jwks validator: cannot load the key set from {path}; {kept}: {error}",
                 path=self.options.source,
@@ -546,7 +619,7 @@ class JWKSValidator(Service):
 
         d.addCallbacks(loaded, failed)
 
-        def again(_):
+        def again(_: object) -> None:
             if self.running:
                 self._call = self._reactor.callLater(
                     JWKS_FILE_CHECK_INTERVAL_SECONDS, self._check_file
@@ -554,7 +627,7 @@ class JWKSValidator(Service):
 
         d.addBoth(again)
 
-    def _read_if_changed(self):
+    def _read_if_changed(self) -> tuple[FileStamp, KeySet] | None:
         """
         In a thread: the file's stamp and key set when it changed since the
         last load, else None.
@@ -573,8 +646,9 @@ class JWKSValidator(Service):
         return stamp, key_set_from_json(self._read_file(path))
 
 
-@implementer(IConfigurationSource)
-def jwks_validator_for(config, reactor):
+def jwks_validator_for(
+    config: "SentryConfig", reactor: IJWKSReactor
+) -> JWKSValidator | None:
     """
     The JWKS validator C{config}'s Configuration asks for
     (C{spec.mtls.tokenValidators} naming C{jwks}), or None.
@@ -611,25 +685,33 @@ class JWKSFromConfiguration(MultiService):
         (L{jwks_validator_for}); tests pass one of their own.
     """
 
-    def __init__(self, inner, reactor, validators, validator_for=jwks_validator_for):
+    def __init__(
+        self,
+        inner: IConfigurationSource,
+        reactor: IJWKSReactor,
+        validators: MutableMapping[int, Any],
+        validator_for: Callable[
+            ["SentryConfig", IJWKSReactor], JWKSValidator | None
+        ] = jwks_validator_for,
+    ) -> None:
         super().__init__()
         self._inner = inner
         self._reactor = reactor
         self._validators = validators
         self._validator_for = validator_for
-        self.validator = None
+        self.validator: JWKSValidator | None = None
 
     @property
-    def ready(self):
+    def ready(self) -> bool:
         """
         True without a JWKS validator, else once its key set has loaded.
         """
         return self.validator is None or self.validator.ready
 
-    def resolve(self, config):
+    def resolve(self, config: "SentryConfig") -> "defer.Deferred[SentryConfig]":
         d = self._inner.resolve(config)
 
-        def add(resolved):
+        def add(resolved: "SentryConfig") -> "SentryConfig":
             if self.validator is None:
                 validator = self._validator_for(resolved, self._reactor)
                 if validator is not None:

@@ -18,11 +18,23 @@ L{_TrackingEndpointFactory} that records the connections it makes.
 """
 
 import re
+from collections.abc import Callable
+from typing import TypeVar, cast
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
@@ -31,7 +43,7 @@ from twisted.web.client import (
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from sentry_tx.logs import MAX_QUOTED_CHARACTERS, printable_cut
@@ -41,6 +53,8 @@ MAX_LOGGED_LOCATION_CHARACTERS = MAX_QUOTED_CHARACTERS
 A refused redirect's C{Location} is logged cut to this many characters: it
 comes from the key server, and may be anything.
 """
+
+_T = TypeVar("_T")
 
 FETCH_FAILED = "failed"
 FETCH_REFUSED = "refused"
@@ -59,13 +73,13 @@ class JWKSFetchError(Exception):
     @ivar why: what happened, in words.
     """
 
-    def __init__(self, why, outcome=FETCH_FAILED):
+    def __init__(self, why: str, outcome: str = FETCH_FAILED) -> None:
         super().__init__(f"{outcome}: {why}")
         self.outcome = outcome
         self.why = why
 
 
-def tls_policy_for(ca_pem):
+def tls_policy_for(ca_pem: bytes | None) -> BrowserLikePolicyForHTTPS:
     """
     The HTTPS policy trusting the certificates in C{ca_pem} only, or the
     system's roots when C{ca_pem} is None.
@@ -87,19 +101,25 @@ def tls_policy_for(ca_pem):
     return BrowserLikePolicyForHTTPS(trust)
 
 
+@implementer(IStreamClientEndpoint)
 class _TrackedEndpoint:
     """
     An endpoint that hands the transport of each connection it makes to
     C{record}.
     """
 
-    def __init__(self, inner, record):
+    def __init__(
+        self,
+        inner: IStreamClientEndpoint,
+        record: Callable[[ITCPTransport], object],
+    ) -> None:
         self._inner = inner
         self._record = record
 
-    def connect(self, factory):
-        def made(protocol):
-            self._record(protocol.transport)
+    def connect(self, factory: IProtocolFactory) -> "defer.Deferred[IProtocol]":
+        def made(protocol: IProtocol) -> IProtocol:
+            # Every connection an endpoint makes has a TCP (or TLS) transport.
+            self._record(cast(ITCPTransport, cast(Protocol, protocol).transport))
             return protocol
 
         return self._inner.connect(factory).addCallback(made)
@@ -113,13 +133,15 @@ class _TrackingEndpointFactory:
     made.
     """
 
-    def __init__(self, reactor, tls_policy):
+    def __init__(self, reactor: IReactorTime, tls_policy: IPolicyForHTTPS) -> None:
         self._reactor = reactor
         self._tls_policy = tls_policy
-        self._transports = []
+        self._transports: list[ITCPTransport] = []
 
-    def endpointForURI(self, uri):
-        endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port)
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self._reactor, uri.host, uri.port
+        )
         if uri.scheme == b"https":
             creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
             endpoint = wrapClientTLS(creator, endpoint)
@@ -127,7 +149,7 @@ class _TrackingEndpointFactory:
             raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
         return _TrackedEndpoint(endpoint, self._transports.append)
 
-    def abort_all(self):
+    def abort_all(self) -> None:
         """
         Abort every connection made so far (one already closed is left as
         it is).
@@ -143,29 +165,33 @@ class _BoundedBody(Protocol):
     the limit, or when L{done} is cancelled, it stops the transport.
     """
 
-    def __init__(self, limit):
+    def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._chunks = []
+        self._chunks: list[bytes] = []
         self._size = 0
-        self.done = defer.Deferred(self._cancel)
+        self.done: defer.Deferred[bytes] = defer.Deferred(self._cancel)
 
-    def _cancel(self, _):
+    def _stop(self) -> None:
+        # A response body's transport is a producer (IResponse.deliverBody).
         if self.transport is not None:
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()
 
-    def dataReceived(self, data):
+    def _cancel(self, _: object) -> None:
+        self._stop()
+
+    def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
         self._size += len(data)
         if self._size > self._limit:
-            self.transport.stopProducing()
+            self._stop()
             self.done.errback(
                 JWKSFetchError(f"the response is larger than {self._limit} bytes")
             )
             return
         self._chunks.append(data)
 
-    def connectionLost(self, reason=None):
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self.done.called:
             return
         if reason is None or reason.check(ResponseDone, PotentialDataLoss):
@@ -190,15 +216,25 @@ class JWKSFetcher:
         agent's business).
     """
 
-    def __init__(self, reactor, url, timeout_seconds, max_bytes, tls_policy=None, agent=None):
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        url: str,
+        timeout_seconds: float,
+        max_bytes: int,
+        tls_policy: IPolicyForHTTPS | None = None,
+        agent: IAgent | None = None,
+    ) -> None:
         self._reactor = reactor
         self._url = url
         self._timeout_seconds = timeout_seconds
         self._max_bytes = max_bytes
-        self._tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
+        self._tls_policy: IPolicyForHTTPS = (
+            tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
+        )
         self._agent = agent
 
-    def fetch(self):
+    def fetch(self) -> "defer.Deferred[bytes]":
         """
         GET the URL once.
 
@@ -207,7 +243,7 @@ class JWKSFetcher:
             fires, every connection the fetch opened has been aborted.
         """
         endpoints = _TrackingEndpointFactory(self._reactor, self._tls_policy)
-        agent = self._agent
+        agent: IAgent | None = self._agent
         if agent is None:
             agent = Agent.usingEndpointFactory(
                 self._reactor,
@@ -219,17 +255,19 @@ class JWKSFetcher:
         except UnicodeEncodeError:
             return defer.fail(JWKSFetchError("the URL is not ASCII"))
         d = agent.request(b"GET", url, Headers({b"accept": [b"application/json"]}))
-        d.addCallback(self._read)
-        d.addTimeout(self._timeout_seconds, self._reactor, onTimeoutCancel=self._timed_out)
-        d.addErrback(self._in_words)
+        body = d.addCallback(self._read)
+        body.addTimeout(
+            self._timeout_seconds, self._reactor, onTimeoutCancel=self._timed_out
+        )
+        body.addErrback(self._in_words)
 
-        def closed(result):
+        def closed(result: _T) -> _T:
             endpoints.abort_all()
             return result
 
-        return d.addBoth(closed)
+        return body.addBoth(closed)
 
-    def _read(self, response):
+    def _read(self, response: IResponse) -> "defer.Deferred[bytes]":
         code = response.code
         if 300 <= code < 400:
             locations = response.headers.getRawHeaders(b"location") or [b""]
@@ -253,16 +291,16 @@ class JWKSFetcher:
         response.deliverBody(body)
         return body.done
 
-    def _timed_out(self, result, timeout):
+    def _timed_out(self, result: object, timeout: float) -> bytes:
         raise JWKSFetchError(f"timed out after {float(timeout)} s")
 
-    def _in_words(self, failure):
+    def _in_words(self, failure: Failure) -> Failure:
         if failure.check(JWKSFetchError):
             return failure
         raise JWKSFetchError(describe_failure(failure.value))
 
 
-def describe_failure(value):
+def describe_failure(value: object) -> str:
     """
     What an exception from a fetch means, in words: the first reason of
     wrapper exceptions of Twisted's HTTP client (C{ResponseFailed} and its
@@ -285,7 +323,7 @@ def describe_failure(value):
     return f"{type(value).__name__}: {text}" if text else type(value).__name__
 
 
-def _tls_reasons(value):
+def _tls_reasons(value: object) -> str:
     try:
         from OpenSSL import SSL
     except ImportError:  # pragma: no cover (pyOpenSSL comes with Twisted's TLS)

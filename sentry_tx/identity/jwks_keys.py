@@ -9,11 +9,13 @@ C{now}; verification is joserfc's.
 import base64
 import binascii
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from joserfc import jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import JWKRegistry
+from joserfc.jwk import GuestProtocol, JWKRegistry, Key
 
 from sentry_tx.errors import ValidationError
 
@@ -34,9 +36,20 @@ MAX_JWKS_BYTES = 1024 * 1024
 
 VALIDATION_FAILED = "token validation failed"
 
-_RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
-_EC_ALGORITHMS = {"P-256": ("ES256",), "P-384": ("ES384",), "P-521": ("ES512",)}
-_OKP_ALGORITHMS = {"Ed25519": ("EdDSA",)}
+_RSA_ALGORITHMS: tuple[str, ...] = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+)
+_EC_ALGORITHMS: dict[str, tuple[str, ...]] = {
+    "P-256": ("ES256",),
+    "P-384": ("ES384",),
+    "P-521": ("ES512",),
+}
+_OKP_ALGORITHMS: dict[str, tuple[str, ...]] = {"Ed25519": ("EdDSA",)}
 ASYMMETRIC_ALGORITHMS = (
     _RSA_ALGORITHMS
     + tuple(a for each in _EC_ALGORITHMS.values() for a in each)
@@ -58,19 +71,22 @@ class KeySet:
         than L{MIN_RSA_KEY_BITS}.
     """
 
-    keys: dict = field(repr=False)
+    keys: dict[str, tuple[Key, tuple[str, ...]]] = field(repr=False)
     raw: bytes = field(repr=False)
-    weak_kids: tuple = ()
+    weak_kids: tuple[str, ...] = ()
 
 
-def _algorithms_for(member):
+def _algorithms_for(member: Mapping[str, Any]) -> tuple[str, ...]:
     kty = member.get("kty")
+    # A curve that is not a string (a list from the key server) fits none.
+    crv = member.get("crv")
+    curve = crv if isinstance(crv, str) else ""
     if kty == "RSA":
         allowed = _RSA_ALGORITHMS
     elif kty == "EC":
-        allowed = _EC_ALGORITHMS.get(member.get("crv"), ())
+        allowed = _EC_ALGORITHMS.get(curve, ())
     elif kty == "OKP":
-        allowed = _OKP_ALGORITHMS.get(member.get("crv"), ())
+        allowed = _OKP_ALGORITHMS.get(curve, ())
     else:
         return ()
     alg = member.get("alg")
@@ -79,7 +95,7 @@ def _algorithms_for(member):
     return (alg,) if alg in allowed else ()
 
 
-def _rsa_modulus_bits(member):
+def _rsa_modulus_bits(member: Mapping[str, Any]) -> int:
     """
     The length in bits of an RSA JWK's modulus C{n} (0 when it is not
     base64url), read before joserfc imports the key (which would warn
@@ -95,7 +111,7 @@ def _rsa_modulus_bits(member):
     return int.from_bytes(modulus, "big").bit_length()
 
 
-def key_set_from_json(data):
+def key_set_from_json(data: bytes) -> KeySet:
     """
     Parse a JWKS into a L{KeySet}.  Keys without a C{kid}, with a C{use}
     other than C{sig}, symmetric keys, keys whose C{alg} does not fit
@@ -113,19 +129,27 @@ def key_set_from_json(data):
     members = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(members, list):
         raise ValueError("failed to parse JWKS: expected an object with a 'keys' list")
-    keys = {}
-    weak_kids = []
+    keys: dict[str, tuple[Key, tuple[str, ...]]] = {}
+    weak_kids: list[str] = []
     for member in members:
         if not isinstance(member, dict):
             continue
         kid = member.get("kid")
         algorithms = _algorithms_for(member)
-        if not isinstance(kid, str) or not algorithms or member.get("use", "sig") != "sig":
+        if (
+            not isinstance(kid, str)
+            or not algorithms
+            or member.get("use", "sig") != "sig"
+        ):
             continue
         if member.get("kty") == "RSA" and _rsa_modulus_bits(member) < MIN_RSA_KEY_BITS:
             weak_kids.append(kid)
             continue
-        public = {k: v for k, v in member.items() if k not in ("d", "p", "q", "dp", "dq", "qi", "oth")}
+        public = {
+            k: v
+            for k, v in member.items()
+            if k not in ("d", "p", "q", "dp", "dq", "qi", "oth")
+        }
         try:
             key = JWKRegistry.import_key(public)
         except (JoseError, ValueError, TypeError, KeyError):
@@ -146,12 +170,18 @@ class UnknownKeyID(Exception):
     The token names a C{kid} the key set does not hold.
     """
 
-    def __init__(self, kid):
+    def __init__(self, kid: str) -> None:
         super().__init__(kid)
         self.kid = kid
 
 
-def verify_token(token, key_set, sentry_audience, subject, now_seconds):
+def verify_token(
+    token: str | bytes,
+    key_set: KeySet,
+    sentry_audience: str,
+    subject: str,
+    now_seconds: float,
+) -> None:
     """
     Verify C{token} against C{key_set}.
 
@@ -160,7 +190,7 @@ def verify_token(token, key_set, sentry_audience, subject, now_seconds):
     @raise ValidationError: "token validation failed: <why>".
     """
 
-    def key_for(signature):
+    def key_for(signature: GuestProtocol) -> Key:
         header = signature.headers()
         kid = header.get("kid")
         if not isinstance(kid, str):
@@ -200,7 +230,7 @@ def verify_token(token, key_set, sentry_audience, subject, now_seconds):
     _check_lifetime(decoded.claims, now_seconds)
 
 
-def _check_lifetime(claims, now_seconds):
+def _check_lifetime(claims: Mapping[str, Any], now_seconds: float) -> None:
     """
     Refuse a token living longer than L{MAX_TOKEN_LIFETIME_SECONDS} (see
     there); C{exp}, and C{iat} when present, are numbers by now.
@@ -219,6 +249,6 @@ def _check_lifetime(claims, now_seconds):
         )
 
 
-def _describe(error):
+def _describe(error: Exception) -> str:
     text = getattr(error, "description", None) or str(error) or type(error).__name__
     return f"{getattr(error, 'error', type(error).__name__)}: {text}"

@@ -74,9 +74,13 @@ import asyncio
 import base64
 import binascii
 import json
+from collections.abc import Awaitable, Coroutine, Iterable, Mapping
+from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sentry_tx.errors import (
@@ -85,8 +89,13 @@ from sentry_tx.errors import (
     ValidatorOverloadedError,
     ValidatorUnavailableError,
 )
-from sentry_tx.identity.caller import VALIDATOR_KUBERNETES, CallerIdentity
-from sentry_tx.identity.admission import DEADLINE_PASSED, MIN_RETRY_AFTER_MILLISECONDS
+from sentry_tx.identity.admission import (
+    DEADLINE_PASSED,
+    MIN_RETRY_AFTER_MILLISECONDS,
+    Release,
+    ReviewAdmission,
+)
+from sentry_tx.identity.caller import VALIDATOR_KUBERNETES, CallerIdentity, SignRequest
 from sentry_tx.identity.images import images_to_stamp
 from sentry_tx.identity.rules import (
     DEFAULT_WORKLOAD_TRUST_DOMAIN,
@@ -95,8 +104,8 @@ from sentry_tx.identity.rules import (
 )
 from sentry_tx.interfaces import IIdentityValidator
 from sentry_tx.kube.errors import KubernetesAPIError, KubernetesError
+from sentry_tx.kube.informer import Informer, PodRecord, configuration_trust_domain
 from sentry_tx.kube.paths import TOKEN_REVIEW_PATH, configuration_path, core_path
-from sentry_tx.kube.informer import PodRecord, configuration_trust_domain
 from sentry_tx.server.loop import on_reactor
 
 # One validation timeout: the servicer's, used here when a caller of
@@ -190,7 +199,7 @@ BAD_CONFIGURATION_TRUST_DOMAIN = (
 )
 
 
-def default_audiences(trust_domain, namespace):
+def default_audiences(trust_domain: str, namespace: str) -> tuple[str, str]:
     """
     The audiences a sidecar's token is reviewed for: Dapr's legacy audience
     and sentry_tx's SPIFFE ID.
@@ -201,7 +210,7 @@ def default_audiences(trust_domain, namespace):
     )
 
 
-def token_payload(token):
+def token_payload(token: str) -> dict[str, Any]:
     """
     The claims of a JWT, decoded without verifying its signature.
 
@@ -222,17 +231,55 @@ def token_payload(token):
     return claims if isinstance(claims, dict) else {}
 
 
-def _mapping(value):
+def _mapping(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _first_string(values):
+def _first_string(values: object) -> str:
     """
     The first element of a TokenReview C{extra} value (a list of strings).
     """
     if isinstance(values, list) and values and isinstance(values[0], str):
         return values[0]
     return ""
+
+
+class ValidatorClient(Protocol):
+    """
+    What the validator needs of a Kubernetes API client: the
+    L{sentry_tx.kube.client.KubernetesClient} (Deferreds) or the
+    L{sentry_tx.kube.loop_client.LoopKubernetesClient} (coroutines).
+    """
+
+    @property
+    def reactor(self) -> IReactorTime: ...
+
+    def get(
+        self, path: str, timeout_seconds: float | None = None
+    ) -> Awaitable[Any]: ...
+
+    def create(
+        self,
+        path: str,
+        body: object,
+        retry_lost_response: bool = False,
+        timeout_seconds: float | None = None,
+    ) -> Awaitable[Any]: ...
+
+
+class Waits(Protocol):
+    """
+    How the validator waits for admission and the first sync: L{OnReactor}
+    or L{OnGrpcLoop}.
+    """
+
+    runs_on_loop: bool
+
+    def admitted(
+        self, admission: ReviewAdmission, deadline: float
+    ) -> Awaitable[Release]: ...
+
+    def synced(self, informer: Informer[Any], deadline: float) -> Awaitable[bool]: ...
 
 
 class OnReactor:
@@ -243,13 +290,15 @@ class OnReactor:
 
     runs_on_loop = False
 
-    def admitted(self, admission, deadline):
+    def admitted(
+        self, admission: ReviewAdmission, deadline: float
+    ) -> "Deferred[Release]":
         """
         A slot of C{admission} (L{ReviewAdmission.acquire}).
         """
         return admission.acquire(deadline)
 
-    def synced(self, informer, deadline):
+    def synced(self, informer: Informer[Any], deadline: float) -> "Deferred[bool]":
         """
         Whether C{informer} has synced by C{deadline}.
         """
@@ -268,10 +317,10 @@ class OnGrpcLoop:
 
     runs_on_loop = True
 
-    def __init__(self, reactor):
+    def __init__(self, reactor: IReactorTime) -> None:
         self._reactor = reactor
 
-    async def admitted(self, admission, deadline):
+    async def admitted(self, admission: ReviewAdmission, deadline: float) -> Release:
         """
         A slot of C{admission}: at once when one is free; else through the
         queue, where a slot granted to a call that was cancelled meanwhile
@@ -288,39 +337,43 @@ class OnGrpcLoop:
                 future.result()(None)
             raise
 
-    async def synced(self, informer, deadline):
+    async def synced(self, informer: Informer[Any], deadline: float) -> bool:
         """
         Whether C{informer} has synced by C{deadline} (asked on the reactor).
         """
         if informer.ready:
             return True
-        return await on_reactor(
+        synced: bool = await on_reactor(
             self._reactor,
             asyncio.get_running_loop(),
             informer.wait_synced,
             deadline,
         )
+        return synced
 
 
-def _slot_future(d, loop):
+def _slot_future(
+    d: "Deferred[Release]", loop: asyncio.AbstractEventLoop
+) -> "asyncio.Future[Release]":
     """
     A loop future of admission's Deferred C{d}; cancelling it cancels C{d}
     (the call leaves the queue), and a slot C{d} grants after the future
     was cancelled is released at once.
     """
-    future = loop.create_future()
+    future: asyncio.Future[Release] = loop.create_future()
 
-    def granted(release):
+    def granted(release: Release) -> None:
         if future.cancelled():
             release(None)
         else:
             future.set_result(release)
 
-    def refused(failure):
+    def refused(failure: Failure) -> None:
         if not future.cancelled():
-            future.set_exception(failure.value)
+            # An errback's Failure always holds its exception.
+            future.set_exception(cast(BaseException, failure.value))
 
-    def left(done):
+    def left(done: "asyncio.Future[Release]") -> None:
         if done.cancelled():
             d.cancel()
 
@@ -360,36 +413,43 @@ class KubernetesValidator:
 
     def __init__(
         self,
-        client,
-        sentry_trust_domain,
-        sentry_namespace,
-        audiences=(),
-        reactor=None,
-        pods=None,
-        configurations=None,
-        admission=None,
-        waits=None,
-    ):
-        self._waits = OnReactor() if waits is None else waits
+        client: ValidatorClient,
+        sentry_trust_domain: str,
+        sentry_namespace: str,
+        audiences: Iterable[str] = (),
+        reactor: IReactorTime | None = None,
+        pods: Informer[PodRecord] | None = None,
+        configurations: Informer[str | bool | None] | None = None,
+        admission: ReviewAdmission | None = None,
+        waits: Waits | None = None,
+    ) -> None:
+        self._waits: Waits = OnReactor() if waits is None else waits
         self.runs_on_loop = self._waits.runs_on_loop
         self.needs_reactor = not self.runs_on_loop
         self._client = client
         self._reactor = client.reactor if reactor is None else reactor
         self._pods = pods
         self._configurations = configurations
-        self._informers = tuple(i for i in (pods, configurations) if i is not None)
+        self._informers: tuple[Informer[Any], ...] = tuple(
+            i for i in (pods, configurations) if i is not None
+        )
         self._admission = admission
         self._sentry_trust_domain = sentry_trust_domain
         self._sentry_namespace = sentry_namespace
-        self.audiences = tuple(audiences) or default_audiences(
+        self.audiences: tuple[str, ...] = tuple(audiences) or default_audiences(
             sentry_trust_domain, sentry_namespace
         )
 
     @property
-    def ready(self):
+    def ready(self) -> bool:
         return all(informer.ready for informer in self._informers)
 
-    def validate(self, request, deadline=None):
+    # On the gRPC loop (runs_on_loop) this returns a coroutine, which
+    # IIdentityValidator.validate does not declare (it names a Deferred):
+    # the servicer awaits it there.
+    def validate(  # type: ignore[override]
+        self, request: SignRequest, deadline: float | None = None
+    ) -> "Deferred[CallerIdentity] | Coroutine[Any, Any, CallerIdentity]":
         """
         Run every check, in order.
 
@@ -409,13 +469,17 @@ class KubernetesValidator:
             return checks
         return Deferred.fromCoroutine(checks)
 
-    async def _validate(self, request, deadline):
+    async def _validate(
+        self, request: SignRequest, deadline: float | None
+    ) -> CallerIdentity:
         now = self._reactor.seconds()
         if deadline is None:
             deadline = now + VALIDATION_TIMEOUT_SECONDS
         give_up_at = deadline - ANSWER_MARGIN_SECONDS
         if give_up_at <= now:
-            raise ValidatorOverloadedError(DEADLINE_PASSED, MIN_RETRY_AFTER_MILLISECONDS)
+            raise ValidatorOverloadedError(
+                DEADLINE_PASSED, MIN_RETRY_AFTER_MILLISECONDS
+            )
         check_request(request)
         token = request.token
         if not token:
@@ -478,7 +542,7 @@ class KubernetesValidator:
 
     # The API calls
 
-    def _unavailable(self, error):
+    def _unavailable(self, error: Exception) -> ValidatorUnavailableError:
         """
         The L{ValidatorUnavailableError} for an API call that failed through
         no fault of the caller's.  A refusal of sentry_tx's own request
@@ -506,7 +570,7 @@ class KubernetesValidator:
             f"cannot validate the caller: the Kubernetes API is unavailable ({error})"
         )
 
-    def _time_left(self, give_up_at):
+    def _time_left(self, give_up_at: float) -> float:
         """
         The seconds left until C{give_up_at}.
 
@@ -519,7 +583,9 @@ class KubernetesValidator:
             )
         return left
 
-    async def _pod(self, namespace, name, uid, give_up_at):
+    async def _pod(
+        self, namespace: str, name: str, uid: str, give_up_at: float
+    ) -> PodRecord:
         """
         The L{PodRecord} of C{namespace/name}: from the cache when it holds
         that pod (with the token's uid), else from one GET.
@@ -535,7 +601,9 @@ class KubernetesValidator:
         )
         return PodRecord.from_pod(document)
 
-    async def _get(self, path, not_found_message, give_up_at):
+    async def _get(
+        self, path: str, not_found_message: str, give_up_at: float
+    ) -> Any:
         """
         GET C{path}; a 404 is a refusal with C{not_found_message}.
         """
@@ -550,18 +618,18 @@ class KubernetesValidator:
             raise self._unavailable(e) from None
         return document
 
-    async def _review(self, token, give_up_at):
+    async def _review(self, token: str, give_up_at: float) -> dict[str, Any]:
         """
         The status of the call's one TokenReview of C{token}, once admitted.
 
         @raise ValidationError: when it is not authenticated for one of
             C{self.audiences}.
         """
-        release = None
+        release: Release | None = None
         if self._admission is not None:
             release = await self._waits.admitted(self._admission, give_up_at)
         started = self._reactor.seconds()
-        duration = None
+        duration: float | None = None
         try:
             review = await self._client.create(
                 TOKEN_REVIEW_PATH,
@@ -598,7 +666,9 @@ class KubernetesValidator:
 
     # The checks
 
-    def _service_account(self, status, request):
+    def _service_account(
+        self, status: Mapping[str, Any], request: SignRequest
+    ) -> tuple[str, str]:
         """
         The namespace and name of the token's service account.
 
@@ -622,7 +692,7 @@ class KubernetesValidator:
             )
         return parts[2], parts[3]
 
-    def _pod_of_token(self, token, status):
+    def _pod_of_token(self, token: str, status: Mapping[str, Any]) -> tuple[str, str]:
         """
         The name (and uid, or "") of the pod the token was issued for.
 
@@ -632,12 +702,9 @@ class KubernetesValidator:
         pod_claim = _mapping(
             _mapping(token_payload(token).get("kubernetes.io")).get("pod")
         )
-        claim_name = (
-            pod_claim.get("name") if isinstance(pod_claim.get("name"), str) else ""
-        )
-        claim_uid = (
-            pod_claim.get("uid") if isinstance(pod_claim.get("uid"), str) else ""
-        )
+        name_claim, uid_claim = pod_claim.get("name"), pod_claim.get("uid")
+        claim_name = name_claim if isinstance(name_claim, str) else ""
+        claim_uid = uid_claim if isinstance(uid_claim, str) else ""
         extra = _mapping(_mapping(status.get("user")).get("extra"))
         extra_name = _first_string(extra.get(POD_NAME_EXTRA))
         extra_uid = _first_string(extra.get(POD_UID_EXTRA))
@@ -654,7 +721,9 @@ class KubernetesValidator:
             raise ValidationError(NO_POD_CLAIM)
         return name, extra_uid or claim_uid
 
-    def _expected_id(self, pod_name, namespace, annotations):
+    def _expected_id(
+        self, pod_name: str, namespace: str, annotations: Mapping[str, str]
+    ) -> tuple[str, bool]:
         """
         The app id the pod may ask for, and whether it is the control
         plane's.
@@ -679,7 +748,9 @@ class KubernetesValidator:
             return str(app_id), False
         return pod_name, False
 
-    async def _workload_trust_domain(self, namespace, config_name, give_up_at):
+    async def _workload_trust_domain(
+        self, namespace: str, config_name: str | None, give_up_at: float
+    ) -> str:
         """
         The trust domain of the Configuration C{config_name} in
         C{namespace} (from the cache, else one GET), or C{public}.
@@ -701,15 +772,14 @@ class KubernetesValidator:
             trust_domain = configuration_trust_domain(configuration)
         if not trust_domain:
             return DEFAULT_WORKLOAD_TRUST_DOMAIN
-        problem = (
-            trust_domain_problem(trust_domain)
-            if isinstance(trust_domain, str)
-            else "not a string"
-        )
-        if problem is not None:
-            raise ValidationError(
-                BAD_CONFIGURATION_TRUST_DOMAIN.format(
-                    namespace=namespace, name=config_name, problem=problem
-                )
+        if isinstance(trust_domain, str):
+            problem = trust_domain_problem(trust_domain)
+            if problem is None:
+                return trust_domain
+        else:
+            problem = "not a string"
+        raise ValidationError(
+            BAD_CONFIGURATION_TRUST_DOMAIN.format(
+                namespace=namespace, name=config_name, problem=problem
             )
-        return trust_domain
+        )

@@ -13,9 +13,11 @@ before the validator runs.  Dapr has no such limits.
 """
 
 import re
+from collections.abc import Collection
+from typing import Protocol
 
 from sentry_tx.errors import ValidationError
-from sentry_tx.identity.caller import CallerIdentity
+from sentry_tx.identity.caller import CallerIdentity, SignRequest
 
 MAX_APP_ID_LENGTH = 64
 MAX_NAMESPACE_LENGTH = 63
@@ -46,7 +48,16 @@ _NAMESPACE_CHARACTERS = re.compile(r"[A-Za-z0-9._-]+\Z")
 _TRUST_DOMAIN_CHARACTERS = re.compile(r"[a-z0-9._-]*\Z")
 
 
-def audience_count_problem(count):
+class HasJWTAudiences(Protocol):
+    """
+    What L{request_shape_problem} reads of a request.
+    """
+
+    @property
+    def jwt_audiences(self) -> Collection[str]: ...
+
+
+def audience_count_problem(count: int) -> str | None:
     """
     The message for a request with C{count} entries in C{jwt_audiences},
     or None when that is few enough.
@@ -59,7 +70,7 @@ def audience_count_problem(count):
     return None
 
 
-def audience_problem(audience):
+def audience_problem(audience: str) -> str | None:
     """
     The message for one requested audience that cannot be used, or None.
     Printable means L{str.isprintable}: no control characters (newline,
@@ -79,7 +90,7 @@ def audience_problem(audience):
     return None
 
 
-def request_shape_problem(request):
+def request_shape_problem(request: HasJWTAudiences) -> str | None:
     """
     The first limit C{request} breaks, or None.  The caller's mistake,
     refused before the validator runs and before anything is deduplicated
@@ -91,7 +102,7 @@ def request_shape_problem(request):
     return jwt_audiences_problem(request.jwt_audiences)
 
 
-def jwt_audiences_problem(audiences):
+def jwt_audiences_problem(audiences: Collection[str]) -> str | None:
     """
     The first limit the requested C{audiences} break, or None: their count
     first (in constant time), then each one (at most
@@ -107,14 +118,14 @@ def jwt_audiences_problem(audiences):
     return None
 
 
-def request_problems(request):
+def request_problems(request: SignRequest) -> list[str]:
     """
     Every common rule the request breaks, in Dapr's order.
 
     @param request: a L{sentry_tx.identity.caller.SignRequest}.
     @return: a list of messages, empty when the request is well formed.
     """
-    problems = []
+    problems: list[str] = []
     app_id = request.id
     if not app_id:
         problems.append("parameter app-id cannot be empty")
@@ -135,7 +146,7 @@ def request_problems(request):
     return problems
 
 
-def namespace_is_valid(namespace):
+def namespace_is_valid(namespace: str) -> bool:
     """
     Whether C{namespace} is a valid SPIFFE path segment of at most 63
     characters.
@@ -147,7 +158,7 @@ def namespace_is_valid(namespace):
     )
 
 
-def trust_domain_problem(trust_domain):
+def trust_domain_problem(trust_domain: str) -> str | None:
     """
     The message for a requested trust domain that cannot be used, or None.
     """
@@ -161,7 +172,7 @@ def trust_domain_problem(trust_domain):
     return None
 
 
-def check_request(request):
+def check_request(request: SignRequest) -> CallerIdentity:
     """
     Apply the common rules and the trust-domain rules.
 

@@ -16,8 +16,12 @@ other is refused; nothing is ever overwritten.
 import base64
 import binascii
 import os
+from collections.abc import Generator, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -27,12 +31,19 @@ from sentry_tx.ca.kubernetes_store import (
     KubernetesTrustStore,
     _check_secret_key,
 )
-from sentry_tx.config import DEFAULT_NAMESPACE
+from sentry_tx.config import DEFAULT_NAMESPACE, SentryConfig
 from sentry_tx.errors import BundleError
-from sentry_tx.jwt.material import generate_jwt_material, load_jwt_material
+from sentry_tx.jwt.material import (
+    JWTMaterial,
+    generate_jwt_material,
+    load_jwt_material,
+)
 from sentry_tx.jwt.store import check_generation_algorithm
 from sentry_tx.kube.errors import KubernetesAPIError, KubernetesUnavailableError
 from sentry_tx.kube.paths import core_path
+
+if TYPE_CHECKING:
+    from sentry_tx.kube.client import KubernetesClient
 
 
 class KubernetesJWTStore:
@@ -54,14 +65,14 @@ class KubernetesJWTStore:
 
     def __init__(
         self,
-        reactor,
-        client,
-        namespace,
-        algorithm,
-        key_id,
-        keys=("jwt.key", "jwks.json"),
-        name=TRUST_BUNDLE_NAME,
-    ):
+        reactor: IReactorThreads,
+        client: "KubernetesClient",
+        namespace: str,
+        algorithm: str,
+        key_id: str | None,
+        keys: Sequence[str] = ("jwt.key", "jwks.json"),
+        name: str = TRUST_BUNDLE_NAME,
+    ) -> None:
         self._reactor = reactor
         self._client = client
         self._namespace = namespace
@@ -73,7 +84,9 @@ class KubernetesJWTStore:
         self._config_map_path = core_path(namespace, "configmaps", name)
 
     @classmethod
-    def for_config(cls, reactor, client, config):
+    def for_config(
+        cls, reactor: IReactorThreads, client: "KubernetesClient", config: SentryConfig
+    ) -> "KubernetesJWTStore":
         """
         The store for a L{SentryConfig}'s flags.
         """
@@ -89,22 +102,24 @@ class KubernetesJWTStore:
             ),
         )
 
-    def _source(self, key):
+    def _source(self, key: str) -> str:
         return f"Secret {self._namespace}/{self._name} key '{key}'"
 
     @inlineCallbacks
-    def load_or_generate(self, now=None):
+    def load_or_generate(
+        self, now: datetime | None = None
+    ) -> Generator[Deferred[Any], Any, JWTMaterial]:
         """
         Load the pair from the Secret; generate and store one when the
         Secret holds neither key; then publish the JWKS in the ConfigMap.
 
         @return: Deferred firing with a L{JWTMaterial}.
         """
-        for attempt in range(MAX_WRITE_ATTEMPTS):
+        for _attempt in range(MAX_WRITE_ATTEMPTS):
             secret = yield self._get(self._secret_path, "Secret")
             parts = self._parts(secret)
             if parts:
-                material = yield self._load(parts)
+                material: JWTMaterial = yield self._load(parts)
                 break
             check_generation_algorithm(self._algorithm, self._source(self._keys[0]))
             key_pem, jwks_json = yield deferToThreadPool(
@@ -124,7 +139,9 @@ class KubernetesJWTStore:
                 },
             )
             if written:
-                material = yield self._load(dict(zip(self._keys, (key_pem, jwks_json))))
+                material = yield self._load(
+                    dict(zip(self._keys, (key_pem, jwks_json), strict=False))
+                )
                 self._log.info(
                     "generated a new JWT signing key and stored it in Secret"
                     " {namespace}/{name}",
@@ -143,7 +160,9 @@ class KubernetesJWTStore:
         return material
 
     @inlineCallbacks
-    def load(self, now=None):
+    def load(
+        self, now: datetime | None = None
+    ) -> Generator[Deferred[Any], Any, JWTMaterial]:
         """
         Load the pair from the Secret; never writes.
         """
@@ -153,10 +172,10 @@ class KubernetesJWTStore:
             raise BundleError(
                 f"Secret {self._namespace}/{self._name}", "holds no JWT key pair"
             )
-        material = yield self._load(parts)
+        material: JWTMaterial = yield self._load(parts)
         return material
 
-    def _load(self, parts):
+    def _load(self, parts: Mapping[str, bytes]) -> Deferred[JWTMaterial]:
         return deferToThreadPool(
             self._reactor,
             self._reactor.getThreadPool(),
@@ -165,11 +184,11 @@ class KubernetesJWTStore:
             parts[self._keys[1]],
             self._algorithm,
             self._key_id,
-            tuple(self._source(key) for key in self._keys),
+            (self._source(self._keys[0]), self._source(self._keys[1])),
         )
 
     @inlineCallbacks
-    def _get(self, path, kind):
+    def _get(self, path: str, kind: str) -> Generator[Deferred[Any], Any, Any]:
         description = f"{kind} {self._namespace}/{self._name}"
         try:
             document = yield self._client.get(path)
@@ -177,7 +196,7 @@ class KubernetesJWTStore:
             raise BundleError(description, f"cannot be read: {e}") from None
         return document
 
-    def _parts(self, secret):
+    def _parts(self, secret: Any) -> dict[str, bytes]:
         """
         The two keys' values, decoded; empty when the Secret holds neither.
 
@@ -185,14 +204,18 @@ class KubernetesJWTStore:
         """
         data = (secret or {}).get("data") or {}
         if not isinstance(data, dict):
-            raise BundleError(f"Secret {self._namespace}/{self._name}", "its data is not a mapping")
-        parts = {}
+            raise BundleError(
+                f"Secret {self._namespace}/{self._name}", "its data is not a mapping"
+            )
+        parts: dict[str, bytes] = {}
         for key in self._keys:
             if data.get(key):
                 try:
                     parts[key] = base64.b64decode(str(data[key]), validate=True)
                 except (binascii.Error, ValueError):
-                    raise BundleError(self._source(key), "is not valid base64") from None
+                    raise BundleError(
+                        self._source(key), "is not valid base64"
+                    ) from None
         if len(parts) == 1:
             (present,) = parts
             (missing,) = [key for key in self._keys if key != present]
@@ -206,7 +229,9 @@ class KubernetesJWTStore:
         return parts
 
     @inlineCallbacks
-    def _update(self, document, path, kind, data):
+    def _update(
+        self, document: Any, path: str, kind: str, data: Mapping[str, str]
+    ) -> Generator[Deferred[Any], Any, bool]:
         """
         Merge C{data} into the object's data, conditionally on its
         C{resourceVersion}.
@@ -228,13 +253,13 @@ class KubernetesJWTStore:
         return True
 
     @inlineCallbacks
-    def _publish_jwks(self, jwks_json):
+    def _publish_jwks(self, jwks_json: bytes) -> Generator[Deferred[Any], Any, None]:
         """
         Make the ConfigMap's JWKS key equal to C{jwks_json}.
         """
         text = jwks_json.decode("utf-8", "replace")
         key = self._keys[1]
-        for attempt in range(MAX_WRITE_ATTEMPTS):
+        for _attempt in range(MAX_WRITE_ATTEMPTS):
             config_map = yield self._get(self._config_map_path, "ConfigMap")
             data = (config_map or {}).get("data") or {}
             if data.get(key) == text:
@@ -252,5 +277,6 @@ class KubernetesJWTStore:
                 return
         raise BundleError(
             f"ConfigMap {self._namespace}/{self._name}",
-            f"kept changing while the JWKS was published ({MAX_WRITE_ATTEMPTS} attempts)",
+            "kept changing while the JWKS was published"
+            f" ({MAX_WRITE_ATTEMPTS} attempts)",
         )

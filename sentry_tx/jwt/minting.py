@@ -12,11 +12,19 @@ C{iss} only when C{--jwt-issuer} is set.
 """
 
 import secrets
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 from joserfc import jwt
 from twisted.logger import Logger
 
+from sentry_tx.identity.caller import CallerIdentity
 from sentry_tx.identity.rules import jwt_audiences_problem
+from sentry_tx.jwt.material import JWTMaterial
+
+if TYPE_CHECKING:
+    from sentry_tx._proto.sentry_pb2 import SignCertificateResponse
 
 JTI_BYTES = 16
 
@@ -36,7 +44,7 @@ class JWTAudienceError(Exception):
     """
 
 
-def audiences_for(trust_domain, requested):
+def audiences_for(trust_domain: str, requested: Sequence[str]) -> list[str]:
     """
     The audiences of a request's tokens: C{trust_domain} first, then the
     requested ones, each once, in order (deduplicated in linear time).
@@ -62,19 +70,19 @@ class JWTMinter:
     @ivar ttl_seconds: C{--jwt-ttl} in seconds.
     """
 
-    def __init__(self, issuer, ttl_seconds):
-        self.material = None
+    def __init__(self, issuer: str | None, ttl_seconds: float) -> None:
+        self.material: JWTMaterial | None = None
         self.issuer = issuer
         self.ttl_seconds = ttl_seconds
 
     @property
-    def ready(self):
+    def ready(self) -> bool:
         """
         Whether material is loaded (a readiness source for healthz).
         """
         return self.material is not None
 
-    def install(self, material):
+    def install(self, material: JWTMaterial) -> None:
         """
         Put C{material} in service for every call that starts afterwards.
         """
@@ -92,7 +100,7 @@ class JWTMinter:
                 key_id=material.key_id,
             )
 
-    def serves(self, material):
+    def serves(self, material: JWTMaterial) -> bool:
         """
         Whether C{material} is the pair in service (the same key and JWKS).
         """
@@ -102,7 +110,14 @@ class JWTMinter:
             material.jwks_json,
         )
 
-    def mint(self, material, subject, audiences, now_seconds, clock_skew_seconds):
+    def mint(
+        self,
+        material: JWTMaterial,
+        subject: str,
+        audiences: Sequence[str],
+        now_seconds: float,
+        clock_skew_seconds: float,
+    ) -> str:
         """
         One signed token.
 
@@ -114,7 +129,7 @@ class JWTMinter:
         @rtype: L{str}
         """
         now = int(now_seconds)
-        claims = {
+        claims: dict[str, Any] = {
             "sub": subject,
             "aud": list(audiences),
             "iat": now,
@@ -130,7 +145,14 @@ class JWTMinter:
             header, claims, material.signing_key, algorithms=[material.algorithm]
         )
 
-    def fill(self, response, identity, requested_audiences, now_seconds, clock_skew):
+    def fill(
+        self,
+        response: "SignCertificateResponse",
+        identity: CallerIdentity,
+        requested_audiences: Sequence[str],
+        now_seconds: float,
+        clock_skew: timedelta,
+    ) -> None:
         """
         Fill C{response.jwt} and C{response.per_audience_jwts} for
         C{identity}: the servicer's one call after signing.

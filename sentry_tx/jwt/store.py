@@ -16,13 +16,17 @@ previous bundle and pair stay in service.
 """
 
 import os
+from collections.abc import Callable
+from datetime import datetime
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from sentry_tx.ca.files import (
     CREDENTIAL_GENERATION_TIMEOUT_SECONDS,
     CREDENTIAL_READ_TIMEOUT_SECONDS,
     BoundedFileWork,
+    FileWorkReactor,
 )
 from sentry_tx.ca.store import (
     CERTIFICATE_FILE_MODE,
@@ -33,12 +37,13 @@ from sentry_tx.ca.store import (
 from sentry_tx.errors import BundleError
 from sentry_tx.jwt.material import (
     RSA_ALGORITHMS,
+    JWTMaterial,
     generate_jwt_material,
     load_jwt_material,
 )
 
 
-def check_generation_algorithm(algorithm, source):
+def check_generation_algorithm(algorithm: str, source: str) -> None:
     """
     @raise BundleError: when no key may be generated for C{algorithm}
         (generated keys are RSA keys, as Dapr's).
@@ -64,10 +69,19 @@ class FileJWTStore(FileTrustStore):
     _log = Logger()
 
     def __init__(
-        self, reactor, key_path, jwks_path, algorithm, key_id, _open=os.open, file_work=None
-    ):
+        self,
+        reactor: FileWorkReactor,
+        key_path: str,
+        jwks_path: str,
+        algorithm: str,
+        key_id: str | None,
+        _open: Callable[[str, int, int], int] = os.open,
+        file_work: BoundedFileWork | None = None,
+    ) -> None:
         self._reactor = reactor
-        self._file_work = file_work if file_work is not None else BoundedFileWork(reactor)
+        self._file_work: BoundedFileWork = (
+            file_work if file_work is not None else BoundedFileWork(reactor)
+        )
         self._paths = (key_path, jwks_path)
         self._algorithm = algorithm
         self._key_id = key_id
@@ -79,7 +93,7 @@ class FileJWTStore(FileTrustStore):
                 directories.append(directory)
         self.watch_directories = tuple(directories)
 
-    def load_or_generate(self, now=None):
+    def load_or_generate(self, now: datetime | None = None) -> Deferred[JWTMaterial]:
         """
         L{load_or_generate_sync} in a bounded file thread
         (L{sentry_tx.ca.files.BoundedFileWork}), never the reactor's pool.
@@ -93,7 +107,7 @@ class FileJWTStore(FileTrustStore):
             self.load_or_generate_sync,
         )
 
-    def load(self, now=None):
+    def load(self, now: datetime | None = None) -> Deferred[JWTMaterial]:
         """
         L{load_sync} in a bounded file thread.
         """
@@ -101,7 +115,7 @@ class FileJWTStore(FileTrustStore):
             "the JWT key pair", CREDENTIAL_READ_TIMEOUT_SECONDS, self.load_sync
         )
 
-    def load_or_generate_sync(self):
+    def load_or_generate_sync(self, now: datetime | None = None) -> JWTMaterial:
         """
         Load the pair; generate and write one when neither file exists.
 
@@ -136,7 +150,7 @@ class FileJWTStore(FileTrustStore):
             )
         return self.load_sync()
 
-    def load_sync(self):
+    def load_sync(self, now: datetime | None = None) -> JWTMaterial:
         """
         Read and check both files; never generates.
 

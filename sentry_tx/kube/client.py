@@ -13,24 +13,36 @@ connections when the service tree stops.
 """
 
 import json
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
     HTTPConnectionPool,
     RequestNotSent,
     ResponseDone,
     ResponseNeverReceived,
-    _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 import sentry_tx
@@ -42,6 +54,11 @@ from sentry_tx.kube.errors import (
     json_answer,
 )
 from sentry_tx.kube.tls import ClusterTLSPolicy
+
+if TYPE_CHECKING:
+    import treq.client
+
+    from sentry_tx.kube.connection import ClusterConnection
 
 
 KUBERNETES_REQUEST_TIMEOUT_SECONDS = 5.0
@@ -68,7 +85,7 @@ call.  The pool does not cap concurrency: calls beyond it open extra
 connections that are closed after use.
 """
 
-KUBERNETES_IDLE_CONNECTION_SECONDS = 60.0
+KUBERNETES_IDLE_CONNECTION_SECONDS = 60
 """
 How long an idle pooled connection is kept before it is closed.
 """
@@ -94,20 +111,20 @@ class _BoundedBody(Protocol):
     bytes is read to its end but not kept, and fails the call.
     """
 
-    def __init__(self, finished, limit):
-        self._finished = finished
+    def __init__(self, finished: "Deferred[bytes]", limit: int) -> None:
+        self._finished: Deferred[bytes] | None = finished
         self._limit = limit
         self._size = 0
-        self._chunks = []
+        self._chunks: list[bytes] = []
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         self._size += len(data)
         if self._size > self._limit:
             self._chunks = []
         else:
             self._chunks.append(data)
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Fired after the pool has taken the connection back (Twisted returns
         # a quiescent connection to its pool before ending the body).
         finished, self._finished = self._finished, None
@@ -124,21 +141,22 @@ class _BoundedBody(Protocol):
         else:
             finished.errback(reason)
 
-    def abort(self):
+    def abort(self) -> None:
         """
         Give up on the body (the call was cancelled): the connection is
         closed, never reused.
         """
         self._finished = None
         if self.transport is not None:
-            self.transport.stopProducing()
+            # A response body's transport is a producer (IResponse.deliverBody).
+            cast(IPushProducer, self.transport).stopProducing()
 
 
-def _read_body(response, limit):
+def _read_body(response: IResponse, limit: int) -> "Deferred[bytes]":
     """
     The body of C{response}; cancelling the Deferred closes the connection.
     """
-    finished = Deferred(lambda d: protocol.abort())
+    finished: Deferred[bytes] = Deferred(lambda d: protocol.abort())
     protocol = _BoundedBody(finished, limit)
     response.deliverBody(protocol)
     return finished
@@ -154,7 +172,7 @@ class _CallState:
     max_response_bytes = 0
 
 
-def _describe_failure(failure):
+def _describe_failure(failure: Failure) -> str:
     """
     A transport failure in a few words (the first reason of Twisted's
     wrapper exceptions, which carry a list of them).
@@ -175,21 +193,21 @@ class _BytesProducer:
     producer would schedule the write through the global cooperator).
     """
 
-    def __init__(self, data):
+    def __init__(self, data: bytes) -> None:
         self._data = data
         self.length = len(data)
 
-    def startProducing(self, consumer):
+    def startProducing(self, consumer: IConsumer) -> "Deferred[None]":
         consumer.write(self._data)
         return defer.succeed(None)
 
-    def pauseProducing(self):
+    def pauseProducing(self) -> None:
         pass
 
-    def resumeProducing(self):
+    def resumeProducing(self) -> None:
         pass
 
-    def stopProducing(self):
+    def stopProducing(self) -> None:
         pass
 
 
@@ -205,13 +223,18 @@ class _ClusterEndpointFactory:
     @param connect_timeout_seconds: the deadline of one connection attempt.
     """
 
-    def __init__(self, reactor, policy, connect_timeout_seconds):
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        policy: ClusterTLSPolicy,
+        connect_timeout_seconds: float,
+    ) -> None:
         self._reactor = reactor
         self._policy = policy
         self._connect_timeout_seconds = connect_timeout_seconds
-        self._endpoints = {}
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
-    def endpointForURI(self, uri):
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         """
         The (cached) endpoint for C{uri}: TCP for C{http}, TLS over TCP for
         C{https}.
@@ -228,25 +251,27 @@ class _ClusterEndpointFactory:
                 endpoint = wrapClientTLS(
                     self._policy.creatorForNetloc(uri.host, uri.port), endpoint
                 )
+            endpoint = _QuietEndpoint(endpoint)
             self._endpoints[key] = endpoint
         return endpoint
 
 
-class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+@implementer(IStreamClientEndpoint)
+class _QuietEndpoint:
     """
-    Twisted's HTTP/1.1 connection factory, without the "Starting factory"
-    log line for every new connection (dozens under load).
-    """
-
-    noisy = False
-
-
-class _QuietConnectionPool(HTTPConnectionPool):
-    """
-    A persistent connection pool that opens connections quietly.
+    An endpoint that connects the pool's connection factories quietly,
+    without Twisted's "Starting factory" log line for every new connection
+    (dozens under load): it clears the factory's public C{noisy} flag, so no
+    private class of Twisted is subclassed.
     """
 
-    _factory = _QuietHTTP11ClientFactory
+    def __init__(self, inner: IStreamClientEndpoint) -> None:
+        self._inner = inner
+
+    def connect(self, protocolFactory: IProtocolFactory) -> "Deferred[IProtocol]":
+        if isinstance(protocolFactory, Factory):
+            protocolFactory.noisy = False
+        return self._inner.connect(protocolFactory)
 
 
 class KubernetesClient:
@@ -270,34 +295,34 @@ class KubernetesClient:
 
     def __init__(
         self,
-        reactor,
-        connection_loader,
-        request_timeout_seconds=KUBERNETES_REQUEST_TIMEOUT_SECONDS,
-        max_persistent_connections=KUBERNETES_MAX_PERSISTENT_CONNECTIONS,
-        max_response_bytes=MAX_KUBERNETES_RESPONSE_BYTES,
-    ):
+        reactor: IReactorTime,
+        connection_loader: "Callable[[], ClusterConnection]",
+        request_timeout_seconds: float = KUBERNETES_REQUEST_TIMEOUT_SECONDS,
+        max_persistent_connections: int = KUBERNETES_MAX_PERSISTENT_CONNECTIONS,
+        max_response_bytes: int = MAX_KUBERNETES_RESPONSE_BYTES,
+    ) -> None:
         self._reactor = reactor
         self._connection_loader = connection_loader
         self._request_timeout_seconds = request_timeout_seconds
         self._max_persistent_connections = max_persistent_connections
         self._max_response_bytes = max_response_bytes
-        self._connection = None
-        self._pool = None
-        self._http = None
-        self._in_flight = set()
-        self._draining = []
-        self._grace_timer = None
+        self._connection: ClusterConnection | None = None
+        self._pool: HTTPConnectionPool | None = None
+        self._http: treq.client.HTTPClient | None = None
+        self._in_flight: set[Deferred[Any]] = set()
+        self._draining: list[Deferred[None]] = []
+        self._grace_timer: IDelayedCall | None = None
         self._closed = False
 
     @property
-    def reactor(self):
+    def reactor(self) -> IReactorTime:
         """
         The reactor the client runs on (also the clock of its deadlines).
         """
         return self._reactor
 
     @property
-    def connection(self):
+    def connection(self) -> "ClusterConnection":
         """
         The L{ClusterConnection} in use, reading it on first use.
 
@@ -312,12 +337,12 @@ class KubernetesClient:
             )
         return self._connection
 
-    def _client(self):
+    def _client(self) -> "treq.client.HTTPClient":
         if self._http is None:
             import treq.client
 
             connection = self.connection
-            pool = _QuietConnectionPool(self._reactor, persistent=True)
+            pool = HTTPConnectionPool(self._reactor, persistent=True)
             pool.maxPersistentPerHost = self._max_persistent_connections
             pool.cachedConnectionTimeout = KUBERNETES_IDLE_CONNECTION_SECONDS
             pool.retryAutomatically = True
@@ -338,7 +363,12 @@ class KubernetesClient:
 
     # The calls.
 
-    def get(self, path, timeout_seconds=None, max_response_bytes=None):
+    def get(
+        self,
+        path: str,
+        timeout_seconds: float | None = None,
+        max_response_bytes: int | None = None,
+    ) -> "Deferred[Any]":
         """
         C{GET path}.
 
@@ -354,7 +384,13 @@ class KubernetesClient:
             max_response_bytes=max_response_bytes,
         )
 
-    def create(self, path, body, retry_lost_response=False, timeout_seconds=None):
+    def create(
+        self,
+        path: str,
+        body: object,
+        retry_lost_response: bool = False,
+        timeout_seconds: float | None = None,
+    ) -> "Deferred[Any]":
         """
         C{POST path} with the JSON C{body}.
 
@@ -367,7 +403,7 @@ class KubernetesClient:
             "POST", path, body, retry_lost_response, timeout_seconds=timeout_seconds
         )
 
-    def replace(self, path, body):
+    def replace(self, path: str, body: object) -> "Deferred[Any]":
         """
         C{PUT path} with the JSON C{body} (a conditional update when it
         carries C{metadata.resourceVersion}).
@@ -376,13 +412,13 @@ class KubernetesClient:
 
     def request(
         self,
-        method,
-        path,
-        body=None,
-        retry_lost_response=False,
-        timeout_seconds=None,
-        max_response_bytes=None,
-    ):
+        method: str,
+        path: str,
+        body: object = None,
+        retry_lost_response: bool = False,
+        timeout_seconds: float | None = None,
+        max_response_bytes: int | None = None,
+    ) -> "Deferred[Any]":
         """
         Make one API call.
 
@@ -412,13 +448,13 @@ class KubernetesClient:
         d = self._request(method, path, data, retry_lost_response, state)
         self._in_flight.add(d)
 
-        def expire():
+        def expire() -> None:
             state.expired = True
             d.cancel()
 
         deadline = self._reactor.callLater(max(0.0, timeout_seconds), expire)
 
-        def finish(result):
+        def finish(result: object) -> object:
             self._in_flight.discard(d)
             if deadline.active():
                 deadline.cancel()
@@ -433,7 +469,14 @@ class KubernetesClient:
         return d
 
     @inlineCallbacks
-    def _request(self, method, path, data, retry_lost_response, state):
+    def _request(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        retry_lost_response: bool,
+        state: _CallState,
+    ) -> Generator["Deferred[Any]", Any, Any]:
         lost_response_retries = 1 if retry_lost_response else 0
         token_retries = 1
         while True:
@@ -455,9 +498,11 @@ class KubernetesClient:
                     continue
             return json_answer(response.code, response.phrase, body, method, path)
 
-    def _send(self, method, path, data):
+    def _send(
+        self, method: str, path: str, data: bytes | None
+    ) -> "Deferred[IResponse]":
         connection = self.connection
-        headers = {
+        headers: dict[bytes | str, list[bytes | str]] = {
             b"Accept": [b"application/json"],
             b"User-Agent": [_USER_AGENT],
         }
@@ -467,17 +512,23 @@ class KubernetesClient:
             headers[b"Authorization"] = [
                 b"Bearer " + connection.token.current().encode("ascii")
             ]
-        return self._http.request(
+        response = self._client().request(
             method,
             connection.url(path),
             data=data,
             headers=headers,
             allow_redirects=False,
             unbuffered=True,
-            reactor=self._reactor,
+            # treq types this as its private _ITreqReactor; it only reads the
+            # reactor for a timeout, which is never passed (ours is above).
+            reactor=self._reactor,  # type: ignore[arg-type]
         )
+        # treq's response provides IResponse (it wraps Twisted's).
+        return cast("Deferred[IResponse]", response)
 
-    def open_stream(self, path, timeout_seconds=None):
+    def open_stream(
+        self, path: str, timeout_seconds: float | None = None
+    ) -> "Deferred[IResponse]":
         """
         C{GET path} for a streamed answer (a watch): fires with the treq
         response once its headers have come, for the caller to read with
@@ -499,12 +550,14 @@ class KubernetesClient:
             return defer.fail()
         state = _CallState()
         state.timeout_seconds = (
-            self._request_timeout_seconds if timeout_seconds is None else timeout_seconds
+            self._request_timeout_seconds
+            if timeout_seconds is None
+            else timeout_seconds
         )
 
         @inlineCallbacks
-        def opened():
-            response = yield self._send("GET", path, None)
+        def opened() -> Generator["Deferred[Any]", Any, IResponse]:
+            response: IResponse = yield self._send("GET", path, None)
             if not 200 <= response.code < 300:
                 body = yield _read_body(response, self._max_response_bytes)
                 raise api_error(response.code, response.phrase, body, "GET", path)
@@ -512,13 +565,13 @@ class KubernetesClient:
 
         d = opened()
 
-        def expire():
+        def expire() -> None:
             state.expired = True
             d.cancel()
 
         deadline = self._reactor.callLater(max(0.0, state.timeout_seconds), expire)
 
-        def finish(result):
+        def finish(result: object) -> object:
             if deadline.active():
                 deadline.cancel()
             return result
@@ -527,7 +580,9 @@ class KubernetesClient:
         d.addErrback(self._translate_failure, "GET", path, state)
         return d
 
-    def _translate_failure(self, failure, method, path, state):
+    def _translate_failure(
+        self, failure: Failure, method: str, path: str, state: _CallState
+    ) -> Failure:
         if state.expired:
             raise KubernetesUnavailableError(
                 f"{method} {path}: no answer within {state.timeout_seconds:g} s"
@@ -540,7 +595,7 @@ class KubernetesClient:
             f"{method} {path}: {_describe_failure(failure)}"
         )
 
-    def close(self, grace_seconds=0.0):
+    def close(self, grace_seconds: float = 0.0) -> "Deferred[None]":
         """
         Close the client: calls in flight get up to C{grace_seconds} to
         finish (new calls are still made meanwhile, so that a validation in
@@ -550,7 +605,7 @@ class KubernetesClient:
         @param grace_seconds: how long calls in flight may go on.
         @return: Deferred firing when the connections are closed.
         """
-        closed = Deferred()
+        closed: Deferred[None] = Deferred()
         if self._closed and not self._draining:
             closed.callback(None)
             return closed
@@ -565,7 +620,7 @@ class KubernetesClient:
                 self._drained(True)
         return closed
 
-    def _drained(self, give_up=False):
+    def _drained(self, give_up: bool = False) -> None:
         """
         Finish closing once nothing is in flight, or when C{give_up}.
         """
@@ -580,7 +635,7 @@ class KubernetesClient:
             self._pool.closeCachedConnections() if self._pool else defer.succeed(None)
         )
 
-        def notify(_):
+        def notify(_: object) -> None:
             waiters, self._draining = self._draining, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -600,9 +655,9 @@ class KubernetesClientService(Service):
 
     name = "kubernetes-client"
 
-    def __init__(self, client):
+    def __init__(self, client: KubernetesClient) -> None:
         self.client = client
 
-    def stopService(self):
+    def stopService(self) -> "Deferred[None]":
         super().stopService()
         return self.client.close(grace_seconds=CLIENT_SHUTDOWN_GRACE_SECONDS)

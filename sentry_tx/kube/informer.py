@@ -28,18 +28,23 @@ L{MAX_WATCH_EVENT_BYTES}.
 """
 
 import json
+from collections.abc import Callable, Generator, Iterable, Mapping
 from types import MappingProxyType
+from typing import Any, Generic, TypeVar, cast, overload
 from urllib.parse import urlencode
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.iweb import IResponse
 
 from sentry_tx.errors import ConfigError
 from sentry_tx.identity.images import kept_images
-from sentry_tx.kube.client import MAX_KUBERNETES_RESPONSE_BYTES
+from sentry_tx.kube.client import MAX_KUBERNETES_RESPONSE_BYTES, KubernetesClient
 from sentry_tx.kube.errors import KubernetesAPIError, KubernetesError
 
 PODS_PATH = "/api/v1/pods"
@@ -106,12 +111,20 @@ KEPT_POD_ANNOTATIONS = (APP_ID_ANNOTATION, CONFIG_ANNOTATION, CONTROL_PLANE_ANNO
 
 _GONE = 410
 
+Key = tuple[str, str]
+"""
+An object's C{(namespace, name)}.
+"""
 
-def _mapping(value):
+_V = TypeVar("_V")
+_D = TypeVar("_D")
+
+
+def _mapping(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _kept(value):
+def _kept(value: object) -> str | None:
     if not isinstance(value, str):
         return None
     return value[:MAX_KEPT_STRING_CHARACTERS]
@@ -131,20 +144,26 @@ class PodRecord:
 
     __slots__ = ("uid", "service_account", "annotations", "images")
 
-    def __init__(self, uid, service_account, annotations, images=b""):
+    def __init__(
+        self,
+        uid: str,
+        service_account: str,
+        annotations: dict[str, str],
+        images: bytes | None = b"",
+    ) -> None:
         self.uid = uid
         self.service_account = service_account
         self.annotations = annotations
         self.images = images
 
     @classmethod
-    def from_pod(cls, pod):
+    def from_pod(cls, pod: dict[str, Any]) -> "PodRecord":
         """
         The record of a Pod object (from the cache or a GET).
         """
         metadata = _mapping(pod.get("metadata"))
         annotations = _mapping(metadata.get("annotations"))
-        kept = {}
+        kept: dict[str, str] = {}
         for key in KEPT_POD_ANNOTATIONS:
             value = annotations.get(key)
             if value is not None:
@@ -156,7 +175,7 @@ class PodRecord:
         return cls(uid, account, kept, kept_images(pod, identity))
 
 
-def _key(document):
+def _key(document: Mapping[str, Any]) -> Key | None:
     metadata = _mapping(document.get("metadata"))
     namespace, name = metadata.get("namespace"), metadata.get("name")
     if not isinstance(namespace, str) or not isinstance(name, str):
@@ -164,7 +183,7 @@ def _key(document):
     return (namespace, name)
 
 
-def pod_record(document):
+def pod_record(document: dict[str, Any]) -> tuple[Key, PodRecord] | None:
     """
     C{((namespace, name), PodRecord)} of a Pod, or None if it has no name.
     """
@@ -172,7 +191,7 @@ def pod_record(document):
     return None if key is None else (key, PodRecord.from_pod(document))
 
 
-def configuration_trust_domain(document):
+def configuration_trust_domain(document: Mapping[str, Any]) -> str | bool | None:
     """
     A Configuration's C{spec.accessControl.trustDomain}: None when unset or
     empty; a string (cut to L{MAX_KEPT_STRING_CHARACTERS}, still too long to
@@ -188,7 +207,9 @@ def configuration_trust_domain(document):
     return True
 
 
-def configuration_record(document):
+def configuration_record(
+    document: dict[str, Any],
+) -> tuple[Key, str | bool | None] | None:
     """
     C{((namespace, name), trust domain)} of a Configuration, or None.
     """
@@ -216,21 +237,28 @@ class _WatchStream(Protocol):
     stream, or fails with L{_WatchBroken} / L{_WatchGone}.
     """
 
-    def __init__(self, reactor, on_event, finished, max_line_bytes, idle_seconds):
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        on_event: Callable[[object, dict[str, Any]], None],
+        finished: "Deferred[None]",
+        max_line_bytes: int,
+        idle_seconds: float,
+    ) -> None:
         self._reactor = reactor
         self._on_event = on_event
-        self._finished = finished
+        self._finished: Deferred[None] | None = finished
         self._max_line_bytes = max_line_bytes
         self._idle_seconds = idle_seconds
-        self._pending = []
+        self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._idle = None
-        self._error = None
+        self._idle: IDelayedCall | None = None
+        self._error: Exception | None = None
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         self._idle = self._reactor.callLater(self._idle_seconds, self._went_idle)
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         if self._error is not None:
             return
         if self._idle is not None and self._idle.active():
@@ -258,10 +286,10 @@ class _WatchStream(Protocol):
             if self._pending_bytes > self._max_line_bytes:
                 self._fail(self._too_long())
 
-    def _too_long(self):
+    def _too_long(self) -> "_WatchBroken":
         return _WatchBroken(f"an event longer than {self._max_line_bytes} bytes")
 
-    def _event(self, line):
+    def _event(self, line: bytes) -> None:
         try:
             event = json.loads(line)
         except ValueError:
@@ -280,27 +308,34 @@ class _WatchStream(Protocol):
             return
         self._on_event(kind, document)
 
-    def _went_idle(self):
+    def _went_idle(self) -> None:
         self._idle = None
         self._fail(_WatchBroken(f"no byte for {self._idle_seconds:g} s"))
 
-    def _fail(self, error):
+    def _stop_producing(self) -> bool:
+        """
+        Close the connection, when there is one (a response body's
+        transport is a producer: C{IResponse.deliverBody}).
+        """
+        if self.transport is None:
+            return False
+        cast(IPushProducer, self.transport).stopProducing()
+        return True
+
+    def _fail(self, error: Exception) -> None:
         self._error = error
         self._pending, self._pending_bytes = [], 0
-        if self.transport is not None:
-            self.transport.stopProducing()
-        else:
+        if not self._stop_producing():
             self._finish()
 
-    def abort(self):
+    def abort(self) -> None:
         """
         Stop reading (the informer stops): the connection is closed.
         """
         self._finished = None
-        if self.transport is not None:
-            self.transport.stopProducing()
+        self._stop_producing()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
@@ -308,7 +343,7 @@ class _WatchStream(Protocol):
             self._error = _WatchBroken(reason.getErrorMessage())
         self._finish()
 
-    def _finish(self):
+    def _finish(self) -> None:
         finished, self._finished = self._finished, None
         if finished is None:
             return
@@ -318,7 +353,7 @@ class _WatchStream(Protocol):
             finished.callback(None)
 
 
-class Informer:
+class Informer(Generic[_V]):
     """
     A cache of one resource, kept by list and watch (see the module
     docstring).
@@ -339,15 +374,15 @@ class Informer:
 
     def __init__(
         self,
-        reactor,
-        client,
-        path,
-        extract,
-        description,
-        page_size=LIST_PAGE_SIZE,
-        max_event_bytes=MAX_WATCH_EVENT_BYTES,
-        idle_seconds=WATCH_IDLE_TIMEOUT_SECONDS,
-    ):
+        reactor: IReactorTime,
+        client: KubernetesClient,
+        path: str,
+        extract: Callable[[dict[str, Any]], tuple[Key, _V] | None],
+        description: str,
+        page_size: int = LIST_PAGE_SIZE,
+        max_event_bytes: int = MAX_WATCH_EVENT_BYTES,
+        idle_seconds: float = WATCH_IDLE_TIMEOUT_SECONDS,
+    ) -> None:
         self._reactor = reactor
         self._client = client
         self._path = path
@@ -357,22 +392,28 @@ class Informer:
         self._max_event_bytes = max_event_bytes
         self._idle_seconds = idle_seconds
         self.ready = False
-        self.resource_version = None
+        self.resource_version: str | None = None
         self.lists = 0
         self.watches = 0
-        self._items = MappingProxyType({})
+        self._items: Mapping[Key, _V] = MappingProxyType({})
         self._running = False
-        self._operation = None
-        self._stream = None
-        self._timer = None
+        self._operation: Deferred[Any] | None = None
+        self._stream: _WatchStream | None = None
+        self._timer: IDelayedCall | None = None
         self._failures = 0
         self._watching = False
-        self._sync_waiters = []
+        self._sync_waiters: list[tuple[Deferred[bool], IDelayedCall]] = []
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, namespace, name, default=None):
+    @overload
+    def get(self, namespace: str, name: str) -> _V | None: ...
+
+    @overload
+    def get(self, namespace: str, name: str, default: _D) -> _V | _D: ...
+
+    def get(self, namespace: str, name: str, default: object = None) -> object:
         """
         The cached value of C{namespace/name}, or C{default} when the cache
         holds no such object.  Safe from any thread.
@@ -380,7 +421,7 @@ class Informer:
         return self._items.get((namespace, name), default)
 
     @property
-    def snapshot(self):
+    def snapshot(self) -> Mapping[Key, _V]:
         """
         The cache as it is now: an immutable mapping of C{(namespace, name)}
         to the kept value, never changed after it is published (a change
@@ -388,7 +429,7 @@ class Informer:
         """
         return self._items
 
-    def start(self):
+    def start(self) -> None:
         """
         Start listing and watching (once).
         """
@@ -397,7 +438,7 @@ class Informer:
         self._running = True
         self._list()
 
-    def stop(self):
+    def stop(self) -> None:
         """
         Stop: the list or watch in progress is cancelled, no retry is
         scheduled, and callers waiting for the first sync are told it will
@@ -419,7 +460,7 @@ class Informer:
                 timer.cancel()
             waiter.callback(False)
 
-    def wait_synced(self, deadline):
+    def wait_synced(self, deadline: float) -> "Deferred[bool]":
         """
         Wait until the cache has synced once, at most until C{deadline} (on
         the reactor's clock).
@@ -427,7 +468,7 @@ class Informer:
         @return: Deferred firing with True once synced, or with False at
             C{deadline} or when the informer stops.
         """
-        d = Deferred()
+        d: Deferred[bool] = Deferred()
         if self.ready:
             d.callback(True)
             return d
@@ -435,7 +476,7 @@ class Informer:
             d.callback(False)
             return d
 
-        def give_up():
+        def give_up() -> None:
             self._sync_waiters.remove(entry)
             d.callback(False)
 
@@ -446,7 +487,7 @@ class Informer:
 
     # Listing
 
-    def _list(self):
+    def _list(self) -> None:
         self._timer = None
         if not self._running:
             return
@@ -456,12 +497,14 @@ class Informer:
         self._operation.addCallbacks(self._listed, self._failed)
 
     @inlineCallbacks
-    def _list_pages(self):
-        items = {}
+    def _list_pages(
+        self,
+    ) -> Generator["Deferred[Any]", Any, tuple[dict[Key, _V], str | None]]:
+        items: dict[Key, _V] = {}
         continue_token = None
         version = None
         while True:
-            query = {"limit": str(self._page_size)}
+            query: dict[str, str] = {"limit": str(self._page_size)}
             if continue_token:
                 query["continue"] = continue_token
             page = yield self._client.get(
@@ -479,7 +522,7 @@ class Informer:
             if not continue_token:
                 return items, version
 
-    def _listed(self, result):
+    def _listed(self, result: tuple[dict[Key, _V], str | None]) -> None:
         self._operation = None
         items, version = result
         self._items = MappingProxyType(items)
@@ -502,7 +545,7 @@ class Informer:
 
     # Watching
 
-    def _watch(self):
+    def _watch(self) -> None:
         if not self._running:
             return
         self.watches += 1
@@ -521,8 +564,8 @@ class Informer:
             lambda _: self._watch_ended(started), self._failed
         )
 
-    def _read_stream(self, response):
-        finished = Deferred(lambda d: stream.abort())
+    def _read_stream(self, response: IResponse) -> "Deferred[None]":
+        finished: Deferred[None] = Deferred(lambda d: stream.abort())
         stream = _WatchStream(
             self._reactor,
             self._apply,
@@ -534,7 +577,7 @@ class Informer:
         response.deliverBody(stream)
         return finished
 
-    def _apply(self, kind, document):
+    def _apply(self, kind: object, document: dict[str, Any]) -> None:
         version = _mapping(document.get("metadata")).get("resourceVersion")
         if isinstance(version, str) and version:
             self.resource_version = version
@@ -553,7 +596,7 @@ class Informer:
                 del items[key]
                 self._items = MappingProxyType(items)
 
-    def _watch_ended(self, started):
+    def _watch_ended(self, started: float) -> None:
         self._operation = None
         self._stream = None
         if not self._running:
@@ -565,13 +608,14 @@ class Informer:
 
     # Failures
 
-    def _failed(self, failure):
+    def _failed(self, failure: Failure) -> None:
         self._operation = None
         self._stream = None
         if not self._running or failure.check(CancelledError):
             return None
         gone = failure.check(_WatchGone) or (
-            failure.check(KubernetesAPIError) and failure.value.status == _GONE
+            isinstance(failure.value, KubernetesAPIError)
+            and failure.value.status == _GONE
         )
         if gone and self._watching:
             # A watch from a version the server no longer has: list again
@@ -594,7 +638,7 @@ class Informer:
         self._retry_later(reason)
         return None
 
-    def _retry_later(self, reason):
+    def _retry_later(self, reason: str) -> None:
         self._failures += 1
         delay = min(
             RELIST_BACKOFF_MAX_SECONDS,
@@ -621,32 +665,36 @@ class InformerService(Service):
 
     name = "kubernetes-informers"
 
-    def __init__(self, informers):
+    def __init__(self, informers: Iterable[Informer[Any]]) -> None:
         self.informers = tuple(informers)
 
     @property
-    def ready(self):
+    def ready(self) -> bool:
         return all(informer.ready for informer in self.informers)
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         for informer in self.informers:
             informer.start()
 
-    def stopService(self):
+    def stopService(self) -> None:
         super().stopService()
         for informer in self.informers:
             informer.stop()
 
 
-def pod_informer(reactor, client, **options):
+def pod_informer(
+    reactor: IReactorTime, client: KubernetesClient, **options: Any
+) -> Informer[PodRecord]:
     """
     The informer of every Pod in the cluster (L{PodRecord}s).
     """
     return Informer(reactor, client, PODS_PATH, pod_record, "pod", **options)
 
 
-def configuration_informer(reactor, client, **options):
+def configuration_informer(
+    reactor: IReactorTime, client: KubernetesClient, **options: Any
+) -> Informer[str | bool | None]:
     """
     The informer of every Dapr Configuration (their trust domains).
     """

@@ -30,8 +30,11 @@ import json
 import os
 import ssl
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 import sentry_tx
@@ -42,6 +45,7 @@ from sentry_tx.kube.client import (
     KUBERNETES_REQUEST_TIMEOUT_SECONDS,
     MAX_KUBERNETES_RESPONSE_BYTES,
 )
+from sentry_tx.kube.connection import ClusterConnection
 from sentry_tx.kube.errors import KubernetesUnavailableError, json_answer
 
 LOOP_CLIENT_MAX_CONNECTIONS = 128
@@ -57,7 +61,7 @@ _READ_CHUNK_BYTES = 64 * 1024
 _USER_AGENT = f"sentry_tx/{sentry_tx.__version__}"
 
 
-def cluster_ssl_context(connection):
+def cluster_ssl_context(connection: ClusterConnection) -> ssl.SSLContext:
     """
     The client TLS context for the API server of C{connection}: its CA (or
     the system's roots), the server's name checked, and the client
@@ -72,15 +76,17 @@ def cluster_ssl_context(connection):
     )
     if connection.trust_roots_pem is None:
         context.load_default_certs()
-    if connection.client_certificate_pem is not None:
+    certificate_pem = connection.client_certificate_pem
+    key_pem = connection.client_key_pem
+    if certificate_pem is not None and key_pem is not None:
         # ssl loads a key pair from files only: a private directory, removed
         # at once.
         with tempfile.TemporaryDirectory(prefix="sentry-kube-") as directory:
             certificate_path = os.path.join(directory, "client.crt")
             key_path = os.path.join(directory, "client.key")
             for path, data in (
-                (certificate_path, connection.client_certificate_pem),
-                (key_path, connection.client_key_pem),
+                (certificate_path, certificate_pem),
+                (key_path, key_pem),
             ):
                 descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(descriptor, "wb") as f:
@@ -111,26 +117,26 @@ class LoopKubernetesClient:
 
     def __init__(
         self,
-        reactor,
-        connection_loader,
-        request_timeout_seconds=KUBERNETES_REQUEST_TIMEOUT_SECONDS,
-        max_response_bytes=MAX_KUBERNETES_RESPONSE_BYTES,
-        max_connections=LOOP_CLIENT_MAX_CONNECTIONS,
-    ):
+        reactor: IReactorTime,
+        connection_loader: Callable[[], ClusterConnection],
+        request_timeout_seconds: float = KUBERNETES_REQUEST_TIMEOUT_SECONDS,
+        max_response_bytes: int = MAX_KUBERNETES_RESPONSE_BYTES,
+        max_connections: int = LOOP_CLIENT_MAX_CONNECTIONS,
+    ) -> None:
         self.reactor = reactor
         self._connection_loader = connection_loader
         self._request_timeout_seconds = request_timeout_seconds
         self._max_response_bytes = max_response_bytes
         self._max_connections = max_connections
-        self._connection = None
-        self._ssl = None
-        self._session = None
-        self._session_loop = None
-        self._keeper = None
+        self._connection: ClusterConnection | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self.pools_opened = 0
 
     @property
-    def connection(self):
+    def connection(self) -> ClusterConnection:
         """
         The L{ClusterConnection} in use, reading it on first use.
 
@@ -152,7 +158,7 @@ class LoopKubernetesClient:
             self._connection = connection
         return self._connection
 
-    def _pool(self):
+    def _pool(self) -> aiohttp.ClientSession:
         """
         The session (connection pool) of the running loop, opened on first
         use there, and closed when that loop stops.
@@ -181,7 +187,7 @@ class LoopKubernetesClient:
         self._keeper = loop.create_task(_close_when_cancelled(session))
         return session
 
-    async def close(self):
+    async def close(self) -> None:
         """
         Close the pool now (on its loop).  Later calls open a new one.
         """
@@ -194,7 +200,12 @@ class LoopKubernetesClient:
             except asyncio.CancelledError:
                 pass
 
-    async def get(self, path, timeout_seconds=None, max_response_bytes=None):
+    async def get(
+        self,
+        path: str,
+        timeout_seconds: float | None = None,
+        max_response_bytes: int | None = None,
+    ) -> Any:
         """
         C{GET path}; the decoded JSON object.
         """
@@ -205,7 +216,13 @@ class LoopKubernetesClient:
             max_response_bytes=max_response_bytes,
         )
 
-    async def create(self, path, body, retry_lost_response=False, timeout_seconds=None):
+    async def create(
+        self,
+        path: str,
+        body: object,
+        retry_lost_response: bool = False,
+        timeout_seconds: float | None = None,
+    ) -> Any:
         """
         C{POST path} with the JSON C{body}; the decoded JSON answer.
 
@@ -223,13 +240,13 @@ class LoopKubernetesClient:
 
     async def request(
         self,
-        method,
-        path,
-        body=None,
-        retry_lost_response=False,
-        timeout_seconds=None,
-        max_response_bytes=None,
-    ):
+        method: str,
+        path: str,
+        body: object = None,
+        retry_lost_response: bool = False,
+        timeout_seconds: float | None = None,
+        max_response_bytes: int | None = None,
+    ) -> Any:
         """
         Make one API call, within C{timeout_seconds} from now (the client's
         request timeout by default), headers and body included.
@@ -258,13 +275,21 @@ class LoopKubernetesClient:
                 f"{method} {path}: {type(e).__name__}: {e}".rstrip(": ")
             ) from None
 
-    async def _request(self, connection, method, path, data, retry_lost_response, limit):
+    async def _request(
+        self,
+        connection: ClusterConnection,
+        method: str,
+        path: str,
+        data: bytes | None,
+        retry_lost_response: bool,
+        limit: int,
+    ) -> Any:
         session = self._pool()
         lost_response_retries = 1 if retry_lost_response else 0
         token_retries = 1
         url = connection.url(path)
         while True:
-            headers = {}
+            headers: dict[str, str] = {}
             if data is not None:
                 headers["Content-Type"] = "application/json"
             if connection.token is not None:
@@ -297,7 +322,7 @@ class LoopKubernetesClient:
             return json_answer(status, reason or "", body, method, path)
 
 
-async def _read_bounded(response, limit):
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """
     The body of C{response}, at most C{limit} bytes.
 
@@ -308,7 +333,8 @@ async def _read_bounded(response, limit):
     if length is not None and length > limit:
         response.close()
         raise KubernetesUnavailableError(f"the response is larger than {limit} bytes")
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         chunk = await response.content.read(_READ_CHUNK_BYTES)
         if not chunk:
@@ -322,7 +348,7 @@ async def _read_bounded(response, limit):
         chunks.append(chunk)
 
 
-async def _close_when_cancelled(session):
+async def _close_when_cancelled(session: aiohttp.ClientSession) -> None:
     """
     Hold C{session} open until this task is cancelled (the loop stops, or
     the client is closed), then close it.
