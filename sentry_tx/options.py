@@ -13,7 +13,7 @@ no reactor at import time).
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, NoReturn, TextIO
 
@@ -129,7 +129,7 @@ class Options(usage.Options):
         self.stdout.flush()
         raise SystemExit(0)
 
-    def parseOptions(self, options: list[str] | None = None) -> None:
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """
         Parse C{options} (Go-style flags allowed).  Any bad value writes one
         line, C{sentry: <flag>: <problem>}, to C{self.stderr} and exits with

@@ -145,9 +145,10 @@ class InServiceHolder(Protocol):
     """
 
     @property
-    def in_service(self) -> InService:
+    def in_service(self) -> InService | None:
         """
-        What a call that starts now signs with.
+        What a call that starts now signs with (None before the first
+        bundle is in service, when no call is served).
         """
 
 
@@ -425,6 +426,8 @@ class CAServicer:
         identity = await self._validate(validator, request, deadline)
         in_service = self._authority.in_service
         try:
+            if in_service is None:
+                raise RuntimeError("no trust bundle in service")
             public_key = parse_csr(request.csr)
             now = datetime.fromtimestamp(self._reactor.seconds(), UTC)
             config = in_service.config
