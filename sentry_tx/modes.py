@@ -6,11 +6,13 @@ composition roots (L{sentry_tx.tap} for twistd, L{sentry_tx.serve} for a
 serving copy) and imported by nothing else.
 """
 
+from __future__ import annotations
+
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.application.service import IService, MultiService
 
@@ -42,6 +44,9 @@ from sentry_tx.kube.kubeconfig import cluster_connection
 from sentry_tx.kube.loop_client import LoopKubernetesClient
 from sentry_tx.server.loop import LoopClock
 
+if TYPE_CHECKING:
+    from sentry_tx.interfaces import IServingReactor
+
 
 @dataclass(frozen=True)
 class ValidatorSet:
@@ -62,7 +67,7 @@ class ValidatorSet:
 
 
 def build_validators(
-    config: SentryConfig, reactor: Any, environ: Mapping[str, str]
+    config: SentryConfig, reactor: IServingReactor, environ: Mapping[str, str]
 ) -> ValidatorSet:
     """
     The validators enabled in C{config.mode}, and the one used for UNKNOWN;
@@ -137,7 +142,7 @@ class KubernetesParts:
 
 def build_kubernetes_parts(
     config: SentryConfig,
-    reactor: Any,
+    reactor: IServingReactor,
     environ: Mapping[str, str],
     service_account_directory: str = SERVICE_ACCOUNT_DIRECTORY,
     token_check_interval_seconds: float = TOKEN_FILE_CHECK_INTERVAL_SECONDS,
