@@ -15,19 +15,37 @@ Operators run it on the files they are about to put in the
 C{dapr-trust-bundle} Secret (or a credentials directory) before they do.
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 import sys
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from sentry_tx.config import SentryConfig
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+    from cryptography.x509 import Certificate
+
+    from sentry_tx.ca.bundle import TrustBundle
+    from sentry_tx.ca.renewal import RenewalSettings
+    from sentry_tx.ca.store import FileTrustStore
+    from sentry_tx.logs import LineStream
+
+BundlePaths = tuple[str, str, str]
+"""
+The trust anchors, issuer chain and issuer key paths, in that order.
+"""
 
 CHECK_BUNDLE_COMMAND = "check-bundle"
 
 _DEFAULTS = SentryConfig()
 
 
-def _key_description(public_key):
+def _key_description(public_key: PublicKeyTypes) -> str:
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
     if isinstance(public_key, ec.EllipticCurvePublicKey):
@@ -39,7 +57,7 @@ def _key_description(public_key):
     return type(public_key).__name__
 
 
-def _expiry(certificate, now):
+def _expiry(certificate: Certificate, now: datetime) -> str:
     """
     C{"expires <date> (in N days)"}, or C{"EXPIRED <date>"}.
     """
@@ -56,7 +74,9 @@ def _expiry(certificate, now):
     return f"expires {text} (in {int(days)} days{warning})"
 
 
-def describe_bundle(bundle, paths, now):
+def describe_bundle(
+    bundle: TrustBundle, paths: BundlePaths, now: datetime
+) -> list[str]:
     """
     The report on a bundle that loads, as lines of text.
 
@@ -101,7 +121,13 @@ def describe_bundle(bundle, paths, now):
     return lines
 
 
-def check_bundle(paths, now, out, err, settings=None):
+def check_bundle(
+    paths: BundlePaths,
+    now: datetime,
+    out: LineStream,
+    err: LineStream,
+    settings: RenewalSettings | None = None,
+) -> int:
     """
     Run the start-up checks on the three C{paths} and report to C{out}
     (the findings) and C{err} (the refusal).
@@ -140,7 +166,9 @@ def check_bundle(paths, now, out, err, settings=None):
     return 0
 
 
-def describe_renewal(store, now, settings=None):
+def describe_renewal(
+    store: FileTrustStore, now: datetime, settings: RenewalSettings | None = None
+) -> list[str]:
     """
     The report on automatic CA renewal: a pending next issuer and its switch
     time, or an interrupted switch (which sentry_tx finishes at start).
@@ -151,8 +179,8 @@ def describe_renewal(store, now, settings=None):
         None.
     """
     from sentry_tx.ca.renewal import RenewalSettings, switch_time
-    from sentry_tx.durations import format_go_duration
     from sentry_tx.ca.renewal_files import FileRenewalStore
+    from sentry_tx.durations import format_go_duration
     from sentry_tx.errors import BundleError
 
     try:
@@ -185,7 +213,12 @@ def describe_renewal(store, now, settings=None):
     ]
 
 
-def main(argv, out=None, err=None, now=None):
+def main(
+    argv: Sequence[str],
+    out: LineStream | None = None,
+    err: LineStream | None = None,
+    now: datetime | None = None,
+) -> int:
     """
     The C{check-bundle} command line.
 
@@ -239,7 +272,7 @@ def main(argv, out=None, err=None, now=None):
         issuer_key_filename=arguments.issuer_key_filename,
     )
     if now is None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
     # The start's warnings (a key file readable by others) are shown too,
     # while the check runs.
     observer = logs.make_observer("warn", False, err)
@@ -256,7 +289,7 @@ def main(argv, out=None, err=None, now=None):
         globalLogPublisher.removeObserver(observer)
 
 
-def _renewal_settings(arguments):
+def _renewal_settings(arguments: argparse.Namespace) -> RenewalSettings:
     """
     The L{RenewalSettings} check-bundle computes a switch time with.
     """

@@ -19,11 +19,21 @@ A periodic job that raised would stop its L{LoopingCall} for good; this one
 logs its own failures and runs again at the next interval.
 """
 
-from datetime import datetime, timedelta, timezone
+from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from cryptography.x509 import Certificate
 from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from sentry_tx.interfaces import ICertificateAuthority
+
+if TYPE_CHECKING:
+    from sentry_tx.metrics import SentryMetrics
 
 EXPIRY_CHECK_INTERVAL_SECONDS = 3600.0
 """
@@ -49,7 +59,7 @@ ROLE_ISSUER = "issuer"
 ROLE_INTERMEDIATE = "intermediate"
 
 
-def _days_and_hours(delta):
+def _days_and_hours(delta: timedelta) -> tuple[int, int]:
     """
     Whole days and remaining whole hours of a non-negative L{timedelta}.
     """
@@ -67,7 +77,12 @@ class ExpiryChecker(Service):
     name = "expiry-checker"
     _log = Logger()
 
-    def __init__(self, authority, clock, metrics=None):
+    def __init__(
+        self,
+        authority: ICertificateAuthority,
+        clock: IReactorTime,
+        metrics: SentryMetrics | None = None,
+    ) -> None:
         """
         @param authority: the L{ICertificateAuthority} whose C{bundle} (read
             at every run; L{None} until one is loaded) is checked.
@@ -79,12 +94,12 @@ class ExpiryChecker(Service):
         self._authority = authority
         self._clock = clock
         self._metrics = metrics
-        self._loop = None
-        self._bundle_wait = None
+        self._loop: LoopingCall | None = None
+        self._bundle_wait: IDelayedCall | None = None
 
     # IService
 
-    def startService(self):
+    def startService(self) -> None:
         """
         Check now, then every L{EXPIRY_CHECK_INTERVAL_SECONDS}.
         """
@@ -96,7 +111,7 @@ class ExpiryChecker(Service):
             lambda failure: self._log.failure("the expiry check stopped", failure)
         )
 
-    def stopService(self):
+    def stopService(self) -> None:
         """
         Stop checking.
         """
@@ -110,7 +125,7 @@ class ExpiryChecker(Service):
 
     # The check
 
-    def check(self):
+    def check(self) -> None:
         """
         Check the bundle in service once.  Never raises: a failure is logged
         and the next run comes as planned.
@@ -123,7 +138,7 @@ class ExpiryChecker(Service):
                 interval=EXPIRY_CHECK_INTERVAL_SECONDS,
             )
 
-    def _check(self):
+    def _check(self) -> None:
         bundle = self._authority.bundle
         if bundle is None:
             if self.running and self._bundle_wait is None:
@@ -131,7 +146,7 @@ class ExpiryChecker(Service):
                     BUNDLE_WAIT_SECONDS, self._bundle_waited
                 )
             return
-        now = datetime.fromtimestamp(self._clock.seconds(), timezone.utc)
+        now = datetime.fromtimestamp(self._clock.seconds(), UTC)
         # The roots the issuer chain leads to: after a renewal, the old root
         # (replaced, left to expire) and the new one are in the anchors too.
         for anchor in bundle.active_anchors:
@@ -142,11 +157,13 @@ class ExpiryChecker(Service):
         if self._metrics is not None:
             self._metrics.record_bundle(bundle)
 
-    def _bundle_waited(self):
+    def _bundle_waited(self) -> None:
         self._bundle_wait = None
         self.check()
 
-    def _check_certificate(self, certificate, role, now):
+    def _check_certificate(
+        self, certificate: Certificate, role: str, now: datetime
+    ) -> None:
         """
         Log a warning if C{certificate} expires within L{EXPIRY_WARNING_DAYS}
         of C{now}, an error if it has expired by C{now}.

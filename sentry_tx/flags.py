@@ -9,10 +9,10 @@ no reactor at import time).
 """
 
 import re
+from collections.abc import Iterable
 
 from sentry_tx.config import MODE_KUBERNETES, MODE_STANDALONE, SentryConfig
 from sentry_tx.errors import ConfigError
-
 
 # What sentry_tx's messages on stderr start with, as Dapr's binary name.
 PROGRAM_NAME = "sentry"
@@ -48,7 +48,12 @@ MAXIMUM_WORKERS = 64
 The most serving processes --workers may ask for.
 """
 
-STRING_FLAGS = (
+FlagSpec = list[str | None]
+"""
+One C{usage.Options} parameter: C{[name, short name, default, help]}.
+"""
+
+STRING_FLAGS: tuple[FlagSpec, ...] = (
     [
         "config",
         None,
@@ -249,7 +254,7 @@ _RENEWAL_HELP = {
 }
 
 
-def _renewal_flag(name):
+def _renewal_flag(name: str) -> FlagSpec:
     return [
         name,
         None,
@@ -264,7 +269,7 @@ STRING_FLAGS = STRING_FLAGS + tuple(
     for name in ("ca-ttl", "ca-renewal-threshold", "trust-anchor-propagation-grace")
 )
 
-BOOL_FLAGS = (
+BOOL_FLAGS: tuple[FlagSpec, ...] = (
     [
         "enable-metrics",
         None,
@@ -302,7 +307,7 @@ _BOOL_FLAG_NAMES = frozenset(flag[0] for flag in BOOL_FLAGS)
 _BUILTIN_FLAGS = {"h": "help", "help": "help", "version": "version"}
 
 
-def version_text():
+def version_text() -> str:
     """
     What C{twistd sentry --version} prints: sentry_tx's version, then those
     of Twisted and grpcio, read from the installed metadata (so that
@@ -321,7 +326,7 @@ def version_text():
     return "\n".join(lines) + "\n"
 
 
-def go_style_arguments(arguments):
+def go_style_arguments(arguments: Iterable[str]) -> list[str]:
     """
     Rewrite a command line written for Go's C{flag} package into the form
     L{usage.Options} takes.
@@ -367,7 +372,7 @@ def go_style_arguments(arguments):
     return rewritten
 
 
-def parse_bool(flag, text):
+def parse_bool(flag: str, text: str) -> bool:
     """
     Read a boolean flag value as Go's C{strconv.ParseBool} does.
 
@@ -380,7 +385,7 @@ def parse_bool(flag, text):
     raise ConfigError(flag, f"not a boolean: {text!r} (use true or false)")
 
 
-def parse_port(flag, text):
+def parse_port(flag: str, text: str) -> int:
     """
     Read a TCP port number (0 to 65535; 0 picks a free port).
 
@@ -397,7 +402,7 @@ def parse_port(flag, text):
     )
 
 
-def parse_workers(flag, text):
+def parse_workers(flag: str, text: str) -> int:
     """
     Read a worker process count (1 to L{MAXIMUM_WORKERS}).
 
@@ -412,7 +417,7 @@ def parse_workers(flag, text):
     )
 
 
-def check_trust_domain(flag, text):
+def check_trust_domain(flag: str, text: str) -> str:
     """
     @raise ConfigError: naming C{flag} if C{text} is not a valid trust domain.
     """
@@ -433,7 +438,7 @@ def check_trust_domain(flag, text):
     return text
 
 
-def check_namespace(variable, text):
+def check_namespace(variable: str, text: str) -> str:
     """
     @raise ConfigError: naming C{variable} if C{text} cannot be a SPIFFE ID
         path segment.
@@ -451,7 +456,7 @@ def check_namespace(variable, text):
     return text
 
 
-def split_audiences(text):
+def split_audiences(text: str) -> tuple[str, ...]:
     """
     The comma-separated audiences in C{text}, stripped, empty items dropped.
     """

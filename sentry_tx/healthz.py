@@ -5,10 +5,26 @@ The health endpoint: C{GET /healthz} answers 503 until the authority is ready
 example a validator's cache or key set), then 200.  Other paths are 404.
 """
 
-from twisted.web.resource import NoResource, Resource
+from collections.abc import Callable
+from typing import Protocol
+
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, NoResource, Resource
 
 HEALTHY = b"ok\n"
 UNHEALTHY = b"not ready\n"
+
+
+class ReadinessSource(Protocol):
+    """
+    What healthz reads of a readiness source: whether it is ready now.
+    """
+
+    @property
+    def ready(self) -> bool:
+        """
+        True once the source can serve.
+        """
 
 
 class HealthzResource(Resource):
@@ -17,18 +33,23 @@ class HealthzResource(Resource):
     sources: objects with a boolean C{ready} attribute, read at each probe.
     """
 
-    def __init__(self, authority, *sources, detail=None):
+    def __init__(
+        self,
+        authority: ReadinessSource,
+        *sources: ReadinessSource,
+        detail: Callable[[], str] | None = None,
+    ) -> None:
         super().__init__()
-        self._sources = (authority,) + sources
+        self._sources = (authority, *sources)
         self._detail = detail
 
-    def getChild(self, path, request):
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
         # /healthz/ is /healthz; anything below it does not exist.
         if path == b"":
             return self
         return NoResource()
 
-    def render_GET(self, request):
+    def render_GET(self, request: IRequest) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         if all(source.ready for source in self._sources):
@@ -40,7 +61,11 @@ class HealthzResource(Resource):
         return UNHEALTHY
 
 
-def healthz_root(authority, *sources, detail=None):
+def healthz_root(
+    authority: ReadinessSource,
+    *sources: ReadinessSource,
+    detail: Callable[[], str] | None = None,
+) -> Resource:
     """
     A web root with only C{/healthz}, healthy when C{authority} and every
     one of C{sources} is ready.

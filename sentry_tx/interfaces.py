@@ -165,3 +165,33 @@ class IRenewalStore(Interface):
         @return: Deferred firing with a L{sentry_tx.ca.renewal.StepResult},
             or failing with L{sentry_tx.errors.BundleError}.
         """
+
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import (
+        IReactorCore,
+        IReactorFDSet,
+        IReactorPluggableNameResolver,
+        IReactorProcess,
+        IReactorTCP,
+        IReactorThreads,
+        IReactorTime,
+        IReactorUNIX,
+    )
+
+    class IServingReactor(
+        IReactorCore,
+        IReactorTime,
+        IReactorThreads,
+        IReactorFDSet,
+        IReactorTCP,
+        IReactorUNIX,
+        IReactorProcess,
+        IReactorPluggableNameResolver,
+    ):
+        """
+        For the type checker only (as Twisted's own C{_IReactorCommon}): the
+        parts of the reactor sentry_tx's composition roots hand to their
+        services.  Every reactor C{twistd} runs on Linux provides them all;
+        a service that needs less takes the narrower interface.
+        """

@@ -8,8 +8,13 @@ shares its counts with the others through C{prometheus_client}'s
 multiprocess mode (L{SentryMetrics.share}).
 """
 
+from __future__ import annotations
+
 import os
 import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Final, Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,7 +29,11 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from twisted.application.service import Service
-from twisted.web.resource import NoResource, Resource
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, NoResource, Resource
+
+if TYPE_CHECKING:
+    from sentry_tx.ca.bundle import TrustBundle
 
 MULTIPROC_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -81,13 +90,13 @@ class SignTimer:
     One call being timed; L{done} records it under its outcome, once.
     """
 
-    def __init__(self, metrics, monotonic):
+    def __init__(self, metrics: SentryMetrics, monotonic: Callable[[], float]) -> None:
         self._metrics = metrics
         self._monotonic = monotonic
         self._started = monotonic()
         self._done = False
 
-    def done(self, outcome):
+    def done(self, outcome: str) -> None:
         if not self._done:
             self._done = True
             self._metrics.sign_durations[outcome].observe(
@@ -95,7 +104,7 @@ class SignTimer:
             )
 
 
-PROCESS_WIDE = "livesum"
+PROCESS_WIDE: Final[Literal["livesum"]] = "livesum"
 """
 The multiprocess mode of a gauge that one process owns (the twistd
 process): every other process holds it at zero, so the sum is the owner's
@@ -128,13 +137,17 @@ class SentryMetrics:
         monotonic); tests pass a fake.
     """
 
-    def __init__(self, registry=None, monotonic=time.monotonic):
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         # Dapr exports no *_created series; neither do we.
         disable_created_metrics()
         if registry is None:
             registry = CollectorRegistry(auto_describe=True)
         self.registry = registry
-        self.directory = None
+        self.directory: str | None = None
         self._monotonic = monotonic
         # process_cpu_seconds_total, process_resident_memory_bytes,
         # process_open_fds, process_start_time_seconds ... of this process
@@ -142,7 +155,7 @@ class SentryMetrics:
         ProcessCollector(registry=registry)
         self._define(registry)
 
-    def _define(self, registry):
+    def _define(self, registry: CollectorRegistry | None) -> None:
         """
         Make every metric, registered in C{registry} (None: in none).  A
         new metric goes here; a labelled one makes its label values here
@@ -255,7 +268,9 @@ class SentryMetrics:
             multiprocess_mode=PROCESS_WIDE,
         )
 
-    def share(self, directory, process_identifier=os.getpid):
+    def share(
+        self, directory: str, process_identifier: Callable[[], int] = os.getpid
+    ) -> None:
         """
         Count from now on in files under C{directory}, with every other
         serving process; C{registry} then serves the sums over all of them
@@ -284,7 +299,7 @@ class SentryMetrics:
         self.registry = registry
         self.directory = directory
 
-    def forget_process(self, pid):
+    def forget_process(self, pid: int) -> None:
         """
         Drop the gauges of a serving process that ended (its counters stay
         in the sums).
@@ -292,7 +307,9 @@ class SentryMetrics:
         if self.directory is not None:
             mark_process_dead(pid, self.directory)
 
-    def record_renewal(self, renewed, switched, switch_at):
+    def record_renewal(
+        self, renewed: bool, switched: bool, switch_at: datetime | None
+    ) -> None:
         """
         Count a renewal or a switch, and publish the pending switch time
         (an aware datetime, or None when nothing is pending).
@@ -306,18 +323,20 @@ class SentryMetrics:
             0 if switch_at is None else switch_at.timestamp()
         )
 
-    def sign_timer(self):
+    def sign_timer(self) -> SignTimer:
         """
         Start timing one SignCertificate call; call C{done(outcome)} on the
         result when it is answered.
         """
         return SignTimer(self, self._monotonic)
 
-    def record_bundle(self, bundle):
+    def record_bundle(self, bundle: TrustBundle) -> None:
         """
         Publish the expiry times of a bundle that has gone into service.
         """
-        self.issuercert_expiry_timestamp.set(bundle.issuer.not_valid_after_utc.timestamp())
+        self.issuercert_expiry_timestamp.set(
+            bundle.issuer.not_valid_after_utc.timestamp()
+        )
         self.rootcert_expiry_timestamp.set(bundle.roots_not_after.timestamp())
 
 
@@ -331,16 +350,18 @@ class SharedMetrics(Service):
         C{PROMETHEUS_MULTIPROC_DIR}).
     """
 
-    def __init__(self, metrics, directory):
+    def __init__(
+        self, metrics: SentryMetrics, directory: Callable[[], str]
+    ) -> None:
         self._metrics = metrics
         self._directory = directory
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         self._metrics.share(self._directory())
 
 
-def metrics_root(metrics):
+def metrics_root(metrics: SentryMetrics) -> Resource:
     """
     A web root serving the Prometheus text at C{/metrics} and at C{/}; other
     paths are 404.
@@ -357,15 +378,15 @@ class _MetricsResource(Resource):
     and hop to a thread pool for nothing.
     """
 
-    def __init__(self, metrics):
+    def __init__(self, metrics: SentryMetrics) -> None:
         super().__init__()
         self._metrics = metrics
 
-    def getChild(self, path, request):
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
         if path in (b"", b"metrics") and not request.postpath:
             return self
         return NoResource()
 
-    def render_GET(self, request):
+    def render_GET(self, request: IRequest) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self._metrics.registry)

@@ -6,35 +6,46 @@ composition roots (L{sentry_tx.tap} for twistd, L{sentry_tx.serve} for a
 serving copy) and imported by nothing else.
 """
 
-import os
-from datetime import timedelta
-from dataclasses import dataclass
+from __future__ import annotations
 
-from twisted.application.service import MultiService
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from twisted.application.service import IService, MultiService
 
 from sentry_tx.ca.kubernetes_store import KubernetesTrustStore
-from sentry_tx.config import DEFAULT_NAMESPACE, MODE_KUBERNETES
+from sentry_tx.config import DEFAULT_NAMESPACE, MODE_KUBERNETES, SentryConfig
+from sentry_tx.identity.admission import ReviewAdmission
 from sentry_tx.identity.caller import (
     VALIDATOR_INSECURE,
     VALIDATOR_JWKS,
     VALIDATOR_KUBERNETES,
 )
-from sentry_tx.identity.admission import ReviewAdmission
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.identity.jwks import jwks_validator_for
 from sentry_tx.identity.kubernetes import KubernetesValidator, OnGrpcLoop
+from sentry_tx.interfaces import IIdentityValidator
 from sentry_tx.kube.client import KubernetesClient, KubernetesClientService
-from sentry_tx.kube.loop_client import LoopKubernetesClient
 from sentry_tx.kube.configuration import KubernetesConfigurationSource
-from sentry_tx.kube.connection import TOKEN_FILE_CHECK_INTERVAL_SECONDS
+from sentry_tx.kube.connection import (
+    TOKEN_FILE_CHECK_INTERVAL_SECONDS,
+    ClusterConnection,
+)
 from sentry_tx.kube.incluster import SERVICE_ACCOUNT_DIRECTORY
-from sentry_tx.kube.kubeconfig import cluster_connection
 from sentry_tx.kube.informer import (
     InformerService,
     configuration_informer,
     pod_informer,
 )
+from sentry_tx.kube.kubeconfig import cluster_connection
+from sentry_tx.kube.loop_client import LoopKubernetesClient
 from sentry_tx.server.loop import LoopClock
+
+if TYPE_CHECKING:
+    from sentry_tx.interfaces import IServingReactor
 
 
 @dataclass(frozen=True)
@@ -50,12 +61,14 @@ class ValidatorSet:
         state, such as JWKS's key set), or None.
     """
 
-    validators: dict
-    default_validator: int = None
-    service: object = None
+    validators: dict[int, IIdentityValidator]
+    default_validator: int | None = None
+    service: IService | None = None
 
 
-def build_validators(config, reactor, environ):
+def build_validators(
+    config: SentryConfig, reactor: IServingReactor, environ: Mapping[str, str]
+) -> ValidatorSet:
     """
     The validators enabled in C{config.mode}, and the one used for UNKNOWN;
     the one choice every serving process makes.
@@ -82,7 +95,9 @@ def build_validators(config, reactor, environ):
     if config.mode == MODE_KUBERNETES:
         parts = build_kubernetes_parts(config, reactor, environ)
         if jwks is None:
-            return ValidatorSet(parts.validators, parts.default_validator, parts.service)
+            return ValidatorSet(
+                parts.validators, parts.default_validator, parts.service
+            )
         # A config resolved already: a jwks token validator
         # beside KUBERNETES, which stays the default (as in Dapr).
         service = MultiService()
@@ -116,22 +131,22 @@ class KubernetesParts:
         ready once its caches have synced.
     """
 
-    trust_store: object
-    validators: dict
+    trust_store: KubernetesTrustStore
+    validators: dict[int, IIdentityValidator]
     default_validator: int
-    configuration_source: object
+    configuration_source: KubernetesConfigurationSource
     client: KubernetesClient
-    service: object
-    readiness: tuple = ()
+    service: MultiService
+    readiness: tuple[KubernetesValidator, ...] = ()
 
 
 def build_kubernetes_parts(
-    config,
-    reactor,
-    environ,
-    service_account_directory=SERVICE_ACCOUNT_DIRECTORY,
-    token_check_interval_seconds=TOKEN_FILE_CHECK_INTERVAL_SECONDS,
-):
+    config: SentryConfig,
+    reactor: IServingReactor,
+    environ: Mapping[str, str],
+    service_account_directory: str = SERVICE_ACCOUNT_DIRECTORY,
+    token_check_interval_seconds: float = TOKEN_FILE_CHECK_INTERVAL_SECONDS,
+) -> KubernetesParts:
     """
     Build (only build: nothing is read or opened) the parts of kubernetes
     mode.  The INSECURE validator is not enabled in this mode.  Every
@@ -148,7 +163,7 @@ def build_kubernetes_parts(
     """
     environ = dict(environ)
 
-    def load_connection():
+    def load_connection() -> ClusterConnection:
         return cluster_connection(
             config.kubeconfig,
             environ,

@@ -13,7 +13,9 @@ no reactor at import time).
 import os
 import re
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from typing import Any, NoReturn, TextIO
 
 from twisted.python import usage
 
@@ -70,11 +72,15 @@ class Options(usage.Options):
 
     optParameters = [list(flag) for flag in STRING_FLAGS + BOOL_FLAGS]
 
-    sentry_config = None
+    sentry_config: SentryConfig | None = None
 
     def __init__(
-        self, environ=None, stdout=None, stderr=None, default_processes=None
-    ):
+        self,
+        environ: Mapping[str, str] | None = None,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+        default_processes: Callable[[], tuple[int, str]] | None = None,
+    ) -> None:
         """
         @param environ: the environment (C{KUBERNETES_SERVICE_HOST},
             C{NAMESPACE}, and variables the Configuration file refers to);
@@ -91,11 +97,11 @@ class Options(usage.Options):
             L{sentry_tx.server.cores.default_serving_processes} by default.
         """
         super().__init__()
-        self.environ = os.environ if environ is None else environ
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
         self.stdout = sys.stdout if stdout is None else stdout
         self.stderr = sys.stderr if stderr is None else stderr
-        self.startup_warnings = []
-        self.startup_notes = []
+        self.startup_warnings: list[str] = []
+        self.startup_notes: list[str] = []
         if default_processes is None:
             from sentry_tx.server.cores import default_serving_processes
 
@@ -106,7 +112,7 @@ class Options(usage.Options):
         else:
             self["mode"] = MODE_STANDALONE
 
-    def opt_help(self):
+    def opt_help(self) -> NoReturn:
         """
         Display this help and exit.
         """
@@ -114,7 +120,7 @@ class Options(usage.Options):
         self.stdout.flush()
         raise SystemExit(0)
 
-    def opt_version(self):
+    def opt_version(self) -> NoReturn:
         """
         Display sentry_tx's version (and those of Twisted and grpcio) and
         exit.
@@ -123,7 +129,7 @@ class Options(usage.Options):
         self.stdout.flush()
         raise SystemExit(0)
 
-    def parseOptions(self, options=None):
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """
         Parse C{options} (Go-style flags allowed).  Any bad value writes one
         line, C{sentry: <flag>: <problem>}, to C{self.stderr} and exits with
@@ -137,7 +143,7 @@ class Options(usage.Options):
         if options is None:
             options = sys.argv[1:]
         # The serving copies are started with the same flags.
-        self.arguments = list(options)
+        self.arguments: list[str] = list(options)
         try:
             super().parseOptions(go_style_arguments(options))
         except ConfigError as error:
@@ -145,7 +151,7 @@ class Options(usage.Options):
         except usage.UsageError as error:
             self._exit_with_error(str(error))
 
-    def _exit_with_error(self, message):
+    def _exit_with_error(self, message: str) -> NoReturn:
         """
         Write C{message} as one line to C{self.stderr} and exit with status 1.
         """
@@ -154,7 +160,7 @@ class Options(usage.Options):
         self.stderr.flush()
         raise SystemExit(1)
 
-    def parseArgs(self, *arguments):
+    def parseArgs(self, *arguments: str) -> None:
         """
         Sentry takes no positional arguments.
         """
@@ -164,7 +170,7 @@ class Options(usage.Options):
                 " --port 50001)"
             )
 
-    def postOptions(self):
+    def postOptions(self) -> None:
         """
         Check every value, read the Configuration file (standalone mode),
         build C{sentry_config} and hand the log observer to twistd.
@@ -221,7 +227,7 @@ class Options(usage.Options):
         self._hand_observer_to_parent(config)
         self.sentry_config = config
 
-    def _jwt_settings(self):
+    def _jwt_settings(self) -> dict[str, Any]:
         """
         The JWT and OIDC flags, checked (Dapr's checks and messages, plus a
         fitting algorithm, a positive TTL and absolute URLs).
@@ -328,7 +334,7 @@ class Options(usage.Options):
             oidc_allowed_hosts=allowed_hosts,
         )
 
-    def _with_renewal_settings(self, config):
+    def _with_renewal_settings(self, config: SentryConfig) -> SentryConfig:
         """
         C{config} with the automatic CA renewal flags, each from the command
         line, else its environment variable, else its default; checked as a
@@ -343,7 +349,7 @@ class Options(usage.Options):
         from sentry_tx.durations import parse_go_duration
         from sentry_tx.flags import RENEWAL_DEFAULTS, RENEWAL_VARIABLES
 
-        def value(name):
+        def value(name: str) -> tuple[str, str]:
             if self[name] is not None:
                 return self[name], f"--{name}"
             variable = RENEWAL_VARIABLES[name]
@@ -380,7 +386,7 @@ class Options(usage.Options):
                 check_settings(settings)
         return config
 
-    def _serving_processes(self):
+    def _serving_processes(self) -> int:
         """
         How many processes serve gRPC: C{--workers}, else one per usable
         core (at most 4); the choice and its reason go to C{startup_notes}.
@@ -396,7 +402,7 @@ class Options(usage.Options):
         )
         return count
 
-    def _load_mtls(self, mode, path):
+    def _load_mtls(self, mode: str, path: str) -> MTLSConfig:
         """
         The mTLS settings: in standalone mode from the Configuration file at
         C{path} (the defaults, with a warning, when there is no such file);
@@ -418,7 +424,7 @@ class Options(usage.Options):
         self.startup_warnings.extend(warnings)
         return mtls
 
-    def _hand_observer_to_parent(self, config):
+    def _hand_observer_to_parent(self, config: SentryConfig) -> None:
         """
         Make the runner that parsed us (C{twistd} or C{twist}) log through
         L{logs.make_observer} with C{--log-level} and C{--log-as-json}.
@@ -464,7 +470,7 @@ class Options(usage.Options):
                 "--logfile", "a daemon cannot log to stdout (add --nodaemon)"
             )
 
-        def observer_factory():
+        def observer_factory() -> logs.SentryLogObserver:
             stream = logs.open_twistd_log_file(logfile_option, nodaemon)
             return logs.make_observer(level, as_json, stream)
 
@@ -473,7 +479,7 @@ class Options(usage.Options):
             parent["logger"] = observer_factory
             return
 
-        def post_options_then_set_logger():
+        def post_options_then_set_logger() -> None:
             parent_post_options()
             parent["logger"] = observer_factory
 

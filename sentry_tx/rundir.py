@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -28,7 +29,7 @@ METRICS_SUBDIRECTORY = "metrics"
 _OWN_NAME = re.compile(re.escape(PREFIX) + r"(\d+)-[A-Za-z0-9_]+")
 
 
-def base_directory(environ):
+def base_directory(environ: Mapping[str, str]) -> str:
     """
     Where the private directory is made: C{$TMPDIR}, else C{/dev/shm}.
     """
@@ -45,21 +46,26 @@ class PrivateDirectory(Service):
 
     _log = Logger()
 
-    def __init__(self, environ=os.environ):
+    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
         self._environ = environ
-        self.path = None
+        self.path: str | None = None
+
+    def _made(self) -> str:
+        if self.path is None:
+            raise RuntimeError("the private directory is made at startService")
+        return self.path
 
     @property
-    def metrics_path(self):
-        return os.path.join(self.path, METRICS_SUBDIRECTORY)
+    def metrics_path(self) -> str:
+        return os.path.join(self._made(), METRICS_SUBDIRECTORY)
 
-    def socket_path(self, name):
+    def socket_path(self, name: str) -> str:
         """
         The path of a Unix socket called C{name} in the directory.
         """
-        return os.path.join(self.path, name)
+        return os.path.join(self._made(), name)
 
-    def startService(self):
+    def startService(self) -> None:
         base = base_directory(self._environ)
         try:
             self._wipe_stale(base)
@@ -73,7 +79,7 @@ class PrivateDirectory(Service):
             ) from None
         super().startService()
 
-    def _wipe_stale(self, base):
+    def _wipe_stale(self, base: str) -> None:
         """
         Remove the private directories that twistd processes of this user
         left in C{base} when they were killed (their pid is in the name and
@@ -87,12 +93,14 @@ class PrivateDirectory(Service):
             try:
                 os.kill(int(match.group(1)), 0)
             except ProcessLookupError:
-                self._log.info("removing {path}, left by a process that ended", path=path)
+                self._log.info(
+                    "removing {path}, left by a process that ended", path=path
+                )
                 shutil.rmtree(path, ignore_errors=True)
             except OSError:
                 pass
 
-    def stopService(self):
+    def stopService(self) -> None:
         super().stopService()
         path, self.path = self.path, None
         if path is not None:

@@ -19,14 +19,24 @@ SIGTERM the same way, and ignores SIGINT, which a terminal sends to the
 whole process group (the twistd process stops it).
 """
 
+from __future__ import annotations
+
 import os
 import signal
 import sys
+from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, cast
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.fdesc import setNonBlocking
 from twisted.internet.interfaces import IReadDescriptor
+from twisted.python.failure import Failure
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from sentry_tx.interfaces import IServingReactor
+    from sentry_tx.logs import LineStream
 
 PARENT_PIPE_FD = 0
 
@@ -38,18 +48,20 @@ class ParentPipe:
     once it reaches end of file.
     """
 
-    def __init__(self, on_lost, fd=PARENT_PIPE_FD):
+    def __init__(self, on_lost: Callable[[], object], fd: int = PARENT_PIPE_FD) -> None:
         self._on_lost = on_lost
         self._fd = fd
         setNonBlocking(fd)
 
-    def fileno(self):
+    def fileno(self) -> int:
         return self._fd
 
-    def logPrefix(self):
+    def logPrefix(self) -> str:
         return "parent-pipe"
 
-    def doRead(self):
+    # The reactor takes an exception as the reason, as Twisted's own
+    # descriptors return CONNECTION_DONE; the interface's stub says Failure.
+    def doRead(self) -> ConnectionDone | None:  # type: ignore[override]
         try:
             data = os.read(self._fd, 4096)
         except BlockingIOError:
@@ -60,16 +72,20 @@ class ParentPipe:
             return ConnectionDone()
         return None
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure) -> None:
         self._on_lost()
 
 
-def main(argv, environ=os.environ, stderr=None):
+def main(
+    argv: Sequence[str],
+    environ: Mapping[str, str] = os.environ,
+    stderr: LineStream | None = None,
+) -> int:
     """
     Serve as a copy until told to stop; exit 0 (1 when it cannot start, 2
     when it was not started by the twistd process).
     """
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
     from twisted.logger import Logger, globalLogBeginner
 
     from sentry_tx import logs
@@ -88,10 +104,15 @@ def main(argv, environ=os.environ, stderr=None):
             " set); run twistd -n sentry [flags]\n"
         )
         return 2
+    # Twisted types its global reactor as the few interfaces every platform
+    # has; the reactors a serving copy runs on Linux provide these.
+    reactor = cast("IServingReactor", global_reactor)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     options = Options()
     options.parseOptions(argv)
     config = options.sentry_config
+    if config is None:
+        raise ValueError("Options.parseOptions left no sentry_config")
     globalLogBeginner.beginLoggingTo(
         [logs.make_observer(config.log_level, config.log_as_json, sys.stderr)],
         redirectStandardIO=False,
@@ -101,9 +122,9 @@ def main(argv, environ=os.environ, stderr=None):
         metrics_directory=environ["PROMETHEUS_MULTIPROC_DIR"],
     )
     root = build_service(config, reactor, copy=role)
-    stopping = []
+    stopping: list[bool] = []
 
-    def stop():
+    def stop() -> None:
         if stopping:
             return
         stopping.append(True)
@@ -114,9 +135,14 @@ def main(argv, environ=os.environ, stderr=None):
             d.addBoth(lambda _: reactor.stop())
 
     reactor.addReader(ParentPipe(stop))
-    signal.signal(signal.SIGTERM, lambda number, frame: reactor.callFromThread(stop))
+    def on_sigterm(number: int, frame: FrameType | None) -> None:
+        reactor.callFromThread(stop)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     reactor.callWhenRunning(root.startService)
-    reactor.run(installSignalHandlers=False)
+    # Every Twisted reactor's run takes installSignalHandlers; IReactorCore
+    # leaves the argument out.
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
     Logger().debug("serving copy {pid} exits", pid=os.getpid())
     sys.stdout.flush()
     sys.stderr.flush()

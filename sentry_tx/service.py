@@ -9,13 +9,17 @@ status 1, because a CA that runs without its bundle would only hide the fault.
 
 import os
 import sys
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn
 
 from twisted.application.internet import TCPServer
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IProtocolFactory, IReactorCore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import Request
 from twisted.web.server import Site
 
 from sentry_tx import open_files
@@ -25,7 +29,7 @@ from sentry_tx.listen import listen_error
 FATAL_EXIT_STATUS = 1
 
 
-def _exit_process(status):
+def _exit_process(status: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
@@ -50,12 +54,14 @@ class SentryService(MultiService):
 
     def __init__(
         self,
-        reactor,
-        startup_warnings=(),
-        exit=_exit_process,
-        raise_open_file_limit=open_files.raise_open_file_limit,
-        startup_notes=(),
-    ):
+        reactor: IReactorCore,
+        startup_warnings: Iterable[str] = (),
+        exit: Callable[[int], object] = _exit_process,
+        raise_open_file_limit: Callable[
+            [], open_files.OpenFileLimit
+        ] = open_files.raise_open_file_limit,
+        startup_notes: Iterable[str] = (),
+    ) -> None:
         super().__init__()
         self._reactor = reactor
         self._startup_warnings = tuple(startup_warnings)
@@ -63,10 +69,10 @@ class SentryService(MultiService):
         self._exit = exit
         self._raise_open_file_limit = raise_open_file_limit
         self._open_file_limit_raised = False
-        self.exit_status = None
-        self._listen_failure = None
+        self.exit_status: int | None = None
+        self._listen_failure: Failure | None = None
 
-    def startService(self):
+    def startService(self) -> None:
         """
         Log the start-up warnings, then start the children in order.  A
         child whose port cannot be bound (L{ListenError}) is fatal: one line
@@ -89,7 +95,7 @@ class SentryService(MultiService):
                 self.fatal(Failure())
                 return
 
-    def privilegedStartService(self):
+    def privilegedStartService(self) -> None:
         """
         Let the children bind their ports (twistd calls this before
         C{startService}); the first L{ListenError} is kept, and made fatal
@@ -104,7 +110,7 @@ class SentryService(MultiService):
                 self._listen_failure = Failure()
                 return
 
-    def stopService(self):
+    def stopService(self) -> Deferred[Any]:
         """
         Stop the children that were started, in reverse order; a child
         with a true C{stop_after_others} (the standard error capture) is
@@ -122,7 +128,7 @@ class SentryService(MultiService):
             )
         return d
 
-    def _raise_open_file_limit_once(self):
+    def _raise_open_file_limit_once(self) -> None:
         # Before any child opens a socket (serving copies inherit it):
         # twistd binds in privilegedStartService, tests may call only
         # startService.
@@ -131,11 +137,15 @@ class SentryService(MultiService):
         self._open_file_limit_raised = True
         limit = self._raise_open_file_limit()
         if limit.error is not None:
-            self._log.warn("{open_file_limit}", open_file_limit=open_files.describe(limit))
+            self._log.warn(
+                "{open_file_limit}", open_file_limit=open_files.describe(limit)
+            )
         else:
-            self._log.info("{open_file_limit}", open_file_limit=open_files.describe(limit))
+            self._log.info(
+                "{open_file_limit}", open_file_limit=open_files.describe(limit)
+            )
 
-    def fatal(self, failure):
+    def fatal(self, failure: Failure) -> None:
         """
         Log why sentry_tx cannot go on, stop the reactor and exit 1.
         """
@@ -144,7 +154,9 @@ class SentryService(MultiService):
                 "refusing to start: {error}", error=failure.getErrorMessage()
             )
         else:
-            self._log.failure("refusing to start", failure, error=failure.getErrorMessage())
+            self._log.failure(
+                "refusing to start", failure, error=failure.getErrorMessage()
+            )
         if self.exit_status is not None:
             return
         self.exit_status = FATAL_EXIT_STATUS
@@ -165,19 +177,29 @@ class WebService(TCPServer):
 
     _log = Logger()
 
-    def __init__(self, label, port, site, interface="", flag=None):
+    def __init__(
+        self,
+        label: str,
+        port: int,
+        site: IProtocolFactory,
+        interface: str = "",
+        flag: str | None = None,
+    ) -> None:
         super().__init__(port, site, interface=interface)
         self.label = label
         self.flag = flag if flag is not None else f"--{label}-port"
 
     @property
-    def port(self):
+    def port(self) -> int:
         """
         The port bound, once started.
         """
-        return self._port.getHost().port
+        if self._port is None:
+            raise RuntimeError(f"the {self.label} server is not listening")
+        port: int = self._port.getHost().port
+        return port
 
-    def privilegedStartService(self):
+    def privilegedStartService(self) -> None:
         """
         Listen (twistd binds here); a port that cannot be bound raises
         L{ListenError} naming C{flag}.
@@ -187,7 +209,7 @@ class WebService(TCPServer):
         except CannotListenError as e:
             raise listen_error(self.flag, e.port, e.interface, e) from None
 
-    def startService(self):
+    def startService(self) -> None:
         """
         Listen, unless C{privilegedStartService} did; a port that cannot be
         bound raises L{ListenError} naming C{flag}.
@@ -209,5 +231,5 @@ class QuietSite(Site):
 
     noisy = False
 
-    def log(self, request):
+    def log(self, request: Request) -> None:
         pass

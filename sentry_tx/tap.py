@@ -11,13 +11,35 @@ must stay light (no grpc, no cryptography, no reactor at import time), so
 L{build_service} imports the parts it wires when it runs.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING, cast
 
-from sentry_tx.config import MODE_KUBERNETES
+from sentry_tx.config import MODE_KUBERNETES, SentryConfig
+
 # twistd's ServiceMaker reads Options here.
-from sentry_tx.options import Options  # noqa: F401
+from sentry_tx.options import Options
+
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
+    from sentry_tx.healthz import ReadinessSource
+    from sentry_tx.interfaces import (
+        IConfigurationSource,
+        IIdentityValidator,
+        IServingReactor,
+        ITrustStore,
+    )
+    from sentry_tx.jwt.minting import JWTMinter
+    from sentry_tx.jwt.oidc import OIDCService
+    from sentry_tx.metrics import SentryMetrics
+    from sentry_tx.rundir import PrivateDirectory
+    from sentry_tx.server.service import CertificateAuthorityService
+    from sentry_tx.service import SentryService
 
 
 @dataclass(frozen=True)
@@ -35,8 +57,13 @@ class CopyRole:
 
 
 def build_service(
-    config, reactor, startup_warnings=(), startup_notes=(), arguments=(), copy=None
-):
+    config: SentryConfig,
+    reactor: IServingReactor,
+    startup_warnings: Sequence[str] = (),
+    startup_notes: Sequence[str] = (),
+    arguments: Sequence[str] = (),
+    copy: CopyRole | None = None,
+) -> SentryService:
     """
     Wire sentry_tx: the one place that chooses implementations and composes
     services, for the twistd process and, the same but serving only, for
@@ -62,7 +89,8 @@ def build_service(
     from sentry_tx.watcher import IssuerWatcher
 
     parent = copy is None
-    if parent:
+    metrics_directory: Callable[[], str]
+    if copy is None:
         root = SentryService(reactor, startup_warnings, startup_notes=startup_notes)
         from sentry_tx.rundir import PrivateDirectory
         from sentry_tx.stderr_capture import StandardErrorCapture
@@ -75,11 +103,15 @@ def build_service(
         metrics_directory = lambda: directory.metrics_path  # noqa: E731
     else:
         root = SentryService(reactor)
-        metrics_directory = lambda: copy.metrics_directory  # noqa: E731
+        role = copy
+        metrics_directory = lambda: role.metrics_directory  # noqa: E731
     metrics = SentryMetrics()
     SharedMetrics(metrics, metrics_directory).setServiceParent(root)
-    configuration_source = None
-    readiness = ()
+    configuration_source: IConfigurationSource | None = None
+    readiness: tuple[ReadinessSource, ...] = ()
+    trust_store: ITrustStore
+    validators: dict[int, IIdentityValidator]
+    default_validator: int | None
     if config.mode == MODE_KUBERNETES:
         from sentry_tx.modes import build_kubernetes_parts
 
@@ -121,11 +153,12 @@ def build_service(
         default_validator = chosen.default_validator
     # Validators that keep state (the JWKS key set) run as services, before
     # the authority, and healthz waits for them to be ready.
-    readiness_sources = []
+    readiness_sources: list[ReadinessSource] = []
     for validator in validators.values():
         if IService.providedBy(validator):
             validator.setServiceParent(root)
-            readiness_sources.append(validator)
+            # A validator that runs as a service says when it is ready.
+            readiness_sources.append(cast("ReadinessSource", validator))
     jwt_minter = jwt_store = None
     if config.jwt_enabled:
         from sentry_tx.jwt.minting import JWTMinter
@@ -182,7 +215,7 @@ def build_service(
         IssuerWatcher(
             authority, watch_directories, reactor, metrics if parent else None
         ).setServiceParent(root)
-    if not parent:
+    if copy is not None:
         from twisted.application.internet import UNIXServer
 
         from sentry_tx.server.liveness import liveness_site
@@ -207,17 +240,17 @@ def build_service(
 
 
 def add_parent_services(
-    root,
-    config,
-    reactor,
-    authority,
-    metrics,
-    directory,
-    arguments,
-    trust_store,
-    jwt_minter,
-    readiness,
-):
+    root: SentryService,
+    config: SentryConfig,
+    reactor: IServingReactor,
+    authority: CertificateAuthorityService,
+    metrics: SentryMetrics,
+    directory: PrivateDirectory,
+    arguments: Sequence[str],
+    trust_store: ITrustStore,
+    jwt_minter: JWTMinter | None,
+    readiness: tuple[ReadinessSource, ...],
+) -> None:
     """
     The services only the twistd process runs, after its authority: the
     serving copies and their supervision, the expiry checks, healthz,
@@ -228,7 +261,6 @@ def add_parent_services(
     from sentry_tx.healthz import healthz_root
     from sentry_tx.http_listener import http_listener
     from sentry_tx.metrics import metrics_root
-
     from sentry_tx.server.copies import ServingCopies
 
     # With --workers 1, no copies: the same code.
@@ -274,12 +306,12 @@ def add_parent_services(
         oidc.setServiceParent(root)
 
 
-def watched_directories(*stores):
+def watched_directories(*stores: object) -> tuple[str, ...]:
     """
     The directories whose changes may change what C{stores} load (the
     bundle's, then the JWT pair's), each once.
     """
-    directories = []
+    directories: list[str] = []
     for store in stores:
         for directory in getattr(store, "watch_directories", ()):
             if directory not in directories:
@@ -287,7 +319,12 @@ def watched_directories(*stores):
     return tuple(directories)
 
 
-def build_oidc_service(config, reactor, jwt_minter, on_start_failure):
+def build_oidc_service(
+    config: SentryConfig,
+    reactor: IServingReactor,
+    jwt_minter: JWTMinter,
+    on_start_failure: Callable[[Failure], object],
+) -> OIDCService:
     """
     The OIDC discovery server, served as healthz and metrics are (the
     request deadline and connection cap of L{sentry_tx.http_listener}),
@@ -328,16 +365,20 @@ def build_oidc_service(config, reactor, jwt_minter, on_start_failure):
     )
 
 
-def makeService(options):
+def makeService(options: Options) -> SentryService:
     """
     The twistd entry point: build sentry_tx's service tree from parsed
     L{Options}.
     """
     from twisted.internet import reactor
 
+    if options.sentry_config is None:
+        raise ValueError("makeService needs parsed Options")
     return build_service(
         options.sentry_config,
-        reactor,
+        # Twisted types its global reactor as the few interfaces every
+        # platform has; the reactors twistd runs on Linux provide these.
+        cast("IServingReactor", reactor),
         options.startup_warnings,
         getattr(options, "startup_notes", ()),
         arguments=getattr(options, "arguments", ()),

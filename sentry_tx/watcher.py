@@ -35,9 +35,14 @@ the authority generates into an existing directory is seen being written,
 and reloaded once, unchanged.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.inotify import (
     IN_CLOSE_WRITE,
     IN_CREATE,
@@ -52,8 +57,14 @@ from twisted.internet.inotify import (
     INotify,
     humanReadableMask,
 )
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
+
+if TYPE_CHECKING:
+    from sentry_tx.config import SentryConfig
+    from sentry_tx.metrics import SentryMetrics
 
 ISSUER_CHANGE_WINDOW_SECONDS = 2.0
 """
@@ -94,6 +105,37 @@ always reported; C{IN_ONLYDIR} refuses to watch anything but a directory).
 """
 
 
+class ReloadableAuthority(Protocol):
+    """
+    What the watcher needs of the certificate authority: its configuration
+    and a reload with it (the C{restart} of L{ICertificateAuthority}).
+    """
+
+    @property
+    def config(self) -> SentryConfig:
+        """
+        The configuration the authority runs with.
+        """
+
+    def restart(self, config: SentryConfig) -> Deferred[None]:
+        """
+        Reload the trust bundle and swap it in.
+        """
+
+
+class _Watch(Protocol):
+    """
+    What Twisted's L{INotify} passes its callbacks first: the watch, and
+    the path it was made for.
+    """
+
+    @property
+    def path(self) -> FilePath[Any]:
+        """
+        The watched path.
+        """
+
+
 class IssuerWatcher(Service):
     """
     Reload the authority's trust bundle when the files in its directories
@@ -106,8 +148,13 @@ class IssuerWatcher(Service):
     _log = Logger()
 
     def __init__(
-        self, authority, directories, reactor, metrics, inotify_factory=INotify
-    ):
+        self,
+        authority: ReloadableAuthority,
+        directories: Iterable[str | bytes],
+        reactor: IReactorTime,
+        metrics: SentryMetrics | None,
+        inotify_factory: Callable[[], INotify] = INotify,
+    ) -> None:
         """
         @param authority: the L{ICertificateAuthority} whose C{restart} (with
             its C{config}) reloads the bundle.
@@ -128,16 +175,16 @@ class IssuerWatcher(Service):
         self._reactor = reactor
         self._metrics = metrics
         self._inotify_factory = inotify_factory
-        self._notifier = None
-        self._unwatched = []
+        self._notifier: INotify | None = None
+        self._unwatched: list[str | bytes] = []
         self._rearm_after_watch = False
-        self._window = None
-        self._rearm = None
-        self._retry = None
+        self._window: IDelayedCall | None = None
+        self._rearm: IDelayedCall | None = None
+        self._retry: IDelayedCall | None = None
         self._retry_delay_seconds = REARM_RETRY_INITIAL_SECONDS
 
     @property
-    def window_open(self):
+    def window_open(self) -> bool:
         """
         Whether a change was seen and its reload is still to come.
         """
@@ -145,7 +192,7 @@ class IssuerWatcher(Service):
 
     # IService
 
-    def startService(self):
+    def startService(self) -> None:
         """
         Open the inotify file descriptor and watch every directory; with no
         directories (a store that is not file-backed), do nothing.
@@ -158,7 +205,7 @@ class IssuerWatcher(Service):
         self._rearm_after_watch = False
         self._watch_unwatched()
 
-    def stopService(self):
+    def stopService(self) -> None:
         """
         Close the inotify file descriptor and cancel the window and retries.
         """
@@ -171,12 +218,12 @@ class IssuerWatcher(Service):
 
     # Watching
 
-    def _close_notifier(self):
+    def _close_notifier(self) -> None:
         notifier, self._notifier = self._notifier, None
         if notifier is not None:
             notifier.loseConnection()
 
-    def _watch_unwatched(self):
+    def _watch_unwatched(self) -> None:
         """
         Watch every directory not watched yet; retry later for those that
         cannot be watched now.  Once all are watched after a lost watch,
@@ -191,11 +238,12 @@ class IssuerWatcher(Service):
                 self._schedule_retry(f"cannot open inotify ({e})")
                 return
             self._notifier = notifier
-        still_unwatched = []
-        problems = []
+        notifier = self._notifier
+        still_unwatched: list[str | bytes] = []
+        problems: list[str] = []
         for directory in self._unwatched:
             try:
-                self._notifier.watch(
+                notifier.watch(
                     FilePath(directory), mask=WATCH_MASK, callbacks=[self._notify]
                 )
             except Exception as e:
@@ -226,7 +274,7 @@ class IssuerWatcher(Service):
             # changed the bundle.
             self._change_seen()
 
-    def _schedule_retry(self, problem, expected=False):
+    def _schedule_retry(self, problem: str, expected: bool = False) -> None:
         """
         Log C{problem} (a warning, or at info level when C{expected}) and
         try again to watch what is not watched, later each time, up to
@@ -243,7 +291,7 @@ class IssuerWatcher(Service):
         self._retry_delay_seconds = min(delay * 2, REARM_RETRY_MAX_SECONDS)
         self._retry = self._reactor.callLater(delay, self._watch_unwatched)
 
-    def _watch_lost(self, path, mask):
+    def _watch_lost(self, path: FilePath[Any], mask: int) -> None:
         """
         A watched directory was deleted, moved or unmounted: replace the
         L{INotify} and watch everything again, after the read that reported
@@ -258,7 +306,7 @@ class IssuerWatcher(Service):
         if self._rearm is None:
             self._rearm = self._reactor.callLater(0, self._rewatch)
 
-    def _rewatch(self):
+    def _rewatch(self) -> None:
         self._rearm = None
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
@@ -268,7 +316,7 @@ class IssuerWatcher(Service):
         self._retry_delay_seconds = REARM_RETRY_INITIAL_SECONDS
         self._watch_unwatched()
 
-    def _notify(self, watch, path, mask):
+    def _notify(self, watch: _Watch, path: FilePath[bytes], mask: int) -> None:
         """
         The L{INotify} callback.  It must not raise: an exception here would
         reach the reactor, which would close the L{INotify}.
@@ -290,13 +338,13 @@ class IssuerWatcher(Service):
 
     # The window
 
-    def _change_seen(self):
+    def _change_seen(self) -> None:
         if self._window is None:
             self._window = self._reactor.callLater(
                 ISSUER_CHANGE_WINDOW_SECONDS, self._window_closed
             )
 
-    def _window_closed(self):
+    def _window_closed(self) -> None:
         self._window = None
         if self._metrics is not None:
             self._metrics.issuercert_changed.inc()
@@ -308,7 +356,7 @@ class IssuerWatcher(Service):
             return
         d.addErrback(self._reload_failed)
 
-    def _reload_failed(self, failure):
+    def _reload_failed(self, failure: Failure) -> None:
         # The authority has logged and counted a refused bundle already; only
         # keep the failure from being reported as unhandled.
         self._log.debug(
@@ -317,15 +365,14 @@ class IssuerWatcher(Service):
         )
 
 
-def _show(path):
+def _show(path: str | bytes | FilePath[Any]) -> str:
     """
     A path (C{str}, C{bytes} or L{FilePath}) as text for a log message.
     """
-    if isinstance(path, FilePath):
-        path = path.path
-    if isinstance(path, bytes):
-        return path.decode("utf-8", "backslashreplace")
-    return path
+    name: str | bytes = path.path if isinstance(path, FilePath) else path
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "backslashreplace")
+    return name
 
 
 __all__ = [

@@ -19,18 +19,35 @@ of a child in a log event of its own, spawns with no choice of file
 descriptors, and has no hook for a liveness check or the restart metrics.
 """
 
+from __future__ import annotations
+
 import os
 import sys
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, cast
 
 from twisted.application.service import Service
 from twisted.internet import error
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from sentry_tx.server.liveness import probe
 from sentry_tx.server.service import SHUTDOWN_GRACE_SECONDS, listen_target
+
+if TYPE_CHECKING:
+    from sentry_tx.interfaces import IServingReactor
+    from sentry_tx.metrics import SentryMetrics
+    from sentry_tx.rundir import PrivateDirectory
+    from sentry_tx.server.service import CertificateAuthorityService
+
+ProcessEnd = error.ProcessDone | error.ProcessTerminated
+"""
+Why a copy's process ended: Twisted ends every process with one of these.
+"""
 
 SERVE_COMMAND = "serve"
 LIVENESS_SOCKET_VARIABLE = "SENTRY_TX_LIVENESS_SOCKET"
@@ -74,28 +91,43 @@ class _Copy(ProcessProtocol):
     One copy's process, seen from the twistd process.
     """
 
-    def __init__(self, index, socket_path, started_at, on_ended):
+    def __init__(
+        self,
+        index: int,
+        socket_path: str,
+        started_at: float,
+        on_ended: Callable[[_Copy, ProcessEnd], object],
+    ) -> None:
         self.index = index
         self.socket_path = socket_path
         self.started_at = started_at
-        self.serving_since = None
+        self.serving_since: float | None = None
         self.failures = 0
         self.checking = False
-        self.checked_at = None
-        self.pid = None
-        self.ended = Deferred()
+        self.checked_at: float | None = None
+        self.pid: int | None = None
+        self.ended: Deferred[ProcessEnd] = Deferred()
         self._on_ended = on_ended
 
-    def connectionMade(self):
-        self.pid = self.transport.pid
+    def process(self) -> IProcessTransport:
+        """
+        The copy's process, once spawned.
+        """
+        if self.transport is None:
+            raise RuntimeError(f"serving process {self.index} was not spawned")
+        return self.transport
 
-    def processEnded(self, reason):
-        self._on_ended(self, reason.value)
-        self.ended.callback(reason.value)
+    def connectionMade(self) -> None:
+        self.pid = self.process().pid
 
-    def kill(self):
+    def processEnded(self, reason: Failure) -> None:
+        ended = cast(ProcessEnd, reason.value)
+        self._on_ended(self, ended)
+        self.ended.callback(ended)
+
+    def kill(self) -> None:
         try:
-            self.transport.signalProcess("KILL")
+            self.process().signalProcess("KILL")
         except error.ProcessExitedAlready:
             pass
 
@@ -122,17 +154,17 @@ class ServingCopies(Service):
 
     def __init__(
         self,
-        authority,
-        reactor,
-        directory,
-        arguments,
-        count,
-        metrics,
-        environ=None,
-        executable=sys.executable,
-        check=probe,
-        respawn_initial_delay_seconds=RESPAWN_INITIAL_DELAY_SECONDS,
-    ):
+        authority: CertificateAuthorityService,
+        reactor: IServingReactor,
+        directory: PrivateDirectory,
+        arguments: Iterable[str],
+        count: int,
+        metrics: SentryMetrics,
+        environ: Mapping[str, str] | None = None,
+        executable: str = sys.executable,
+        check: Callable[[IServingReactor, str, float], Deferred[bool]] = probe,
+        respawn_initial_delay_seconds: float = RESPAWN_INITIAL_DELAY_SECONDS,
+    ) -> None:
         self._authority = authority
         self._reactor = reactor
         self._directory = directory
@@ -143,32 +175,32 @@ class ServingCopies(Service):
         self._executable = executable
         self._check = check
         self._respawn_initial_delay_seconds = respawn_initial_delay_seconds
-        self._copies = {}
-        self._delays = {}
-        self._respawns = {}
-        self._liveness = None
+        self._copies: dict[int, _Copy] = {}
+        self._delays: dict[int, float] = {}
+        self._respawns: dict[int, IDelayedCall] = {}
+        self._liveness: LoopingCall | None = None
         self._stopping = False
         self._all_serving_logged = False
 
     @property
-    def serving(self):
+    def serving(self) -> int:
         """
         How many copies answer their liveness checks now.
         """
         return sum(1 for c in self._copies.values() if c.serving_since is not None)
 
-    def describe(self):
+    def describe(self) -> str:
         """
         The serving processes, in words, for healthz's body.
         """
         return f"serving processes: {1 + self.serving} of {1 + self.count}\n"
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         self._stopping = False
         self._authority.when_serving().addCallback(self._start_copies)
 
-    def _start_copies(self, _):
+    def _start_copies(self, _: object) -> None:
         if self._stopping:
             return
         self._publish()
@@ -180,7 +212,7 @@ class ServingCopies(Service):
         self._liveness.clock = self._reactor
         self._liveness.start(STARTING_CHECK_INTERVAL_SECONDS, now=False)
 
-    def _spawn(self, index):
+    def _spawn(self, index: int) -> None:
         self._respawns.pop(index, None)
         socket_path = self._directory.socket_path(f"copy-{index}.sock")
         if os.path.exists(socket_path):
@@ -200,19 +232,24 @@ class ServingCopies(Service):
             "started serving process {index} (pid {pid})", index=index, pid=copy.pid
         )
 
-    def _check_all(self):
+    def _check_all(self) -> None:
         now = self._reactor.seconds()
         for copy in list(self._copies.values()):
-            due = copy.serving_since is None or (
-                now - copy.checked_at >= LIVENESS_INTERVAL_SECONDS
+            # A copy is checked before it can serve: checked_at is set then.
+            due = (
+                copy.serving_since is None
+                or copy.checked_at is None
+                or now - copy.checked_at >= LIVENESS_INTERVAL_SECONDS
             )
             if due and not copy.checking:
                 copy.checking = True
                 copy.checked_at = now
-                d = self._check(self._reactor, copy.socket_path, LIVENESS_TIMEOUT_SECONDS)
+                d = self._check(
+                    self._reactor, copy.socket_path, LIVENESS_TIMEOUT_SECONDS
+                )
                 d.addCallback(self._checked, copy)
 
-    def _checked(self, live, copy):
+    def _checked(self, live: bool, copy: _Copy) -> None:
         copy.checking = False
         if self._copies.get(copy.index) is not copy or self._stopping:
             return
@@ -234,7 +271,10 @@ class ServingCopies(Service):
                 return
             why = f"failed {copy.failures} liveness checks in a row"
         elif now - copy.started_at >= START_TIMEOUT_SECONDS:
-            why = f"did not answer its liveness check within {START_TIMEOUT_SECONDS} s"
+            why = (
+                "did not answer its liveness check within"
+                f" {START_TIMEOUT_SECONDS} s"
+            )
         else:
             return
         self._log.error(
@@ -245,7 +285,7 @@ class ServingCopies(Service):
         )
         copy.kill()
 
-    def _ended(self, copy, reason):
+    def _ended(self, copy: _Copy, reason: ProcessEnd) -> None:
         if self._copies.get(copy.index) is copy:
             del self._copies[copy.index]
         if copy.pid is not None:
@@ -274,7 +314,7 @@ class ServingCopies(Service):
             delay, self._spawn, copy.index
         )
 
-    def _publish(self):
+    def _publish(self) -> None:
         serving = self.serving
         self._metrics.serving_processes.set(1 + serving)
         if serving == self.count and not self._all_serving_logged:
@@ -289,7 +329,7 @@ class ServingCopies(Service):
                 processes=1 + self.count,
             )
 
-    def stopService(self):
+    def stopService(self) -> Deferred[None] | None:
         """
         Close each copy's stdin (it drains and exits), and kill one that
         is still there after the drain grace and a margin.
@@ -305,17 +345,20 @@ class ServingCopies(Service):
         copies = list(self._copies.values())
         for copy in copies:
             try:
-                copy.transport.closeStdin()
+                copy.process().closeStdin()
             except Exception:
                 copy.kill()
         if not copies:
             return None
+        def kill_all() -> None:
+            for copy in copies:
+                copy.kill()
+
         kill_later = self._reactor.callLater(
-            SHUTDOWN_GRACE_SECONDS + STOP_MARGIN_SECONDS,
-            lambda: [copy.kill() for copy in copies],
+            SHUTDOWN_GRACE_SECONDS + STOP_MARGIN_SECONDS, kill_all
         )
 
-        def done(result):
+        def done(result: object) -> None:
             if kill_later.active():
                 kill_later.cancel()
             return None

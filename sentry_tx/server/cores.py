@@ -11,6 +11,7 @@ bounds memory.
 
 import math
 import os
+from collections.abc import Callable, Set
 
 MAX_DEFAULT_SERVING_PROCESSES = 4
 """
@@ -24,7 +25,7 @@ PROC_SELF_CGROUP = "/proc/self/cgroup"
 _MAX_CGROUP_FILE_BYTES = 4096
 
 
-def _read_small_file(path):
+def _read_small_file(path: str) -> str | None:
     """
     The text of a small kernel file (cgroupfs, procfs), or None when it
     cannot be read.  Opened non-blocking and read once, up to 4 KiB.
@@ -41,7 +42,7 @@ def _read_small_file(path):
         os.close(fd)
 
 
-def cgroup_path(proc_self_cgroup=PROC_SELF_CGROUP):
+def cgroup_path(proc_self_cgroup: str = PROC_SELF_CGROUP) -> str | None:
     """
     This process's cgroup v2 path (C{/} in a container with its own cgroup
     namespace), or None when there is no unified hierarchy entry.
@@ -57,7 +58,7 @@ def cgroup_path(proc_self_cgroup=PROC_SELF_CGROUP):
     return None
 
 
-def parse_cpu_max(text):
+def parse_cpu_max(text: str) -> float | None:
     """
     The number of CPUs a C{cpu.max} line allows (C{"200000 100000"} is 2.0),
     or None for no limit (C{"max ..."}) or a line that does not parse.
@@ -74,7 +75,9 @@ def parse_cpu_max(text):
     return quota / period
 
 
-def cgroup_cpu_limit(cgroup_root=CGROUP_ROOT, proc_self_cgroup=PROC_SELF_CGROUP):
+def cgroup_cpu_limit(
+    cgroup_root: str = CGROUP_ROOT, proc_self_cgroup: str = PROC_SELF_CGROUP
+) -> float | None:
     """
     The smallest CPU quota of this process's cgroup and its ancestors, in
     CPUs, or None when none is set.
@@ -82,7 +85,7 @@ def cgroup_cpu_limit(cgroup_root=CGROUP_ROOT, proc_self_cgroup=PROC_SELF_CGROUP)
     path = cgroup_path(proc_self_cgroup)
     if path is None:
         return None
-    limits = []
+    limits: list[float] = []
     parts = [part for part in path.split("/") if part]
     for depth in range(len(parts), -1, -1):
         directory = os.path.join(cgroup_root, *parts[:depth])
@@ -95,10 +98,10 @@ def cgroup_cpu_limit(cgroup_root=CGROUP_ROOT, proc_self_cgroup=PROC_SELF_CGROUP)
 
 
 def usable_cores(
-    cgroup_root=CGROUP_ROOT,
-    proc_self_cgroup=PROC_SELF_CGROUP,
-    affinity=lambda: os.sched_getaffinity(0),
-):
+    cgroup_root: str = CGROUP_ROOT,
+    proc_self_cgroup: str = PROC_SELF_CGROUP,
+    affinity: Callable[[], Set[int]] = lambda: os.sched_getaffinity(0),
+) -> tuple[int, str]:
     """
     How many cores this process may use, and why.
 
@@ -114,10 +117,10 @@ def usable_cores(
 
 
 def default_serving_processes(
-    cgroup_root=CGROUP_ROOT,
-    proc_self_cgroup=PROC_SELF_CGROUP,
-    affinity=lambda: os.sched_getaffinity(0),
-):
+    cgroup_root: str = CGROUP_ROOT,
+    proc_self_cgroup: str = PROC_SELF_CGROUP,
+    affinity: Callable[[], Set[int]] = lambda: os.sched_getaffinity(0),
+) -> tuple[int, str]:
     """
     The default number of serving processes (this one included), and why.
 

@@ -5,20 +5,37 @@ loop.
 
 A copy answers C{GET /live} on a Unix socket in the twistd process's
 private directory (L{liveness_site}); the answer is 200 only after one
-coroutine has run on the copy's gRPC loop (L{CertificateAuthorityService.loop_round_trip}),
-so a copy whose loop or reactor is stuck (or that is stopped, SIGSTOP)
-never answers.  The twistd process asks (L{probe}) with a time bound.
+coroutine has run on the copy's gRPC loop
+(L{CertificateAuthorityService.loop_round_trip}), so a copy whose loop or
+reactor is stuck (or that is stopped, SIGSTOP) never answers.  The twistd
+process asks (L{probe}) with a time bound.
 """
+
+from typing import Protocol as TypingProtocol
+from typing import cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IReactorTime, IReactorUNIX, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from sentry_tx.service import QuietSite
 
 LIVE_PATH = b"live"
+
+
+class LoopProbe(TypingProtocol):
+    """
+    What C{/live} asks of the authority: a round trip through its gRPC loop.
+    """
+
+    def loop_round_trip(self) -> Deferred[None]:
+        """
+        Fire once a coroutine has run on the gRPC loop; fail when not serving.
+        """
 
 
 class LivenessResource(Resource):
@@ -29,18 +46,18 @@ class LivenessResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, authority):
+    def __init__(self, authority: LoopProbe) -> None:
         super().__init__()
         self._authority = authority
 
-    def render_GET(self, request):
+    def render_GET(self, request: Request) -> int:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         # The asker may give up first (its time bound): then nothing is
         # written.
-        gone = []
+        gone: list[Failure] = []
         request.notifyFinish().addErrback(gone.append)
 
-        def answer(code, body):
+        def answer(code: int, body: bytes) -> None:
             if not gone:
                 request.setResponseCode(code)
                 request.write(body)
@@ -53,7 +70,7 @@ class LivenessResource(Resource):
         return NOT_DONE_YET
 
 
-def liveness_site(authority, reactor):
+def liveness_site(authority: LoopProbe, reactor: IReactorTime) -> QuietSite:
     """
     The site a copy serves on its liveness socket: C{/live} only.
     """
@@ -73,20 +90,26 @@ class _Ask(Protocol):
     its end (at most L{MAX_ANSWER_BYTES}).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.answer = b""
         # Cancelled (the time bound passed): drop the connection.
-        self.done = Deferred(lambda _: self.transport.abortConnection())
+        self.done: Deferred[bool] = Deferred(lambda _: self._abort())
 
-    def connectionMade(self):
+    def _abort(self) -> None:
+        # A UNIX socket's transport aborts as a TCP one does; ITransport
+        # does not say so.
+        cast(ITCPTransport, self.transport).abortConnection()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(b"GET /" + LIVE_PATH + b" HTTP/1.0\r\n\r\n")
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         self.answer += data
         if len(self.answer) > MAX_ANSWER_BYTES:
-            self.transport.abortConnection()
+            self._abort()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.done.called:
             self.done.callback(self.answer.split(b" ", 2)[1:2] == [b"200"])
 
@@ -96,7 +119,9 @@ class _AskFactory(Factory):
     protocol = _Ask
 
 
-def probe(reactor, path, timeout_seconds):
+def probe(
+    reactor: IReactorUNIX, path: str, timeout_seconds: float
+) -> Deferred[bool]:
     """
     Ask the copy listening on C{path} whether it is live.
 
@@ -104,8 +129,8 @@ def probe(reactor, path, timeout_seconds):
         C{timeout_seconds}, else False (never failing).
     """
     endpoint = UNIXClientEndpoint(reactor, path, timeout=timeout_seconds)
-    d = endpoint.connect(_AskFactory())
-    d.addCallback(lambda ask: ask.done)
-    d.addTimeout(timeout_seconds, reactor)
-    d.addErrback(lambda failure: False)
-    return d
+    connected: Deferred[_Ask] = endpoint.connect(_AskFactory())
+    d: Deferred[bool] = connected.addCallback(lambda ask: ask.done)
+    # Every reactor that connects UNIX sockets also has timers.
+    d.addTimeout(timeout_seconds, cast(IReactorTime, reactor))
+    return d.addErrback(lambda failure: False)

@@ -21,14 +21,20 @@ on the loop, and on a L{twisted.internet.task.Clock} in tests.
 """
 
 import asyncio
+import concurrent.futures
 import threading
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 LOOP_THREAD_NAME = "sentry-grpc-loop"
+
+_T = TypeVar("_T")
 
 
 class GrpcLoop:
@@ -41,58 +47,66 @@ class GrpcLoop:
 
     _log = Logger()
 
-    def __init__(self, reactor):
+    def __init__(self, reactor: IReactorFromThreads) -> None:
         self._reactor = reactor
-        self.loop = None
-        self._thread = None
-        self._ended = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ended: Deferred[None] | None = None
 
     @property
-    def running(self):
+    def running(self) -> bool:
         """
         Whether the loop's thread was started and has not been joined.
         """
         return self._thread is not None
 
-    def start(self):
+    def start(self) -> None:
         """
         Start the thread and its loop.
         """
         if self._thread is not None:
             raise RuntimeError("the gRPC loop is running already")
-        self.loop = asyncio.new_event_loop()
-        self._ended = Deferred()
+        self.loop = loop = asyncio.new_event_loop()
+        ended: Deferred[None] = Deferred()
+        self._ended = ended
         self._thread = threading.Thread(
-            target=self._run, name=LOOP_THREAD_NAME, daemon=True
+            target=self._run, args=(loop, ended), name=LOOP_THREAD_NAME, daemon=True
         )
         self._thread.start()
 
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
+    def _run(self, loop: asyncio.AbstractEventLoop, ended: Deferred[None]) -> None:
+        asyncio.set_event_loop(loop)
         try:
-            self.loop.run_forever()
+            loop.run_forever()
             # Let what was cancelled by the stop run its cleanup.
-            pending = asyncio.all_tasks(self.loop)
+            pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
             if pending:
-                self.loop.run_until_complete(
+                loop.run_until_complete(
                     asyncio.gather(*pending, return_exceptions=True)
                 )
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
-            self.loop.close()
-            self._reactor.callFromThread(self._ended.callback, None)
+            loop.close()
+            self._reactor.callFromThread(ended.callback, None)
 
-    def run(self, coroutine_function, *args):
+    def run(
+        self,
+        coroutine_function: Callable[..., Coroutine[Any, Any, _T]],
+        *args: object,
+    ) -> Deferred[_T]:
         """
         Run C{coroutine_function(*args)} on the loop.
 
         @return: a Deferred fired on the reactor thread with its result.
         """
-        d = Deferred()
+        loop = self.loop
+        if loop is None:
+            raise RuntimeError("the gRPC loop is not running")
+        d: Deferred[_T] = Deferred()
 
-        def done(future):
+        def done(future: "concurrent.futures.Future[_T]") -> None:
             try:
                 result = future.result()
             except BaseException as e:
@@ -100,28 +114,26 @@ class GrpcLoop:
             else:
                 self._reactor.callFromThread(d.callback, result)
 
-        future = asyncio.run_coroutine_threadsafe(
-            coroutine_function(*args), self.loop
-        )
+        future = asyncio.run_coroutine_threadsafe(coroutine_function(*args), loop)
         future.add_done_callback(done)
         return d
 
-    def stop(self):
+    def stop(self) -> Deferred[None]:
         """
         Stop the loop (tasks still on it are cancelled) and join its thread.
 
         @return: a Deferred that fires once the thread has ended; the
             reactor thread never waits for it.
         """
-        if self._thread is None:
-            d = Deferred()
+        thread, ended, loop = self._thread, self._ended, self.loop
+        if thread is None or ended is None or loop is None:
+            d: Deferred[None] = Deferred()
             d.callback(None)
             return d
-        thread, ended = self._thread, self._ended
         self._thread = None
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        loop.call_soon_threadsafe(loop.stop)
 
-        def joined(_):
+        def joined(_: None) -> None:
             # The thread has done its last callFromThread: it ends now.  (A
             # fake reactor runs this in that thread itself.)
             if thread is not threading.current_thread():
@@ -140,10 +152,12 @@ class LoopClock:
     @param seconds: the clock (the reactor's C{seconds}).
     """
 
-    def __init__(self, seconds=time.time):
+    def __init__(self, seconds: Callable[[], float] = time.time) -> None:
         self.seconds = seconds
 
-    def callLater(self, delay, f, *args, **kwargs):
+    def callLater(
+        self, delay: float, f: Callable[..., object], *args: object, **kwargs: object
+    ) -> "_LoopCall":
         """
         Call C{f(*args, **kwargs)} on the running loop in C{delay} seconds.
 
@@ -160,26 +174,38 @@ class _LoopCall:
 
     __slots__ = ("_handle", "_active")
 
-    def __init__(self, loop, delay, f, args, kwargs):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        delay: float,
+        f: Callable[..., object],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> None:
         self._active = True
 
-        def fire():
+        def fire() -> None:
             self._active = False
             f(*args, **kwargs)
 
         self._handle = loop.call_later(max(0.0, delay), fire)
 
-    def active(self):
+    def active(self) -> bool:
         return self._active
 
-    def cancel(self):
+    def cancel(self) -> None:
         if not self._active:
             raise RuntimeError("the call has run or was cancelled already")
         self._active = False
         self._handle.cancel()
 
 
-def on_reactor(reactor, loop, f, *args):
+def on_reactor(
+    reactor: IReactorFromThreads,
+    loop: asyncio.AbstractEventLoop,
+    f: Callable[..., object],
+    *args: object,
+) -> "asyncio.Future[Any]":
     """
     Call C{f(*args)} on the reactor thread, from the gRPC loop.
 
@@ -189,24 +215,31 @@ def on_reactor(reactor, loop, f, *args):
         Cancelling the future cancels that Deferred.
     """
     future = loop.create_future()
-    started = []
+    started: list[Deferred[Any]] = []
 
-    def call():
+    def call() -> None:
         d = maybeDeferred(f, *args)
         started.append(d)
         d.addBoth(_settle_from_reactor, loop, future)
 
-    def cancelled(done):
+    def cancelled(done: "asyncio.Future[Any]") -> None:
         if done.cancelled():
             # callFromThread keeps order: call() has run by then.
-            reactor.callFromThread(lambda: [d.cancel() for d in started])
+            reactor.callFromThread(_cancel_all, started)
 
     future.add_done_callback(cancelled)
     reactor.callFromThread(call)
     return future
 
 
-def _settle_from_reactor(result, loop, future):
+def _cancel_all(started: list[Deferred[Any]]) -> None:
+    for d in started:
+        d.cancel()
+
+
+def _settle_from_reactor(
+    result: object, loop: asyncio.AbstractEventLoop, future: "asyncio.Future[Any]"
+) -> None:
     try:
         loop.call_soon_threadsafe(_settle, future, result)
     except RuntimeError:
@@ -214,10 +247,11 @@ def _settle_from_reactor(result, loop, future):
         pass
 
 
-def _settle(future, result):
+def _settle(future: "asyncio.Future[Any]", result: object) -> None:
     if future.done():
         return
     if isinstance(result, Failure):
+        assert result.value is not None  # a Failure holds its exception
         future.set_exception(result.value)
     else:
         future.set_result(result)

@@ -13,13 +13,18 @@ swap on the reactor thread: the immutable L{InService} that calls read once
 each, the server credentials of the next handshakes, the JWT pair.
 """
 
+from __future__ import annotations
+
 import asyncio
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,6 +41,43 @@ from sentry_tx.server.servicer import (
     rpc_handler,
 )
 from sentry_tx.server.tls import ServerCredentials, issue_server_certificate
+
+if TYPE_CHECKING:
+    from sentry_tx.ca.bundle import TrustBundle
+    from sentry_tx.config import SentryConfig
+    from sentry_tx.interfaces import (
+        IConfigurationSource,
+        IIdentityValidator,
+        IServingReactor,
+        ITrustStore,
+    )
+    from sentry_tx.jwt.material import JWTMaterial
+    from sentry_tx.jwt.minting import JWTMinter
+    from sentry_tx.metrics import SentryMetrics
+
+_T = TypeVar("_T")
+
+ServerCertificate = tuple[bytes, bytes, datetime, datetime]
+"""
+What L{issue_server_certificate} gives: C{(key_pem, chain_pem, not_before,
+not_after)}.
+"""
+
+
+class JWTPairStore(Protocol):
+    """
+    Where the JWT signing key and JWKS are loaded from (files, or a Secret).
+    """
+
+    def load_or_generate(self, now: datetime) -> Deferred[JWTMaterial]:
+        """
+        Load the pair; generate and store it when none exists.
+        """
+
+    def load(self, now: datetime) -> Deferred[JWTMaterial]:
+        """
+        Load and check the pair; never generates.
+        """
 
 # Transport limits (SECURITY.md lists them; tests/test_limits.py pins them).
 # Every gRPC caller is untrusted until validated, so each of these bounds
@@ -148,11 +190,13 @@ because of load; 256 KiB and 1 MiB gave none (two runs each).
 
 
 def grpc_server_options(
-    reuse_port=False,
-    max_concurrent_streams_per_connection=MAX_CONCURRENT_STREAMS_PER_CONNECTION,
-    max_connection_idle_milliseconds=MAX_CONNECTION_IDLE_MILLISECONDS,
-    server_handshake_timeout_milliseconds=SERVER_HANDSHAKE_TIMEOUT_MILLISECONDS,
-):
+    reuse_port: bool = False,
+    max_concurrent_streams_per_connection: int = MAX_CONCURRENT_STREAMS_PER_CONNECTION,
+    max_connection_idle_milliseconds: int = MAX_CONNECTION_IDLE_MILLISECONDS,
+    server_handshake_timeout_milliseconds: int = (
+        SERVER_HANDSHAKE_TIMEOUT_MILLISECONDS
+    ),
+) -> list[tuple[str, int]]:
     """
     The channel arguments of the gRPC server: size, stream, connection,
     ping and read-buffer limits.
@@ -187,7 +231,7 @@ def grpc_server_options(
     ]
 
 
-def listen_target(address, port):
+def listen_target(address: str, port: int | None) -> str:
     """
     The grpcio address for C{address} (all interfaces when empty) and C{port}.
     """
@@ -212,12 +256,12 @@ class Prepared:
     @ivar jwt_material: the L{JWTMaterial}, or None when JWTs are off.
     """
 
-    bundle: object
-    config: object
+    bundle: TrustBundle
+    config: SentryConfig
     server_key_pem: bytes = field(repr=False)
     server_chain_pem: bytes
     server_not_after: datetime
-    jwt_material: object = field(default=None, repr=False)
+    jwt_material: JWTMaterial | None = field(default=None, repr=False)
 
 
 @implementer(ICertificateAuthority)
@@ -262,25 +306,29 @@ class CertificateAuthorityService(Service):
 
     def __init__(
         self,
-        config,
-        reactor,
-        trust_store,
-        validators,
-        default_validator,
-        metrics,
-        on_start_failure=None,
-        configuration_source=None,
-        reuse_port=False,
-        max_concurrent_rpcs=MAX_CONCURRENT_RPCS,
-        max_concurrent_streams_per_connection=MAX_CONCURRENT_STREAMS_PER_CONNECTION,
-        max_connection_idle_milliseconds=MAX_CONNECTION_IDLE_MILLISECONDS,
-        server_handshake_timeout_milliseconds=SERVER_HANDSHAKE_TIMEOUT_MILLISECONDS,
-        jwt_minter=None,
-        request_arrival_timeout_seconds=REQUEST_ARRIVAL_TIMEOUT_SECONDS,
-        grpc_loop_factory=GrpcLoop,
-        jwt_store=None,
-        primary=True,
-    ):
+        config: SentryConfig,
+        reactor: IServingReactor,
+        trust_store: ITrustStore,
+        validators: Mapping[int, IIdentityValidator],
+        default_validator: int | None,
+        metrics: SentryMetrics,
+        on_start_failure: Callable[[Failure], object] | None = None,
+        configuration_source: IConfigurationSource | None = None,
+        reuse_port: bool = False,
+        max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
+        max_concurrent_streams_per_connection: int = (
+            MAX_CONCURRENT_STREAMS_PER_CONNECTION
+        ),
+        max_connection_idle_milliseconds: int = MAX_CONNECTION_IDLE_MILLISECONDS,
+        server_handshake_timeout_milliseconds: int = (
+            SERVER_HANDSHAKE_TIMEOUT_MILLISECONDS
+        ),
+        jwt_minter: JWTMinter | None = None,
+        request_arrival_timeout_seconds: float = REQUEST_ARRIVAL_TIMEOUT_SECONDS,
+        grpc_loop_factory: Callable[[IServingReactor], GrpcLoop] = GrpcLoop,
+        jwt_store: JWTPairStore | None = None,
+        primary: bool = True,
+    ) -> None:
         self._jwt_minter = jwt_minter
         self._jwt_store = jwt_store
         self._primary = primary
@@ -297,61 +345,61 @@ class CertificateAuthorityService(Service):
             server_handshake_timeout_milliseconds
         )
         self._configuration_source = configuration_source
-        self.bundle = None
-        self.in_service = None
+        self.bundle: TrustBundle | None = None
+        self.in_service: InService | None = None
         self.ready = False
-        self.port = None
+        self.port: int | None = None
         self._reactor = reactor
         self._trust_store = trust_store
         self._validators = validators
         self._default_validator = default_validator
         self._metrics = metrics
         self._on_start_failure = on_start_failure
-        self._server = None
-        self._servicer = None
-        self._grpc_loop = None
-        self._credentials = None
-        self._renewal = None
+        self._server: grpc.aio.Server | None = None
+        self._servicer: CAServicer | None = None
+        self._grpc_loop: GrpcLoop | None = None
+        self._credentials: ServerCredentials | None = None
+        self._renewal: IDelayedCall | None = None
         self._started = False
         # A Deferred while a start runs, fired (never failed) when it ends.
-        self._starting = None
+        self._starting: Deferred[None] | None = None
         # Reload requests not yet served: their Deferreds, and the config of
         # the latest; the loop serving them, while it runs.
-        self._reload_waiters = []
-        self._reload_config = None
+        self._reload_waiters: list[Deferred[None]] = []
+        self._reload_config: SentryConfig | None = None
         self._reloading = False
-        self._serving_waiters = []
+        self._serving_waiters: list[Deferred[None]] = []
 
     # IService
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         d = self.start(self.config)
         d.addErrback(self._start_failed)
 
-    def stopService(self):
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         return self.stop()
 
-    def _start_failed(self, failure):
+    def _start_failed(self, failure: Failure) -> None:
         if self._on_start_failure is not None:
             self._on_start_failure(failure)
         else:
             self._log.failure("certificate authority failed to start", failure)
 
-    def when_serving(self):
+    def when_serving(self) -> Deferred[None]:
         """
         A Deferred that fires with None once the gRPC server listens (at
         once when it does already); it never fails.
         """
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         if self.ready:
             d.callback(None)
         else:
             self._serving_waiters.append(d)
         return d
 
-    def loop_round_trip(self):
+    def loop_round_trip(self) -> Deferred[None]:
         """
         A Deferred that fires once the gRPC loop has run one coroutine: the
         liveness check of this process (a stuck loop never answers).
@@ -364,10 +412,12 @@ class CertificateAuthorityService(Service):
 
     # ICertificateAuthority
 
-    def _now(self):
-        return datetime.fromtimestamp(self._reactor.seconds(), timezone.utc)
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._reactor.seconds(), UTC)
 
-    def _issue_server_certificate(self, bundle, config):
+    def _issue_server_certificate(
+        self, bundle: TrustBundle, config: SentryConfig
+    ) -> Deferred[ServerCertificate]:
         """
         Issue sentry_tx's serving certificate from C{bundle}, in a thread.
 
@@ -383,11 +433,15 @@ class CertificateAuthorityService(Service):
             config.mtls,
         )
 
-    def _in_thread(self, f, *args):
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+    def _in_thread(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
+        return deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), f, *args
+        )
 
     @inlineCallbacks
-    def prepare(self, config, first=False):
+    def prepare(
+        self, config: SentryConfig, first: bool = False
+    ) -> Generator[Deferred[Any], Any, Prepared | None]:
         """
         Load and check everything this process serves with, without side
         effects: the bundle, the JWT pair (when JWTs are on) and a new
@@ -412,7 +466,10 @@ class CertificateAuthorityService(Service):
         if (
             not first
             and _same_bundle(bundle, self.bundle)
-            and (material is None or self._jwt_minter.serves(material))
+            and (
+                material is None
+                or (self._jwt_minter is not None and self._jwt_minter.serves(material))
+            )
         ):
             # The files were touched but say the same (for example the
             # store's own writes when it generated them): no new server
@@ -423,7 +480,7 @@ class CertificateAuthorityService(Service):
         )
         return Prepared(bundle, config, key_pem, chain_pem, not_after, material)
 
-    def _swap(self, prepared):
+    def _swap(self, prepared: Prepared) -> None:
         """
         Put C{prepared} in service: the bundle a call reads (one immutable
         L{InService}), the server certificate of the next handshakes, the
@@ -437,35 +494,38 @@ class CertificateAuthorityService(Service):
                 prepared.server_key_pem, prepared.server_chain_pem
             )
         else:
-            self._credentials.replace(prepared.server_key_pem, prepared.server_chain_pem)
-        if prepared.jwt_material is not None:
+            self._credentials.replace(
+                prepared.server_key_pem, prepared.server_chain_pem
+            )
+        if prepared.jwt_material is not None and self._jwt_minter is not None:
             self._jwt_minter.install(prepared.jwt_material)
         if self._primary:
             self._metrics.record_bundle(prepared.bundle)
         self._schedule_renewal(prepared.server_not_after)
 
-    def start(self, config):
+    def start(self, config: SentryConfig) -> Deferred[None]:
         if self._started:
             return fail(AlreadyRunningError("the certificate authority is running"))
         self._started = True
         self.config = config
-        self._starting = Deferred()
+        starting: Deferred[None] = Deferred()
+        self._starting = starting
         d = self._start(config)
         d.addErrback(self._reset_after_failed_start)
 
-        def start_ended(result):
-            starting, self._starting = self._starting, None
+        def start_ended(result: _T) -> _T:
+            self._starting = None
             starting.callback(None)
             return result
 
         return d.addBoth(start_ended)
 
-    def _reset_after_failed_start(self, failure):
+    def _reset_after_failed_start(self, failure: Failure) -> Failure:
         self._started = False
         return failure
 
     @inlineCallbacks
-    def _start(self, config):
+    def _start(self, config: SentryConfig) -> Generator[Deferred[Any], Any, None]:
         if self._configuration_source is not None:
             config = yield self._configuration_source.resolve(config)
             self.config = config
@@ -483,7 +543,8 @@ class CertificateAuthorityService(Service):
         self.ready = True
         bundle = prepared.bundle
         self._log.info(
-            "gRPC server listening on {target}; issuer {issuer} valid until {not_after}",
+            "gRPC server listening on {target}; issuer {issuer} valid until"
+            " {not_after}",
             target=listen_target(config.listen_address, self.port),
             issuer=bundle.issuer.subject.rfc4514_string(),
             not_after=bundle.issuer.not_valid_after_utc.isoformat(),
@@ -492,7 +553,7 @@ class CertificateAuthorityService(Service):
         for waiter in waiters:
             waiter.callback(None)
 
-    async def _serve(self, config):
+    async def _serve(self, config: SentryConfig) -> tuple[grpc.aio.Server, int]:
         # On the gRPC loop: grpc.aio binds its server to the running loop.
         if not self._reuse_port:
             # A port in use becomes one line naming --port, not grpc core's.
@@ -520,6 +581,8 @@ class CertificateAuthorityService(Service):
         )
         server.add_generic_rpc_handlers((rpc_handler(servicer),))
         target = listen_target(config.listen_address, config.port)
+        # _swap made them before the server is served.
+        assert self._credentials is not None
         try:
             port = server.add_secure_port(target, self._credentials.credentials)
         except RuntimeError as e:
@@ -530,7 +593,7 @@ class CertificateAuthorityService(Service):
         await server.start()
         return server, port
 
-    def stop(self):
+    def stop(self) -> Deferred[None]:
         self.ready = False
         self._cancel_renewal()
         server, grpc_loop = self._server, self._grpc_loop
@@ -538,7 +601,8 @@ class CertificateAuthorityService(Service):
         self._started = False
         if grpc_loop is None:
             return succeed(None)
-        if server is not None:
+        d: Deferred[None]
+        if server is not None and self._servicer is not None:
             self._log.info(
                 "stopping gRPC server; calls in flight have {grace} s to finish",
                 grace=SHUTDOWN_GRACE_SECONDS,
@@ -547,12 +611,13 @@ class CertificateAuthorityService(Service):
         else:
             d = succeed(None)
         d.addErrback(
-            lambda failure: self._log.failure("the gRPC server did not stop cleanly", failure)
+            lambda failure: self._log.failure(
+                "the gRPC server did not stop cleanly", failure
+            )
         )
-        d.addBoth(lambda _: grpc_loop.stop())
-        return d
+        return d.addBoth(lambda _: grpc_loop.stop())
 
-    def restart(self, config):
+    def restart(self, config: SentryConfig | None) -> Deferred[None]:
         """
         Reload: one L{prepare} and one swap.  Reloads never run side by
         side: those asked for while one runs (or while the start runs) are
@@ -560,7 +625,7 @@ class CertificateAuthorityService(Service):
         """
         if not self._started:
             return fail(NotRunningError("the certificate authority is not running"))
-        waiter = Deferred()
+        waiter: Deferred[None] = Deferred()
         self._reload_waiters.append(waiter)
         self._reload_config = config
         if not self._reloading:
@@ -568,7 +633,7 @@ class CertificateAuthorityService(Service):
         return waiter
 
     @inlineCallbacks
-    def _serve_reloads(self):
+    def _serve_reloads(self) -> Generator[Deferred[Any], Any, None]:
         self._reloading = True
         try:
             if self._starting is not None:
@@ -597,7 +662,9 @@ class CertificateAuthorityService(Service):
             self._reloading = False
 
     @inlineCallbacks
-    def _reload(self, config):
+    def _reload(
+        self, config: SentryConfig | None
+    ) -> Generator[Deferred[Any], Any, None]:
         # Resolved at start; a reload keeps the resolved Configuration (it
         # is not re-read, as in Dapr).
         config = self.config if config is None else config
@@ -607,13 +674,16 @@ class CertificateAuthorityService(Service):
             if self._primary:
                 self._metrics.issuercert_reload_failed.inc()
             self._log.error(
-                "issuer credentials refused; the previous bundle stays in service: {error}",
+                "issuer credentials refused; the previous bundle stays in"
+                " service: {error}",
                 error=str(e),
             )
             raise
         if not self._started:
             return
         if prepared is None:
+            # prepare() found the bundle in service the same: there is one.
+            assert self.bundle is not None
             self.config = config
             self.in_service = InService(self.bundle, config)
             self._log.info("issuer credentials unchanged")
@@ -627,31 +697,33 @@ class CertificateAuthorityService(Service):
 
     # Server certificate renewal, at half its life.
 
-    def _cancel_renewal(self):
+    def _cancel_renewal(self) -> None:
         if self._renewal is not None and self._renewal.active():
             self._renewal.cancel()
         self._renewal = None
 
-    def _schedule_renewal(self, not_after):
+    def _schedule_renewal(self, not_after: datetime) -> None:
         self._cancel_renewal()
         remaining = (not_after - self._now()).total_seconds()
         self._renewal = self._reactor.callLater(
             max(remaining / 2, 1.0), self._renew_server_certificate
         )
 
-    def _renew_server_certificate(self):
+    def _renew_server_certificate(self) -> Deferred[None]:
         self._renewal = None
         bundle, config = self.bundle, self.config
+        # Scheduled only by _swap, once a bundle is in service.
+        assert bundle is not None
         d = self._issue_server_certificate(bundle, config)
 
-        def renewed(result):
+        def renewed(result: ServerCertificate) -> None:
             key_pem, chain_pem, _, not_after = result
             if self._credentials is not None and self._started:
                 self._credentials.replace(key_pem, chain_pem)
                 self._schedule_renewal(not_after)
             self._log.info("server certificate renewed")
 
-        def failed(failure):
+        def failed(failure: Failure) -> None:
             self._metrics.servercert_issue_failed.inc()
             self._log.failure(
                 "failed to renew the server certificate; retrying in {seconds} s",
@@ -663,17 +735,16 @@ class CertificateAuthorityService(Service):
                     SERVER_CERT_RETRY_SECONDS, self._renew_server_certificate
                 )
 
-        d.addCallbacks(renewed, failed)
-        return d
+        return d.addCallbacks(renewed, failed)
 
 
-async def _round_trip():
+async def _round_trip() -> None:
     """
     Nothing, on the gRPC loop: that it ran is the answer.
     """
 
 
-async def _drain(server, servicer):
+async def _drain(server: grpc.aio.Server, servicer: CAServicer) -> None:
     """
     On the gRPC loop: refuse calls that start from now on with UNAVAILABLE,
     let calls in flight finish for up to L{SHUTDOWN_GRACE_SECONDS} in all,
@@ -685,7 +756,7 @@ async def _drain(server, servicer):
     await server.stop(max(0.0, SHUTDOWN_GRACE_SECONDS - (loop.time() - started)))
 
 
-def _same_bundle(new, old):
+def _same_bundle(new: TrustBundle, old: TrustBundle | None) -> bool:
     """
     Whether two bundles have the same anchors, issuer chain and issuer key.
     """

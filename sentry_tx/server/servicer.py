@@ -28,13 +28,18 @@ audience count is checked on the parsed message, before the request is
 even copied out of it.
 """
 
+from __future__ import annotations
+
 import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -49,8 +54,8 @@ from sentry_tx.errors import (
     ValidatorUnavailableError,
 )
 from sentry_tx.identity.caller import VALIDATOR_UNKNOWN, SignRequest
-from sentry_tx.logs import quote_input
 from sentry_tx.identity.rules import audience_count_problem, request_shape_problem
+from sentry_tx.logs import quote_input
 from sentry_tx.metrics import (
     FAILURE_REASON_CERT_PARSE,
     FAILURE_REASON_CERT_SIGN,
@@ -58,6 +63,27 @@ from sentry_tx.metrics import (
     OUTCOME_SUCCESS,
 )
 from sentry_tx.server.loop import on_reactor
+
+if TYPE_CHECKING:
+    from sentry_tx.ca.bundle import TrustBundle
+    from sentry_tx.config import SentryConfig
+    from sentry_tx.identity.caller import CallerIdentity
+    from sentry_tx.interfaces import IIdentityValidator, IServingReactor
+    from sentry_tx.jwt.minting import JWTMinter
+    from sentry_tx.metrics import SentryMetrics
+
+    # What grpc.aio hands the method: the request is read as bytes, or EOF.
+    Context = grpc.aio.ServicerContext[
+        bytes | grpc.aio._EOF, sentry_pb2.SignCertificateResponse
+    ]
+
+_T = TypeVar("_T")
+
+Metadata = tuple[tuple[str, str], ...]
+"""
+gRPC trailing metadata: key/value pairs.
+"""
+
 
 SERVICE_NAME = "dapr.proto.sentry.v1.CA"
 METHOD_NAME = "SignCertificate"
@@ -109,8 +135,21 @@ class InService:
     @ivar config: the L{SentryConfig} (TTL, clock skew, own namespace).
     """
 
-    bundle: object
-    config: object
+    bundle: TrustBundle
+    config: SentryConfig
+
+
+class InServiceHolder(Protocol):
+    """
+    What the servicer reads of the authority: the L{InService} of now.
+    """
+
+    @property
+    def in_service(self) -> InService | None:
+        """
+        What a call that starts now signs with (None before the first
+        bundle is in service, when no call is served).
+        """
 
 
 class Refusal(Exception):
@@ -119,7 +158,13 @@ class Refusal(Exception):
     C{trailing_metadata} (a tuple of key/value pairs).
     """
 
-    def __init__(self, code, message, reason, trailing_metadata=()):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str,
+        trailing_metadata: Iterable[tuple[str, str]] = (),
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -137,14 +182,15 @@ class ErrorStatus:
 
     code: grpc.StatusCode
     reason: str
-    trailers: object = None
+    trailers: Callable[[Exception], Metadata] | None = None
 
 
-def _retry_pushback(error):
+def _retry_pushback(error: Exception) -> Metadata:
+    assert isinstance(error, ValidatorOverloadedError)  # see ERROR_STATUS
     return ((RETRY_PUSHBACK_METADATA_KEY, str(int(error.retry_after_ms))),)
 
 
-ERROR_STATUS = {
+ERROR_STATUS: dict[type[Exception], ErrorStatus] = {
     ValidationError: ErrorStatus(
         grpc.StatusCode.PERMISSION_DENIED, FAILURE_REASON_VALIDATOR
     ),
@@ -165,7 +211,7 @@ with.  Anything else is INTERNAL with a fixed message (its cause is logged).
 """
 
 
-def refusal_for(error):
+def refusal_for(error: Exception) -> Refusal | None:
     """
     The L{Refusal} that C{error} ends a call with, by L{ERROR_STATUS}, or
     None when it is not an error the pipeline expects.
@@ -201,21 +247,21 @@ class CAServicer:
 
     def __init__(
         self,
-        reactor,
-        authority,
-        validators,
-        default_validator,
-        metrics,
-        validation_timeout_seconds=VALIDATION_TIMEOUT_SECONDS,
-        request_arrival_timeout_seconds=REQUEST_ARRIVAL_TIMEOUT_SECONDS,
-        jwt_minter=None,
-    ):
+        reactor: IServingReactor,
+        authority: InServiceHolder,
+        validators: Mapping[int, IIdentityValidator],
+        default_validator: int | None,
+        metrics: SentryMetrics,
+        validation_timeout_seconds: float = VALIDATION_TIMEOUT_SECONDS,
+        request_arrival_timeout_seconds: float = REQUEST_ARRIVAL_TIMEOUT_SECONDS,
+        jwt_minter: JWTMinter | None = None,
+    ) -> None:
         self._jwt_minter = jwt_minter
         # Set on the gRPC loop when sentry_tx starts to stop (see L{drain}):
         # a call that starts after that is refused here with UNAVAILABLE.
         self.stopping = False
         self.in_flight = 0
-        self._idle = None
+        self._idle: asyncio.Event | None = None
         self._reactor = reactor
         self._authority = authority
         self._validators = dict(validators)
@@ -224,7 +270,9 @@ class CAServicer:
         self._validation_timeout_seconds = validation_timeout_seconds
         self._request_arrival_timeout_seconds = request_arrival_timeout_seconds
 
-    async def SignCertificateStream(self, request_iterator, context):
+    async def SignCertificateStream(
+        self, request_iterator: AsyncIterator[bytes], context: Context
+    ) -> sentry_pb2.SignCertificateResponse:
         """
         The gRPC method as served: called when the call's headers arrive,
         it waits at most C{request_arrival_timeout_seconds} for the request
@@ -244,7 +292,8 @@ class CAServicer:
                 await context.abort(
                     grpc.StatusCode.DEADLINE_EXCEEDED, REQUEST_NOT_ARRIVED
                 )
-            if data is grpc.aio.EOF:
+            # grpc.aio.EOF, the only thing read that is not bytes.
+            if not isinstance(data, bytes):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_REQUEST)
             return await self.SignCertificateMessage(data, context, arrival)
         finally:
@@ -252,7 +301,7 @@ class CAServicer:
             if self.in_flight == 0 and self._idle is not None:
                 self._idle.set()
 
-    async def drain(self, grace_seconds):
+    async def drain(self, grace_seconds: float) -> None:
         """
         On the gRPC loop: refuse every call that starts from now on with
         UNAVAILABLE, and wait until the calls in flight have ended, for at
@@ -270,7 +319,9 @@ class CAServicer:
         except TimeoutError:
             pass
 
-    async def SignCertificateMessage(self, data, context, arrival=None):
+    async def SignCertificateMessage(
+        self, data: bytes, context: Context, arrival: float | None = None
+    ) -> sentry_pb2.SignCertificateResponse:
         """
         Parse C{data} and answer it, or abort the call with its status.  A
         message that is not a valid C{SignCertificateRequest} is the
@@ -304,7 +355,13 @@ class CAServicer:
                 refusal.code, refusal.message, refusal.trailing_metadata
             )
 
-    def _log_denial(self, context, request, code, message):
+    def _log_denial(
+        self,
+        context: Context,
+        request: sentry_pb2.SignCertificateRequest | None,
+        code: grpc.StatusCode,
+        message: str,
+    ) -> None:
         """
         One line for a call refused with one of L{DENIAL_CODES}: the peer,
         the namespace/id asked for (C{request}, or None when it did not
@@ -322,7 +379,7 @@ class CAServicer:
             reason=quote_input(message),
         )
 
-    async def _refuse_message(self, context, message):
+    async def _refuse_message(self, context: Context, message: str) -> None:
         """
         End a call whose message was refused before it became a
         L{SignRequest}: INVALID_ARGUMENT with C{message}, counted as
@@ -334,7 +391,9 @@ class CAServicer:
         self._log_denial(context, None, grpc.StatusCode.INVALID_ARGUMENT, message)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
-    async def sign(self, request, deadline):
+    async def sign(
+        self, request: SignRequest, deadline: float
+    ) -> sentry_pb2.SignCertificateResponse:
         """
         Run the pipeline for one L{SignRequest}.
 
@@ -355,7 +414,9 @@ class CAServicer:
         timer.done(OUTCOME_SUCCESS)
         return response
 
-    async def _sign(self, request, deadline):
+    async def _sign(
+        self, request: SignRequest, deadline: float
+    ) -> sentry_pb2.SignCertificateResponse:
         problem = request_shape_problem(request)
         if problem is not None:
             raise Refusal(
@@ -365,11 +426,18 @@ class CAServicer:
         identity = await self._validate(validator, request, deadline)
         in_service = self._authority.in_service
         try:
+            if in_service is None:
+                raise RuntimeError("no trust bundle in service")
             public_key = parse_csr(request.csr)
-            now = datetime.fromtimestamp(self._reactor.seconds(), timezone.utc)
+            now = datetime.fromtimestamp(self._reactor.seconds(), UTC)
             config = in_service.config
             issued = issue_workload_certificate(
-                in_service.bundle, identity, public_key, now, config.mtls, config.namespace
+                in_service.bundle,
+                identity,
+                public_key,
+                now,
+                config.mtls,
+                config.namespace,
             )
         except Exception as e:
             refusal = refusal_for(e)
@@ -393,7 +461,14 @@ class CAServicer:
             self._fill_jwts(response, identity, request, now, config)
         return response
 
-    def _fill_jwts(self, response, identity, request, now, config):
+    def _fill_jwts(
+        self,
+        response: sentry_pb2.SignCertificateResponse,
+        identity: CallerIdentity,
+        request: SignRequest,
+        now: datetime,
+        config: SentryConfig,
+    ) -> None:
         """
         Fill C{jwt} and C{per_audience_jwts} (SPEC section 11) through the
         minter.  Audiences the minter refuses are the caller's mistake
@@ -403,6 +478,8 @@ class CAServicer:
         """
         from sentry_tx.jwt.minting import JWTAudienceError
 
+        if self._jwt_minter is None:
+            return
         try:
             self._jwt_minter.fill(
                 response,
@@ -424,15 +501,16 @@ class CAServicer:
                 grpc.StatusCode.INTERNAL, JWT_FAILED, FAILURE_REASON_CERT_SIGN
             ) from None
 
-    def _choose_validator(self, number):
+    def _choose_validator(self, number: int) -> IIdentityValidator:
         if number == VALIDATOR_UNKNOWN:
-            number = self._default_validator
-            if number is None:
+            default = self._default_validator
+            if default is None:
                 raise Refusal(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     NO_DEFAULT_VALIDATOR,
                     FAILURE_REASON_VALIDATOR,
                 )
+            number = default
         validator = self._validators.get(number)
         if validator is None:
             raise Refusal(
@@ -442,12 +520,14 @@ class CAServicer:
             )
         return validator
 
-    async def _validate(self, validator, request, deadline):
+    async def _validate(
+        self, validator: IIdentityValidator, request: SignRequest, deadline: float
+    ) -> CallerIdentity:
         try:
             if getattr(validator, "runs_on_loop", False):
                 return await self._validate_on_loop(validator, request, deadline)
             if validator.needs_reactor:
-                return await on_reactor(
+                identity: CallerIdentity = await on_reactor(
                     self._reactor,
                     asyncio.get_running_loop(),
                     self._validate_on_reactor,
@@ -455,6 +535,7 @@ class CAServicer:
                     request,
                     deadline,
                 )
+                return identity
             return _fired_result(validator.validate(request, deadline))
         except Exception as e:
             refusal = refusal_for(e)
@@ -463,18 +544,25 @@ class CAServicer:
                     "validator {name} failed", Failure(e), name=validator.name
                 )
                 refusal = Refusal(
-                    grpc.StatusCode.INTERNAL, VALIDATION_FAILED, FAILURE_REASON_VALIDATOR
+                    grpc.StatusCode.INTERNAL,
+                    VALIDATION_FAILED,
+                    FAILURE_REASON_VALIDATOR,
                 )
             raise refusal from None
 
-    async def _validate_on_loop(self, validator, request, deadline):
+    async def _validate_on_loop(
+        self, validator: IIdentityValidator, request: SignRequest, deadline: float
+    ) -> CallerIdentity:
         try:
-            async with asyncio.timeout(max(deadline - self._reactor.seconds(), 0.0)):
+            remaining = max(deadline - self._reactor.seconds(), 0.0)
+            async with asyncio.timeout(remaining):
                 return await validator.validate(request, deadline)
         except TimeoutError:
             raise ValidatorUnavailableError(VALIDATION_TIMED_OUT) from None
 
-    def _validate_on_reactor(self, validator, request, deadline):
+    def _validate_on_reactor(
+        self, validator: IIdentityValidator, request: SignRequest, deadline: float
+    ) -> Deferred[CallerIdentity]:
         d = validator.validate(request, deadline)
         d.addTimeout(
             max(deadline - self._reactor.seconds(), 0.0),
@@ -484,7 +572,7 @@ class CAServicer:
         return d
 
 
-def rpc_handler(servicer):
+def rpc_handler(servicer: CAServicer) -> grpc.GenericRpcHandler:
     """
     The grpcio handler of C{dapr.proto.sentry.v1.CA} for C{servicer}.
 
@@ -500,27 +588,31 @@ def rpc_handler(servicer):
             METHOD_NAME: grpc.stream_unary_rpc_method_handler(
                 servicer.SignCertificateStream,
                 request_deserializer=None,
-                response_serializer=sentry_pb2.SignCertificateResponse.SerializeToString,
+                response_serializer=(
+                    sentry_pb2.SignCertificateResponse.SerializeToString
+                ),
             )
         },
     )
 
 
-def _fired_result(d):
+def _fired_result(d: Deferred[_T]) -> _T:
     """
     The result of a Deferred that has already fired (raised if a failure).
     """
-    results = []
+    results: list[_T | Failure] = []
     d.addBoth(results.append)
     if not results:
-        raise RuntimeError("a validator that needs no reactor did not answer at once")
+        raise RuntimeError(
+            "a validator that needs no reactor did not answer at once"
+        )
     result = results[0]
     if isinstance(result, Failure):
         result.raiseException()
     return result
 
 
-def _raise_unavailable(result, timeout):
+def _raise_unavailable(result: object, timeout: float) -> NoReturn:
     """
     C{onTimeoutCancel} for validation: a validator that did not answer in
     time makes the call UNAVAILABLE (the caller should retry), not INTERNAL.

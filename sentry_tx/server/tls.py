@@ -8,6 +8,7 @@ renewed certificate is handed to it once, and the listener stays open.
 """
 
 import threading
+from datetime import datetime
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -18,11 +19,19 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from sentry_tx.ca import x509profile
+from sentry_tx.ca.bundle import TrustBundle
+from sentry_tx.config import MTLSConfig
 
 SERVER_APP_ID = "dapr-sentry"
 
 
-def issue_server_certificate(bundle, trust_domain, namespace, now, mtls):
+def issue_server_certificate(
+    bundle: TrustBundle,
+    trust_domain: str,
+    namespace: str,
+    now: datetime,
+    mtls: MTLSConfig,
+) -> tuple[bytes, bytes, datetime, datetime]:
     """
     Issue sentry_tx's serving certificate from C{bundle}.
 
@@ -52,16 +61,18 @@ class ServerCredentials:
     the server runs.  Client certificates are not asked for.
     """
 
-    def __init__(self, key_pem, chain_pem):
+    def __init__(self, key_pem: bytes, chain_pem: bytes) -> None:
         self._lock = threading.Lock()
-        self._pending = None
+        self._pending: grpc.ServerCertificateConfiguration | None = None
         self.credentials = grpc.dynamic_ssl_server_credentials(
             _configuration(key_pem, chain_pem),
-            self._fetch,
+            # grpcio keeps the current configuration when the fetcher
+            # returns None; types-grpcio's stub leaves None out.
+            self._fetch,  # type: ignore[arg-type]
             require_client_authentication=False,
         )
 
-    def replace(self, key_pem, chain_pem):
+    def replace(self, key_pem: bytes, chain_pem: bytes) -> None:
         """
         Serve C{chain_pem} from the next handshake on.
         """
@@ -69,7 +80,7 @@ class ServerCredentials:
         with self._lock:
             self._pending = configuration
 
-    def _fetch(self):
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         # Called by grpcio's threads at each handshake: None keeps the
         # current configuration.
         with self._lock:
@@ -77,5 +88,7 @@ class ServerCredentials:
         return configuration
 
 
-def _configuration(key_pem, chain_pem):
+def _configuration(
+    key_pem: bytes, chain_pem: bytes
+) -> grpc.ServerCertificateConfiguration:
     return grpc.ssl_server_certificate_configuration([(key_pem, chain_pem)])
