@@ -946,7 +946,7 @@ def process_label(workers):
     How a process count is shown: C{"default (2)"} for the default.
     """
     if workers is None:
-        from sentry_tx.server.cores import default_serving_processes
+        from sentry_tx.cores import default_serving_processes
 
         return f"default ({default_serving_processes()[0]})"
     return str(workers)

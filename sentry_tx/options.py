@@ -94,7 +94,7 @@ class Options(usage.Options):
 
         @param default_processes: returns C{(count, reason)}, the serving
             processes when C{--workers} is not given;
-            L{sentry_tx.server.cores.default_serving_processes} by default.
+            L{sentry_tx.cores.default_serving_processes} by default.
         """
         super().__init__()
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
@@ -103,7 +103,7 @@ class Options(usage.Options):
         self.startup_warnings: list[str] = []
         self.startup_notes: list[str] = []
         if default_processes is None:
-            from sentry_tx.server.cores import default_serving_processes
+            from sentry_tx.cores import default_serving_processes
 
             default_processes = default_serving_processes
         self._default_processes = default_processes

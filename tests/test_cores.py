@@ -1,5 +1,5 @@
 """
-Tests for L{sentry_tx.server.cores}: the default number of serving
+Tests for L{sentry_tx.cores}: the default number of serving
 processes, from fake cgroup files and a fake CPU affinity.
 """
 
@@ -7,7 +7,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sentry_tx.server.cores import (
+from sentry_tx.cores import (
     MAX_DEFAULT_SERVING_PROCESSES,
     cgroup_path,
     default_serving_processes,

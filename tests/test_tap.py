@@ -954,7 +954,7 @@ class WorkersFlagTests(SynchronousTestCase):
         The default count comes from the cores this process may use, at
         most 4.
         """
-        from sentry_tx.server.cores import default_serving_processes
+        from sentry_tx.cores import default_serving_processes
 
         options = Options(environ={}, stdout=StringIO(), stderr=StringIO())
         options.parseOptions(["--config", "/nonexistent.yaml"])
