@@ -315,6 +315,7 @@ def build_oidc_service(config, reactor, jwt_minter, on_start_failure):
             "oidc",
             config.oidc_server_listen_port,
             factory,
+            reactor,
             interface=config.oidc_server_listen_address,
             flag="--oidc-server-listen-port",
         ),
