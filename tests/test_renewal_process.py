@@ -7,7 +7,7 @@ call; and restarts after a kill at each step of a renewal.
 import os
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
@@ -22,7 +22,7 @@ from sentry_tx.ca.store import FileTrustStore
 from sentry_tx.testing.certificates import make_csr
 from sentry_tx.testing.clocks import ImmediateReactor
 from sentry_tx.testing.grpc_client import GrpcTestClient
-from tests.test_process import spawn_twistd, standalone_arguments
+from sentry_tx.testing.twistd import spawn_twistd, standalone_arguments
 
 SKEW_SECONDS = 1
 CA_TTL_SECONDS = 60
@@ -71,7 +71,7 @@ def _settings():
 
 
 def _now():
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class _ReloadingClient:
@@ -297,7 +297,9 @@ class RenewalProcessTests(TestCase):
         before = self._files()
         protocol = spawn_twistd(self, self._arguments())
         yield protocol.wait_ready()
-        yield protocol.when_output(b"automatic CA renewal is off: the bundle is not one")
+        yield protocol.when_output(
+            b"automatic CA renewal is off: the bundle is not one"
+        )
         yield protocol.when_output(b"certificate expires in 19 days")
         yield _later(2.0)
         self.assertEqual(self._files(), before)
@@ -335,7 +337,7 @@ class KubernetesRenewalProcessTests(TestCase):
         from sentry_tx.testing.certificates import TEST_NAMESPACE, TEST_TRUST_DOMAIN
         from sentry_tx.testing.kubeconfig import write_kubeconfig
         from sentry_tx.testing.kubernetes import start_fake_kubernetes
-        from tests.test_process import LOOPBACK_FREE_PORTS
+        from sentry_tx.testing.twistd import LOOPBACK_FREE_PORTS
 
         fake = start_fake_kubernetes(self)
         directory = os.path.abspath(self.mktemp())
@@ -346,7 +348,12 @@ class KubernetesRenewalProcessTests(TestCase):
         fake.add_configuration(
             TEST_NAMESPACE,
             "daprsystem",
-            {"mtls": {"workloadCertTTL": "20s", "allowedClockSkew": f"{SKEW_SECONDS}s"}},
+            {
+                "mtls": {
+                    "workloadCertTTL": "20s",
+                    "allowedClockSkew": f"{SKEW_SECONDS}s",
+                }
+            },
         )
         fake.add_pod("apps", "myapp-0", "myapp", {"dapr.io/app-id": "myapp"})
         token = fake.issue_token("apps", "myapp", "myapp-0")

@@ -52,7 +52,7 @@ from sentry_tx.testing.certificates import (
 )
 from sentry_tx.testing.clocks import ImmediateReactor
 from sentry_tx.testing.grpc_client import GrpcTestClient
-from tests.hypothesis_profiles import show_notes
+from sentry_tx.testing.hypothesis_profiles import show_notes
 
 PEM_KEY_LABEL = "PRIVATE KEY"
 WINDOW_CHARACTERS = 16
@@ -335,7 +335,8 @@ class ServiceSecretsTests(SecretsAssertions, TestCase):
         self.assertTrue(any("accessible to group or others" in t for t in texts))
         self.assertTrue(
             any(
-                "issuer credentials reloaded" in t or "issuer credentials unchanged" in t
+                "issuer credentials reloaded" in t
+                or "issuer credentials unchanged" in t
                 for t in texts
             )
         )
@@ -391,9 +392,13 @@ class BundleErrorSecretsTests(SecretsAssertions, SynchronousTestCase):
         # The whole PEM on one line, as when newlines are lost in a paste.
         yield pem.replace(b"\n", b"")
         yield from (
-            flip_bit(pem, body_start + at, bit) for at in (0, 30, 70, 120) for bit in (0, 5)
+            flip_bit(pem, body_start + at, bit)
+            for at in (0, 30, 70, 120)
+            for bit in (0, 5)
         )
-        yield from (pem_encode("PRIVATE KEY", flip_bit(der, at)) for at in (0, 7, 20, 40))
+        yield from (
+            pem_encode("PRIVATE KEY", flip_bit(der, at)) for at in (0, 7, 20, 40)
+        )
         yield pem_encode("PRIVATE KEY", der[: len(der) // 2])
         yield pem_encode("PRIVATE KEY", der * 2)
         yield pem_encode("RSA PRIVATE KEY", der)
