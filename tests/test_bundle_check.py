@@ -46,7 +46,10 @@ class CheckBundleTests(SynchronousTestCase):
     """
 
     def test_pending_renewal(self):
-        """A pending renewal: check-bundle names the next issuer, the switch time and what to do before it."""
+        """
+        A pending renewal: check-bundle names the next issuer, the switch time and what
+        to do before it.
+        """
         from sentry_tx.ca.renewal import RenewalSettings
         from sentry_tx.ca.renewal_files import FileRenewalStore
         from sentry_tx.ca.store import FileTrustStore

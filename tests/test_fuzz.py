@@ -213,11 +213,17 @@ def first_block_csr_key(data):
     key; else None.  A signed leaf must be for this key.
     """
     lines = [line.strip() for line in data.split(b"\n")]
-    for index, line in enumerate(lines):
-        if line.startswith(b"-----BEGIN ") and line.endswith(b"-----"):
-            break
-    else:
+    index = next(
+        (
+            i
+            for i, line in enumerate(lines)
+            if line.startswith(b"-----BEGIN ") and line.endswith(b"-----")
+        ),
+        None,
+    )
+    if index is None:
         return None
+    line = lines[index]
     label = line[len(b"-----BEGIN ") : -len(b"-----")]
     if label not in (b"CERTIFICATE REQUEST", b"CERTIFICATE"):
         return None
@@ -855,7 +861,9 @@ class ServicerFuzzTests(SynchronousTestCase):
     @show_notes
     @given(request_messages)
     def test_hostile_requests(self, pair):
-        """Hostile requests are signed only if every rule passed, else refused per spec."""
+        """
+        Hostile requests are signed only if every rule passed, else refused per spec.
+        """
         message, csr = pair
         self.sign(message, csr, "servicer: hostile requests")
 
@@ -889,7 +897,9 @@ class ServicerFuzzTests(SynchronousTestCase):
     @example("\x00", "a/b", "A", 0)
     @example("\uff4dyapp", "default", "\u212a", 0)
     def test_hostile_names_valid_csr(self, app_id, namespace, trust_domain, validator):
-        """With a valid CSR, hostile names are signed exactly when the rules pass them."""
+        """
+        With a valid CSR, hostile names are signed exactly when the rules pass them.
+        """
         message = _request_message(
             app_id, namespace, trust_domain, csr_samples()[0].pem, validator, "", []
         )
@@ -914,7 +924,10 @@ class ServicerFuzzTests(SynchronousTestCase):
     @show_notes
     @given(wire_messages)
     def test_hostile_wire_messages(self, wire):
-        """Any wire bytes get only the spec's statuses; bytes that are not a request are INVALID_ARGUMENT."""
+        """
+        Any wire bytes get only the spec's statuses; bytes that are not a request are
+        INVALID_ARGUMENT.
+        """
         message = _parse(wire)
         if message is not None:
             self.sign(message, None, "servicer: wire messages")
@@ -1027,7 +1040,9 @@ class GrpcFuzzTests(TestCase):
         return deferToThread(run)
 
     def test_hostile_requests(self):
-        """Over gRPC, hostile requests get the spec's statuses (or RESOURCE_EXHAUSTED)."""
+        """
+        Over gRPC, hostile requests get the spec's statuses (or RESOURCE_EXHAUSTED).
+        """
         return self.run_property(
             request_messages,
             lambda pair: self.call(pair[0], pair[1], "grpc: hostile requests"),
@@ -1035,7 +1050,10 @@ class GrpcFuzzTests(TestCase):
         )
 
     def test_hostile_wire_messages(self):
-        """Over gRPC, raw bytes never get INTERNAL or UNKNOWN; bytes that are not a request are INVALID_ARGUMENT."""
+        """
+        Over gRPC, raw bytes never get INTERNAL or UNKNOWN; bytes that are not a request
+        are INVALID_ARGUMENT.
+        """
 
         def send(wire):
             message = _parse(wire)

@@ -74,7 +74,10 @@ class GuardedSiteTests(SynchronousTestCase):
         self.assertFalse(transport.lost)
 
     def test_keep_alive_deadline_restarts(self):
-        """After a response, a kept-alive connection has the deadline again for the next request."""
+        """
+        After a response, a kept-alive connection has the deadline again for the next
+        request.
+        """
         protocol, transport = self.connect()
         self.clock.advance(9.0)
         protocol.dataReceived(KEEP_ALIVE_PROBE)
@@ -96,7 +99,9 @@ class GuardedSiteTests(SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
 
     def test_answered_connections_kept(self):
-        """A connection whose request is being answered is not the one closed for room."""
+        """
+        A connection whose request is being answered is not the one closed for room.
+        """
         self.site.resource.putChild(b"slow", _Pending())
         busy, busy_transport = self.connect()
         busy.dataReceived(b"GET /slow HTTP/1.1\r\nHost: sentry\r\n\r\n")
@@ -129,7 +134,10 @@ class GuardedSiteTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"")
 
     def test_pipelined_request_counted_once(self):
-        """A request sent while the previous one is answered counts once towards the size bound."""
+        """
+        A request sent while the previous one is answered counts once towards the size
+        bound.
+        """
         held = _Pending()
         self.site.resource.putChild(b"slow", held)
         protocol, transport = self.connect()
@@ -219,7 +227,9 @@ class RefusalLogTests(SynchronousTestCase):
         self.assertEqual(self.refusals(), [])
 
     def test_caller_input_cut(self):
-        """The path and the Host a caller sent are cut to 256 characters each in the line."""
+        """
+        The path and the Host a caller sent are cut to 256 characters each in the line.
+        """
         path = b"/" + b"p" * 8000
         host = b"h" * 8000
         self.request(b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
@@ -229,7 +239,9 @@ class RefusalLogTests(SynchronousTestCase):
         self.assertIn("(8000 characters)", line)
 
     def test_two_host_headers_refused(self):
-        """A request with two Host headers is 400 (RFC 9112 section 3.2), both logged."""
+        """
+        A request with two Host headers is 400 (RFC 9112 section 3.2), both logged.
+        """
         response = self.request(b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
         self.assertTrue(response.startswith(b"HTTP/1.1 400 "))
         self.assertIn(b"more than one Host header", response)
@@ -263,7 +275,9 @@ class HTTPListenerTests(SynchronousTestCase):
     """
 
     def test_builds_guarded_web_service(self):
-        """The service is a WebService on the port with a GuardedSite, not yet listening."""
+        """
+        The service is a WebService on the port with a GuardedSite, not yet listening.
+        """
         clock = Clock()
         service = http_listener(
             "healthz", 0, healthz_root(FakeCertificateAuthority()), clock, "127.0.0.1"
@@ -320,7 +334,10 @@ class GuardedPortTests(TestCase):
         return recording, recording.readers[0], service
 
     def test_listens_through_injected_reactor(self):
-        """The port is opened by the reactor given, on the interface given, with LISTEN_BACKLOG."""
+        """
+        The port is opened by the reactor given, on the interface given, with
+        LISTEN_BACKLOG.
+        """
         recording, port, service = self.listen()
         self.assertIs(port.reactor, recording)
         self.assertEqual(port.backlog, LISTEN_BACKLOG)
@@ -328,7 +345,10 @@ class GuardedPortTests(TestCase):
         self.assertEqual(port.getHost().port, service.port)
 
     def test_accept_batch_bounded(self):
-        """Each read of the port accepts MAX_ACCEPTS_PER_READ of the connections waiting, read after read."""
+        """
+        Each read of the port accepts MAX_ACCEPTS_PER_READ of the connections waiting,
+        read after read.
+        """
         import socket
 
         from twisted.internet import reactor

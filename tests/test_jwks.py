@@ -1114,7 +1114,8 @@ class ConnectionTests(TestCase):
         self.assertEqual(
             log_messages(events, level=LogLevel.error),
             [
-                f"JWKS fetch from {trickling.url()} failed: timed out after 0.5 s; not ready"
+                f"JWKS fetch from {trickling.url()} failed: timed out after 0.5 s; not "
+                "ready"
             ]
             * 16,
         )

@@ -431,7 +431,8 @@ class DockerfileTests(SynchronousTestCase):
         """
         runs = " ".join(self._arguments("RUN"))
         self.assertIn(
-            f"install -d -o sentry -g sentry -m 0700 {SentryConfig().issuer_credentials}",
+            f"install -d -o sentry -g sentry -m 0700 "
+            f"{SentryConfig().issuer_credentials}",
             runs,
         )
 

@@ -230,8 +230,8 @@ class TwistdPortInUseTests(TestCase):
             [
                 line
                 for line in lines
-                if f"{flag}: cannot listen on 127.0.0.1 port {port}: address already in use"
-                in line
+                if f"{flag}: cannot listen on 127.0.0.1 port {port}:"
+                " address already in use" in line
             ],
         )
         self.assertEqual(len(serious), 1)

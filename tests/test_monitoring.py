@@ -105,7 +105,8 @@ class PromQLNamesTests(SynchronousTestCase):
         """
         self.assertEqual(
             metric_names(
-                'histogram_quantile(0.99, sum by (le, outcome) (rate(a_bucket{job=~"x", outcome!="success"}[5m])))'
+                'histogram_quantile(0.99, sum by (le, outcome) '
+                '(rate(a_bucket{job=~"x", outcome!="success"}[5m])))'
                 " / on (job) group_left b_total - time() > 30 * 86400 and c"
             ),
             {"a_bucket", "b_total", "c"},

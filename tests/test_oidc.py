@@ -230,7 +230,9 @@ class GuardedSiteTests(SynchronousTestCase):
         return int(transport.value().split(b" ", 2)[1])
 
     def test_two_host_headers_refused(self):
-        """Two Host headers are 400, even when both are allowed (RFC 9112 section 3.2)."""
+        """
+        Two Host headers are 400, even when both are allowed (RFC 9112 section 3.2).
+        """
         protocol, transport = connect(self.site)
         self.assertEqual(
             self.request(
@@ -268,7 +270,10 @@ class GuardedSiteTests(SynchronousTestCase):
         )
 
     def test_host_flood_bounded_log(self):
-        """2,000 refused requests with 15 KB Host headers on one connection add under 1 MB of log."""
+        """
+        2,000 refused requests with 15 KB Host headers on one connection add under 1 MB
+        of log.
+        """
         output = StringIO()
         observer = make_observer("debug", False, output)
         globalLogPublisher.addObserver(observer)

@@ -477,7 +477,8 @@ class ServingCopiesProcessTests(TestCase):
         yield _until(lambda: sum(oks) >= counted_at_kill + 50, 30.0)
         stop.set()
         for d in loads:
-            yield d
+            # inlineCallbacks sends each result back in: not `yield from`.
+            _ = yield d
         response = yield treq.get(
             f"http://127.0.0.1:{ports['metrics']}/metrics", persistent=False
         )

@@ -126,7 +126,7 @@ def event_texts(event):
     C{str} and C{repr} (a failure's traceback).
     """
     yield formatEvent(event)
-    for name, value in event.items():
+    for value in event.values():
         if isinstance(value, Failure):
             yield value.getTraceback()
             yield str(value.value)
@@ -485,7 +485,9 @@ class GenerationSecretsTests(SynchronousTestCase):
         )
 
     def test_root_key_not_written(self):
-        """Generation writes one private key, the issuer's; the root's is never stored."""
+        """
+        Generation writes one private key, the issuer's; the root's is never stored.
+        """
         directory = self.mktemp()
         bundle = self.make_store(directory).load_or_generate_sync(FIXED_NOW)
         keys = []
@@ -521,7 +523,9 @@ class GenerationSecretsTests(SynchronousTestCase):
         self.assertEqual(os.listdir(directory), [])
 
     def test_renamed_files_rolled_back(self):
-        """A failed last rename removes the files already renamed; the operator's stays."""
+        """
+        A failed last rename removes the files already renamed; the operator's stays.
+        """
         directory = self.mktemp()
         os.makedirs(directory)
         calls = []

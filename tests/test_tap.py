@@ -1019,7 +1019,10 @@ class RenewalFlagTests(OptionsTestCase):
         )
 
     def test_no_room_refused(self):
-        """A threshold that leaves no room for the grace stops the start, naming both flags."""
+        """
+        A threshold that leaves no room for the grace stops the start, naming both
+        flags.
+        """
         self.assertFailsNaming(
             ["--ca-ttl", "100h", "--ca-renewal-threshold", "0.99",
              "--trust-anchor-propagation-grace", "2h"],

@@ -7,7 +7,6 @@ never with a token or a key in the message.
 
 import json
 
-
 _ERROR_BODY_EXCERPT_CHARACTERS = 200
 
 
