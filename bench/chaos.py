@@ -164,11 +164,13 @@ class Sentry:
         took.
         """
         started = time.monotonic()
-        match = None
         while time.monotonic() - started < timeout:
             log = self.log()
-            match = match or re.search(r"\((\d+) worker processes", log)
-            if match and log.count(" serves on port ") >= int(match.group(1)):
+            # The parent logs this line once every serving copy serves; a
+            # single process logs "serving gRPC from 1 process" and no pool.
+            if re.search(r"gRPC server listening on \S+ in \d+ serving processes", log):
+                return time.monotonic() - started
+            if "serving gRPC from 1 process (" in log:
                 return time.monotonic() - started
             if self.process.poll() is not None:
                 break
