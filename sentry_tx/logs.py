@@ -471,7 +471,7 @@ def quote_input(value: object, limit: int = MAX_QUOTED_CHARACTERS) -> str:
     return quoted[: max(limit - len(mark), 0)] + mark[:limit]
 
 
-def printable_cut(text, limit):
+def printable_cut(text: str, limit: int) -> str:
     """
     C{text} with characters that are not printable escaped (C{\\xNN}) and
     cut to at most C{limit} characters, for a log line that shows it
