@@ -610,7 +610,7 @@ class TestIndependenceTests(SynchronousTestCase):
         files = {
             "__init__.py": "",
             "test_a.py": '"""a."""\ndef helper():\n    pass\n',
-            "test_b.py": '"""b."""\nfrom tests.test_a import helper\n',
+            "test_b.py": '"""b."""\nfrom tests import test_a\n',
             "test_c.py": '"""c."""\ndef test():\n    from .test_a import helper\n',
             "test_d.py": '"""d."""\nfrom sentry_tx.testing import twistd\n',
         }
