@@ -43,13 +43,13 @@ sys.path.insert(0, HERE)
 
 import grpc  # noqa: E402
 from cryptography import x509  # noqa: E402
-
 from run import (  # noqa: E402
     free_port,
     percentile,
     process_tree_cpu_seconds,
     sign_request,
 )
+
 from sentry_tx._proto import sentry_pb2  # noqa: E402
 from sentry_tx.testing.certificates import make_chain  # noqa: E402
 from sentry_tx.testing.grpc_client import GrpcTestClient  # noqa: E402
@@ -85,7 +85,7 @@ class FaultFailed(Exception):
 
 
 def _now():
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _chain(**options):
@@ -148,7 +148,9 @@ class Sentry:
         deadline = self.started + READY_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise FaultFailed(f"sentry_tx exited {self.process.returncode}: {self.tail()}")
+                raise FaultFailed(
+                    f"sentry_tx exited {self.process.returncode}: {self.tail()}"
+                )
             if self.healthz() == 200:
                 return time.monotonic() - self.started
             time.sleep(0.02)
@@ -162,11 +164,13 @@ class Sentry:
         took.
         """
         started = time.monotonic()
-        match = None
         while time.monotonic() - started < timeout:
             log = self.log()
-            match = match or re.search(r"\((\d+) worker processes", log)
-            if match and log.count(" serves on port ") >= int(match.group(1)):
+            # The parent logs this line once every serving copy serves; a
+            # single process logs "serving gRPC from 1 process" and no pool.
+            if re.search(r"gRPC server listening on \S+ in \d+ serving processes", log):
+                return time.monotonic() - started
+            if "serving gRPC from 1 process (" in log:
                 return time.monotonic() - started
             if self.process.poll() is not None:
                 break
@@ -254,7 +258,9 @@ class Sentry:
         try:
             return self.process.wait(timeout), time.monotonic() - self.started
         except subprocess.TimeoutExpired:
-            raise FaultFailed(f"still running after {timeout} s: {self.tail()}") from None
+            raise FaultFailed(
+                f"still running after {timeout} s: {self.tail()}"
+            ) from None
 
 
 def _stopped_in_bound(sentry):
@@ -285,7 +291,9 @@ def fault_fifo_during_service(workdir):
         fifo = os.path.join(sentry.credentials, ".chaos-fifo")
         os.mkfifo(fifo)
         os.rename(fifo, issuer)
-        refused = sentry.wait_log("is a FIFO (named pipe), not a regular file", after=offset)
+        refused = sentry.wait_log(
+            "is a FIFO (named pipe), not a regular file", after=offset
+        )
         if sentry.healthz() != 200:
             raise FaultFailed("healthz not 200 after the FIFO")
         failed = sentry.metric("dapr_sentry_issuercert_reload_failed_total")
@@ -335,7 +343,7 @@ def _bad_issuer(workdir, make_bad):
             raise FaultFailed("the old issuer is no longer served")
         if sentry.healthz() != 200:
             raise FaultFailed("healthz not 200")
-        line = [l for l in sentry.log()[offset:].splitlines() if "refused" in l][0]
+        line = [t for t in sentry.log()[offset:].splitlines() if "refused" in t][0]
         reason = line.split("service: ", 1)[-1].replace(sentry.credentials + os.sep, "")
         return f"refused, old issuer kept, counted ({failed:g}): {reason[:90]}"
     finally:
@@ -346,7 +354,10 @@ def fault_truncated_issuer(workdir):
     def truncate(chain, directory):
         with open(os.path.join(directory, ".issuer.crt.new"), "wb") as f:
             f.write(chain.issuer_chain_pem()[:200])
-        os.rename(os.path.join(directory, ".issuer.crt.new"), os.path.join(directory, "issuer.crt"))
+        os.rename(
+            os.path.join(directory, ".issuer.crt.new"),
+            os.path.join(directory, "issuer.crt"),
+        )
 
     return _bad_issuer(workdir, truncate)
 
@@ -354,7 +365,10 @@ def fault_truncated_issuer(workdir):
 def fault_foreign_issuer(workdir):
     def foreign(chain, directory):
         other = _chain()
-        for name, data in (("issuer.crt", other.issuer_chain_pem()), ("issuer.key", other.issuer_key_pem())):
+        for name, data in (
+            ("issuer.crt", other.issuer_chain_pem()),
+            ("issuer.key", other.issuer_key_pem()),
+        ):
             path = os.path.join(directory, "." + name + ".new")
             with open(path, "wb") as f:
                 f.write(data)
@@ -391,7 +405,9 @@ def fault_sigkill_during_generation(workdir):
         try:
             while time.monotonic() < deadline and sentry.process.poll() is None:
                 if os.path.isdir(sentry.credentials):
-                    seen = [n for n in os.listdir(sentry.credentials) if ".sentry-tx-" in n]
+                    seen = [
+                        n for n in os.listdir(sentry.credentials) if ".sentry-tx-" in n
+                    ]
                     if seen:
                         break
                 time.sleep(0.0005)
@@ -419,11 +435,17 @@ def fault_sigkill_during_generation(workdir):
             if restarted.healthz() != 200:
                 raise FaultFailed("restarted but not ready")
             outcome = "restart serves"
-        elif "refusing to start" in restarted.log() and "missing, while" in restarted.log():
+        elif (
+            "refusing to start" in restarted.log()
+            and "missing, while" in restarted.log()
+        ):
             outcome = "restart refuses the partial bundle (fail closed)"
         else:
             raise FaultFailed(f"restart exited {status}: {restarted.tail()}")
-        return f"{len(seen)} temporary file(s) at the kill; {removed} removed at restart; {outcome}"
+        return (
+            f"{len(seen)} temporary file(s) at the kill; {removed} removed at"
+            f" restart; {outcome}"
+        )
     finally:
         restarted.kill()
 
@@ -483,7 +505,7 @@ class Slowloris:
         end = time.monotonic() + seconds
         next_call = time.monotonic()
         while time.monotonic() < end:
-            for key, events in self.selector.select(timeout=0.05):
+            for key, _events in self.selector.select(timeout=0.05):
                 sock = key.fileobj
                 if key.data == "connecting":
                     if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
@@ -518,10 +540,17 @@ class Slowloris:
         self.selector.close()
 
 
-def fault_slowloris(workdir, sockets=SLOWLORIS_SOCKETS, limit=SLOWLORIS_FILE_LIMIT, probes=SLOWLORIS_PROBES):
+def fault_slowloris(
+    workdir,
+    sockets=SLOWLORIS_SOCKETS,
+    limit=SLOWLORIS_FILE_LIMIT,
+    probes=SLOWLORIS_PROBES,
+):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < sockets + 100:
-        raise FaultFailed(f"this shell's hard open-file limit {hard} is below {sockets + 100}")
+        raise FaultFailed(
+            f"this shell's hard open-file limit {hard} is below {sockets + 100}"
+        )
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     chain = _chain()
     sentry = _serving(workdir, chain, open_files_limit=limit)
@@ -601,7 +630,9 @@ def _honest_calls(sentry, anchors_pem, stop, latencies, failures):
         while not stop.is_set():
             started = time.monotonic()
             try:
-                client.sign(sign_request(jwt_audiences=["sts.amazonaws.com"]), timeout=10)
+                client.sign(
+                    sign_request(jwt_audiences=["sts.amazonaws.com"]), timeout=10
+                )
             except grpc.RpcError as e:
                 failures.append(e.code().name)
             else:
@@ -686,7 +717,8 @@ def fault_audience_flood(workdir):
             f" server CPU {cpu_ms:.2f} ms per attacking call"
             f" (target < {AUDIENCE_FLOOD_CPU_MS_TARGET:g});"
             f" honest p50 {p50 if p50 is None else round(p50, 1)} ms over"
-            f" {len(latencies)} calls (target < {AUDIENCE_FLOOD_HONEST_P50_MS_TARGET:g})"
+            f" {len(latencies)} calls (target < "
+            f"{AUDIENCE_FLOOD_HONEST_P50_MS_TARGET:g})"
         )
         if failures:
             figure += f"; honest calls refused: {sorted(set(failures))}"
@@ -715,7 +747,12 @@ class FakeAPI:
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "fake_kube.py"), workdir, str(delay_seconds)],
+            [
+                sys.executable,
+                os.path.join(HERE, "fake_kube.py"),
+                workdir,
+                str(delay_seconds),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(workdir, "fake.log"), "wb"),
         )
@@ -732,7 +769,8 @@ class FakeAPI:
         context = ssl.create_default_context(cadata=self.info["ca_pem"])
         context.check_hostname = False
         request = urllib.request.Request(
-            self.info["url"] + "/api/v1/namespaces/default/configmaps/dapr-trust-bundle",
+            self.info["url"]
+            + "/api/v1/namespaces/default/configmaps/dapr-trust-bundle",
             headers={"Authorization": "Bearer " + self.info["api_token"]},
         )
         with urllib.request.urlopen(request, context=context, timeout=5) as response:
@@ -747,7 +785,14 @@ class FakeAPI:
 def _kube_sentry(workdir, kubeconfig):
     return Sentry(
         workdir,
-        extra=["--mode", "kubernetes", "--kubeconfig", kubeconfig, "--config", "daprsystem"],
+        extra=[
+            "--mode",
+            "kubernetes",
+            "--kubeconfig",
+            kubeconfig,
+            "--config",
+            "daprsystem",
+        ],
         env={"NAMESPACE": "default"},
     )
 
@@ -783,7 +828,10 @@ def fault_kube_api_down(workdir):
         if before != "OK" or code != "UNAVAILABLE":
             raise FaultFailed(f"before {before}, with the API down {code}")
         stop = _stopped_in_bound(sentry)
-        return f"calls UNAVAILABLE in {seconds:.2f} s; healthz {health}; SIGTERM {stop:.2f} s"
+        return (
+            f"calls UNAVAILABLE in {seconds:.2f} s; healthz {health};"
+            f" SIGTERM {stop:.2f} s"
+        )
     finally:
         sentry.kill()
         fake.kill()
@@ -815,8 +863,11 @@ def fault_kube_api_refusing(workdir):
             status, seconds = sentry.wait_exit(40)
         except FaultFailed:
             stop = _stopped_in_bound(sentry)
-            return f"still waiting for the API after 40 s, healthz {sentry.healthz()}; SIGTERM {stop:.2f} s"
-        refusal = [l for l in sentry.log().splitlines() if "refusing to start" in l]
+            return (
+                f"still waiting for the API after 40 s, healthz {sentry.healthz()};"
+                f" SIGTERM {stop:.2f} s"
+            )
+        refusal = [t for t in sentry.log().splitlines() if "refusing to start" in t]
         if status != 1 or not refusal:
             raise FaultFailed(f"exit {status}: {sentry.tail()}")
         reason = refusal[0].split("refusing to start: ", 1)[-1]
@@ -869,7 +920,9 @@ def run_fault(function, workdir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the smoke subset: " + ", ".join(QUICK))
+    parser.add_argument(
+        "--quick", action="store_true", help="the smoke subset: " + ", ".join(QUICK)
+    )
     parser.add_argument("--only", help="comma-separated fault names")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     arguments = parser.parse_args(argv)
@@ -893,7 +946,11 @@ def main(argv=None):
             os.makedirs(directory)
             held, figure, seconds = run_fault(function, directory)
             rows.append((name, "ok" if held else "FAILED", figure, seconds))
-            print(f"{name}: {'ok' if held else 'FAILED'} ({seconds:.1f} s)", file=sys.stderr, flush=True)
+            print(
+                f"{name}: {'ok' if held else 'FAILED'} ({seconds:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         if not arguments.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -46,7 +46,10 @@ def request_counts(fake, counted):
             kind = "tokenreview"
         elif method == "GET" and "/namespaces/" in path and "/pods/" in path:
             kind = "pod-get"
-        elif method == "GET" and path in ("/api/v1/pods", "/apis/dapr.io/v1alpha1/configurations"):
+        elif method == "GET" and path in (
+            "/api/v1/pods",
+            "/apis/dapr.io/v1alpha1/configurations",
+        ):
             kind = "list-or-watch"
         else:
             kind = "other"
@@ -69,7 +72,9 @@ def main(workdir, delay_seconds, pods):
     fake.tokenreview_latency_seconds = delay_seconds
     fake.pod_latency_seconds = delay_seconds
     fake.start()
-    fake.add_configuration(SENTRY_NAMESPACE, "daprsystem", {"mtls": {"workloadCertTTL": "24h"}})
+    fake.add_configuration(
+        SENTRY_NAMESPACE, "daprsystem", {"mtls": {"workloadCertTTL": "24h"}}
+    )
     fake.add_secret(SENTRY_NAMESPACE, TRUST_BUNDLE)
     fake.add_config_map(SENTRY_NAMESPACE, TRUST_BUNDLE)
     tokens = []
@@ -82,7 +87,9 @@ def main(workdir, delay_seconds, pods):
     counted = {}
 
     def count():
-        _write_json(os.path.join(workdir, "requests.json"), request_counts(fake, counted))
+        _write_json(
+            os.path.join(workdir, "requests.json"), request_counts(fake, counted)
+        )
 
     LoopingCall(count).start(COUNT_INTERVAL_SECONDS)
     _write_json(

@@ -6,7 +6,8 @@ still answered.
     .venv/bin/python bench/flood_continuation.py
     .venv/bin/python bench/flood_continuation.py --option grpc.max_metadata_size=8192
     .venv/bin/python bench/flood_continuation.py --payload literal --connections 8
-    .venv/bin/python bench/flood_continuation.py --without grpc.experimental.tcp_max_read_buffer_size
+    .venv/bin/python bench/flood_continuation.py \\
+        --without grpc.experimental.tcp_max_read_buffer_size
 
 The server (sentry_tx.testing.flood.FloodTarget) runs in a child process with
 sentry_tx's grpc_server_options(), less each --without, plus each --option
@@ -79,15 +80,21 @@ def run(options, without, connections, seconds, payload, sample_seconds=0.5):
               if result.closed_after_seconds is not None]
     answered = sum(1 for failure, _ in during if failure is None)
     summary = {
-        "options": options, "without": without, "payload": payload, "connections": connections,
-        "seconds": seconds, "baseline_mib": baseline / MIB, "peak_mib": peak / MIB,
+        "options": options,
+        "without": without,
+        "payload": payload,
+        "connections": connections,
+        "seconds": seconds,
+        "baseline_mib": baseline / MIB,
+        "peak_mib": peak / MIB,
         "growth_mib": (peak - baseline) / MIB,
         "after_mib": after_rss / MIB if after_rss else None,
         "sent_mib": sent / MIB,
         "connections_closed": len(closed),
         "closed_after_s": statistics.median(closed) if closed else None,
         "stalled": sum(result.stalled for result in results),
-        "honest_before": before or "OK", "honest_after": after or "OK",
+        "honest_before": before or "OK",
+        "honest_after": after or "OK",
         "honest_during": f"{answered}/{len(during)} answered",
         "honest_during_max_s": max((d for _, d in during), default=None),
     }

@@ -75,7 +75,7 @@ def main(design, workdir):
     generated = generate_bundle(
         "localhost",
         "default",
-        datetime.datetime.now(datetime.timezone.utc),
+        datetime.datetime.now(datetime.UTC),
         datetime.timedelta(minutes=15),
     )
     config = SentryConfig(listen_address="127.0.0.1", port=0)

@@ -35,6 +35,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+# The sibling script (its directory is the script's, first on the path): for
+# its description of the machine and the commit.
+import pipeline_micro  # noqa: E402
+
 from sentry_tx.ca import x509profile  # noqa: E402
 from sentry_tx.ca.authority import issue_workload_certificate  # noqa: E402
 from sentry_tx.config import MTLSConfig  # noqa: E402
@@ -42,10 +46,6 @@ from sentry_tx.identity.caller import CallerIdentity  # noqa: E402
 from sentry_tx.identity.images import kept_images  # noqa: E402
 from sentry_tx.testing.certificates import make_bundle, make_private_key  # noqa: E402
 from sentry_tx.testing.container_images import pod_document, sidecar_pod  # noqa: E402
-
-# The sibling script (its directory is the script's, first on the path): for
-# its description of the machine and the commit.
-import pipeline_micro  # noqa: E402
 
 KUBERNETES_CPU_MS_PER_CERTIFICATE = 1.40
 """
@@ -113,7 +113,7 @@ def main(argv=None):
         " CPU us per call"
     )
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     bundle = make_bundle(now=now)
     mtls = MTLSConfig()
     public_key = make_private_key().public_key()
@@ -143,7 +143,7 @@ def main(argv=None):
                 ),
             ),
             "issue_workload_certificate": (
-                lambda: issue_workload_certificate(
+                lambda plain=plain: issue_workload_certificate(
                     bundle, plain, public_key, now, mtls, "default"
                 ),
                 lambda stamped=stamped: issue_workload_certificate(

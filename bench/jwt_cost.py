@@ -48,7 +48,9 @@ def _measure(server, request, seconds, repeats, use_h2load):
     runs = []
     for _ in range(repeats):
         if use_h2load:
-            runs.append(h2load_run(server, IN_FLIGHT, seconds, body_path, server.workdir))
+            runs.append(
+                h2load_run(server, IN_FLIGHT, seconds, body_path, server.workdir)
+            )
         else:
             runs.append(python_client_run(server, IN_FLIGHT, seconds, request))
     cpu = server.cpu_seconds() - cpu_before
@@ -100,8 +102,10 @@ def report_lines(rows):
         SECTION_TITLE,
         "",
         f"One serving process, {IN_FLIGHT} calls in flight, each request asking for "
-        f"{len(AUDIENCES)} JWT audience(s) besides the trust domain: with `--jwt-enabled` every "
-        "reply carries `jwt` and one `per_audience_jwts` token per audience, three RSA-2048 "
+        f"{len(AUDIENCES)} JWT audience(s) besides the trust domain: with "
+        "`--jwt-enabled` every "
+        "reply carries `jwt` and one `per_audience_jwts` token per audience, three "
+        "RSA-2048 "
         "(RS256) signatures beside the certificate's ECDSA P-256 one.",
         "",
         "| JWTs | signed/s | p50 ms | p99 ms | failed | server CPU ms per call |",
@@ -109,14 +113,16 @@ def report_lines(rows):
     ]
     for label, row in (("off", off), ("on, 2 audiences", on)):
         lines.append(
-            f"| {label} | {row['rate']:,.0f} | {fmt(row['p50'], 2)} | {fmt(row['p99'], 2)} | "
+            f"| {label} | {row['rate']:,.0f} | {fmt(row['p50'], 2)} | "
+            f"{fmt(row['p99'], 2)} | "
             f"{row['failed']} of {row['calls']:,} | {fmt(row['cpu_ms'], 2)} |"
         )
     if off["cpu_ms"] and on["cpu_ms"]:
         extra = on["cpu_ms"] - off["cpu_ms"]
         lines += [
             "",
-            f"Cost: throughput falls to **{on['rate'] / off['rate']:.0%}** of the figure without "
+            f"Cost: throughput falls to **{on['rate'] / off['rate']:.0%}** of the "
+            "figure without "
             f"JWTs; each call costs {extra:.2f} ms more server CPU "
             f"({extra / 3:.2f} ms per RSA-2048 signature), "
             f"{on['cpu_ms'] / off['cpu_ms']:.1f} times the call without JWTs.",
@@ -142,11 +148,15 @@ def write_section(path, lines, header):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--client", choices=("auto", "h2load", "python"), default="auto")
+    parser.add_argument(
+        "--client", choices=("auto", "h2load", "python"), default="auto"
+    )
     parser.add_argument("--write", default=None, help="RESULTS.md to update")
     args = parser.parse_args(argv)
     seconds, repeats = (2.0, 1) if args.quick else (8.0, 3)
-    use_h2load = args.client == "h2load" or (args.client == "auto" and shutil.which("h2load"))
+    use_h2load = args.client == "h2load" or (
+        args.client == "auto" and shutil.which("h2load")
+    )
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="sentry-bench-jwt-") as workdir:
         rows = jwt_cost(workdir, seconds, repeats, use_h2load)
@@ -154,9 +164,11 @@ def main(argv=None):
     print("\n".join(lines))
     if args.write:
         header = [
-            f"Measured by `bench/jwt_cost.py` on {started} UTC at commit {git_commit()}, "
+            f"Measured by `bench/jwt_cost.py` on {started} UTC at commit "
+            f"{git_commit()}, "
             f"{seconds:g} s per run, {repeats} run(s) per point, medians quoted; "
-            f"{'h2load' if use_h2load else 'Python grpc clients'}; {machine_description()}.",
+            f"{'h2load' if use_h2load else 'Python grpc clients'}; "
+            f"{machine_description()}.",
             "",
         ]
         write_section(args.write, lines, header)

@@ -76,7 +76,9 @@ class FakeAPI:
         while not os.path.exists(info_path):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the fake API server did not start (see {self.dir}/fake.log)")
+                raise RuntimeError(
+                    f"the fake API server did not start (see {self.dir}/fake.log)"
+                )
             time.sleep(0.05)
         with open(info_path) as f:
             self.info = json.load(f)
@@ -110,8 +112,11 @@ class FakeAPI:
             cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
         )
         request = urllib.request.Request(
-            cluster["server"] + "/api/v1/namespaces/default/configmaps/dapr-trust-bundle",
-            headers={"Authorization": "Bearer " + kubeconfig["users"][0]["user"]["token"]},
+            cluster["server"]
+            + "/api/v1/namespaces/default/configmaps/dapr-trust-bundle",
+            headers={
+                "Authorization": "Bearer " + kubeconfig["users"][0]["user"]["token"]
+            },
         )
         with urllib.request.urlopen(request, context=context, timeout=10) as response:
             return json.load(response)["data"]["ca.crt"].encode()
@@ -152,7 +157,9 @@ def _format_requests(per_certificate):
     if not per_certificate:
         return "n/a"
     total = sum(per_certificate.values())
-    parts = ", ".join(f"{kind} {value:.2f}" for kind, value in per_certificate.items() if value)
+    parts = ", ".join(
+        f"{kind} {value:.2f}" for kind, value in per_certificate.items() if value
+    )
     return f"{total:.2f} ({parts})"
 
 
@@ -186,8 +193,14 @@ def kubernetes_rate(workdir, seconds, delay_seconds, workers, repeats, use_h2loa
             )))
         before, requests_before = server.metrics(), fake.requests()
         cpu_before, fake_before = server.cpu_seconds(), fake.cpu_seconds()
-        runs = [h2load_run(server, 64, seconds, body_path, server.workdir) for _ in range(repeats)]
-        cpu, fake_cpu = server.cpu_seconds() - cpu_before, fake.cpu_seconds() - fake_before
+        runs = [
+            h2load_run(server, 64, seconds, body_path, server.workdir)
+            for _ in range(repeats)
+        ]
+        cpu, fake_cpu = (
+            server.cpu_seconds() - cpu_before,
+            fake.cpu_seconds() - fake_before,
+        )
         time.sleep(1.5)  # let worker counters reach the parent
         after, requests_after = server.metrics(), fake.requests()
         key = "dapr_sentry_cert_sign_success_total"
@@ -206,7 +219,9 @@ def kubernetes_rate(workdir, seconds, delay_seconds, workers, repeats, use_h2loa
             fake_cpu_ms=1000 * fake_cpu / signed if signed else None,
             failed=int(failed),
             workers=workers,
-            api_requests=_requests_per_certificate(requests_before, requests_after, signed),
+            api_requests=_requests_per_certificate(
+                requests_before, requests_after, signed
+            ),
         ), None
     finally:
         if server is not None:
@@ -219,8 +234,8 @@ def kubernetes_rate(workdir, seconds, delay_seconds, workers, repeats, use_h2loa
 
 async def _storm_client(target, anchors_pem, tokens, callers, deadlines, namespace):
     import grpc
-
     from run import sign_request
+
     from sentry_tx._proto import sentry_pb2, sentry_pb2_grpc
 
     channels = [
@@ -239,7 +254,8 @@ async def _storm_client(target, anchors_pem, tokens, callers, deadlines, namespa
         await asyncio.wait_for(channel.channel_ready(), 30)
     stubs = [sentry_pb2_grpc.CAStub(channel) for channel in channels]
     template = sign_request(
-        token_validator=sentry_pb2.SignCertificateRequest.KUBERNETES, namespace=namespace
+        token_validator=sentry_pb2.SignCertificateRequest.KUBERNETES,
+        namespace=namespace,
     )
     start = asyncio.Event()
 
@@ -306,7 +322,10 @@ def storm(workdir, name, callers, pods, delay_seconds, deadlines, workers):
             check=True, timeout=120,
         )
         wall = time.monotonic() - began
-        cpu, fake_cpu = server.cpu_seconds() - cpu_before, fake.cpu_seconds() - fake_before
+        cpu, fake_cpu = (
+            server.cpu_seconds() - cpu_before,
+            fake.cpu_seconds() - fake_before,
+        )
         requests_after = fake.requests()
         with open(out) as f:
             results = json.load(f)
@@ -315,21 +334,35 @@ def storm(workdir, name, callers, pods, delay_seconds, deadlines, workers):
         pushbacks = 0
         for code, seconds, deadline, pushback, _ in results:
             codes[code] = codes.get(code, 0) + 1
-            if seconds > min(deadline, VALIDATION_TIMEOUT_SECONDS) + ANSWER_TOLERANCE_SECONDS:
+            if (
+                seconds
+                > min(deadline, VALIDATION_TIMEOUT_SECONDS) + ANSWER_TOLERANCE_SECONDS
+            ):
                 late += 1
             if pushback is not None:
                 pushbacks += 1
         signed = codes.get("OK", 0)
         return dict(
-            name=name, callers=callers, pods=pods, delay=delay_seconds,
-            deadlines=deadlines, codes=codes, signed=signed,
+            name=name,
+            callers=callers,
+            pods=pods,
+            delay=delay_seconds,
+            deadlines=deadlines,
+            codes=codes,
+            signed=signed,
             slowest=max(r[1] for r in results),
             slowest_ok=max((r[1] for r in results if r[0] == "OK"), default=None),
-            late=late, pushbacks=pushbacks, rss=server.peak_rss_mib(),
-            api_requests=_requests_per_certificate(requests_before, requests_after, signed),
+            late=late,
+            pushbacks=pushbacks,
+            rss=server.peak_rss_mib(),
+            api_requests=_requests_per_certificate(
+                requests_before, requests_after, signed
+            ),
             workers=workers,
             results=results,
-            wall=wall, cpu=cpu, fake_cpu=fake_cpu,
+            wall=wall,
+            cpu=cpu,
+            fake_cpu=fake_cpu,
         )
     finally:
         if server is not None:
@@ -340,30 +373,38 @@ def storm(workdir, name, callers, pods, delay_seconds, deadlines, workers):
 def describe_rate(row):
     from run import fmt, process_label
 
-    return (f"kubernetes mode, {process_label(row['workers'])} process(es), 20 ms added to each "
-            f"TokenReview and Pod GET, 64 in flight: {row['rate']:,.0f} signed/s  "
-            f"p50 {fmt(row['p50'], 2)} ms  p99 {fmt(row['p99'], 2)} ms  "
-            f"failed {row['failed']} of {row['calls']:,}  "
-            f"CPU per cert: sentry_tx {fmt(row['cpu_ms'], 2)} ms, "
-            f"fake API server {fmt(row['fake_cpu_ms'], 2)} ms; "
-            f"API requests per cert: {_format_requests(row['api_requests'])}")
+    return (
+        f"kubernetes mode, {process_label(row['workers'])} process(es), 20 ms added to "
+        "each "
+        f"TokenReview and Pod GET, 64 in flight: {row['rate']:,.0f} signed/s  "
+        f"p50 {fmt(row['p50'], 2)} ms  p99 {fmt(row['p99'], 2)} ms  "
+        f"failed {row['failed']} of {row['calls']:,}  "
+        f"CPU per cert: sentry_tx {fmt(row['cpu_ms'], 2)} ms, "
+        f"fake API server {fmt(row['fake_cpu_ms'], 2)} ms; "
+        f"API requests per cert: {_format_requests(row['api_requests'])}"
+    )
 
 
 def describe_storm(row):
     from run import process_label
 
     codes = ", ".join(f"{code} {count}" for code, count in sorted(row["codes"].items()))
-    return (f"{row['name']}: {row['callers']} callers of {row['pods']} pods, "
-            f"{row['delay']:g} s per TokenReview, deadlines {'/'.join(f'{d:g}' for d in row['deadlines'])} s, "
-            f"{process_label(row['workers'])} process(es): {row['signed']} certificates "
-            f"({100 * row['signed'] / row['callers']:.0f} %); codes: {codes}; "
-            f"slowest answer {row['slowest']:.2f} s (slowest certificate "
-            f"{row['slowest_ok'] or 0:.2f} s); answers later than min(deadline, "
-            f"{VALIDATION_TIMEOUT_SECONDS:g} s) + {ANSWER_TOLERANCE_SECONDS:g} s: {row['late']}; "
-            f"refusals with grpc-retry-pushback-ms: {row['pushbacks']}; peak RSS {row['rss']:.0f} MiB; "
-            f"API requests per cert: {_format_requests(row['api_requests'])}; "
-            f"CPU over the storm's {row['wall']:.1f} s: sentry_tx {row['cpu']:.1f} s, "
-            f"fake API server {row['fake_cpu']:.1f} s")
+    return (
+        f"{row['name']}: {row['callers']} callers of {row['pods']} pods, "
+        f"{row['delay']:g} s per TokenReview, deadlines "
+        f"{'/'.join(f'{d:g}' for d in row['deadlines'])} s, "
+        f"{process_label(row['workers'])} process(es): {row['signed']} certificates "
+        f"({100 * row['signed'] / row['callers']:.0f} %); codes: {codes}; "
+        f"slowest answer {row['slowest']:.2f} s (slowest certificate "
+        f"{row['slowest_ok'] or 0:.2f} s); answers later than min(deadline, "
+        f"{VALIDATION_TIMEOUT_SECONDS:g} s) + {ANSWER_TOLERANCE_SECONDS:g} s: "
+        f"{row['late']}; "
+        f"refusals with grpc-retry-pushback-ms: {row['pushbacks']}; peak RSS "
+        f"{row['rss']:.0f} MiB; "
+        f"API requests per cert: {_format_requests(row['api_requests'])}; "
+        f"CPU over the storm's {row['wall']:.1f} s: sentry_tx {row['cpu']:.1f} s, "
+        f"fake API server {row['fake_cpu']:.1f} s"
+    )
 
 
 def storms(workdir, workers, quick=False):
@@ -378,9 +419,15 @@ def storms(workdir, workers, quick=False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one short rate run, one small storm")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="serving processes (default: sentry_tx's own default, one per core)")
+    parser.add_argument(
+        "--quick", action="store_true", help="one short rate run, one small storm"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="serving processes (default: sentry_tx's own default, one per core)",
+    )
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--skip-rate", action="store_true")
     parser.add_argument("--skip-storms", action="store_true")
@@ -394,7 +441,11 @@ def main(argv=None):
                 workdir, seconds, 0.020, args.workers, 1 if args.quick else 3,
                 bool(shutil.which("h2load")),
             )
-            print(describe_rate(row) if row else f"kubernetes mode: not measured ({reason})")
+            print(
+                describe_rate(row)
+                if row
+                else f"kubernetes mode: not measured ({reason})"
+            )
         if not args.skip_storms:
             for row in storms(workdir, args.workers, args.quick):
                 print(describe_storm(row))

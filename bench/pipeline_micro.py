@@ -120,7 +120,11 @@ def _leaf_arguments(bundle, public_key, now):
     names = x509.SubjectAlternativeName(
         [x509.UniformResourceIdentifier("spiffe://public/ns/default/myapp")]
     )
-    return names, now - datetime.timedelta(minutes=15), now + datetime.timedelta(hours=24)
+    return (
+        names,
+        now - datetime.timedelta(minutes=15),
+        now + datetime.timedelta(hours=24),
+    )
 
 
 def _chain_builder(bundle, public_key, now):
@@ -255,9 +259,12 @@ def main(argv=None):
     run = _bench_run_module()
     print(f"machine: {run.machine_description()}")
     print(f"commit:  {run.git_commit()}")
-    print(f"method:  median of {repeats} repeats of ~{seconds} CPU s each, CPU us per call")
+    print(
+        f"method:  median of {repeats} repeats of ~{seconds} CPU s each, CPU us per "
+        "call"
+    )
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     bundle = make_bundle(now=now)
     mtls = MTLSConfig()
     identity = CallerIdentity("public", "default", "myapp")
@@ -316,7 +323,9 @@ def main(argv=None):
         x509.Name([]),
         [
             x509.Extension(
-                x509.BasicConstraints.oid, True, x509.BasicConstraints(ca=False, path_length=None)
+                x509.BasicConstraints.oid,
+                True,
+                x509.BasicConstraints(ca=False, path_length=None),
             ),
             x509.Extension(
                 x509.ExtendedKeyUsage.oid,
@@ -324,7 +333,9 @@ def main(argv=None):
                 x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
             ),
             x509.Extension(
-                bundle.authority_key_identifier.oid, False, bundle.authority_key_identifier
+                bundle.authority_key_identifier.oid,
+                False,
+                bundle.authority_key_identifier,
             ),
         ],
     )

@@ -107,6 +107,7 @@ def machine_description():
         pass
     import cryptography
     import grpc
+
     import twisted
 
     return (
@@ -159,7 +160,7 @@ def bare_pipeline_rate(seconds):
     from sentry_tx.config import MTLSConfig
     from sentry_tx.identity.caller import CallerIdentity
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     bundle = generate_bundle(
         "cluster.local", "default", now, datetime.timedelta(minutes=15)
     ).bundle
@@ -201,7 +202,7 @@ class Server:
         if not generate:
             # A bundle whose root key the benchmark keeps, so that it can
             # rotate the issuer under the same root as an operator would.
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = datetime.datetime.now(datetime.UTC)
             self.chain = make_chain(
                 trust_domain="localhost",
                 not_before=now - datetime.timedelta(days=1),
@@ -241,12 +242,19 @@ class Server:
         argv += self.extra
         started = time.perf_counter()
         self.process = subprocess.Popen(
-            argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir
+            argv,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.workdir,
         )
         url = f"http://127.0.0.1:{self.healthz_port}/healthz"
         while time.perf_counter() - started < READY_TIMEOUT_SECONDS:
             if self.process.poll() is not None:
-                raise RuntimeError(f"sentry_tx exited with {self.process.returncode}; see {self.log.name}")
+                raise RuntimeError(
+                    f"sentry_tx exited with {self.process.returncode}; see "
+                    f"{self.log.name}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=1) as response:
                     if response.status == 200:
@@ -413,8 +421,14 @@ def h2load_run(server, in_flight, seconds, body_path, workdir):
     latencies.sort()
     mean = statistics.fmean(latencies) if latencies else None
     cpu_ms = 1000 * cpu / len(latencies) if latencies else None
-    return (rate, percentile(latencies, 50), percentile(latencies, 99), len(latencies), mean,
-            cpu_ms)
+    return (
+        rate,
+        percentile(latencies, 50),
+        percentile(latencies, 99),
+        len(latencies),
+        mean,
+        cpu_ms,
+    )
 
 
 def _python_client_worker(target, anchors_pem, request_bytes, threads, seconds, queue):
@@ -472,10 +486,16 @@ def python_client_run(server, in_flight, seconds, request=None):
     for p in procs:
         p.join()
     elapsed = time.perf_counter() - started
-    latencies = sorted(l for r in results for l in r[0])
+    latencies = sorted(latency for r in results for latency in r[0])
     mean = statistics.fmean(latencies) if latencies else None
-    return (len(latencies) / elapsed, percentile(latencies, 50), percentile(latencies, 99),
-            len(latencies), mean, None)
+    return (
+        len(latencies) / elapsed,
+        percentile(latencies, 50),
+        percentile(latencies, 99),
+        len(latencies),
+        mean,
+        None,
+    )
 
 
 def percentile(sorted_values, p):
@@ -570,7 +590,7 @@ def reload_visibility(server, swaps, seconds_per_swap):
             # A new issuer key and certificate under the same root: what an
             # operator's rotation looks like. Written beside the files, then
             # renamed into place (key first).
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = datetime.datetime.now(datetime.UTC)
             key = make_private_key("ecdsa-p256")
             issuer = make_certificate(
                 key,
@@ -682,7 +702,9 @@ class GoServer:
                 raise RuntimeError(f"the Go yardstick exited; see {self.log.name}")
             if os.path.exists(self.root_path):
                 try:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    socket.create_connection(
+                        ("127.0.0.1", self.port), timeout=1
+                    ).close()
                     return time.perf_counter() - started
                 except OSError:
                     pass
@@ -746,7 +768,10 @@ def go_throughput(go, seconds, workdir, repeats):
         f.write(grpc_frame(sign_request()))
     rows = {}
     for in_flight in IN_FLIGHT:
-        runs = [h2load_run(go, in_flight, seconds, body_path, workdir) for _ in range(repeats)]
+        runs = [
+            h2load_run(go, in_flight, seconds, body_path, workdir)
+            for _ in range(repeats)
+        ]
         rows[in_flight] = dict(
             rate=statistics.median(r[0] for r in runs),
             p50=statistics.median(r[1] for r in runs),
@@ -777,15 +802,23 @@ class HostingServer:
     def start(self):
         self.log = open(os.path.join(self.workdir, f"hosting-{self.design}.log"), "ab")
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "hosting.py"), self.design, self.workdir],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                os.path.join(HERE, "hosting.py"),
+                self.design,
+                self.workdir,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONPATH=ROOT),
         )
         port_path = os.path.join(self.workdir, "port")
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         while not os.path.exists(port_path):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"bench/hosting.py {self.design} did not start; see {self.log.name}")
+                raise RuntimeError(
+                    f"bench/hosting.py {self.design} did not start; see {self.log.name}"
+                )
             time.sleep(0.02)
         with open(port_path) as f:
             self.port = int(f.read())
@@ -814,7 +847,9 @@ def hosting_rates(workdir, seconds, repeats):
             server = HostingServer(design, tempfile.mkdtemp(dir=workdir))
             server.start()
             try:
-                runs[design].append(h2load_run(server, 64, seconds, body_path, server.workdir))
+                runs[design].append(
+                    h2load_run(server, 64, seconds, body_path, server.workdir)
+                )
             finally:
                 server.stop()
     return {
@@ -903,18 +938,36 @@ def judge_targets(results, go_rows, kube_row, judged):
             rows.append((name, "n/a", None))
             return
         met = value >= limit if higher_is_better else value <= limit
-        rows.append((name, f"{value:.2f} x ({fmt(at_64[key], 2)} against {fmt(go_64[key], 2)})", met))
+        rows.append(
+            (
+                name,
+                f"{value:.2f} x ({fmt(at_64[key], 2)} against {fmt(go_64[key], 2)})",
+                met,
+            )
+        )
 
     against_go(f"signed/s over TLS at 64 in flight >= {TARGET_RATE_TO_GO} x Go", "rate",
                TARGET_RATE_TO_GO, True)
-    against_go(f"(stretch) signed/s at 64 in flight >= {STRETCH_RATE_TO_GO} x Go", "rate",
-               STRETCH_RATE_TO_GO, True)
-    against_go(f"mean latency at 64 in flight <= {TARGET_LATENCY_TO_GO:g} x Go's", "mean",
-               TARGET_LATENCY_TO_GO, False)
+    against_go(
+        f"(stretch) signed/s at 64 in flight >= {STRETCH_RATE_TO_GO} x Go",
+        "rate",
+        STRETCH_RATE_TO_GO,
+        True,
+    )
+    against_go(
+        f"mean latency at 64 in flight <= {TARGET_LATENCY_TO_GO:g} x Go's",
+        "mean",
+        TARGET_LATENCY_TO_GO,
+        False,
+    )
     against_go(f"p99 latency at 64 in flight <= {TARGET_LATENCY_TO_GO:g} x Go's", "p99",
                TARGET_LATENCY_TO_GO, False)
-    against_go(f"CPU ms per certificate at 64 in flight <= {TARGET_CPU_TO_GO:g} x Go's", "cpu_ms",
-               TARGET_CPU_TO_GO, False)
+    against_go(
+        f"CPU ms per certificate at 64 in flight <= {TARGET_CPU_TO_GO:g} x Go's",
+        "cpu_ms",
+        TARGET_CPU_TO_GO,
+        False,
+    )
     rows.append((f"peak RSS <= {TARGET_RSS_PER_PROCESS_MIB:g} MiB per serving process",
                  f"{result['rss_per_process']:.0f} MiB (largest process)",
                  result["rss_per_process"] <= TARGET_RSS_PER_PROCESS_MIB))
@@ -922,14 +975,23 @@ def judge_targets(results, go_rows, kube_row, judged):
                  f"{result['ready']:.2f} s", result["ready"] <= TARGET_READY_SECONDS))
     if "reload" in result:
         delay, failed = result["reload"]
-        rows.append((f"issuer swap visible <= {TARGET_RELOAD_SECONDS} s with 0 failed calls",
-                     f"{fmt(delay, 2)} s, {failed} failed",
-                     delay <= TARGET_RELOAD_SECONDS and failed == 0))
+        rows.append(
+            (
+                f"issuer swap visible <= {TARGET_RELOAD_SECONDS} s with 0 failed calls",
+                f"{fmt(delay, 2)} s, {failed} failed",
+                delay <= TARGET_RELOAD_SECONDS and failed == 0,
+            )
+        )
     if kube_row:
-        rows.append((f"kubernetes mode >= {TARGET_KUBERNETES_PER_SECOND:,.0f} signed/s "
-                     "(20 ms API; issue 10)",
-                     f"{kube_row['rate']:,.0f}/s",
-                     kube_row["rate"] >= TARGET_KUBERNETES_PER_SECOND and kube_row["failed"] == 0))
+        rows.append(
+            (
+                f"kubernetes mode >= {TARGET_KUBERNETES_PER_SECOND:,.0f} signed/s "
+                "(20 ms API; issue 10)",
+                f"{kube_row['rate']:,.0f}/s",
+                kube_row["rate"] >= TARGET_KUBERNETES_PER_SECOND
+                and kube_row["failed"] == 0,
+            )
+        )
     return rows
 
 
@@ -955,27 +1017,47 @@ def process_label(workers):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run, under 60 s")
-    parser.add_argument("--workers", default="default",
-                        help="comma-separated serving process counts to measure, 'default'"
-                             " for sentry_tx's own choice (default: default)")
+    parser.add_argument(
+        "--workers",
+        default="default",
+        help="comma-separated serving process counts to measure, 'default'"
+        " for sentry_tx's own choice (default: default)",
+    )
     parser.add_argument("--seconds", type=float, default=None,
                         help="duration of each load run (default 8, quick 2)")
-    parser.add_argument("--client", choices=("auto", "h2load", "python"), default="auto")
-    parser.add_argument("--go", default=None,
-                        help="the Go yardstick's binary (default: build ../shared/go-sentryref;"
-                             " --quick builds nothing)")
-    parser.add_argument("--no-go", action="store_true", help="do not run the Go yardstick")
+    parser.add_argument(
+        "--client", choices=("auto", "h2load", "python"), default="auto"
+    )
+    parser.add_argument(
+        "--go",
+        default=None,
+        help="the Go yardstick's binary (default: build ../shared/go-sentryref;"
+        " --quick builds nothing)",
+    )
+    parser.add_argument(
+        "--no-go", action="store_true", help="do not run the Go yardstick"
+    )
     parser.add_argument("--no-kubernetes", action="store_true",
                         help="skip the kubernetes-mode measurement")
     parser.add_argument("--no-sidecars", action="store_true",
                         help="skip the sidecar-pattern measurement (bench/sidecars.py)")
-    parser.add_argument("--sidecars-only", action="store_true",
-                        help="measure only the sidecar pattern and rewrite its section of"
-                             " RESULTS.md, keeping the rest")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="alternated rounds of the sidecar pattern (default 3, quick 1)")
-    parser.add_argument("--write", default=None,
-                        help="write RESULTS.md and results.png here (default bench/, not in --quick)")
+    parser.add_argument(
+        "--sidecars-only",
+        action="store_true",
+        help="measure only the sidecar pattern and rewrite its section of"
+        " RESULTS.md, keeping the rest",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="alternated rounds of the sidecar pattern (default 3, quick 1)",
+    )
+    parser.add_argument(
+        "--write",
+        default=None,
+        help="write RESULTS.md and results.png here (default bench/, not in --quick)",
+    )
     args = parser.parse_args(argv)
 
     seconds = args.seconds or (2.0 if args.quick else 8.0)
@@ -985,9 +1067,15 @@ def main(argv=None):
         workers_list = workers_list[:1]
     if args.sidecars_only:
         return sidecars_only(args, seconds)
-    use_h2load = args.client == "h2load" or (args.client == "auto" and shutil.which("h2load"))
-    client = "h2load (pre-encoded gRPC body, TLS)" if use_h2load else "multi-process Python grpc client"
-    started = datetime.datetime.now(datetime.timezone.utc)
+    use_h2load = args.client == "h2load" or (
+        args.client == "auto" and shutil.which("h2load")
+    )
+    client = (
+        "h2load (pre-encoded gRPC body, TLS)"
+        if use_h2load
+        else "multi-process Python grpc client"
+    )
+    started = datetime.datetime.now(datetime.UTC)
     commit = git_commit()
 
     print(f"machine: {machine_description()}")
@@ -1015,7 +1103,9 @@ def main(argv=None):
                 go_server = GoServer(binary, tempfile.mkdtemp(dir=workdir))
                 try:
                     go_server.start()
-                    go["rows"] = go_throughput(go_server, seconds, go_server.workdir, repeats)
+                    go["rows"] = go_throughput(
+                        go_server, seconds, go_server.workdir, repeats
+                    )
                     go["rss"] = go_server.peak_rss_mib()
                 finally:
                     go_server.stop()
@@ -1042,36 +1132,50 @@ def main(argv=None):
                         server.stop()
             result["ready"] = statistics.median(ready)
             try:
-                result["throughput"] = throughput(server, seconds, server.workdir, use_h2load, repeats)
+                result["throughput"] = throughput(
+                    server, seconds, server.workdir, use_h2load, repeats
+                )
                 if not args.quick:
                     result["reload"] = reload_visibility(server, 3, 10.0)
                 result["rss"] = server.peak_rss_mib()
                 result["rss_per_process"] = server.peak_rss_mib(per_process=True)
             finally:
                 result["exit"] = server.stop()
-            print(f"\n{label} process(es) serving gRPC: ready in {result['ready']:.2f} s; "
-                  f"peak RSS {result['rss']:.0f} MiB in all, "
-                  f"{result['rss_per_process']:.0f} MiB in the largest process")
+            print(
+                f"\n{label} process(es) serving gRPC: ready in {result['ready']:.2f} "
+                "s; "
+                f"peak RSS {result['rss']:.0f} MiB in all, "
+                f"{result['rss_per_process']:.0f} MiB in the largest process"
+            )
             for in_flight, row in result["throughput"].items():
                 go_row = go["rows"][in_flight] if go["rows"] else {}
-                print(f"  {in_flight:>3} in flight: {row['rate']:8,.0f} signed/s  "
-                      f"mean {fmt(row['mean'], 2)} ms  p50 {fmt(row['p50'], 2)} ms  "
-                      f"p99 {fmt(row['p99'], 2)} ms  "
-                      f"failed {row['failed']} of {row['calls']:,}  "
-                      f"server CPU {fmt(row['cpu_ms'], 3)} ms/cert  "
-                      f"ratio to Go: rate {fmt(ratio(row['rate'], go_row.get('rate')), 2)}, "
-                      f"mean {fmt(ratio(row['mean'], go_row.get('mean')), 2)}, "
-                      f"p99 {fmt(ratio(row['p99'], go_row.get('p99')), 2)}, "
-                      f"CPU {fmt(ratio(row['cpu_ms'], go_row.get('cpu_ms')), 2)}")
+                print(
+                    f"  {in_flight:>3} in flight: {row['rate']:8,.0f} signed/s  "
+                    f"mean {fmt(row['mean'], 2)} ms  p50 {fmt(row['p50'], 2)} ms  "
+                    f"p99 {fmt(row['p99'], 2)} ms  "
+                    f"failed {row['failed']} of {row['calls']:,}  "
+                    f"server CPU {fmt(row['cpu_ms'], 3)} ms/cert  "
+                    f"ratio to Go: rate "
+                    f"{fmt(ratio(row['rate'], go_row.get('rate')), 2)}, "
+                    f"mean {fmt(ratio(row['mean'], go_row.get('mean')), 2)}, "
+                    f"p99 {fmt(ratio(row['p99'], go_row.get('p99')), 2)}, "
+                    f"CPU {fmt(ratio(row['cpu_ms'], go_row.get('cpu_ms')), 2)}"
+                )
             if "reload" in result:
                 delay, failed = result["reload"]
-                print(f"  issuer swap -> first new certificate: {fmt(delay, 2)} s; failed calls {failed}")
+                print(
+                    f"  issuer swap -> first new certificate: {fmt(delay, 2)} s; "
+                    f"failed calls {failed}"
+                )
         if not args.quick and use_h2load:
             hosting = results["hosting"] = hosting_rates(workdir, seconds, repeats)
             print("\nhosting, one process each, 64 in flight:")
             for design, row in hosting.items():
-                print(f"  {design:>9}: {row['rate']:8,.0f} signed/s  p99 {fmt(row['p99'], 2)} ms  "
-                      f"CPU {fmt(row['cpu_ms'], 3)} ms/cert")
+                print(
+                    f"  {design:>9}: {row['rate']:8,.0f} signed/s  p99 "
+                    f"{fmt(row['p99'], 2)} ms  "
+                    f"CPU {fmt(row['cpu_ms'], 3)} ms/cert"
+                )
         if not args.quick and not args.no_kubernetes:
             kube_workers = max((w for w in workers_list if w is not None), default=None)
             import kube_storm
@@ -1101,18 +1205,28 @@ def main(argv=None):
                 results["sidecars"] = (sidecars.report_lines(
                     rows, seconds, rounds, process_label(workers_list[0])), None)
                 for target, measured, met in sidecars.judge(rows):
-                    print(f"  target: {target}: {measured}: "
-                          f"{'met' if met else 'not judged' if met is None else 'NOT met'}")
+                    verdict = (
+                        "met" if met else "not judged" if met is None else "NOT met"
+                    )
+                    print(f"  target: {target}: {measured}: {verdict}")
         if not args.quick:
             from jwt_cost import jwt_cost, report_lines
 
-            results["jwt"] = report_lines(jwt_cost(workdir, seconds, repeats, use_h2load))
+            results["jwt"] = report_lines(
+                jwt_cost(workdir, seconds, repeats, use_h2load)
+            )
             print("\n" + "\n".join(results["jwt"]))
 
     judged = process_label(None)
     for target, measured, met in judge_targets(
-        {k: v for k, v in results.items() if k not in ("hosting", "kubernetes", "sidecars")},
-        go["rows"], (results.get("kubernetes") or (None, None))[0], judged,
+        {
+            k: v
+            for k, v in results.items()
+            if k not in ("hosting", "kubernetes", "sidecars")
+        },
+        go["rows"],
+        (results.get("kubernetes") or (None, None))[0],
+        judged,
     ):
         print(f"  target: {target}: {measured}: "
               f"{'met' if met else 'not judged' if met is None else 'NOT met'}")
@@ -1136,7 +1250,7 @@ def sidecars_only(args, seconds):
         return 2
     rounds = args.rounds or (1 if args.quick else 3)
     workers = None if args.workers == "default" else int(args.workers.split(",")[0])
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     commit = git_commit()
     print(f"machine: {machine_description()}")
     print(f"commit: {commit}; date: {started:%Y-%m-%d %H:%M} UTC; sidecar pattern only,"
@@ -1150,9 +1264,13 @@ def sidecars_only(args, seconds):
         return 0
     out = args.write or HERE
     sidecars.write_section(
-        os.path.join(out, "RESULTS.md"), lines,
-        [f"Written by `bench/run.py --sidecars-only` on {started:%Y-%m-%d %H:%M} UTC at commit"
-         f" {commit}; machine: {machine_description()}."],
+        os.path.join(out, "RESULTS.md"),
+        lines,
+        [
+            f"Written by `bench/run.py --sidecars-only` on {started:%Y-%m-%d %H:%M} "
+            "UTC at commit"
+            f" {commit}; machine: {machine_description()}."
+        ],
     )
     print(f"\nwrote the sidecar section of {os.path.join(out, 'RESULTS.md')}")
     return 0
@@ -1172,39 +1290,51 @@ def write_report(out, results, bare, started, commit, client, seconds, repeats, 
     lines = [
         "# sentry_tx benchmark results",
         "",
-        f"Written by `bench/run.py` on {started:%Y-%m-%d %H:%M} UTC at commit {commit}.",
+        f"Written by `bench/run.py` on {started:%Y-%m-%d %H:%M} UTC at commit "
+        f"{commit}.",
         "",
         f"- Machine: {machine_description()}.",
         f"- Load: {client}, every request a real P-256 CSR signed for real; "
         f"{seconds:g} s per run, {repeats} runs per point, medians quoted.",
-        "- Server and load generator share the machine's cores; the machine is shared with"
-        " other work, so compare ratios taken in this run, not single figures across runs.",
-        "- CPU ms per certificate: the server's processes' user + system CPU over h2load's"
-        " measured window (after its warm-up), over the calls answered in it; the same measure"
+        "- Server and load generator share the machine's cores; the machine is shared "
+        "with"
+        " other work, so compare ratios taken in this run, not single figures across "
+        "runs.",
+        "- CPU ms per certificate: the server's processes' user + system CPU over "
+        "h2load's"
+        " measured window (after its warm-up), over the calls answered in it; the same "
+        "measure"
         " for the Go yardstick.",
         "",
-        f"Bare issue pipeline (parse CSR, verify, build, sign, PEM), one process, one core: "
+        f"Bare issue pipeline (parse CSR, verify, build, sign, PEM), one process, one "
+        "core: "
         f"**{bare:,.0f} certificates/s**.",
         "",
     ]
     if go_rows:
         lines += [
-            f"Go yardstick (`../shared/go-sentryref`, one process, grpc-go), same load, same run;"
+            f"Go yardstick (`../shared/go-sentryref`, one process, grpc-go), same "
+            "load, same run;"
             f" peak RSS {fmt(go['rss'], 0)} MiB:",
             "",
-            "| in flight | signed/s | mean ms | p50 ms | p99 ms | CPU ms per certificate |",
+            "| in flight | signed/s | mean ms | p50 ms | p99 ms | CPU ms per "
+            "certificate |",
             "|---|---|---|---|---|---|",
         ]
         for in_flight, row in go_rows.items():
-            lines.append(f"| {in_flight} | {row['rate']:,.0f} | {fmt(row['mean'], 2)} | "
-                         f"{fmt(row['p50'], 2)} | {fmt(row['p99'], 2)} | {fmt(row['cpu_ms'], 3)} |")
+            lines.append(
+                f"| {in_flight} | {row['rate']:,.0f} | {fmt(row['mean'], 2)} | "
+                f"{fmt(row['p50'], 2)} | {fmt(row['p99'], 2)} | "
+                f"{fmt(row['cpu_ms'], 3)} |"
+            )
         lines.append("")
     else:
         lines += [f"Go yardstick: not run ({go['reason']}).", ""]
     lines += [
         "sentry_tx, and its ratios to Go at the same in-flight count:",
         "",
-        "| processes | in flight | signed/s | mean ms | p50 ms | p99 ms | failed | CPU ms per certificate"
+        "| processes | in flight | signed/s | mean ms | p50 ms | p99 ms | failed | CPU "
+        "ms per certificate"
         " | rate / Go | mean / Go | p99 / Go | CPU / Go |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -1212,46 +1342,76 @@ def write_report(out, results, bare, started, commit, client, seconds, repeats, 
         for in_flight, row in result["throughput"].items():
             go_row = go_rows[in_flight] if go_rows else {}
             lines.append(
-                f"| {label} | {in_flight} | {row['rate']:,.0f} | {fmt(row['mean'], 2)} | "
-                f"{fmt(row['p50'], 2)} | {fmt(row['p99'], 2)} | {row['failed']} of {row['calls']:,} | "
-                f"{fmt(row['cpu_ms'], 3)} | {fmt(ratio(row['rate'], go_row.get('rate')), 2)} | "
+                f"| {label} | {in_flight} | {row['rate']:,.0f} | {fmt(row['mean'], 2)} "
+                "| "
+                f"{fmt(row['p50'], 2)} | {fmt(row['p99'], 2)} | {row['failed']} of "
+                f"{row['calls']:,} | "
+                f"{fmt(row['cpu_ms'], 3)} | "
+                f"{fmt(ratio(row['rate'], go_row.get('rate')), 2)} | "
                 f"{fmt(ratio(row['mean'], go_row.get('mean')), 2)} | "
                 f"{fmt(ratio(row['p99'], go_row.get('p99')), 2)} | "
                 f"{fmt(ratio(row['cpu_ms'], go_row.get('cpu_ms')), 2)} |"
             )
-    lines += ["", "| processes | exec to healthz 200 | peak RSS, all processes | peak RSS, largest"
-              " process | swap to new issuer | failed calls in swaps |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| processes | exec to healthz 200 | peak RSS, all processes | peak RSS, "
+        "largest"
+        " process | swap to new issuer | failed calls in swaps |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, result in results.items():
         delay, failed = result.get("reload", (None, None))
-        lines.append(f"| {label} | {result['ready']:.2f} s | {result['rss']:.0f} MiB | "
-                     f"{result['rss_per_process']:.0f} MiB | {fmt(delay, 2)} s | {failed} |")
+        lines.append(
+            f"| {label} | {result['ready']:.2f} s | {result['rss']:.0f} MiB | "
+            f"{result['rss_per_process']:.0f} MiB | {fmt(delay, 2)} s | {failed} |"
+        )
     if hosting:
         thread, same = hosting["thread"], hosting["same-loop"]
         faster = "thread" if thread["rate"] >= same["rate"] else "same-loop"
         lines += [
-            "", "## Hosting: grpc.aio on its own loop thread against Twisted's asyncio reactor", "",
-            "One process each (bench/hosting.py), INSECURE, 64 in flight, runs alternated:", "",
-            "| hosting | signed/s | p99 ms | CPU ms per certificate |", "|---|---|---|---|",
-            f"| grpc.aio on its own loop thread, default reactor (what sentry_tx runs) | "
-            f"{thread['rate']:,.0f} | {fmt(thread['p99'], 2)} | {fmt(thread['cpu_ms'], 3)} |",
-            f"| Twisted's asyncio reactor, grpc.aio on the same loop (needs `twistd -r asyncio`) | "
+            "",
+            "## Hosting: grpc.aio on its own loop thread against Twisted's asyncio "
+            "reactor",
+            "",
+            "One process each (bench/hosting.py), INSECURE, 64 in flight, runs "
+            "alternated:",
+            "",
+            "| hosting | signed/s | p99 ms | CPU ms per certificate |",
+            "|---|---|---|---|",
+            f"| grpc.aio on its own loop thread, default reactor (what sentry_tx runs) "
+            "| "
+            f"{thread['rate']:,.0f} | {fmt(thread['p99'], 2)} | "
+            f"{fmt(thread['cpu_ms'], 3)} |",
+            f"| Twisted's asyncio reactor, grpc.aio on the same loop (needs `twistd -r "
+            "asyncio`) | "
             f"{same['rate']:,.0f} | {fmt(same['p99'], 2)} | {fmt(same['cpu_ms'], 3)} |",
             "",
-            f"Faster in this run: **{faster}** ({ratio(same['rate'], thread['rate']):.2f} x the"
-            f" thread design's rate for the same loop). Issue 9 keeps the same-loop design only if"
-            f" it is faster and needs no `-r` flag; it needs `-r asyncio`, so sentry_tx keeps the"
+            f"Faster in this run: **{faster}** "
+            f"({ratio(same['rate'], thread['rate']):.2f} x the"
+            f" thread design's rate for the same loop). Issue 9 keeps the same-loop "
+            "design only if"
+            f" it is faster and needs no `-r` flag; it needs `-r asyncio`, so "
+            "sentry_tx keeps the"
             f" loop thread.",
         ]
     kube_row, reason = kube
     if kube_row:
-        lines += ["", f"Kubernetes mode ({process_label(kube_row['workers'])} process(es)), fake API"
-                  f" server in its own process with 20 ms added to each TokenReview and Pod GET, 64 in"
-                  f" flight: **{kube_row['rate']:,.0f} signed/s**, p50 {fmt(kube_row['p50'], 2)} ms, "
-                  f"p99 {fmt(kube_row['p99'], 2)} ms, failed {kube_row['failed']} of {kube_row['calls']:,}. "
-                  f"CPU per signed certificate: sentry_tx's processes {fmt(kube_row['cpu_ms'], 2)} ms, "
-                  f"the fake API server {fmt(kube_row['fake_cpu_ms'], 2)} ms; the bare pipeline needs "
-                  f"{1000 / bare:.2f} ms."]
+        lines += [
+            "",
+            f"Kubernetes mode ({process_label(kube_row['workers'])} process(es)), fake "
+            "API"
+            f" server in its own process with 20 ms added to each TokenReview and Pod "
+            "GET, 64 in"
+            f" flight: **{kube_row['rate']:,.0f} signed/s**, p50 "
+            f"{fmt(kube_row['p50'], 2)} ms, "
+            f"p99 {fmt(kube_row['p99'], 2)} ms, failed {kube_row['failed']} of "
+            f"{kube_row['calls']:,}. "
+            f"CPU per signed certificate: sentry_tx's processes "
+            f"{fmt(kube_row['cpu_ms'], 2)} ms, "
+            f"the fake API server {fmt(kube_row['fake_cpu_ms'], 2)} ms; the bare "
+            "pipeline needs "
+            f"{1000 / bare:.2f} ms.",
+        ]
     else:
         lines += ["", f"Kubernetes mode: not measured ({reason})."]
     if storm_rows:
@@ -1260,8 +1420,13 @@ def write_report(out, results, bare, started, commit, client, seconds, repeats, 
         lines += ["", "Storms (bench/kube_storm.py):", ""]
         lines += [f"- {kube_storm.describe_storm(row)}" for row in storm_rows]
     judged = process_label(None)
-    lines += ["", f"## Targets (issue 9), judged from the figures above at {judged} processes", "",
-              "| target | measured | met |", "|---|---|---|"]
+    lines += [
+        "",
+        f"## Targets (issue 9), judged from the figures above at {judged} processes",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
     for target, measured, met in judge_targets(results, go_rows, kube_row, judged):
         verdict = "not judged" if met is None else "yes" if met else "**no**"
         lines.append(f"| {target} | {measured} | {verdict} |")
@@ -1270,9 +1435,15 @@ def write_report(out, results, bare, started, commit, client, seconds, repeats, 
     if jwt_lines:
         lines += [""] + jwt_lines
     if sidecar_lines:
-        lines += ["", sidecars.SECTION_START,
-                  f"Written by `bench/run.py` on {started:%Y-%m-%d %H:%M} UTC at commit {commit}.",
-                  "", *sidecar_lines, sidecars.SECTION_END]
+        lines += [
+            "",
+            sidecars.SECTION_START,
+            f"Written by `bench/run.py` on {started:%Y-%m-%d %H:%M} UTC at commit "
+            f"{commit}.",
+            "",
+            *sidecar_lines,
+            sidecars.SECTION_END,
+        ]
     elif kept_sidecars:
         # Measured earlier by --sidecars-only: kept as it was.
         lines += ["", kept_sidecars]
@@ -1280,7 +1451,10 @@ def write_report(out, results, bare, started, commit, client, seconds, repeats, 
         lines += ["", f"The sidecar pattern: not measured ({sidecar_reason})."]
     with open(os.path.join(out, "RESULTS.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"\nwrote {os.path.join(out, 'RESULTS.md')}" + (" and results.png" if png else ""))
+    print(
+        f"\nwrote {os.path.join(out, 'RESULTS.md')}"
+        + (" and results.png" if png else "")
+    )
 
 
 if __name__ == "__main__":

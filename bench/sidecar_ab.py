@@ -37,7 +37,9 @@ class _Tree:
             extra = ["--mode", "kubernetes", "--kubeconfig", fake.kubeconfig,
                      "--config", "daprsystem"]
             env = {"NAMESPACE": sidecars.SENTRY_NAMESPACE}
-        self.server = run.Server(tempfile.mkdtemp(dir=workdir), workers, extra=extra, env=env)
+        self.server = run.Server(
+            tempfile.mkdtemp(dir=workdir), workers, extra=extra, env=env
+        )
         self.server.env["PYTHONPATH"] = root
         self.server.start()
         self.port = self.server.port
@@ -68,15 +70,16 @@ def main(argv=None):
             if args.kubernetes:
                 from sentry_tx.testing.certificates import make_chain
 
-                now = datetime.datetime.now(datetime.timezone.utc)
+                now = datetime.datetime.now(datetime.UTC)
                 chain_dir = tempfile.mkdtemp(dir=workdir)
                 make_chain(
                     trust_domain="cluster.local",
                     not_before=now - datetime.timedelta(days=1),
                     not_after=now + datetime.timedelta(days=30),
                 ).write(chain_dir)
-                fake = sidecars.GoFakeAPI(binary, workdir, sidecars.REVIEW_DELAY_SECONDS,
-                                          chain_dir)
+                fake = sidecars.GoFakeAPI(
+                    binary, workdir, sidecars.REVIEW_DELAY_SECONDS, chain_dir
+                )
             token = fake.token if fake else None
             servers = {}
             for name, root in trees.items():
@@ -90,19 +93,27 @@ def main(argv=None):
                 if index % 2:
                     order.reverse()
                 for name, tree in order:
-                    row = sidecars.measure_run(tree, binary, args.seconds, workdir, token, fake)
+                    row = sidecars.measure_run(
+                        tree, binary, args.seconds, workdir, token, fake
+                    )
                     runs[name].append(row)
-                    print(f"{name}: {row['rate']:,.0f}/s CPU {row['cpu_ms']:.3f} ms/cert"
-                          f" p99 {row['p99']:.1f} ms failed {row['failed']}", flush=True)
+                    print(
+                        f"{name}: {row['rate']:,.0f}/s CPU {row['cpu_ms']:.3f} ms/cert"
+                        f" p99 {row['p99']:.1f} ms failed {row['failed']}",
+                        flush=True,
+                    )
         finally:
             for tree in started:
                 tree.server.stop()
             if fake is not None:
                 fake.stop()
     for name, rows in runs.items():
-        print(f"median {name}: CPU {statistics.median(r['cpu_ms'] for r in rows):.3f} ms/cert,"
-              f" {statistics.median(r['rate'] for r in rows):,.0f}/s,"
-              f" failed {sum(r['failed'] for r in rows)}")
+        print(
+            f"median {name}: CPU {statistics.median(r['cpu_ms'] for r in rows):.3f} "
+            "ms/cert,"
+            f" {statistics.median(r['rate'] for r in rows):,.0f}/s,"
+            f" failed {sum(r['failed'] for r in rows)}"
+        )
     return 0
 
 

@@ -157,27 +157,67 @@ class GoFakeAPI:
         ns_path = f"/api/v1/namespaces/{SENTRY_NAMESPACE}"
         state = {
             "review_delay_s": delay_seconds,
-            "tokens": {self.token: f"system:serviceaccount:{APP_NAMESPACE}:{SERVICE_ACCOUNT}"},
+            "tokens": {
+                self.token: f"system:serviceaccount:{APP_NAMESPACE}:{SERVICE_ACCOUNT}"
+            },
             "objects": [
-                {"path": f"/apis/dapr.io/v1alpha1/namespaces/{SENTRY_NAMESPACE}/configurations",
-                 "body": {"apiVersion": "dapr.io/v1alpha1", "kind": "Configuration",
-                          "metadata": {"name": "daprsystem", "namespace": SENTRY_NAMESPACE},
-                          "spec": {"mtls": {"workloadCertTTL": "24h"}}}},
-                {"path": f"{ns_path}/secrets",
-                 "body": {"apiVersion": "v1", "kind": "Secret",
-                          "metadata": {"name": TRUST_BUNDLE, "namespace": SENTRY_NAMESPACE},
-                          "data": {"ca.crt": b64(anchors), "issuer.crt": b64(issuer),
-                                   "issuer.key": b64(key)}}},
-                {"path": f"{ns_path}/configmaps",
-                 "body": {"apiVersion": "v1", "kind": "ConfigMap",
-                          "metadata": {"name": TRUST_BUNDLE, "namespace": SENTRY_NAMESPACE},
-                          "data": {"ca.crt": anchors.decode()}}},
-                {"path": f"/api/v1/namespaces/{APP_NAMESPACE}/pods",
-                 "body": {"apiVersion": "v1", "kind": "Pod",
-                          "metadata": {"name": POD_NAME, "namespace": APP_NAMESPACE,
-                                       "uid": POD_UID,
-                                       "annotations": {"dapr.io/app-id": APP_ID}},
-                          "spec": {"serviceAccountName": SERVICE_ACCOUNT}}},
+                {
+                    "path": (
+                        f"/apis/dapr.io/v1alpha1/namespaces/{SENTRY_NAMESPACE}"
+                        "/configurations"
+                    ),
+                    "body": {
+                        "apiVersion": "dapr.io/v1alpha1",
+                        "kind": "Configuration",
+                        "metadata": {
+                            "name": "daprsystem",
+                            "namespace": SENTRY_NAMESPACE,
+                        },
+                        "spec": {"mtls": {"workloadCertTTL": "24h"}},
+                    },
+                },
+                {
+                    "path": f"{ns_path}/secrets",
+                    "body": {
+                        "apiVersion": "v1",
+                        "kind": "Secret",
+                        "metadata": {
+                            "name": TRUST_BUNDLE,
+                            "namespace": SENTRY_NAMESPACE,
+                        },
+                        "data": {
+                            "ca.crt": b64(anchors),
+                            "issuer.crt": b64(issuer),
+                            "issuer.key": b64(key),
+                        },
+                    },
+                },
+                {
+                    "path": f"{ns_path}/configmaps",
+                    "body": {
+                        "apiVersion": "v1",
+                        "kind": "ConfigMap",
+                        "metadata": {
+                            "name": TRUST_BUNDLE,
+                            "namespace": SENTRY_NAMESPACE,
+                        },
+                        "data": {"ca.crt": anchors.decode()},
+                    },
+                },
+                {
+                    "path": f"/api/v1/namespaces/{APP_NAMESPACE}/pods",
+                    "body": {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "metadata": {
+                            "name": POD_NAME,
+                            "namespace": APP_NAMESPACE,
+                            "uid": POD_UID,
+                            "annotations": {"dapr.io/app-id": APP_ID},
+                        },
+                        "spec": {"serviceAccountName": SERVICE_ACCOUNT},
+                    },
+                },
             ],
         }
         state_path = os.path.join(self.dir, "state.json")
@@ -185,12 +225,19 @@ class GoFakeAPI:
             json.dump(state, f)
         self.kubeconfig = os.path.join(self.dir, "kubeconfig")
         with open(self.kubeconfig, "w") as f:
-            json.dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-                "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-                "users": [{"name": "fake", "user": {"token": "bench-api-token"}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-            }, f)
+            json.dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "fake", "user": {"token": "bench-api-token"}}],
+                    "contexts": [
+                        {"name": "fake", "context": {"cluster": "fake", "user": "fake"}}
+                    ],
+                },
+                f,
+            )
         self.log = open(os.path.join(self.dir, "fake.log"), "wb")
         self.process = subprocess.Popen(
             [binary, "-fake-kube", state_path, "-port", str(self.port)],
@@ -288,7 +335,9 @@ class _SentryUnderLoad:
             extra = ["--mode", "kubernetes", "--kubeconfig", fake.kubeconfig,
                      "--config", "daprsystem"]
             env = {"NAMESPACE": SENTRY_NAMESPACE}
-        self.server = Server(tempfile.mkdtemp(dir=workdir), workers, extra=extra, env=env)
+        self.server = Server(
+            tempfile.mkdtemp(dir=workdir), workers, extra=extra, env=env
+        )
         self.server.start()
         self.root_path = chain_dir and os.path.join(chain_dir, "ca.crt")
         if self.root_path is None:
@@ -382,7 +431,7 @@ def sidecar_comparison(go_binary, workdir, seconds=8.0, rounds=3, workers=None,
         fake = None
         chain_dir = None
         if mode == "kubernetes":
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = datetime.datetime.now(datetime.UTC)
             chain_dir = tempfile.mkdtemp(dir=workdir, prefix="chain-")
             make_chain(
                 trust_domain="cluster.local",
@@ -408,9 +457,12 @@ def sidecar_comparison(go_binary, workdir, seconds=8.0, rounds=3, workers=None,
                 for name, target in order:
                     row = measure_run(target, go_binary, seconds, workdir, token, fake)
                     runs[name].append(row)
-                    log(f"  sidecars, {mode}, round {index + 1}, {name}: "
-                        f"{row['rate']:,.0f}/s p50 {row['p50']:.2f} ms p99 {row['p99']:.2f} ms"
-                        f" failed {row['failed']} CPU {_fmt(row['cpu_ms'], 3)} ms/cert")
+                    log(
+                        f"  sidecars, {mode}, round {index + 1}, {name}: "
+                        f"{row['rate']:,.0f}/s p50 {row['p50']:.2f} ms p99 "
+                        f"{row['p99']:.2f} ms"
+                        f" failed {row['failed']} CPU {_fmt(row['cpu_ms'], 3)} ms/cert"
+                    )
             results[mode] = {name: _median_row(rows) for name, rows in runs.items()}
         finally:
             for target in (ours, theirs):
@@ -447,7 +499,11 @@ def judge(results):
         ours, go = pair["sentry_tx"], pair["go"]
         for what, key, limit, stretch, higher in TARGETS:
             value = _ratio(ours[key], go[key])
-            met = None if value is None else (value >= limit if higher else value <= limit)
+            met = (
+                None
+                if value is None
+                else (value >= limit if higher else value <= limit)
+            )
             bound = ">=" if higher else "<="
             name = f"sidecars, {mode}: {what} {bound} {limit:g} x Go's"
             if stretch:
@@ -464,25 +520,37 @@ def judge(results):
     return rows
 
 
-def report_lines(results, seconds, rounds, workers_label, delay_seconds=REVIEW_DELAY_SECONDS):
+def report_lines(
+    results, seconds, rounds, workers_label, delay_seconds=REVIEW_DELAY_SECONDS
+):
     """
     The Markdown section for RESULTS.md.
     """
     lines = [
         "## The sidecar pattern (issue 19): a new TLS connection per certificate",
         "",
-        f"The Go yardstick's load mode (`-sidecars`, {SIDECARS} sidecars at once, each dialling,"
-        " checking the server's SPIFFE ID, calling SignCertificate once and closing) against"
-        f" sentry_tx ({workers_label} serving process(es)) and against the yardstick's server, "
-        f"{rounds} alternated rounds of {seconds:g} s each, medians quoted. Kubernetes mode: both"
-        f" servers review every call's token at the yardstick's fake API server (`-fake-kube`,"
-        f" {delay_seconds * 1000:g} ms per TokenReview). CPU per certificate: user + system CPU"
-        " of every process of the server (/proc/PID/stat, the process and its descendants)"
-        " over the load, divided by the certificates signed; the fake API server's own CPU is"
-        " shown apart. The machine is shared with other work (about 8 agents on 2 cores): quote"
+        f"The Go yardstick's load mode (`-sidecars`, {SIDECARS} sidecars at once, each "
+        "dialling,"
+        " checking the server's SPIFFE ID, calling SignCertificate once and closing) "
+        "against"
+        f" sentry_tx ({workers_label} serving process(es)) and against the yardstick's "
+        "server, "
+        f"{rounds} alternated rounds of {seconds:g} s each, medians quoted. Kubernetes "
+        "mode: both"
+        f" servers review every call's token at the yardstick's fake API server "
+        "(`-fake-kube`,"
+        f" {delay_seconds * 1000:g} ms per TokenReview). CPU per certificate: user + "
+        "system CPU"
+        " of every process of the server (/proc/PID/stat, the process and its "
+        "descendants)"
+        " over the load, divided by the certificates signed; the fake API server's own "
+        "CPU is"
+        " shown apart. The machine is shared with other work (about 8 agents on 2 "
+        "cores): quote"
         " the ratios, which are taken in the same run.",
         "",
-        "| load | server | certificates/s | p50 ms | p99 ms | failed | CPU ms per certificate"
+        "| load | server | certificates/s | p50 ms | p99 ms | failed | CPU ms per "
+        "certificate"
         " | fake API CPU ms per certificate | CPU ms, each round |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -491,19 +559,29 @@ def report_lines(results, seconds, rounds, workers_label, delay_seconds=REVIEW_D
             row = pair[name]
             failed = f"{row['failed']} of {row['ok'] + row['failed']:,}"
             if row["failures"]:
-                failed += " (" + ", ".join(f"{k} {v}" for k, v in row["failures"].items()) + ")"
+                failed += (
+                    " ("
+                    + ", ".join(f"{k} {v}" for k, v in row["failures"].items())
+                    + ")"
+                )
             each = ", ".join(_fmt(v, 3) for v in row["cpu_ms_all"])
             lines.append(
                 f"| {mode} | {'Go yardstick' if name == 'go' else 'sentry_tx'} | "
-                f"{row['rate']:,.0f} | {_fmt(row['p50'])} | {_fmt(row['p99'])} | {failed} | "
+                f"{row['rate']:,.0f} | {_fmt(row['p50'])} | {_fmt(row['p99'])} | "
+                f"{failed} | "
                 f"{_fmt(row['cpu_ms'], 3)} | {_fmt(row['fake_cpu_ms'], 3)} | {each} |"
             )
-    lines += ["", "| load | CPU / Go | rate / Go | p50 / Go | p99 / Go |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| load | CPU / Go | rate / Go | p50 / Go | p99 / Go |",
+        "|---|---|---|---|---|",
+    ]
     for mode, pair in results.items():
         ours, go = pair["sentry_tx"], pair["go"]
         lines.append(
             f"| {mode} | {_fmt(_ratio(ours['cpu_ms'], go['cpu_ms']))} | "
-            f"{_fmt(_ratio(ours['rate'], go['rate']))} | {_fmt(_ratio(ours['p50'], go['p50']))} | "
+            f"{_fmt(_ratio(ours['rate'], go['rate']))} | "
+            f"{_fmt(_ratio(ours['p50'], go['p50']))} | "
             f"{_fmt(_ratio(ours['p99'], go['p99']))} |"
         )
     lines += ["", "| target (issue 19) | measured | met |", "|---|---|---|"]
@@ -513,7 +591,9 @@ def report_lines(results, seconds, rounds, workers_label, delay_seconds=REVIEW_D
     return lines
 
 
-SECTION_START = "<!-- sidecars: written by bench/run.py --sidecars-only; kept by full runs -->"
+SECTION_START = (
+    "<!-- sidecars: written by bench/run.py --sidecars-only; kept by full runs -->"
+)
 SECTION_END = "<!-- /sidecars -->"
 
 
@@ -554,9 +634,17 @@ def existing_section(results_path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--go", default=None, help=f"the yardstick's binary (default {DEFAULT_GO_BINARY})")
-    parser.add_argument("--seconds", type=float, default=8.0, help="each load run (default 8)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds (default 3)")
+    parser.add_argument(
+        "--go",
+        default=None,
+        help=f"the yardstick's binary (default {DEFAULT_GO_BINARY})",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=8.0, help="each load run (default 8)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternated rounds (default 3)"
+    )
     parser.add_argument("--workers", type=int, default=None,
                         help="sentry_tx's serving processes (default: its own choice)")
     parser.add_argument("--no-kubernetes", action="store_true", help="standalone only")
@@ -566,9 +654,19 @@ def main(argv=None):
         print("no Go yardstick binary (pass --go)")
         return 2
     with tempfile.TemporaryDirectory(prefix="sentry-sidecars-") as workdir:
-        results = sidecar_comparison(binary, workdir, args.seconds, args.rounds, args.workers,
-                                     not args.no_kubernetes)
-    print("\n".join(report_lines(results, args.seconds, args.rounds, args.workers or "default")))
+        results = sidecar_comparison(
+            binary,
+            workdir,
+            args.seconds,
+            args.rounds,
+            args.workers,
+            not args.no_kubernetes,
+        )
+    print(
+        "\n".join(
+            report_lines(results, args.seconds, args.rounds, args.workers or "default")
+        )
+    )
     return 0
 
 

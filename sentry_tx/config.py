@@ -18,7 +18,6 @@ from sentry_tx.ca.files import read_credential_file
 from sentry_tx.durations import format_go_duration, parse_go_duration
 from sentry_tx.errors import BundleError, ConfigError
 
-
 DEFAULT_WORKLOAD_CERT_TTL = timedelta(hours=24)
 DEFAULT_ALLOWED_CLOCK_SKEW = timedelta(minutes=15)
 DEFAULT_NAMESPACE = "default"

@@ -10,7 +10,6 @@ from fractions import Fraction
 
 from sentry_tx.errors import ConfigError
 
-
 _NANOSECONDS_PER_UNIT = {
     "ns": 1,
     "us": 1_000,

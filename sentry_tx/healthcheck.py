@@ -82,7 +82,9 @@ def read_command_line(pid: int = 1) -> list[str]:
     The command line of process C{pid}, from C{/proc}.
     """
     with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return [part.decode("utf-8", "replace") for part in f.read().split(b"\0") if part]
+        return [
+            part.decode("utf-8", "replace") for part in f.read().split(b"\0") if part
+        ]
 
 
 def main(argv: list[str], pid: int = 1, out: TextIO | None = None) -> int:
@@ -98,7 +100,9 @@ def main(argv: list[str], pid: int = 1, out: TextIO | None = None) -> int:
     try:
         url = healthz_url(read_command_line(pid))
     except OSError as error:
-        out.write(f"unhealthy: cannot read the command line of process {pid}: {error}\n")
+        out.write(
+            f"unhealthy: cannot read the command line of process {pid}: {error}\n"
+        )
         return 1
     if probe(url):
         return 0

@@ -35,6 +35,25 @@ A probe must still get in and be read before it is the oldest:
     has its request read in the next turn of the reactor, long before
     enough newer connections arrive to make it the oldest.
 
+The one name of Twisted's that is not public API here: C{numberAccepts}.
+Twisted offers no public way to bound an accept batch: C{listenTCP} and
+C{TCP4ServerEndpoint} take a backlog and an interface but build a
+L{tcp.Port} whose batch (its C{numberAccepts} attribute) starts at 100 and
+grows by 20 each time it is used up, and a factory cannot stop the loop
+that calls it (returning L{None} closes the connection; raising kills the
+port).  Re-implementing the accept loop over C{IReactorFDSet.addReader} and
+C{IReactorSocket.adoptStreamConnection} would use public names only, but
+would duplicate each accepted descriptor (an fd more per connection under
+the very file limit this defends) and lose Twisted's handling of
+C{EMFILE} (its reserved descriptor that drains the queue).  So
+L{_BoundedAcceptPort} caps that one attribute, and
+C{tests.test_http_listener.GuardedPortTests} pins the bound by its effect
+(one read accepts L{MAX_ACCEPTS_PER_READ} of many waiting connections), so
+that a Twisted release that renames it fails there.  Everything else is
+public: the port is opened by C{TCPServer}'s own start, with the injected
+reactor (L{BoundedAcceptTCP}), and the channel's hooks are C{HTTPChannel}'s
+public ones.
+
 A request with more than one C{Host} header is refused with 400, as RFC
 9112 section 3.2 requires (which one would count is otherwise up to each
 reader).
@@ -49,8 +68,14 @@ not logged (see L{QuietSite}).
 from typing import cast
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
-from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocolFactory,
+    IReactorTCP,
+    IReactorTime,
+    ITCPTransport,
+)
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
@@ -96,6 +121,12 @@ class _GuardedChannel(HTTPChannel):
 
     _request_bytes = 0
 
+    # True from a request's arrival (allContentReceived) to its end
+    # (requestDone): the bytes that arrive meanwhile belong to the next
+    # request, and HTTPChannel holds them and plays them back through
+    # dataReceived once the answer is done, where they are counted.
+    _answering = False
+
     site: "GuardedSite"
 
     def connectionMade(self) -> None:
@@ -103,7 +134,7 @@ class _GuardedChannel(HTTPChannel):
         self.site._connection_made(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._handlingRequest:
+        if not self._answering:
             self._request_bytes += len(data)
             if self._request_bytes > MAX_REQUEST_BYTES:
                 self.site._too_large(self)
@@ -112,10 +143,13 @@ class _GuardedChannel(HTTPChannel):
 
     def allContentReceived(self) -> None:
         self._request_bytes = 0
+        self._answering = True
         self.site._request_arrived(self)
         super().allContentReceived()
 
     def requestDone(self, request: Request) -> None:
+        if self.persistent:
+            self._answering = False
         super().requestDone(request)
         if self.persistent and self.site._tracks(self):
             self.site._awaiting_request(self)
@@ -312,25 +346,57 @@ class _BoundedAcceptPort(tcp.Port):
         self._number_accepts = max(1, min(value, MAX_ACCEPTS_PER_READ))
 
 
-class GuardedWebService(WebService):
+class BoundedAcceptTCP:
     """
-    A L{WebService} listening with L{LISTEN_BACKLOG} and bounded accept
-    batches.
+    The C{listenTCP} of L{IReactorTCP} over C{reactor}, listening with a
+    L{_BoundedAcceptPort} (as the reactor's own C{listenTCP} does with a
+    L{tcp.Port}): what L{GuardedWebService} gives its
+    L{twisted.application.internet.TCPServer} as its reactor, so that
+    Twisted's own service start listens through it.
     """
 
-    def _getPort(self) -> _BoundedAcceptPort:
-        from twisted.internet import reactor
+    def __init__(self, reactor: IReactorTCP) -> None:
+        self.reactor = reactor
 
-        port, factory = self.args
+    def listenTCP(
+        self,
+        port: int,
+        factory: ServerFactory,
+        backlog: int = LISTEN_BACKLOG,
+        interface: str = "",
+    ) -> _BoundedAcceptPort:
+        """
+        Listen on C{interface}:C{port} with C{backlog}, now.
+        """
         listening = _BoundedAcceptPort(
-            port,
-            factory,
-            backlog=LISTEN_BACKLOG,
-            interface=self.kwargs.get("interface", ""),
-            reactor=reactor,
+            port, factory, backlog=backlog, interface=interface, reactor=self.reactor
         )
         listening.startListening()
         return listening
+
+
+class GuardedWebService(WebService):
+    """
+    A L{WebService} listening, through C{reactor}, with L{LISTEN_BACKLOG}
+    and bounded accept batches.
+
+    @param reactor: the L{IReactorTCP} that listens.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        port: int,
+        factory: IProtocolFactory,
+        reactor: IReactorTCP,
+        interface: str = "",
+        flag: str | None = None,
+    ) -> None:
+        super().__init__(label, port, factory, interface=interface, flag=flag)
+        # TCPServer's documented ivars: what its start passes to
+        # reactor.listenTCP.
+        self.kwargs["backlog"] = LISTEN_BACKLOG
+        self.reactor = BoundedAcceptTCP(reactor)
 
 
 def http_listener(
@@ -341,13 +407,16 @@ def http_listener(
     interface: str = "",
     request_deadline_seconds: float = REQUEST_DEADLINE_SECONDS,
     max_connections: int = MAX_CONNECTIONS_PER_LISTENER,
-) -> "GuardedWebService":
+) -> GuardedWebService:
     """
     The service of one HTTP listener: C{resource} on C{interface}:C{port},
     with the request deadline and the connection cap of L{GuardedSite}.
     Builds objects only; the port opens when the service starts.
 
     @param label: its name in the log (C{healthz}, C{metrics}).
+    @param reactor: times the deadlines and, once started, listens: every
+        reactor twistd runs provides both L{IReactorTime} and
+        L{IReactorTCP} (an interface type cannot say "both" in a signature).
     @return: a L{GuardedWebService}.
     """
     site = GuardedSite(
@@ -357,10 +426,13 @@ def http_listener(
         max_connections=max_connections,
         label=label,
     )
-    return GuardedWebService(label, port, site, interface=interface)
+    return GuardedWebService(
+        label, port, site, cast(IReactorTCP, reactor), interface=interface
+    )
 
 
 __all__ = [
+    "BoundedAcceptTCP",
     "GuardedSite",
     "GuardedWebService",
     "LISTEN_BACKLOG",

@@ -84,7 +84,9 @@ def check_port_free(flag: str, address: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(socket_address)
         except OSError as error:
-            raise ListenError(flag, port, address, describe_socket_error(error))
+            raise ListenError(
+                flag, port, address, describe_socket_error(error)
+            ) from error
         finally:
             probe.close()
 

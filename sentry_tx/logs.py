@@ -23,7 +23,7 @@ import string
 import sys
 import time
 from collections.abc import Callable, Hashable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, Protocol, cast
 
@@ -147,7 +147,7 @@ def _rfc3339(timestamp: float) -> str:
 
     @rtype: L{str}
     """
-    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -471,7 +471,7 @@ def quote_input(value: object, limit: int = MAX_QUOTED_CHARACTERS) -> str:
     return quoted[: max(limit - len(mark), 0)] + mark[:limit]
 
 
-def printable_cut(text, limit):
+def printable_cut(text: str, limit: int) -> str:
     """
     C{text} with characters that are not printable escaped (C{\\xNN}) and
     cut to at most C{limit} characters, for a log line that shows it

@@ -30,10 +30,10 @@ import re
 from collections.abc import Callable
 
 from twisted.application.service import Service
-from twisted.logger import Logger, LogLevel
-from zope.interface import implementer
 from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from sentry_tx import logs
 
@@ -66,7 +66,8 @@ _ABSL_LEVELS = {
 }
 # sentry_tx's text lines: "<RFC 3339 time> <level> <scope>: <message>".
 _TEXT_LINE = re.compile(
-    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z (?P<level>debug|info|warning|error|fatal) \S+: "
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z"
+    r" (?P<level>debug|info|warning|error|fatal) \S+: "
 )
 _DAPR_LEVELS = {
     "debug": LogLevel.debug,
@@ -93,7 +94,11 @@ def classify_line(text: str) -> tuple[str, LogLevel, str]:
             record = json.loads(text)
         except ValueError:
             record = None
-        if isinstance(record, dict) and "scope" in record and record.get("level") in _DAPR_LEVELS:
+        if (
+            isinstance(record, dict)
+            and "scope" in record
+            and record.get("level") in _DAPR_LEVELS
+        ):
             return "passthrough", _DAPR_LEVELS[record["level"]], text
     match = _TEXT_LINE.match(text)
     if match:
@@ -255,6 +260,8 @@ class StandardErrorCapture(Service):
         if kind == "grpc":
             _grpc_log.emit(level, "{grpc_core}", grpc_core=message)
         elif kind == "passthrough":
-            _stderr_log.emit(level, "{line}", **{"line": message, logs.PREFORMATTED_KEY: message})
+            _stderr_log.emit(
+                level, "{line}", **{"line": message, logs.PREFORMATTED_KEY: message}
+            )
         else:
             _stderr_log.emit(level, "{stderr}", stderr=message)

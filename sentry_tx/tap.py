@@ -352,6 +352,7 @@ def build_oidc_service(
             "oidc",
             config.oidc_server_listen_port,
             factory,
+            reactor,
             interface=config.oidc_server_listen_address,
             flag="--oidc-server-listen-port",
         ),

@@ -552,3 +552,72 @@ class LayeringTests(SynchronousTestCase):
             if not inside(module) and any(inside(d) for d in deps)
         )
         self.assertEqual(offenders, [])
+
+
+TESTS_PACKAGE = "tests"
+
+
+def tests_root():
+    """
+    The directory of the C{tests} package: this module's own.
+    """
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+def cross_test_imports(root, package=TESTS_PACKAGE):
+    """
+    Each module of the test package C{package} (in C{root}) that imports
+    another one of it, with the modules it imports.
+
+    @return: a L{dict} of dotted module name to a sorted L{list}.
+    """
+    return {
+        module: sorted(imported)
+        for module, imported in import_graph(root, package).items()
+        if imported
+    }
+
+
+class TestIndependenceTests(SynchronousTestCase):
+    """
+    Test modules do not import from each other: what they share lives in
+    C{sentry_tx.testing}, one module per subject.
+    """
+
+    def test_no_test_module_imports_another(self):
+        """
+        No module of C{tests/} imports another (nor the C{tests} package),
+        function-level imports included; a failure names each importer.
+        """
+        self.assertGreater(len(find_modules(tests_root(), TESTS_PACKAGE)), 10)
+        offenders = cross_test_imports(tests_root())
+        self.assertEqual(
+            offenders,
+            {},
+            "test modules importing other test modules (move what they share"
+            " to sentry_tx/testing/):\n"
+            + "\n".join(f"{m}: {', '.join(d)}" for m, d in sorted(offenders.items())),
+        )
+
+    def test_finds_shared_helpers(self):
+        """
+        The check sees a test module importing a helper from another one,
+        at module level or inside a test, and not an import of test support
+        from outside the test package.
+        """
+        root = os.path.join(os.path.abspath(self.mktemp()), "tests")
+        os.makedirs(root)
+        files = {
+            "__init__.py": "",
+            "test_a.py": '"""a."""\ndef helper():\n    pass\n',
+            "test_b.py": '"""b."""\nfrom tests import test_a\n',
+            "test_c.py": '"""c."""\ndef test():\n    from .test_a import helper\n',
+            "test_d.py": '"""d."""\nfrom sentry_tx.testing import twistd\n',
+        }
+        for name, source in files.items():
+            with open(os.path.join(root, name), "w", encoding="utf-8") as f:
+                f.write(source)
+        self.assertEqual(
+            cross_test_imports(root),
+            {"tests.test_b": ["tests.test_a"], "tests.test_c": ["tests.test_a"]},
+        )

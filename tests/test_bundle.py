@@ -71,7 +71,9 @@ class AnchorsRefusedTests(LoadErrorMixin, SynchronousTestCase):
 
     def test_empty(self):
         """An empty anchors file holds no certificate."""
-        self.assertRefused(b"", self.issuer_pem, self.key_pem, "ca.crt", "no certificate")
+        self.assertRefused(
+            b"", self.issuer_pem, self.key_pem, "ca.crt", "no certificate"
+        )
 
     def test_only_comments(self):
         """Comments alone are no certificate."""
@@ -99,7 +101,12 @@ class AnchorsRefusedTests(LoadErrorMixin, SynchronousTestCase):
         """Text other than comments outside the PEM blocks is refused."""
         anchors = b"subject=O=example.org\n" + self.chain.anchors_pem
         self.assertRefused(
-            anchors, self.issuer_pem, self.key_pem, "ca.crt", "line 1", "unexpected text"
+            anchors,
+            self.issuer_pem,
+            self.key_pem,
+            "ca.crt",
+            "line 1",
+            "unexpected text",
         )
 
     def test_unparsable_certificate(self):
@@ -140,7 +147,9 @@ class AnchorsRefusedTests(LoadErrorMixin, SynchronousTestCase):
         root_key = make_private_key()
         root = make_certificate(root_key, "root", path_length=0)
         middle_key = make_private_key()
-        middle = make_certificate(middle_key, "middle", signer=root, signer_key=root_key)
+        middle = make_certificate(
+            middle_key, "middle", signer=root, signer_key=root_key
+        )
         issuer_key = make_private_key()
         issuer = make_certificate(
             issuer_key, "issuer", signer=middle, signer_key=middle_key, path_length=0
@@ -398,11 +407,13 @@ class AcceptedTests(SynchronousTestCase):
         self.assertIsInstance(bundle.issuer_key, ec.EllipticCurvePrivateKey)
 
     def test_sec1_key_with_parameters(self):
-        """An EC PARAMETERS block before the key, as openssl ecparam writes, is skipped."""
+        """
+        An EC PARAMETERS block before the key, as openssl ecparam writes, is skipped.
+        """
         chain = make_chain()
-        key_pem = pem_encode("EC PARAMETERS", P256_PARAMETERS_DER) + chain.issuer_key_pem(
-            "sec1"
-        )
+        key_pem = pem_encode(
+            "EC PARAMETERS", P256_PARAMETERS_DER
+        ) + chain.issuer_key_pem("sec1")
         bundle = load_bundle(
             chain.anchors_pem, chain.issuer_chain_pem(), key_pem, FIXED_NOW
         )
@@ -511,7 +522,10 @@ class TrustBundleTests(SynchronousTestCase):
         self.assertEqual(bundle.chain_not_after.utcoffset(), timedelta(0))
 
     def test_roots_not_after(self):
-        """roots_not_after is the NotAfter of the root the issuer chain leads to, not of another anchor (a replaced root)."""
+        """
+        roots_not_after is the NotAfter of the root the issuer chain leads to, not of
+        another anchor (a replaced root).
+        """
         chain = make_chain(not_after=FIXED_NOW + timedelta(days=50))
         early = make_chain(not_after=FIXED_NOW + timedelta(days=5))
         bundle = load_bundle(
@@ -526,7 +540,9 @@ class TrustBundleTests(SynchronousTestCase):
     def test_authority_key_identifier(self):
         """The leaves' AKI is the issuer's SKI."""
         bundle = make_chain().load()
-        ski = bundle.issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        ski = bundle.issuer.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier
+        )
         self.assertEqual(
             bundle.authority_key_identifier.key_identifier, ski.value.digest
         )
@@ -638,7 +654,8 @@ class GenerateTests(SynchronousTestCase):
         """Two generations share no key and no serial."""
         other = generate_bundle("example.org", "dapr-system", FIXED_NOW, SKEW)
         self.assertNotEqual(
-            other.bundle.issuer.serial_number, self.generated.bundle.issuer.serial_number
+            other.bundle.issuer.serial_number,
+            self.generated.bundle.issuer.serial_number,
         )
         self.assertNotEqual(other.issuer_key_pem, self.generated.issuer_key_pem)
 
@@ -788,7 +805,9 @@ class CorruptionTests(SynchronousTestCase):
         self.assertEqual(error.source, sources[broken], error.problem)
 
     def test_bit_flips(self):
-        """Every bit flip in the anchors' or issuer's DER is refused with BundleError."""
+        """
+        Every bit flip in the anchors' or issuer's DER is refused with BundleError.
+        """
         rng = random.Random(365)
         chain = make_chain()
         key_pem = chain.issuer_key_pem()
@@ -804,10 +823,14 @@ class CorruptionTests(SynchronousTestCase):
                         flipped, chain.issuer_chain_pem(), key_pem, broken=0
                     )
                 else:
-                    self._only_bundle_error(chain.anchors_pem, flipped, key_pem, broken=1)
+                    self._only_bundle_error(
+                        chain.anchors_pem, flipped, key_pem, broken=1
+                    )
 
     def test_random_parts(self):
-        """Random bytes in any part, bare or in PEM armour, are refused with BundleError."""
+        """
+        Random bytes in any part, bare or in PEM armour, are refused with BundleError.
+        """
         rng = random.Random(8557)
         chain = make_chain()
         parts = [chain.anchors_pem, chain.issuer_chain_pem(), chain.issuer_key_pem()]

@@ -6,7 +6,7 @@ import os
 import re
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import UTC, timedelta
 from io import StringIO
 
 from twisted.internet.defer import inlineCallbacks
@@ -16,7 +16,7 @@ from sentry_tx.bundle_check import check_bundle, main
 from sentry_tx.testing.certificates import FIXED_NOW, make_chain
 from sentry_tx.testing.rotation import BUNDLE_FILE_NAMES, replace_bundle_files
 from sentry_tx.testing.source_tree import PROJECT_ROOT
-from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
+from sentry_tx.testing.twistd import LOOPBACK_FREE_PORTS, spawn_twistd
 
 
 def _directory(test, chain=None):
@@ -46,7 +46,10 @@ class CheckBundleTests(SynchronousTestCase):
     """
 
     def test_pending_renewal(self):
-        """A pending renewal: check-bundle names the next issuer, the switch time and what to do before it."""
+        """
+        A pending renewal: check-bundle names the next issuer, the switch time and what
+        to do before it.
+        """
         from sentry_tx.ca.renewal import RenewalSettings
         from sentry_tx.ca.renewal_files import FileRenewalStore
         from sentry_tx.ca.store import FileTrustStore
@@ -54,7 +57,11 @@ class CheckBundleTests(SynchronousTestCase):
 
         directory = _directory(self)
         store = FileTrustStore(
-            ImmediateReactor(), *_paths(directory), "localhost", "default", timedelta(seconds=1),
+            ImmediateReactor(),
+            *_paths(directory),
+            "localhost",
+            "default",
+            timedelta(seconds=1),
             ca_ttl=timedelta(seconds=90),
         )
         store.load_or_generate_sync(FIXED_NOW)
@@ -71,7 +78,11 @@ class CheckBundleTests(SynchronousTestCase):
         text = out.getvalue()
         self.assertIn("renewal: pending next issuer (", text)
         self.assertIn("its root is in the trust anchors", text)
-        switch_at = (now - timedelta(seconds=1)).replace(microsecond=0) + timedelta(seconds=1) + grace
+        switch_at = (
+            (now - timedelta(seconds=1)).replace(microsecond=0)
+            + timedelta(seconds=1)
+            + grace
+        )
         self.assertIn(f"switches to it at {switch_at.isoformat()}", text)
         self.assertIn("restart workloads before then", text)
 
@@ -86,7 +97,7 @@ class CheckBundleTests(SynchronousTestCase):
         self.assertEqual((status, err), (0, ""))
         self.assertIn("trust anchors (", out)
         self.assertIn(": 1\n", out)
-        self.assertIn(f"issuer chain (", out)
+        self.assertIn("issuer chain (", out)
         self.assertIn(": 2\n", out)
         self.assertIn(
             f"expires {chain.issuer.not_valid_after_utc.isoformat()} (in 365 days)", out
@@ -150,7 +161,9 @@ class CheckBundleTests(SynchronousTestCase):
         The --issuer-*-filename flags choose other names, as sentry_tx's do.
         """
         directory = _directory(self, make_chain())
-        os.rename(os.path.join(directory, "issuer.key"), os.path.join(directory, "tls.key"))
+        os.rename(
+            os.path.join(directory, "issuer.key"), os.path.join(directory, "tls.key")
+        )
         out, err = StringIO(), StringIO()
         status = main(
             [directory, "--issuer-key-filename", "tls.key"], out, err, now=FIXED_NOW
@@ -171,12 +184,14 @@ class CommandTests(TestCase):
         C{python -m sentry_tx check-bundle DIR} exits 0 on a bundle that
         loads (valid now) and 1 on one that does not.
         """
-        from datetime import datetime, timezone
+        from datetime import datetime
 
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         good = _directory(
             self,
-            make_chain(not_before=now - timedelta(days=1), not_after=now + timedelta(days=90)),
+            make_chain(
+                not_before=now - timedelta(days=1), not_after=now + timedelta(days=90)
+            ),
         )
         env = dict(os.environ, PYTHONPATH=PROJECT_ROOT)
         result = subprocess.run(
@@ -210,7 +225,12 @@ class CommandTests(TestCase):
         self.assertTrue(message.startswith("refusing to start: "))
         protocol = spawn_twistd(
             self,
-            ["--config", os.path.abspath(self.mktemp()), "--issuer-credentials", directory]
+            [
+                "--config",
+                os.path.abspath(self.mktemp()),
+                "--issuer-credentials",
+                directory,
+            ]
             + LOOPBACK_FREE_PORTS,
         )
         reason = yield protocol.ended

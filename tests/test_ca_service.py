@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from sentry_tx.ca.bundle import load_bundle
 from sentry_tx.config import SentryConfig
 from sentry_tx.errors import BundleError
 from sentry_tx.interfaces import ICertificateAuthority
@@ -19,7 +20,6 @@ from sentry_tx.server.service import (
     NotRunningError,
     listen_target,
 )
-from sentry_tx.ca.bundle import load_bundle
 from sentry_tx.testing.authority import FakeTrustStore
 from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_chain
 from sentry_tx.testing.clocks import ImmediateReactor
@@ -273,7 +273,9 @@ class CertificateAuthorityServiceTests(SynchronousTestCase):
         renewal = self.ca._renewal
         self.assertTrue(renewal.active())
         lifetime = 24 * 3600
-        self.assertAlmostEqual(renewal.getTime() - self.reactor.seconds(), lifetime / 2, delta=1)
+        self.assertAlmostEqual(
+            renewal.getTime() - self.reactor.seconds(), lifetime / 2, delta=1
+        )
         self.assertIsNone(self.ca._credentials._fetch())
         self.reactor.advance(lifetime / 2)
         self.assertIsNotNone(self.ca._credentials._fetch())

@@ -20,7 +20,9 @@ class ChaosSmokeTests(TestCase):
     timeout = 120
 
     def test_smoke(self):
-        """A FIFO at start and a truncated issuer are held; the table says ok for both."""
+        """
+        A FIFO at start and a truncated issuer are held; the table says ok for both.
+        """
         environment = dict(os.environ)
         environment.pop("KUBERNETES_SERVICE_HOST", None)
         d = getProcessOutputAndValue(

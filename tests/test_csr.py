@@ -71,13 +71,17 @@ class AcceptedTests(SynchronousTestCase):
         """Comments and other text before the PEM block are skipped."""
         key, csr = make_csr()
         data = b"# my request\nsome words\n\n" + csr
-        self.assertEqual(public_key_der(parse_csr(data)), public_key_der(key.public_key()))
+        self.assertEqual(
+            public_key_der(parse_csr(data)), public_key_der(key.public_key())
+        )
 
     def test_first_block_counts(self):
         """Only the first PEM block is read; what follows is ignored."""
         key, csr = make_csr()
         data = csr + make_csr()[1] + b"junk"
-        self.assertEqual(public_key_der(parse_csr(data)), public_key_der(key.public_key()))
+        self.assertEqual(
+            public_key_der(parse_csr(data)), public_key_der(key.public_key())
+        )
 
 
 class RefusedTests(SynchronousTestCase):
@@ -137,7 +141,9 @@ class RefusedTests(SynchronousTestCase):
     def test_unparsable_der(self):
         """DER that is not a CSR fails to parse, with the parser's detail."""
         error = self.assertRaises(
-            CSRError, parse_csr, pem_encode("CERTIFICATE REQUEST", b"\x30\x03\x02\x01\x00")
+            CSRError,
+            parse_csr,
+            pem_encode("CERTIFICATE REQUEST", b"\x30\x03\x02\x01\x00"),
         )
         self.assertTrue(
             str(error).startswith("failed to parse certificate signing request: ")
@@ -192,7 +198,9 @@ class FuzzTests(SynchronousTestCase):
             self._only_csr_error(b"-----BEGIN CERTIFICATE REQUEST-----\n" + blob)
 
     def test_truncations_and_bit_flips(self):
-        """Every truncation and many bit flips of a real CSR are refused with CSRError."""
+        """
+        Every truncation and many bit flips of a real CSR are refused with CSRError.
+        """
         rng = random.Random(50001)
         _, valid = make_csr()
         der = _der(valid)
@@ -271,7 +279,9 @@ def _signed_csr(key, hash_algorithm, **sign_options):
         .subject_name(x509.Name([]))
         .sign(key, hash_algorithm, **sign_options)
     )
-    return pem_encode("CERTIFICATE REQUEST", csr.public_bytes(serialization.Encoding.DER))
+    return pem_encode(
+        "CERTIFICATE REQUEST", csr.public_bytes(serialization.Encoding.DER)
+    )
 
 
 def _corrupt(pem):
@@ -428,7 +438,9 @@ class PEMShapeTests(SynchronousTestCase):
             )
         )
         pem = pem_encode("CERTIFICATE", der)
-        self.assertEqual(public_key_der(parse_csr(pem)), public_key_der(key.public_key()))
+        self.assertEqual(
+            public_key_der(parse_csr(pem)), public_key_der(key.public_key())
+        )
         error = self.assertRaises(
             CSRError,
             parse_csr,

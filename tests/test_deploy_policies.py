@@ -9,7 +9,7 @@ import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx.config import SentryConfig
-from tests.test_kube_deploy import CONF, load_manifests
+from sentry_tx.testing.manifests import CONF, load_manifests
 
 HELM_VALUES = os.path.join(CONF, "helm", "values-sentry_tx.yaml")
 
@@ -21,7 +21,9 @@ class _Manifests(SynchronousTestCase):
         self.labels = self.deployment["spec"]["template"]["metadata"]["labels"]
         self.ports = {
             port["name"]: port["containerPort"]
-            for port in self.deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+            for port in self.deployment["spec"]["template"]["spec"]["containers"][0][
+                "ports"
+            ]
         }
 
     def selects_deployment(self, selector):

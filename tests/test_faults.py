@@ -7,7 +7,7 @@ slowloris on healthz under a low open-file limit.
 import os
 import signal
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -21,7 +21,7 @@ from sentry_tx._proto import sentry_pb2
 from sentry_tx.testing.certificates import make_chain, make_csr
 from sentry_tx.testing.grpc_client import GrpcTestClient
 from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files
-from tests.test_process import spawn_twistd, standalone_arguments
+from sentry_tx.testing.twistd import spawn_twistd, standalone_arguments
 
 _PROBES = """
 import sys, urllib.request
@@ -149,7 +149,7 @@ class FaultTests(TestCase):
         )
 
     def _write_chain(self):
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         chain = make_chain(
             trust_domain="localhost",
             not_before=now - timedelta(days=1),
@@ -266,7 +266,9 @@ class FaultTests(TestCase):
         yield protocol.wait_ready()
         self.assertFalse(os.path.exists(leftover))
         self.assertTrue(os.path.exists(other))
-        self.assertIn(f"removed the temporary file {leftover}".encode(), protocol.output)
+        self.assertIn(
+            f"removed the temporary file {leftover}".encode(), protocol.output
+        )
         yield self._stop_within_bound(protocol)
 
     @inlineCallbacks

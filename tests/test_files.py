@@ -362,7 +362,8 @@ class StartHygieneTests(SynchronousTestCase):
         self.assertEqual(
             sorted(removals),
             sorted(
-                f"removed the temporary file {os.path.join(os.path.abspath(self.directory), name)}"
+                f"removed the temporary file "
+                f"{os.path.join(os.path.abspath(self.directory), name)}"
                 " left by an interrupted generation"
                 for name in leftovers
             ),

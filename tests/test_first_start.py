@@ -11,7 +11,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from sentry_tx.testing.source_tree import PROJECT_ROOT
-from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
+from sentry_tx.testing.twistd import LOOPBACK_FREE_PORTS, spawn_twistd
 
 README = os.path.join(PROJECT_ROOT, "README.md")
 
@@ -55,7 +55,9 @@ class FirstStartTests(TestCase):
         self.assertFalse(levels & {"warning", "error", "fatal"}, "\n".join(lines))
         effective = [line for line in lines if "in effect:" in line]
         self.assertEqual(len(effective), 1)
-        self.assertIn("workload certificates live 24h0m0s, allowed clock skew 15m0s", effective[0])
+        self.assertIn(
+            "workload certificates live 24h0m0s, allowed clock skew 15m0s", effective[0]
+        )
         self.assertIn("validators INSECURE, default INSECURE", effective[0])
 
     def test_binds_loopback(self):
@@ -64,7 +66,11 @@ class FirstStartTests(TestCase):
         listeners on 127.0.0.1, and says INSECURE beside it.
         """
         arguments = readme_first_command()
-        for flag in ("--listen-address", "--healthz-listen-address", "--metrics-listen-address"):
+        for flag in (
+            "--listen-address",
+            "--healthz-listen-address",
+            "--metrics-listen-address",
+        ):
             self.assertEqual(arguments[arguments.index(flag) + 1], "127.0.0.1", flag)
         with open(README, encoding="utf-8") as f:
             text = f.read()

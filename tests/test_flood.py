@@ -14,8 +14,8 @@ import threading
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sentry_tx.testing.flood import FloodTarget, continuation_flood
 from sentry_tx.server.service import MAX_TCP_READ_BUFFER_BYTES, grpc_server_options
+from sentry_tx.testing.flood import FloodTarget, continuation_flood
 
 MIB = 1024 * 1024
 

@@ -22,7 +22,7 @@ The invariants, checked against an oracle written here from SPEC section 5
     by the issuer;
   - every call is counted once, under the right reason.
 
-Profiles (L{tests.hypothesis_profiles}): C{ci} by default; for a long run::
+Profiles (L{sentry_tx.testing.hypothesis_profiles}): C{ci} by default; for a long run::
 
     HYPOTHESIS_PROFILE=long .venv/bin/python -m twisted.trial tests.test_fuzz
 
@@ -39,7 +39,7 @@ import sys
 import unicodedata
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from cryptography import x509
@@ -59,6 +59,7 @@ from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import MAX_REQUEST_BYTES, CertificateAuthorityService
 from sentry_tx.server.servicer import CAServicer, Refusal
+from sentry_tx.testing import hypothesis_profiles
 from sentry_tx.testing.authority import FakeCertificateAuthority, FakeTrustStore
 from sentry_tx.testing.certificates import (
     FIXED_NOW,
@@ -71,8 +72,7 @@ from sentry_tx.testing.certificates import (
 )
 from sentry_tx.testing.clocks import ImmediateReactor
 from sentry_tx.testing.grpc_client import AbortingContext, GrpcTestClient, run_now
-from tests import hypothesis_profiles
-from tests.hypothesis_profiles import show_notes
+from sentry_tx.testing.hypothesis_profiles import show_notes
 
 OK = grpc.StatusCode.OK
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
@@ -213,11 +213,17 @@ def first_block_csr_key(data):
     key; else None.  A signed leaf must be for this key.
     """
     lines = [line.strip() for line in data.split(b"\n")]
-    for index, line in enumerate(lines):
-        if line.startswith(b"-----BEGIN ") and line.endswith(b"-----"):
-            break
-    else:
+    index = next(
+        (
+            i
+            for i, line in enumerate(lines)
+            if line.startswith(b"-----BEGIN ") and line.endswith(b"-----")
+        ),
+        None,
+    )
+    if index is None:
         return None
+    line = lines[index]
     label = line[len(b"-----BEGIN ") : -len(b"-----")]
     if label not in (b"CERTIFICATE REQUEST", b"CERTIFICATE"):
         return None
@@ -307,7 +313,7 @@ def check_signed(test, request, response, bundle):
     constraints = leaf.extensions.get_extension_for_class(x509.BasicConstraints)
     test.assertFalse(constraints.value.ca)
     test.assertEqual(
-        response.valid_until.ToDatetime(tzinfo=timezone.utc),
+        response.valid_until.ToDatetime(tzinfo=UTC),
         leaf.not_valid_after_utc,
     )
 
@@ -529,7 +535,9 @@ def csr_samples():
     add("old-label", "ecdsa-p256", label="CERTIFICATE")
     add("p192", "ecdsa-p192", error="unsupported public key")
     add("rsa-1024", "rsa-1024", error="unsupported public key")
-    add("bad-signature", "ecdsa-p256", error="invalid signature", corrupt_signature=True)
+    add(
+        "bad-signature", "ecdsa-p256", error="invalid signature", corrupt_signature=True
+    )
     certificate = make_bundle().issuer
     der = certificate.public_bytes(serialization.Encoding.DER)
     samples.append(
@@ -639,7 +647,9 @@ def csr_inputs(draw, allow_huge=True):
             st.one_of(
                 st.just(b"# a comment\n\n"),
                 st.binary(max_size=64),
-                st.sampled_from([b"-----BEGIN X-----\n", b"-----END CERTIFICATE-----\n"]),
+                st.sampled_from(
+                    [b"-----BEGIN X-----\n", b"-----END CERTIFICATE-----\n"]
+                ),
             )
         )
         data = junk + pem
@@ -851,7 +861,9 @@ class ServicerFuzzTests(SynchronousTestCase):
     @show_notes
     @given(request_messages)
     def test_hostile_requests(self, pair):
-        """Hostile requests are signed only if every rule passed, else refused per spec."""
+        """
+        Hostile requests are signed only if every rule passed, else refused per spec.
+        """
         message, csr = pair
         self.sign(message, csr, "servicer: hostile requests")
 
@@ -863,7 +875,9 @@ class ServicerFuzzTests(SynchronousTestCase):
         csr_inputs(allow_huge=False),
         st.sampled_from([0, VALIDATOR_INSECURE]),
     )
-    def test_valid_parts_hostile_csr(self, app_id, namespace, trust_domain, csr, validator):
+    def test_valid_parts_hostile_csr(
+        self, app_id, namespace, trust_domain, csr, validator
+    ):
         """With valid names only the CSR decides; an untouched valid one is signed."""
         message = _request_message(
             app_id, namespace, trust_domain, csr.data, validator, "", []
@@ -883,7 +897,9 @@ class ServicerFuzzTests(SynchronousTestCase):
     @example("\x00", "a/b", "A", 0)
     @example("\uff4dyapp", "default", "\u212a", 0)
     def test_hostile_names_valid_csr(self, app_id, namespace, trust_domain, validator):
-        """With a valid CSR, hostile names are signed exactly when the rules pass them."""
+        """
+        With a valid CSR, hostile names are signed exactly when the rules pass them.
+        """
         message = _request_message(
             app_id, namespace, trust_domain, csr_samples()[0].pem, validator, "", []
         )
@@ -908,7 +924,10 @@ class ServicerFuzzTests(SynchronousTestCase):
     @show_notes
     @given(wire_messages)
     def test_hostile_wire_messages(self, wire):
-        """Any wire bytes get only the spec's statuses; bytes that are not a request are INVALID_ARGUMENT."""
+        """
+        Any wire bytes get only the spec's statuses; bytes that are not a request are
+        INVALID_ARGUMENT.
+        """
         message = _parse(wire)
         if message is not None:
             self.sign(message, None, "servicer: wire messages")
@@ -944,7 +963,7 @@ class GrpcFuzzTests(TestCase):
     def setUp(self):
         from twisted.internet import reactor
 
-        now = datetime.fromtimestamp(reactor.seconds(), timezone.utc)
+        now = datetime.fromtimestamp(reactor.seconds(), UTC)
         self.bundle = make_chain(
             not_before=now - timedelta(days=1), not_after=now + timedelta(days=30)
         ).load(now)
@@ -1021,7 +1040,9 @@ class GrpcFuzzTests(TestCase):
         return deferToThread(run)
 
     def test_hostile_requests(self):
-        """Over gRPC, hostile requests get the spec's statuses (or RESOURCE_EXHAUSTED)."""
+        """
+        Over gRPC, hostile requests get the spec's statuses (or RESOURCE_EXHAUSTED).
+        """
         return self.run_property(
             request_messages,
             lambda pair: self.call(pair[0], pair[1], "grpc: hostile requests"),
@@ -1029,7 +1050,10 @@ class GrpcFuzzTests(TestCase):
         )
 
     def test_hostile_wire_messages(self):
-        """Over gRPC, raw bytes never get INTERNAL or UNKNOWN; bytes that are not a request are INVALID_ARGUMENT."""
+        """
+        Over gRPC, raw bytes never get INTERNAL or UNKNOWN; bytes that are not a request
+        are INVALID_ARGUMENT.
+        """
 
         def send(wire):
             message = _parse(wire)

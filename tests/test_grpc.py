@@ -3,7 +3,7 @@ Tests of the CA service over real gRPC: a server on 127.0.0.1 port 0 with
 TLS, and a real grpcio client in a thread of the test.
 """
 
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 
 import grpc
 from cryptography import x509
@@ -89,7 +89,7 @@ class CertificateAuthorityOverGrpcTests(TestCase):
             ["spiffe://example.org/ns/prod/myapp"],
         )
         self.assertEqual(
-            response.valid_until.ToDatetime(tzinfo=timezone.utc),
+            response.valid_until.ToDatetime(tzinfo=UTC),
             leaf.not_valid_after_utc,
         )
         self.assertFalse(response.HasField("jwt"))
@@ -104,7 +104,9 @@ class CertificateAuthorityOverGrpcTests(TestCase):
         """
         chain = yield deferToThread(self.client.server_chain)
         leaf = chain[0]
-        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = leaf.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
         self.assertEqual(
             sans.get_values_for_type(x509.UniformResourceIdentifier),
             ["spiffe://cluster.local/ns/default/dapr-sentry"],

@@ -28,7 +28,17 @@ class HealthzURLTests(SynchronousTestCase):
         Without --healthz-port, port 8080 on loopback.
         """
         self.assertEqual(
-            healthz_url(["python", "twistd", "-n", "--pidfile=", "sentry", "--mode", "kubernetes"]),
+            healthz_url(
+                [
+                    "python",
+                    "twistd",
+                    "-n",
+                    "--pidfile=",
+                    "sentry",
+                    "--mode",
+                    "kubernetes",
+                ]
+            ),
             "http://127.0.0.1:8080/healthz",
         )
 
@@ -38,11 +48,21 @@ class HealthzURLTests(SynchronousTestCase):
         last one winning; all interfaces means loopback; IPv6 is bracketed.
         """
         self.assertEqual(
-            healthz_url(["twistd", "sentry", "--healthz-port", "8081", "-healthz-port=9999"]),
+            healthz_url(
+                ["twistd", "sentry", "--healthz-port", "8081", "-healthz-port=9999"]
+            ),
             "http://127.0.0.1:9999/healthz",
         )
         self.assertEqual(
-            healthz_url(["twistd", "sentry", "--healthz-listen-address", "10.0.0.5", "--healthz-port=81"]),
+            healthz_url(
+                [
+                    "twistd",
+                    "sentry",
+                    "--healthz-listen-address",
+                    "10.0.0.5",
+                    "--healthz-port=81",
+                ]
+            ),
             "http://10.0.0.5:81/healthz",
         )
         self.assertEqual(
@@ -131,8 +151,16 @@ class ProbeTests(TestCase):
             transport = reactor.spawnProcess(
                 sleeper,
                 sys.executable,
-                [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)", "sentry",
-                 "--healthz-listen-address", "127.0.0.1", "--healthz-port", str(port)],
+                [
+                    sys.executable,
+                    "-c",
+                    "import time; print('up', flush=True); time.sleep(30)",
+                    "sentry",
+                    "--healthz-listen-address",
+                    "127.0.0.1",
+                    "--healthz-port",
+                    str(port),
+                ],
             )
 
             def kill(transport=transport, sleeper=sleeper):

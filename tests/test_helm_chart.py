@@ -32,10 +32,17 @@ from sentry_tx.testing.certificates import certificate_pem, make_csr, private_ke
 from sentry_tx.testing.grpc_client import GrpcTestClient
 from sentry_tx.testing.helm import render_chart
 from sentry_tx.testing.jwts import verified_claims
-from sentry_tx.testing.kubeconfig import make_self_signed_server_certificate, write_kubeconfig
+from sentry_tx.testing.kubeconfig import (
+    make_self_signed_server_certificate,
+    write_kubeconfig,
+)
 from sentry_tx.testing.kubernetes import start_fake_kubernetes
 from sentry_tx.testing.source_tree import PROJECT_ROOT, child_environment
-from tests.test_process import LOOPBACK_FREE_PORTS, _TwistdProtocol, spawn_killed_at_cleanup
+from sentry_tx.testing.twistd import (
+    LOOPBACK_FREE_PORTS,
+    TwistdProtocol,
+    spawn_killed_at_cleanup,
+)
 
 CHART_VERSION = "1.18.3"
 
@@ -85,7 +92,12 @@ def render_sentry_container(overrides=None):
         container and the Deployment's pod spec.
     """
     manifests = yield deferToThread(
-        render_chart, CHART_DIRECTORY, _values_file(), overrides or {}, RELEASE, CHART_NAMESPACE
+        render_chart,
+        CHART_DIRECTORY,
+        _values_file(),
+        overrides or {},
+        RELEASE,
+        CHART_NAMESPACE,
     )
     (deployment,) = [
         document
@@ -103,10 +115,12 @@ def _spawn_sentry_command(test, arguments):
     bin directory first on the PATH (where the image has twistd), in the
     chart's namespace, killed at cleanup.
     """
-    protocol = _TwistdProtocol()
+    protocol = TwistdProtocol()
     environment = child_environment()
     environment["NAMESPACE"] = CHART_NAMESPACE
-    environment["PATH"] = os.path.dirname(sys.executable) + os.pathsep + environment.get("PATH", "")
+    environment["PATH"] = (
+        os.path.dirname(sys.executable) + os.pathsep + environment.get("PATH", "")
+    )
     return spawn_killed_at_cleanup(
         test, protocol, SENTRY_COMMAND, [SENTRY_COMMAND] + arguments, environment
     )
@@ -148,10 +162,13 @@ class RenderedContainerTests(TestCase):
         self.assertEqual(mount["mountPath"], config.issuer_credentials)
         for probe in ("livenessProbe", "readinessProbe"):
             self.assertEqual(
-                container[probe]["httpGet"], {"path": "/healthz", "port": config.healthz_port}
+                container[probe]["httpGet"],
+                {"path": "/healthz", "port": config.healthz_port},
             )
         (namespace,) = [e for e in container["env"] if e["name"] == "NAMESPACE"]
-        self.assertEqual(namespace["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace")
+        self.assertEqual(
+            namespace["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace"
+        )
 
 
 class DocumentedCommandTests(TestCase):
@@ -166,7 +183,11 @@ class DocumentedCommandTests(TestCase):
         repository first and install its chart at the version rendered
         here, creating the namespace.
         """
-        for relative in ("README.md", "docs/runbook.md", "conf/helm/values-sentry_tx.yaml"):
+        for relative in (
+            "README.md",
+            "docs/runbook.md",
+            "conf/helm/values-sentry_tx.yaml",
+        ):
             with open(os.path.join(PROJECT_ROOT, relative), encoding="utf-8") as f:
                 text = f.read()
             commands = re.findall(r"helm upgrade --install dapr dapr/dapr[^`]*", text)
@@ -203,7 +224,13 @@ class RenderedArgumentsServeTests(TestCase):
         self.fake.add_configuration(
             CHART_NAMESPACE,
             "daprsystem",
-            {"mtls": {"enabled": True, "workloadCertTTL": "24h", "allowedClockSkew": "15m"}},
+            {
+                "mtls": {
+                    "enabled": True,
+                    "workloadCertTTL": "24h",
+                    "allowedClockSkew": "15m",
+                }
+            },
         )
         self.fake.add_pod("apps", "myapp-0", "myapp", {"dapr.io/app-id": "myapp"})
         self.token = self.fake.issue_token("apps", "myapp", "myapp-0")
@@ -263,7 +290,9 @@ class RenderedArgumentsServeTests(TestCase):
 
         os.kill(protocol.transport.pid, signal.SIGTERM)
         reason = yield protocol.ended
-        self.assertIn((reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)])
+        self.assertIn(
+            (reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)]
+        )
         lines = [line for line in protocol.output.decode().splitlines() if line.strip()]
         text = "\n".join(lines)
         self.assertIn("in effect: mode kubernetes", text)
@@ -319,18 +348,31 @@ class RenderedArgumentsServeTests(TestCase):
         certificate_file, key_file = self._oidc_tls_files()
         overrides = {
             "dapr_sentry": {
-                "jwt": {"enabled": True, "issuer": OIDC_ISSUER, "signingAlgorithm": "RS256"},
+                "jwt": {
+                    "enabled": True,
+                    "issuer": OIDC_ISSUER,
+                    "signingAlgorithm": "RS256",
+                },
                 "oidc": {
                     "enabled": True,
                     "allowedHosts": ["oidc.example.org"],
-                    "tls": {"enabled": True, "certFile": certificate_file, "keyFile": key_file},
+                    "tls": {
+                        "enabled": True,
+                        "certFile": certificate_file,
+                        "keyFile": key_file,
+                    },
                 },
             }
         }
         chart_args, reply, secret, _ = yield self._serve(
             overrides,
             # The OIDC server on loopback, a free port (the chart says 0.0.0.0).
-            extra=["--oidc-server-listen-address", "127.0.0.1", "--oidc-server-listen-port", "0"],
+            extra=[
+                "--oidc-server-listen-address",
+                "127.0.0.1",
+                "--oidc-server-listen-port",
+                "0",
+            ],
         )
         for expected in (
             "--jwt-enabled=true",
@@ -359,7 +401,11 @@ class RenderedArgumentsServeTests(TestCase):
             "global": {
                 "logAsJson": True,
                 "prometheus": {"enabled": False},
-                "issuerFilenames": {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"},
+                "issuerFilenames": {
+                    "ca": "ca.crt",
+                    "cert": "tls.crt",
+                    "key": "tls.key",
+                },
             },
             "dapr_sentry": {"logLevel": "debug"},
         }

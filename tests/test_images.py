@@ -18,12 +18,12 @@ from datetime import timedelta
 
 import jwt as pyjwt
 from asn1crypto.core import OctetString
-from hypothesis import given
-from hypothesis import strategies as st
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx.ca import x509profile
@@ -57,7 +57,7 @@ from sentry_tx.testing.container_images import (
     pod_document,
     sidecar_pod,
 )
-from tests.hypothesis_profiles import show_notes
+from sentry_tx.testing.hypothesis_profiles import show_notes
 
 GO_WITH_STATUSES = (
     b'[{"role":"daprd","containerName":"daprd","image":"ghcr.io/dapr/daprd:1.16.0",'

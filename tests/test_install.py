@@ -76,7 +76,11 @@ class InstallTests(TestCase):
             path=self._outside_tree(),
         )
         self.assertEqual(code, 0, err)
-        commands = [line.split()[0] for line in out.decode().splitlines() if line.startswith("    ")]
+        commands = [
+            line.split()[0]
+            for line in out.decode().splitlines()
+            if line.startswith("    ")
+        ]
         self.assertIn("sentry", commands, out.decode())
 
     @inlineCallbacks
@@ -101,7 +105,9 @@ class InstallTests(TestCase):
         C{sentry_tx/tap.py}, not a copy.
         """
         tap = yield self._tap_file(_bare_environment())
-        self.assertEqual(tap, os.path.realpath(os.path.join(PROJECT_ROOT, "sentry_tx", "tap.py")))
+        self.assertEqual(
+            tap, os.path.realpath(os.path.join(PROJECT_ROOT, "sentry_tx", "tap.py"))
+        )
 
     @inlineCallbacks
     def test_children_run_tree_code(self):
@@ -110,4 +116,6 @@ class InstallTests(TestCase):
         plugin runs the source tree's C{sentry_tx/tap.py}.
         """
         tap = yield self._tap_file(child_environment())
-        self.assertEqual(tap, os.path.realpath(os.path.join(PROJECT_ROOT, "sentry_tx", "tap.py")))
+        self.assertEqual(
+            tap, os.path.realpath(os.path.join(PROJECT_ROOT, "sentry_tx", "tap.py"))
+        )

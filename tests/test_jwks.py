@@ -52,15 +52,18 @@ from sentry_tx.metrics import SentryMetrics
 from sentry_tx.modes import build_validators
 from sentry_tx.server.servicer import VALIDATION_TIMEOUT_SECONDS, CAServicer, Refusal
 from sentry_tx.testing.authority import FakeCertificateAuthority
-from sentry_tx.testing.certificates import certificate_pem, private_key_pem
+from sentry_tx.testing.certificates import (
+    certificate_pem,
+    private_key_pem,
+    sign_request,
+)
 from sentry_tx.testing.clocks import ImmediateReactor, inline_file_work
 from sentry_tx.testing.grpc_client import run_now
+from sentry_tx.testing.jwk import jwk_member, rsa_key
 from sentry_tx.testing.jwks_server import KeySetServer
-from sentry_tx.testing.logs import capture_logs, log_messages
 from sentry_tx.testing.kubeconfig import make_self_signed_server_certificate
-from tests.test_jwt import jwk_member, rsa_key
-from tests.test_web import render
-from tests.test_servicer import sign_request
+from sentry_tx.testing.logs import capture_logs, log_messages
+from sentry_tx.testing.rendering import render
 
 NOW = 1_800_000_000
 SENTRY_ID = "spiffe://example.org/ns/dapr-system/dapr-sentry"
@@ -90,7 +93,9 @@ def forged(header, claims, signature=b""):
     """
     A compact JWS put together by hand.
     """
-    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    signing_input = (
+        f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    )
     if callable(signature):
         signature = signature(signing_input.encode("ascii"))
     return f"{signing_input}.{_b64(signature)}"
@@ -105,7 +110,9 @@ def signed_raw(header, payload, key=None):
     with C{key}, as an attacker holding a key of the set would make one.
     """
     signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(payload)}".encode()
-    signature = (key or rsa_key()).sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+    signature = (key or rsa_key()).sign(
+        signing_input, padding.PKCS1v15(), hashes.SHA256()
+    )
     return f"{signing_input.decode()}.{_b64(signature)}"
 
 
@@ -117,7 +124,10 @@ class ValidationTests(SynchronousTestCase):
     def setUp(self):
         self.reactor = ImmediateReactor(NOW)
         self.validator = self.make(
-            jwks(jwk_member(rsa_key(), kid="k1", alg="RS256"), jwk_member(rsa_key(1), kid="k2"))
+            jwks(
+                jwk_member(rsa_key(), kid="k1", alg="RS256"),
+                jwk_member(rsa_key(1), kid="k2"),
+            )
         )
         self.validator.startService()
         self.addCleanup(self.validator.stopService)
@@ -166,13 +176,17 @@ class ValidationTests(SynchronousTestCase):
             token=token(sub="spiffe://td1/ns/default/myapp"), trust_domain="td1"
         )
         self.assertEqual(identity.trust_domain, "td1")
-        self.assertIn("token validation failed", self.refused(token=token(), trust_domain="td1"))
+        self.assertIn(
+            "token validation failed", self.refused(token=token(), trust_domain="td1")
+        )
 
     def test_no_token(self):
         """
         No token comes first.
         """
-        self.assertEqual(self.refused(token="", id=""), "the request does not contain a token")
+        self.assertEqual(
+            self.refused(token="", id=""), "the request does not contain a token"
+        )
 
     def test_not_ready(self):
         """
@@ -190,7 +204,9 @@ class ValidationTests(SynchronousTestCase):
         """
         The common rules come before the token.
         """
-        self.assertIn("parameter app-id cannot be empty", self.refused(token="x", id=""))
+        self.assertIn(
+            "parameter app-id cannot be empty", self.refused(token="x", id="")
+        )
 
     def test_refusals(self):
         """
@@ -248,7 +264,9 @@ class ValidationTests(SynchronousTestCase):
             value = forged(
                 {"alg": "HS256", "kid": "k1", "typ": "JWT"},
                 GOOD_CLAIMS,
-                lambda data, secret=secret: hmac.new(secret, data, hashlib.sha256).digest(),
+                lambda data, secret=secret: hmac.new(
+                    secret, data, hashlib.sha256
+                ).digest(),
             )
             self.assertIn("token validation failed", self.refused(token=value))
 
@@ -256,7 +274,9 @@ class ValidationTests(SynchronousTestCase):
         """
         The JWKS may be given base64-encoded.
         """
-        source = base64.b64encode(jwks(jwk_member(rsa_key(), kid="k1")).encode()).decode()
+        source = base64.b64encode(
+            jwks(jwk_member(rsa_key(), kid="k1")).encode()
+        ).decode()
         validator = self.make(source)
         validator.startService()
         self.addCleanup(validator.stopService)
@@ -271,7 +291,9 @@ class ValidationTests(SynchronousTestCase):
         """
         nested = "[" * 5000 + "]" * 5000
         payload = json.dumps(GOOD_CLAIMS)[:-1] + f', "x": {nested}}}'
-        value = signed_raw({"alg": "RS256", "kid": "k1", "typ": "JWT"}, payload.encode())
+        value = signed_raw(
+            {"alg": "RS256", "kid": "k1", "typ": "JWT"}, payload.encode()
+        )
         events = capture_logs(self)
         servicer = CAServicer(
             self.reactor,
@@ -352,7 +374,9 @@ class ValidationTests(SynchronousTestCase):
         validator.startService()
         self.addCleanup(validator.stopService)
         self.successResultOf(
-            validator.validate(sign_request(token=token(key, kid="e", algorithm="ES256")))
+            validator.validate(
+                sign_request(token=token(key, kid="e", algorithm="ES256"))
+            )
         )
         self.failureResultOf(
             validator.validate(sign_request(token=token(kid="e"))), ValidationError
@@ -470,7 +494,9 @@ class URLSourceTests(SynchronousTestCase):
         self.server = _JWKSResource(jwks(jwk_member(rsa_key(), kid="k1")))
         self.validator = JWKSValidator(
             self.reactor,
-            JWKSOptions(source="https://idp.example.org/jwks", min_refresh_interval_seconds=60),
+            JWKSOptions(
+                source="https://idp.example.org/jwks", min_refresh_interval_seconds=60
+            ),
             SENTRY_ID,
             http_agent=RequestTraversalAgent(self.server),
         )
@@ -511,8 +537,12 @@ class URLSourceTests(SynchronousTestCase):
         set is refetched every PERIODIC_REFRESH_SECONDS.
         """
         self.validator.startService()
-        self.server.body = jwks(jwk_member(rsa_key(), kid="k1"), jwk_member(rsa_key(1), kid="k2"))
-        failure = self.failureResultOf(self.validate(token(rsa_key(1), kid="k2")), ValidationError)
+        self.server.body = jwks(
+            jwk_member(rsa_key(), kid="k1"), jwk_member(rsa_key(1), kid="k2")
+        )
+        failure = self.failureResultOf(
+            self.validate(token(rsa_key(1), kid="k2")), ValidationError
+        )
         self.assertIn("no key with kid 'k2'", failure.getErrorMessage())
         self.assertEqual(self.server.requests, 1)
         self.reactor.advance(60)
@@ -741,7 +771,9 @@ class KubernetesModeTests(SynchronousTestCase):
         """
         from sentry_tx.interfaces import IConfigurationSource
 
-        resolved = self.with_jwks(json.dumps({"keys": [jwk_member(rsa_key(), kid="k1")]}))
+        resolved = self.with_jwks(
+            json.dumps({"keys": [jwk_member(rsa_key(), kid="k1")]})
+        )
         kubernetes = object()
         validators = {2: kubernetes}
         source = self.source(resolved, validators)
@@ -963,7 +995,9 @@ class RedirectTests(TestCase):
 
     def validator(self, url, **options):
         validator = JWKSValidator(
-            reactor, JWKSOptions(source=url, request_timeout_seconds=5, **options), SENTRY_ID
+            reactor,
+            JWKSOptions(source=url, request_timeout_seconds=5, **options),
+            SENTRY_ID,
         )
         self.addCleanup(validator.stopService)
         return validator
@@ -1047,7 +1081,9 @@ class _ResponseSignallingAgent:
             reactor.callLater(0, self.responded.callback, None)
             return response
 
-        return self._agent.request(method, uri, headers, bodyProducer).addCallback(arrived)
+        return self._agent.request(method, uri, headers, bodyProducer).addCallback(
+            arrived
+        )
 
 
 class ConnectionTests(TestCase):
@@ -1091,7 +1127,10 @@ class ConnectionTests(TestCase):
         self.assertEqual(trickling.open_connections, 0)
         self.assertEqual(
             log_messages(events, level=LogLevel.error),
-            [f"JWKS fetch from {trickling.url()} failed: timed out after 0.5 s; not ready"]
+            [
+                f"JWKS fetch from {trickling.url()} failed: timed out after 0.5 s; not "
+                "ready"
+            ]
             * 16,
         )
 
@@ -1157,6 +1196,8 @@ class ConnectionTests(TestCase):
         port = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
         number = port.getHost().port
         yield port.stopListening()
-        fetcher = JWKSFetcher(reactor, f"http://127.0.0.1:{number}/jwks.json", 5.0, 1024)
+        fetcher = JWKSFetcher(
+            reactor, f"http://127.0.0.1:{number}/jwks.json", 5.0, 1024
+        )
         failure = yield self.assertFailure(fetcher.fetch(), JWKSFetchError)
         self.assertEqual(str(failure), "failed: connection refused")

@@ -9,7 +9,6 @@ checks the code against itself.
 """
 
 import base64
-import hashlib
 import json
 import os
 import stat
@@ -26,39 +25,26 @@ from sentry_tx.ca.store import FileTrustStore
 from sentry_tx.config import MTLSConfig, SentryConfig
 from sentry_tx.errors import BundleError
 from sentry_tx.identity.caller import CallerIdentity
-from sentry_tx.jwt.material import generate_jwt_material, load_jwt_material
 from sentry_tx.identity.rules import MAX_JWT_AUDIENCES
+from sentry_tx.jwt.material import generate_jwt_material, load_jwt_material
 from sentry_tx.jwt.minting import JWTAudienceError, JWTMinter, JWTMintingError
 from sentry_tx.jwt.store import FileJWTStore
 from sentry_tx.metrics import SentryMetrics
 from sentry_tx.server.service import CertificateAuthorityService
 from sentry_tx.server.servicer import CAServicer, Refusal
 from sentry_tx.testing.authority import FakeCertificateAuthority, FakeValidator
-from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, make_chain
+from sentry_tx.testing.certificates import (
+    FIXED_NOW,
+    make_bundle,
+    make_chain,
+    sign_request,
+)
 from sentry_tx.testing.clocks import ImmediateReactor, inline_file_work
 from sentry_tx.testing.grpc_client import SynchronousGrpcLoop, run_now
-from tests.test_servicer import sign_request
+from sentry_tx.testing.jwk import jwk_member, rfc7638_kid, rsa_key
 
 SOURCES = ("jwt.key", "jwks.json")
 NOW = 1_800_000_000
-
-
-def _b64url_uint(number):
-    data = number.to_bytes((number.bit_length() + 7) // 8, "big")
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def rfc7638_kid(public_key):
-    """
-    Dapr's kid for an RSA public key, computed from RFC 7638 directly:
-    standard padded base64 of SHA-256 over the canonical JSON of e, kty, n.
-    """
-    numbers = public_key.public_numbers()
-    canonical = (
-        '{"e":"%s","kty":"RSA","n":"%s"}'
-        % (_b64url_uint(numbers.e), _b64url_uint(numbers.n))
-    ).encode("ascii")
-    return base64.b64encode(hashlib.sha256(canonical).digest()).decode("ascii")
 
 
 def pem(key):
@@ -71,33 +57,6 @@ def pem(key):
 
 def jwks_of(*members):
     return json.dumps({"keys": list(members)}).encode("ascii")
-
-
-def jwk_member(private_key, **extra):
-    """
-    The public JWK of C{private_key}, made with PyJWT.
-    """
-    public = private_key.public_key()
-    if isinstance(private_key, rsa.RSAPrivateKey):
-        member = pyjwt.algorithms.RSAAlgorithm.to_jwk(public, as_dict=True)
-    elif isinstance(private_key, ec.EllipticCurvePrivateKey):
-        member = pyjwt.algorithms.ECAlgorithm.to_jwk(public, as_dict=True)
-    else:
-        member = pyjwt.algorithms.OKPAlgorithm.to_jwk(public, as_dict=True)
-    member.update(extra)
-    return member
-
-
-_RSA_KEYS = []
-
-
-def rsa_key(index=0):
-    """
-    One of a few RSA-2048 keys made once for the whole module.
-    """
-    while len(_RSA_KEYS) <= index:
-        _RSA_KEYS.append(rsa.generate_private_key(public_exponent=65537, key_size=2048))
-    return _RSA_KEYS[index]
 
 
 class GenerateTests(SynchronousTestCase):
@@ -240,7 +199,9 @@ class StartCheckTests(SynchronousTestCase):
         """
         material = load_jwt_material(
             pem(rsa_key()),
-            jwks_of(jwk_member(rsa_key(1), kid="a"), jwk_member(rsa_key(), kid="whatever")),
+            jwks_of(
+                jwk_member(rsa_key(1), kid="a"), jwk_member(rsa_key(), kid="whatever")
+            ),
             "PS256",
             None,
             SOURCES,
@@ -317,7 +278,11 @@ class StartCheckTests(SynchronousTestCase):
 def material(algorithm="RS256", key=None, key_id=None):
     key = key or rsa_key()
     return load_jwt_material(
-        pem(key), jwks_of(jwk_member(key, kid=key_id or "k")), algorithm, key_id, SOURCES
+        pem(key),
+        jwks_of(jwk_member(key, kid=key_id or "k")),
+        algorithm,
+        key_id,
+        SOURCES,
     )
 
 
@@ -616,7 +581,10 @@ class ReloadTests(SynchronousTestCase):
         reactor = ImmediateReactor(FIXED_NOW.timestamp())
         self.inner = FileTrustStore(
             reactor,
-            *(os.path.join(self.directory, n) for n in ("ca.crt", "issuer.crt", "issuer.key")),
+            *(
+                os.path.join(self.directory, n)
+                for n in ("ca.crt", "issuer.crt", "issuer.key")
+            ),
             "example.org",
             "default",
             timedelta(minutes=15),

@@ -9,7 +9,7 @@ from sentry_tx.config import SentryConfig
 from sentry_tx.jwt.oidc import OIDCService
 from sentry_tx.tap import build_service
 from sentry_tx.testing.clocks import ImmediateReactor
-from tests.test_tap import OptionsTestCase
+from sentry_tx.testing.command_lines import OptionsTestCase
 
 JWT_FLAGS = (
     "jwt-enabled",
@@ -53,7 +53,17 @@ class JWTFlagTests(OptionsTestCase):
                 config.oidc_server_listen_address,
                 config.oidc_server_tls_enabled,
             ),
-            (False, "jwt.key", "jwks.json", "RS256", 86400, False, 9080, "localhost", True),
+            (
+                False,
+                "jwt.key",
+                "jwks.json",
+                "RS256",
+                86400,
+                False,
+                9080,
+                "localhost",
+                True,
+            ),
         )
 
     def test_help_lists_flags(self):
@@ -119,13 +129,25 @@ class JWTFlagTests(OptionsTestCase):
         the program naming the flag.
         """
         for arguments, flag, fragment in [
-            (["--jwt-signing-algorithm=HS256"], "--jwt-signing-algorithm", "unsupported"),
-            (["--jwt-signing-algorithm=none"], "--jwt-signing-algorithm", "unsupported"),
+            (
+                ["--jwt-signing-algorithm=HS256"],
+                "--jwt-signing-algorithm",
+                "unsupported",
+            ),
+            (
+                ["--jwt-signing-algorithm=none"],
+                "--jwt-signing-algorithm",
+                "unsupported",
+            ),
             (["--jwt-ttl=soon"], "--jwt-ttl", "not a duration"),
             (["--jwt-ttl=0s"], "--jwt-ttl", "at least 1s"),
             (["--jwt-ttl=-1h"], "--jwt-ttl", "at least 1s"),
             (["--jwt-enabled=maybe"], "--jwt-enabled", "not a boolean"),
-            (["--oidc-server-listen-port=70000"], "--oidc-server-listen-port", "not a port"),
+            (
+                ["--oidc-server-listen-port=70000"],
+                "--oidc-server-listen-port",
+                "not a port",
+            ),
             (["--oidc-jwks-uri=/jwks.json"], "--oidc-jwks-uri", "absolute"),
             (["--oidc-path-prefix=/a b"], "--oidc-path-prefix", "not a URL path"),
             (["--jwt-key-filename="], "--jwt-key-filename", "must not be empty"),
@@ -215,7 +237,11 @@ class WiringTests(OptionsTestCase):
             [OIDCService],
         )
         self.assertFalse(
-            [s for s in self.children(SentryConfig(jwt_enabled=True)) if isinstance(s, OIDCService)]
+            [
+                s
+                for s in self.children(SentryConfig(jwt_enabled=True))
+                if isinstance(s, OIDCService)
+            ]
         )
 
     def test_oidc_refusals_logged_as_oidc(self):

@@ -16,8 +16,8 @@ from sentry_tx.errors import BundleError
 from sentry_tx.jwt.kubernetes_store import KubernetesJWTStore
 from sentry_tx.jwt.material import generate_jwt_material
 from sentry_tx.testing.certificates import FIXED_NOW, TEST_NAMESPACE, TEST_TRUST_DOMAIN
+from sentry_tx.testing.jwk import rfc7638_kid
 from sentry_tx.testing.kubernetes import kubernetes_client_for, start_fake_kubernetes
-from tests.test_jwt import rfc7638_kid
 
 NAME = "dapr-trust-bundle"
 
@@ -61,7 +61,11 @@ class KubernetesJWTStoreTests(TestCase):
         client = kubernetes_client_for(self, self.fake)
         store = _BundleThenPair(
             KubernetesTrustStore(
-                reactor, client, TEST_NAMESPACE, TEST_TRUST_DOMAIN, timedelta(minutes=15)
+                reactor,
+                client,
+                TEST_NAMESPACE,
+                TEST_TRUST_DOMAIN,
+                timedelta(minutes=15),
             ),
             KubernetesJWTStore.for_config(
                 reactor, client, SentryConfig(namespace=TEST_NAMESPACE)

@@ -23,7 +23,7 @@ from sentry_tx.testing.certificates import make_csr
 from sentry_tx.testing.grpc_client import GrpcTestClient
 from sentry_tx.testing.http2 import sign_on_new_connection
 from sentry_tx.testing.jwts import verified_claims
-from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
+from sentry_tx.testing.twistd import LOOPBACK_FREE_PORTS, spawn_twistd
 
 ISSUER = "https://oidc.example.org"
 
@@ -247,7 +247,7 @@ class JWKSProcessTests(TestCase):
         import grpc
         from cryptography import x509
 
-        from tests.test_jwt import jwk_member, rsa_key
+        from sentry_tx.testing.jwk import jwk_member, rsa_key
 
         directory = os.path.abspath(self.mktemp())
         os.mkdir(directory)

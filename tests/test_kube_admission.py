@@ -7,7 +7,7 @@ RESOURCE_EXHAUSTED with C{grpc-retry-pushback-ms}, over real gRPC too.
 """
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import grpc
 from twisted.internet import reactor
@@ -24,11 +24,6 @@ from sentry_tx.errors import (
     ValidatorOverloadedError,
     ValidatorUnavailableError,
 )
-from sentry_tx.identity.caller import (
-    VALIDATOR_INSECURE,
-    VALIDATOR_KUBERNETES,
-    SignRequest,
-)
 from sentry_tx.identity.admission import (
     DEADLINE_PASSED,
     MIN_RETRY_AFTER_MILLISECONDS,
@@ -36,21 +31,26 @@ from sentry_tx.identity.admission import (
     TOO_LATE,
     ReviewAdmission,
 )
+from sentry_tx.identity.caller import (
+    VALIDATOR_INSECURE,
+    VALIDATOR_KUBERNETES,
+    SignRequest,
+)
 from sentry_tx.identity.kubernetes import (
     ANSWER_MARGIN_SECONDS,
     VALIDATOR_NOT_READY,
     KubernetesValidator,
 )
 from sentry_tx.kube.errors import KubernetesUnavailableError
-from sentry_tx.kube.paths import TOKEN_REVIEW_PATH
 from sentry_tx.kube.informer import configuration_informer, pod_informer
+from sentry_tx.kube.paths import TOKEN_REVIEW_PATH
 from sentry_tx.metrics import SentryMetrics
+from sentry_tx.server.service import CertificateAuthorityService
 from sentry_tx.server.servicer import (
     RETRY_PUSHBACK_METADATA_KEY,
     VALIDATION_TIMEOUT_SECONDS,
     CAServicer,
 )
-from sentry_tx.server.service import CertificateAuthorityService
 from sentry_tx.testing.authority import (
     FakeCertificateAuthority,
     FakeTrustStore,
@@ -126,9 +126,12 @@ class ValidatorUnderLoadTests(SynchronousTestCase):
             "/api/v1/pods": list(pods),
             "/apis/dapr.io/v1alpha1/configurations": list(configurations),
         }
-        for method, path, _, _, d in self.watch_api.pending("GET"):
+        for _method, path, _, _, d in self.watch_api.pending("GET"):
             d.callback(
-                {"metadata": {"resourceVersion": "1"}, "items": answers[path.split("?")[0]]}
+                {
+                    "metadata": {"resourceVersion": "1"},
+                    "items": answers[path.split("?")[0]],
+                }
             )
 
     def _validate(self, name="p1", uid="u1", deadline_in=VALIDATION_TIMEOUT_SECONDS):
@@ -313,7 +316,9 @@ class ValidatorUnderLoadTests(SynchronousTestCase):
         held = [self._validate() for _ in range(3)]
         refused = self.failureResultOf(self._validate(), ValidatorOverloadedError)
         self.assertEqual(str(refused.value), QUEUE_FULL)
-        self.assertGreaterEqual(refused.value.retry_after_ms, MIN_RETRY_AFTER_MILLISECONDS)
+        self.assertGreaterEqual(
+            refused.value.retry_after_ms, MIN_RETRY_AFTER_MILLISECONDS
+        )
         self.assertEqual(len(self._reviews()), 1)
         for d in held:
             self._reviews()[0][4].callback(review("p1", "u1"))
@@ -575,10 +580,10 @@ class OverloadOverGrpcTests(TestCase):
         The client sees RESOURCE_EXHAUSTED and C{grpc-retry-pushback-ms} in
         the trailing metadata.
         """
-        from datetime import datetime, timezone
+        from datetime import datetime
 
         generated = generate_bundle(
-            "cluster.local", "default", datetime.now(timezone.utc), timedelta(minutes=15)
+            "cluster.local", "default", datetime.now(UTC), timedelta(minutes=15)
         )
         config = SentryConfig(
             trust_domain="cluster.local", listen_address="127.0.0.1", port=0
@@ -608,4 +613,6 @@ class OverloadOverGrpcTests(TestCase):
             deferToThread(client.sign, request), grpc.RpcError
         )
         self.assertEqual(error.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
-        self.assertIn((RETRY_PUSHBACK_METADATA_KEY, "250"), tuple(error.trailing_metadata()))
+        self.assertIn(
+            (RETRY_PUSHBACK_METADATA_KEY, "250"), tuple(error.trailing_metadata())
+        )

@@ -31,7 +31,6 @@ from sentry_tx.testing.kubernetes import (
 from sentry_tx.testing.kubernetes_tokens import FAKE_API_TOKEN
 from sentry_tx.testing.logs import capture_logs
 
-
 SECRET_PATH = core_path(TEST_NAMESPACE, "secrets", "s")
 
 
@@ -197,7 +196,8 @@ class ClientTests(TestCase):
         """
         client = kubernetes_client_for(self, self.fake)
         error = yield self.assertFailure(
-            client.get(core_path(TEST_NAMESPACE, "secrets", "missing")), KubernetesAPIError
+            client.get(core_path(TEST_NAMESPACE, "secrets", "missing")),
+            KubernetesAPIError,
         )
         self.assertTrue(error.is_not_found)
         self.assertEqual(error.reason, "NotFound")

@@ -54,7 +54,8 @@ class ConfigurationSourceTests(TestCase):
         self.assertEqual(config.config, "daprsystem")
         self.assertEqual(self.resolved, [config])
         self.assertIn(
-            ("GET", configuration_path(TEST_NAMESPACE, "daprsystem")), self.fake.requests
+            ("GET", configuration_path(TEST_NAMESPACE, "daprsystem")),
+            self.fake.requests,
         )
 
     @defer.inlineCallbacks
@@ -119,13 +120,17 @@ class ConfigurationSourceWarningTests(TestCase):
         fake = start_fake_kubernetes(self)
         source = KubernetesConfigurationSource(kubernetes_client_for(self, fake))
         config = SentryConfig(mode=MODE_KUBERNETES, namespace=TEST_NAMESPACE)
-        fake.add_configuration(TEST_NAMESPACE, "misspelt", {"mtls": {"workloadCertTTl": "1h"}})
+        fake.add_configuration(
+            TEST_NAMESPACE, "misspelt", {"mtls": {"workloadCertTTl": "1h"}}
+        )
         fake.add_configuration(TEST_NAMESPACE, "bare", {})
         with capturedLogs() as events:
             resolved = yield source.resolve(replace(config, config="misspelt"))
             yield source.resolve(replace(config, config="bare"))
         warnings = [
-            e["configuration_warning"] for e in events if e["log_level"] == LogLevel.warn
+            e["configuration_warning"]
+            for e in events
+            if e["log_level"] == LogLevel.warn
         ]
         self.assertEqual(len(warnings), 2)
         self.assertIn("spec.mtls.workloadCertTTl: unknown key", warnings[0])

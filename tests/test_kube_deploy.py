@@ -16,17 +16,14 @@ from sentry_tx.ca.kubernetes_store import TRUST_BUNDLE_NAME
 from sentry_tx.config import MODE_KUBERNETES, SentryConfig, parse_mtls
 from sentry_tx.kube.incluster import SERVICE_ACCOUNT_DIRECTORY
 from sentry_tx.options import Options
+from sentry_tx.testing.manifests import (
+    CONF,
+    DOCKERFILE,
+    ENTRYPOINT,
+    MANIFESTS,
+    load_manifests,
+)
 from sentry_tx.testing.source_tree import PROJECT_ROOT
-
-CONF = os.path.join(PROJECT_ROOT, "conf")
-MANIFESTS = os.path.join(CONF, "kubernetes")
-DOCKERFILE = os.path.join(CONF, "Dockerfile")
-
-ENTRYPOINT = ["twistd", "-n", "--pidfile=", "sentry"]
-"""
-The command the image runs, and the one tests/test_process.py and
-tests/test_kube_process.py run (C{twistd} then these arguments).
-"""
 
 
 def _canonical(name):
@@ -63,24 +60,6 @@ def _runtime_closure(distribution):
                 seen.add((key, wanted))
                 pending.append((requirement.name, wanted))
     return {key for key, _ in seen}
-
-
-def load_manifests():
-    """
-    Every document of every YAML file in C{conf/kubernetes}, by C{(kind,
-    name)}.
-    """
-    documents = {}
-    for filename in sorted(os.listdir(MANIFESTS)):
-        if not filename.endswith(".yaml") or filename == "kustomization.yaml":
-            continue
-        with open(os.path.join(MANIFESTS, filename), encoding="utf-8") as f:
-            for document in yaml.safe_load_all(f):
-                if document is not None:
-                    documents[(document["kind"], document["metadata"]["name"])] = (
-                        document
-                    )
-    return documents
 
 
 def dockerfile_instructions():
@@ -452,7 +431,8 @@ class DockerfileTests(SynchronousTestCase):
         """
         runs = " ".join(self._arguments("RUN"))
         self.assertIn(
-            f"install -d -o sentry -g sentry -m 0700 {SentryConfig().issuer_credentials}",
+            f"install -d -o sentry -g sentry -m 0700 "
+            f"{SentryConfig().issuer_credentials}",
             runs,
         )
 

@@ -128,7 +128,9 @@ class InformerTests(SynchronousTestCase):
         )
         self.assertIsNone(self.informer.get("a", "new"))
         self.assertEqual(self.informer.get("a", "p1").service_account, "y")
-        response.send({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "20"}}})
+        response.send(
+            {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "20"}}}
+        )
         self.assertEqual(self.informer.resource_version, "20")
         # A watch the server ends after a while resumes from there, no list.
         self.clock.advance(WATCH_SERVER_TIMEOUT_SECONDS)
@@ -162,7 +164,10 @@ class InformerTests(SynchronousTestCase):
         self._answer_list(page([pod("a", "p1", 5)], 10))
         _, response = self._watch()
         response.send(
-            {"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "too old"}}
+            {
+                "type": "ERROR",
+                "object": {"kind": "Status", "code": 410, "message": "too old"},
+            }
         )
         self.assertTrue(response.stopped)
         (relist,) = self.client.pending("GET")
@@ -225,7 +230,9 @@ class InformerTests(SynchronousTestCase):
         _, response = self._watch()
         response.cut()
         (timer,) = self.clock.getDelayedCalls()
-        self.assertEqual(timer.getTime() - self.clock.seconds(), RELIST_BACKOFF_INITIAL_SECONDS)
+        self.assertEqual(
+            timer.getTime() - self.clock.seconds(), RELIST_BACKOFF_INITIAL_SECONDS
+        )
 
     def test_watch_ended_at_once_backs_off(self):
         """
@@ -273,7 +280,9 @@ class InformerTests(SynchronousTestCase):
             json.dumps({"type": "ADDED", "object": pod("a", f"q{i}", 12 + i)}).encode()
             for i in range(3)
         ]
-        response.protocol.dataReceived(lines[0] + b"\n" + lines[1] + b"\n" + lines[2][:5])
+        response.protocol.dataReceived(
+            lines[0] + b"\n" + lines[1] + b"\n" + lines[2][:5]
+        )
         self.assertIsNotNone(self.informer.get("a", "q1"))
         self.assertIsNone(self.informer.get("a", "q2"))
         response.protocol.dataReceived(lines[2][5:30])
@@ -290,7 +299,9 @@ class InformerTests(SynchronousTestCase):
         self._answer_list(page([], 10))
         _, response = self._watch()
         self.clock.advance(WATCH_IDLE_TIMEOUT_SECONDS - 1)
-        response.send({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "11"}}})
+        response.send(
+            {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "11"}}}
+        )
         self.clock.advance(WATCH_IDLE_TIMEOUT_SECONDS - 1)
         self.assertFalse(response.stopped)
         self.clock.advance(1)
@@ -349,9 +360,13 @@ class InformerTests(SynchronousTestCase):
             )
         )
         self.assertEqual(set(record.annotations), {"dapr.io/app-id", "dapr.io/config"})
-        self.assertEqual(len(record.annotations["dapr.io/app-id"]), MAX_KEPT_STRING_CHARACTERS)
+        self.assertEqual(
+            len(record.annotations["dapr.io/app-id"]), MAX_KEPT_STRING_CHARACTERS
+        )
         self.assertFalse(hasattr(record, "__dict__"))
-        self.assertEqual(PodRecord.from_pod({"metadata": {}}).service_account, "default")
+        self.assertEqual(
+            PodRecord.from_pod({"metadata": {}}).service_account, "default"
+        )
 
     def test_service_ready(self):
         """

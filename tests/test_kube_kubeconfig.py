@@ -86,7 +86,9 @@ class KubeconfigConnectionTests(SynchronousTestCase):
         """
         chain = make_chain()
         write_file(os.path.join(self.directory, "client.crt"), chain.issuer_chain_pem())
-        write_file(os.path.join(self.directory, "client.key"), chain.issuer_key_pem("sec1"))
+        write_file(
+            os.path.join(self.directory, "client.key"), chain.issuer_key_pem("sec1")
+        )
         connection = self._connection(
             user={"client-certificate": "client.crt", "client-key": "client.key"}
         )

@@ -71,7 +71,10 @@ class LoopKubernetesClientTests(TestCase):
         """
         token = self.fake.issue_token(APPS, ACCOUNT, POD)
         review = yield self._on_loop(
-            self.client.create, TOKEN_REVIEW_PATH, _review_body(token), timeout_seconds=5
+            self.client.create,
+            TOKEN_REVIEW_PATH,
+            _review_body(token),
+            timeout_seconds=5,
         )
         self.assertIs(review["status"]["authenticated"], True)
         self.assertEqual(self.fake.reviews[0]["token"], token)
@@ -332,5 +335,7 @@ class ValidatorOnLoopTests(TestCase):
             finally:
                 release(None)
 
-        error = yield self.assertFailure(self.grpc_loop.run(late), ValidatorOverloadedError)
+        error = yield self.assertFailure(
+            self.grpc_loop.run(late), ValidatorOverloadedError
+        )
         self.assertEqual(str(error), TOO_LATE)

@@ -24,8 +24,8 @@ from sentry_tx.testing.container_images import (
 from sentry_tx.testing.grpc_client import GrpcTestClient
 from sentry_tx.testing.kubeconfig import write_kubeconfig
 from sentry_tx.testing.kubernetes import start_fake_kubernetes
-from tests.test_kube_deploy import ENTRYPOINT
-from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
+from sentry_tx.testing.manifests import ENTRYPOINT
+from sentry_tx.testing.twistd import LOOPBACK_FREE_PORTS, spawn_twistd
 
 APPS = "apps"
 TRUST_BUNDLE = "dapr-trust-bundle"
@@ -176,13 +176,19 @@ class KubernetesModeProcessTests(TestCase):
         import jwt as pyjwt
 
         from sentry_tx.testing.http2 import sign_on_new_connection
-        from tests.test_jwt import jwk_member, rsa_key
+        from sentry_tx.testing.jwk import jwk_member, rsa_key
 
         key_set = json.dumps({"keys": [jwk_member(rsa_key(), kid="k1")]})
         self.fake.add_configuration(
             TEST_NAMESPACE,
             "daprsystem",
-            {"mtls": {"tokenValidators": [{"name": "jwks", "options": {"source": key_set}}]}},
+            {
+                "mtls": {
+                    "tokenValidators": [
+                        {"name": "jwks", "options": {"source": key_set}}
+                    ]
+                }
+            },
         )
         protocol = spawn_twistd(
             self,

@@ -492,7 +492,9 @@ class MountedSecretRotationTests(TestCase):
             )
 
         store_secret(first)
-        fake.add_config_map(TEST_NAMESPACE, NAME, {"ca.crt": first.anchors_pem.decode()})
+        fake.add_config_map(
+            TEST_NAMESPACE, NAME, {"ca.crt": first.anchors_pem.decode()}
+        )
         mount = self.mktemp()
         store = KubernetesTrustStore(
             reactor,

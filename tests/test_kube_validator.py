@@ -15,12 +15,12 @@ from sentry_tx.ca.authority import issue_workload_certificate
 from sentry_tx.config import MTLSConfig
 from sentry_tx.errors import ValidationError, ValidatorUnavailableError
 from sentry_tx.identity.caller import VALIDATOR_KUBERNETES, SignRequest
+from sentry_tx.identity.images import IMAGES_TOO_LARGE, MAX_POD_ENTRY_BYTES
 from sentry_tx.identity.kubernetes import (
     ANSWER_MARGIN_SECONDS,
     KubernetesValidator,
     token_payload,
 )
-from sentry_tx.identity.images import IMAGES_TOO_LARGE, MAX_POD_ENTRY_BYTES
 from sentry_tx.interfaces import IIdentityValidator
 from sentry_tx.kube.informer import pod_informer
 from sentry_tx.testing.certificates import (

@@ -80,7 +80,10 @@ class KubernetesRenewalTests(TestCase):
 
     @inlineCallbacks
     def test_racing_replicas_renew_once(self):
-        """Two replicas due at once renew once (one PUT wins), the ConfigMap follows, and both switch to the same issuer."""
+        """
+        Two replicas due at once renew once (one PUT wins), the ConfigMap follows, and
+        both switch to the same issuer.
+        """
         first_store, first = self._replica()
         _, second = self._replica()
         yield first_store.load_or_generate(FIXED_NOW)
@@ -94,7 +97,13 @@ class KubernetesRenewalTests(TestCase):
         secret = self._secret()
         self.assertEqual(
             sorted(secret),
-            ["ca.crt", "issuer.crt", "issuer.key", "issuer.next.crt", "issuer.next.key"],
+            [
+                "ca.crt",
+                "issuer.crt",
+                "issuer.key",
+                "issuer.next.crt",
+                "issuer.next.key",
+            ],
         )
         self.assertEqual(len(x509.load_pem_x509_certificates(secret["ca.crt"])), 2)
         config_map = self.fake.get_object("configmaps", TEST_NAMESPACE, NAME)
@@ -115,7 +124,9 @@ class KubernetesRenewalTests(TestCase):
 
     @inlineCallbacks
     def test_operator_bundle_never_written(self):
-        """A Secret holding an operator's bundle, past its threshold, is never written."""
+        """
+        A Secret holding an operator's bundle, past its threshold, is never written.
+        """
         chain = make_chain(intermediates=1)
         self.fake.add_secret(
             TEST_NAMESPACE,

@@ -11,7 +11,7 @@ block, so they run in threads.
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -118,7 +118,7 @@ class HoldingValidator(FakeValidator):
         Let every held call through as the identity it asked for.
         """
         held, self.pending = self.pending, []
-        for d, request in zip(held, self.requests):
+        for d, request in zip(held, self.requests, strict=False):
             if not d.called:
                 d.callback(
                     CallerIdentity(
@@ -233,7 +233,7 @@ class TransportLimitTests(TestCase):
             bundle = generate_bundle(
                 "cluster.local",
                 "default",
-                datetime.now(timezone.utc),
+                datetime.now(UTC),
                 timedelta(minutes=15),
             ).bundle
         self.anchors_pem = bundle.anchors_pem
@@ -281,7 +281,9 @@ class TransportLimitTests(TestCase):
 
     @inlineCallbacks
     def test_request_at_limit_passes(self):
-        """A request of exactly MAX_REQUEST_BYTES passes the transport to the servicer."""
+        """
+        A request of exactly MAX_REQUEST_BYTES passes the transport to the servicer.
+        """
         yield self.start_ca()
         error = yield self.assertFailure(
             deferToThread(
@@ -295,7 +297,9 @@ class TransportLimitTests(TestCase):
 
     @inlineCallbacks
     def test_request_over_limit_refused(self):
-        """One byte over MAX_REQUEST_BYTES is RESOURCE_EXHAUSTED, before the servicer."""
+        """
+        One byte over MAX_REQUEST_BYTES is RESOURCE_EXHAUSTED, before the servicer.
+        """
         yield self.start_ca()
         error = yield self.assertFailure(
             deferToThread(
@@ -308,8 +312,10 @@ class TransportLimitTests(TestCase):
 
     @inlineCallbacks
     def test_large_bundle_answered(self):
-        """A bundle larger than the request limit is still answered (MAX_RESPONSE_BYTES)."""
-        now = datetime.now(timezone.utc)
+        """
+        A bundle larger than the request limit is still answered (MAX_RESPONSE_BYTES).
+        """
+        now = datetime.now(UTC)
         chain = make_chain(
             not_before=now - timedelta(days=1), not_after=now + timedelta(days=30)
         )
@@ -400,7 +406,9 @@ class TransportLimitTests(TestCase):
 
     @inlineCallbacks
     def test_silent_connection_closed(self):
-        """A TCP connection that never starts TLS is closed after the handshake timeout."""
+        """
+        A TCP connection that never starts TLS is closed after the handshake timeout.
+        """
         yield self.start_ca(
             server_handshake_timeout_milliseconds=SMALL_LIMIT_MILLISECONDS
         )
@@ -420,7 +428,9 @@ class TransportLimitTests(TestCase):
 
     @inlineCallbacks
     def test_idle_tcp_connections_do_not_block(self):
-        """200 silent TCP connections do not stop a real client being signed within 1 s."""
+        """
+        200 silent TCP connections do not stop a real client being signed within 1 s.
+        """
         yield self.start_ca()
         sockets = yield deferToThread(
             open_silent_connections, "127.0.0.1", self.ca.port, IDLE_CONNECTIONS
@@ -439,7 +449,9 @@ class TransportLimitTests(TestCase):
 
     @inlineCallbacks
     def test_flood_refused_fast(self):
-        """Past MAX_CONCURRENT_RPCS held calls, every call is RESOURCE_EXHAUSTED at once."""
+        """
+        Past MAX_CONCURRENT_RPCS held calls, every call is RESOURCE_EXHAUSTED at once.
+        """
         from twisted.internet import reactor
 
         bound = 2
@@ -528,7 +540,10 @@ class TransportLimitTests(TestCase):
 
     @inlineCallbacks
     def test_silent_streams_do_not_delay(self):
-        """200 streams that never send their message, over 4 connections, do not delay an honest call past 1 s."""
+        """
+        200 streams that never send their message, over 4 connections, do not delay an
+        honest call past 1 s.
+        """
         yield self.start_ca()
         yield self.open_silent_streams(
             SILENT_STREAM_CONNECTIONS, SILENT_STREAMS // SILENT_STREAM_CONNECTIONS
@@ -539,7 +554,10 @@ class TransportLimitTests(TestCase):
 
     @inlineCallbacks
     def test_request_arrival_timeout(self):
-        """A call whose message has not arrived within the arrival bound ends with DEADLINE_EXCEEDED, uncounted."""
+        """
+        A call whose message has not arrived within the arrival bound ends with
+        DEADLINE_EXCEEDED, uncounted.
+        """
         yield self.start_ca(
             request_arrival_timeout_seconds=SMALL_ARRIVAL_TIMEOUT_SECONDS
         )
@@ -580,7 +598,10 @@ class TransportLimitTests(TestCase):
 
     @inlineCallbacks
     def test_silent_stream_freed(self):
-        """Silent streams hold call slots only until the arrival bound: then they end and honest calls get the slots."""
+        """
+        Silent streams hold call slots only until the arrival bound: then they end and
+        honest calls get the slots.
+        """
         bound = 2
         yield self.start_ca(
             max_concurrent_rpcs=bound,
@@ -597,7 +618,8 @@ class TransportLimitTests(TestCase):
                 if frame is None:
                     break
                 if frame.type in (HTTP2_HEADERS, HTTP2_RST_STREAM) and (
-                    frame.type == HTTP2_RST_STREAM or frame.flags & HTTP2_FLAG_END_STREAM
+                    frame.type == HTTP2_RST_STREAM
+                    or frame.flags & HTTP2_FLAG_END_STREAM
                 ):
                     ended.add(frame.stream_id)
             return ended
@@ -609,7 +631,10 @@ class TransportLimitTests(TestCase):
 
     @inlineCallbacks
     def test_rapid_reset(self):
-        """Thousands of streams opened and reset at once (HEADERS then RST_STREAM) leave the CA answering."""
+        """
+        Thousands of streams opened and reset at once (HEADERS then RST_STREAM) leave
+        the CA answering.
+        """
         yield self.start_ca()
         client = yield self.raw_client()
 
@@ -640,7 +665,9 @@ class TransportLimitTests(TestCase):
 
     @inlineCallbacks
     def test_port_in_use(self):
-        """A gRPC port in use fails the start with one line naming --port and the port."""
+        """
+        A gRPC port in use fails the start with one line naming --port and the port.
+        """
         import socket
 
         from sentry_tx.errors import ListenError
@@ -653,7 +680,7 @@ class TransportLimitTests(TestCase):
         from twisted.internet import reactor
 
         bundle = generate_bundle(
-            "cluster.local", "default", datetime.now(timezone.utc), timedelta(minutes=15)
+            "cluster.local", "default", datetime.now(UTC), timedelta(minutes=15)
         ).bundle
         config = SentryConfig(listen_address="127.0.0.1", port=port)
         ca = CertificateAuthorityService(

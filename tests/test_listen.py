@@ -16,7 +16,7 @@ from twisted.web.resource import Resource
 from sentry_tx.errors import ListenError
 from sentry_tx.listen import PortCheck, check_port_free
 from sentry_tx.service import QuietSite, SentryService, WebService
-from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
+from sentry_tx.testing.twistd import LOOPBACK_FREE_PORTS, spawn_twistd
 
 
 def _occupied_port(test):
@@ -227,7 +227,12 @@ class TwistdPortInUseTests(TestCase):
         ]
         self.assertEqual(
             serious,
-            [line for line in lines if f"{flag}: cannot listen on 127.0.0.1 port {port}: address already in use" in line],
+            [
+                line
+                for line in lines
+                if f"{flag}: cannot listen on 127.0.0.1 port {port}:"
+                " address already in use" in line
+            ],
         )
         self.assertEqual(len(serious), 1)
         self.assertNotIn("Traceback", protocol.output.decode())

@@ -11,7 +11,7 @@ import sys
 from io import StringIO
 
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogLevel, Logger, LogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase
@@ -221,7 +221,7 @@ class JSONTests(SynchronousTestCase):
         publisher = LogPublisher(make_observer("info", True, stream))
         log = Logger(namespace="sentry_tx.server.grpc", observer=publisher)
         try:
-            1 / 0
+            raise ZeroDivisionError("division by zero")
         except ZeroDivisionError:
             log.failure("call {method} failed", method="SignCertificate")
         record = json.loads(stream.getvalue())
@@ -488,7 +488,9 @@ class RefusalLogTests(SynchronousTestCase):
         return self.refusals.refused(kind, LogLevel.info, "refused {path}", path=path)
 
     def test_one_line_per_interval_with_dropped_count(self):
-        """Refusals within the interval are counted, then reported with the next line."""
+        """
+        Refusals within the interval are counted, then reported with the next line.
+        """
         self.assertTrue(self.refuse(404))
         for _ in range(5):
             self.clock.advance(1.0)

@@ -9,6 +9,7 @@ import os
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
+from sentry_tx.identity.caller import VALIDATOR_INSECURE as INSECURE
 from sentry_tx.metrics import (
     SIGN_DURATION_BUCKETS_SECONDS,
     SIGN_DURATION_NAME,
@@ -17,11 +18,10 @@ from sentry_tx.metrics import (
 )
 from sentry_tx.server.servicer import CAServicer, Refusal
 from sentry_tx.testing.authority import FakeCertificateAuthority, FakeValidator
-from sentry_tx.testing.certificates import FIXED_NOW, make_bundle
+from sentry_tx.testing.certificates import FIXED_NOW, make_bundle, sign_request
 from sentry_tx.testing.clocks import ImmediateReactor
 from sentry_tx.testing.grpc_client import run_now
-from tests.test_servicer import INSECURE, sign_request
-from tests.test_web import render
+from sentry_tx.testing.rendering import render
 
 
 class FakeMonotonic:

@@ -200,7 +200,7 @@ class BuildValidatorsTests(SynchronousTestCase):
 
         from sentry_tx.config import MTLSConfig, TokenValidatorConfig
         from sentry_tx.identity.caller import VALIDATOR_JWKS
-        from tests.test_jwt import jwk_member, rsa_key
+        from sentry_tx.testing.jwk import jwk_member, rsa_key
 
         source = json.dumps({"keys": [jwk_member(rsa_key(), kid="k1")]})
         config = SentryConfig(

@@ -14,8 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx.metrics import SentryMetrics, metrics_root
 from sentry_tx.testing.certificates import make_bundle
+from sentry_tx.testing.rendering import render
 from sentry_tx.testing.source_tree import PROJECT_ROOT
-from tests.test_web import render
 
 MONITORING = os.path.join(PROJECT_ROOT, "conf", "monitoring")
 RUNBOOK = os.path.join(PROJECT_ROOT, "docs", "runbook.md")
@@ -68,10 +68,14 @@ def exported_sample_names():
 
 
 def dashboard_expressions():
-    with open(os.path.join(MONITORING, "grafana-dashboard.json"), encoding="utf-8") as f:
+    with open(
+        os.path.join(MONITORING, "grafana-dashboard.json"), encoding="utf-8"
+    ) as f:
         dashboard = json.load(f)
     expressions = [
-        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+        target["expr"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
     ]
     for variable in dashboard["templating"]["list"]:
         query = variable.get("query")
@@ -84,7 +88,9 @@ def dashboard_expressions():
 def alert_rules():
     with open(os.path.join(MONITORING, "prometheusrule.yaml"), encoding="utf-8") as f:
         document = yaml.safe_load(f)
-    return document, [rule for group in document["spec"]["groups"] for rule in group["rules"]]
+    return document, [
+        rule for group in document["spec"]["groups"] for rule in group["rules"]
+    ]
 
 
 class PromQLNamesTests(SynchronousTestCase):
@@ -99,7 +105,8 @@ class PromQLNamesTests(SynchronousTestCase):
         """
         self.assertEqual(
             metric_names(
-                'histogram_quantile(0.99, sum by (le, outcome) (rate(a_bucket{job=~"x", outcome!="success"}[5m])))'
+                'histogram_quantile(0.99, sum by (le, outcome) '
+                '(rate(a_bucket{job=~"x", outcome!="success"}[5m])))'
                 " / on (job) group_left b_total - time() > 30 * 86400 and c"
             ),
             {"a_bucket", "b_total", "c"},
@@ -174,11 +181,21 @@ class AlertRulesTests(SynchronousTestCase):
             ("DaprSentryRootExpiresIn7Days", "7 * 86400"),
         ):
             self.assertIn(seconds, by_name[name]["expr"])
-        self.assertIn("dapr_sentry_cert_sign_failure_total", by_name["DaprSentrySignFailureRatioHigh"]["expr"])
+        self.assertIn(
+            "dapr_sentry_cert_sign_failure_total",
+            by_name["DaprSentrySignFailureRatioHigh"]["expr"],
+        )
         no_signature = by_name["DaprSentryNoSuccessfulSignature"]["expr"]
-        self.assertIn("increase(dapr_sentry_cert_sign_success_total[10m])) == 0", no_signature)
-        self.assertIn("dapr_sentry_cert_sign_request_received_total[10m])) > 0", no_signature)
-        self.assertIn("dapr_sentry_issuercert_reload_failed_total", by_name["DaprSentryReloadFailed"]["expr"])
+        self.assertIn(
+            "increase(dapr_sentry_cert_sign_success_total[10m])) == 0", no_signature
+        )
+        self.assertIn(
+            "dapr_sentry_cert_sign_request_received_total[10m])) > 0", no_signature
+        )
+        self.assertIn(
+            "dapr_sentry_issuercert_reload_failed_total",
+            by_name["DaprSentryReloadFailed"]["expr"],
+        )
         switchover = by_name["DaprSentryCASwitchoverWithin7Days"]["expr"]
         self.assertIn("dapr_sentry_ca_switchover_timestamp > 0", switchover)
         self.assertIn("7 * 86400", switchover)
@@ -189,7 +206,9 @@ class AlertRulesTests(SynchronousTestCase):
         """
         with open(RUNBOOK, encoding="utf-8") as f:
             headings = {
-                re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+                re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(
+                    " ", "-"
+                )
                 for line in f
                 if line.startswith("#")
             }

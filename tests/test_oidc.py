@@ -9,19 +9,18 @@ from io import StringIO
 
 import treq
 from treq.testing import StubTreq
-
 from twisted.internet import defer, reactor, ssl
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from sentry_tx.http_listener import GuardedSite, GuardedWebService
 from sentry_tx.jwt.material import generate_jwt_material, load_jwt_material
 from sentry_tx.jwt.minting import JWTMinter
 from sentry_tx.jwt.oidc import TLS_FILES_POLL_SECONDS, OIDCResource, OIDCService
-from sentry_tx.http_listener import GuardedSite, GuardedWebService
+from sentry_tx.logs import REFUSAL_LOG_INTERVAL_SECONDS, make_observer
 from sentry_tx.testing.certificates import certificate_pem, private_key_pem
 from sentry_tx.testing.clocks import ImmediateReactor, inline_file_work
-from sentry_tx.logs import REFUSAL_LOG_INTERVAL_SECONDS, make_observer
 from sentry_tx.testing.kubeconfig import make_self_signed_server_certificate
 from sentry_tx.testing.logs import capture_logs, log_messages
 from sentry_tx.testing.web import connect
@@ -48,7 +47,9 @@ class DocumentTests(SynchronousTestCase):
 
     def client(self, issuer=None, jwks_uri=None, prefix="", hosts=(), scheme="https"):
         self.minter = minter()
-        self.resource = OIDCResource(self.minter, issuer, jwks_uri, prefix, hosts, scheme)
+        self.resource = OIDCResource(
+            self.minter, issuer, jwks_uri, prefix, hosts, scheme
+        )
         return StubTreq(self.resource)
 
     def get(self, client, url, method="GET", headers=None):
@@ -91,7 +92,9 @@ class DocumentTests(SynchronousTestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(body, _PAIR[0][1])
         key_pem, jwks_json = generate_jwt_material()
-        self.minter.install(load_jwt_material(key_pem, jwks_json, "RS256", None, ("k", "j")))
+        self.minter.install(
+            load_jwt_material(key_pem, jwks_json, "RS256", None, ("k", "j"))
+        )
         self.assertEqual(self.get(client, "http://h/jwks.json")[1], jwks_json)
 
     def test_issuer_and_jwks_uri_flags(self):
@@ -148,7 +151,9 @@ class DocumentTests(SynchronousTestCase):
         port) is served and any other is 403; * allows every host.
         """
         client = self.client(hosts=("oidc.example.org",))
-        self.assertEqual(self.get(client, "http://oidc.example.org/jwks.json")[0].code, 200)
+        self.assertEqual(
+            self.get(client, "http://oidc.example.org/jwks.json")[0].code, 200
+        )
         self.assertEqual(
             self.get(client, "http://oidc.example.org:9080/jwks.json")[0].code, 200
         )
@@ -156,7 +161,9 @@ class DocumentTests(SynchronousTestCase):
         self.assertEqual(response.code, 403)
         self.assertIn(b"unauthorized domain", body)
         client = self.client(hosts=("*",))
-        self.assertEqual(self.get(client, "http://evil.example.org/jwks.json")[0].code, 200)
+        self.assertEqual(
+            self.get(client, "http://evil.example.org/jwks.json")[0].code, 200
+        )
 
     def test_forwarded_host_never_reflected(self):
         """
@@ -223,10 +230,14 @@ class GuardedSiteTests(SynchronousTestCase):
         return int(transport.value().split(b" ", 2)[1])
 
     def test_two_host_headers_refused(self):
-        """Two Host headers are 400, even when both are allowed (RFC 9112 section 3.2)."""
+        """
+        Two Host headers are 400, even when both are allowed (RFC 9112 section 3.2).
+        """
         protocol, transport = connect(self.site)
         self.assertEqual(
-            self.request(protocol, transport, [b"oidc.example.org", b"oidc.example.org"]),
+            self.request(
+                protocol, transport, [b"oidc.example.org", b"oidc.example.org"]
+            ),
             400,
         )
         self.assertEqual(self.request(protocol, transport, [b"oidc.example.org"]), 200)
@@ -234,9 +245,17 @@ class GuardedSiteTests(SynchronousTestCase):
     def test_allowed_hosts_ignore_case_and_trailing_dot(self):
         """Host matching ignores case and a trailing dot, with or without a port."""
         protocol, transport = connect(self.site)
-        for host in (b"OIDC.example.org", b"oidc.example.org.", b"oidc.EXAMPLE.org.:9080"):
+        for host in (
+            b"OIDC.example.org",
+            b"oidc.example.org.",
+            b"oidc.EXAMPLE.org.:9080",
+        ):
             self.assertEqual(self.request(protocol, transport, [host]), 200, host)
-        for host in (b"oidc.example.org..", b"xoidc.example.org", b"oidc.example.org.evil"):
+        for host in (
+            b"oidc.example.org..",
+            b"xoidc.example.org",
+            b"oidc.example.org.evil",
+        ):
             self.assertEqual(self.request(protocol, transport, [host]), 403, host)
 
     def test_refused_host_logged_as_warning(self):
@@ -251,7 +270,10 @@ class GuardedSiteTests(SynchronousTestCase):
         )
 
     def test_host_flood_bounded_log(self):
-        """2,000 refused requests with 15 KB Host headers on one connection add under 1 MB of log."""
+        """
+        2,000 refused requests with 15 KB Host headers on one connection add under 1 MB
+        of log.
+        """
         output = StringIO()
         observer = make_observer("debug", False, output)
         globalLogPublisher.addObserver(observer)
@@ -284,12 +306,16 @@ class ListenerTests(TestCase):
     def service(self, tls_files=None, clock=None):
         clock = clock or ImmediateReactor()
         site = GuardedSite(
-            OIDCResource(minter(), None, None, "", (), "https" if tls_files else "http"),
+            OIDCResource(
+                minter(), None, None, "", (), "https" if tls_files else "http"
+            ),
             reactor,
         )
         service = OIDCService(
             clock,
-            lambda factory: GuardedWebService("oidc", 0, factory, interface="127.0.0.1"),
+            lambda factory: GuardedWebService(
+                "oidc", 0, factory, reactor, interface="127.0.0.1"
+            ),
             site,
             tls_files=tls_files,
             file_work=inline_file_work(clock),
@@ -369,7 +395,9 @@ class ListenerTests(TestCase):
         clock = ImmediateReactor()
         service = OIDCService(
             clock,
-            lambda factory: GuardedWebService("oidc", 0, factory, interface="127.0.0.1"),
+            lambda factory: GuardedWebService(
+                "oidc", 0, factory, reactor, interface="127.0.0.1"
+            ),
             GuardedSite(OIDCResource(minter(), None, None, "", (), "https"), reactor),
             tls_files=paths,
             on_start_failure=failures.append,

@@ -66,7 +66,10 @@ class RaiseOpenFileLimitTests(SynchronousTestCase):
         self.assertIn("not allowed", describe(limit))
 
     def test_real_limit(self):
-        """With the real resource module, a lowered soft limit goes back up to the hard one."""
+        """
+        With the real resource module, a lowered soft limit goes back up to the hard
+        one.
+        """
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
         lowered = min(soft, 512)
@@ -97,6 +100,9 @@ class StartRaisesLimitTests(SynchronousTestCase):
             root.startService()
         self.assertEqual(limits.limits, (65536, 65536))
         self.assertIn(
-            ("open file limit raised from 1024 to 65536 (the hard limit)", LogLevel.info),
+            (
+                "open file limit raised from 1024 to 65536 (the hard limit)",
+                LogLevel.info,
+            ),
             [(formatEvent(e), e.get("log_level")) for e in events],
         )

@@ -3,202 +3,22 @@ End-to-end: C{twistd -n sentry} as a child process on free loopback ports.
 """
 
 import os
-import re
 import signal
-import sys
+from datetime import UTC
 
 from cryptography import x509
-from twisted.internet import error, reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from sentry_tx._proto import sentry_pb2
 from sentry_tx.testing.certificates import make_csr
 from sentry_tx.testing.grpc_client import GrpcTestClient
-from sentry_tx.testing.source_tree import child_environment
-
-# The image's ENTRYPOINT runs the console script `twistd`; use the one of
-# the running Python (a venv's bin/), else the same code through -c.
-_TWISTD_SCRIPT = os.path.join(os.path.dirname(sys.executable), "twistd")
-if os.path.exists(_TWISTD_SCRIPT):
-    TWISTD = [sys.executable, _TWISTD_SCRIPT]
-else:
-    TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-class _TwistdProtocol(ProcessProtocol):
-    """
-    Collects the output of twistd; C{wait_ready()} fires with the ports once
-    the gRPC server listens (or fails if twistd ends first), and C{ended}
-    with the exit reason.
-    """
-
-    _LISTENING = re.compile(
-        rb"(?P<name>healthz|metrics) server listening on port (?P<port>\d+)"
-        rb"|gRPC server listening on \S+:(?P<grpc>\d+)(?P<pool> in \d+ serving processes)?"
-    )
-    _PROCESSES = re.compile(rb"serving gRPC from (?P<count>\d+) process")
-
-    def __init__(self, workers=False):
-        # With serving copies, each copy logs its own listening line
-        # first: only the pool's line means the parent is ready.
-        self._workers = workers
-        self._output_waiters = []
-        self.output = b""
-        self.ports = {}
-        self._ready_waiters = []
-        self._ready = False
-        self._end_reason = None
-        self.ended = Deferred()
-
-    def wait_ready(self):
-        d = Deferred()
-        if self._ready:
-            d.callback(self.ports)
-        elif self._end_reason is not None:
-            d.errback(self._end_reason)
-        else:
-            self._ready_waiters.append(d)
-        return d
-
-    def when_output(self, text):
-        """
-        A Deferred that fires once C{text} has appeared in the output.
-        """
-        d = Deferred()
-        self._output_waiters.append((text, d))
-        self._check_output_waiters()
-        return d
-
-    def _check_output_waiters(self):
-        # Take the fired ones off the list before firing them: a callback
-        # may wait for more output, which checks the list again.
-        fired = [(t, d) for t, d in self._output_waiters if t in self.output]
-        self._output_waiters = [
-            (t, d) for t, d in self._output_waiters if t not in self.output
-        ]
-        for _, d in fired:
-            d.callback(None)
-
-    def outReceived(self, data):
-        self.output += data
-        self._check_output_waiters()
-        processes = self._PROCESSES.search(self.output)
-        if processes is not None:
-            # Logged before anything listens: with several serving
-            # processes, only the pool's line means every one serves.
-            self._workers = int(processes.group("count")) > 1
-        for match in self._LISTENING.finditer(self.output):
-            if match.group("grpc"):
-                if self._workers and not match.group("pool"):
-                    continue
-                self.ports["grpc"] = int(match.group("grpc"))
-            else:
-                self.ports[match.group("name").decode()] = int(match.group("port"))
-        if "grpc" in self.ports and not self._ready:
-            self._ready = True
-            waiters, self._ready_waiters = self._ready_waiters, []
-            for d in waiters:
-                d.callback(self.ports)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self._end_reason = reason
-        for _, d in self._output_waiters:
-            d.errback(reason)
-        self._output_waiters = []
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for d in waiters:
-            d.errback(reason)
-        # The exception (ProcessDone or ProcessTerminated), not the Failure:
-        # tests read its exitCode and signal.
-        self.ended.callback(reason.value)
-
-
-LOOPBACK_FREE_PORTS = [
-    "--listen-address",
-    "127.0.0.1",
-    "--port",
-    "0",
-    "--healthz-listen-address",
-    "127.0.0.1",
-    "--healthz-port",
-    "0",
-    "--metrics-listen-address",
-    "127.0.0.1",
-    "--metrics-port",
-    "0",
-]
-"""
-Flags that put every listener of a spawned twistd on 127.0.0.1, on ports
-the kernel picks (the test reads them from the log).
-"""
-
-
-def spawn_twistd(test, arguments, env=None, open_files_limit=None):
-    """
-    Start C{twistd -n --pidfile= sentry ARGUMENTS}, killed at cleanup if it
-    is still running.
-
-    @param open_files_limit: when given, twistd runs with this soft and hard
-        C{RLIMIT_NOFILE}, as under a container's limit.
-    """
-    command = TWISTD
-    if open_files_limit is not None:
-        command = [
-            sys.executable,
-            "-c",
-            "import resource; resource.setrlimit(resource.RLIMIT_NOFILE,"
-            f" ({open_files_limit}, {open_files_limit}));"
-            " from twisted.scripts.twistd import run; run()",
-        ]
-    protocol = _TwistdProtocol(workers="--workers" in arguments)
-    environment = child_environment()
-    environment.update(env or {})
-    return spawn_killed_at_cleanup(
-        test,
-        protocol,
-        sys.executable,
-        command + ["-n", "--pidfile=", "sentry"] + arguments,
-        environment,
-    )
-
-
-def spawn_killed_at_cleanup(test, protocol, executable, argv, environment):
-    """
-    Spawn C{executable} with C{argv} for C{protocol} (a L{_TwistdProtocol}),
-    SIGKILLed at C{test}'s cleanup if it is still running.
-
-    @return: C{protocol}.
-    """
-    transport = reactor.spawnProcess(protocol, executable, argv, env=environment)
-
-    def kill():
-        try:
-            transport.signalProcess("KILL")
-        except error.ProcessExitedAlready:
-            return None
-        return protocol.ended
-
-    test.addCleanup(kill)
-    return protocol
-
-
-def standalone_arguments(test, credentials, *extra):
-    """
-    twistd's arguments for standalone mode with a Configuration path that
-    does not exist, the bundle in C{credentials} and every port free on
-    loopback, then C{extra}.
-    """
-    return [
-        "--config",
-        os.path.abspath(test.mktemp()),
-        "--issuer-credentials",
-        credentials,
-    ] + LOOPBACK_FREE_PORTS + list(extra)
+from sentry_tx.testing.twistd import (
+    spawn_twistd,
+    standalone_arguments,
+)
 
 
 def _children(pid):
@@ -328,7 +148,9 @@ class TwistdProcessTests(TestCase):
         self.assertEqual(len(children), 1, children)
         os.kill(protocol.transport.pid, signal.SIGTERM)
         reason = yield protocol.ended
-        self.assertIn((reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)])
+        self.assertIn(
+            (reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)]
+        )
         self.assertEqual([pid for pid in children if _alive(pid)], [])
         self.assertNotIn(b"PRIVATE KEY", protocol.output)
 
@@ -341,12 +163,12 @@ class TwistdProcessTests(TestCase):
             process protocol, and the bytes of each of the three files as
             the replacement wrote them.
         """
-        from datetime import datetime, timedelta, timezone
+        from datetime import datetime, timedelta
 
         from sentry_tx.testing.certificates import make_chain
         from sentry_tx.testing.rotation import reissue_chain, replace_bundle_files
 
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         chain = make_chain(
             trust_domain="localhost",
             not_before=now - timedelta(days=1),
@@ -372,7 +194,9 @@ class TwistdProcessTests(TestCase):
         twistd ended on SIGTERM without a traceback, and left the operator's
         three files exactly as C{written}.
         """
-        self.assertIn((reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)])
+        self.assertIn(
+            (reason.exitCode, reason.signal), [(0, None), (None, signal.SIGTERM)]
+        )
         self.assertEqual(
             sorted(os.listdir(self.credentials)), ["ca.crt", "issuer.crt", "issuer.key"]
         )
@@ -487,12 +311,12 @@ class ServingCopiesProcessTests(TestCase):
     timeout = 120
 
     def setUp(self):
-        from datetime import datetime, timedelta, timezone
+        from datetime import datetime, timedelta
 
         from sentry_tx.testing.certificates import make_chain
 
         self.credentials = os.path.abspath(self.mktemp())
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         self.chain = make_chain(
             trust_domain="localhost",
             not_before=now - timedelta(days=1),
@@ -564,7 +388,9 @@ class ServingCopiesProcessTests(TestCase):
             return (
                 stuck not in live
                 and len(live) == 2
-                and all(f"(pid {pid}) serves".encode() in protocol.output for pid in live)
+                and all(
+                    f"(pid {pid}) serves".encode() in protocol.output for pid in live
+                )
             )
 
         yield _until(replaced, 15.0 - (reactor.seconds() - stopped_at))
@@ -631,7 +457,9 @@ class ServingCopiesProcessTests(TestCase):
         def load(index):
             # A channel of its own: the callers' connections spread over the
             # processes, and one on the killed copy reconnects elsewhere.
-            client = GrpcTestClient(f"127.0.0.1:{ports['grpc']}", self.chain.anchors_pem)
+            client = GrpcTestClient(
+                f"127.0.0.1:{ports['grpc']}", self.chain.anchors_pem
+            )
             try:
                 while not stop.is_set():
                     try:
@@ -649,7 +477,8 @@ class ServingCopiesProcessTests(TestCase):
         yield _until(lambda: sum(oks) >= counted_at_kill + 50, 30.0)
         stop.set()
         for d in loads:
-            yield d
+            # inlineCallbacks sends each result back in: not `yield from`.
+            _ = yield d
         response = yield treq.get(
             f"http://127.0.0.1:{ports['metrics']}/metrics", persistent=False
         )

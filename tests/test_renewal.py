@@ -63,7 +63,9 @@ def _parts(now=FIXED_NOW, lifetime=TTL, key_type="ecdsa-p256"):
 
 
 def _ski(cert):
-    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    return cert.extensions.get_extension_for_class(
+        x509.SubjectKeyIdentifier
+    ).value.digest
 
 
 def _aki(cert):
@@ -86,18 +88,26 @@ class SettingsTests(SynchronousTestCase):
         check_settings(RenewalSettings())
 
     def test_no_room_for_grace(self):
-        """A grace longer than the life left after the threshold is refused, naming both flags."""
+        """
+        A grace longer than the life left after the threshold is refused, naming both
+        flags.
+        """
         error = self.assertRaises(
             ConfigError,
             check_settings,
-            RenewalSettings(ca_ttl=TTL, threshold=0.9, grace=GRACE, allowed_clock_skew=SKEW),
+            RenewalSettings(
+                ca_ttl=TTL, threshold=0.9, grace=GRACE, allowed_clock_skew=SKEW
+            ),
         )
         self.assertIn("--ca-renewal-threshold", error.field)
         self.assertIn("--trust-anchor-propagation-grace", error.field)
         self.assertIn("no room for the grace", error.problem)
 
     def test_no_room_for_auto(self):
-        """auto is refused when the life left cannot hold twice the workload TTL and the margin."""
+        """
+        auto is refused when the life left cannot hold twice the workload TTL and the
+        margin.
+        """
         error = self.assertRaises(
             ConfigError,
             check_settings,
@@ -161,18 +171,25 @@ class TimesTests(SynchronousTestCase):
         self.assertEqual(switch_time(old, new, SHORT), FIXED_NOW + TTL - SKEW)
 
     def test_auto(self):
-        """auto switches at the old NotAfter minus twice the workload TTL and the margin."""
+        """
+        auto switches at the old NotAfter minus twice the workload TTL and the margin.
+        """
         lifetime = timedelta(days=365)
         settings = RenewalSettings(allowed_clock_skew=SKEW)
         old = state_of(_parts(lifetime=lifetime), FIXED_NOW).issuer
-        new = state_of(_parts(FIXED_NOW + timedelta(days=330), lifetime), FIXED_NOW + timedelta(days=330)).issuer
+        new = state_of(
+            _parts(FIXED_NOW + timedelta(days=330), lifetime),
+            FIXED_NOW + timedelta(days=330),
+        ).issuer
         self.assertEqual(
             switch_time(old, new, settings),
             FIXED_NOW + lifetime - 2 * settings.workload_ttl - AUTO_SWITCH_MARGIN,
         )
 
     def test_next_path(self):
-        """issuer.crt's pending counterpart is issuer.next.crt, as Dapr's PR names it."""
+        """
+        issuer.crt's pending counterpart is issuer.next.crt, as Dapr's PR names it.
+        """
         self.assertEqual(next_path("/a/issuer.crt"), "/a/issuer.next.crt")
         self.assertEqual(next_path("/a/issuer.key"), "/a/issuer.next.key")
 
@@ -201,7 +218,9 @@ class PlanTests(SynchronousTestCase):
         self.assertIn("--ca-renewal-enabled", step.reason)
 
     def test_operator_bundle_off(self):
-        """A bundle not in the generated shape is never renewed, even past its threshold."""
+        """
+        A bundle not in the generated shape is never renewed, even past its threshold.
+        """
         ca = make_chain(intermediates=1)
         parts = {
             PART_ANCHORS: ca.anchors_pem,
@@ -220,7 +239,10 @@ class PlanTests(SynchronousTestCase):
         self.assertEqual(step.action, ACTION_OFF)
 
     def test_renewed_pair(self):
-        """A renewal writes the next pair before the append; the new root shares the subject and key type, with SKI and AKI."""
+        """
+        A renewal writes the next pair before the append; the new root shares the
+        subject and key type, with SKI and AKI.
+        """
         now = FIXED_NOW + timedelta(seconds=45)
         for key_type in ("ecdsa-p256", "ed25519"):
             store = MemoryRenewalStore(_parts(key_type=key_type))
@@ -233,17 +255,24 @@ class PlanTests(SynchronousTestCase):
             state = state_of(store.parts, now)
             old_root, new_root = state.anchors
             self.assertEqual(new_root.subject, old_root.subject)
-            self.assertEqual(new_root.public_key().__class__.__mro__[1], old_root.public_key().__class__.__mro__[1])
+            self.assertEqual(
+                new_root.public_key().__class__.__mro__[1],
+                old_root.public_key().__class__.__mro__[1],
+            )
             self.assertNotEqual(_ski(new_root), _ski(old_root))
             self.assertEqual(_aki(state.next_issuer), _ski(new_root))
             self.assertEqual(state.next_root, new_root)
             self.assertEqual(
-                state.next_issuer.not_valid_after_utc - state.next_issuer.not_valid_before_utc,
+                state.next_issuer.not_valid_after_utc
+                - state.next_issuer.not_valid_before_utc,
                 TTL + SKEW,
             )
 
     def test_append_after_crash(self):
-        """A pending pair whose root is not in the anchors (a crash before the append) is appended."""
+        """
+        A pending pair whose root is not in the anchors (a crash before the append) is
+        appended.
+        """
         now = FIXED_NOW + timedelta(seconds=45)
         store = MemoryRenewalStore(_parts())
         self.successResultOf(store.step(now, SHORT))
@@ -253,13 +282,18 @@ class PlanTests(SynchronousTestCase):
         self.assertEqual(step.action, ACTION_APPEND)
 
     def test_switch_then_finish(self):
-        """At the switch time the next pair becomes active; an interrupted switch is finished."""
+        """
+        At the switch time the next pair becomes active; an interrupted switch is
+        finished.
+        """
         now = FIXED_NOW + timedelta(seconds=45)
         store = MemoryRenewalStore(_parts())
         self.successResultOf(store.step(now, SHORT))
         pending = state_of(store.parts, now)
         at = switch_time(pending.issuer, pending.next_issuer, SHORT)
-        self.assertEqual(plan(pending, at - timedelta(seconds=1), SHORT).action, ACTION_WAIT)
+        self.assertEqual(
+            plan(pending, at - timedelta(seconds=1), SHORT).action, ACTION_WAIT
+        )
         step = plan(pending, at, SHORT)
         self.assertEqual(step.action, ACTION_SWITCH)
         # Interrupted after issuer.crt was written: the key is still next.
@@ -282,7 +316,10 @@ class PlanTests(SynchronousTestCase):
         self.assertEqual(error.source, PART_KEY)
 
     def test_two_renewals(self):
-        """Driven through two renewals, the active issuer always chains to an anchor, and no anchor leaves before it expires."""
+        """
+        Driven through two renewals, the active issuer always chains to an anchor, and
+        no anchor leaves before it expires.
+        """
         store = MemoryRenewalStore(_parts())
         now = FIXED_NOW
         seen = {}
@@ -315,7 +352,11 @@ def _actions(store):
     # write that removes a root is a prune.
     previous = None
     for _, part, contents in store.history:
-        if part == PART_ANCHORS and previous is not None and len(contents) < len(previous):
+        if (
+            part == PART_ANCHORS
+            and previous is not None
+            and len(contents) < len(previous)
+        ):
             yield ACTION_PRUNE
         if part == PART_ANCHORS:
             previous = contents
@@ -323,8 +364,10 @@ def _actions(store):
 
 def _parts_anchor(store):
     # ca.crt as it was before the renewal's append.
-    for _, part, contents in reversed(store.history):
-        if part == PART_ANCHORS:
-            break
+    contents = next(
+        written
+        for _, part, written in reversed(store.history)
+        if part == PART_ANCHORS
+    )
     certificates = x509.load_pem_x509_certificates(contents)
     return renewal.certificates_pem(certificates[:-1])

@@ -99,19 +99,33 @@ class FileRenewalTests(SynchronousTestCase):
         self.fail(f"no rest after {actions}")
 
     def test_renew_and_switch(self):
-        """A renewal writes the next pair and appends the root; the switch makes the pair active and removes the next files."""
+        """
+        A renewal writes the next pair and appends the root; the switch makes the pair
+        active and removes the next files.
+        """
         store = self._store()
-        self.assertEqual(self._run_until_wait(store, RENEW_AT), [ACTION_RENEW, ACTION_WAIT])
+        self.assertEqual(
+            self._run_until_wait(store, RENEW_AT), [ACTION_RENEW, ACTION_WAIT]
+        )
         self.assertEqual(
             sorted(os.listdir(self.directory)),
-            ["ca.crt", "issuer.crt", "issuer.key", "issuer.next.crt", "issuer.next.key"],
+            [
+                "ca.crt",
+                "issuer.crt",
+                "issuer.key",
+                "issuer.next.crt",
+                "issuer.next.key",
+            ],
         )
         self.assertEqual(len(self.trust_store.load_sync(RENEW_AT).anchors), 2)
         self.assertEqual(
-            os.stat(os.path.join(self.directory, "issuer.next.key")).st_mode & 0o777, 0o600
+            os.stat(os.path.join(self.directory, "issuer.next.key")).st_mode & 0o777,
+            0o600,
         )
         pending = store.read_sync(RENEW_AT)
-        self.assertEqual(self._run_until_wait(store, SWITCH_AT), [ACTION_SWITCH, ACTION_WAIT])
+        self.assertEqual(
+            self._run_until_wait(store, SWITCH_AT), [ACTION_SWITCH, ACTION_WAIT]
+        )
         self.assertEqual(
             sorted(os.listdir(self.directory)), ["ca.crt", "issuer.crt", "issuer.key"]
         )
@@ -123,7 +137,10 @@ class FileRenewalTests(SynchronousTestCase):
         )
 
     def test_kill_at_every_write(self):
-        """Killed after any write of a renewal or a switch, the files load, and the next start completes the step."""
+        """
+        Killed after any write of a renewal or a switch, the files load, and the next
+        start completes the step.
+        """
         points = [
             (ACTION_RENEW, "next_key"),
             (ACTION_RENEW, "next_crt"),
@@ -156,7 +173,9 @@ class FileRenewalTests(SynchronousTestCase):
             )
 
     def test_mid_switch_finished(self):
-        """Killed between issuer.crt and issuer.key, the next step finishes the switch."""
+        """
+        Killed between issuer.crt and issuer.key, the next step finishes the switch.
+        """
         self._run_until_wait(self._store(), RENEW_AT)
         killed = self._store(_kill_at((ACTION_SWITCH, "issuer")))
         self.assertRaises(_Killed, killed.step_sync, SWITCH_AT, SHORT)

@@ -7,7 +7,7 @@ call; and restarts after a kill at each step of a renewal.
 import os
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
@@ -22,7 +22,7 @@ from sentry_tx.ca.store import FileTrustStore
 from sentry_tx.testing.certificates import make_csr
 from sentry_tx.testing.clocks import ImmediateReactor
 from sentry_tx.testing.grpc_client import GrpcTestClient
-from tests.test_process import spawn_twistd, standalone_arguments
+from sentry_tx.testing.twistd import spawn_twistd, standalone_arguments
 
 SKEW_SECONDS = 1
 CA_TTL_SECONDS = 60
@@ -71,7 +71,7 @@ def _settings():
 
 
 def _now():
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class _ReloadingClient:
@@ -157,7 +157,11 @@ class RenewalProcessTests(TestCase):
 
     @inlineCallbacks
     def test_two_renewals_while_signing(self):
-        """Two full renewals while a client reloading ca.crt signs continuously: no failed call, every chain verifies against the ca.crt read, no anchor leaves before it expires."""
+        """
+        Two full renewals while a client reloading ca.crt signs continuously: no failed
+        call, every chain verifies against the ca.crt read, no anchor leaves before it
+        expires.
+        """
         protocol = spawn_twistd(self, self._arguments("--workers", "2"))
         ports = yield protocol.wait_ready()
         client = _ReloadingClient(f"127.0.0.1:{ports['grpc']}", self.credentials)
@@ -240,7 +244,10 @@ class RenewalProcessTests(TestCase):
 
     @inlineCallbacks
     def test_sigkill_after_append(self):
-        """SIGKILLed right after it appended a new root, sentry_tx restarts, resumes the pending renewal and switches."""
+        """
+        SIGKILLed right after it appended a new root, sentry_tx restarts, resumes the
+        pending renewal and switches.
+        """
         import signal
 
         trust_store = self._trust_store()
@@ -266,7 +273,10 @@ class RenewalProcessTests(TestCase):
 
     @inlineCallbacks
     def test_variable_turns_renewal_off(self):
-        """DAPR_SENTRY_CA_RENEWAL_ENABLED=false: a generated bundle past its threshold is not written, and the start-up line says why."""
+        """
+        DAPR_SENTRY_CA_RENEWAL_ENABLED=false: a generated bundle past its threshold is
+        not written, and the start-up line says why.
+        """
         self._trust_store().load_or_generate_sync(
             _now() - timedelta(seconds=CA_TTL_SECONDS * THRESHOLD + 5)
         )
@@ -283,7 +293,10 @@ class RenewalProcessTests(TestCase):
 
     @inlineCallbacks
     def test_operator_bundle_not_written(self):
-        """An operator's bundle past its threshold: nothing written, renewal off saying why, and the expiry warnings as before."""
+        """
+        An operator's bundle past its threshold: nothing written, renewal off saying
+        why, and the expiry warnings as before.
+        """
         from sentry_tx.testing.certificates import make_chain
 
         os.makedirs(self.credentials)
@@ -297,21 +310,31 @@ class RenewalProcessTests(TestCase):
         before = self._files()
         protocol = spawn_twistd(self, self._arguments())
         yield protocol.wait_ready()
-        yield protocol.when_output(b"automatic CA renewal is off: the bundle is not one")
+        yield protocol.when_output(
+            b"automatic CA renewal is off: the bundle is not one"
+        )
         yield protocol.when_output(b"certificate expires in 19 days")
         yield _later(2.0)
         self.assertEqual(self._files(), before)
 
     def test_kill_after_next_pair(self):
-        """Killed after the next pair was written, before the append: the restart appends, then switches."""
+        """
+        Killed after the next pair was written, before the append: the restart appends,
+        then switches.
+        """
         return self._restart_after_kill(ACTION_RENEW, "next_crt")
 
     def test_kill_after_append(self):
-        """Killed after the append: the restart resumes the pending renewal and switches."""
+        """
+        Killed after the append: the restart resumes the pending renewal and switches.
+        """
         return self._restart_after_kill(ACTION_RENEW, "anchors")
 
     def test_kill_mid_switch(self):
-        """Killed between issuer.crt and issuer.key: the restart serves the matching pair and finishes the switch."""
+        """
+        Killed between issuer.crt and issuer.key: the restart serves the matching pair
+        and finishes the switch.
+        """
         return self._restart_after_kill(ACTION_SWITCH, "issuer")
 
 
@@ -331,11 +354,14 @@ class KubernetesRenewalProcessTests(TestCase):
 
     @inlineCallbacks
     def test_two_replicas_renew_once_and_both_switch(self):
-        """Two replicas: one renewal, one new root in the Secret and the ConfigMap, and both replicas sign with the new issuer after the switch, with no failed call."""
+        """
+        Two replicas: one renewal, one new root in the Secret and the ConfigMap, and
+        both replicas sign with the new issuer after the switch, with no failed call.
+        """
         from sentry_tx.testing.certificates import TEST_NAMESPACE, TEST_TRUST_DOMAIN
         from sentry_tx.testing.kubeconfig import write_kubeconfig
         from sentry_tx.testing.kubernetes import start_fake_kubernetes
-        from tests.test_process import LOOPBACK_FREE_PORTS
+        from sentry_tx.testing.twistd import LOOPBACK_FREE_PORTS
 
         fake = start_fake_kubernetes(self)
         directory = os.path.abspath(self.mktemp())
@@ -346,7 +372,12 @@ class KubernetesRenewalProcessTests(TestCase):
         fake.add_configuration(
             TEST_NAMESPACE,
             "daprsystem",
-            {"mtls": {"workloadCertTTL": "20s", "allowedClockSkew": f"{SKEW_SECONDS}s"}},
+            {
+                "mtls": {
+                    "workloadCertTTL": "20s",
+                    "allowedClockSkew": f"{SKEW_SECONDS}s",
+                }
+            },
         )
         fake.add_pod("apps", "myapp-0", "myapp", {"dapr.io/app-id": "myapp"})
         token = fake.issue_token("apps", "myapp", "myapp-0")

@@ -3,19 +3,19 @@ Tests for L{sentry_tx.ca.renewal_service}: the renewal service driven by a
 fake clock over the in-memory store.
 """
 
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
+from sentry_tx.ca.bundle import load_bundle
 from sentry_tx.ca.renewal import PART_ANCHORS, PART_ISSUER, PART_KEY
 from sentry_tx.ca.renewal_service import RETRY_SECONDS, CARenewalService
 from sentry_tx.config import MTLSConfig, SentryConfig
 from sentry_tx.errors import BundleError
 from sentry_tx.metrics import SentryMetrics
-from sentry_tx.ca.bundle import load_bundle
 from sentry_tx.testing.authority import FakeCertificateAuthority
 from sentry_tx.testing.certificates import FIXED_NOW, TEST_NAMESPACE, TEST_TRUST_DOMAIN
 from sentry_tx.testing.logs import capture_logs, log_messages
@@ -46,11 +46,13 @@ class ReloadingAuthority(FakeCertificateAuthority):
         self.restarts = 0
 
     def _load(self):
-        from datetime import datetime, timezone
+        from datetime import datetime
 
         parts = self._store.parts
-        now = datetime.fromtimestamp(self._clock.seconds(), timezone.utc)
-        return load_bundle(parts[PART_ANCHORS], parts[PART_ISSUER], parts[PART_KEY], now)
+        now = datetime.fromtimestamp(self._clock.seconds(), UTC)
+        return load_bundle(
+            parts[PART_ANCHORS], parts[PART_ISSUER], parts[PART_KEY], now
+        )
 
     def restart(self, config):
         self.restarts += 1
@@ -86,7 +88,10 @@ class RenewalServiceTests(SynchronousTestCase):
         return self.metrics.registry.get_sample_value(name)
 
     def test_two_renewals(self):
-        """Over 200 s of 90 s CAs, the service renews and switches twice, reloads the authority, and counts both."""
+        """
+        Over 200 s of 90 s CAs, the service renews and switches twice, reloads the
+        authority, and counts both.
+        """
         self._service()
         pending_seen = False
         for _ in range(200):
@@ -96,15 +101,24 @@ class RenewalServiceTests(SynchronousTestCase):
         self.assertGreaterEqual(self._sample("dapr_sentry_ca_switchover_total"), 2)
         self.assertTrue(pending_seen)
         self.assertGreater(self.authority.restarts, 0)
-        self.assertEqual(self.authority.bundle.issuer.subject, self.authority._load().issuer.subject)
+        self.assertEqual(
+            self.authority.bundle.issuer.subject, self.authority._load().issuer.subject
+        )
         warnings = log_messages(self.events, LogLevel.warn)
         self.assertTrue(
-            any("restart workloads before then so their sidecars trust the new root" in w for w in warnings),
+            any(
+                "restart workloads before then so their sidecars trust the new root"
+                in w
+                for w in warnings
+            ),
             warnings,
         )
 
     def test_pending_timestamp(self):
-        """After a renewal the switchover timestamp is the switch time; after the switch, 0."""
+        """
+        After a renewal the switchover timestamp is the switch time; after the switch,
+        0.
+        """
         self._service()
         self.clock.advance(46)
         self.assertEqual(self._sample("dapr_sentry_ca_renewal_pending"), 1)
@@ -127,7 +141,10 @@ class RenewalServiceTests(SynchronousTestCase):
         )
 
     def test_settings_refused(self):
-        """Settings the Configuration makes impossible (kubernetes mode learns it at start) are fatal."""
+        """
+        Settings the Configuration makes impossible (kubernetes mode learns it at start)
+        are fatal.
+        """
         from dataclasses import replace
 
         self._service(replace(CONFIG, trust_anchor_propagation_grace_seconds=60))
@@ -136,7 +153,10 @@ class RenewalServiceTests(SynchronousTestCase):
         self.assertIn("--trust-anchor-propagation-grace", self.fatal[0].value.field)
 
     def test_failure_retried(self):
-        """A step that fails is logged and tried again after RETRY_SECONDS; the service does not die."""
+        """
+        A step that fails is logged and tried again after RETRY_SECONDS; the service
+        does not die.
+        """
         self.store.fail_next = BundleError("memory", "unreadable")
         self._service()
         self.clock.advance(0)

@@ -67,7 +67,9 @@ class SettingsReportTests(SynchronousTestCase):
         with capturedLogs() as events:
             self.assertIs(_resolved(report.resolve(config)), config)
             _resolved(report.resolve(config))
-        lines = [e for e in events if "log_format" in e and "in effect" in e["log_format"]]
+        lines = [
+            e for e in events if "log_format" in e and "in effect" in e["log_format"]
+        ]
         self.assertEqual(len(lines), 1)
         self.assertEqual(lines[0]["log_level"], LogLevel.info)
         from twisted.logger import formatEvent
@@ -102,7 +104,9 @@ class SettingsReportTests(SynchronousTestCase):
                 raise ValueError("no")
 
         with capturedLogs() as events:
-            result = _resolved(SettingsReport(Failing(), (), None).resolve(SentryConfig()))
+            result = _resolved(
+                SettingsReport(Failing(), (), None).resolve(SentryConfig())
+            )
         self.assertTrue(result.check(ValueError))
         self.assertEqual([e for e in events if e.get("validators")], [])
 

@@ -178,7 +178,8 @@ class ShapeRuleTests(SynchronousTestCase):
         scan of a list would compare each with all before it).
         """
         audiences = [
-            CountingAudience(f"audience-{n}") for n in range(MAX_REQUESTED_JWT_AUDIENCES)
+            CountingAudience(f"audience-{n}")
+            for n in range(MAX_REQUESTED_JWT_AUDIENCES)
         ]
         CountingAudience.comparisons = 0
         self.assertEqual(len(audiences_for("public", audiences)), MAX_JWT_AUDIENCES)
@@ -271,7 +272,9 @@ class PipelineOrderTests(SynchronousTestCase):
         for audiences in cases:
             refusal = self.assertRaises(Refusal, self.sign, request_with(audiences))
             self.assertEqual(refusal.code, grpc.StatusCode.INVALID_ARGUMENT)
-            self.assertEqual(refusal.message, request_shape_problem(request_with(audiences)))
+            self.assertEqual(
+                refusal.message, request_shape_problem(request_with(audiences))
+            )
         self.assertNothingDone()
         self.assertEqual(
             self.failures(), {"validator": len(cases), "cert_parse": 0, "cert_sign": 0}

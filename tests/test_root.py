@@ -13,13 +13,13 @@ from zope.interface.verify import verifyObject
 
 from sentry_tx.config import SentryConfig
 from sentry_tx.errors import BundleError
-from sentry_tx.interfaces import ICertificateAuthority
 from sentry_tx.expiry import ExpiryChecker
+from sentry_tx.interfaces import ICertificateAuthority
 from sentry_tx.server.service import CertificateAuthorityService
-from sentry_tx.watcher import IssuerWatcher
 from sentry_tx.service import SentryService, WebService
 from sentry_tx.stderr_capture import StandardErrorCapture
 from sentry_tx.tap import build_service
+from sentry_tx.watcher import IssuerWatcher
 
 
 class PluginTests(SynchronousTestCase):
@@ -117,7 +117,9 @@ class BuildServiceTests(SynchronousTestCase):
         (authority,) = [c for c in root if isinstance(c, CertificateAuthorityService)]
         self.assertFalse(authority._primary)
         self.assertTrue(authority._reuse_port)
-        self.assertEqual([c for c in root if isinstance(c, (ServingCopies, WebService))], [])
+        self.assertEqual(
+            [c for c in root if isinstance(c, (ServingCopies, WebService))], []
+        )
         self.assertEqual(len([c for c in root if isinstance(c, UNIXServer)]), 1)
         self.assertEqual(reactor.unixServers, [])
 

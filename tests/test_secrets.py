@@ -52,7 +52,7 @@ from sentry_tx.testing.certificates import (
 )
 from sentry_tx.testing.clocks import ImmediateReactor
 from sentry_tx.testing.grpc_client import GrpcTestClient
-from tests.hypothesis_profiles import show_notes
+from sentry_tx.testing.hypothesis_profiles import show_notes
 
 PEM_KEY_LABEL = "PRIVATE KEY"
 WINDOW_CHARACTERS = 16
@@ -126,7 +126,7 @@ def event_texts(event):
     C{str} and C{repr} (a failure's traceback).
     """
     yield formatEvent(event)
-    for name, value in event.items():
+    for value in event.values():
         if isinstance(value, Failure):
             yield value.getTraceback()
             yield str(value.value)
@@ -335,7 +335,8 @@ class ServiceSecretsTests(SecretsAssertions, TestCase):
         self.assertTrue(any("accessible to group or others" in t for t in texts))
         self.assertTrue(
             any(
-                "issuer credentials reloaded" in t or "issuer credentials unchanged" in t
+                "issuer credentials reloaded" in t
+                or "issuer credentials unchanged" in t
                 for t in texts
             )
         )
@@ -391,9 +392,13 @@ class BundleErrorSecretsTests(SecretsAssertions, SynchronousTestCase):
         # The whole PEM on one line, as when newlines are lost in a paste.
         yield pem.replace(b"\n", b"")
         yield from (
-            flip_bit(pem, body_start + at, bit) for at in (0, 30, 70, 120) for bit in (0, 5)
+            flip_bit(pem, body_start + at, bit)
+            for at in (0, 30, 70, 120)
+            for bit in (0, 5)
         )
-        yield from (pem_encode("PRIVATE KEY", flip_bit(der, at)) for at in (0, 7, 20, 40))
+        yield from (
+            pem_encode("PRIVATE KEY", flip_bit(der, at)) for at in (0, 7, 20, 40)
+        )
         yield pem_encode("PRIVATE KEY", der[: len(der) // 2])
         yield pem_encode("PRIVATE KEY", der * 2)
         yield pem_encode("RSA PRIVATE KEY", der)
@@ -480,7 +485,9 @@ class GenerationSecretsTests(SynchronousTestCase):
         )
 
     def test_root_key_not_written(self):
-        """Generation writes one private key, the issuer's; the root's is never stored."""
+        """
+        Generation writes one private key, the issuer's; the root's is never stored.
+        """
         directory = self.mktemp()
         bundle = self.make_store(directory).load_or_generate_sync(FIXED_NOW)
         keys = []
@@ -516,7 +523,9 @@ class GenerationSecretsTests(SynchronousTestCase):
         self.assertEqual(os.listdir(directory), [])
 
     def test_renamed_files_rolled_back(self):
-        """A failed last rename removes the files already renamed; the operator's stays."""
+        """
+        A failed last rename removes the files already renamed; the operator's stays.
+        """
         directory = self.mktemp()
         os.makedirs(directory)
         calls = []

@@ -28,7 +28,7 @@ from sentry_tx.server.servicer import (
     refusal_for,
 )
 from sentry_tx.testing.authority import FakeCertificateAuthority, FakeValidator
-from sentry_tx.testing.certificates import (  # noqa: F401 (sign_request re-exported)
+from sentry_tx.testing.certificates import (
     FIXED_NOW,
     make_bundle,
     make_csr,
@@ -478,7 +478,9 @@ class ServicerTests(SynchronousTestCase):
         events = capture_logs(self)
         self.validator.error = ValidationError("bad token " + "t" * 5000 + "\nforged")
         request = sentry_pb2.SignCertificateRequest(
-            id="a" * 5000, namespace="default", certificate_signing_request=make_csr()[1]
+            id="a" * 5000,
+            namespace="default",
+            certificate_signing_request=make_csr()[1],
         )
         for _ in range(3):
             context = AbortingContext()
@@ -486,10 +488,15 @@ class ServicerTests(SynchronousTestCase):
                 AbortingContext.Aborted, self.call, request.SerializeToString(), context
             )
             self.assertEqual(context.code, grpc.StatusCode.PERMISSION_DENIED)
-        self.assertRaises(AbortingContext.Aborted, self.call, b"\xff", AbortingContext())
+        self.assertRaises(
+            AbortingContext.Aborted, self.call, b"\xff", AbortingContext()
+        )
         self.validator.error = ValidatorOverloadedError("too many reviews", 250)
         self.assertRaises(
-            AbortingContext.Aborted, self.call, request.SerializeToString(), AbortingContext()
+            AbortingContext.Aborted,
+            self.call,
+            request.SerializeToString(),
+            AbortingContext(),
         )
         lines = log_messages(events, namespace=CAServicer._log.namespace)
         self.assertEqual(len(lines), 4)
@@ -523,8 +530,16 @@ class ErrorStatusTests(SynchronousTestCase):
 
         cases = [
             (ValidationError("no"), grpc.StatusCode.PERMISSION_DENIED, "validator"),
-            (SpecificValidationError("sub"), grpc.StatusCode.PERMISSION_DENIED, "validator"),
-            (ValidatorUnavailableError("down"), grpc.StatusCode.UNAVAILABLE, "validator"),
+            (
+                SpecificValidationError("sub"),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "validator",
+            ),
+            (
+                ValidatorUnavailableError("down"),
+                grpc.StatusCode.UNAVAILABLE,
+                "validator",
+            ),
             (
                 ValidatorOverloadedError("busy", 100),
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -536,7 +551,8 @@ class ErrorStatusTests(SynchronousTestCase):
         for error, code, reason in cases:
             refusal = refusal_for(error)
             self.assertEqual(
-                (refusal.code, refusal.reason, refusal.message), (code, reason, str(error))
+                (refusal.code, refusal.reason, refusal.message),
+                (code, reason, str(error)),
             )
         self.assertEqual(
             refusal_for(ValidatorOverloadedError("busy", 100)).trailing_metadata,
@@ -622,7 +638,9 @@ class DrainTests(SynchronousTestCase):
         # Refused at once: it never reached the validator.
         self.assertTrue(refused.done())
         self.assertIsInstance(refused.exception(), AbortingContext.Aborted)
-        self.assertEqual((late.code, late.details), (grpc.StatusCode.UNAVAILABLE, STOPPING))
+        self.assertEqual(
+            (late.code, late.details), (grpc.StatusCode.UNAVAILABLE, STOPPING)
+        )
         self.assertEqual(len(validator.pending), 1)
         validator.pending[0].callback(
             CallerIdentity(trust_domain="public", namespace="default", app_id="myapp")

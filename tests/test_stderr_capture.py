@@ -6,8 +6,8 @@ go through twisted.logger, so that C{--log-as-json} output is all JSON.
 import io
 import json
 import os
-import socket
 import signal
+import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -21,7 +21,7 @@ from sentry_tx.stderr_capture import (
     _PipeReader,
     classify_line,
 )
-from tests.test_process import LOOPBACK_FREE_PORTS, spawn_twistd
+from sentry_tx.testing.twistd import LOOPBACK_FREE_PORTS, spawn_twistd
 
 GRPC_LINE = (
     "I1130 09:08:19.207600    2948 ssl_transport_security.cc:2563] Handshake"
@@ -47,24 +47,33 @@ class ClassifyLineTests(SynchronousTestCase):
         ):
             kind, got, message = classify_line(letter + GRPC_LINE[1:])
             self.assertEqual((kind, got), ("grpc", level))
-            self.assertTrue(message.startswith("ssl_transport_security.cc:2563] Handshake"))
+            self.assertTrue(
+                message.startswith("ssl_transport_security.cc:2563] Handshake")
+            )
 
     def test_sentry_lines_pass_through(self):
         """
         A line sentry_tx's observer wrote (JSON or text, a worker's) passes
         through as it is, at its own level.
         """
-        json_line = json.dumps({"time": "t", "level": "warning", "scope": "dapr.sentry", "msg": "m"})
-        self.assertEqual(classify_line(json_line), ("passthrough", LogLevel.warn, json_line))
+        json_line = json.dumps(
+            {"time": "t", "level": "warning", "scope": "dapr.sentry", "msg": "m"}
+        )
+        self.assertEqual(
+            classify_line(json_line), ("passthrough", LogLevel.warn, json_line)
+        )
         text_line = "2026-11-30T09:08:19.207Z error dapr.sentry.server: boom"
-        self.assertEqual(classify_line(text_line), ("passthrough", LogLevel.error, text_line))
+        self.assertEqual(
+            classify_line(text_line), ("passthrough", LogLevel.error, text_line)
+        )
 
     def test_other(self):
         """
         Anything else is an error line of its own.
         """
         self.assertEqual(
-            classify_line("Segmentation fault"), ("stderr", LogLevel.error, "Segmentation fault")
+            classify_line("Segmentation fault"),
+            ("stderr", LogLevel.error, "Segmentation fault"),
         )
         self.assertEqual(classify_line('{"not": "ours"}')[0], "stderr")
 
@@ -101,7 +110,12 @@ class PipeReaderTests(SynchronousTestCase):
         self.reader.feed(b"qrs\nafter\n")
         self.assertEqual(
             self.lines,
-            ["0123456789" + TRUNCATED_MARK, "next", "abcdefghij" + TRUNCATED_MARK, "after"],
+            [
+                "0123456789" + TRUNCATED_MARK,
+                "next",
+                "abcdefghij" + TRUNCATED_MARK,
+                "after",
+            ],
         )
 
     def test_invalid_utf8(self):
@@ -247,7 +261,9 @@ class TwistdJSONTests(TestCase):
         os.kill(protocol.transport.pid, signal.SIGTERM)
         yield protocol.ended
         self.assertEqual(stderr, [])
-        records = [json.loads(line) for line in protocol.output.decode().splitlines() if line]
+        records = [
+            json.loads(line) for line in protocol.output.decode().splitlines() if line
+        ]
         [handshake] = [r for r in records if "Handshake failed" in r["msg"]]
         self.assertEqual(handshake["scope"], "grpc")
         self.assertEqual(handshake["level"], "info")

@@ -272,7 +272,9 @@ class FailClosedTests(FileTrustStoreMixin, SynchronousTestCase):
         self.assertEqual(_snapshot(self.directory), before)
 
     def test_one_of_three(self):
-        """Only ca.crt present: refused, naming the two missing files; nothing touched."""
+        """
+        Only ca.crt present: refused, naming the two missing files; nothing touched.
+        """
         self._write("ca.crt", self.chain.anchors_pem)
         before = _snapshot(self.directory)
         error = self.assertRaises(
@@ -297,7 +299,9 @@ class FailClosedTests(FileTrustStoreMixin, SynchronousTestCase):
         self.assertEqual(_snapshot(self.directory), before)
 
     def test_dangling_symlink_counts(self):
-        """A dangling symbolic link counts as present: the store refuses, not generates."""
+        """
+        A dangling symbolic link counts as present: the store refuses, not generates.
+        """
         os.symlink(os.path.join(self.directory, "..data", "ca.crt"), self.paths[0])
         error = self.assertRaises(
             BundleError, self.store.load_or_generate_sync, FIXED_NOW
@@ -306,7 +310,9 @@ class FailClosedTests(FileTrustStoreMixin, SynchronousTestCase):
         self.assertEqual(os.listdir(self.directory), ["ca.crt"])
 
     def test_invalid(self):
-        """An invalid bundle is refused with the path of the bad file; nothing touched."""
+        """
+        An invalid bundle is refused with the path of the bad file; nothing touched.
+        """
         self.chain.write(self.directory)
         self._write("issuer.crt", b"not a certificate\n")
         before = _snapshot(self.directory)

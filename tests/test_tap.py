@@ -15,6 +15,7 @@ from sentry_tx import logs
 from sentry_tx.config import MTLSConfig, SentryConfig
 from sentry_tx.flags import go_style_arguments
 from sentry_tx.options import Options
+from sentry_tx.testing.command_lines import OptionsTestCase, options_for_test
 
 ALL_FLAGS = (
     "config",
@@ -39,73 +40,6 @@ ALL_FLAGS = (
 )
 
 
-def _options(environ=None):
-    """
-    Options with an empty environment (unless given) and captured output.
-    """
-    return Options(
-        environ={} if environ is None else environ,
-        stdout=StringIO(),
-        stderr=StringIO(),
-        default_processes=lambda: (1, "one core in these tests"),
-    )
-
-
-class OptionsTestCase(SynchronousTestCase):
-    """
-    Helpers for parsing command lines.
-    """
-
-    def parse(self, arguments, environ=None):
-        """
-        Parse C{arguments} successfully and return the L{Options}.
-        """
-        options = _options(environ)
-        options.parseOptions(arguments)
-        self.assertEqual(options.stderr.getvalue(), "")
-        return options
-
-    def config(self, arguments, environ=None):
-        """
-        The L{SentryConfig} C{arguments} give.
-        """
-        return self.parse(arguments, environ).sentry_config
-
-    def fail_to_parse(self, arguments, environ=None):
-        """
-        Parse C{arguments}, which must fail with exit status 1 and exactly
-        one line on stderr; return that line.
-        """
-        options = _options(environ)
-        exit = self.assertRaises(SystemExit, options.parseOptions, arguments)
-        self.assertEqual(exit.code, 1)
-        output = options.stderr.getvalue()
-        self.assertTrue(output.endswith("\n"), output)
-        self.assertEqual(output.count("\n"), 1, output)
-        self.assertEqual(options.stdout.getvalue(), "")
-        return output.rstrip("\n")
-
-    def assertFailsNaming(self, arguments, flag, *fragments, environ=None):
-        """
-        C{arguments} fail with one line C{sentry: <flag>: ...} that contains
-        each fragment.
-        """
-        line = self.fail_to_parse(arguments, environ)
-        self.assertTrue(line.startswith(f"sentry: {flag}: "), line)
-        for fragment in fragments:
-            self.assertIn(fragment, line)
-        return line
-
-    def write(self, content):
-        """
-        Write C{content} to a new file and return its path.
-        """
-        path = self.mktemp()
-        with open(path, "w") as configuration_file:
-            configuration_file.write(content)
-        return path
-
-
 class DefaultsTests(OptionsTestCase):
     """
     What sentry_tx runs with when given no flags.
@@ -120,7 +54,9 @@ class DefaultsTests(OptionsTestCase):
         config = self.config(["--config", missing])
         self.assertEqual(config, SentryConfig(config=missing))
         self.assertEqual(config.mode, "standalone")
-        self.assertEqual(config.issuer_credentials, "/var/run/secrets/dapr.io/credentials")
+        self.assertEqual(
+            config.issuer_credentials, "/var/run/secrets/dapr.io/credentials"
+        )
         self.assertEqual(config.issuer_ca_filename, "ca.crt")
         self.assertEqual(config.issuer_certificate_filename, "issuer.crt")
         self.assertEqual(config.issuer_key_filename, "issuer.key")
@@ -574,7 +510,7 @@ class HelpTests(OptionsTestCase):
         and exit 0.
         """
         for spelling in ("--help", "-help", "-h"):
-            options = _options()
+            options = options_for_test()
             exit = self.assertRaises(SystemExit, options.parseOptions, [spelling])
             self.assertEqual(exit.code, 0)
             usage = options.stdout.getvalue()
@@ -589,7 +525,7 @@ class HelpTests(OptionsTestCase):
         The usage text states the defaults, the environment-dependent one in
         words, and that port 0 picks a free port.
         """
-        options = _options()
+        options = options_for_test()
         self.assertRaises(SystemExit, options.parseOptions, ["--help"])
         usage = " ".join(options.stdout.getvalue().split())
         for default in (
@@ -888,7 +824,7 @@ class TwistdLoggingTests(SynchronousTestCase):
         Without a parent (tests, tools) nothing is handed anywhere: the
         options parse and stay without a parent.
         """
-        options = _options()
+        options = options_for_test()
         options.parseOptions(["--config", "x"])
         self.assertIsInstance(options.sentry_config, SentryConfig)
         self.assertIsNone(options.parent)
@@ -897,7 +833,7 @@ class TwistdLoggingTests(SynchronousTestCase):
         """
         A parent without postOptions gets the factory directly.
         """
-        options = _options()
+        options = options_for_test()
         options.parent = {}
         options.parseOptions(["--config", "x", "--log-level", "error"])
         self.assertTrue(callable(options.parent["logger"]))
@@ -906,7 +842,7 @@ class TwistdLoggingTests(SynchronousTestCase):
         """
         Under "twist" the parent's file observer factory and level are set.
         """
-        options = _options()
+        options = options_for_test()
         options.parent = {
             "fileLogObserverFactory": None,
             "logLevel": LogLevel.info,
@@ -1004,7 +940,7 @@ class VersionTests(SynchronousTestCase):
         import sentry_tx
 
         for flag in ("--version", "-version"):
-            options = _options()
+            options = options_for_test()
             error = self.assertRaises(SystemExit, options.parseOptions, [flag])
             self.assertEqual(error.code, 0)
             lines = options.stdout.getvalue().splitlines()
@@ -1026,7 +962,9 @@ class VersionTests(SynchronousTestCase):
             ]
 
         self.assertRaises(SystemExit, Parser().parseOptions, ["sentry", "--version"])
-        self.assertTrue(stdout.getvalue().startswith(f"sentry_tx {sentry_tx.__version__}\n"))
+        self.assertTrue(
+            stdout.getvalue().startswith(f"sentry_tx {sentry_tx.__version__}\n")
+        )
 
 
 class RenewalFlagTests(OptionsTestCase):
@@ -1081,7 +1019,10 @@ class RenewalFlagTests(OptionsTestCase):
         )
 
     def test_no_room_refused(self):
-        """A threshold that leaves no room for the grace stops the start, naming both flags."""
+        """
+        A threshold that leaves no room for the grace stops the start, naming both
+        flags.
+        """
         self.assertFailsNaming(
             ["--ca-ttl", "100h", "--ca-renewal-threshold", "0.99",
              "--trust-anchor-propagation-grace", "2h"],
@@ -1091,7 +1032,7 @@ class RenewalFlagTests(OptionsTestCase):
 
     def test_help_lists_variables(self):
         """--help names each renewal flag's default and variable."""
-        options = _options()
+        options = options_for_test()
         self.assertRaises(SystemExit, options.parseOptions, ["--help"])
         usage = "".join(options.stdout.getvalue().split())
         for text in (

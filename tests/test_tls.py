@@ -11,7 +11,7 @@ tests pin that default so that an upgrade that changed it would fail.
 import socket
 import ssl
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from OpenSSL import SSL
@@ -142,7 +142,7 @@ class ServerTLSTests(TestCase):
     def setUp(self):
         from twisted.internet import reactor
 
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         self.generated = generate_bundle(
             "cluster.local", "default", now, timedelta(minutes=15)
         )
@@ -210,7 +210,9 @@ class ServerTLSTests(TestCase):
 
     @inlineCallbacks
     def test_stdlib_client_verifies(self):
-        """Python's ssl, trusting only the anchors, verifies every name sidecars dial."""
+        """
+        Python's ssl, trusting only the anchors, verifies every name sidecars dial.
+        """
         for name in SERVER_NAMES:
             version, alpn, certificate = yield deferToThread(
                 stdlib_handshake, self.ca.port, self.generated.anchors_pem, name
@@ -241,7 +243,7 @@ class ServerTLSTests(TestCase):
         other = generate_bundle(
             "cluster.local",
             "default",
-            datetime.now(timezone.utc),
+            datetime.now(UTC),
             timedelta(minutes=15),
         )
         yield self.assertFailure(

@@ -2,35 +2,13 @@
 Tests for the healthz and metrics web resources.
 """
 
-from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
 from sentry_tx.healthz import healthz_root
 from sentry_tx.metrics import SentryMetrics, metrics_root
 from sentry_tx.testing.authority import FakeCertificateAuthority
 from sentry_tx.testing.certificates import make_bundle
-
-
-def render(root, path):
-    """
-    GET C{path} of C{root} through treq's in-memory HTTP: (status, body).
-    """
-    stub = StubTreq(root)
-    d = stub.get("http://sentry.test" + path.decode())
-    stub.flush()
-    response = _result(d)
-    body = stub.content(response)
-    stub.flush()
-    return response.code, _result(body)
-
-
-def _result(d):
-    results = []
-    d.addBoth(results.append)
-    [result] = results
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
+from sentry_tx.testing.rendering import render
 
 
 class HealthzTests(SynchronousTestCase):

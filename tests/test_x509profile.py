@@ -48,7 +48,9 @@ class LeafProfileTests(SynchronousTestCase):
     def setUp(self):
         self.bundle = make_bundle("ecdsa-p256")
         self.key = make_private_key("ecdsa-p256")
-        self.leaf = _leaf(self.bundle, self.key.public_key(), ["a.example", "b.example"])
+        self.leaf = _leaf(
+            self.bundle, self.key.public_key(), ["a.example", "b.example"]
+        )
 
     def test_subject_empty(self):
         """The leaf's subject is the empty name."""
@@ -62,7 +64,8 @@ class LeafProfileTests(SynchronousTestCase):
     def test_public_key_is_callers(self):
         """The leaf certifies exactly the public key it was given."""
         self.assertEqual(
-            public_key_der(self.leaf.public_key()), public_key_der(self.key.public_key())
+            public_key_der(self.leaf.public_key()),
+            public_key_der(self.key.public_key()),
         )
 
     def test_extension_set(self):
@@ -205,15 +208,21 @@ class SignatureAlgorithmTests(SynchronousTestCase):
 
     def test_p256(self):
         """A P-256 issuer signs with ECDSA-SHA256."""
-        self._check("ecdsa-p256", SignatureAlgorithmOID.ECDSA_WITH_SHA256, hashes.SHA256)
+        self._check(
+            "ecdsa-p256", SignatureAlgorithmOID.ECDSA_WITH_SHA256, hashes.SHA256
+        )
 
     def test_p384(self):
         """A P-384 issuer signs with ECDSA-SHA384."""
-        self._check("ecdsa-p384", SignatureAlgorithmOID.ECDSA_WITH_SHA384, hashes.SHA384)
+        self._check(
+            "ecdsa-p384", SignatureAlgorithmOID.ECDSA_WITH_SHA384, hashes.SHA384
+        )
 
     def test_p521(self):
         """A P-521 issuer signs with ECDSA-SHA512."""
-        self._check("ecdsa-p521", SignatureAlgorithmOID.ECDSA_WITH_SHA512, hashes.SHA512)
+        self._check(
+            "ecdsa-p521", SignatureAlgorithmOID.ECDSA_WITH_SHA512, hashes.SHA512
+        )
 
     def test_ed25519(self):
         """An Ed25519 issuer signs with Ed25519."""
@@ -239,7 +248,9 @@ class LeafValidityTests(SynchronousTestCase):
     def test_before_chain_end(self):
         """Far from the chain's end the leaf lasts the whole TTL."""
         self.assertEqual(
-            x509profile.leaf_validity(FIXED_NOW, TTL, SKEW, FIXED_NOW + timedelta(days=9)),
+            x509profile.leaf_validity(
+                FIXED_NOW, TTL, SKEW, FIXED_NOW + timedelta(days=9)
+            ),
             (FIXED_NOW - SKEW, FIXED_NOW + TTL),
         )
 
@@ -261,7 +272,12 @@ class LeafValidityTests(SynchronousTestCase):
         self.assertEqual(not_before, FIXED_NOW - SKEW)
         self.assertEqual(not_after, FIXED_NOW + TTL)
         leaf = x509profile.build_leaf(
-            bundle, make_private_key().public_key(), SPIFFE_ID, [], not_before, not_after
+            bundle,
+            make_private_key().public_key(),
+            SPIFFE_ID,
+            [],
+            not_before,
+            not_after,
         )
         self.assertEqual(leaf.not_valid_before_utc, not_before)
         self.assertEqual(leaf.not_valid_after_utc, not_after)
@@ -369,7 +385,9 @@ class CAProfileTests(SynchronousTestCase):
     def setUp(self):
         self.root_key = make_private_key("ecdsa-p256")
         self.issuer_key = make_private_key("ecdsa-p256")
-        self.root = x509profile.build_root(self.root_key, "example.org", FIXED_NOW, SKEW)
+        self.root = x509profile.build_root(
+            self.root_key, "example.org", FIXED_NOW, SKEW
+        )
         self.issuer = x509profile.build_issuer(
             self.issuer_key.public_key(),
             self.root,
@@ -431,7 +449,9 @@ class CAProfileTests(SynchronousTestCase):
 
     def test_issuer_aki(self):
         """The issuer's AKI names the root's subject key identifier."""
-        aki = self.issuer.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+        aki = self.issuer.extensions.get_extension_for_class(
+            x509.AuthorityKeyIdentifier
+        )
         ski = self.root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
         self.assertEqual(aki.value.key_identifier, ski.value.digest)
 
@@ -505,7 +525,9 @@ class PreparedProfileTests(SynchronousTestCase):
         )
 
     def test_validity_in_another_time_zone(self):
-        """Bounds given in a time zone other than UTC are stored as the same instants."""
+        """
+        Bounds given in a time zone other than UTC are stored as the same instants.
+        """
         zone = timezone(timedelta(hours=2))
         not_before = (FIXED_NOW - SKEW).astimezone(zone)
         not_after = (FIXED_NOW + TTL).astimezone(zone)

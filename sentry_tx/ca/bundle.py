@@ -372,7 +372,7 @@ def _load_issuer_chain(
         )
 
     for position, ((cert, block), (signer, signer_block)) in enumerate(
-        zip(parsed, parsed[1:])
+        zip(parsed, parsed[1:], strict=False)
     ):
         if not _is_signed_by(cert, signer):
             raise BundleError(
@@ -398,7 +398,9 @@ def _load_issuer_chain(
             raise BundleError(source, f"{_describe(cert, block)} {problem}")
 
     top, top_block = parsed[-1]
-    anchor = _find_anchor(top, top_block, len(parsed), anchors, now, source, anchors_source)
+    anchor = _find_anchor(
+        top, top_block, len(parsed), anchors, now, source, anchors_source
+    )
     if anchor is None:
         raise BundleError(
             source,

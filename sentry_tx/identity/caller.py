@@ -8,7 +8,6 @@ the identity it proves (L{CallerIdentity}).
 from dataclasses import dataclass
 from typing import Any
 
-
 # The TokenValidator enum of dapr.proto.sentry.v1.SignCertificateRequest.
 VALIDATOR_UNKNOWN = 0
 VALIDATOR_INSECURE = 1

@@ -160,7 +160,9 @@ def parse_jwks(jwks_bytes: bytes, source: str) -> list[tuple[dict[str, Any], Key
     parsed: list[tuple[dict[str, Any], Key]] = []
     for index, member in enumerate(keys):
         if not isinstance(member, dict):
-            raise BundleError(source, f"failed to parse JWKS: key {index} is not an object")
+            raise BundleError(
+                source, f"failed to parse JWKS: key {index} is not an object"
+            )
         if member.get("use", "sig") != "sig":
             continue
         private = sorted(_PRIVATE_JWK_MEMBERS.intersection(member))
@@ -243,7 +245,9 @@ def load_jwt_material(
                 " key content doesn't match the signing key"
             )
         else:
-            problem = "JWKS doesn't contain a matching public key for the JWT signing key"
+            problem = (
+                "JWKS doesn't contain a matching public key for the JWT signing key"
+            )
         raise BundleError(jwks_source, f"failed to verify JWKS: {problem}")
     return JWTMaterial(
         signing_key=signing_key,

@@ -155,7 +155,9 @@ class OIDCResource(Resource):
             return self._error(request, 404, b"JWKS not available\n")
         if path == self.jwks_path:
             return self._json(request, material.jwks_json)
-        if not _HOST.fullmatch(host) and (self._issuer is None or self._jwks_uri is None):
+        if not _HOST.fullmatch(host) and (
+            self._issuer is None or self._jwks_uri is None
+        ):
             return self._error(request, 400, b"Invalid host\n")
         document = self.discovery_document(host, material.algorithm)
         return self._json(request, json.dumps(document).encode("utf-8") + b"\n")
@@ -238,7 +240,9 @@ class OIDCService(MultiService):
     ) -> None:
         super().__init__()
         self._reactor = reactor
-        self._file_work = file_work if file_work is not None else BoundedFileWork(reactor)
+        self._file_work = (
+            file_work if file_work is not None else BoundedFileWork(reactor)
+        )
         self._web_service_factory = web_service_factory
         self._site = site
         self._tls_files = tls_files
@@ -336,7 +340,9 @@ def tls_options(
     from sentry_tx.errors import BundleError
 
     blocks = re.findall(
-        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", certificate_pem, re.S
+        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
+        certificate_pem,
+        re.S,
     )
     if not blocks:
         raise BundleError(sources[0], "holds no PEM certificate")

@@ -16,7 +16,6 @@ from twisted.logger import Logger
 
 from sentry_tx.errors import ConfigError
 
-
 MAX_KUBECONFIG_BYTES = 4 * 1024 * 1024
 """
 The largest kubeconfig, token or certificate file read.

@@ -6,7 +6,7 @@ never with a token or a key in the message.
 """
 
 import json
-
+from typing import Any
 
 _ERROR_BODY_EXCERPT_CHARACTERS = 200
 
@@ -98,7 +98,9 @@ def api_error(
     return KubernetesAPIError(status, reason, message, method, path)
 
 
-def json_answer(status, phrase, body, method, path):
+def json_answer(
+    status: int, phrase: bytes | str | None, body: bytes, method: str, path: str
+) -> dict[str, Any]:
     """
     The JSON object of an answer: the decoded body of a 2xx answer.
 

@@ -20,7 +20,6 @@ from sentry_tx.kube.connection import (
     read_limited,
 )
 
-
 SERVICE_ACCOUNT_DIRECTORY = "/var/run/secrets/kubernetes.io/serviceaccount"
 """
 Where Kubernetes mounts a pod's service-account token and cluster CA.

@@ -45,7 +45,6 @@ from sentry_tx.kube.incluster import (
     in_cluster_connection,
 )
 
-
 KUBECONFIG_VARIABLE = "KUBECONFIG"
 
 DEFAULT_KUBECONFIG = "~/.kube/config"

@@ -6,7 +6,6 @@ The Kubernetes API paths sentry_tx calls: TokenReviews, core resources
 
 from urllib.parse import quote
 
-
 TOKEN_REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 

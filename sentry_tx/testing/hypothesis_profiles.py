@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_fuzz -*-
 """
 The hypothesis profiles of sentry_tx's property-based tests.
 
@@ -18,6 +19,8 @@ falsifying example and the C{@reproduce_failure} blob to paste instead.
 
 import functools
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from hypothesis import HealthCheck, settings
 
@@ -50,18 +53,20 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get(PROFILE_ENVIRONMENT_VARIABLE, DEFAULT_PROFILE))
 
+_Result = TypeVar("_Result")
 
-def scaled_examples(fraction):
+
+def scaled_examples(fraction: float) -> int:
     """
     A share of the loaded profile's C{max_examples}, at least 5: for tests
     whose examples are expensive (a real gRPC call each).
 
     @param fraction: a L{float} in (0, 1].
     """
-    return max(5, int(settings.default.max_examples * fraction))
+    return max(5, int(settings().max_examples * fraction))
 
 
-def show_notes(test):
+def show_notes(test: Callable[..., _Result]) -> Callable[..., _Result]:
     """
     Decorate a C{@given} test so that a failure's message ends with the
     exception's notes: hypothesis attaches the falsifying example (and what
@@ -69,7 +74,7 @@ def show_notes(test):
     """
 
     @functools.wraps(test)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> _Result:
         try:
             return test(*args, **kwargs)
         except Exception as e:
