@@ -17,16 +17,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorSSL, IReactorTCP, IReactorTime
     from twisted.internet.protocol import ServerFactory
 
-    class IKeySetReactor(IReactorTCP, IReactorSSL, IReactorTime):
-        """
-        What L{KeySetServer} needs of its reactor (a make-believe interface,
-        as Twisted's own C{_IReactorCommon}: the real reactor provides all
-        three).
-        """
-
+    from sentry_tx.testing.web import IServingReactor
 
 TRICKLE_INTERVAL_SECONDS = 1.0
 
@@ -76,7 +69,7 @@ class KeySetServer(Resource):
 
     isLeaf = True
 
-    def __init__(self, reactor: "IKeySetReactor", body: bytes | str) -> None:
+    def __init__(self, reactor: "IServingReactor", body: bytes | str) -> None:
         super().__init__()
         self._reactor = reactor
         self.body = body

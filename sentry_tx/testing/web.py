@@ -4,6 +4,8 @@ site on a L{ClosingTransport}, so that a test feeds it request bytes and
 reads the response without a socket.
 """
 
+from typing import TYPE_CHECKING
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IProtocol
@@ -11,6 +13,19 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorSSL, IReactorTCP, IReactorTime
+
+    class IServingReactor(IReactorTCP, IReactorSSL, IReactorTime):
+        """
+        What the fake servers (L{sentry_tx.testing.jwks_server},
+        L{sentry_tx.testing.kubernetes}) need of a reactor: listening on TCP
+        and TLS, and a clock.  A make-believe interface, for type checking
+        only, as Twisted's own C{_IReactorCommon}: the real reactor provides
+        all three.
+        """
+
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 
