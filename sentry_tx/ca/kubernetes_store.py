@@ -36,8 +36,12 @@ nothing.
 
 import base64
 import binascii
+from collections.abc import Generator, Iterable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -45,6 +49,8 @@ from zope.interface import implementer
 from sentry_tx.ca.bundle import (
     KEY_TYPE_ECDSA_P256,
     KEY_TYPES,
+    GeneratedBundle,
+    TrustBundle,
     generate_bundle,
     load_bundle,
 )
@@ -52,6 +58,10 @@ from sentry_tx.errors import BundleError, ConfigError
 from sentry_tx.interfaces import ITrustStore
 from sentry_tx.kube.errors import KubernetesAPIError, KubernetesUnavailableError
 from sentry_tx.kube.paths import core_path
+
+if TYPE_CHECKING:
+    from sentry_tx.config import SentryConfig
+    from sentry_tx.kube.client import KubernetesClient
 
 TRUST_BUNDLE_NAME = "dapr-trust-bundle"
 """
@@ -76,7 +86,7 @@ _SECRET_KEY_CHARACTERS = frozenset(
 _LABELS = {"app": "dapr-sentry", "app.kubernetes.io/part-of": "dapr"}
 
 
-def _check_secret_key(key):
+def _check_secret_key(key: str) -> str:
     """
     @raise ConfigError: when C{key} cannot be a Secret data key.
     """
@@ -118,17 +128,17 @@ class KubernetesTrustStore:
 
     def __init__(
         self,
-        reactor,
-        client,
-        namespace,
-        trust_domain,
-        allowed_clock_skew,
-        keys=("ca.crt", "issuer.crt", "issuer.key"),
-        key_type=KEY_TYPE_ECDSA_P256,
-        name=TRUST_BUNDLE_NAME,
-        watch_directories=(),
-        ca_ttl=None,
-    ):
+        reactor: IReactorThreads,
+        client: "KubernetesClient",
+        namespace: str,
+        trust_domain: str,
+        allowed_clock_skew: timedelta,
+        keys: Iterable[str] = ("ca.crt", "issuer.crt", "issuer.key"),
+        key_type: str = KEY_TYPE_ECDSA_P256,
+        name: str = TRUST_BUNDLE_NAME,
+        watch_directories: Iterable[str] = (),
+        ca_ttl: timedelta | None = None,
+    ) -> None:
         if key_type not in KEY_TYPES:
             raise ValueError(
                 f"unknown key type {key_type!r}; expected one of {KEY_TYPES}"
@@ -152,20 +162,20 @@ class KubernetesTrustStore:
         self._config_map_path = core_path(namespace, "configmaps", name)
 
     @property
-    def secret_description(self):
+    def secret_description(self) -> str:
         """
         C{Secret <namespace>/<name>}, as messages name it.
         """
         return f"Secret {self._namespace}/{self._name}"
 
     @property
-    def config_map_description(self):
+    def config_map_description(self) -> str:
         """
         C{ConfigMap <namespace>/<name>}, as messages name it.
         """
         return f"ConfigMap {self._namespace}/{self._name}"
 
-    def use_config(self, config):
+    def use_config(self, config: "SentryConfig") -> None:
         """
         Take the allowed clock skew of the resolved configuration (for a
         bundle generated afterwards).
@@ -177,7 +187,9 @@ class KubernetesTrustStore:
     # ITrustStore
 
     @inlineCallbacks
-    def load_or_generate(self, now):
+    def load_or_generate(
+        self, now: datetime
+    ) -> Generator[Deferred[Any], Any, TrustBundle]:
         """
         Load the bundle from the Secret, generating and storing one when the
         Secret holds none; then publish its anchors in the ConfigMap.
@@ -187,14 +199,14 @@ class KubernetesTrustStore:
             L{BundleError} (or L{ConfigError} when the API connection
             settings are wrong).
         """
-        for attempt in range(MAX_WRITE_ATTEMPTS):
-            secret = yield self._read_secret()
+        for _attempt in range(MAX_WRITE_ATTEMPTS):
+            secret: dict[str, Any] | None = yield self._read_secret()
             parts = self._parts(secret)
             if parts:
-                bundle = yield self._load_parts(parts, now)
+                bundle: TrustBundle = yield self._load_parts(parts, now)
                 anchors_pem = parts[self._keys[0]]
                 break
-            generated = yield deferToThreadPool(
+            generated: GeneratedBundle = yield deferToThreadPool(
                 self._reactor,
                 self._reactor.getThreadPool(),
                 generate_bundle,
@@ -205,7 +217,7 @@ class KubernetesTrustStore:
                 self._key_type,
                 **({} if self._ca_ttl is None else {"lifetime": self._ca_ttl}),
             )
-            written = yield self._store_generated(secret, generated)
+            written: bool = yield self._store_generated(secret, generated)
             if written:
                 bundle, anchors_pem = generated.bundle, generated.anchors_pem
                 self._log.info(
@@ -231,7 +243,7 @@ class KubernetesTrustStore:
         return bundle
 
     @inlineCallbacks
-    def load(self, now):
+    def load(self, now: datetime) -> Generator[Deferred[Any], Any, TrustBundle]:
         """
         Load and verify the bundle in the Secret; never generates, never
         writes.
@@ -239,30 +251,32 @@ class KubernetesTrustStore:
         @return: Deferred firing with a L{TrustBundle}, or failing with
             L{BundleError}.
         """
-        secret = yield self._read_secret()
+        secret: dict[str, Any] | None = yield self._read_secret()
         parts = self._parts(secret)
         if not parts:
             raise BundleError(
                 self.secret_description,
                 "holds no trust bundle" if secret is not None else "does not exist",
             )
-        bundle = yield self._load_parts(parts, now)
+        bundle: TrustBundle = yield self._load_parts(parts, now)
         return bundle
 
     # The Secret
 
-    def _source(self, key):
+    def _source(self, key: str) -> str:
         return f"{self.secret_description} key '{key}'"
 
     @inlineCallbacks
-    def _read_secret(self):
+    def _read_secret(
+        self,
+    ) -> Generator[Deferred[Any], Any, dict[str, Any] | None]:
         """
         The Secret, or None when it does not exist.
 
         @raise BundleError: when it cannot be read.
         """
         try:
-            secret = yield self._client.get(self._secret_path)
+            secret: dict[str, Any] = yield self._client.get(self._secret_path)
         except KubernetesAPIError as e:
             if e.is_not_found:
                 return None
@@ -271,7 +285,7 @@ class KubernetesTrustStore:
             raise BundleError(self.secret_description, f"cannot be read: {e}") from None
         return secret
 
-    def _parts(self, secret):
+    def _parts(self, secret: dict[str, Any] | None) -> dict[str, bytes]:
         """
         The three parts in C{secret}, decoded, as a dict by key; empty when
         it holds none of them.
@@ -284,7 +298,7 @@ class KubernetesTrustStore:
         data = secret.get("data") or {}
         if not isinstance(data, dict):
             raise BundleError(self.secret_description, "its data is not a mapping")
-        parts = {}
+        parts: dict[str, bytes] = {}
         for key in self._keys:
             value = data.get(key)
             if not value:
@@ -308,24 +322,35 @@ class KubernetesTrustStore:
             )
         return parts
 
-    def _load_parts(self, parts, now):
+    def _load_parts(
+        self, parts: dict[str, bytes], now: datetime
+    ) -> Deferred[TrustBundle]:
         """
         Verify the three parts in the thread pool.
 
         @return: Deferred firing with a L{TrustBundle}, or failing with
             L{BundleError} naming the Secret key at fault.
         """
+        anchors_key, chain_key, key_key = self._keys
         return deferToThreadPool(
             self._reactor,
             self._reactor.getThreadPool(),
             load_bundle,
-            *(parts[key] for key in self._keys),
+            parts[anchors_key],
+            parts[chain_key],
+            parts[key_key],
             now,
-            sources=tuple(self._source(key) for key in self._keys),
+            sources=(
+                self._source(anchors_key),
+                self._source(chain_key),
+                self._source(key_key),
+            ),
         )
 
     @inlineCallbacks
-    def _store_generated(self, secret, generated):
+    def _store_generated(
+        self, secret: dict[str, Any] | None, generated: GeneratedBundle
+    ) -> Generator[Deferred[Any], Any, bool]:
         """
         Store a generated bundle: create the Secret when C{secret} is None,
         else update it conditionally on its C{resourceVersion}.
@@ -341,7 +366,7 @@ class KubernetesTrustStore:
         )
         encoded = {
             key: base64.b64encode(value).decode("ascii")
-            for key, value in zip(self._keys, values)
+            for key, value in zip(self._keys, values, strict=True)
         }
         try:
             if secret is None:
@@ -377,7 +402,7 @@ class KubernetesTrustStore:
         return True
 
     @staticmethod
-    def _require_resource_version(document, description):
+    def _require_resource_version(document: dict[str, Any], description: str) -> None:
         """
         @raise BundleError: when C{document} has no C{metadata.resourceVersion}
             (an update without one would not be conditional).
@@ -392,7 +417,9 @@ class KubernetesTrustStore:
     # The ConfigMap
 
     @inlineCallbacks
-    def _publish_anchors(self, anchors_pem):
+    def _publish_anchors(
+        self, anchors_pem: bytes
+    ) -> Generator[Deferred[Any], Any, None]:
         """
         Make the ConfigMap's C{ca.crt} equal to C{anchors_pem}.
 
@@ -400,9 +427,11 @@ class KubernetesTrustStore:
         """
         anchors = anchors_pem.decode("utf-8", "replace")
         description = self.config_map_description
-        for attempt in range(MAX_WRITE_ATTEMPTS):
+        for _attempt in range(MAX_WRITE_ATTEMPTS):
             try:
-                config_map = yield self._client.get(self._config_map_path)
+                config_map: dict[str, Any] | None = yield self._client.get(
+                    self._config_map_path
+                )
             except KubernetesAPIError as e:
                 if not e.is_not_found:
                     raise BundleError(description, f"cannot be read: {e}") from None

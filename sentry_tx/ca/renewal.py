@@ -24,12 +24,15 @@ Only bundles in the shape Dapr's Sentry and sentry_tx generate are renewed
 """
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
 from sentry_tx.ca import x509profile
@@ -43,6 +46,9 @@ from sentry_tx.ca.bundle import (
 )
 from sentry_tx.durations import format_go_duration
 from sentry_tx.errors import BundleError, ConfigError
+
+if TYPE_CHECKING:
+    from sentry_tx.config import SentryConfig
 
 DEFAULT_CA_TTL = timedelta(hours=8760)
 """
@@ -82,7 +88,7 @@ WRITING_ACTIONS = (
 )
 
 
-def next_path(path):
+def next_path(path: str) -> str:
     """
     Where the pending counterpart of an active credential lives, as Dapr's
     PR names it: C{.next} before the extension (C{issuer.crt} gives
@@ -104,14 +110,14 @@ class RenewalSettings:
     enabled: bool = True
     ca_ttl: timedelta = DEFAULT_CA_TTL
     threshold: float = DEFAULT_RENEWAL_THRESHOLD
-    grace: object = None
+    grace: timedelta | None = None
     workload_ttl: timedelta = timedelta(hours=24)
     allowed_clock_skew: timedelta = timedelta(minutes=15)
     trust_domain: str = "localhost"
     namespace: str = "default"
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: "SentryConfig") -> "RenewalSettings":
         """
         The settings of a L{sentry_tx.config.SentryConfig}.
         """
@@ -120,14 +126,16 @@ class RenewalSettings:
             enabled=config.ca_renewal_enabled,
             ca_ttl=timedelta(seconds=config.ca_ttl_seconds),
             threshold=config.ca_renewal_threshold,
-            grace=None if grace is None else timedelta(seconds=grace),
+            # SentryConfig types the grace as object; it holds whole
+            # seconds, or None for auto.
+            grace=None if grace is None else timedelta(seconds=cast(float, grace)),
             workload_ttl=config.mtls.workload_cert_ttl,
             allowed_clock_skew=config.mtls.allowed_clock_skew,
             trust_domain=config.trust_domain,
             namespace=config.namespace,
         )
 
-    def describe_grace(self):
+    def describe_grace(self) -> str:
         """
         The grace as the operator wrote it (C{auto}, or a Go duration).
         """
@@ -141,7 +149,7 @@ TTL_FLAG = "--ca-ttl"
 GRACE_FLAG = "--trust-anchor-propagation-grace"
 
 
-def check_settings(settings):
+def check_settings(settings: RenewalSettings) -> None:
     """
     Refuse settings under which renewal cannot work, naming the flags.
 
@@ -160,7 +168,7 @@ def check_settings(settings):
     _check_combination(settings)
 
 
-def check_values(settings):
+def check_values(settings: RenewalSettings) -> None:
     """
     The checks of L{check_settings} that need no Configuration: the
     threshold in (0, 1), a positive TTL and grace.
@@ -178,7 +186,7 @@ def check_values(settings):
         raise ConfigError(GRACE_FLAG, "must be greater than zero (or auto)")
 
 
-def _check_combination(settings):
+def _check_combination(settings: RenewalSettings) -> None:
     skew = settings.allowed_clock_skew
     lifetime = settings.ca_ttl + skew
     if lifetime * settings.threshold <= skew:
@@ -236,34 +244,40 @@ class RenewalState:
         (it names the active issuer).
     """
 
-    anchors: tuple
-    issuer_chain: tuple
-    issuer_key: object
-    next_issuer: object = None
-    next_root: object = None
-    next_key: object = None
+    anchors: tuple[x509.Certificate, ...]
+    issuer_chain: tuple[x509.Certificate, ...]
+    issuer_key: PrivateKeyTypes
+    next_issuer: x509.Certificate | None = None
+    next_root: x509.Certificate | None = None
+    next_key: PrivateKeyTypes | None = None
     switching: bool = False
     leftover: bool = False
 
     @property
-    def issuer(self):
+    def issuer(self) -> x509.Certificate:
         return self.issuer_chain[0]
 
     @property
-    def pending(self):
+    def pending(self) -> bool:
         """
         Whether a renewed issuer waits for its switch.
         """
         return self.next_issuer is not None and not self.leftover
 
 
-def _der(cert):
+def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
 def read_state(
-    anchors_pem, issuer_pem, key_pem, next_crt_pem, next_key_pem, now, sources
-):
+    anchors_pem: bytes,
+    issuer_pem: bytes,
+    key_pem: bytes,
+    next_crt_pem: bytes | None,
+    next_key_pem: bytes | None,
+    now: datetime,
+    sources: tuple[str, str, str, str, str],
+) -> RenewalState:
     """
     Verify the stored credentials and tell the renewal state from them.
 
@@ -276,7 +290,7 @@ def read_state(
         C{issuer.next.key}), or the pending pair is invalid.
     """
     anchors_source, chain_source, key_source, next_crt_source, next_key_source = sources
-    active = sources[:3]
+    active = (anchors_source, chain_source, key_source)
     switching = False
     try:
         bundle = load_bundle(anchors_pem, issuer_pem, key_pem, now, sources=active)
@@ -291,7 +305,9 @@ def read_state(
             sources=(anchors_source, chain_source, next_key_source),
         )
         switching = True
-    next_issuer = next_root = next_key = None
+    next_issuer: x509.Certificate | None = None
+    next_root: x509.Certificate | None = None
+    next_key: PrivateKeyTypes | None = None
     leftover = False
     if next_crt_pem is not None:
         try:
@@ -343,7 +359,9 @@ def read_state(
     )
 
 
-def _signer(cert, roots):
+def _signer(
+    cert: x509.Certificate, roots: Iterable[x509.Certificate]
+) -> x509.Certificate | None:
     for root in roots:
         try:
             cert.verify_directly_issued_by(root)
@@ -356,11 +374,11 @@ def _signer(cert, roots):
 # The shape of a generated bundle
 
 
-def _organization(value):
+def _organization(value: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, value)])
 
 
-def key_type_of(key):
+def key_type_of(key: PrivateKeyTypes) -> str | None:
     """
     The L{sentry_tx.ca.bundle.KEY_TYPES} entry of C{key}, or None when
     sentry_tx does not generate keys of its type.
@@ -374,7 +392,7 @@ def key_type_of(key):
     return None
 
 
-def shape_problem(state, trust_domain, namespace):
+def shape_problem(state: RenewalState, trust_domain: str, namespace: str) -> str | None:
     """
     Why the bundle is not in the shape Dapr's Sentry and sentry_tx generate
     (a self-signed root C{O=<trust domain>}, and an issuer
@@ -399,8 +417,7 @@ def shape_problem(state, trust_domain, namespace):
     if root is None or root.subject != expected_root:
         subject = root.subject.rfc4514_string() if root is not None else "none"
         return (
-            f"the root's subject is {subject!r}, not"
-            f" {expected_root.rfc4514_string()!r}"
+            f"the root's subject is {subject!r}, not {expected_root.rfc4514_string()!r}"
         )
     if key_type_of(state.issuer_key) is None:
         return "the issuer key is of a type sentry_tx does not generate"
@@ -410,7 +427,7 @@ def shape_problem(state, trust_domain, namespace):
 # Times
 
 
-def renewal_due(issuer, threshold):
+def renewal_due(issuer: x509.Certificate, threshold: float) -> datetime:
     """
     When C{issuer} is due for renewal: its NotBefore + C{threshold} x its
     lifetime (Dapr's PR's C{renewTime}).
@@ -419,7 +436,11 @@ def renewal_due(issuer, threshold):
     return start + (issuer.not_valid_after_utc - start) * threshold
 
 
-def switch_time(issuer, next_issuer, settings):
+def switch_time(
+    issuer: x509.Certificate,
+    next_issuer: x509.Certificate,
+    settings: RenewalSettings,
+) -> datetime:
     """
     When the pending issuer takes over from C{issuer}.
 
@@ -433,17 +454,13 @@ def switch_time(issuer, next_issuer, settings):
     skew = settings.allowed_clock_skew
     latest = issuer.not_valid_after_utc - skew
     if settings.grace is None:
-        at = (
-            issuer.not_valid_after_utc
-            - 2 * settings.workload_ttl
-            - AUTO_SWITCH_MARGIN
-        )
+        at = issuer.not_valid_after_utc - 2 * settings.workload_ttl - AUTO_SWITCH_MARGIN
     else:
         at = next_issuer.not_valid_before_utc + skew + settings.grace
     return min(at, latest)
 
 
-def expired_anchors(state, now):
+def expired_anchors(state: RenewalState, now: datetime) -> tuple[x509.Certificate, ...]:
     """
     The anchors that have expired by C{now} (and so may be dropped).
     """
@@ -463,12 +480,12 @@ class Step:
     """
 
     action: str
-    at: object = None
-    switch_at: object = None
+    at: datetime | None = None
+    switch_at: datetime | None = None
     reason: str = ""
 
 
-def plan(state, now, settings):
+def plan(state: RenewalState, now: datetime, settings: RenewalSettings) -> Step:
     """
     The one step renewal takes next, from the state and C{now} alone.
 
@@ -496,10 +513,13 @@ def plan(state, now, settings):
         if root.not_valid_after_utc >= now
     ]
     if state.pending:
-        at = switch_time(state.issuer, state.next_issuer, settings)
+        next_issuer, next_root = _pending_pair(state)
+        at = switch_time(state.issuer, next_issuer, settings)
         anchored = {_der(root) for root in state.anchors}
-        if _der(state.next_root) not in anchored:
-            return Step(ACTION_APPEND, switch_at=at, reason="the new root is not trusted yet")
+        if _der(next_root) not in anchored:
+            return Step(
+                ACTION_APPEND, switch_at=at, reason="the new root is not trusted yet"
+            )
         if now >= at:
             return Step(ACTION_SWITCH, switch_at=at, reason="the switch time has come")
         if expired_anchors(state, now):
@@ -515,6 +535,18 @@ def plan(state, now, settings):
     return Step(ACTION_WAIT, at=wake, reason="not due yet")
 
 
+def _pending_pair(state: RenewalState) -> tuple[x509.Certificate, x509.Certificate]:
+    """
+    The pending issuer and its root, of a C{state} that has them.
+
+    @raise ValueError: when C{state} holds no pending issuer and root
+        (L{read_state} never makes such a pending state).
+    """
+    if state.next_issuer is None or state.next_root is None:
+        raise ValueError("no pending issuer and root")
+    return state.next_issuer, state.next_root
+
+
 # What each step writes
 
 
@@ -528,26 +560,30 @@ class RenewedPair:
     @ivar anchors_pem: C{ca.crt}: the unexpired anchors, then the new root.
     """
 
-    root: object
-    issuer: object
+    root: x509.Certificate
+    issuer: x509.Certificate
     next_crt_pem: bytes
     next_key_pem: bytes
     anchors_pem: bytes
 
 
-def renew(state, now, settings):
+def renew(state: RenewalState, now: datetime, settings: RenewalSettings) -> RenewedPair:
     """
     Make a new root (a fresh key of the active issuer's type, used once and
     dropped) and a new issuer for C{--ca-ttl}.
 
     @return: a L{RenewedPair}.
     """
+    key_type = key_type_of(state.issuer_key)
+    if key_type is None:
+        # plan() renews only a bundle whose key type sentry_tx makes.
+        raise ValueError("the issuer key is of a type sentry_tx does not generate")
     generated = generate_bundle(
         settings.trust_domain,
         settings.namespace,
         now,
         settings.allowed_clock_skew,
-        key_type_of(state.issuer_key),
+        key_type,
         lifetime=settings.ca_ttl,
     )
     (root,) = generated.bundle.anchors
@@ -561,7 +597,9 @@ def renew(state, now, settings):
     )
 
 
-def anchors_after(state, now, added=()):
+def anchors_after(
+    state: RenewalState, now: datetime, added: Iterable[x509.Certificate] = ()
+) -> bytes:
     """
     C{ca.crt} after a step: the anchors that have not expired, in order,
     then C{added} (each once).
@@ -572,17 +610,21 @@ def anchors_after(state, now, added=()):
     return certificates_pem(kept)
 
 
-def active_after_switch(state):
+def active_after_switch(state: RenewalState) -> tuple[bytes, bytes]:
     """
     C{issuer.crt} and C{issuer.key} after the switch: the pending issuer
     alone (its root is in the anchors), and its key.
 
     @return: C{(chain_pem, key_pem)}.
     """
+    key: PrivateKeyTypes | None
     if state.switching:
         issuer, key = state.issuer, state.issuer_key
     else:
-        issuer, key = state.next_issuer, state.next_key
+        issuer, _ = _pending_pair(state)
+        key = state.next_key
+    if key is None:
+        raise ValueError("no pending issuer key")
     return certificates_pem([issuer]), key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -614,11 +656,13 @@ class StepWrites:
     @ivar renewed: the L{RenewedPair} of a renewal, else None.
     """
 
-    writes: tuple
-    renewed: object = None
+    writes: tuple[tuple[str, bytes | None], ...]
+    renewed: "RenewedPair | None" = None
 
 
-def step_writes(state, step, now, settings):
+def step_writes(
+    state: RenewalState, step: Step, now: datetime, settings: RenewalSettings
+) -> StepWrites:
     """
     The writes of C{step} (one of L{WRITING_ACTIONS}) on C{state}.
 
@@ -647,11 +691,14 @@ def step_writes(state, step, now, settings):
         )
     if step.action == ACTION_APPEND:
         return StepWrites(
-            ((PART_ANCHORS, anchors_after(state, now, (state.next_root,))),)
+            ((PART_ANCHORS, anchors_after(state, now, _pending_pair(state)[1:])),)
         )
     if step.action == ACTION_PRUNE:
         return StepWrites(((PART_ANCHORS, anchors_after(state, now)),))
-    removals = ((PART_NEXT_KEY, None), (PART_NEXT_CERTIFICATE, None))
+    removals: tuple[tuple[str, bytes | None], ...] = (
+        (PART_NEXT_KEY, None),
+        (PART_NEXT_CERTIFICATE, None),
+    )
     if step.action == ACTION_SWITCH:
         chain_pem, key_pem = active_after_switch(state)
         return StepWrites(((PART_ISSUER, chain_pem), (PART_KEY, key_pem)) + removals)
@@ -678,7 +725,7 @@ class StepResult:
     step: Step
     state: RenewalState
     written: bool = False
-    renewed: object = None
+    renewed: RenewedPair | None = None
 
 
 __all__ = [

@@ -24,21 +24,26 @@ twistd process writes; serving copies see the files change and reload.
 
 import errno
 import os
+from collections.abc import Callable
+from datetime import datetime
 
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from sentry_tx.ca.files import (
     CREDENTIAL_GENERATION_TIMEOUT_SECONDS,
     BoundedFileWork,
+    FileWorkReactor,
     describe_os_error,
     read_credential_file,
 )
 from sentry_tx.ca.renewal import (
     PART_KEY,
-    PART_NEXT_CERTIFICATE,
     PART_NEXT_KEY,
     PARTS,
     WRITING_ACTIONS,
+    RenewalSettings,
+    RenewalState,
     StepResult,
     plan,
     read_state,
@@ -48,6 +53,7 @@ from sentry_tx.ca.store import (
     CERTIFICATE_FILE_MODE,
     KEY_FILE_MODE,
     MAX_BUNDLE_FILE_BYTES,
+    FileTrustStore,
     temporary_name,
 )
 from sentry_tx.errors import BundleError
@@ -69,13 +75,23 @@ class FileRenewalStore:
         that point would).
     """
 
-    def __init__(self, reactor, trust_store, file_work=None, _after_write=None):
-        self._paths = dict(zip(PARTS, trust_store.paths + trust_store.next_paths))
+    def __init__(
+        self,
+        reactor: FileWorkReactor,
+        trust_store: FileTrustStore,
+        file_work: BoundedFileWork | None = None,
+        _after_write: Callable[[str, str], object] | None = None,
+    ) -> None:
+        self._paths = dict(
+            zip(PARTS, trust_store.paths + trust_store.next_paths, strict=True)
+        )
         self.description = ", ".join(self._paths[part] for part in PARTS)
-        self._file_work = file_work if file_work is not None else BoundedFileWork(reactor)
+        self._file_work = (
+            file_work if file_work is not None else BoundedFileWork(reactor)
+        )
         self._after_write = _after_write
 
-    def step(self, now, settings):
+    def step(self, now: datetime, settings: RenewalSettings) -> Deferred[StepResult]:
         """
         Read, plan and write one step, in a thread.
         """
@@ -87,7 +103,7 @@ class FileRenewalStore:
             settings,
         )
 
-    def step_sync(self, now, settings):
+    def step_sync(self, now: datetime, settings: RenewalSettings) -> StepResult:
         """
         L{step}, blocking.
 
@@ -115,29 +131,43 @@ class FileRenewalStore:
                 ) from None
             if self._after_write is not None:
                 self._after_write(step.action, part)
-        directories = {os.path.dirname(os.path.abspath(p)) for p in self._paths.values()}
+        directories = {
+            os.path.dirname(os.path.abspath(p)) for p in self._paths.values()
+        }
         for directory in sorted(directories):
             _sync_directory(directory)
         return StepResult(step, state, True, writes.renewed)
 
-    def read_sync(self, now):
+    def read_sync(self, now: datetime) -> RenewalState:
         """
         The L{sentry_tx.ca.renewal.RenewalState} of the files, blocking.
+
+        The five are read in the order of L{PARTS}; the two next parts may
+        be absent.
         """
-        contents = []
-        for part in PARTS:
-            path = self._paths[part]
-            optional = part in (PART_NEXT_CERTIFICATE, PART_NEXT_KEY)
-            if optional and not os.path.lexists(path):
-                contents.append(None)
-                continue
-            contents.append(read_credential_file(path, MAX_BUNDLE_FILE_BYTES))
+        anchors, issuer, key, next_crt, next_key = (self._paths[part] for part in PARTS)
         return read_state(
-            *contents, now, tuple(self._paths[part] for part in PARTS)
+            read_credential_file(anchors, MAX_BUNDLE_FILE_BYTES),
+            read_credential_file(issuer, MAX_BUNDLE_FILE_BYTES),
+            read_credential_file(key, MAX_BUNDLE_FILE_BYTES),
+            _read_if_present(next_crt),
+            _read_if_present(next_key),
+            now,
+            (anchors, issuer, key, next_crt, next_key),
         )
 
 
-def _replace(path, data, mode):
+def _read_if_present(path: str) -> bytes | None:
+    """
+    The contents of C{path}, or None when nothing (not even a dangling link)
+    is there.
+    """
+    if not os.path.lexists(path):
+        return None
+    return read_credential_file(path, MAX_BUNDLE_FILE_BYTES)
+
+
+def _replace(path: str, data: bytes, mode: int) -> None:
     """
     Replace C{path} with C{data} atomically: a new temporary file beside it
     with C{mode} exactly, flushed, renamed over it.
@@ -150,7 +180,7 @@ def _replace(path, data, mode):
             os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -163,14 +193,14 @@ def _replace(path, data, mode):
         raise
 
 
-def _remove(path):
+def _remove(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
 
 
-def _sync_directory(directory):
+def _sync_directory(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -15,13 +15,19 @@ anchor's expiry), at least every L{MAX_WAIT_SECONDS}, and after a failure
 in L{RETRY_SECONDS}; it never dies of its own exception.
 """
 
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol, cast
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from sentry_tx.ca.files import FileWorkReactor
 from sentry_tx.ca.renewal import (
     ACTION_APPEND,
     ACTION_FINISH_SWITCH,
@@ -30,11 +36,22 @@ from sentry_tx.ca.renewal import (
     ACTION_SWITCH,
     ACTION_WAIT,
     RenewalSettings,
+    RenewalState,
+    Step,
+    StepResult,
     check_settings,
     renewal_due,
     switch_time,
 )
 from sentry_tx.errors import BundleError, ConfigError
+from sentry_tx.interfaces import IRenewalStore
+
+if TYPE_CHECKING:
+    from sentry_tx.ca.bundle import TrustBundle
+    from sentry_tx.ca.kubernetes_store import KubernetesTrustStore
+    from sentry_tx.ca.store import FileTrustStore
+    from sentry_tx.config import SentryConfig
+    from sentry_tx.metrics import SentryMetrics
 
 MAX_WAIT_SECONDS = 3600.0
 """
@@ -61,8 +78,33 @@ L{RETRY_SECONDS}: a plan that never rests is a bug, not a reason to spin.
 """
 
 
-def _der(certificate):
+def _der(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.DER)
+
+
+class RenewedAuthority(Protocol):
+    """
+    What L{CARenewalService} needs of the authority it renews for: an
+    L{sentry_tx.interfaces.ICertificateAuthority} that also shows the
+    configuration it serves with.
+    """
+
+    @property
+    def bundle(self) -> "TrustBundle | None":
+        """
+        The trust bundle in service, or None before start.
+        """
+
+    @property
+    def config(self) -> "SentryConfig":
+        """
+        The configuration in service.
+        """
+
+    def restart(self, config: "SentryConfig") -> Deferred[None]:
+        """
+        Reload the trust bundle and swap it in.
+        """
 
 
 class CARenewalService(Service):
@@ -84,14 +126,14 @@ class CARenewalService(Service):
 
     def __init__(
         self,
-        store,
-        authority,
-        clock,
-        metrics=None,
-        on_fatal=None,
-        max_wait_seconds=MAX_WAIT_SECONDS,
-        retry_seconds=RETRY_SECONDS,
-    ):
+        store: IRenewalStore,
+        authority: RenewedAuthority,
+        clock: IReactorTime,
+        metrics: "SentryMetrics | None" = None,
+        on_fatal: Callable[[Failure], object] | None = None,
+        max_wait_seconds: float = MAX_WAIT_SECONDS,
+        retry_seconds: float = RETRY_SECONDS,
+    ) -> None:
         self._store = store
         self._authority = authority
         self._clock = clock
@@ -99,18 +141,18 @@ class CARenewalService(Service):
         self._on_fatal = on_fatal
         self._max_wait_seconds = max_wait_seconds
         self._retry_seconds = retry_seconds
-        self._call = None
+        self._call: IDelayedCall | None = None
         self._announced = False
         self._steps_in_a_row = 0
-        self.last_result = None
+        self.last_result: StepResult | None = None
 
     # IService
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         self._schedule(0)
 
-    def stopService(self):
+    def stopService(self) -> None:
         super().stopService()
         call, self._call = self._call, None
         if call is not None and call.active():
@@ -118,17 +160,17 @@ class CARenewalService(Service):
 
     # The loop
 
-    def _schedule(self, seconds):
+    def _schedule(self, seconds: float) -> None:
         if not self.running:
             return
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = self._clock.callLater(max(0.0, seconds), self.run_once)
 
-    def _now(self):
-        return datetime.fromtimestamp(self._clock.seconds(), timezone.utc)
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock.seconds(), UTC)
 
-    def run_once(self):
+    def run_once(self) -> Deferred[None] | None:
         """
         Take one step now.  Never raises.
 
@@ -143,9 +185,7 @@ class CARenewalService(Service):
         settings = RenewalSettings.from_config(config)
         if not settings.enabled:
             # Nothing is read, nothing is written.
-            self._log.info(
-                "automatic CA renewal is off: --ca-renewal-enabled is false"
-            )
+            self._log.info("automatic CA renewal is off: --ca-renewal-enabled is false")
             if self._metrics is not None:
                 self._metrics.record_renewal(False, False, None)
             return None
@@ -158,9 +198,12 @@ class CARenewalService(Service):
                 if self._on_fatal is not None:
                     self._on_fatal(failure)
                 else:
-                    self._log.error("automatic CA renewal refused: {error}", error=str(e))
+                    self._log.error(
+                        "automatic CA renewal refused: {error}", error=str(e)
+                    )
                 return None
         now = self._now()
+        d: Deferred[StepResult] | None
         try:
             d = self._store.step(now, settings)
         except Exception:
@@ -169,11 +212,11 @@ class CARenewalService(Service):
         if d is None:
             self._failed(failure)
             return None
-        d.addCallback(self._stepped, now, settings, config)
-        d.addErrback(self._failed)
-        return d
+        return d.addCallback(self._stepped, now, settings, config).addErrback(
+            self._failed
+        )
 
-    def _failed(self, failure):
+    def _failed(self, failure: Failure) -> None:
         if failure.check(BundleError):
             # A refused file or an API error: its message says it all.
             self._log.error(
@@ -190,7 +233,13 @@ class CARenewalService(Service):
             )
         self._schedule(self._retry_seconds)
 
-    def _stepped(self, result, now, settings, config):
+    def _stepped(
+        self,
+        result: StepResult,
+        now: datetime,
+        settings: RenewalSettings,
+        config: "SentryConfig",
+    ) -> None:
         self.last_result = result
         step, state = result.step, result.state
         if not self._announced:
@@ -222,21 +271,23 @@ class CARenewalService(Service):
                 self._schedule(0)
             return
         if step.action == ACTION_WAIT:
+            if step.at is None:
+                raise ValueError("a wait step without its time")
             delay = (step.at - now).total_seconds()
             self._schedule(min(delay, self._max_wait_seconds))
         else:
             # Another writer won the race: read again at once.
             self._schedule(0)
 
-    def _differs(self, state):
+    def _differs(self, state: RenewalState) -> bool:
         bundle = self._authority.bundle
         if bundle is None:
             return False
-        return [_der(c) for c in bundle.anchors] != [_der(c) for c in state.anchors] or _der(
-            bundle.issuer
-        ) != _der(state.issuer)
+        return [_der(c) for c in bundle.anchors] != [
+            _der(c) for c in state.anchors
+        ] or _der(bundle.issuer) != _der(state.issuer)
 
-    def _reload(self, config):
+    def _reload(self, config: "SentryConfig") -> None:
         d = self._authority.restart(config)
         d.addErrback(
             lambda failure: self._log.failure(
@@ -245,11 +296,11 @@ class CARenewalService(Service):
             )
         )
 
-    def _announce(self, step, state, settings):
+    def _announce(
+        self, step: Step, state: RenewalState, settings: RenewalSettings
+    ) -> None:
         if step.action == ACTION_OFF:
-            self._log.info(
-                "automatic CA renewal is off: {reason}", reason=step.reason
-            )
+            self._log.info("automatic CA renewal is off: {reason}", reason=step.reason)
             return
         self._log.info(
             "automatic CA renewal is on: the bundle is in the shape sentry_tx"
@@ -268,19 +319,25 @@ class CARenewalService(Service):
                 switch_at=step.switch_at.isoformat(),
             )
 
-    def _report_write(self, result, settings):
+    def _report_write(
+        self, result: StepResult, settings: RenewalSettings
+    ) -> datetime | None:
         """
         Log what a step wrote; return the pending switch time after it.
         """
         step, state = result.step, result.state
         description = self._store.description
         if step.action in (ACTION_RENEW, ACTION_APPEND):
+            root: x509.Certificate | None
+            switch_at: datetime | None
             if result.renewed is not None:
                 root = result.renewed.root
                 switch_at = switch_time(state.issuer, result.renewed.issuer, settings)
             else:
                 root = state.next_root
                 switch_at = step.switch_at
+            if root is None or switch_at is None:
+                raise ValueError(f"a {step.action} step without its root or switch")
             self._log.warn(
                 "renewed the CA: appended a new root (valid until {not_after})"
                 " to the trust anchors in {store}; the issuer switches to it at"
@@ -305,17 +362,24 @@ class CARenewalService(Service):
         return step.switch_at
 
 
-def renewal_store_for(reactor, trust_store):
+def renewal_store_for(
+    reactor: IReactorThreads,
+    trust_store: "FileTrustStore | KubernetesTrustStore",
+) -> IRenewalStore:
     """
     The L{IRenewalStore} over C{trust_store}'s credentials: its files, or
     its Secret.
+
+    @param reactor: the reactor, which provides L{IReactorThreads} and
+        L{IReactorTime} both (no one type says so; the file store's
+        L{FileWorkReactor} needs the clock).
     """
     from sentry_tx.ca.store import FileTrustStore
 
     if isinstance(trust_store, FileTrustStore):
         from sentry_tx.ca.renewal_files import FileRenewalStore
 
-        return FileRenewalStore(reactor, trust_store)
+        return FileRenewalStore(cast(FileWorkReactor, reactor), trust_store)
     from sentry_tx.ca.kubernetes_renewal import KubernetesRenewalStore
 
     return KubernetesRenewalStore(reactor, trust_store)

@@ -27,25 +27,30 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Callable, Generator, Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from sentry_tx.ca.bundle import (
     KEY_TYPE_ECDSA_P256,
     KEY_TYPES,
+    TrustBundle,
     generate_bundle,
     load_bundle,
 )
-from sentry_tx.ca.renewal import next_path
 from sentry_tx.ca.files import (
     CREDENTIAL_GENERATION_TIMEOUT_SECONDS,
     CREDENTIAL_READ_TIMEOUT_SECONDS,
     BoundedFileWork,
+    FileWorkReactor,
     describe_os_error,
     read_credential_file,
 )
+from sentry_tx.ca.renewal import next_path
 from sentry_tx.errors import BundleError
 from sentry_tx.interfaces import ITrustStore
 
@@ -69,7 +74,7 @@ _TEMPORARY_SUFFIX = ".tmp"
 _TEMPORARY_RANDOM_HEX_DIGITS = 16
 
 
-def temporary_name(basename):
+def temporary_name(basename: str) -> str:
     """
     The name of a new temporary file for the bundle file C{basename}:
     hidden, marked as sentry_tx's, random, C{.tmp}.
@@ -78,7 +83,7 @@ def temporary_name(basename):
     return f".{basename}{_TEMPORARY_MARKER}{token}{_TEMPORARY_SUFFIX}"
 
 
-def _temporary_pattern(basenames):
+def _temporary_pattern(basenames: Iterable[str]) -> re.Pattern[str]:
     """
     A regular expression matching L{temporary_name}'s names for
     C{basenames}, and nothing else.
@@ -93,7 +98,9 @@ def _temporary_pattern(basenames):
 _log = Logger()
 
 
-def read_credential(path, is_key=False, log=None):
+def read_credential(
+    path: str, is_key: bool = False, log: Logger | None = None
+) -> bytes:
     """
     The contents of one credential file that is not a bundle file (the JWT
     key and JWKS, a JWKS validator's source file, the OIDC server's TLS
@@ -108,7 +115,7 @@ def read_credential(path, is_key=False, log=None):
         larger than L{MAX_BUNDLE_FILE_BYTES}.
     """
 
-    def inspect(status):
+    def inspect(status: os.stat_result) -> None:
         if status.st_mode & _LOOSE_KEY_MODE_BITS:
             (log or _log).warn(
                 "key file {path} is accessible to group or others (mode"
@@ -136,23 +143,23 @@ class FileTrustStore:
 
     def __init__(
         self,
-        reactor,
-        ca_path,
-        issuer_certificate_path,
-        issuer_key_path,
-        trust_domain,
-        namespace,
-        allowed_clock_skew,
-        key_type=KEY_TYPE_ECDSA_P256,
-        _open=os.open,
-        file_work=None,
-        _read_open=os.open,
-        _geteuid=os.geteuid,
-        ca_ttl=None,
-    ):
+        reactor: FileWorkReactor,
+        ca_path: str,
+        issuer_certificate_path: str,
+        issuer_key_path: str,
+        trust_domain: str,
+        namespace: str,
+        allowed_clock_skew: timedelta,
+        key_type: str = KEY_TYPE_ECDSA_P256,
+        _open: Callable[[str, int, int], int] = os.open,
+        file_work: BoundedFileWork | None = None,
+        _read_open: Callable[[str, int], int] = os.open,
+        _geteuid: Callable[[], int] = os.geteuid,
+        ca_ttl: timedelta | None = None,
+    ) -> None:
         """
-        @param reactor: provides C{getThreadPool} and C{callFromThread}; the
-            file work runs in its thread pool.
+        @param reactor: provides C{seconds}, C{callLater} and
+            C{callFromThread}, for the L{BoundedFileWork} made by default.
         @param ca_path: path of the trust anchors.
         @param issuer_certificate_path: path of the issuer chain.
         @param issuer_key_path: path of the issuer key.
@@ -187,14 +194,16 @@ class FileTrustStore:
         self._open = _open
         self._read_open = _read_open
         self._geteuid = _geteuid
-        self._file_work = file_work if file_work is not None else BoundedFileWork(reactor)
+        self._file_work = (
+            file_work if file_work is not None else BoundedFileWork(reactor)
+        )
         # Where a renewal keeps the pending issuer pair (sentry_tx.ca.renewal).
         self.next_paths = (
             next_path(issuer_certificate_path),
             next_path(issuer_key_path),
         )
         self._description = ", ".join(self._paths)
-        directories = []
+        directories: list[str] = []
         for path in self._paths:
             directory = os.path.dirname(os.path.abspath(path))
             if directory not in directories:
@@ -204,7 +213,9 @@ class FileTrustStore:
     # ITrustStore
 
     @inlineCallbacks
-    def load_or_generate(self, now):
+    def load_or_generate(
+        self, now: datetime
+    ) -> Generator[Deferred[Any], Any, TrustBundle]:
         """
         L{load_or_generate_sync} off the reactor, with time bounds: the
         reads and checks within L{CREDENTIAL_READ_TIMEOUT_SECONDS}, a
@@ -215,22 +226,23 @@ class FileTrustStore:
             L{BundleError} (naming the file a read is blocked on, when the
             bound passes first).
         """
-        bundle = yield self._file_work.run(
+        bundle: TrustBundle | None = yield self._file_work.run(
             self._description,
             CREDENTIAL_READ_TIMEOUT_SECONDS,
             self._prepare_and_load_sync,
             now,
         )
         if bundle is None:
-            bundle = yield self._file_work.run(
+            generated: TrustBundle = yield self._file_work.run(
                 self._description,
                 CREDENTIAL_GENERATION_TIMEOUT_SECONDS,
                 self._generate,
                 now,
             )
+            return generated
         return bundle
 
-    def load(self, now):
+    def load(self, now: datetime) -> Deferred[TrustBundle]:
         """
         L{load_sync} off the reactor, within
         L{CREDENTIAL_READ_TIMEOUT_SECONDS}.
@@ -245,7 +257,7 @@ class FileTrustStore:
 
     # The synchronous work
 
-    def load_or_generate_sync(self, now):
+    def load_or_generate_sync(self, now: datetime) -> TrustBundle:
         """
         Remove the temporary files a killed generation left, warn about
         loose directories, then load the bundle; when none of the three
@@ -261,7 +273,7 @@ class FileTrustStore:
             return self._generate(now)
         return bundle
 
-    def _prepare_and_load_sync(self, now):
+    def _prepare_and_load_sync(self, now: datetime) -> TrustBundle | None:
         """
         The start's checks, then the bundle, or None when none of the three
         files exists.
@@ -283,7 +295,7 @@ class FileTrustStore:
             )
         return self._load_files(now)
 
-    def load_sync(self, now):
+    def load_sync(self, now: datetime) -> TrustBundle:
         """
         Warn about loose directories, then read and verify the three files;
         never generates.
@@ -295,7 +307,7 @@ class FileTrustStore:
         self.check_directories()
         return self._load_files(now)
 
-    def _load_files(self, now):
+    def _load_files(self, now: datetime) -> TrustBundle:
         """
         Read and verify the three files.
 
@@ -340,10 +352,12 @@ class FileTrustStore:
                         next_key=next_key_path,
                     )
                     return bundle
+        # The second attempt returns or raises.
+        raise AssertionError("unreachable")
 
     # Helpers
 
-    def _exists(self, path):
+    def _exists(self, path: str) -> bool:
         """
         Whether C{path} exists (a dangling symbolic link counts: reading it
         will fail, loudly, rather than be overwritten).
@@ -356,10 +370,10 @@ class FileTrustStore:
         except FileNotFoundError:
             return False
         except OSError as e:
-            raise BundleError(path, f"cannot be checked: {describe_os_error(e)}")
+            raise BundleError(path, f"cannot be checked: {describe_os_error(e)}") from e
         return True
 
-    def _read(self, path, is_key=False):
+    def _read(self, path: str, is_key: bool = False) -> bytes:
         """
         The contents of one bundle file, through L{read_credential_file}.
 
@@ -368,7 +382,7 @@ class FileTrustStore:
             is too large.
         """
 
-        def inspect(status):
+        def inspect(status: os.stat_result) -> None:
             if status.st_mode & _LOOSE_KEY_MODE_BITS:
                 self._log.warn(
                     "issuer key file {path} is accessible to group or "
@@ -385,7 +399,7 @@ class FileTrustStore:
             _open=self._read_open,
         )
 
-    def remove_leftover_temporaries(self):
+    def remove_leftover_temporaries(self) -> None:
         """
         Remove the temporary files of a generation that was killed before it
         could clean up: in the bundle's directories, names made by
@@ -418,8 +432,8 @@ class FileTrustStore:
                         path=path,
                     )
 
-    def _temporary_patterns(self):
-        by_directory = {}
+    def _temporary_patterns(self) -> list[tuple[str, re.Pattern[str]]]:
+        by_directory: dict[str, set[str]] = {}
         for path in self._paths + self.next_paths:
             directory = os.path.dirname(os.path.abspath(path))
             by_directory.setdefault(directory, set()).add(os.path.basename(path))
@@ -428,7 +442,7 @@ class FileTrustStore:
             for directory, names in by_directory.items()
         ]
 
-    def check_directories(self):
+    def check_directories(self) -> list[str]:
         """
         Warn about each existing credentials directory that group or others
         may write, or that a user other than this process's (or root) owns:
@@ -436,7 +450,7 @@ class FileTrustStore:
 
         @return: the warnings, as text (for tests).
         """
-        warnings = []
+        warnings: list[str] = []
         uid = self._geteuid()
         for directory in self.watch_directories:
             try:
@@ -461,7 +475,7 @@ class FileTrustStore:
             self._log.warn("{directory_warning}", directory_warning=warning)
         return warnings
 
-    def _generate(self, now):
+    def _generate(self, now: datetime) -> TrustBundle:
         """
         Generate a bundle and write its three files.
 
@@ -494,7 +508,7 @@ class FileTrustStore:
         )
         return generated.bundle
 
-    def _write_all(self, files):
+    def _write_all(self, files: Sequence[tuple[str, bytes, int]]) -> None:
         """
         Write every C{(path, data, mode)} of C{files}, all or nothing.
 
@@ -504,9 +518,9 @@ class FileTrustStore:
 
         @raise BundleError: naming the path whose write failed.
         """
-        created_directories = []
-        temporaries = []
-        renamed = []
+        created_directories: list[str] = []
+        temporaries: list[str] = []
+        renamed: list[str] = []
         current = files[0][0]
         try:
             for path, data, mode in files:
@@ -519,7 +533,7 @@ class FileTrustStore:
                 fd = self._open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
                 temporaries.append(temporary)
                 self._write_file(fd, data, mode)
-            for (path, _, _), temporary in list(zip(files, temporaries)):
+            for (path, _, _), temporary in list(zip(files, temporaries, strict=True)):
                 current = path
                 if self._exists(path):
                     raise FileExistsError(
@@ -548,7 +562,7 @@ class FileTrustStore:
                 current, f"cannot write the generated bundle: {describe_os_error(e)}"
             ) from None
 
-    def _make_directory(self, directory):
+    def _make_directory(self, directory: str) -> list[str]:
         """
         Create C{directory} with mode 0700 if it is missing, with any missing
         parents.
@@ -562,14 +576,14 @@ class FileTrustStore:
             if parent == directory:
                 break
             directory = parent
-        created = []
+        created: list[str] = []
         for directory in reversed(missing):
             os.mkdir(directory, CREDENTIALS_DIRECTORY_MODE)
             os.chmod(directory, CREDENTIALS_DIRECTORY_MODE)
             created.append(directory)
         return created
 
-    def _write_file(self, fd, data, mode):
+    def _write_file(self, fd: int, data: bytes, mode: int) -> None:
         """
         Write C{data} to the new file open as C{fd}, give it C{mode} exactly
         (whatever the umask), flush it to disk and close it.
@@ -584,7 +598,7 @@ class FileTrustStore:
         finally:
             os.close(fd)
 
-    def _sync_directory(self, directory):
+    def _sync_directory(self, directory: str) -> None:
         """
         Flush a directory's entries (the renames) to disk, where the file
         system can.

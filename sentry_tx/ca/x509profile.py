@@ -23,13 +23,24 @@ constructor rather than its method chain, which copies the builder and
 checks every argument again at each step.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificateIssuerPublicKeyTypes,
+    CertificatePublicKeyTypes,
+    PrivateKeyTypes,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+if TYPE_CHECKING:
+    from sentry_tx.ca.bundle import TrustBundle
 
 CA_LIFETIME = timedelta(days=365)
 """
@@ -83,7 +94,13 @@ _LEAF_EXTENDED_KEY_USAGE = x509.ExtendedKeyUsage(
     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
 )
 
-_HASH_FOR_CURVE = {
+SignatureHash = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
+"""
+The hashes L{signature_hash_for} chooses (what C{CertificateBuilder.sign}
+accepts is a superset).
+"""
+
+_HASH_FOR_CURVE: dict[str, type[SignatureHash]] = {
     ec.SECP256R1.name: hashes.SHA256,
     ec.SECP384R1.name: hashes.SHA384,
     ec.SECP521R1.name: hashes.SHA512,
@@ -96,7 +113,7 @@ enterprise number, in Dapr's sub-arc 100.
 """
 
 
-def der_octet_string(data):
+def der_octet_string(data: bytes) -> bytes:
     """
     The DER encoding of an OCTET STRING holding C{data}.
     """
@@ -109,7 +126,9 @@ def der_octet_string(data):
     return header + data
 
 
-def container_images_extension(images_json):
+def container_images_extension(
+    images_json: bytes,
+) -> x509.Extension[x509.UnrecognizedExtension]:
     """
     The non-critical extension that stamps a workload's container images:
     L{CONTAINER_IMAGES_OID}, valued a DER OCTET STRING of C{images_json}
@@ -128,7 +147,7 @@ The smallest RSA key sentry_tx signs with or signs for.
 """
 
 
-def signature_hash_for(private_key):
+def signature_hash_for(private_key: PrivateKeyTypes) -> SignatureHash | None:
     """
     The hash a certificate signed by C{private_key} uses.
 
@@ -157,7 +176,7 @@ def signature_hash_for(private_key):
     raise ValueError(f"unsupported key type {type(private_key).__name__}")
 
 
-def spiffe_id(trust_domain, namespace, app_id):
+def spiffe_id(trust_domain: str, namespace: str, app_id: str) -> str:
     """
     The SPIFFE id of an app, as Dapr spells it.
 
@@ -166,7 +185,9 @@ def spiffe_id(trust_domain, namespace, app_id):
     return f"spiffe://{trust_domain}/ns/{namespace}/{app_id}"
 
 
-def control_plane_dns_names(app_id, namespace, own_namespace, trust_domain):
+def control_plane_dns_names(
+    app_id: str, namespace: str, own_namespace: str, trust_domain: str
+) -> list[str]:
     """
     The DNS names Dapr adds to a control-plane service's certificate.
 
@@ -194,7 +215,7 @@ def control_plane_dns_names(app_id, namespace, own_namespace, trust_domain):
     return []
 
 
-def server_dns_names(namespace):
+def server_dns_names(namespace: str) -> list[str]:
     """
     The DNS names of sentry_tx's own gRPC server certificate.
 
@@ -212,7 +233,12 @@ def server_dns_names(namespace):
     ]
 
 
-def leaf_validity(now, ttl, allowed_clock_skew, chain_not_after):
+def leaf_validity(
+    now: datetime,
+    ttl: timedelta,
+    allowed_clock_skew: timedelta,
+    chain_not_after: datetime,
+) -> tuple[datetime, datetime]:
     """
     The validity period of a workload certificate.
 
@@ -236,8 +262,14 @@ def leaf_validity(now, ttl, allowed_clock_skew, chain_not_after):
 
 
 def _ca_builder(
-    subject, issuer, public_key, now, allowed_clock_skew, path_length, lifetime
-):
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: CertificateIssuerPublicKeyTypes,
+    now: datetime,
+    allowed_clock_skew: timedelta,
+    path_length: int | None,
+    lifetime: timedelta,
+) -> x509.CertificateBuilder:
     """
     What a generated root and issuer share: validity, serial, basic
     constraints, key usage and subject key identifier (every root and issuer
@@ -262,7 +294,13 @@ def _ca_builder(
     )
 
 
-def build_root(key, trust_domain, now, allowed_clock_skew, lifetime=CA_LIFETIME):
+def build_root(
+    key: CertificateIssuerPrivateKeyTypes,
+    trust_domain: str,
+    now: datetime,
+    allowed_clock_skew: timedelta,
+    lifetime: timedelta = CA_LIFETIME,
+) -> x509.Certificate:
     """
     Build the self-signed root of a generated trust bundle.
 
@@ -290,15 +328,15 @@ def build_root(key, trust_domain, now, allowed_clock_skew, lifetime=CA_LIFETIME)
 
 
 def build_issuer(
-    issuer_public_key,
-    root_cert,
-    root_key,
-    trust_domain,
-    namespace,
-    now,
-    allowed_clock_skew,
-    lifetime=CA_LIFETIME,
-):
+    issuer_public_key: CertificateIssuerPublicKeyTypes,
+    root_cert: x509.Certificate,
+    root_key: CertificateIssuerPrivateKeyTypes,
+    trust_domain: str,
+    namespace: str,
+    now: datetime,
+    allowed_clock_skew: timedelta,
+    lifetime: timedelta = CA_LIFETIME,
+) -> x509.Certificate:
     """
     Build the issuer certificate of a generated trust bundle, signed by the
     root.
@@ -333,7 +371,9 @@ def build_issuer(
     return builder.sign(root_key, signature_hash_for(root_key))
 
 
-def authority_key_identifier_for(issuer_cert):
+def authority_key_identifier_for(
+    issuer_cert: x509.Certificate,
+) -> x509.AuthorityKeyIdentifier:
     """
     The authority key identifier of certificates C{issuer_cert} signs.
 
@@ -346,8 +386,10 @@ def authority_key_identifier_for(issuer_cert):
     try:
         ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     except x509.ExtensionNotFound:
+        # A certificate that signs has a key that can sign (what
+        # CertificateIssuerPublicKeyTypes names); X25519/X448 cannot.
         return x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            issuer_cert.public_key()
+            cast(CertificateIssuerPublicKeyTypes, issuer_cert.public_key())
         )
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
 
@@ -367,13 +409,13 @@ class LeafProfile:
         (aware, UTC).
     """
 
-    bundle: object
+    bundle: "TrustBundle"
     issuer_name: x509.Name
-    extensions: tuple
+    extensions: tuple[x509.Extension[x509.ExtensionType], ...]
     chain_not_after: datetime
 
     @classmethod
-    def for_bundle(cls, bundle):
+    def for_bundle(cls, bundle: "TrustBundle") -> "LeafProfile":
         """
         Prepare the profile of C{bundle}'s leaves.
         """
@@ -398,7 +440,7 @@ class LeafProfile:
         )
 
 
-_last_leaf_profile = None
+_last_leaf_profile: LeafProfile | None = None
 """
 The L{LeafProfile} of the bundle used last.  A bundle swap publishes a new
 bundle object, so one slot compared by identity is enough; the profile is
@@ -406,7 +448,7 @@ immutable, so a thread that reads a stale slot still gets a consistent one.
 """
 
 
-def leaf_profile(bundle):
+def leaf_profile(bundle: "TrustBundle") -> LeafProfile:
     """
     The L{LeafProfile} of C{bundle}, prepared at its first use.
 
@@ -420,22 +462,23 @@ def leaf_profile(bundle):
     return profile
 
 
-def _naive_utc(moment):
+def _naive_utc(moment: datetime) -> datetime:
     # What CertificateBuilder's setters store: UTC without a tzinfo.
     if moment.tzinfo is None:
         return moment
-    return moment.replace(tzinfo=None) - moment.utcoffset()
+    # A tzinfo whose utcoffset() is None counts as UTC, as cryptography's.
+    return moment.replace(tzinfo=None) - (moment.utcoffset() or timedelta())
 
 
 def build_leaf(
-    bundle,
-    public_key,
-    spiffe_id,
-    dns_names,
-    not_before,
-    not_after,
-    container_images=b"",
-):
+    bundle: "TrustBundle",
+    public_key: CertificatePublicKeyTypes,
+    spiffe_id: str,
+    dns_names: Iterable[str],
+    not_before: datetime,
+    not_after: datetime,
+    container_images: bytes = b"",
+) -> x509.Certificate:
     """
     Build and sign a workload certificate.
 
@@ -461,7 +504,7 @@ def build_leaf(
     if not_after < not_before:
         raise ValueError("the leaf's NotAfter is before its NotBefore")
     profile = leaf_profile(bundle)
-    names = [x509.UniformResourceIdentifier(spiffe_id)]
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id)]
     names.extend(x509.DNSName(name) for name in dns_names)
     san = x509.SubjectAlternativeName(names)
     extensions = [x509.Extension(san.oid, True, san), *profile.extensions]
@@ -476,4 +519,10 @@ def build_leaf(
         not_valid_after=_naive_utc(not_after),
         extensions=extensions,
     )
-    return builder.sign(bundle.issuer_key, bundle.signature_hash)
+    # TrustBundle types these as any private key and any hash; it builds
+    # them with signature_hash_for, which accepts only signing keys and
+    # returns only a SignatureHash (or None).
+    return builder.sign(
+        cast(CertificateIssuerPrivateKeyTypes, bundle.issuer_key),
+        cast("SignatureHash | None", bundle.signature_hash),
+    )

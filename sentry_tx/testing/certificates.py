@@ -6,19 +6,33 @@ every type and in every PEM format, CSRs with bad signatures.
 """
 
 import base64
+import enum
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, Unpack
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from sentry_tx.ca.bundle import certificates_pem, load_bundle
+from sentry_tx.ca.bundle import TrustBundle, certificates_pem, load_bundle
+
+if TYPE_CHECKING:
+    from sentry_tx.identity.caller import SignRequest
+
+TestPrivateKey = (
+    ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+)
+"""
+The private keys L{make_private_key} makes.
+"""
 
 
-FIXED_NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+FIXED_NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 """
 The "now" tests inject, unless they need another.
 """
@@ -31,7 +45,7 @@ CA_TEST_LIFETIME = timedelta(days=365)
 How long factory CAs live by default, centred-ish on L{FIXED_NOW}.
 """
 
-_KEY_FACTORIES = {
+_KEY_FACTORIES: dict[str, Callable[[], TestPrivateKey]] = {
     "ecdsa-p192": lambda: ec.generate_private_key(ec.SECP192R1()),
     "ecdsa-p256": lambda: ec.generate_private_key(ec.SECP256R1()),
     "ecdsa-p384": lambda: ec.generate_private_key(ec.SECP384R1()),
@@ -47,10 +61,22 @@ The key types L{make_private_key} knows, including ones sentry_tx refuses
 (C{ecdsa-p192}, C{rsa-1024}).
 """
 
-_DEFAULT = object()
+
+class _Default(enum.Enum):
+    """
+    The type of L{_DEFAULT}: an enum, so that C{x is _DEFAULT} narrows.
+    """
+
+    DEFAULT = enum.auto()
 
 
-def make_private_key(key_type="ecdsa-p256"):
+_DEFAULT: Final = _Default.DEFAULT
+"""
+An argument not given, where None means something else.
+"""
+
+
+def make_private_key(key_type: str = "ecdsa-p256") -> TestPrivateKey:
     """
     A new private key.
 
@@ -59,7 +85,9 @@ def make_private_key(key_type="ecdsa-p256"):
     return _KEY_FACTORIES[key_type]()
 
 
-def default_hash(key):
+def default_hash(
+    key: TestPrivateKey,
+) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512 | None:
     """
     The hash a test certificate or CSR signed by C{key} uses (the production
     choice, but also for curves and sizes production refuses).
@@ -73,7 +101,9 @@ def default_hash(key):
     return hashes.SHA256()
 
 
-def private_key_pem(key, key_format="pkcs8", password=None):
+def private_key_pem(
+    key: TestPrivateKey, key_format: str = "pkcs8", password: bytes | None = None
+) -> bytes:
     """
     The PEM of a private key.
 
@@ -87,7 +117,7 @@ def private_key_pem(key, key_format="pkcs8", password=None):
         "sec1": serialization.PrivateFormat.TraditionalOpenSSL,
         "pkcs1": serialization.PrivateFormat.TraditionalOpenSSL,
     }[key_format]
-    encryption = (
+    encryption: serialization.KeySerializationEncryption = (
         serialization.NoEncryption()
         if password is None
         else serialization.BestAvailableEncryption(password)
@@ -95,36 +125,51 @@ def private_key_pem(key, key_format="pkcs8", password=None):
     return key.private_bytes(serialization.Encoding.PEM, private_format, encryption)
 
 
-def certificate_pem(*certificates):
+def certificate_pem(*certificates: x509.Certificate) -> bytes:
     """
     The PEM of C{certificates}, concatenated.
     """
     return certificates_pem(certificates)
 
 
-def organization_name(organization):
+def organization_name(organization: str) -> x509.Name:
     """
     An X.509 name of just C{O=<organization>}.
     """
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)])
 
 
+class CertificateOptions(TypedDict, total=False):
+    """
+    The keyword arguments of L{make_certificate} that L{make_chain} and
+    L{sentry_tx.testing.rotation.reissue_chain} pass on for the issuer.
+    """
+
+    ca: bool
+    path_length: int | None
+    key_cert_sign: bool
+    key_usage: bool
+    basic_constraints: bool
+    subject_key_identifier: bool
+    extensions: Iterable[tuple[x509.ExtensionType, bool]]
+
+
 def make_certificate(
-    key,
-    subject,
+    key: TestPrivateKey,
+    subject: x509.Name | str,
     *,
-    signer=None,
-    signer_key=None,
-    not_before=FIXED_NOW - timedelta(days=30),
-    not_after=FIXED_NOW + CA_TEST_LIFETIME,
-    ca=True,
-    path_length=None,
-    key_cert_sign=True,
-    key_usage=True,
-    basic_constraints=True,
-    subject_key_identifier=True,
-    extensions=(),
-):
+    signer: x509.Certificate | None = None,
+    signer_key: TestPrivateKey | None = None,
+    not_before: datetime = FIXED_NOW - timedelta(days=30),
+    not_after: datetime = FIXED_NOW + CA_TEST_LIFETIME,
+    ca: bool = True,
+    path_length: int | None = None,
+    key_cert_sign: bool = True,
+    key_usage: bool = True,
+    basic_constraints: bool = True,
+    subject_key_identifier: bool = True,
+    extensions: Iterable[tuple[x509.ExtensionType, bool]] = (),
+) -> x509.Certificate:
     """
     Build a test certificate, a CA by default.
 
@@ -148,6 +193,8 @@ def make_certificate(
         signer_name, signer_key = subject, key
     else:
         signer_name = signer.subject
+    if signer_key is None:
+        raise ValueError("a certificate signed by another needs its signer_key")
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -184,13 +231,28 @@ def make_certificate(
         if signer is not None:
             builder = builder.add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                    signer.public_key()
+                    _issuer_public_key(signer)
                 ),
                 critical=False,
             )
     for value, critical in extensions:
         builder = builder.add_extension(value, critical=critical)
     return builder.sign(signer_key, default_hash(signer_key))
+
+
+def _issuer_public_key(
+    certificate: x509.Certificate,
+) -> ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey:
+    """
+    The public key of a certificate that signs (made by L{make_certificate}
+    with a key of L{make_private_key}).
+    """
+    key = certificate.public_key()
+    if not isinstance(
+        key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+    ):
+        raise TypeError(f"a signer with a {type(key).__name__}")
+    return key
 
 
 @dataclass(frozen=True)
@@ -205,20 +267,20 @@ class CertificateChain:
     """
 
     root: x509.Certificate
-    root_key: object = field(repr=False)
-    intermediates: tuple
-    intermediate_keys: tuple = field(repr=False)
+    root_key: TestPrivateKey = field(repr=False)
+    intermediates: tuple[x509.Certificate, ...]
+    intermediate_keys: tuple[TestPrivateKey, ...] = field(repr=False)
     issuer: x509.Certificate
-    issuer_key: object = field(repr=False)
+    issuer_key: TestPrivateKey = field(repr=False)
 
     @property
-    def anchors_pem(self):
+    def anchors_pem(self) -> bytes:
         """
         The root's PEM, as C{ca.crt}.
         """
         return certificate_pem(self.root)
 
-    def issuer_chain_pem(self, include_root=False):
+    def issuer_chain_pem(self, include_root: bool = False) -> bytes:
         """
         The issuer chain's PEM, as C{issuer.crt}: issuer, intermediates and,
         if asked, the root at the end.
@@ -228,13 +290,15 @@ class CertificateChain:
             certificates.append(self.root)
         return certificate_pem(*certificates)
 
-    def issuer_key_pem(self, key_format="pkcs8", password=None):
+    def issuer_key_pem(
+        self, key_format: str = "pkcs8", password: bytes | None = None
+    ) -> bytes:
         """
         The issuer key's PEM, as C{issuer.key}; see L{private_key_pem}.
         """
         return private_key_pem(self.issuer_key, key_format, password)
 
-    def load(self, now=FIXED_NOW):
+    def load(self, now: datetime = FIXED_NOW) -> TrustBundle:
         """
         Load this chain with L{load_bundle}.
 
@@ -244,7 +308,7 @@ class CertificateChain:
             self.anchors_pem, self.issuer_chain_pem(), self.issuer_key_pem(), now
         )
 
-    def write(self, directory, include_root=False):
+    def write(self, directory: str, include_root: bool = False) -> tuple[str, ...]:
         """
         Write C{ca.crt}, C{issuer.crt} and C{issuer.key} into C{directory}
         (which must exist).
@@ -256,7 +320,7 @@ class CertificateChain:
             ("issuer.crt", self.issuer_chain_pem(include_root)),
             ("issuer.key", self.issuer_key_pem()),
         )
-        paths = []
+        paths: list[str] = []
         for name, data in contents:
             path = os.path.join(directory, name)
             with open(path, "wb") as f:
@@ -267,17 +331,17 @@ class CertificateChain:
 
 
 def make_chain(
-    key_type="ecdsa-p256",
+    key_type: str = "ecdsa-p256",
     *,
-    issuer_key_type=None,
-    intermediates=0,
-    not_before=FIXED_NOW - timedelta(days=30),
-    not_after=FIXED_NOW + CA_TEST_LIFETIME,
-    issuer_not_before=_DEFAULT,
-    issuer_not_after=_DEFAULT,
-    trust_domain=TEST_TRUST_DOMAIN,
-    **issuer_options,
-):
+    issuer_key_type: str | None = None,
+    intermediates: int = 0,
+    not_before: datetime = FIXED_NOW - timedelta(days=30),
+    not_after: datetime = FIXED_NOW + CA_TEST_LIFETIME,
+    issuer_not_before: datetime | Literal[_Default.DEFAULT] = _DEFAULT,
+    issuer_not_after: datetime | Literal[_Default.DEFAULT] = _DEFAULT,
+    trust_domain: str = TEST_TRUST_DOMAIN,
+    **issuer_options: Unpack[CertificateOptions],
+) -> CertificateChain:
     """
     Make a root, C{intermediates} intermediate CAs and an issuer.
 
@@ -296,7 +360,7 @@ def make_chain(
         root_key, trust_domain, not_before=not_before, not_after=not_after
     )
     signer, signer_key = root, root_key
-    chain = []
+    chain: list[tuple[x509.Certificate, TestPrivateKey]] = []
     for index in range(intermediates):
         key = make_private_key(key_type)
         cert = make_certificate(
@@ -330,14 +394,36 @@ def make_chain(
     )
 
 
-def make_bundle(key_type="ecdsa-p256", now=FIXED_NOW, **chain_options):
+class ChainOptions(CertificateOptions, total=False):
+    """
+    The keyword arguments of L{make_chain}.
+    """
+
+    issuer_key_type: str | None
+    intermediates: int
+    not_before: datetime
+    not_after: datetime
+    issuer_not_before: datetime | Literal[_Default.DEFAULT]
+    issuer_not_after: datetime | Literal[_Default.DEFAULT]
+    trust_domain: str
+
+
+def make_bundle(
+    key_type: str = "ecdsa-p256",
+    now: datetime = FIXED_NOW,
+    **chain_options: Unpack[ChainOptions],
+) -> TrustBundle:
     """
     A loaded L{sentry_tx.ca.bundle.TrustBundle} of a new L{make_chain}.
     """
     return make_chain(key_type, **chain_options).load(now)
 
 
-def make_csr(key="ecdsa-p256", label="CERTIFICATE REQUEST", corrupt_signature=False):
+def make_csr(
+    key: str | TestPrivateKey = "ecdsa-p256",
+    label: str = "CERTIFICATE REQUEST",
+    corrupt_signature: bool = False,
+) -> tuple[TestPrivateKey, bytes]:
     """
     A certificate signing request and the key it is for.
 
@@ -370,7 +456,7 @@ def make_csr(key="ecdsa-p256", label="CERTIFICATE REQUEST", corrupt_signature=Fa
     return key, pem_encode(label, der)
 
 
-def pem_encode(label, der):
+def pem_encode(label: str, der: bytes) -> bytes:
     """
     Wrap C{der} in a PEM block labelled C{label}.
 
@@ -387,7 +473,7 @@ def pem_encode(label, der):
     )
 
 
-def public_key_der(key):
+def public_key_der(key: CertificatePublicKeyTypes) -> bytes:
     """
     The SubjectPublicKeyInfo DER of C{key}'s public key (C{key} is a public
     key), to compare keys by value.
@@ -397,14 +483,14 @@ def public_key_der(key):
     )
 
 
-def flip_bit(data, at, bit=0):
+def flip_bit(data: bytes, at: int, bit: int = 0) -> bytes:
     """
     C{data} with one bit changed: bit C{bit} of the byte at C{at}.
     """
     return data[:at] + bytes([data[at] ^ (1 << bit)]) + data[at + 1 :]
 
 
-def sign_request(**fields):
+def sign_request(**fields: Any) -> "SignRequest":
     """
     A well-formed L{sentry_tx.identity.caller.SignRequest} for C{myapp} in
     C{default} (default validator, no token, no audiences), with C{fields}
@@ -412,7 +498,7 @@ def sign_request(**fields):
     """
     from sentry_tx.identity.caller import SignRequest
 
-    values = dict(
+    values: dict[str, Any] = dict(
         id="myapp",
         token="",
         trust_domain="",

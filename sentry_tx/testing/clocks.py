@@ -4,11 +4,17 @@ reactor that run work at once (L{ImmediateReactor}), and a L{Clock} that
 records what is scheduled on it (L{SchedulingClock}).
 """
 
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from sentry_tx.ca.files import BoundedFileWork
 
 
 class ImmediateThreadPool:
@@ -17,7 +23,13 @@ class ImmediateThreadPool:
     C{deferToThreadPool} in tests that must not need a running reactor.
     """
 
-    def callInThreadWithCallback(self, onResult, func, *args, **kw):
+    def callInThreadWithCallback(
+        self,
+        onResult: Callable[[bool, object], object],
+        func: Callable[..., object],
+        *args: object,
+        **kw: object,
+    ) -> None:
         try:
             result = func(*args, **kw)
         except BaseException:
@@ -25,7 +37,9 @@ class ImmediateThreadPool:
         else:
             onResult(True, result)
 
-    def callInThread(self, func, *args, **kw):
+    def callInThread(
+        self, func: Callable[..., object], *args: object, **kw: object
+    ) -> None:
         func(*args, **kw)
 
 
@@ -37,19 +51,21 @@ class ImmediateReactor(Clock):
     synchronously.
     """
 
-    def __init__(self, seconds=0.0):
+    def __init__(self, seconds: float = 0.0) -> None:
         super().__init__()
         self.advance(seconds)
         self._pool = ImmediateThreadPool()
 
-    def callFromThread(self, f, *args, **kw):
-        f(*args, **kw)
+    def callFromThread(
+        self, callable: Callable[..., object], *args: object, **kw: object
+    ) -> None:
+        callable(*args, **kw)
 
-    def getThreadPool(self):
+    def getThreadPool(self) -> ImmediateThreadPool:
         return self._pool
 
 
-def inline_file_work(reactor):
+def inline_file_work(reactor: ImmediateReactor) -> "BoundedFileWork":
     """
     A L{sentry_tx.ca.files.BoundedFileWork} that runs its work at once in
     the calling thread: with an L{ImmediateReactor}, code that reads
@@ -67,30 +83,32 @@ class SchedulingClock(Clock):
     inotify read) and then drive time itself.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
-        self._waiting = []
+        self._waiting: list[Deferred[IDelayedCall]] = []
 
-    def when_scheduled(self):
+    def when_scheduled(self) -> Deferred[IDelayedCall]:
         """
         @return: a Deferred that fires with the L{IDelayedCall} of the next
             C{callLater}.
         """
-        d = Deferred()
+        d: Deferred[IDelayedCall] = Deferred()
         self._waiting.append(d)
         return d
 
-    def callLater(self, delay, f, *args, **kw):
-        call = super().callLater(delay, f, *args, **kw)
+    def callLater(
+        self, delay: float, callable: Callable[..., object], *args: Any, **kw: Any
+    ) -> IDelayedCall:
+        call = super().callLater(delay, callable, *args, **kw)
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(call)
         return call
 
 
-def utc_now():
+def utc_now() -> datetime:
     """
     The wall-clock time now, in UTC: for tests against real gRPC servers and
     processes, whose certificates are checked against the real clock.
     """
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

@@ -6,6 +6,8 @@ independent of the one that wrote it (cryptography's).
 """
 
 import json
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from asn1crypto.core import OctetString
 from cryptography import x509
@@ -28,22 +30,25 @@ HELPER_IMAGE_ID = "sha256:ccc333"
 
 
 def pod_document(
-    containers=(),
-    init_containers=(),
-    container_statuses=None,
-    init_container_statuses=None,
-    service_account="default",
-    annotations=None,
-):
+    containers: Iterable[dict[str, str]] = (),
+    init_containers: Iterable[dict[str, str]] = (),
+    container_statuses: Iterable[dict[str, str]] | None = None,
+    init_container_statuses: Iterable[dict[str, str]] | None = None,
+    service_account: str = "default",
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """
     A Pod object as the API server sends it, with C{containers} and
     C{init_containers} (lists of container dicts) and, when given, their
     statuses (lists of C{{"name", "imageID"}} dicts).
     """
-    spec = {"serviceAccountName": service_account, "containers": list(containers)}
+    spec: dict[str, Any] = {
+        "serviceAccountName": service_account,
+        "containers": list(containers),
+    }
     if init_containers:
         spec["initContainers"] = list(init_containers)
-    status = {"phase": "Running" if container_statuses else "Pending"}
+    status: dict[str, Any] = {"phase": "Running" if container_statuses else "Pending"}
     if container_statuses is not None:
         status["containerStatuses"] = list(container_statuses)
     if init_container_statuses is not None:
@@ -55,7 +60,11 @@ def pod_document(
     }
 
 
-def sidecar_pod(with_statuses=True, service_account="default", annotations=None):
+def sidecar_pod(
+    with_statuses: bool = True,
+    service_account: str = "default",
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """
     A Dapr pod in native-sidecar mode: a one-shot init container
     C{migrate}, daprd as an init container with C{restartPolicy: Always},
@@ -63,7 +72,8 @@ def sidecar_pod(with_statuses=True, service_account="default", annotations=None)
     and the app pulled by digest, the helper's a bare C{sha256:} ID), or
     none (the pod has not started).
     """
-    statuses = init_statuses = None
+    statuses: list[dict[str, str]] | None = None
+    init_statuses: list[dict[str, str]] | None = None
     if with_statuses:
         init_statuses = [
             {"name": "migrate", "imageID": "docker.io/library/migrate@sha256:ddd444"},
@@ -89,7 +99,9 @@ def sidecar_pod(with_statuses=True, service_account="default", annotations=None)
     )
 
 
-def images_extension(certificate):
+def images_extension(
+    certificate: x509.Certificate,
+) -> x509.Extension[x509.ExtensionType] | None:
     """
     The container images extension of C{certificate}, or None.
     """
@@ -100,7 +112,7 @@ def images_extension(certificate):
         return None
 
 
-def images_json(certificate):
+def images_json(certificate: x509.Certificate) -> bytes | None:
     """
     The JSON bytes inside the container images extension of C{certificate}
     (its value parsed as a DER OCTET STRING by asn1crypto, which must
@@ -109,14 +121,20 @@ def images_json(certificate):
     extension = images_extension(certificate)
     if extension is None:
         return None
-    value = extension.value.value
-    parsed = OctetString.load(value, strict=True)
-    return parsed.native
+    value = extension.value
+    if not isinstance(value, x509.UnrecognizedExtension):
+        raise TypeError(f"the images extension parsed as {type(value).__name__}")
+    parsed = OctetString.load(value.value, strict=True)
+    native: bytes = parsed.native
+    return native
 
 
-def images_list(certificate):
+def images_list(certificate: x509.Certificate) -> list[Any] | None:
     """
     The container images of C{certificate} decoded by C{json}, or None.
     """
     data = images_json(certificate)
-    return None if data is None else json.loads(data)
+    if data is None:
+        return None
+    images: list[Any] = json.loads(data)
+    return images

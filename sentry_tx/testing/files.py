@@ -3,12 +3,16 @@ Writing files in tests: text or bytes to a path, in one call.
 """
 
 
-def write_file(path, data):
+def write_file(path: str, data: bytes | str) -> str:
     """
     Write C{data} to C{path}, as bytes when it is L{bytes}, else as text.
 
     @return: C{path}.
     """
-    with open(path, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
+    if isinstance(data, bytes):
+        with open(path, "wb") as f:
+            f.write(data)
+    else:
+        with open(path, "w") as f:
+            f.write(data)
     return path

@@ -25,7 +25,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import IO, Any, Self
 
 from sentry_tx.testing.http2 import (
     HTTP2_CLIENT_PREFACE,
@@ -62,7 +64,7 @@ of a gigabyte and never ends (C{literal}).
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
-def _request_block():
+def _request_block() -> bytes:
     # The header block of a real gRPC call, without END_HEADERS.
     return b"".join(
         _hpack_literal(name, value)
@@ -77,7 +79,7 @@ def _request_block():
     )
 
 
-def _hpack_length(value):
+def _hpack_length(value: int) -> bytes:
     # An HPACK string length (7-bit prefix, no Huffman), RFC 7541 5.1.
     if value < 0x7F:
         return bytes([value])
@@ -90,7 +92,9 @@ def _hpack_length(value):
     return bytes(out)
 
 
-def flood_frames(payload, frame_bytes=HTTP2_DEFAULT_MAX_FRAME_BYTES, stream_id=1):
+def flood_frames(
+    payload: str, frame_bytes: int = HTTP2_DEFAULT_MAX_FRAME_BYTES, stream_id: int = 1
+) -> tuple[bytes, bytes]:
     """
     The opening HEADERS frame of the flood and the CONTINUATION frame it
     repeats.
@@ -130,7 +134,7 @@ class FloodResult:
     """
 
     sent_bytes: int = 0
-    closed_after_seconds: float = None
+    closed_after_seconds: float | None = None
     stalled: bool = False
 
 
@@ -140,23 +144,33 @@ class _Countdown:
     ended before they could).
     """
 
-    def __init__(self, count, event):
+    def __init__(self, count: int, event: threading.Event) -> None:
         self._left = count
         self._event = event
         self._lock = threading.Lock()
 
-    def done(self):
+    def done(self) -> None:
         with self._lock:
             self._left -= 1
             if self._left == 0:
                 self._event.set()
 
 
-def _flood_one(host, port, anchors_pem, server_name, payload, deadline, result, started):
+def _flood_one(
+    host: str,
+    port: int,
+    anchors_pem: bytes,
+    server_name: str,
+    payload: str,
+    deadline: float,
+    result: FloodResult,
+    countdown: _Countdown,
+) -> None:
     context = ssl.create_default_context(cadata=anchors_pem.decode("ascii"))
     context.set_alpn_protocols(["h2"])
     start = time.monotonic()
     headers, continuation = flood_frames(payload)
+    started: _Countdown | None = countdown
     try:
         raw = socket.create_connection((host, port), timeout=5.0)
         with context.wrap_socket(raw, server_hostname=server_name) as connection:
@@ -173,12 +187,12 @@ def _flood_one(host, port, anchors_pem, server_name, payload, deadline, result, 
             connection.settimeout(1.0)
             connection.sendall(continuation)
             result.sent_bytes += len(continuation)
-            started.done()
+            countdown.done()
             started = None
             while time.monotonic() < deadline:
                 connection.sendall(continuation)
                 result.sent_bytes += len(continuation)
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         result.stalled = True
     except (OSError, ssl.SSLError):
         result.closed_after_seconds = time.monotonic() - start
@@ -188,9 +202,15 @@ def _flood_one(host, port, anchors_pem, server_name, payload, deadline, result, 
 
 
 def continuation_flood(
-    host, port, anchors_pem, server_name, connections=4, seconds=8.0,
-    payload=PAYLOAD_HEADERS, flooding=None,
-):
+    host: str,
+    port: int,
+    anchors_pem: bytes,
+    server_name: str,
+    connections: int = 4,
+    seconds: float = 8.0,
+    payload: str = PAYLOAD_HEADERS,
+    flooding: threading.Event | None = None,
+) -> list[FloodResult]:
     """
     Flood C{host}:C{port} with endless header blocks for C{seconds}.
 
@@ -214,7 +234,13 @@ def continuation_flood(
         threading.Thread(
             target=_flood_one,
             args=(
-                host, port, anchors_pem, server_name, payload, deadline, result,
+                host,
+                port,
+                anchors_pem,
+                server_name,
+                payload,
+                deadline,
+                result,
                 started,
             ),
             daemon=True,
@@ -230,7 +256,7 @@ def continuation_flood(
     return results
 
 
-def read_peak_rss_bytes(pid):
+def read_peak_rss_bytes(pid: int) -> int | None:
     """
     The peak resident set size of process C{pid} so far (C{VmHWM}).
 
@@ -239,7 +265,7 @@ def read_peak_rss_bytes(pid):
     return _read_status_bytes(pid, b"VmHWM:")
 
 
-def read_rss_bytes(pid):
+def read_rss_bytes(pid: int) -> int | None:
     """
     The resident set size of process C{pid}, from C{/proc/<pid>/status}.
 
@@ -248,7 +274,7 @@ def read_rss_bytes(pid):
     return _read_status_bytes(pid, b"VmRSS:")
 
 
-def _read_status_bytes(pid, field):
+def _read_status_bytes(pid: int, field: bytes) -> int | None:
     try:
         with open(f"/proc/{pid}/status", "rb") as status:
             for line in status:
@@ -277,11 +303,15 @@ class FloodTarget:
 
     server_name = "localhost"
 
-    def __init__(self, extra_options=(), without=()):
+    def __init__(
+        self,
+        extra_options: Iterable[Sequence[object]] = (),
+        without: Iterable[str] = (),
+    ) -> None:
         self._extra_options = [list(option) for option in extra_options]
         self._without = list(without)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         from cryptography.hazmat.primitives import serialization
 
         from sentry_tx.testing.kubeconfig import make_self_signed_server_certificate
@@ -311,8 +341,9 @@ class FloodTarget:
         )
         self.pid = self._process.pid
         try:
-            self._process.stdin.write(spec.encode("ascii") + b"\n")
-            self._process.stdin.flush()
+            stdin, _ = self._pipes()
+            stdin.write(spec.encode("ascii") + b"\n")
+            stdin.flush()
             line = self._read_line(30.0)
             self.port = int(line)
         except BaseException:
@@ -320,10 +351,20 @@ class FloodTarget:
             raise
         return self
 
-    def _read_line(self, timeout):
-        box = []
+    def _pipes(self) -> tuple[IO[bytes], IO[bytes]]:
+        """
+        The child's standard input and output (both pipes).
+        """
+        stdin, stdout = self._process.stdin, self._process.stdout
+        if stdin is None or stdout is None:
+            raise RuntimeError("the flood target has no pipes")
+        return stdin, stdout
+
+    def _read_line(self, timeout: float) -> bytes:
+        box: list[bytes] = []
+        _, stdout = self._pipes()
         reader = threading.Thread(
-            target=lambda: box.append(self._process.stdout.readline()), daemon=True
+            target=lambda: box.append(stdout.readline()), daemon=True
         )
         reader.start()
         reader.join(timeout)
@@ -331,19 +372,19 @@ class FloodTarget:
             raise RuntimeError("the flood target did not start")
         return box[0]
 
-    def rss_bytes(self):
+    def rss_bytes(self) -> int | None:
         """
         The child's resident set size now, in bytes (L{None} once it exited).
         """
         return read_rss_bytes(self.pid)
 
-    def peak_rss_bytes(self):
+    def peak_rss_bytes(self) -> int | None:
         """
         The child's peak resident set size so far, in bytes.
         """
         return read_peak_rss_bytes(self.pid)
 
-    def honest_call(self, timeout=5.0):
+    def honest_call(self, timeout: float = 5.0) -> str | None:
         """
         Make one ordinary call with grpcio's client on a new connection.
 
@@ -357,7 +398,9 @@ class FloodTarget:
             options=[("grpc.ssl_target_name_override", self.server_name)],
         )
         try:
-            call = channel.unary_unary(FLOOD_METHOD)
+            call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                FLOOD_METHOD
+            )
             call(b"", timeout=timeout)
         except grpc.RpcError as e:
             return f"{e.code().name}: {e.details()}"
@@ -365,10 +408,11 @@ class FloodTarget:
             channel.close()
         return None
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         process = self._process
+        stdin, stdout = self._pipes()
         try:
-            process.stdin.close()
+            stdin.close()
         except OSError:
             pass
         try:
@@ -376,10 +420,10 @@ class FloodTarget:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10.0)
-        process.stdout.close()
+        stdout.close()
 
 
-def _serve(spec):
+def _serve(spec: dict[str, Any]) -> None:
     """
     The child of L{FloodTarget}: serve until stdin closes or the lifetime
     ends.
@@ -396,7 +440,9 @@ def _serve(spec):
         option for option in grpc_server_options() if option[0] not in left_out
     ] + options
 
-    async def answer(request, context):
+    async def answer(
+        request: bytes, context: "grpc.aio.ServicerContext[Any, Any]"
+    ) -> bytes:
         return b""
 
     handler = grpc.method_handlers_generic_handler(
@@ -404,7 +450,7 @@ def _serve(spec):
         {FLOOD_METHOD.split("/")[2]: grpc.unary_unary_rpc_method_handler(answer)},
     )
 
-    async def main():
+    async def main() -> None:
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((handler,))
         credentials = grpc.ssl_server_credentials(
@@ -418,7 +464,7 @@ def _serve(spec):
         stdin_closed = loop.run_in_executor(None, sys.stdin.buffer.read)
         try:
             await asyncio.wait_for(stdin_closed, FLOOD_TARGET_LIFETIME_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         await server.stop(0)
 

@@ -4,7 +4,23 @@ listening port (L{GrpcTestClient}), a servicer context that records aborts,
 and a way to run the servicer's coroutines without an event loop.
 """
 
-from twisted.internet.defer import fail, succeed
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, TypeVarTuple
+
+from cryptography import x509
+from twisted.internet.defer import Deferred, fail, succeed
+
+if TYPE_CHECKING:
+    import grpc
+
+    from sentry_tx._proto.sentry_pb2 import (
+        SignCertificateRequest,
+        SignCertificateResponse,
+    )
+
+_T = TypeVar("_T")
+_Arguments = TypeVarTuple("_Arguments")
 
 
 class AbortingContext:
@@ -21,30 +37,37 @@ class AbortingContext:
         Raised by L{AbortingContext.abort}.
         """
 
-    def __init__(self, message=None, remaining=None, peer="ipv4:127.0.0.1:40000"):
+    def __init__(
+        self,
+        message: object = None,
+        remaining: float | None = None,
+        peer: str = "ipv4:127.0.0.1:40000",
+    ) -> None:
         self.message = message
         self.remaining = remaining
         self._peer = peer
-        self.trailing_metadata = None
+        self.trailing_metadata: object = None
 
-    def peer(self):
+    def peer(self) -> str:
         return self._peer
 
-    async def abort(self, code, details, trailing_metadata=None):
+    async def abort(
+        self, code: "grpc.StatusCode", details: str, trailing_metadata: object = None
+    ) -> NoReturn:
         self.code, self.details = code, details
         self.trailing_metadata = trailing_metadata
         raise self.Aborted()
 
-    async def read(self):
+    async def read(self) -> object:
         import grpc
 
         return grpc.aio.EOF if self.message is None else self.message
 
-    def time_remaining(self):
+    def time_remaining(self) -> float | None:
         return self.remaining
 
 
-def run_now(coroutine):
+def run_now(coroutine: Coroutine[Any, Any, _T]) -> _T:
     """
     Run C{coroutine} to its end at once, with no event loop: for pipeline
     code that must not wait (the INSECURE path).
@@ -55,7 +78,8 @@ def run_now(coroutine):
     try:
         coroutine.send(None)
     except StopIteration as stop:
-        return stop.value
+        value: _T = stop.value
+        return value
     coroutine.close()
     raise AssertionError("the coroutine waited instead of finishing at once")
 
@@ -69,26 +93,30 @@ class SynchronousGrpcLoop:
     stops, but serves no call between runs).
     """
 
-    def __init__(self, reactor=None):
-        self.loop = None
+    def __init__(self, reactor: object = None) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
-    def running(self):
+    def running(self) -> bool:
         return self.loop is not None
 
-    def start(self):
-        import asyncio
-
+    def start(self) -> None:
         self.loop = asyncio.new_event_loop()
 
-    def run(self, coroutine_function, *args):
+    def run(
+        self,
+        coroutine_function: Callable[[*_Arguments], Coroutine[Any, Any, _T]],
+        *args: *_Arguments,
+    ) -> Deferred[_T]:
+        if self.loop is None:
+            raise RuntimeError("the loop is not started")
         try:
             result = self.loop.run_until_complete(coroutine_function(*args))
         except Exception:
             return fail()
         return succeed(result)
 
-    def stop(self):
+    def stop(self) -> Deferred[None]:
         if self.loop is not None:
             self.loop.close()
             self.loop = None
@@ -102,7 +130,12 @@ class GrpcTestClient:
     (C{deferToThread}), never on the reactor, whose thread the server needs.
     """
 
-    def __init__(self, target, anchors_pem, server_name="dapr-sentry.default.svc"):
+    def __init__(
+        self,
+        target: str,
+        anchors_pem: bytes,
+        server_name: str = "dapr-sentry.default.svc",
+    ) -> None:
         import grpc
 
         from sentry_tx._proto import sentry_pb2_grpc
@@ -117,16 +150,22 @@ class GrpcTestClient:
         )
         self._stub = sentry_pb2_grpc.CAStub(self._channel)
 
-    def sign(self, request, timeout=10.0):
+    def sign(
+        self, request: "SignCertificateRequest", timeout: float = 10.0
+    ) -> "SignCertificateResponse":
         """
         Call SignCertificate; raises C{grpc.RpcError} on a refusal.
         """
-        return self._stub.SignCertificate(request, timeout=timeout)
+        response: SignCertificateResponse = self._stub.SignCertificate(
+            request, timeout=timeout
+        )
+        return response
 
-    def server_chain(self, timeout=10.0):
+    def server_chain(self, timeout: float = 10.0) -> list[x509.Certificate] | None:
         """
         The certificate chain the server presents, as cryptography
-        certificates (leaf first), read by a TLS 1.2+ handshake.
+        certificates (leaf first), read by a TLS 1.2+ handshake; None when
+        it presents none.
         """
         import select
         import socket
@@ -150,12 +189,12 @@ class GrpcTestClient:
                 except SSL.WantReadError:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise TimeoutError("TLS handshake timed out")
+                        raise TimeoutError("TLS handshake timed out") from None
                     select.select([sock], [], [], left)
             chain = connection.get_peer_cert_chain(as_cryptography=True)
         return chain
 
-    def close(self):
+    def close(self) -> None:
         """
         Close the channel.
         """

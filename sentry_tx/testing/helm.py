@@ -11,6 +11,8 @@ asks, and a render that hangs is killed instead of hanging the test.
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from sentry_tx.testing.source_tree import child_environment
 
@@ -21,7 +23,13 @@ under a second here).
 """
 
 
-def render_chart(chart, values_yaml, overrides, release, namespace):
+def render_chart(
+    chart: str,
+    values_yaml: str,
+    overrides: Mapping[str, Any],
+    release: str,
+    namespace: str,
+) -> dict[str, str]:
     """
     Render C{chart} as C{helm template RELEASE CHART -n NAMESPACE -f
     VALUES --set ...} would (C{overrides} merged over the values file, as
@@ -51,11 +59,16 @@ def render_chart(chart, values_yaml, overrides, release, namespace):
         check=False,
     )
     if result.returncode != 0:
-        raise RuntimeError(f"helm render failed: {result.stderr.decode(errors='replace')}")
-    return json.loads(result.stdout)
+        raise RuntimeError(
+            f"helm render failed: {result.stderr.decode(errors='replace')}"
+        )
+    manifests: dict[str, str] = json.loads(result.stdout)
+    return manifests
 
 
-def merge_values(base, overrides):
+def merge_values(
+    base: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> dict[str, Any]:
     """
     C{overrides} merged into a copy of C{base}, maps recursively, as Helm
     merges values files: a later value wins.
@@ -69,7 +82,7 @@ def merge_values(base, overrides):
     return merged
 
 
-def _main():
+def _main() -> None:
     """
     The child: read a request (JSON) on standard input, write the rendered
     manifests (JSON) on standard output.

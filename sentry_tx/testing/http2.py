@@ -9,6 +9,13 @@ speak.  They block: run them in a thread, never on the reactor.
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sentry_tx._proto.sentry_pb2 import (
+        SignCertificateRequest,
+        SignCertificateResponse,
+    )
 
 
 HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -39,7 +46,7 @@ class HTTP2Frame:
     stream_id: int
     payload: bytes
 
-    def settings(self):
+    def settings(self) -> dict[int, int]:
         """
         A SETTINGS frame's parameters, as a dict from identifier to value.
         """
@@ -52,7 +59,7 @@ class HTTP2Frame:
         }
 
     @property
-    def error_code(self):
+    def error_code(self) -> int:
         """
         The error code of a RST_STREAM or GOAWAY frame.
         """
@@ -60,14 +67,16 @@ class HTTP2Frame:
         return int.from_bytes(self.payload[start : start + 4], "big")
 
     @property
-    def debug_data(self):
+    def debug_data(self) -> bytes:
         """
         The opaque debug data of a GOAWAY frame (gRPC puts its reason there).
         """
         return self.payload[8:]
 
 
-def http2_frame(frame_type, flags=0, stream_id=0, payload=b""):
+def http2_frame(
+    frame_type: int, flags: int = 0, stream_id: int = 0, payload: bytes = b""
+) -> bytes:
     """
     The bytes of one HTTP/2 frame.
     """
@@ -79,7 +88,7 @@ def http2_frame(frame_type, flags=0, stream_id=0, payload=b""):
     )
 
 
-def _hpack_integer(value, prefix_bits):
+def _hpack_integer(value: int, prefix_bits: int) -> bytes:
     # RFC 7541 section 5.1, with a zero first byte besides the prefix.
     limit = (1 << prefix_bits) - 1
     if value < limit:
@@ -93,7 +102,7 @@ def _hpack_integer(value, prefix_bits):
     return bytes(out)
 
 
-def _hpack_literal(name, value):
+def _hpack_literal(name: bytes, value: bytes) -> bytes:
     # "Literal header field without indexing, new name", no Huffman coding.
     return (
         b"\x00"
@@ -104,7 +113,9 @@ def _hpack_literal(name, value):
     )
 
 
-def grpc_request_headers(stream_id, path, authority="dapr-sentry"):
+def grpc_request_headers(
+    stream_id: int, path: bytes, authority: str = "dapr-sentry"
+) -> bytes:
     """
     A HEADERS frame opening a gRPC call on C{stream_id} that never sends its
     message: the stream stays open.
@@ -135,7 +146,14 @@ class RawHTTP2Client:
         times out raises L{TimeoutError}.
     """
 
-    def __init__(self, host, port, anchors_pem, server_name, timeout=10.0):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        anchors_pem: bytes,
+        server_name: str,
+        timeout: float = 10.0,
+    ) -> None:
         context = ssl.create_default_context(cadata=anchors_pem.decode("ascii"))
         context.set_alpn_protocols(["h2"])
         raw = socket.create_connection((host, port), timeout=timeout)
@@ -147,13 +165,13 @@ class RawHTTP2Client:
         self._buffer = b""
         self.send(HTTP2_CLIENT_PREFACE, http2_frame(HTTP2_SETTINGS))
 
-    def send(self, *chunks):
+    def send(self, *chunks: bytes) -> None:
         """
         Write C{chunks} (frames from L{http2_frame}, or any bytes).
         """
         self._socket.sendall(b"".join(chunks))
 
-    def read_frame(self):
+    def read_frame(self) -> HTTP2Frame | None:
         """
         The next frame, or None when the server closed the connection.
         """
@@ -180,7 +198,9 @@ class RawHTTP2Client:
                 return None
             self._buffer += data
 
-    def read_until(self, frame_type, stream_id=None):
+    def read_until(
+        self, frame_type: int, stream_id: int | None = None
+    ) -> HTTP2Frame | None:
         """
         Read until a frame of C{frame_type} (on C{stream_id}, if given).
 
@@ -193,14 +213,21 @@ class RawHTTP2Client:
             if frame.type == frame_type and stream_id in (None, frame.stream_id):
                 return frame
 
-    def close(self):
+    def close(self) -> None:
         """
         Close the connection.
         """
         self._socket.close()
 
 
-def sign_on_new_connection(host, port, anchors_pem, server_name, request, path=None):
+def sign_on_new_connection(
+    host: str,
+    port: int,
+    anchors_pem: bytes,
+    server_name: str,
+    request: "SignCertificateRequest",
+    path: bytes | None = None,
+) -> tuple[bytes | None, "SignCertificateResponse | None"]:
     """
     Make one SignCertificate call on a connection of its own, by hand, and
     say which serving process answered: with several processes sharing the
@@ -219,7 +246,9 @@ def sign_on_new_connection(host, port, anchors_pem, server_name, request, path=N
         client.read_until(HTTP2_SETTINGS)
         client.send(
             http2_frame(HTTP2_SETTINGS, HTTP2_FLAG_ACK),
-            grpc_request_headers(1, path or b"/dapr.proto.sentry.v1.CA/SignCertificate"),
+            grpc_request_headers(
+                1, path or b"/dapr.proto.sentry.v1.CA/SignCertificate"
+            ),
             http2_frame(
                 HTTP2_DATA,
                 HTTP2_FLAG_END_STREAM,
@@ -237,7 +266,10 @@ def sign_on_new_connection(host, port, anchors_pem, server_name, request, path=N
                 continue
             if frame.type == HTTP2_DATA:
                 body += frame.payload
-            if frame.type in (HTTP2_HEADERS, HTTP2_DATA) and frame.flags & HTTP2_FLAG_END_STREAM:
+            if (
+                frame.type in (HTTP2_HEADERS, HTTP2_DATA)
+                and frame.flags & HTTP2_FLAG_END_STREAM
+            ):
                 break
             if frame.type == HTTP2_RST_STREAM:
                 break
@@ -248,13 +280,15 @@ def sign_on_new_connection(host, port, anchors_pem, server_name, request, path=N
     return certificate, sentry_pb2.SignCertificateResponse.FromString(body[5:])
 
 
-def open_silent_connections(host, port, count, timeout=10.0):
+def open_silent_connections(
+    host: str, port: int, count: int, timeout: float = 10.0
+) -> list[socket.socket]:
     """
     Open C{count} TCP connections to C{host}:C{port} that never send a byte.
 
     @return: the connected sockets; the caller closes them.
     """
-    sockets = []
+    sockets: list[socket.socket] = []
     try:
         for _ in range(count):
             sockets.append(socket.create_connection((host, port), timeout=timeout))

@@ -3,7 +3,17 @@ A verified fake of Twisted's C{INotify}: file-system events delivered when a
 test says so, for the issuer watcher's tests.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from twisted.python.filepath import FilePath
+
+_Callback = Callable[["_FakeWatch", "FilePath[bytes]", int], object]
+"""
+What a watch calls with each event: C{(watch, path, mask)}.
+"""
 
 
 class FakeINotify:
@@ -18,21 +28,28 @@ class FakeINotify:
         C{(descriptor, mask, callbacks)}.
     """
 
-    def __init__(self, missing):
+    def __init__(self, missing: set[bytes]) -> None:
         self._missing = missing
         self.connected = 1
         self.reading = False
-        self.watches = {}
+        self.watches: dict[FilePath[bytes], tuple[int, int, list[_Callback]]] = {}
         self._next_descriptor = 1
 
-    def startReading(self):
+    def startReading(self) -> None:
         self.reading = True
 
-    def loseConnection(self):
+    def loseConnection(self) -> None:
         self.connected = 0
         self.reading = False
 
-    def watch(self, path, mask=None, autoAdd=False, callbacks=None, recursive=False):
+    def watch(
+        self,
+        path: "str | bytes | FilePath[str] | FilePath[bytes]",
+        mask: int | None = None,
+        autoAdd: bool = False,
+        callbacks: list[_Callback] | None = None,
+        recursive: bool = False,
+    ) -> int:
         """
         Watch C{path}; raise L{INotifyError} when it is in the factory's
         C{missing} set, or when the connection is lost.
@@ -41,29 +58,34 @@ class FakeINotify:
         """
         from twisted.internet import inotify
 
-        path = _as_file_path(path)
-        if path in self.watches:
-            return self.watches[path][0]
-        if not self.connected or path.path in self._missing:
-            raise inotify.INotifyError(f"Failed to add watch on '{path!r}' - (-1)")
+        watched = _as_file_path(path)
+        if watched in self.watches:
+            return self.watches[watched][0]
+        if not self.connected or watched.path in self._missing:
+            raise inotify.INotifyError(f"Failed to add watch on '{watched!r}' - (-1)")
         if mask is None:
             mask = inotify.IN_WATCH_MASK
         descriptor = self._next_descriptor
         self._next_descriptor += 1
-        self.watches[path] = (
+        self.watches[watched] = (
             descriptor,
             mask | inotify.IN_DELETE_SELF,
             list(callbacks or ()),
         )
         return descriptor
 
-    def ignore(self, path):
-        path = _as_file_path(path)
-        if path not in self.watches:
-            raise KeyError(f"{path!r} is not watched")
-        del self.watches[path]
+    def ignore(self, path: "str | bytes | FilePath[str] | FilePath[bytes]") -> None:
+        watched = _as_file_path(path)
+        if watched not in self.watches:
+            raise KeyError(f"{watched!r} is not watched")
+        del self.watches[watched]
 
-    def event(self, directory, mask, name=None):
+    def event(
+        self,
+        directory: "str | bytes | FilePath[str] | FilePath[bytes]",
+        mask: int,
+        name: str | bytes | None = None,
+    ) -> None:
         """
         Deliver an event on C{directory} (on its entry C{name}, when given)
         to the callbacks of its watch, as the real one does when it reads
@@ -75,20 +97,20 @@ class FakeINotify:
 
         if not (self.connected and self.reading):
             return
-        directory = _as_file_path(directory)
-        if directory not in self.watches:
+        watched = _as_file_path(directory)
+        if watched not in self.watches:
             return
-        _, watched_mask, callbacks = self.watches[directory]
+        _, watched_mask, callbacks = self.watches[watched]
         if not mask & (watched_mask | inotify.IN_IGNORED | inotify.IN_UNMOUNT):
             return
-        path = directory
+        path = watched
         if name is not None:
-            path = directory.child(name.encode() if isinstance(name, str) else name)
-        watch = _FakeWatch(directory, watched_mask, callbacks)
+            path = watched.child(name.encode() if isinstance(name, str) else name)
+        watch = _FakeWatch(watched, watched_mask, callbacks)
         for callback in callbacks:
             callback(watch, path, mask)
         if mask & inotify.IN_DELETE_SELF:
-            del self.watches[directory]
+            del self.watches[watched]
             self.loseConnection()
 
 
@@ -99,9 +121,9 @@ class _FakeWatch:
     C{path}, as Twisted's C{_Watch}.
     """
 
-    path: object
+    path: "FilePath[bytes]"
     mask: int
-    callbacks: list
+    callbacks: list[_Callback]
 
 
 class FakeINotifyFactory:
@@ -113,41 +135,45 @@ class FakeINotifyFactory:
         they did not exist; use L{remove} and L{restore}.
     """
 
-    def __init__(self):
-        self.notifiers = []
-        self.missing = set()
+    def __init__(self) -> None:
+        self.notifiers: list[FakeINotify] = []
+        self.missing: set[bytes] = set()
 
-    def __call__(self):
+    def __call__(self) -> FakeINotify:
         notifier = FakeINotify(self.missing)
         self.notifiers.append(notifier)
         return notifier
 
     @property
-    def current(self):
+    def current(self) -> FakeINotify:
         """
         The last L{FakeINotify} made.
         """
         return self.notifiers[-1]
 
-    def remove(self, path):
+    def remove(self, path: "str | bytes | FilePath[str] | FilePath[bytes]") -> None:
         """
         Make C{path} unwatchable, as if it was deleted.
         """
         self.missing.add(_as_file_path(path).path)
 
-    def restore(self, path):
+    def restore(self, path: "str | bytes | FilePath[str] | FilePath[bytes]") -> None:
         """
         Make C{path} watchable again, as if it was created.
         """
         self.missing.discard(_as_file_path(path).path)
 
 
-def _as_file_path(path):
+def _as_file_path(
+    path: "str | bytes | FilePath[str] | FilePath[bytes]",
+) -> "FilePath[bytes]":
     """
     C{path} (C{str}, C{bytes} or L{FilePath}) as a L{FilePath} in bytes mode.
     """
     from twisted.python.filepath import FilePath
 
-    if not isinstance(path, FilePath):
-        path = FilePath(path)
-    return path.asBytesMode()
+    if isinstance(path, FilePath):
+        return path.asBytesMode()
+    if isinstance(path, str):
+        return FilePath(path).asBytesMode()
+    return FilePath(path)

@@ -6,10 +6,20 @@ its answer a byte a second; it counts requests and the connections open
 on it.
 """
 
+from typing import TYPE_CHECKING, Any, cast
+
 from twisted.internet import defer, task
-from twisted.protocols.policies import WrappingFactory
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+if TYPE_CHECKING:
+    from twisted.internet.protocol import ServerFactory
+
+    from sentry_tx.testing.web import IServingReactor
 
 TRICKLE_INTERVAL_SECONDS = 1.0
 
@@ -20,26 +30,26 @@ class _CountingFactory(WrappingFactory):
     that counts every connection and tells waiters when none is open.
     """
 
-    def __init__(self, wrapped):
+    def __init__(self, wrapped: Site) -> None:
         super().__init__(wrapped)
         self.connections_made = 0
-        self._when_none_open = []
+        self._when_none_open: list[defer.Deferred[None]] = []
 
-    def registerProtocol(self, p):
+    def registerProtocol(self, p: ProtocolWrapper) -> None:
         self.connections_made += 1
         super().registerProtocol(p)
 
-    def unregisterProtocol(self, p):
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
         super().unregisterProtocol(p)
         if not self.protocols:
             waiting, self._when_none_open = self._when_none_open, []
             for d in waiting:
                 d.callback(None)
 
-    def when_none_open(self):
+    def when_none_open(self) -> defer.Deferred[None]:
         if not self.protocols:
             return defer.succeed(None)
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._when_none_open.append(d)
         return d
 
@@ -59,70 +69,88 @@ class KeySetServer(Resource):
 
     isLeaf = True
 
-    def __init__(self, reactor, body):
+    def __init__(self, reactor: "IServingReactor", body: bytes | str) -> None:
         super().__init__()
         self._reactor = reactor
         self.body = body
         self.code = 200
-        self.location = None
+        self.location: str | None = None
         self.trickle = False
         self.chunked = False
         self.requests = 0
-        self._trickling = set()
-        self._when_request = []
-        self._factory = None
-        self._port = None
+        self._trickling: set[task.LoopingCall] = set()
+        self._when_request: list[defer.Deferred[None]] = []
+        self._factory: _CountingFactory | None = None
+        self._port: IListeningPort | None = None
 
-    def start(self, test, tls_options=None):
+    def _listening(self) -> tuple[_CountingFactory, IListeningPort]:
+        """
+        The factory and port of a started server.
+
+        @raise RuntimeError: before L{start}.
+        """
+        if self._factory is None or self._port is None:
+            raise RuntimeError("the key set server is not started")
+        return self._factory, self._port
+
+    def start(
+        self, test: TestCase, tls_options: IOpenSSLContextFactory | None = None
+    ) -> None:
         """
         Listen on 127.0.0.1 port 0 (TLS with C{tls_options} when given)
         until the end of C{test}.
         """
         self._factory = _CountingFactory(Site(self))
+        # WrappingFactory derives from ClientFactory, while listenTCP and
+        # listenSSL are typed to take a ServerFactory; any factory serves.
+        factory = cast("ServerFactory[Any]", self._factory)
         if tls_options is None:
-            self._port = self._reactor.listenTCP(0, self._factory, interface="127.0.0.1")
+            self._port = self._reactor.listenTCP(0, factory, interface="127.0.0.1")
         else:
             self._port = self._reactor.listenSSL(
-                0, self._factory, tls_options, interface="127.0.0.1"
+                0, factory, tls_options, interface="127.0.0.1"
             )
         test.addCleanup(self._stop)
 
-    def url(self, path="/jwks.json", scheme="http"):
+    def url(self, path: str = "/jwks.json", scheme: str = "http") -> str:
         """
         The URL of C{path} on this server.
         """
-        return f"{scheme}://127.0.0.1:{self._port.getHost().port}{path}"
+        address = self._listening()[1].getHost()
+        if not isinstance(address, IPv4Address):
+            raise TypeError(f"listening on {address!r}, not IPv4")
+        return f"{scheme}://127.0.0.1:{address.port}{path}"
 
     @property
-    def open_connections(self):
+    def open_connections(self) -> int:
         """
         How many connections are open on the server now.
         """
-        return len(self._factory.protocols)
+        return len(self._listening()[0].protocols)
 
     @property
-    def connections_made(self):
+    def connections_made(self) -> int:
         """
         How many connections were ever made to the server.
         """
-        return self._factory.connections_made
+        return self._listening()[0].connections_made
 
-    def when_none_open(self):
+    def when_none_open(self) -> defer.Deferred[None]:
         """
         @return: a Deferred that fires once no connection is open.
         """
-        return self._factory.when_none_open()
+        return self._listening()[0].when_none_open()
 
-    def when_request(self):
+    def when_request(self) -> defer.Deferred[None]:
         """
         @return: a Deferred that fires once the next request has arrived
             (and its answer has begun).
         """
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._when_request.append(d)
         return d
 
-    def render_GET(self, request):
+    def render_GET(self, request: Request) -> bytes | int:
         self.requests += 1
         waiting, self._when_request = self._when_request, []
         for d in waiting:
@@ -141,7 +169,7 @@ class KeySetServer(Resource):
         request.setHeader(b"content-length", str(len(body)).encode())
         remaining = [body]
 
-        def one_byte():
+        def one_byte() -> None:
             request.write(remaining[0][:1])
             remaining[0] = remaining[0][1:]
             if not remaining[0]:
@@ -151,7 +179,7 @@ class KeySetServer(Resource):
         loop.clock = self._reactor
         self._trickling.add(loop)
 
-        def ended(_):
+        def ended(_: object) -> None:
             self._trickling.discard(loop)
             if loop.running:
                 loop.stop()
@@ -160,13 +188,16 @@ class KeySetServer(Resource):
         loop.start(TRICKLE_INTERVAL_SECONDS, now=True)
         return NOT_DONE_YET
 
-    def _stop(self):
+    def _stop(self) -> defer.Deferred[list[Any]]:
         for loop in list(self._trickling):
             if loop.running:
                 loop.stop()
         self._trickling.clear()
-        for protocol in list(self._factory.protocols):
+        factory, port = self._listening()
+        for protocol in list(factory.protocols):
             protocol.transport.abortConnection()
-        return defer.gatherResults(
-            [defer.maybeDeferred(self._port.stopListening), self.when_none_open()]
-        )
+        waits: list[defer.Deferred[Any]] = [
+            defer.maybeDeferred(port.stopListening),
+            self.when_none_open(),
+        ]
+        return defer.gatherResults(waits)

@@ -3,8 +3,17 @@ JWT-SVIDs checked as a relying party checks them: with PyJWT (the C{test}
 extra), independently of joserfc, which sentry_tx signs with.
 """
 
+from collections.abc import Sequence
+from typing import Any
 
-def verified_claims(jwks_json, token, audience, issuer=None, algorithms=("RS256",)):
+
+def verified_claims(
+    jwks_json: bytes | str,
+    token: str,
+    audience: str | Sequence[str] | None,
+    issuer: str | None = None,
+    algorithms: Sequence[str] = ("RS256",),
+) -> dict[str, Any]:
     """
     The claims of C{token}, verified with the key of the JWKS C{jwks_json}
     that its header's C{kid} names.
@@ -18,7 +27,11 @@ def verified_claims(jwks_json, token, audience, issuer=None, algorithms=("RS256"
         jwks_json = jwks_json.decode()
     key_set = jwt.PyJWKSet.from_json(jwks_json)
     kid = jwt.get_unverified_header(token)["kid"]
-    options = {} if issuer is None else {"issuer": issuer}
-    return jwt.decode(
-        token, key_set[kid].key, algorithms=list(algorithms), audience=audience, **options
+    claims: dict[str, Any] = jwt.decode(
+        token,
+        key_set[kid].key,
+        algorithms=list(algorithms),
+        audience=audience,
+        issuer=issuer,
     )
+    return claims

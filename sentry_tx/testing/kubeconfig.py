@@ -5,16 +5,24 @@ kubeconfig document that trusts it.
 
 import base64
 import ipaddress
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from sentry_tx.testing.certificates import make_certificate, make_private_key
+from sentry_tx.testing.certificates import (
+    TestPrivateKey,
+    make_certificate,
+    make_private_key,
+)
 
 
-def make_self_signed_server_certificate(hosts=("127.0.0.1", "localhost")):
+def make_self_signed_server_certificate(
+    hosts: Iterable[str] = ("127.0.0.1", "localhost"),
+) -> tuple[x509.Certificate, TestPrivateKey]:
     """
     A self-signed TLS server certificate for C{hosts} (IP addresses and DNS
     names), valid around the current time.
@@ -22,8 +30,8 @@ def make_self_signed_server_certificate(hosts=("127.0.0.1", "localhost")):
     @return: C{(certificate, private_key)}.
     """
     key = make_private_key("ecdsa-p256")
-    now = datetime.now(timezone.utc)
-    names = []
+    now = datetime.now(UTC)
+    names: list[x509.GeneralName] = []
     for host in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
@@ -41,7 +49,12 @@ def make_self_signed_server_certificate(hosts=("127.0.0.1", "localhost")):
     return certificate, key
 
 
-def kubeconfig_document(server, cluster=None, user=None, context="fake"):
+def kubeconfig_document(
+    server: str,
+    cluster: Mapping[str, object] | None = None,
+    user: Mapping[str, object] | None = None,
+    context: str = "fake",
+) -> dict[str, Any]:
     """
     A kubeconfig with one cluster, one user and one current context.
 
@@ -52,7 +65,7 @@ def kubeconfig_document(server, cluster=None, user=None, context="fake"):
         C{client-certificate-data}, ...), likewise.
     """
 
-    def encoded(fields):
+    def encoded(fields: Mapping[str, object] | None) -> dict[str, object]:
         return {
             name: (
                 base64.b64encode(value).decode("ascii")
@@ -82,7 +95,7 @@ def kubeconfig_document(server, cluster=None, user=None, context="fake"):
     }
 
 
-def write_kubeconfig(path, document):
+def write_kubeconfig(path: str, document: Mapping[str, Any]) -> str:
     """
     Write a kubeconfig document (see L{kubeconfig_document}) as YAML.
 

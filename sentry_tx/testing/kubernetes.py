@@ -18,11 +18,18 @@ import itertools
 import json
 import os
 import secrets
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IListeningPort, ITCPTransport
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -38,13 +45,45 @@ from sentry_tx.testing.kubeconfig import (
     make_self_signed_server_certificate,
     write_kubeconfig,
 )
-from sentry_tx.testing.kubernetes_requests import API_GROUPS, KubernetesAPIRequests
+from sentry_tx.testing.kubernetes_requests import (
+    API_GROUPS,
+    Document,
+    Event,
+    FakeAPIRequest,
+    KubernetesAPIRequests,
+)
 from sentry_tx.testing.kubernetes_tokens import (
     FAKE_API_DEFAULT_AUDIENCES,
     FAKE_API_TOKEN,
     FakeReviewedToken,
     make_service_account_token,
 )
+
+if TYPE_CHECKING:
+    from twisted.internet.protocol import ServerFactory
+
+    from sentry_tx.kube.client import KubernetesClient
+    from sentry_tx.kube.loop_client import LoopKubernetesClient
+    from sentry_tx.testing.web import IServingReactor
+
+
+def _abort(channel: http.HTTPChannel) -> None:
+    """
+    Abort C{channel}'s connection.
+    """
+    # Its transport is a TCP connection, or TLS over one: both provide
+    # ITCPTransport, which HTTPChannel's declared ITransport does not say.
+    cast(ITCPTransport, channel.transport).abortConnection()
+
+
+def _global_reactor() -> "IServingReactor":
+    """
+    Twisted's global reactor, which provides TCP, TLS and time (its declared
+    type omits TLS).
+    """
+    from twisted.internet import reactor
+
+    return cast("IServingReactor", reactor)
 
 
 class _TrackedChannel(http.HTTPChannel):
@@ -53,11 +92,13 @@ class _TrackedChannel(http.HTTPChannel):
     that L{FakeKubernetesAPI.stop} can close every connection.
     """
 
-    def connectionMade(self):
+    site: "_FakeSite"
+
+    def connectionMade(self) -> None:
         super().connectionMade()
         self.site.fake._channels[self] = Deferred()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         closed = self.site.fake._channels.pop(self, None)
         if closed is not None:
@@ -65,25 +106,28 @@ class _TrackedChannel(http.HTTPChannel):
 
 
 class _FakeSite(Site):
-    protocol = _TrackedChannel
+    # Site takes any channel factory; its declared type names only the
+    # HTTP/1.1-or-2 wrapper it makes by default.
+    protocol = _TrackedChannel  # type: ignore[assignment]
+    requestFactory = FakeAPIRequest
     noisy = False
 
-    def __init__(self, fake):
+    def __init__(self, fake: "FakeKubernetesAPI") -> None:
         super().__init__(_FakeKubernetesResource(fake))
         self.fake = fake
 
-    def log(self, request):
+    def log(self, request: http.Request) -> None:
         pass
 
 
 class _FakeKubernetesResource(Resource):
     isLeaf = True
 
-    def __init__(self, fake):
+    def __init__(self, fake: "FakeKubernetesAPI") -> None:
         super().__init__()
         self._fake = fake
 
-    def render(self, request):
+    def render(self, request: FakeAPIRequest) -> int:
         self._fake._receive(request)
         return NOT_DONE_YET
 
@@ -128,7 +172,11 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
         C{IReactorTime}).
     """
 
-    def __init__(self, reactor, api_tokens=(FAKE_API_TOKEN,)):
+    _reactor: "IServingReactor"
+
+    def __init__(
+        self, reactor: "IServingReactor", api_tokens: Iterable[str] = (FAKE_API_TOKEN,)
+    ) -> None:
         self._reactor = reactor
         self.api_tokens = set(api_tokens)
         self.client_common_names = set()
@@ -148,9 +196,9 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
         self._failure = None
         self._barriers = {}
         self._versions = itertools.count(1000)
-        self._channels = {}
+        self._channels: dict[_TrackedChannel, Deferred[None]] = {}
         self._delayed = set()
-        self._port = None
+        self._port: IListeningPort | None = None
         self.tls = None
         self.server_certificate, self._server_key = (
             make_self_signed_server_certificate()
@@ -163,13 +211,13 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
     # Listening
 
     @property
-    def server_certificate_pem(self):
+    def server_certificate_pem(self) -> bytes:
         """
         The PEM of the server's self-signed certificate (its CA).
         """
         return certificate_pem(self.server_certificate)
 
-    def start(self, tls=True):
+    def start(self, tls: bool = True) -> str:
         """
         Listen on 127.0.0.1, a free port.
 
@@ -195,24 +243,35 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
                 0, site, options, interface="127.0.0.1"
             )
         else:
-            self._port = self._reactor.listenTCP(0, site, interface="127.0.0.1")
+            # listenTCP is declared to take a ServerFactory of a narrower
+            # protocol type than a Site's channel.
+            self._port = self._reactor.listenTCP(
+                0, cast("ServerFactory[Any]", site), interface="127.0.0.1"
+            )
         return self.url
 
     @property
-    def port(self):
+    def port(self) -> int:
         """
         The port listened on.
+
+        @raise RuntimeError: when not listening.
         """
-        return self._port.getHost().port
+        if self._port is None:
+            raise RuntimeError("the fake Kubernetes API server is not listening")
+        address = self._port.getHost()
+        if not isinstance(address, IPv4Address):
+            raise TypeError(f"listening on {address!r}, not IPv4")
+        return address.port
 
     @property
-    def url(self):
+    def url(self) -> str:
         """
         C{https://127.0.0.1:<port>} (or C{http://}).
         """
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
-    def stop(self):
+    def stop(self) -> Deferred[None]:
         """
         Stop listening, drop pending answers and close every connection.
 
@@ -222,16 +281,20 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
             if delayed.active():
                 delayed.cancel()
         self._delayed.clear()
-        waits = []
+        waits: list[Deferred[Any]] = []
         if self._port is not None:
-            waits.append(self._port.stopListening())
+            stopped = self._port.stopListening()
+            if stopped is not None:
+                waits.append(stopped)
             self._port = None
         for channel, closed in list(self._channels.items()):
             waits.append(closed)
-            channel.transport.abortConnection()
+            _abort(channel)
         return DeferredList(waits).addCallback(lambda _: None)
 
-    def issue_client_certificate(self, common_name="sentry-tx"):
+    def issue_client_certificate(
+        self, common_name: str = "sentry-tx"
+    ) -> tuple[bytes, bytes]:
         """
         A client certificate the server accepts once C{common_name} is in
         C{client_common_names} (this adds it).
@@ -240,7 +303,7 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
         """
         self.client_common_names.add(common_name)
         key = make_private_key("ecdsa-p256")
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         certificate = make_certificate(
             key,
             x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
@@ -259,7 +322,12 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
         )
         return certificate_pem(certificate), private_key_pem(key)
 
-    def kubeconfig(self, user=None, inline=True, directory=None):
+    def kubeconfig(
+        self,
+        user: Mapping[str, object] | None = None,
+        inline: bool = True,
+        directory: str | None = None,
+    ) -> dict[str, Any]:
         """
         A kubeconfig document for this server (see L{kubeconfig_document}).
 
@@ -268,11 +336,14 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
         @param inline: the CA as C{certificate-authority-data}; when False,
             as a file C{fake-ca.crt} written in C{directory}.
         """
+        cluster: dict[str, object]
         if not self.tls:
             cluster = {}
         elif inline:
             cluster = {"certificate-authority-data": self.server_certificate_pem}
         else:
+            if directory is None:
+                raise ValueError("a kubeconfig with a CA file needs its directory")
             ca_path = os.path.join(directory, "fake-ca.crt")
             with open(ca_path, "wb") as f:
                 f.write(self.server_certificate_pem)
@@ -281,7 +352,9 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
             user = {"token": FAKE_API_TOKEN}
         return kubeconfig_document(self.url, cluster, user)
 
-    def write_service_account(self, directory, token=FAKE_API_TOKEN):
+    def write_service_account(
+        self, directory: str, token: str = FAKE_API_TOKEN
+    ) -> dict[str, str]:
         """
         Write C{token} and C{ca.crt} into C{directory} (created if missing),
         as Kubernetes mounts them in a pod.
@@ -299,43 +372,45 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
             "KUBERNETES_SERVICE_PORT": str(self.port),
         }
 
-    def rotate_service_account_token(self, directory, token):
+    def rotate_service_account_token(self, directory: str, token: str) -> None:
         """
         Replace the token file in C{directory} atomically, as the kubelet
         does, with C{token}, which this server then accepts (and only it).
         """
         with open(os.path.join(directory, "token.new"), "w") as f:
             f.write(token)
-        os.replace(os.path.join(directory, "token.new"), os.path.join(directory, "token"))
+        os.replace(
+            os.path.join(directory, "token.new"), os.path.join(directory, "token")
+        )
         self.api_tokens = {token}
 
     # Faults and races
 
     def fail_with(
         self,
-        code=503,
-        reason="ServiceUnavailable",
-        message="the server is currently unable to handle the request",
-    ):
+        code: int = 503,
+        reason: str = "ServiceUnavailable",
+        message: str = "the server is currently unable to handle the request",
+    ) -> None:
         """
         Answer every request with a C{Status} error from now on.
         """
         self._failure = (code, reason, message)
 
-    def hang(self):
+    def hang(self) -> None:
         """
         Answer no request from now on (they wait until the client gives up
         or the server stops).
         """
         self._failure = "hang"
 
-    def recover(self):
+    def recover(self) -> None:
         """
         Answer normally again.
         """
         self._failure = None
 
-    def hold(self, method, plural, count):
+    def hold(self, method: str, plural: str, count: int) -> None:
         """
         Park the next C{method} requests for C{plural} until C{count} of
         them have arrived, then handle them all, in arrival order.
@@ -344,7 +419,9 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
 
     # Objects
 
-    def put_object(self, plural, namespace, name, document):
+    def put_object(
+        self, plural: str, namespace: str, name: str, document: Document
+    ) -> Document:
         """
         Store an object (its metadata filled in) and return a copy.
         """
@@ -363,7 +440,7 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
         self._record(kind, plural, document)
         return copy.deepcopy(document)
 
-    def delete_object(self, plural, namespace, name):
+    def delete_object(self, plural: str, namespace: str, name: str) -> None:
         """
         Delete a stored object (watches see C{DELETED}).
         """
@@ -371,7 +448,7 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
         document["metadata"]["resourceVersion"] = str(next(self._versions))
         self._record("DELETED", plural, document)
 
-    def expire_history(self):
+    def expire_history(self) -> None:
         """
         Forget every past event, as etcd compaction does: a watch from an
         older version gets 410 Gone.
@@ -379,14 +456,14 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
         self._history = []
         self._compacted = self._last_version()
 
-    def break_watches(self):
+    def break_watches(self) -> None:
         """
         Cut the connection of every open watch.
         """
         for request in list(self.watches):
-            request.channel.transport.abortConnection()
+            _abort(request.channel)
 
-    def end_watches(self):
+    def end_watches(self) -> None:
         """
         End every open watch normally, as its C{timeoutSeconds} would.
         """
@@ -395,15 +472,15 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
 
     _compacted = 0
 
-    def _last_version(self):
+    def _last_version(self) -> int:
         # itertools.count has no peek: the next version, less one.
         version = next(self._versions)
         self._versions = itertools.count(version)
         return version - 1
 
-    def _record(self, kind, plural, document):
+    def _record(self, kind: str, plural: str, document: Document) -> None:
         version = int(document["metadata"]["resourceVersion"])
-        event = (version, kind, plural, copy.deepcopy(document))
+        event: Event = (version, kind, plural, copy.deepcopy(document))
         self._history.append(event)
         if len(self._history) > self.watch_history:
             dropped = self._history.pop(0)
@@ -413,7 +490,7 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
                 self._send_event(request, kind, event[3])
 
     @staticmethod
-    def _watch_matches(request, event):
+    def _watch_matches(request: FakeAPIRequest, event: Event) -> bool:
         plural, namespace = request.watch_scope
         document = event[3]
         return event[2] == plural and (
@@ -421,11 +498,11 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
         )
 
     @staticmethod
-    def _send_event(request, kind, document):
+    def _send_event(request: FakeAPIRequest, kind: str, document: Document) -> None:
         line = json.dumps({"type": kind, "object": document}).encode("utf-8")
         request.write(line + b"\n")
 
-    def send_bookmark(self):
+    def send_bookmark(self) -> None:
         """
         Send a C{BOOKMARK} event with the current version to every watch.
         """
@@ -436,7 +513,7 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
                 {"metadata": {"resourceVersion": str(self._last_version())}},
             )
 
-    def _end_watch(self, request):
+    def _end_watch(self, request: FakeAPIRequest) -> None:
         if request in self.watches:
             self.watches.remove(request)
             timer = request.watch_timer
@@ -444,7 +521,7 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
                 timer.cancel()
             request.finish()
 
-    def get_object(self, plural, namespace, name):
+    def get_object(self, plural: str, namespace: str, name: str) -> Document | None:
         """
         A copy of the stored object, or None.
         """
@@ -452,14 +529,19 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
         return copy.deepcopy(document)
 
     def add_pod(
-        self, namespace, name, service_account="default", annotations=None, uid=None
-    ):
+        self,
+        namespace: str,
+        name: str,
+        service_account: str = "default",
+        annotations: Mapping[str, str] | None = None,
+        uid: str | None = None,
+    ) -> Document:
         """
         Store a Pod.
 
         @return: the stored Pod.
         """
-        metadata = {"annotations": dict(annotations or {})}
+        metadata: Document = {"annotations": dict(annotations or {})}
         if uid is not None:
             metadata["uid"] = uid
         return self.put_object(
@@ -473,17 +555,21 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
             },
         )
 
-    def add_configuration(self, namespace, name, spec=None):
+    def add_configuration(
+        self, namespace: str, name: str, spec: Document | None = None
+    ) -> Document:
         """
         Store a Dapr Configuration with C{spec}.
         """
         return self.put_object("configurations", namespace, name, {"spec": spec or {}})
 
-    def add_secret(self, namespace, name, data=None):
+    def add_secret(
+        self, namespace: str, name: str, data: Mapping[str, bytes] | None = None
+    ) -> Document:
         """
         Store a Secret; C{data} maps keys to C{bytes} (base64-encoded here).
         """
-        document = {"type": "Opaque"}
+        document: Document = {"type": "Opaque"}
         if data is not None:
             document["data"] = {
                 key: base64.b64encode(value).decode("ascii")
@@ -491,16 +577,18 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
             }
         return self.put_object("secrets", namespace, name, document)
 
-    def add_config_map(self, namespace, name, data=None):
+    def add_config_map(
+        self, namespace: str, name: str, data: Mapping[str, str] | None = None
+    ) -> Document:
         """
         Store a ConfigMap with C{data} (strings).
         """
-        document = {}
+        document: Document = {}
         if data is not None:
             document["data"] = dict(data)
         return self.put_object("configmaps", namespace, name, document)
 
-    def secret_data(self, namespace, name):
+    def secret_data(self, namespace: str, name: str) -> dict[str, bytes] | None:
         """
         The decoded data of a stored Secret, or None when there is none.
         """
@@ -514,14 +602,14 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
 
     def issue_token(
         self,
-        namespace,
-        service_account,
-        pod_name=None,
-        pod_uid=None,
-        audiences=FAKE_API_DEFAULT_AUDIENCES,
-        pod_claim=True,
-        pod_extra=True,
-    ):
+        namespace: str,
+        service_account: str,
+        pod_name: str | None = None,
+        pod_uid: str | None = None,
+        audiences: Iterable[str] = FAKE_API_DEFAULT_AUDIENCES,
+        pod_claim: bool = True,
+        pod_extra: bool = True,
+    ) -> str:
         """
         A workload token the fake TokenReview authenticates.
 
@@ -547,7 +635,13 @@ class FakeKubernetesAPI(KubernetesAPIRequests):
         return token
 
 
-def kubernetes_client_for(test_case, fake, reactor=None, user=None, **client_options):
+def kubernetes_client_for(
+    test_case: TestCase,
+    fake: FakeKubernetesAPI,
+    reactor: "IServingReactor | None" = None,
+    user: Mapping[str, object] | None = None,
+    **client_options: Any,
+) -> "KubernetesClient":
     """
     A L{sentry_tx.kube.client.KubernetesClient} for C{fake}, through a kubeconfig
     in a temporary directory, closed at C{test_case}'s cleanup.
@@ -560,7 +654,7 @@ def kubernetes_client_for(test_case, fake, reactor=None, user=None, **client_opt
     from sentry_tx.kube.kubeconfig import kubeconfig_connection
 
     if reactor is None:
-        from twisted.internet import reactor
+        reactor = _global_reactor()
     directory = test_case.mktemp()
     os.makedirs(directory)
     path = write_kubeconfig(
@@ -573,7 +667,13 @@ def kubernetes_client_for(test_case, fake, reactor=None, user=None, **client_opt
     return client
 
 
-def loop_client_for(test_case, fake, reactor=None, user=None, **client_options):
+def loop_client_for(
+    test_case: TestCase,
+    fake: FakeKubernetesAPI,
+    reactor: "IServingReactor | None" = None,
+    user: Mapping[str, object] | None = None,
+    **client_options: Any,
+) -> "LoopKubernetesClient":
     """
     A L{sentry_tx.kube.loop_client.LoopKubernetesClient} for C{fake},
     through a kubeconfig in a temporary directory (use it on a gRPC loop:
@@ -586,7 +686,7 @@ def loop_client_for(test_case, fake, reactor=None, user=None, **client_options):
     from sentry_tx.kube.loop_client import LoopKubernetesClient
 
     if reactor is None:
-        from twisted.internet import reactor
+        reactor = _global_reactor()
     directory = test_case.mktemp()
     os.makedirs(directory)
     path = write_kubeconfig(
@@ -597,7 +697,12 @@ def loop_client_for(test_case, fake, reactor=None, user=None, **client_options):
     )
 
 
-def start_fake_kubernetes(test_case, reactor=None, tls=True, **options):
+def start_fake_kubernetes(
+    test_case: TestCase,
+    reactor: "IServingReactor | None" = None,
+    tls: bool = True,
+    **options: Iterable[str],
+) -> FakeKubernetesAPI:
     """
     Start a L{FakeKubernetesAPI} for C{test_case}, stopped at its cleanup.
 
@@ -605,7 +710,7 @@ def start_fake_kubernetes(test_case, reactor=None, tls=True, **options):
     @return: the fake, listening.
     """
     if reactor is None:
-        from twisted.internet import reactor
+        reactor = _global_reactor()
     fake = FakeKubernetesAPI(reactor, **options)
     fake.start(tls=tls)
     test_case.addCleanup(fake.stop)

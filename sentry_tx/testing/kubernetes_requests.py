@@ -8,11 +8,38 @@ C{Status} objects for errors.
 import copy
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.x509.oid import NameOID
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.web.server import Request
 
-from sentry_tx.testing.kubernetes_tokens import FAKE_API_SERVER_AUDIENCE
+from sentry_tx.testing.kubernetes_tokens import (
+    FAKE_API_SERVER_AUDIENCE,
+    FakeReviewedToken,
+)
+
+Document = dict[str, Any]
+"""
+A Kubernetes object (or any JSON object) as the fake keeps and sends it.
+"""
+
+Event = tuple[int, str, str, Document]
+"""
+A watch event in the history: C{(resource version, type, plural, object)}.
+"""
+
+
+class FakeAPIRequest(Request):
+    """
+    A request to the fake API server: a watch keeps its scope and its
+    C{timeoutSeconds} timer on it.
+    """
+
+    watch_scope: tuple[str, str | None] = ("", None)
+    watch_timer: IDelayedCall | None = None
 
 
 API_GROUPS = {
@@ -23,11 +50,13 @@ API_GROUPS = {
 }
 
 
-def _status(code, reason, message, details=None):
+def _status(
+    code: int, reason: str, message: str, details: Document | None = None
+) -> Document:
     """
     A Kubernetes C{Status} object for an error.
     """
-    status = {
+    status: Document = {
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
@@ -41,6 +70,17 @@ def _status(code, reason, message, details=None):
     return status
 
 
+class _RequestState:
+    """
+    What the fake knows of one request while it answers it: the timer of a
+    delayed answer, and whether the client went away.
+    """
+
+    def __init__(self) -> None:
+        self.delayed: IDelayedCall | None = None
+        self.lost = False
+
+
 @dataclass(frozen=True)
 class _WatchStart:
     """
@@ -48,9 +88,9 @@ class _WatchStart:
     """
 
     plural: str
-    namespace: str
-    resource_version: str
-    timeout_seconds: float
+    namespace: str | None
+    resource_version: str | None
+    timeout_seconds: float | None
 
 
 class _FakeAnswer(Exception):
@@ -58,7 +98,7 @@ class _FakeAnswer(Exception):
     Raised while handling a request to answer it with C{code} and C{body}.
     """
 
-    def __init__(self, code, body):
+    def __init__(self, code: int, body: Document) -> None:
         super().__init__(code)
         self.code = code
         self.body = body
@@ -68,31 +108,60 @@ class KubernetesAPIRequests:
     """
     The request side of L{sentry_tx.testing.kubernetes.FakeKubernetesAPI}, a
     mixin: the state it reads and writes (objects, tokens, the failure and
-    latency switches, watches) is the fake's own.
+    latency switches, watches) is the fake's own, declared here and
+    assigned by L{sentry_tx.testing.kubernetes.FakeKubernetesAPI}.
     """
 
-    def _receive(self, request):
+    _reactor: IReactorTime
+    requests: list[tuple[str, str]]
+    reviews: list[Document]
+    conflicts: int
+    forbidden: set[tuple[str, str | None]]
+    api_tokens: set[str]
+    client_common_names: set[str]
+    tls: bool | None
+    tokenreview_latency_seconds: float
+    pod_latency_seconds: float
+    audience_aware: bool
+    before_write: Callable[[str, str, str, str], object] | None
+    objects: dict[tuple[str, str, str], Document]
+    tokens: dict[str, FakeReviewedToken]
+    watches: list[FakeAPIRequest]
+    _history: list[Event]
+    _compacted: int
+    _failure: tuple[int, str, str] | str | None
+    _barriers: dict[tuple[str, str | None], tuple[int, list[Callable[[], None]]]]
+    _delayed: set[IDelayedCall]
+    # The fake's own methods.
+    _last_version: Callable[[], int]
+    _send_event: Callable[[FakeAPIRequest, str, Document], None]
+    _watch_matches: Callable[[FakeAPIRequest, Event], bool]
+    _end_watch: Callable[[FakeAPIRequest], None]
+    get_object: Callable[[str, str, str], Document | None]
+    put_object: Callable[[str, str, str, Document], Document]
+
+    def _receive(self, request: FakeAPIRequest) -> None:
         method = request.method.decode("ascii")
         path = request.path.decode("utf-8")
         self.requests.append((method, path))
         segments = [segment for segment in path.split("/") if segment]
         plural = self._plural(segments)
-        state = {"delayed": None, "lost": False}
+        state = _RequestState()
 
-        def lost(_):
-            state["lost"] = True
-            delayed = state["delayed"]
+        def lost(_: object) -> None:
+            state.lost = True
+            delayed = state.delayed
             if delayed is not None and delayed.active():
                 delayed.cancel()
                 self._delayed.discard(delayed)
 
         request.notifyFinish().addErrback(lost)
 
-        def answer():
-            delayed = state["delayed"]
+        def answer() -> None:
+            delayed = state.delayed
             if delayed is not None:
                 self._delayed.discard(delayed)
-            if state["lost"]:
+            if state.lost:
                 return
             code, body = self._handle(request, method, segments, plural)
             if isinstance(body, _WatchStart):
@@ -103,7 +172,7 @@ class KubernetesAPIRequests:
             request.write(json.dumps(body).encode("utf-8"))
             request.finish()
 
-        def answer_later():
+        def answer_later() -> None:
             if self._failure == "hang":
                 return
             latency = 0.0
@@ -112,8 +181,8 @@ class KubernetesAPIRequests:
             elif plural == "pods" and method == "GET" and len(segments) == 6:
                 latency = self.pod_latency_seconds
             if latency > 0:
-                state["delayed"] = self._reactor.callLater(latency, answer)
-                self._delayed.add(state["delayed"])
+                state.delayed = self._reactor.callLater(latency, answer)
+                self._delayed.add(state.delayed)
             else:
                 answer()
 
@@ -129,7 +198,7 @@ class KubernetesAPIRequests:
         answer_later()
 
     @staticmethod
-    def _plural(segments):
+    def _plural(segments: list[str]) -> str | None:
         if segments[:4] == ["apis", "authentication.k8s.io", "v1", "tokenreviews"]:
             return "tokenreviews"
         if segments[:3] == ["api", "v1", "namespaces"] and len(segments) >= 5:
@@ -145,7 +214,13 @@ class KubernetesAPIRequests:
             return segments[5]
         return None
 
-    def _handle(self, request, method, segments, plural):
+    def _handle(
+        self,
+        request: FakeAPIRequest,
+        method: str,
+        segments: list[str],
+        plural: str | None,
+    ) -> tuple[int, "Document | _WatchStart"]:
         try:
             if isinstance(self._failure, tuple):
                 code, reason, message = self._failure
@@ -167,7 +242,7 @@ class KubernetesAPIRequests:
                 self.conflicts += 1
             return answer.code, answer.body
 
-    def _authenticate(self, request):
+    def _authenticate(self, request: FakeAPIRequest) -> str:
         header = request.getHeader(b"authorization") or b""
         if (
             header.startswith(b"Bearer ")
@@ -182,14 +257,15 @@ class KubernetesAPIRequests:
                 NameOID.COMMON_NAME
             )
             if names and names[0].value in self.client_common_names:
-                return names[0].value
+                return str(names[0].value)
         if not self.api_tokens and not self.tls:
             return "kubectl-proxy"
         raise _FakeAnswer(401, _status(401, "Unauthorized", "Unauthorized"))
 
-    def _body(self, request):
+    def _body(self, request: FakeAPIRequest) -> Document:
         try:
-            body = json.loads(request.content.read() or b"null")
+            content = request.content.read() if request.content is not None else b""
+            body = json.loads(content or b"null")
         except ValueError:
             body = None
         if not isinstance(body, dict):
@@ -198,7 +274,13 @@ class KubernetesAPIRequests:
             )
         return body
 
-    def _route(self, request, method, segments, plural):
+    def _route(
+        self,
+        request: FakeAPIRequest,
+        method: str,
+        segments: list[str],
+        plural: str | None,
+    ) -> tuple[int, "Document | _WatchStart"]:
         if plural == "tokenreviews" and len(segments) == 4:
             if method != "POST":
                 raise self._not_allowed(method)
@@ -230,11 +312,13 @@ class KubernetesAPIRequests:
         )
 
     @staticmethod
-    def _argument(request, name):
+    def _argument(request: FakeAPIRequest, name: str) -> str | None:
         values = request.args.get(name.encode("ascii"))
         return values[0].decode("utf-8") if values else None
 
-    def _collection(self, request, plural, namespace):
+    def _collection(
+        self, request: FakeAPIRequest, plural: str, namespace: str | None
+    ) -> tuple[int, "Document | _WatchStart"]:
         if self._argument(request, "watch") in ("1", "true"):
             timeout = self._argument(request, "timeoutSeconds")
             return 200, _WatchStart(
@@ -245,7 +329,9 @@ class KubernetesAPIRequests:
             )
         return 200, self._list(request, plural, namespace)
 
-    def _list(self, request, plural, namespace):
+    def _list(
+        self, request: FakeAPIRequest, plural: str, namespace: str | None
+    ) -> Document:
         keys = sorted(
             key
             for key in self.objects
@@ -265,7 +351,7 @@ class KubernetesAPIRequests:
             "items": [copy.deepcopy(self.objects[key]) for key in page],
         }
 
-    def _start_watch(self, request, watch):
+    def _start_watch(self, request: FakeAPIRequest, watch: _WatchStart) -> None:
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"application/json")
         request.watch_scope = (watch.plural, watch.namespace)
@@ -296,7 +382,7 @@ class KubernetesAPIRequests:
             self._delayed.add(request.watch_timer)
 
     @staticmethod
-    def _not_allowed(method):
+    def _not_allowed(method: str) -> _FakeAnswer:
         return _FakeAnswer(
             405,
             _status(
@@ -307,7 +393,7 @@ class KubernetesAPIRequests:
         )
 
     @staticmethod
-    def _not_found(plural, name):
+    def _not_found(plural: str, name: str) -> _FakeAnswer:
         return _FakeAnswer(
             404,
             _status(
@@ -318,13 +404,13 @@ class KubernetesAPIRequests:
             ),
         )
 
-    def _get(self, plural, namespace, name):
+    def _get(self, plural: str, namespace: str, name: str) -> Document:
         document = self.get_object(plural, namespace, name)
         if document is None:
             raise self._not_found(plural, name)
         return document
 
-    def _create(self, plural, namespace, body):
+    def _create(self, plural: str, namespace: str, body: Document) -> Document:
         name = (body.get("metadata") or {}).get("name")
         if not name:
             raise _FakeAnswer(
@@ -347,7 +433,9 @@ class KubernetesAPIRequests:
         metadata.pop("uid", None)
         return self.put_object(plural, namespace, name, body)
 
-    def _update(self, plural, namespace, name, body):
+    def _update(
+        self, plural: str, namespace: str, name: str, body: Document
+    ) -> Document:
         metadata = body.get("metadata") or {}
         if metadata.get("name") != name:
             raise _FakeAnswer(
@@ -377,17 +465,18 @@ class KubernetesAPIRequests:
         body["metadata"]["uid"] = current["metadata"]["uid"]
         return self.put_object(plural, namespace, name, body)
 
-    def _review(self, body):
+    def _review(self, body: Document) -> Document:
         spec = body.get("spec") or {}
         self.reviews.append(copy.deepcopy(spec))
         wanted = spec.get("audiences") or [FAKE_API_SERVER_AUDIENCE]
-        review = {
+        review: Document = {
             "kind": "TokenReview",
             "apiVersion": "authentication.k8s.io/v1",
             "metadata": {"creationTimestamp": None},
             "spec": spec,
         }
-        record = self.tokens.get(spec.get("token"))
+        token = spec.get("token")
+        record = self.tokens.get(token) if isinstance(token, str) else None
         if record is None:
             review["status"] = {
                 "user": {},
@@ -407,7 +496,7 @@ class KubernetesAPIRequests:
                 f" {list(wanted)}]",
             }
             return review
-        user = {
+        user: Document = {
             "username": record.username
             or f"system:serviceaccount:{record.namespace}:{record.service_account}",
             "uid": secrets.token_hex(8),

@@ -8,10 +8,11 @@ import base64
 import json
 import os
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sentry_tx.testing.certificates import TEST_NAMESPACE, TEST_TRUST_DOMAIN
-
 
 FAKE_API_TOKEN = "sentry-tx-fake-api-token"
 """
@@ -33,17 +34,17 @@ with trust domain L{TEST_TRUST_DOMAIN} in L{TEST_NAMESPACE}.
 """
 
 
-def _base64url(data):
+def _base64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def make_service_account_token(
-    namespace,
-    service_account,
-    pod_name=None,
-    pod_uid=None,
-    audiences=FAKE_API_DEFAULT_AUDIENCES,
-):
+    namespace: str,
+    service_account: str,
+    pod_name: str | None = None,
+    pod_uid: str | None = None,
+    audiences: Iterable[str] = FAKE_API_DEFAULT_AUDIENCES,
+) -> str:
     """
     A token shaped like a projected service-account token (a JWT whose
     payload has the C{kubernetes.io} claims), with a random signature: only
@@ -52,19 +53,20 @@ def make_service_account_token(
     @param pod_name: the pod it is bound to, or None for a token bound to
         no pod (as a legacy Secret token).
     """
+    kubernetes_claims: dict[str, Any] = {
+        "namespace": namespace,
+        "serviceaccount": {"name": service_account, "uid": secrets.token_hex(8)},
+    }
     claims = {
         "aud": list(audiences),
         "exp": 4102444800,
         "iat": 1767225600,
         "iss": "https://kubernetes.default.svc.cluster.local",
         "sub": f"system:serviceaccount:{namespace}:{service_account}",
-        "kubernetes.io": {
-            "namespace": namespace,
-            "serviceaccount": {"name": service_account, "uid": secrets.token_hex(8)},
-        },
+        "kubernetes.io": kubernetes_claims,
     }
     if pod_name is not None:
-        claims["kubernetes.io"]["pod"] = {"name": pod_name, "uid": pod_uid or ""}
+        kubernetes_claims["pod"] = {"name": pod_name, "uid": pod_uid or ""}
     header = {"alg": "RS256", "kid": "fake"}
     return ".".join(
         (
@@ -90,9 +92,9 @@ class FakeReviewedToken:
 
     namespace: str
     service_account: str
-    pod_name: str = None
-    pod_uid: str = None
-    audiences: tuple = FAKE_API_DEFAULT_AUDIENCES
+    pod_name: str | None = None
+    pod_uid: str | None = None
+    audiences: tuple[str, ...] = FAKE_API_DEFAULT_AUDIENCES
     pod_extra: bool = True
-    username: str = None
+    username: str | None = None
     authenticated: bool = True

@@ -3,23 +3,40 @@ Reading what sentry_tx logs, in tests: collect the log events of a test
 (L{capture_logs}) and read them back as text (L{log_messages}).
 """
 
-from twisted.logger import formatEvent, globalLogPublisher
+from collections.abc import Iterable
+from typing import cast
+
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    formatEvent,
+    globalLogPublisher,
+)
+from twisted.trial.unittest import TestCase
 
 
-def capture_logs(test):
+def capture_logs(test: TestCase) -> list[LogEvent]:
     """
     Collect every log event until the end of C{test}.
 
     @param test: the running test case (its cleanup stops the collecting).
     @return: the list the events are appended to.
     """
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    test.addCleanup(globalLogPublisher.removeObserver, events.append)
+    events: list[LogEvent] = []
+    # A bound method is an observer (ILogObserver is a callable interface).
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    test.addCleanup(globalLogPublisher.removeObserver, observer)
     return events
 
 
-def log_messages(events, level=None, namespace=None, with_failures=False):
+def log_messages(
+    events: Iterable[LogEvent],
+    level: LogLevel | None = None,
+    namespace: str | None = None,
+    with_failures: bool = False,
+) -> list[str]:
     """
     The formatted text of C{events}.
 
@@ -29,7 +46,7 @@ def log_messages(events, level=None, namespace=None, with_failures=False):
         carries to its text.
     @return: a L{list} of L{str}, in the events' order.
     """
-    texts = []
+    texts: list[str] = []
     for event in events:
         if level is not None and event.get("log_level") != level:
             continue

@@ -4,7 +4,9 @@ of L{IRenewalStore} that keeps the five parts in a dict, and
 L{generated_parts}, the parts of a freshly generated bundle.
 """
 
-from twisted.internet.defer import fail, succeed
+from datetime import datetime, timedelta
+
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from sentry_tx.ca.bundle import generate_bundle
@@ -12,8 +14,11 @@ from sentry_tx.ca.renewal import (
     PART_ANCHORS,
     PART_ISSUER,
     PART_KEY,
-    PARTS,
+    PART_NEXT_CERTIFICATE,
+    PART_NEXT_KEY,
     WRITING_ACTIONS,
+    RenewalSettings,
+    RenewalState,
     StepResult,
     plan,
     read_state,
@@ -22,7 +27,14 @@ from sentry_tx.ca.renewal import (
 from sentry_tx.interfaces import IRenewalStore
 
 
-def generated_parts(trust_domain, namespace, now, skew, lifetime, key_type="ecdsa-p256"):
+def generated_parts(
+    trust_domain: str,
+    namespace: str,
+    now: datetime,
+    skew: timedelta,
+    lifetime: timedelta,
+    key_type: str = "ecdsa-p256",
+) -> dict[str, bytes]:
     """
     The stored parts of a bundle generated at C{now}, as a dict by part.
     """
@@ -36,11 +48,20 @@ def generated_parts(trust_domain, namespace, now, skew, lifetime, key_type="ecds
     }
 
 
-def state_of(parts, now):
+def state_of(parts: dict[str, bytes], now: datetime) -> RenewalState:
     """
-    The L{sentry_tx.ca.renewal.RenewalState} of C{parts} at C{now}.
+    The L{sentry_tx.ca.renewal.RenewalState} of C{parts} at C{now} (each
+    part named by its L{sentry_tx.ca.renewal.PARTS} name).
     """
-    return read_state(*(parts.get(part) for part in PARTS), now, PARTS)
+    return read_state(
+        parts[PART_ANCHORS],
+        parts[PART_ISSUER],
+        parts[PART_KEY],
+        parts.get(PART_NEXT_CERTIFICATE),
+        parts.get(PART_NEXT_KEY),
+        now,
+        (PART_ANCHORS, PART_ISSUER, PART_KEY, PART_NEXT_CERTIFICATE, PART_NEXT_KEY),
+    )
 
 
 @implementer(IRenewalStore)
@@ -54,12 +75,12 @@ class MemoryRenewalStore:
 
     description = "memory"
 
-    def __init__(self, parts):
+    def __init__(self, parts: dict[str, bytes]) -> None:
         self.parts = dict(parts)
-        self.history = []
-        self.fail_next = None
+        self.history: list[tuple[datetime, str, bytes | None]] = []
+        self.fail_next: Exception | None = None
 
-    def step(self, now, settings):
+    def step(self, now: datetime, settings: RenewalSettings) -> Deferred[StepResult]:
         if self.fail_next is not None:
             error, self.fail_next = self.fail_next, None
             return fail(error)

@@ -5,14 +5,17 @@ to a new version directory.
 """
 
 import os
+from datetime import datetime
+from typing import Literal, Unpack
 
 from sentry_tx.testing.certificates import (
     _DEFAULT,
     CertificateChain,
+    CertificateOptions,
+    _Default,
     make_certificate,
     make_private_key,
 )
-
 
 BUNDLE_FILE_NAMES = ("ca.crt", "issuer.crt", "issuer.key")
 """
@@ -26,7 +29,7 @@ current version.
 """
 
 
-def _bundle_file_contents(chain):
+def _bundle_file_contents(chain: CertificateChain) -> tuple[bytes, bytes, bytes]:
     return (
         chain.anchors_pem,
         chain.issuer_chain_pem(),
@@ -35,12 +38,12 @@ def _bundle_file_contents(chain):
 
 
 def reissue_chain(
-    chain,
-    key_type="ecdsa-p256",
-    not_before=_DEFAULT,
-    not_after=_DEFAULT,
-    **issuer_options,
-):
+    chain: CertificateChain,
+    key_type: str = "ecdsa-p256",
+    not_before: datetime | Literal[_Default.DEFAULT] = _DEFAULT,
+    not_after: datetime | Literal[_Default.DEFAULT] = _DEFAULT,
+    **issuer_options: Unpack[CertificateOptions],
+) -> CertificateChain:
     """
     A new issuer with a new key, signed by the same CA that signed
     C{chain}'s issuer: what an operator rotating the issuer (not the root)
@@ -82,7 +85,7 @@ def reissue_chain(
     )
 
 
-def replace_bundle_files(chain, directory):
+def replace_bundle_files(chain: CertificateChain, directory: str) -> tuple[str, ...]:
     """
     Replace C{ca.crt}, C{issuer.crt} and C{issuer.key} in C{directory} as
     careful tools do: each is written to a temporary file in the same
@@ -90,8 +93,8 @@ def replace_bundle_files(chain, directory):
 
     @return: the three paths.
     """
-    paths = []
-    for name, data in zip(BUNDLE_FILE_NAMES, _bundle_file_contents(chain)):
+    paths: list[str] = []
+    for name, data in zip(BUNDLE_FILE_NAMES, _bundle_file_contents(chain), strict=True):
         path = os.path.join(directory, name)
         temporary = os.path.join(directory, f".{name}.new")
         with open(temporary, "wb") as f:
@@ -102,7 +105,7 @@ def replace_bundle_files(chain, directory):
     return tuple(paths)
 
 
-def project_volume(directory, chain, version):
+def project_volume(directory: str, chain: CertificateChain, version: str) -> None:
     """
     Lay C{directory} out as the kubelet projects a Secret: the files in a
     version directory, C{..data} pointing at it, and each visible file a
@@ -119,7 +122,9 @@ def project_volume(directory, chain, version):
         )
 
 
-def swap_projected_volume(directory, chain, version):
+def swap_projected_volume(
+    directory: str, chain: CertificateChain, version: str
+) -> None:
     """
     Publish C{chain} in a volume laid out by L{project_volume} as the kubelet
     updates one: write a new version directory, point C{..data_tmp} at it,
@@ -138,7 +143,7 @@ def swap_projected_volume(directory, chain, version):
     shutil.rmtree(os.path.join(directory, old_version))
 
 
-def _make_version(directory, version):
+def _make_version(directory: str, version: str) -> str:
     path = os.path.join(directory, version)
     os.mkdir(path, 0o700)
     return path

@@ -6,7 +6,6 @@ PYTHONPATH).
 
 import os
 
-
 PROJECT_ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )
@@ -17,7 +16,7 @@ runs in a temporary directory.
 """
 
 
-def child_environment():
+def child_environment() -> dict[str, str]:
     """
     The environment of a process a test starts: this one's, with the source
     tree first on C{PYTHONPATH} and without C{KUBERNETES_SERVICE_HOST} (a
