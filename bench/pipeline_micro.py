@@ -52,8 +52,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding  # no
 
 from sentry_tx.ca import x509profile  # noqa: E402
 from sentry_tx.ca.authority import issue_workload_certificate  # noqa: E402
-from sentry_tx.ca.bundle import iter_pem_blocks  # noqa: E402
 from sentry_tx.ca.csr import parse_csr  # noqa: E402
+from sentry_tx.ca.pem import iter_pem_blocks  # noqa: E402
 from sentry_tx.config import MTLSConfig  # noqa: E402
 from sentry_tx.identity.caller import CallerIdentity  # noqa: E402
 from sentry_tx.testing.certificates import make_bundle, make_csr  # noqa: E402

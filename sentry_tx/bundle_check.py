@@ -20,15 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from sentry_tx.config import SentryConfig
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
     from cryptography.x509 import Certificate
+    from twisted.internet.interfaces import IDelayedCall
 
     from sentry_tx.ca.bundle import TrustBundle
     from sentry_tx.ca.renewal import RenewalSettings
@@ -43,6 +44,31 @@ The trust anchors, issuer chain and issuer key paths, in that order.
 CHECK_BUNDLE_COMMAND = "check-bundle"
 
 _DEFAULTS = SentryConfig()
+
+
+class _SynchronousOnly:
+    """
+    The reactor the check hands its file stores: the check reads the files
+    synchronously (their C{*_sync} methods) and runs no reactor, so none of
+    this is ever called; if it were, it says so rather than wait forever.
+    """
+
+    def _refuse(self) -> NoReturn:
+        raise RuntimeError("the bundle check reads synchronously; it runs no reactor")
+
+    def seconds(self) -> float:
+        self._refuse()
+
+    def callLater(
+        self, delay: float, callable: Callable[..., object], *args: object
+    ) -> IDelayedCall:
+        self._refuse()
+
+    def callFromThread(self, callable: Callable[..., object], *args: object) -> None:
+        self._refuse()
+
+
+_SYNCHRONOUS_ONLY = _SynchronousOnly()
 
 
 def _key_description(public_key: PublicKeyTypes) -> str:
@@ -144,7 +170,7 @@ def check_bundle(
         )
         return 1
     store = FileTrustStore(
-        None,
+        _SYNCHRONOUS_ONLY,
         *paths,
         trust_domain=_DEFAULTS.trust_domain,
         namespace=_DEFAULTS.namespace,
@@ -184,7 +210,7 @@ def describe_renewal(
     from sentry_tx.errors import BundleError
 
     try:
-        state = FileRenewalStore(None, store).read_sync(now)
+        state = FileRenewalStore(_SYNCHRONOUS_ONLY, store).read_sync(now)
     except BundleError as error:
         return [f"renewal: the pending issuer cannot be used: {error}"]
     next_crt, next_key = store.next_paths
@@ -193,19 +219,20 @@ def describe_renewal(
             f"renewal: a switch to the renewed issuer was interrupted; sentry_tx"
             f" finishes it at start (removing {next_crt} and {next_key})"
         ]
-    if not state.pending:
+    next_issuer = state.next_issuer
+    if next_issuer is None or not state.pending:
         return ["renewal: no renewed issuer pending"]
     if settings is None:
         settings = RenewalSettings()
     anchored = state.next_root in state.anchors
     return [
         f"renewal: pending next issuer ({next_crt}):"
-        f" {state.next_issuer.subject.rfc4514_string()},"
-        f" {_expiry(state.next_issuer, now)}; its root is"
+        f" {next_issuer.subject.rfc4514_string()},"
+        f" {_expiry(next_issuer, now)}; its root is"
         f" {'in' if anchored else 'NOT YET in (sentry_tx appends it at start)'}"
         f" the trust anchors",
         f"renewal: the issuer switches to it at"
-        f" {switch_time(state.issuer, state.next_issuer, settings).isoformat()}"
+        f" {switch_time(state.issuer, next_issuer, settings).isoformat()}"
         f" (grace {settings.describe_grace()}, workload certificate TTL"
         f" {format_go_duration(settings.workload_ttl)}, clock skew"
         f" {format_go_duration(settings.allowed_clock_skew)});"

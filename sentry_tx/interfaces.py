@@ -14,6 +14,7 @@ from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from sentry_tx.ca.bundle import TrustBundle
+    from sentry_tx.ca.renewal import RenewalSettings, StepResult
     from sentry_tx.config import SentryConfig
     from sentry_tx.identity.caller import CallerIdentity, SignRequest
 
@@ -154,7 +155,7 @@ class IRenewalStore(Interface):
 
     description = Attribute("What the store holds, as messages name it.")
 
-    def step(now, settings):
+    def step(now: datetime, settings: "RenewalSettings") -> "Deferred[StepResult]":
         """
         Read the credentials, plan the next step at C{now} and, when it
         writes, write it (a store whose write loses a race reads again and
@@ -179,7 +180,10 @@ if TYPE_CHECKING:
         IReactorUNIX,
     )
 
+    from sentry_tx.identity.jwks import IJWKSReactor
+
     class IServingReactor(
+        IJWKSReactor,
         IReactorCore,
         IReactorTime,
         IReactorThreads,

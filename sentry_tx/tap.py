@@ -27,18 +27,19 @@ from sentry_tx.options import Options
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
+    from sentry_tx.ca.kubernetes_store import KubernetesTrustStore
+    from sentry_tx.ca.store import FileTrustStore
     from sentry_tx.healthz import ReadinessSource
     from sentry_tx.interfaces import (
         IConfigurationSource,
         IIdentityValidator,
         IServingReactor,
-        ITrustStore,
     )
     from sentry_tx.jwt.minting import JWTMinter
     from sentry_tx.jwt.oidc import OIDCService
     from sentry_tx.metrics import SentryMetrics
     from sentry_tx.rundir import PrivateDirectory
-    from sentry_tx.server.service import CertificateAuthorityService
+    from sentry_tx.server.service import CertificateAuthorityService, JWTPairStore
     from sentry_tx.service import SentryService
 
 
@@ -109,7 +110,7 @@ def build_service(
     SharedMetrics(metrics, metrics_directory).setServiceParent(root)
     configuration_source: IConfigurationSource | None = None
     readiness: tuple[ReadinessSource, ...] = ()
-    trust_store: ITrustStore
+    trust_store: FileTrustStore | KubernetesTrustStore
     validators: dict[int, IIdentityValidator]
     default_validator: int | None
     if config.mode == MODE_KUBERNETES:
@@ -159,7 +160,8 @@ def build_service(
             validator.setServiceParent(root)
             # A validator that runs as a service says when it is ready.
             readiness_sources.append(cast("ReadinessSource", validator))
-    jwt_minter = jwt_store = None
+    jwt_minter = None
+    jwt_store: JWTPairStore | None = None
     if config.jwt_enabled:
         from sentry_tx.jwt.minting import JWTMinter
         from sentry_tx.jwt.store import FileJWTStore
@@ -247,7 +249,7 @@ def add_parent_services(
     metrics: SentryMetrics,
     directory: PrivateDirectory,
     arguments: Sequence[str],
-    trust_store: ITrustStore,
+    trust_store: FileTrustStore | KubernetesTrustStore,
     jwt_minter: JWTMinter | None,
     readiness: tuple[ReadinessSource, ...],
 ) -> None:

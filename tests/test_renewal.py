@@ -8,8 +8,8 @@ from datetime import timedelta
 from cryptography import x509
 from twisted.trial.unittest import SynchronousTestCase
 
-from sentry_tx.ca import renewal
 from sentry_tx.ca.bundle import load_bundle
+from sentry_tx.ca.pem import certificates_pem
 from sentry_tx.ca.renewal import (
     ACTION_APPEND,
     ACTION_FINISH_SWITCH,
@@ -298,7 +298,7 @@ class PlanTests(SynchronousTestCase):
         self.assertEqual(step.action, ACTION_SWITCH)
         # Interrupted after issuer.crt was written: the key is still next.
         parts = dict(store.parts)
-        parts[PART_ISSUER] = renewal.certificates_pem([pending.next_issuer])
+        parts[PART_ISSUER] = certificates_pem([pending.next_issuer])
         state = state_of(parts, at)
         self.assertTrue(state.switching)
         self.assertEqual(plan(state, at, SHORT).action, ACTION_FINISH_SWITCH)
@@ -370,4 +370,4 @@ def _parts_anchor(store):
         if part == PART_ANCHORS
     )
     certificates = x509.load_pem_x509_certificates(contents)
-    return renewal.certificates_pem(certificates[:-1])
+    return certificates_pem(certificates[:-1])

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import SignatureAlgorithmOID
 
-from sentry_tx.ca.bundle import PEMBlock, PEMError, iter_pem_blocks
+from sentry_tx.ca.pem import PEMBlock, PEMError, iter_pem_blocks
 from sentry_tx.ca.x509profile import MIN_RSA_KEY_BITS
 from sentry_tx.errors import CSRError
 

@@ -39,11 +39,11 @@ from sentry_tx.ca import x509profile
 from sentry_tx.ca.bundle import (
     KEY_TYPE_ECDSA_P256,
     KEY_TYPE_ED25519,
-    certificates_pem,
     generate_bundle,
     is_self_signed,
     load_bundle,
 )
+from sentry_tx.ca.pem import certificates_pem
 from sentry_tx.durations import format_go_duration
 from sentry_tx.errors import BundleError, ConfigError
 

@@ -22,7 +22,6 @@ Reads and writes run in a daemon thread with a time bound
 twistd process writes; serving copies see the files change and reload.
 """
 
-import errno
 import os
 from collections.abc import Callable
 from datetime import datetime
@@ -54,6 +53,7 @@ from sentry_tx.ca.store import (
     KEY_FILE_MODE,
     MAX_BUNDLE_FILE_BYTES,
     FileTrustStore,
+    sync_directory,
     temporary_name,
 )
 from sentry_tx.errors import BundleError
@@ -135,7 +135,7 @@ class FileRenewalStore:
             os.path.dirname(os.path.abspath(p)) for p in self._paths.values()
         }
         for directory in sorted(directories):
-            _sync_directory(directory)
+            sync_directory(directory)
         return StepResult(step, state, True, writes.renewed)
 
     def read_sync(self, now: datetime) -> RenewalState:
@@ -198,17 +198,6 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _sync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
 
 
 __all__ = ["FileRenewalStore"]

@@ -130,6 +130,160 @@ def read_credential(
     )
 
 
+def distinct_directories(paths: Iterable[str]) -> tuple[str, ...]:
+    """
+    The distinct directories of C{paths}, in their order.
+    """
+    directories: list[str] = []
+    for path in paths:
+        directory = os.path.dirname(os.path.abspath(path))
+        if directory not in directories:
+            directories.append(directory)
+    return tuple(directories)
+
+
+def credential_exists(path: str) -> bool:
+    """
+    Whether C{path} exists (a dangling symbolic link counts: reading it
+    will fail, loudly, rather than be overwritten).
+
+    @raise BundleError: when it cannot be told (a directory on the way
+        is unreadable): absence is never assumed.
+    """
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise BundleError(path, f"cannot be checked: {describe_os_error(e)}") from e
+    return True
+
+
+def sync_directory(directory: str) -> None:
+    """
+    Flush a directory's entries (the renames) to disk, where the file
+    system can.
+    """
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+class CredentialWriter:
+    """
+    Writes a set of generated credential files all or nothing, never over
+    an existing file; what the bundle store and the JWT store share.
+    """
+
+    def __init__(
+        self,
+        watch_directories: Sequence[str],
+        _open: Callable[[str, int, int], int] = os.open,
+    ) -> None:
+        """
+        @param watch_directories: the directories whose entries are flushed
+            to disk after the renames.
+        @param _open: L{os.open}, or a test's stand-in to make writes fail.
+        """
+        self.watch_directories = tuple(watch_directories)
+        self._open = _open
+
+    def write_all(self, files: Sequence[tuple[str, bytes, int]]) -> None:
+        """
+        Write every C{(path, data, mode)} of C{files}, all or nothing.
+
+        First every file goes to a new temporary file next to it, then all
+        are renamed into place.  On failure, the temporary files, the files
+        already renamed and the directories created are removed again.
+
+        @raise BundleError: naming the path whose write failed.
+        """
+        created_directories: list[str] = []
+        temporaries: list[str] = []
+        renamed: list[str] = []
+        current = files[0][0]
+        try:
+            for path, data, mode in files:
+                current = path
+                directory = os.path.dirname(os.path.abspath(path))
+                created_directories.extend(self._make_directory(directory))
+                temporary = os.path.join(
+                    directory, temporary_name(os.path.basename(path))
+                )
+                fd = self._open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+                temporaries.append(temporary)
+                self._write_file(fd, data, mode)
+            for (path, _, _), temporary in list(zip(files, temporaries, strict=True)):
+                current = path
+                if credential_exists(path):
+                    raise FileExistsError(
+                        errno.EEXIST, "it appeared while the bundle was generated"
+                    )
+                os.replace(temporary, path)
+                temporaries.remove(temporary)
+                renamed.append(path)
+            for directory in self.watch_directories:
+                current = directory
+                sync_directory(directory)
+        except (OSError, BundleError) as e:
+            for leftover in temporaries + renamed:
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
+            for directory in reversed(created_directories):
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    pass
+            if isinstance(e, BundleError):
+                raise
+            raise BundleError(
+                current, f"cannot write the generated bundle: {describe_os_error(e)}"
+            ) from None
+
+    def _make_directory(self, directory: str) -> list[str]:
+        """
+        Create C{directory} with mode 0700 if it is missing, with any missing
+        parents.
+
+        @return: the directories created, outermost first.
+        """
+        missing = []
+        while not os.path.isdir(directory):
+            missing.append(directory)
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                break
+            directory = parent
+        created: list[str] = []
+        for directory in reversed(missing):
+            os.mkdir(directory, CREDENTIALS_DIRECTORY_MODE)
+            os.chmod(directory, CREDENTIALS_DIRECTORY_MODE)
+            created.append(directory)
+        return created
+
+    def _write_file(self, fd: int, data: bytes, mode: int) -> None:
+        """
+        Write C{data} to the new file open as C{fd}, give it C{mode} exactly
+        (whatever the umask), flush it to disk and close it.
+        """
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @implementer(ITrustStore)
 class FileTrustStore:
     """
@@ -191,7 +345,6 @@ class FileTrustStore:
         self._allowed_clock_skew = allowed_clock_skew
         self._key_type = key_type
         self._ca_ttl = ca_ttl
-        self._open = _open
         self._read_open = _read_open
         self._geteuid = _geteuid
         self._file_work = (
@@ -203,12 +356,8 @@ class FileTrustStore:
             next_path(issuer_key_path),
         )
         self._description = ", ".join(self._paths)
-        directories: list[str] = []
-        for path in self._paths:
-            directory = os.path.dirname(os.path.abspath(path))
-            if directory not in directories:
-                directories.append(directory)
-        self.watch_directories = tuple(directories)
+        self.watch_directories = distinct_directories(self._paths)
+        self._writer = CredentialWriter(self.watch_directories, _open)
 
     # ITrustStore
 
@@ -280,7 +429,7 @@ class FileTrustStore:
         """
         self.remove_leftover_temporaries()
         self.check_directories()
-        present = [path for path in self._paths if self._exists(path)]
+        present = [path for path in self._paths if credential_exists(path)]
         if not present:
             return None
         if len(present) < len(self._paths):
@@ -333,7 +482,7 @@ class FileTrustStore:
             except BundleError as e:
                 if e.source != key_path or attempt:
                     raise
-                if self._exists(next_key_path):
+                if credential_exists(next_key_path):
                     try:
                         bundle = load_bundle(
                             anchors_pem,
@@ -356,22 +505,6 @@ class FileTrustStore:
         raise AssertionError("unreachable")
 
     # Helpers
-
-    def _exists(self, path: str) -> bool:
-        """
-        Whether C{path} exists (a dangling symbolic link counts: reading it
-        will fail, loudly, rather than be overwritten).
-
-        @raise BundleError: when it cannot be told (a directory on the way
-            is unreadable): absence is never assumed.
-        """
-        try:
-            os.lstat(path)
-        except FileNotFoundError:
-            return False
-        except OSError as e:
-            raise BundleError(path, f"cannot be checked: {describe_os_error(e)}") from e
-        return True
 
     def _read(self, path: str, is_key: bool = False) -> bytes:
         """
@@ -492,7 +625,7 @@ class FileTrustStore:
             **({} if self._ca_ttl is None else {"lifetime": self._ca_ttl}),
         )
         ca_path, issuer_path, key_path = self._paths
-        self._write_all(
+        self._writer.write_all(
             [
                 (ca_path, generated.anchors_pem, CERTIFICATE_FILE_MODE),
                 (issuer_path, generated.issuer_chain_pem, CERTIFICATE_FILE_MODE),
@@ -507,107 +640,3 @@ class FileTrustStore:
             not_after=generated.bundle.chain_not_after.isoformat(),
         )
         return generated.bundle
-
-    def _write_all(self, files: Sequence[tuple[str, bytes, int]]) -> None:
-        """
-        Write every C{(path, data, mode)} of C{files}, all or nothing.
-
-        First every file goes to a new temporary file next to it, then all
-        are renamed into place.  On failure, the temporary files, the files
-        already renamed and the directories created are removed again.
-
-        @raise BundleError: naming the path whose write failed.
-        """
-        created_directories: list[str] = []
-        temporaries: list[str] = []
-        renamed: list[str] = []
-        current = files[0][0]
-        try:
-            for path, data, mode in files:
-                current = path
-                directory = os.path.dirname(os.path.abspath(path))
-                created_directories.extend(self._make_directory(directory))
-                temporary = os.path.join(
-                    directory, temporary_name(os.path.basename(path))
-                )
-                fd = self._open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-                temporaries.append(temporary)
-                self._write_file(fd, data, mode)
-            for (path, _, _), temporary in list(zip(files, temporaries, strict=True)):
-                current = path
-                if self._exists(path):
-                    raise FileExistsError(
-                        errno.EEXIST, "it appeared while the bundle was generated"
-                    )
-                os.replace(temporary, path)
-                temporaries.remove(temporary)
-                renamed.append(path)
-            for directory in self.watch_directories:
-                current = directory
-                self._sync_directory(directory)
-        except (OSError, BundleError) as e:
-            for leftover in temporaries + renamed:
-                try:
-                    os.unlink(leftover)
-                except OSError:
-                    pass
-            for directory in reversed(created_directories):
-                try:
-                    os.rmdir(directory)
-                except OSError:
-                    pass
-            if isinstance(e, BundleError):
-                raise
-            raise BundleError(
-                current, f"cannot write the generated bundle: {describe_os_error(e)}"
-            ) from None
-
-    def _make_directory(self, directory: str) -> list[str]:
-        """
-        Create C{directory} with mode 0700 if it is missing, with any missing
-        parents.
-
-        @return: the directories created, outermost first.
-        """
-        missing = []
-        while not os.path.isdir(directory):
-            missing.append(directory)
-            parent = os.path.dirname(directory)
-            if parent == directory:
-                break
-            directory = parent
-        created: list[str] = []
-        for directory in reversed(missing):
-            os.mkdir(directory, CREDENTIALS_DIRECTORY_MODE)
-            os.chmod(directory, CREDENTIALS_DIRECTORY_MODE)
-            created.append(directory)
-        return created
-
-    def _write_file(self, fd: int, data: bytes, mode: int) -> None:
-        """
-        Write C{data} to the new file open as C{fd}, give it C{mode} exactly
-        (whatever the umask), flush it to disk and close it.
-        """
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _sync_directory(self, directory: str) -> None:
-        """
-        Flush a directory's entries (the renames) to disk, where the file
-        system can.
-        """
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOTSUP):
-                raise
-        finally:
-            os.close(fd)

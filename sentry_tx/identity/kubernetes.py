@@ -78,7 +78,7 @@ from collections.abc import Awaitable, Coroutine, Iterable, Mapping
 from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -317,7 +317,7 @@ class OnGrpcLoop:
 
     runs_on_loop = True
 
-    def __init__(self, reactor: IReactorTime) -> None:
+    def __init__(self, reactor: IReactorFromThreads) -> None:
         self._reactor = reactor
 
     async def admitted(self, admission: ReviewAdmission, deadline: float) -> Release:

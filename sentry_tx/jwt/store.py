@@ -31,7 +31,9 @@ from sentry_tx.ca.files import (
 from sentry_tx.ca.store import (
     CERTIFICATE_FILE_MODE,
     KEY_FILE_MODE,
-    FileTrustStore,
+    CredentialWriter,
+    credential_exists,
+    distinct_directories,
     read_credential,
 )
 from sentry_tx.errors import BundleError
@@ -57,11 +59,11 @@ def check_generation_algorithm(algorithm: str, source: str) -> None:
         )
 
 
-class FileJWTStore(FileTrustStore):
+class FileJWTStore:
     """
     The JWT key pair in two files.  It shares the bundle store's file
-    handling (existence checks, the all-or-nothing writer); it is not itself
-    a trust store.
+    handling (L{credential_exists}, the all-or-nothing L{CredentialWriter});
+    it is not itself a trust store.
 
     @ivar watch_directories: the directories of the two files.
     """
@@ -82,16 +84,11 @@ class FileJWTStore(FileTrustStore):
         self._file_work: BoundedFileWork = (
             file_work if file_work is not None else BoundedFileWork(reactor)
         )
-        self._paths = (key_path, jwks_path)
+        self._paths: tuple[str, str] = (key_path, jwks_path)
         self._algorithm = algorithm
         self._key_id = key_id
-        self._open = _open
-        directories = []
-        for path in self._paths:
-            directory = os.path.dirname(os.path.abspath(path))
-            if directory not in directories:
-                directories.append(directory)
-        self.watch_directories = tuple(directories)
+        self.watch_directories = distinct_directories(self._paths)
+        self._writer = CredentialWriter(self.watch_directories, _open)
 
     def load_or_generate(self, now: datetime | None = None) -> Deferred[JWTMaterial]:
         """
@@ -123,11 +120,11 @@ class FileJWTStore(FileTrustStore):
             pair fails the start checks, or when writing fails.
         """
         key_path, jwks_path = self._paths
-        present = [path for path in self._paths if self._exists(path)]
+        present = [path for path in self._paths if credential_exists(path)]
         if not present:
             check_generation_algorithm(self._algorithm, key_path)
             key_pem, jwks_json = generate_jwt_material(self._algorithm, self._key_id)
-            self._write_all(
+            self._writer.write_all(
                 [
                     (key_path, key_pem, KEY_FILE_MODE),
                     (jwks_path, jwks_json, CERTIFICATE_FILE_MODE),

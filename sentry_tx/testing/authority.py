@@ -117,13 +117,16 @@ class FakeCertificateAuthority:
         self.in_service_reads = 0
 
     @property
-    def in_service(self) -> "InService":
+    def in_service(self) -> "InService | None":
         """
-        The bundle and config, as the servicer reads them.
+        The bundle and config, as the servicer reads them; None while there
+        is no bundle (as the real authority's before its first load).
         """
         from sentry_tx.server.servicer import InService
 
         self.in_service_reads += 1
+        if self.bundle is None:
+            return None
         return InService(self.bundle, self.config)
 
     def start(self, config: SentryConfig) -> Deferred[None]:

@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from sentry_tx.ca.bundle import TrustBundle, certificates_pem, load_bundle
+from sentry_tx.ca.bundle import TrustBundle, load_bundle
+from sentry_tx.ca.pem import certificates_pem
 
 if TYPE_CHECKING:
     from sentry_tx.identity.caller import SignRequest
