@@ -201,7 +201,6 @@ def kubernetes_rate(workdir, seconds, delay_seconds, workers, repeats, use_h2loa
             server.cpu_seconds() - cpu_before,
             fake.cpu_seconds() - fake_before,
         )
-        time.sleep(1.5)  # let worker counters reach the parent
         after, requests_after = server.metrics(), fake.requests()
         key = "dapr_sentry_cert_sign_success_total"
         failed = sum(

@@ -527,7 +527,6 @@ def throughput(server, seconds, workdir, use_h2load, repeats):
             else:
                 runs.append(python_client_run(server, in_flight, seconds))
         cpu = server.cpu_seconds() - cpu_before
-        time.sleep(1.5)  # let worker counters reach the parent
         after = server.metrics()
         failed = sum(
             after.get(k, 0) - before.get(k, 0)
