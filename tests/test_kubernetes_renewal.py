@@ -20,7 +20,6 @@ from sentry_tx.ca.renewal import (
     ACTION_RENEW,
     ACTION_SWITCH,
     ACTION_WAIT,
-    RenewalSettings,
 )
 from sentry_tx.interfaces import IRenewalStore
 from sentry_tx.testing.certificates import (
@@ -30,21 +29,20 @@ from sentry_tx.testing.certificates import (
     make_chain,
 )
 from sentry_tx.testing.kubernetes import kubernetes_client_for, start_fake_kubernetes
+from sentry_tx.testing.renewal import (
+    SHORT_CA_TTL,
+    SHORT_RENEW_AT,
+    SHORT_RENEWAL_SETTINGS,
+    SHORT_SKEW,
+    SHORT_SWITCH_AT,
+)
 
 NAME = "dapr-trust-bundle"
-SKEW = timedelta(seconds=1)
-TTL = timedelta(seconds=90)
-SETTINGS = RenewalSettings(
-    ca_ttl=TTL,
-    threshold=0.5,
-    grace=timedelta(seconds=15),
-    workload_ttl=timedelta(seconds=20),
-    allowed_clock_skew=SKEW,
-    trust_domain=TEST_TRUST_DOMAIN,
-    namespace=TEST_NAMESPACE,
-)
-RENEW_AT = FIXED_NOW + timedelta(seconds=45)
-SWITCH_AT = RENEW_AT + timedelta(seconds=16)
+SKEW = SHORT_SKEW
+TTL = SHORT_CA_TTL
+SETTINGS = SHORT_RENEWAL_SETTINGS
+RENEW_AT = SHORT_RENEW_AT
+SWITCH_AT = SHORT_SWITCH_AT
 
 
 class KubernetesRenewalTests(TestCase):

@@ -25,22 +25,19 @@ from sentry_tx.testing.certificates import (
     TEST_TRUST_DOMAIN,
     make_chain,
 )
-
-SKEW = timedelta(seconds=1)
-TTL = timedelta(seconds=90)
-
-SHORT = RenewalSettings(
-    ca_ttl=TTL,
-    threshold=0.5,
-    grace=timedelta(seconds=15),
-    workload_ttl=timedelta(seconds=20),
-    allowed_clock_skew=SKEW,
-    trust_domain=TEST_TRUST_DOMAIN,
-    namespace=TEST_NAMESPACE,
+from sentry_tx.testing.renewal import (
+    SHORT_CA_TTL,
+    SHORT_RENEW_AT,
+    SHORT_RENEWAL_SETTINGS,
+    SHORT_SKEW,
+    SHORT_SWITCH_AT,
 )
 
-RENEW_AT = FIXED_NOW + timedelta(seconds=45)
-SWITCH_AT = RENEW_AT + timedelta(seconds=16)
+SKEW = SHORT_SKEW
+TTL = SHORT_CA_TTL
+SHORT = SHORT_RENEWAL_SETTINGS
+RENEW_AT = SHORT_RENEW_AT
+SWITCH_AT = SHORT_SWITCH_AT
 
 
 class _Killed(Exception):

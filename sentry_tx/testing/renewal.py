@@ -25,6 +25,29 @@ from sentry_tx.ca.renewal import (
     step_writes,
 )
 from sentry_tx.interfaces import IRenewalStore
+from sentry_tx.testing.certificates import (
+    FIXED_NOW,
+    TEST_NAMESPACE,
+    TEST_TRUST_DOMAIN,
+)
+
+SHORT_SKEW = timedelta(seconds=1)
+SHORT_CA_TTL = timedelta(seconds=90)
+SHORT_RENEWAL_SETTINGS = RenewalSettings(
+    ca_ttl=SHORT_CA_TTL,
+    threshold=0.5,
+    grace=timedelta(seconds=15),
+    workload_ttl=timedelta(seconds=20),
+    allowed_clock_skew=SHORT_SKEW,
+    trust_domain=TEST_TRUST_DOMAIN,
+    namespace=TEST_NAMESPACE,
+)
+"""
+Renewal on a short clock, for a chain made at L{FIXED_NOW} with a 90 s
+life: due at L{SHORT_RENEW_AT}, the switch at L{SHORT_SWITCH_AT}.
+"""
+SHORT_RENEW_AT = FIXED_NOW + timedelta(seconds=45)
+SHORT_SWITCH_AT = SHORT_RENEW_AT + timedelta(seconds=16)
 
 
 def generated_parts(
