@@ -16,9 +16,7 @@ from typing import TYPE_CHECKING
 
 from twisted.application.service import IService, MultiService
 
-from sentry_tx.ca.kubernetes_store import KubernetesTrustStore
 from sentry_tx.config import DEFAULT_NAMESPACE, MODE_KUBERNETES, SentryConfig
-from sentry_tx.identity.admission import ReviewAdmission
 from sentry_tx.identity.caller import (
     VALIDATOR_INSECURE,
     VALIDATOR_JWKS,
@@ -26,26 +24,20 @@ from sentry_tx.identity.caller import (
 )
 from sentry_tx.identity.insecure import InsecureValidator
 from sentry_tx.identity.jwks import jwks_validator_for
-from sentry_tx.identity.kubernetes import KubernetesValidator, OnGrpcLoop
 from sentry_tx.interfaces import IIdentityValidator
-from sentry_tx.kube.client import KubernetesClient, KubernetesClientService
-from sentry_tx.kube.configuration import KubernetesConfigurationSource
-from sentry_tx.kube.connection import (
-    TOKEN_FILE_CHECK_INTERVAL_SECONDS,
-    ClusterConnection,
-)
+from sentry_tx.kube.connection import TOKEN_FILE_CHECK_INTERVAL_SECONDS
 from sentry_tx.kube.incluster import SERVICE_ACCOUNT_DIRECTORY
-from sentry_tx.kube.informer import (
-    InformerService,
-    configuration_informer,
-    pod_informer,
-)
-from sentry_tx.kube.kubeconfig import cluster_connection
-from sentry_tx.kube.loop_client import LoopKubernetesClient
-from sentry_tx.server.loop import LoopClock
 
 if TYPE_CHECKING:
+    # Kubernetes mode's parts are imported when kubernetes mode is built:
+    # a standalone process never loads the API clients (treq's and
+    # aiohttp's stacks are about 16 MiB of each serving process's memory).
+    from sentry_tx.ca.kubernetes_store import KubernetesTrustStore
+    from sentry_tx.identity.kubernetes import KubernetesValidator
     from sentry_tx.interfaces import IServingReactor
+    from sentry_tx.kube.client import KubernetesClient
+    from sentry_tx.kube.configuration import KubernetesConfigurationSource
+    from sentry_tx.kube.connection import ClusterConnection
 
 
 @dataclass(frozen=True)
@@ -161,6 +153,20 @@ def build_kubernetes_parts(
     @return: L{KubernetesParts}.
     @raise ConfigError: when an issuer file name cannot be a Secret key.
     """
+    from sentry_tx.ca.kubernetes_store import KubernetesTrustStore
+    from sentry_tx.identity.admission import ReviewAdmission
+    from sentry_tx.identity.kubernetes import KubernetesValidator, OnGrpcLoop
+    from sentry_tx.kube.client import KubernetesClient, KubernetesClientService
+    from sentry_tx.kube.configuration import KubernetesConfigurationSource
+    from sentry_tx.kube.informer import (
+        InformerService,
+        configuration_informer,
+        pod_informer,
+    )
+    from sentry_tx.kube.kubeconfig import cluster_connection
+    from sentry_tx.kube.loop_client import LoopKubernetesClient
+    from sentry_tx.server.loop import LoopClock
+
     environ = dict(environ)
 
     def load_connection() -> ClusterConnection:
