@@ -326,6 +326,11 @@ def storm(workdir, name, callers, pods, delay_seconds, deadlines, workers):
             fake.cpu_seconds() - fake_before,
         )
         requests_after = fake.requests()
+        # A copy whose loop the storm kept busy past its liveness checks
+        # would be killed and started again: counted here.
+        restarts = server.metrics().get(
+            "dapr_sentry_serving_process_restarts_total", 0
+        )
         with open(out) as f:
             results = json.load(f)
         codes = {}
@@ -354,6 +359,7 @@ def storm(workdir, name, callers, pods, delay_seconds, deadlines, workers):
             late=late,
             pushbacks=pushbacks,
             rss=server.peak_rss_mib(),
+            restarts=restarts,
             api_requests=_requests_per_certificate(
                 requests_before, requests_after, signed
             ),
@@ -399,7 +405,8 @@ def describe_storm(row):
         f"{VALIDATION_TIMEOUT_SECONDS:g} s) + {ANSWER_TOLERANCE_SECONDS:g} s: "
         f"{row['late']}; "
         f"refusals with grpc-retry-pushback-ms: {row['pushbacks']}; peak RSS "
-        f"{row['rss']:.0f} MiB; "
+        f"{row['rss']:.0f} MiB; serving processes restarted: "
+        f"{row.get('restarts', 0):.0f}; "
         f"API requests per cert: {_format_requests(row['api_requests'])}; "
         f"CPU over the storm's {row['wall']:.1f} s: sentry_tx {row['cpu']:.1f} s, "
         f"fake API server {row['fake_cpu']:.1f} s"
