@@ -81,6 +81,27 @@ class TokenFileTests(SynchronousTestCase):
         self.assertTrue(any("token file" in message for message in messages))
         self.assertFalse(any("first" in message for message in messages))
 
+    def test_fifo_refused_without_blocking(self):
+        """
+        A FIFO swapped in for the token file is refused at once (the open
+        does not wait for a writer) and the last token stays in use.
+        """
+        token = TokenFile(self.path, self.clock, 0)
+        fifo = self.path + ".fifo"
+        os.mkfifo(fifo)
+        os.replace(fifo, self.path)
+        self.assertFalse(token.refresh())
+        self.assertEqual(token.current(), "first")
+
+    def test_fifo_refused_at_start(self):
+        """
+        A FIFO as the token file at start is a L{ConfigError} saying so.
+        """
+        os.unlink(self.path)
+        os.mkfifo(self.path)
+        error = self.assertRaises(ConfigError, TokenFile, self.path, self.clock)
+        self.assertIn("not a regular file", str(error))
+
     def test_empty_file_refused_at_start(self):
         """
         An empty token file is a L{ConfigError} when first read.

@@ -7,6 +7,7 @@ build one (bounded file reads, PEM certificates).
 """
 
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -223,12 +224,21 @@ class ClusterConnection:
 
 def read_limited(path: str, limit: int = MAX_KUBECONFIG_BYTES) -> bytes:
     """
-    The bytes of a small file.
+    The bytes of a small regular file.
+
+    Opened without blocking and refused unless it is a regular file: the
+    service-account token is re-read from the gRPC loop's Kubernetes client
+    as well as from the reactor's, and a FIFO (or any special file) put in
+    its place must fail at once rather than stop either loop.
 
     @raise OSError: when it cannot be read.
-    @raise ValueError: when it is larger than C{limit}.
+    @raise ValueError: when it is not a regular file or is larger than
+        C{limit}.
     """
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("is not a regular file")
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"is larger than {limit} bytes")
