@@ -38,11 +38,6 @@ from sentry_tx.testing.renewal import (
 )
 
 NAME = "dapr-trust-bundle"
-SKEW = SHORT_SKEW
-TTL = SHORT_CA_TTL
-SETTINGS = SHORT_RENEWAL_SETTINGS
-RENEW_AT = SHORT_RENEW_AT
-SWITCH_AT = SHORT_SWITCH_AT
 
 
 class KubernetesRenewalTests(TestCase):
@@ -58,7 +53,12 @@ class KubernetesRenewalTests(TestCase):
     def _replica(self):
         client = kubernetes_client_for(self, self.fake)
         trust_store = KubernetesTrustStore(
-            reactor, client, TEST_NAMESPACE, TEST_TRUST_DOMAIN, SKEW, ca_ttl=TTL
+            reactor,
+            client,
+            TEST_NAMESPACE,
+            TEST_TRUST_DOMAIN,
+            SHORT_SKEW,
+            ca_ttl=SHORT_CA_TTL,
         )
         return trust_store, KubernetesRenewalStore(reactor, trust_store)
 
@@ -86,7 +86,10 @@ class KubernetesRenewalTests(TestCase):
         _, second = self._replica()
         yield first_store.load_or_generate(FIXED_NOW)
         results = yield gatherResults(
-            [first.step(RENEW_AT, SETTINGS), second.step(RENEW_AT, SETTINGS)]
+            [
+                first.step(SHORT_RENEW_AT, SHORT_RENEWAL_SETTINGS),
+                second.step(SHORT_RENEW_AT, SHORT_RENEWAL_SETTINGS),
+            ]
         )
         self.assertEqual(sorted(r.written for r in results), [False, True])
         self.assertEqual(
@@ -108,14 +111,20 @@ class KubernetesRenewalTests(TestCase):
         self.assertEqual(config_map["data"]["ca.crt"], secret["ca.crt"].decode())
         next_issuer = x509.load_pem_x509_certificates(secret["issuer.next.crt"])[0]
         results = yield gatherResults(
-            [first.step(SWITCH_AT, SETTINGS), second.step(SWITCH_AT, SETTINGS)]
+            [
+                first.step(SHORT_SWITCH_AT, SHORT_RENEWAL_SETTINGS),
+                second.step(SHORT_SWITCH_AT, SHORT_RENEWAL_SETTINGS),
+            ]
         )
         self.assertEqual(sorted(r.written for r in results), [False, True])
         self.assertIn(ACTION_SWITCH, [r.step.action for r in results])
         secret = self._secret()
         self.assertEqual(sorted(secret), ["ca.crt", "issuer.crt", "issuer.key"])
         bundle = load_bundle(
-            secret["ca.crt"], secret["issuer.crt"], secret["issuer.key"], SWITCH_AT
+            secret["ca.crt"],
+            secret["issuer.crt"],
+            secret["issuer.key"],
+            SHORT_SWITCH_AT,
         )
         self.assertEqual(bundle.issuer, next_issuer)
         self.assertEqual(bundle.active_anchors, (bundle.anchors[1],))
@@ -137,7 +146,7 @@ class KubernetesRenewalTests(TestCase):
         )
         _, store = self._replica()
         late = chain.issuer.not_valid_after_utc - timedelta(days=1)
-        result = yield store.step(late, SETTINGS)
+        result = yield store.step(late, SHORT_RENEWAL_SETTINGS)
         self.assertEqual(result.step.action, ACTION_OFF)
         self.assertEqual(
             [request for request in self.fake.requests if request[0] != "GET"], []

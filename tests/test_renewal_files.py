@@ -33,12 +33,6 @@ from sentry_tx.testing.renewal import (
     SHORT_SWITCH_AT,
 )
 
-SKEW = SHORT_SKEW
-TTL = SHORT_CA_TTL
-SHORT = SHORT_RENEWAL_SETTINGS
-RENEW_AT = SHORT_RENEW_AT
-SWITCH_AT = SHORT_SWITCH_AT
-
 
 class _Killed(Exception):
     """
@@ -72,8 +66,8 @@ class FileRenewalTests(SynchronousTestCase):
             os.path.join(self.directory, "issuer.key"),
             TEST_TRUST_DOMAIN,
             TEST_NAMESPACE,
-            SKEW,
-            ca_ttl=TTL,
+            SHORT_SKEW,
+            ca_ttl=SHORT_CA_TTL,
         )
 
     def _store(self, after_write=None):
@@ -88,7 +82,7 @@ class FileRenewalTests(SynchronousTestCase):
     def _run_until_wait(self, store, now):
         actions = []
         for _ in range(10):
-            result = store.step_sync(now, SHORT)
+            result = store.step_sync(now, SHORT_RENEWAL_SETTINGS)
             actions.append(result.step.action)
             self.trust_store.load_sync(now)
             if not result.written:
@@ -102,7 +96,7 @@ class FileRenewalTests(SynchronousTestCase):
         """
         store = self._store()
         self.assertEqual(
-            self._run_until_wait(store, RENEW_AT), [ACTION_RENEW, ACTION_WAIT]
+            self._run_until_wait(store, SHORT_RENEW_AT), [ACTION_RENEW, ACTION_WAIT]
         )
         self.assertEqual(
             sorted(os.listdir(self.directory)),
@@ -114,19 +108,19 @@ class FileRenewalTests(SynchronousTestCase):
                 "issuer.next.key",
             ],
         )
-        self.assertEqual(len(self.trust_store.load_sync(RENEW_AT).anchors), 2)
+        self.assertEqual(len(self.trust_store.load_sync(SHORT_RENEW_AT).anchors), 2)
         self.assertEqual(
             os.stat(os.path.join(self.directory, "issuer.next.key")).st_mode & 0o777,
             0o600,
         )
-        pending = store.read_sync(RENEW_AT)
+        pending = store.read_sync(SHORT_RENEW_AT)
         self.assertEqual(
-            self._run_until_wait(store, SWITCH_AT), [ACTION_SWITCH, ACTION_WAIT]
+            self._run_until_wait(store, SHORT_SWITCH_AT), [ACTION_SWITCH, ACTION_WAIT]
         )
         self.assertEqual(
             sorted(os.listdir(self.directory)), ["ca.crt", "issuer.crt", "issuer.key"]
         )
-        bundle = self.trust_store.load_sync(SWITCH_AT)
+        bundle = self.trust_store.load_sync(SHORT_SWITCH_AT)
         self.assertEqual(bundle.issuer, pending.next_issuer)
         self.assertEqual(bundle.active_anchors, (pending.next_root,))
         self.assertEqual(
@@ -150,16 +144,16 @@ class FileRenewalTests(SynchronousTestCase):
             self.directory = self.mktemp()
             self.trust_store = self._trust_store()
             self.trust_store.load_or_generate_sync(FIXED_NOW)
-            now = RENEW_AT if point[0] == ACTION_RENEW else SWITCH_AT
+            now = SHORT_RENEW_AT if point[0] == ACTION_RENEW else SHORT_SWITCH_AT
             if point[0] == ACTION_SWITCH:
-                self._run_until_wait(self._store(), RENEW_AT)
+                self._run_until_wait(self._store(), SHORT_RENEW_AT)
             killed = self._store(_kill_at(point))
-            self.assertRaises(_Killed, killed.step_sync, now, SHORT)
+            self.assertRaises(_Killed, killed.step_sync, now, SHORT_RENEWAL_SETTINGS)
             # What a serving copy loads meanwhile is a consistent pair.
             self.trust_store.load_sync(now)
             self._run_until_wait(self._store(), now)
-            self._run_until_wait(self._store(), SWITCH_AT)
-            bundle = self.trust_store.load_sync(SWITCH_AT)
+            self._run_until_wait(self._store(), SHORT_SWITCH_AT)
+            bundle = self.trust_store.load_sync(SHORT_SWITCH_AT)
             self.assertEqual(len(bundle.anchors), 2, point)
             self.assertNotEqual(bundle.issuer, bundle.anchors[0], point)
             self.assertEqual(bundle.active_anchors, (bundle.anchors[1],), point)
@@ -173,10 +167,12 @@ class FileRenewalTests(SynchronousTestCase):
         """
         Killed between issuer.crt and issuer.key, the next step finishes the switch.
         """
-        self._run_until_wait(self._store(), RENEW_AT)
+        self._run_until_wait(self._store(), SHORT_RENEW_AT)
         killed = self._store(_kill_at((ACTION_SWITCH, "issuer")))
-        self.assertRaises(_Killed, killed.step_sync, SWITCH_AT, SHORT)
-        result = self._store().step_sync(SWITCH_AT, SHORT)
+        self.assertRaises(
+            _Killed, killed.step_sync, SHORT_SWITCH_AT, SHORT_RENEWAL_SETTINGS
+        )
+        result = self._store().step_sync(SHORT_SWITCH_AT, SHORT_RENEWAL_SETTINGS)
         self.assertEqual(result.step.action, ACTION_FINISH_SWITCH)
 
     def test_operator_bundle_untouched(self):
@@ -188,7 +184,7 @@ class FileRenewalTests(SynchronousTestCase):
         self.trust_store = self._trust_store()
         before = self._listing()
         late = chain.issuer.not_valid_after_utc - timedelta(days=1)
-        result = self._store().step_sync(late, SHORT)
+        result = self._store().step_sync(late, SHORT_RENEWAL_SETTINGS)
         self.assertEqual(result.step.action, ACTION_OFF)
         self.assertEqual(self._listing(), before)
 
@@ -196,6 +192,6 @@ class FileRenewalTests(SynchronousTestCase):
         """With renewal off, a generated bundle past its threshold is not written."""
         before = self._listing()
         settings = RenewalSettings(enabled=False)
-        result = self._store().step_sync(RENEW_AT, settings)
+        result = self._store().step_sync(SHORT_RENEW_AT, settings)
         self.assertEqual(result.step.action, ACTION_OFF)
         self.assertEqual(self._listing(), before)
