@@ -27,6 +27,7 @@ with 20 ms per review).
 import argparse
 import datetime
 import os
+import re
 import statistics
 import sys
 import time
@@ -47,11 +48,23 @@ from sentry_tx.identity.images import kept_images  # noqa: E402
 from sentry_tx.testing.certificates import make_bundle, make_private_key  # noqa: E402
 from sentry_tx.testing.container_images import pod_document, sidecar_pod  # noqa: E402
 
-KUBERNETES_CPU_MS_PER_CERTIFICATE = 1.40
-"""
-Kubernetes-mode server CPU per certificate (issue 19: one process, h2load
-8 x 8, the fake API server with 20 ms per review, 13 runs).
-"""
+RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+_KUBERNETES_CPU = re.compile(
+    r"CPU per signed certificate: sentry_tx.s processes ([0-9.]+) ms"
+)
+
+
+def recorded_kubernetes_cpu_ms(path=RESULTS_PATH):
+    """
+    The kubernetes-mode server CPU per certificate that the last full
+    C{bench/run.py} wrote into RESULTS.md, or None when it holds none.
+    """
+    try:
+        with open(path) as f:
+            found = _KUBERNETES_CPU.search(f.read())
+    except OSError:
+        return None
+    return float(found.group(1)) if found else None
 
 TARGET_PERCENT = 5.0
 
@@ -100,10 +113,16 @@ def main(argv=None):
     parser.add_argument(
         "--per-certificate-ms",
         type=float,
-        default=KUBERNETES_CPU_MS_PER_CERTIFICATE,
-        help="kubernetes-mode CPU ms per certificate to compare with",
+        default=None,
+        help="kubernetes-mode CPU ms per certificate to compare with (default:"
+        " the figure of the last full run in bench/RESULTS.md)",
     )
     args = parser.parse_args(argv)
+    if args.per_certificate_ms is None:
+        args.per_certificate_ms = recorded_kubernetes_cpu_ms()
+    if args.per_certificate_ms is None:
+        parser.error("bench/RESULTS.md records no kubernetes-mode CPU figure:"
+                     " pass --per-certificate-ms")
     turns, calls = (9, 100) if args.quick else (41, 300)
     run = pipeline_micro._bench_run_module()
     print(f"machine: {run.machine_description()}")

@@ -328,9 +328,7 @@ def storm(workdir, name, callers, pods, delay_seconds, deadlines, workers):
         requests_after = fake.requests()
         # A copy whose loop the storm kept busy past its liveness checks
         # would be killed and started again: counted here.
-        restarts = server.metrics().get(
-            "dapr_sentry_serving_process_restarts_total", 0
-        )
+        restarts = server.metrics().get("dapr_sentry_serving_process_restarts_total")
         with open(out) as f:
             results = json.load(f)
         codes = {}
@@ -390,6 +388,13 @@ def describe_rate(row):
     )
 
 
+def _restarts(count):
+    """
+    The restart count as printed: C{n/a} when sentry_tx did not report it.
+    """
+    return "n/a" if count is None else f"{count:.0f}"
+
+
 def describe_storm(row):
     from run import process_label
 
@@ -406,7 +411,7 @@ def describe_storm(row):
         f"{row['late']}; "
         f"refusals with grpc-retry-pushback-ms: {row['pushbacks']}; peak RSS "
         f"{row['rss']:.0f} MiB; serving processes restarted: "
-        f"{row.get('restarts', 0):.0f}; "
+        f"{_restarts(row.get('restarts'))}; "
         f"API requests per cert: {_format_requests(row['api_requests'])}; "
         f"CPU over the storm's {row['wall']:.1f} s: sentry_tx {row['cpu']:.1f} s, "
         f"fake API server {row['fake_cpu']:.1f} s"

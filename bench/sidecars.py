@@ -440,6 +440,9 @@ def sidecar_comparison(go_binary, workdir, seconds=8.0, rounds=3, workers=None,
             ).write(chain_dir)
             fake = GoFakeAPI(go_binary, workdir, delay_seconds, chain_dir)
         token = fake.token if fake else None
+        # What else was running: the 1-minute load average before this
+        # mode's servers start, printed with the figures.
+        load_before = os.getloadavg()[0]
         ours = theirs = None
         try:
             ours = _SentryUnderLoad(workdir, workers, fake, chain_dir)
@@ -464,6 +467,7 @@ def sidecar_comparison(go_binary, workdir, seconds=8.0, rounds=3, workers=None,
                         f" failed {row['failed']} CPU {_fmt(row['cpu_ms'], 3)} ms/cert"
                     )
             results[mode] = {name: _median_row(rows) for name, rows in runs.items()}
+            results[mode]["load_before"] = load_before
         finally:
             for target in (ours, theirs):
                 if target is not None:
@@ -545,9 +549,12 @@ def report_lines(
         "descendants)"
         " over the load, divided by the certificates signed; the fake API server's own "
         "CPU is"
-        " shown apart. The machine is shared with other work (about 8 agents on 2 "
-        "cores): quote"
-        " the ratios, which are taken in the same run.",
+        " shown apart. 1-minute load average before each mode's servers"
+        " started: "
+        + ", ".join(
+            f"{mode} {pair['load_before']:.2f}" for mode, pair in results.items()
+        )
+        + " (the machine may be shared: quote the ratios, taken in the same run).",
         "",
         "| load | server | certificates/s | p50 ms | p99 ms | failed | CPU ms per "
         "certificate"
