@@ -4,6 +4,7 @@ serialised, coalesced restart.
 """
 
 import socket
+from datetime import timedelta
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
@@ -281,6 +282,31 @@ class CertificateAuthorityServiceTests(SynchronousTestCase):
         self.assertIsNotNone(self.ca._credentials._fetch())
         self.assertIsNot(self.ca._renewal, renewal)
         self.assertTrue(self.ca._renewal.active())
+
+
+    def test_renewal_superseded_by_reload(self):
+        """
+        A server certificate still being issued from a bundle that a reload
+        then replaced is dropped: the reload's certificate and its renewal
+        timer stay in service.
+        """
+        self.start()
+        pending: Deferred[object] = Deferred()
+        issue = self.ca._issue_server_certificate
+        self.ca._issue_server_certificate = lambda *a: pending
+        self.reactor.advance(24 * 3600 / 2)
+        self.ca._issue_server_certificate = issue
+        d = self.ca.restart(self.config)
+        self.store.waiting.pop().callback(make_bundle())
+        self.successResultOf(d)
+        self.assertIsNotNone(self.ca._credentials._fetch())
+        timer = self.ca._renewal
+        pending.callback(
+            (b"stale key", b"stale chain", FIXED_NOW, FIXED_NOW + timedelta(days=1))
+        )
+        self.assertIsNone(self.ca._credentials._fetch())
+        self.assertIs(self.ca._renewal, timer)
+        self.assertTrue(timer.active())
 
 
 class ListenTargetTests(SynchronousTestCase):

@@ -716,9 +716,17 @@ class CertificateAuthorityService(Service):
         assert bundle is not None
         d = self._issue_server_certificate(bundle, config)
 
+        def superseded() -> bool:
+            # A swap (a reload) or a stop while the certificate was being
+            # issued: the swap put a newer certificate in service and
+            # scheduled its own renewal, so this one is dropped.
+            return self.bundle is not bundle or not self._started
+
         def renewed(result: ServerCertificate) -> None:
+            if superseded():
+                return
             key_pem, chain_pem, _, not_after = result
-            if self._credentials is not None and self._started:
+            if self._credentials is not None:
                 self._credentials.replace(key_pem, chain_pem)
                 self._schedule_renewal(not_after)
             self._log.info("server certificate renewed")
@@ -730,7 +738,8 @@ class CertificateAuthorityService(Service):
                 failure,
                 seconds=SERVER_CERT_RETRY_SECONDS,
             )
-            if self._started:
+            if not superseded():
+                self._cancel_renewal()
                 self._renewal = self._reactor.callLater(
                     SERVER_CERT_RETRY_SECONDS, self._renew_server_certificate
                 )
