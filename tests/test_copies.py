@@ -9,6 +9,7 @@ import os
 from twisted.internet import error, reactor, task
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -17,6 +18,7 @@ from sentry_tx.rundir import PrivateDirectory
 from sentry_tx.server import copies
 from sentry_tx.server.copies import ServingCopies
 from sentry_tx.server.liveness import liveness_site, probe
+from sentry_tx.testing.logs import capture_logs, log_messages
 
 
 class _FakeTransport:
@@ -42,7 +44,15 @@ class _ProcessReactor(Clock):
         self.spawned = []
         self._next_pid = 1000
 
+    failures = 0
+    """
+    How many of the next spawns fail as C{fork} does when it cannot.
+    """
+
     def spawnProcess(self, protocol, executable, args, env=None, childFDs=None):
+        if self.failures:
+            self.failures -= 1
+            raise OSError(11, "Resource temporarily unavailable")
         self._next_pid += 1
         transport = _FakeTransport(self._next_pid)
         protocol.makeConnection(transport)
@@ -191,6 +201,33 @@ class ServingCopiesTests(SynchronousTestCase):
         self.assertEqual(self.value("dapr_sentry_serving_process_restarts_total"), 2)
         errors = [e for e in self.flushLoggedErrors()]
         self.assertEqual(errors, [])
+
+    def test_failed_spawn_retried_with_backoff(self):
+        """
+        A copy that cannot be started is logged at error, not supervised,
+        and tried again after the respawn delay, which doubles.
+        """
+        events = capture_logs(self)
+        self.reactor.failures = 3
+        self.copies.startService()
+        self.assertEqual(len(self.reactor.spawned), 0)
+        self.assertEqual(self.copies.serving, 0)
+        delay = copies.RESPAWN_INITIAL_DELAY_SECONDS
+        # Both retried after the first delay; copy 0 fails once more.
+        self.reactor.advance(delay)
+        self.assertEqual(len(self.reactor.spawned), 1)
+        # Copy 0's next try comes after twice the delay.
+        self.reactor.advance(delay)
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.reactor.advance(delay)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        failures = [
+            m
+            for m in log_messages(events, LogLevel.error)
+            if "could not start serving process" in m
+        ]
+        self.assertEqual(len(failures), 3)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_stop_closes_stdin_then_kills(self):
         """

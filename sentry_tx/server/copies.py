@@ -224,10 +224,23 @@ class ServingCopies(Service):
         # The port this process bound (it may have been 0); the copy shares it.
         argv += self._arguments + ["--port", str(self._authority.port)]
         copy = _Copy(index, socket_path, self._reactor.seconds(), self._ended)
+        try:
+            self._reactor.spawnProcess(
+                copy, self._executable, argv, env=environ, childFDs={0: "w", 1: 1, 2: 2}
+            )
+        except OSError as e:
+            # No process (no fork, no fds): nothing to supervise; try again
+            # with the same backoff as for a copy that ended.
+            delay = self._respawn_later(index, served=False)
+            self._log.error(
+                "could not start serving process {index}: {error}; trying again"
+                " in {delay} s",
+                index=index,
+                error=e,
+                delay=delay,
+            )
+            return
         self._copies[index] = copy
-        self._reactor.spawnProcess(
-            copy, self._executable, argv, env=environ, childFDs={0: "w", 1: 1, 2: 2}
-        )
         self._log.info(
             "started serving process {index} (pid {pid})", index=index, pid=copy.pid
         )
@@ -293,13 +306,10 @@ class ServingCopies(Service):
         self._publish()
         if self._stopping:
             return
-        delay = self._delays.get(copy.index, self._respawn_initial_delay_seconds)
         served = copy.serving_since is not None and (
             self._reactor.seconds() - copy.serving_since >= RESPAWN_MAX_DELAY_SECONDS
         )
-        if served:
-            delay = self._respawn_initial_delay_seconds
-        self._delays[copy.index] = min(delay * 2, RESPAWN_MAX_DELAY_SECONDS)
+        delay = self._respawn_later(copy.index, served)
         self._metrics.serving_process_restarts.inc()
         self._log.error(
             "serving process {index} (pid {pid}) ended ({how}); starting it again"
@@ -310,9 +320,21 @@ class ServingCopies(Service):
             else f"exit status {reason.exitCode}",
             delay=delay,
         )
-        self._respawns[copy.index] = self._reactor.callLater(
-            delay, self._spawn, copy.index
-        )
+
+    def _respawn_later(self, index: int, served: bool) -> float:
+        """
+        Start copy C{index} again after a delay that doubles (up to
+        L{RESPAWN_MAX_DELAY_SECONDS}) each time, and starts over once a copy
+        has C{served} that long.
+
+        @return: the delay, in seconds.
+        """
+        delay = self._delays.get(index, self._respawn_initial_delay_seconds)
+        if served:
+            delay = self._respawn_initial_delay_seconds
+        self._delays[index] = min(delay * 2, RESPAWN_MAX_DELAY_SECONDS)
+        self._respawns[index] = self._reactor.callLater(delay, self._spawn, index)
+        return delay
 
     def _publish(self) -> None:
         serving = self.serving
