@@ -64,7 +64,8 @@ _USER_AGENT = f"sentry_tx/{sentry_tx.__version__}"
 def cluster_ssl_context(connection: ClusterConnection) -> ssl.SSLContext:
     """
     The client TLS context for the API server of C{connection}: its CA (or
-    the system's roots), the server's name checked, and the client
+    the system's roots, which C{create_default_context} loads when given no
+    C{cadata}), the server's name checked, and the client
     certificate when it has one.
     """
     context = ssl.create_default_context(
@@ -74,8 +75,6 @@ def cluster_ssl_context(connection: ClusterConnection) -> ssl.SSLContext:
             else None
         )
     )
-    if connection.trust_roots_pem is None:
-        context.load_default_certs()
     certificate_pem = connection.client_certificate_pem
     key_pem = connection.client_key_pem
     if certificate_pem is not None and key_pem is not None:
