@@ -156,6 +156,25 @@ class InformerTests(SynchronousTestCase):
         with self.assertRaises(TypeError):
             before[("a", "x")] = None
 
+    def test_unchanged_event_keeps_snapshot(self):
+        """
+        A MODIFIED event that changes nothing the cache keeps (the pod's
+        status) publishes no new snapshot; one that changes a kept field
+        does.
+        """
+        self._answer_list(page([pod("a", "p1", 5)], 10))
+        before = self.informer.snapshot
+        _, response = self._watch()
+        status_only = pod("a", "p1", 11)
+        status_only["status"] = {"phase": "Succeeded"}
+        response.send({"type": "MODIFIED", "object": status_only})
+        self.assertIs(self.informer.snapshot, before)
+        response.send({"type": "MODIFIED", "object": pod("a", "p1", 12, account="b")})
+        self.assertIsNot(self.informer.snapshot, before)
+        self.assertEqual(
+            self.informer.snapshot[("a", "p1")].service_account, "b"
+        )
+
     def test_gone_event_relists_at_once(self):
         """
         An ERROR event with a 410 Status (the version is too old) makes the

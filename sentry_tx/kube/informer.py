@@ -156,6 +156,18 @@ class PodRecord:
         self.annotations = annotations
         self.images = images
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PodRecord):
+            return NotImplemented
+        return (
+            self.uid == other.uid
+            and self.service_account == other.service_account
+            and self.annotations == other.annotations
+            and self.images == other.images
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
     @classmethod
     def from_pod(cls, pod: dict[str, Any]) -> "PodRecord":
         """
@@ -585,7 +597,9 @@ class Informer(Generic[_V]):
             return
         if kind in ("ADDED", "MODIFIED"):
             kept = self._extract(document)
-            if kept is not None:
+            # Most MODIFIED events (a pod's status) change nothing kept: the
+            # snapshot is copied (O(items)) only when something did.
+            if kept is not None and self._items.get(kept[0]) != kept[1]:
                 items = dict(self._items)
                 items[kept[0]] = kept[1]
                 self._items = MappingProxyType(items)
