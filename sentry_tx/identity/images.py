@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sentry_tx.errors import ValidationError
+from sentry_tx.kube.errors import json_object
 
 ROLE_DAPRD = "daprd"
 ROLE_APP = "app"
@@ -83,9 +84,6 @@ class ContainerImage:
     digest: str = ""
 
 
-def _mapping(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
 
 def _list(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
@@ -109,7 +107,7 @@ def _image(container: dict[str, Any], statuses: list[Any]) -> ContainerImage:
     name = _string(container.get("name"))
     digest = ""
     for entry in statuses:
-        status = _mapping(entry)
+        status = json_object(entry)
         if _string(status.get("name")) == name:
             # The first status of that name decides, as in Dapr.
             digest = _digest(_string(status.get("imageID")))
@@ -130,18 +128,18 @@ def container_images(pod: dict[str, Any]) -> tuple[ContainerImage, ...]:
     @return: a tuple of L{ContainerImage}, empty for a pod without
         containers.
     """
-    spec = _mapping(pod.get("spec"))
-    status = _mapping(pod.get("status"))
+    spec = json_object(pod.get("spec"))
+    status = json_object(pod.get("status"))
     init_statuses = _list(status.get("initContainerStatuses"))
     statuses = _list(status.get("containerStatuses"))
     images = [
         _image(container, init_statuses)
-        for container in map(_mapping, _list(spec.get("initContainers")))
+        for container in map(json_object, _list(spec.get("initContainers")))
         if container.get("restartPolicy") == NATIVE_SIDECAR_RESTART_POLICY
     ]
     images.extend(
         _image(container, statuses)
-        for container in map(_mapping, _list(spec.get("containers")))
+        for container in map(json_object, _list(spec.get("containers")))
     )
     return tuple(images)
 

@@ -103,7 +103,7 @@ from sentry_tx.identity.rules import (
     trust_domain_problem,
 )
 from sentry_tx.interfaces import IIdentityValidator
-from sentry_tx.kube.errors import KubernetesAPIError, KubernetesError
+from sentry_tx.kube.errors import KubernetesAPIError, KubernetesError, json_object
 from sentry_tx.kube.informer import Informer, PodRecord, configuration_trust_domain
 from sentry_tx.kube.paths import TOKEN_REVIEW_PATH, configuration_path, core_path
 from sentry_tx.server.loop import on_reactor
@@ -230,9 +230,6 @@ def token_payload(token: str) -> dict[str, Any]:
         return {}
     return claims if isinstance(claims, dict) else {}
 
-
-def _mapping(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 def _first_string(values: object) -> str:
@@ -650,7 +647,7 @@ class KubernetesValidator:
         finally:
             if release is not None:
                 release(duration)
-        status = _mapping(review.get("status"))
+        status = json_object(review.get("status"))
         if status.get("error"):
             raise ValidationError(TOKEN_REVIEW_FAILED.format(error=status["error"]))
         if status.get("authenticated") is not True:
@@ -675,7 +672,7 @@ class KubernetesValidator:
         @raise ValidationError: for another kind of user, or another
             namespace than the request's.
         """
-        username = _mapping(status.get("user")).get("username") or ""
+        username = json_object(status.get("user")).get("username") or ""
         parts = username.split(":") if isinstance(username, str) else []
         if (
             len(parts) != 4
@@ -699,13 +696,13 @@ class KubernetesValidator:
         @raise ValidationError: when it names none, or its claim and the
             review disagree.
         """
-        pod_claim = _mapping(
-            _mapping(token_payload(token).get("kubernetes.io")).get("pod")
+        pod_claim = json_object(
+            json_object(token_payload(token).get("kubernetes.io")).get("pod")
         )
         name_claim, uid_claim = pod_claim.get("name"), pod_claim.get("uid")
         claim_name = name_claim if isinstance(name_claim, str) else ""
         claim_uid = uid_claim if isinstance(uid_claim, str) else ""
-        extra = _mapping(_mapping(status.get("user")).get("extra"))
+        extra = json_object(json_object(status.get("user")).get("extra"))
         extra_name = _first_string(extra.get(POD_NAME_EXTRA))
         extra_uid = _first_string(extra.get(POD_UID_EXTRA))
         if claim_name and extra_name and claim_name != extra_name:

@@ -118,3 +118,11 @@ def json_answer(
             status, "InvalidResponse", "the answer is not a JSON object", method, path
         )
     return document
+
+
+def json_object(value: object) -> dict[str, Any]:
+    """
+    C{value} when it is a JSON object (a field of an API answer), else an
+    empty one: what a missing or mistyped field reads as.
+    """
+    return value if isinstance(value, dict) else {}

@@ -45,7 +45,7 @@ from twisted.web.iweb import IResponse
 from sentry_tx.errors import ConfigError
 from sentry_tx.identity.images import kept_images
 from sentry_tx.kube.client import MAX_KUBERNETES_RESPONSE_BYTES, KubernetesClient
-from sentry_tx.kube.errors import KubernetesAPIError, KubernetesError
+from sentry_tx.kube.errors import KubernetesAPIError, KubernetesError, json_object
 
 PODS_PATH = "/api/v1/pods"
 CONFIGURATIONS_PATH = "/apis/dapr.io/v1alpha1/configurations"
@@ -120,9 +120,6 @@ _V = TypeVar("_V")
 _D = TypeVar("_D")
 
 
-def _mapping(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
 
 def _kept(value: object) -> str | None:
     if not isinstance(value, str):
@@ -173,22 +170,22 @@ class PodRecord:
         """
         The record of a Pod object (from the cache or a GET).
         """
-        metadata = _mapping(pod.get("metadata"))
-        annotations = _mapping(metadata.get("annotations"))
+        metadata = json_object(pod.get("metadata"))
+        annotations = json_object(metadata.get("annotations"))
         kept: dict[str, str] = {}
         for key in KEPT_POD_ANNOTATIONS:
             value = annotations.get(key)
             if value is not None:
                 kept[key] = _kept(value) or ""
         uid = _kept(metadata.get("uid")) or ""
-        account = _kept(_mapping(pod.get("spec")).get("serviceAccountName"))
+        account = _kept(json_object(pod.get("spec")).get("serviceAccountName"))
         account = account or "default"
         identity = (uid, account, *kept, *kept.values())
         return cls(uid, account, kept, kept_images(pod, identity))
 
 
 def _key(document: Mapping[str, Any]) -> Key | None:
-    metadata = _mapping(document.get("metadata"))
+    metadata = json_object(document.get("metadata"))
     namespace, name = metadata.get("namespace"), metadata.get("name")
     if not isinstance(namespace, str) or not isinstance(name, str):
         return None
@@ -210,7 +207,7 @@ def configuration_trust_domain(document: Mapping[str, Any]) -> str | bool | None
     be valid when it was longer); True for any other value, which the
     validator refuses as "not a string".
     """
-    access_control = _mapping(_mapping(document.get("spec")).get("accessControl"))
+    access_control = json_object(json_object(document.get("spec")).get("accessControl"))
     value = access_control.get("trustDomain")
     if not value:
         return None
@@ -311,7 +308,7 @@ class _WatchStream(Protocol):
             self._fail(_WatchBroken("an event that is not a JSON object"))
             return
         kind = event.get("type")
-        document = _mapping(event.get("object"))
+        document = json_object(event.get("object"))
         if kind == "ERROR":
             if document.get("code") == _GONE:
                 self._fail(_WatchGone(str(document.get("message") or "Gone")))
@@ -528,7 +525,7 @@ class Informer(Generic[_V]):
                     kept = self._extract(document)
                     if kept is not None:
                         items[kept[0]] = kept[1]
-            metadata = _mapping(page.get("metadata"))
+            metadata = json_object(page.get("metadata"))
             version = metadata.get("resourceVersion") or version
             continue_token = metadata.get("continue")
             if not continue_token:
@@ -590,7 +587,7 @@ class Informer(Generic[_V]):
         return finished
 
     def _apply(self, kind: object, document: dict[str, Any]) -> None:
-        version = _mapping(document.get("metadata")).get("resourceVersion")
+        version = json_object(document.get("metadata")).get("resourceVersion")
         if isinstance(version, str) and version:
             self.resource_version = version
         if kind == "BOOKMARK":
